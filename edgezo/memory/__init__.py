@@ -1,0 +1,1 @@
+"""Memory: predicting a run's peak (plan) and measuring it (monitor)."""

@@ -1,0 +1,79 @@
+"""Measured memory, per phase: CUDA peak statistics on a GPU, sampled RSS on the CPU.
+
+On CUDA the allocator's peak counters are reset at the start of every phase (load,
+train, eval), so each phase reports its own peak. On the CPU there are no allocator
+statistics; a background thread samples the process's resident set size, and the
+reported figure is the peak above the RSS measured before the model was loaded (Python,
+torch and the tokenizer are not the run's memory).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psutil
+import torch
+
+
+class MemoryMonitor:
+    def __init__(self, device: torch.device, interval_s: float = 0.01):
+        self.device = torch.device(device)
+        self.interval_s = interval_s
+        self._proc = psutil.Process()
+        self.baseline_rss = self._proc.memory_info().rss
+        self.samples: list[tuple[float, str, int]] = []  # (time, phase, bytes above baseline)
+        self.peaks: dict[str, int] = {}
+        self._phase = "idle"
+        self._phase_peak = 0
+        self._t0 = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if self.device.type == "cpu":
+            self._thread = threading.Thread(target=self._sample_loop, daemon=True,
+                                            name="edgezo-memory")
+            self._thread.start()
+
+    def current(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        return max(0, self._proc.memory_info().rss - self.baseline_rss)
+
+    def _sample_loop(self) -> None:
+        last_record = 0.0
+        while not self._stop.wait(self.interval_s):
+            value = self.current()
+            self._phase_peak = max(self._phase_peak, value)
+            now = time.perf_counter() - self._t0
+            if now - last_record >= 0.25:  # keep the time series small
+                self.samples.append((now, self._phase, value))
+                last_record = now
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Measure the peak of one phase; phases of the same name keep the larger peak."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._phase, self._phase_peak = name, self.current()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+                peak = torch.cuda.max_memory_allocated(self.device)
+            else:
+                peak = max(self._phase_peak, self.current())
+            self.peaks[name] = max(self.peaks.get(name, 0), peak)
+            self._phase = "idle"
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.peaks.values(), default=0)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1)

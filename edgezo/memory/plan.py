@@ -1,0 +1,123 @@
+"""Predicted peak memory of a ZO run on the compute device, by component.
+
+Pure arithmetic over parameter counts and the model config, so it also works on a model
+built on the meta device (no weights loaded). Components:
+
+- weights: every parameter and buffer at its dtype;
+- perturbation scratch: the largest unit's θ ± εz copies (two in pair mode, one in
+  two-pass mode) plus the noise chunks being drawn; embeddings and linear heads are
+  perturbed row-wise or chunk-wise and need far less than a full copy;
+- activations: the largest per-layer transient of a no-grad forward over the batch
+  (doubled in pair mode) and the logits the loss reads;
+- optimizer state: bytes per trainable parameter, declared by the optimizer;
+- runtime overhead: the CUDA context on GPU profiles (absent when a GPU profile is
+  emulated on the CPU, so it is reported but not compared with the CPU measurement).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from edgezo.profiles import Profile
+from edgezo.zo import noise
+from edgezo.zo.blocks import BlockMap
+
+CUDA_CONTEXT_BYTES = 450 * 1024**2
+
+
+@dataclass
+class Plan:
+    profile: str
+    device: str
+    emulated: bool
+    pair: bool
+    batch_size: int
+    seq_len: int
+    components: dict[str, int]
+    runtime_overhead_bytes: int
+    budget_bytes: int
+
+    @property
+    def peak_bytes(self) -> int:
+        """Predicted peak of the tensors edgezo allocates (what the monitor measures)."""
+        return sum(self.components.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return self.peak_bytes + self.runtime_overhead_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.budget_bytes
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "peak_bytes": self.peak_bytes, "total_bytes": self.total_bytes,
+                "fits": self.fits}
+
+
+def _bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _activation_bytes(config, rows: int, seq_len: int, elem: int) -> int:
+    """Largest per-layer transient of a no-grad forward plus the logits the loss reads."""
+    text = config.get_text_config()
+    hidden = text.hidden_size
+    inter = getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None) \
+        or getattr(text, "n_inner", None) or 4 * hidden
+    heads = text.num_attention_heads
+    tokens = rows * seq_len
+    # residual, normed input, q/k/v/attn out (~4H) and the MLP's gate/up/product (~3I)
+    layer = tokens * (4 * hidden + 3 * inter) * elem
+    scores = rows * heads * seq_len * seq_len * 4  # attention scores if materialized (fp32)
+    vocab = text.vocab_size
+    logits = rows * vocab * (elem + 3 * 4)  # last-position logits, fp32 copy, log-softmax
+    return layer + scores + logits
+
+
+def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, *, batch_size: int,
+              seq_len: int, pair: bool, on_cuda: bool, optimizer_state_bytes: int = 0,
+              noise_threads: int = 1) -> Plan:
+    """Predict the peak device memory of one ZO step of `model` under `profile`."""
+    weights = sum(_bytes(p) for p in model.parameters()) + sum(_bytes(b) for b in model.buffers())
+    copies = 2 if pair else 1
+    rows = batch_size * copies
+    scratch = 0
+    for unit in blocks.units:
+        params = [blocks.params[i] for _, i in unit.slots]
+        if unit.kind == "embedding":
+            # only the looked-up rows (at most one per token) are copied, plus their z
+            p = params[0]
+            used = min(noise.num_rows(p.shape), rows * seq_len)
+            need = used * (p.numel() // max(1, noise.num_rows(p.shape))) * p.element_size()
+            need = need * (copies + 1)
+        elif unit.kind == "linear":
+            p = params[0]
+            chunk = min(p.numel(), noise.CHUNK_ELEMENTS) * p.element_size()
+            need = chunk * (copies + 1) * noise_threads
+        else:
+            need = sum(_bytes(p) for p in params) * copies
+        scratch = max(scratch, need)
+    chunk_bytes = noise.CHUNK_ELEMENTS * next(model.parameters()).element_size()
+    scratch += chunk_bytes * noise_threads
+    elem = next(model.parameters()).element_size()
+    components = {
+        "weights": weights,
+        "perturbation_scratch": scratch,
+        "activations": _activation_bytes(model.config, rows, seq_len, elem),
+        "optimizer_state": optimizer_state_bytes * blocks.numel(),
+    }
+    cuda_profile = profile.device == "cuda"
+    return Plan(
+        profile=profile.name,
+        device="cuda" if on_cuda else "cpu",
+        emulated=cuda_profile and not on_cuda,
+        pair=pair,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        components=components,
+        runtime_overhead_bytes=CUDA_CONTEXT_BYTES if cuda_profile else 0,
+        budget_bytes=profile.budget_bytes,
+    )

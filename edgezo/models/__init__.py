@@ -1,0 +1,1 @@
+"""Model loading (HF folders, hub ids, GGUF files) and tiny random models for tests."""

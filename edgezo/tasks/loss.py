@@ -1,0 +1,70 @@
+"""Losses and scores of a causal LM on encoded batches, one value per example.
+
+Per-example values (not a batch mean) let the engine split a pair-mode batch [x; x] into
+its + and − halves. Logits are computed only at the positions a loss reads
+(`logits_to_keep`), which with left padding are the last few: for SST-2 that is one
+position instead of the whole sequence, the difference between a 2 MB and a 200 MB
+logits tensor at batch 32 × 64 tokens.
+
+Batch formats (all tensors have the example or row count as dim 0):
+- single-token candidates: input_ids, attention_mask (left-padded prompts),
+  candidate_ids (N, C), gold (N,)
+- multi-token candidates: rows are prompt+candidate for each (example, candidate),
+  example-major; labels (N*C, T) mark candidate tokens (-100 elsewhere); gold (N,);
+  num_candidates C (an int)
+- language modelling: input_ids, attention_mask, labels (-100 where no loss)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _logits(model, batch: dict, keep: int) -> torch.Tensor:
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                logits_to_keep=keep, use_cache=False)
+    # The loss difference needs at least fp32, whatever the model dtype (fp64 stays fp64).
+    return out.logits.to(torch.promote_types(out.logits.dtype, torch.float32))
+
+
+def token_logprob_means(model, batch: dict) -> torch.Tensor:
+    """Mean log-probability of the label tokens of each row, shape (rows,)."""
+    labels = batch["labels"]
+    T = labels.shape[1]
+    has = (labels != -100).any(0).nonzero()
+    first = max(1, int(has[0])) if has.numel() else T - 1  # a host sync, once per batch
+    keep = T - first + 1  # logits at positions first-1 .. T-1
+    logits = _logits(model, batch, keep)[:, :-1]  # predict positions first .. T-1
+    targets = labels[:, T - keep + 1:]
+    mask = targets != -100
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1))
+    logp = logp.squeeze(-1) * mask
+    return logp.sum(1) / mask.sum(1).clamp(min=1)
+
+
+def candidate_scores(model, batch: dict) -> torch.Tensor:
+    """Length-normalised log-likelihood of every candidate, shape (N, C)."""
+    if "candidate_ids" in batch:
+        logp = torch.log_softmax(_logits(model, batch, 1)[:, -1], dim=-1)
+        return logp.gather(1, batch["candidate_ids"])
+    return token_logprob_means(model, batch).view(-1, batch["num_candidates"])
+
+
+def example_losses(model, batch: dict) -> torch.Tensor:
+    """The per-example training loss, shape (N,)."""
+    if "gold" in batch:
+        # Verbalizer classification loss: cross-entropy across the candidates' scores.
+        return F.cross_entropy(candidate_scores(model, batch), batch["gold"], reduction="none")
+    return -token_logprob_means(model, batch)
+
+
+def double(batch: dict) -> dict:
+    """[x; x]: every tensor stacked twice along dim 0 (pair mode)."""
+    return {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def num_examples(batch: dict) -> int:
+    if "gold" in batch:
+        return batch["gold"].shape[0]
+    return batch["input_ids"].shape[0]

@@ -1,0 +1,43 @@
+"""SST-2 (GLUE) with ZO-Bench's template: "<sentence> It was {terrible|great}"."""
+
+from __future__ import annotations
+
+import csv
+
+from edgezo.errors import TaskError
+from edgezo.tasks.base import Example, Task
+from edgezo.tasks.data import find_task_dir, load_from_hub
+
+
+class SST2(Task):
+    name = "sst2"
+    verbalizer = (" terrible", " great")  # label 0 = negative, 1 = positive
+
+    def _read_tsv(self, filename: str) -> list[dict] | None:
+        folder = find_task_dir("sst2", ["train.tsv", "dev.tsv"], self.data_dir)
+        if folder is None:
+            return None
+        path = folder / filename
+        rows = []
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            header = next(reader, None)
+            if header is None or [h.strip() for h in header[:2]] != ["sentence", "label"]:
+                raise TaskError(f"{path}: expected a header 'sentence<TAB>label', got {header}")
+            for line, fields in enumerate(reader, start=2):
+                if len(fields) != 2 or fields[1].strip() not in ("0", "1"):
+                    raise TaskError(f"{path}, line {line}: expected 'sentence<TAB>0|1', "
+                                    f"got {fields!r}")
+                rows.append({"sentence": fields[0], "label": int(fields[1])})
+        return rows
+
+    def train_rows(self) -> list[dict]:
+        rows = self._read_tsv("train.tsv")
+        return rows if rows is not None else load_from_hub("glue", "sst2", "train")
+
+    def test_rows(self) -> list[dict]:
+        rows = self._read_tsv("dev.tsv")
+        return rows if rows is not None else load_from_hub("glue", "sst2", "validation")
+
+    def example(self, row: dict) -> Example:
+        return Example(f"{row['sentence'].strip()} It was", self.verbalizer, int(row["label"]))

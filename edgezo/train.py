@@ -1,0 +1,137 @@
+"""The fine-tune recipe behind `edgezo finetune`: evaluate, train, evaluate, report.
+
+Reads top to bottom: test accuracy before, `steps` ZO steps with a progress bar (step,
+loss, steps/s, ETA, memory) and optional validation evals, then validation and test
+accuracy after, and a summary. With an output folder it writes metrics.jsonl (one row
+per step, flushed as it goes), report.json and the fine-tuned model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from edgezo.errors import TrainingError
+from edgezo.profiles import GiB
+from edgezo.session import Session
+
+MAX_NONFINITE_IN_A_ROW = 5
+
+
+def _gib(n: int | float | None) -> str:
+    return "-" if n is None else f"{n / GiB:.2f} GiB"
+
+
+def describe_device(session: Session) -> str:
+    if session.emulated:
+        return (f"No CUDA device: emulating profile {session.profile.name} on the CPU "
+                f"(same plan and budget, {_gib(session.profile.budget_bytes)}; compute in "
+                f"{session.dtype_name}).")
+    return f"Running on {session.device} under profile {session.profile.name}."
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} steps/s"),
+        TextColumn("ETA"), TimeRemainingColumn(), TextColumn("mem {task.fields[mem]}"),
+        console=console, transient=False,
+    )
+
+
+def finetune(session: Session, steps: int, *, eval_every: int = 0, output: Path | None = None,
+             save_model: bool = True, console: Console | None = None) -> dict:
+    """Run the whole fine-tune and return the report dict (also written to output/)."""
+    console = console or Console()
+    console.print(describe_device(session))
+    plan = session.plan
+    console.print(f"Plan: predicted peak {_gib(plan.peak_bytes)} of "
+                  f"{_gib(plan.budget_bytes)} budget, "
+                  f"{'pair mode (one doubled forward)' if session.pair else 'two forwards'} "
+                  f"per step, {session.engine.blocks.numel() / 1e6:.1f}M trainable parameters.")
+    console.print("Evaluating the test set before training...")
+    before = session.evaluate("test")["accuracy"]
+    console.print(f"Test accuracy before: {before:.4f}")
+
+    metrics = None
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        metrics = open(output / "metrics.jsonl", "w")  # noqa: SIM115 - closed in finally
+    interrupted, nonfinite_streak = False, 0
+    start = time.perf_counter()
+    log_every = max(1, steps // 20)
+    try:
+        with _progress(console) as progress:
+            bar = progress.add_task("train", total=steps, loss="-", rate="-", mem="-")
+            for i in range(steps):
+                r = session.step()
+                nonfinite_streak = nonfinite_streak + 1 if r.skipped else 0
+                row = {"step": r.step + 1, "loss": r.loss, "loss_plus": r.loss_plus,
+                       "loss_minus": r.loss_minus, "projected_grad": r.projected_grad,
+                       "lr": r.lr, "seed": r.seed, "time_s": r.time_s,
+                       "memory_bytes": session.monitor.current()}
+                if eval_every and (i + 1) % eval_every == 0:
+                    row["validation_accuracy"] = session.evaluate("validation")["accuracy"]
+                if metrics is not None:
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                rate = (i + 1) / (time.perf_counter() - start)
+                progress.update(bar, advance=1, loss=f"{r.loss:.4f}", rate=f"{rate:.2f}",
+                                mem=_gib(row["memory_bytes"]))
+                if not console.is_terminal and ((i + 1) % log_every == 0 or i + 1 == steps):
+                    console.print(f"step {i + 1}/{steps} loss {r.loss:.4f} {rate:.2f} steps/s "
+                                  f"mem {_gib(row['memory_bytes'])}")
+                if nonfinite_streak >= MAX_NONFINITE_IN_A_ROW:
+                    raise TrainingError(
+                        f"the loss was not finite for {nonfinite_streak} steps in a row (last "
+                        f"at step {r.step + 1}); lower --lr or --eps, or use --dtype fp32")
+    except KeyboardInterrupt:
+        interrupted = True
+        console.print(f"Interrupted after {len(session.history)} steps; evaluating and saving.")
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+    report = session.report()
+    report["validation_accuracy"] = session.evaluate("validation")["accuracy"]
+    report["test_accuracy"] = session.evaluate("test")["accuracy"]
+    report["accuracy_before"] = before
+    report["interrupted"] = interrupted
+    report["wall_time_s"] = time.perf_counter() - start
+    report["peak_memory_bytes"] = session.monitor.peak_bytes  # includes the final evals
+    report["peak_memory_by_phase"] = dict(session.monitor.peaks)
+    if output is not None:
+        if save_model:
+            session.save(output / "model")
+        (output / "report.json").write_text(json.dumps(report, indent=2))
+    console.print(summary_table(report))
+    return report
+
+
+def summary_table(report: dict) -> Table:
+    table = Table(title="edgezo finetune", show_header=False)
+    rows = [
+        ("model", report["model"]), ("task", report["task"]),
+        ("optimizer / scheme", f"{report['optimizer']} / {report['scheme']}"),
+        ("profile", report["profile"] + (" (emulated on CPU)" if report["emulated_profile"]
+                                         else "")),
+        ("steps", str(report["steps"]) + (" (interrupted)" if report.get("interrupted") else "")),
+        ("test accuracy before -> after",
+         f"{report['accuracy_before']:.4f} -> {report['test_accuracy']:.4f}"),
+        ("validation accuracy", f"{report['validation_accuracy']:.4f}"),
+        ("peak memory measured / predicted",
+         f"{_gib(report['peak_memory_bytes'])} / {_gib(report['predicted_peak_memory_bytes'])}"),
+        ("mean step time",
+         "-" if report["step_time_s"] is None else f"{report['step_time_s']:.3f} s"),
+        ("forward passes per step", str(report["forward_passes_per_step"])),
+    ]
+    if report.get("skipped_steps"):
+        rows.append(("skipped (non-finite) steps", str(report["skipped_steps"])))
+    for k, v in rows:
+        table.add_row(k, v)
+    return table

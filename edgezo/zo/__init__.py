@@ -1,0 +1,1 @@
+"""The ZO engine: blocks, seeded directions, perturbed forwards, optimizers."""

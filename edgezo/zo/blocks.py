@@ -1,0 +1,159 @@
+"""Blocks: trainable parameters grouped in execution order, found from the HF model itself.
+
+A block is one decoder layer, or the modules that run before the first layer ("pre":
+embeddings) or after the last ("post": final norm, LM head). Blocks are the unit of
+perturbation, update, streaming and memory accounting.
+
+Nothing here is per-architecture code: the layer list is the model's ModuleList whose
+length is the config's layer count, and the placement of every other module is learned
+by tracing one tiny forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from edgezo.errors import ModelLoadError
+
+
+@dataclass
+class Unit:
+    """A module whose forward edgezo wraps, with the trainable parameters it perturbs.
+
+    `slots` are (local name, global parameter index). A tied parameter appears in the
+    units of every module that uses it, under the same global index, so every use sees
+    the same z.
+    """
+
+    module: nn.Module
+    name: str
+    kind: str  # "layer", "embedding", "linear" or "module"
+    slots: list[tuple[str, int]]
+
+
+@dataclass
+class Block:
+    index: int
+    name: str
+    units: list[Unit] = field(default_factory=list)
+    param_indices: list[int] = field(default_factory=list)  # owned (updated) here
+
+
+@dataclass
+class BlockMap:
+    blocks: list[Block]
+    params: list[nn.Parameter]  # trainable parameters, deduplicated, in execution order
+    names: list[str]  # their first (canonical) names
+
+    @property
+    def units(self) -> list[Unit]:
+        return [u for b in self.blocks for u in b.units]
+
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
+def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder layer list: the ModuleList with as many entries as the config has layers."""
+    config = model.config.get_text_config() if hasattr(model, "config") else None
+    n_layers = getattr(config, "num_hidden_layers", None)
+    candidates = [
+        (name, mod) for name, mod in model.named_modules()
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0
+    ]
+    exact = [(n, m) for n, m in candidates if len(m) == n_layers]
+    pool = exact or candidates
+    if not pool:
+        raise ModelLoadError(
+            f"cannot find the decoder layer list of {type(model).__name__}; edgezo needs a "
+            "model whose transformer layers are an nn.ModuleList"
+        )
+    return max(pool, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
+
+
+def _unit_kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if type(module) is nn.Linear:
+        return "linear"
+    return "module"
+
+
+def _trace_order(model: nn.Module, modules: list[nn.Module], first_layer: nn.Module) -> list[int]:
+    """Call order of `modules` (indices) in one tiny forward; the first layer is marked -1."""
+    order: list[int] = []
+    handles = [
+        m.register_forward_pre_hook(lambda _m, _a, i=i: order.append(i))
+        for i, m in enumerate(modules)
+    ]
+    handles.append(first_layer.register_forward_pre_hook(lambda _m, _a: order.append(-1)))
+    device = next(model.parameters()).device
+    ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    seen: list[int] = []
+    for i in order:
+        if i not in seen:
+            seen.append(i)
+    return seen
+
+
+def build_block_map(model: nn.Module) -> BlockMap:
+    """Group the model's trainable parameters into blocks in execution order."""
+    layers_name, layers = find_layers(model)
+    in_layers = {id(p) for p in layers.parameters()}
+    # Modules outside the layers that own trainable parameters directly.
+    outer = [
+        (name, mod) for name, mod in model.named_modules()
+        if any(p.requires_grad and id(p) not in in_layers for p in mod.parameters(recurse=False))
+    ]
+    order = _trace_order(model, [m for _, m in outer], layers[0])
+    split = order.index(-1) if -1 in order else 0
+    pre_ids = [i for i in order[:split] if i >= 0]
+    post_ids = [i for i in order[split + 1:] if i >= 0]
+    post_ids += [i for i in range(len(outer)) if i not in pre_ids and i not in post_ids]
+
+    params: list[nn.Parameter] = []
+    names: list[str] = []
+    index_of: dict[int, int] = {}
+
+    def unit_for(name: str, module: nn.Module, kind: str, recurse: bool, block: Block) -> None:
+        slots = []
+        for local, p in module.named_parameters(recurse=recurse):
+            if not p.requires_grad:
+                continue
+            if id(p) not in index_of:
+                index_of[id(p)] = len(params)
+                params.append(p)
+                names.append(f"{name}.{local}" if name else local)
+                block.param_indices.append(index_of[id(p)])
+            slots.append((local, index_of[id(p)]))
+        if slots:
+            block.units.append(Unit(module, name, kind, slots))
+
+    blocks: list[Block] = []
+    pre = Block(0, "pre")
+    for i in pre_ids:
+        name, mod = outer[i]
+        unit_for(name, mod, _unit_kind(mod), False, pre)
+    blocks.append(pre)
+    for j, layer in enumerate(layers):
+        block = Block(len(blocks), f"{layers_name}.{j}")
+        unit_for(f"{layers_name}.{j}", layer, "layer", True, block)
+        blocks.append(block)
+    post = Block(len(blocks), "post")
+    for i in post_ids:
+        name, mod = outer[i]
+        unit_for(name, mod, _unit_kind(mod), False, post)
+    blocks.append(post)
+    blocks = [b for b in blocks if b.units]
+    for k, b in enumerate(blocks):
+        b.index = k
+    return BlockMap(blocks, params, names)

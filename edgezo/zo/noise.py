@@ -1,0 +1,163 @@
+"""Perturbation directions z, regenerated from seeds and never stored for the whole model.
+
+z for one parameter is defined in row-chunks: the parameter is viewed as (rows, cols) and
+chunk k (rows [k*R, (k+1)*R), R*cols <= CHUNK_ELEMENTS unless one row is longer) is
+drawn from its own generator seeded with mix(param_seed, k). That definition lets every
+consumer regenerate exactly the values it needs and no more:
+
+- a decoder layer fills its scratch copy chunk by chunk (transient: one chunk),
+- an embedding draws only the chunks holding the token rows a batch uses,
+- an LM head computes its logits one row-chunk at a time,
+- the deferred update walks the chunks again,
+
+and chunks can be drawn in parallel threads without changing a single value.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+CHUNK_ELEMENTS = 1 << 18
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def mix(*values: int) -> int:
+    """Hash integers into one well-spread 63-bit seed (order matters)."""
+    h = 0x243F6A8885A308D3
+    for v in values:
+        h = _splitmix64(h ^ (v & _MASK64))
+    return h >> 1
+
+
+def step_seed(run_seed: int, step: int, query: int = 0) -> int:
+    """The seed of one ZO query: a pure function of (run seed, step, query)."""
+    return mix(run_seed, step, query)
+
+
+def param_seed(seed: int, param_index: int) -> int:
+    return mix(seed, param_index)
+
+
+def rows_per_chunk(shape: torch.Size) -> int:
+    """Rows of a parameter (viewed as 2-D) that one noise chunk covers."""
+    cols = 1 if len(shape) < 2 else shape[1:].numel()
+    return max(1, CHUNK_ELEMENTS // max(1, cols))
+
+
+def num_rows(shape: torch.Size) -> int:
+    return 1 if len(shape) == 0 else shape[0]
+
+
+def chunk_bounds(shape: torch.Size) -> list[tuple[int, int]]:
+    """Row ranges [lo, hi) of the noise chunks of a parameter, in order."""
+    rows, per = num_rows(shape), rows_per_chunk(shape)
+    return [(lo, min(lo + per, rows)) for lo in range(0, rows, per)]
+
+
+def _generator(device: torch.device, seed: int) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def fill_chunk(out: torch.Tensor, seed: int, chunk: int) -> torch.Tensor:
+    """Fill `out` (the rows of chunk `chunk`) with its N(0, 1) values, in place."""
+    return out.normal_(generator=_generator(out.device, mix(seed, chunk)))
+
+
+_LOCAL = threading.local()
+
+
+def thread_buffer(name: str, numel: int, dtype: torch.dtype, device: torch.device
+                  ) -> torch.Tensor:
+    """A flat buffer reused by this thread, so the hot path allocates nothing.
+
+    Valid until the same thread asks for the same name again.
+    """
+    buffers = _LOCAL.__dict__.setdefault("buffers", {})
+    key = (name, dtype, device)
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[key] = torch.empty(max(numel, CHUNK_ELEMENTS), dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def chunk(shape: torch.Size, seed: int, index: int, device: torch.device) -> torch.Tensor:
+    """z on noise chunk `index`, fp32, shape (hi - lo, *shape[1:]), in a thread buffer.
+
+    z is fp32 whatever the parameter dtype: a perturbed or updated weight is then
+    round(θ + a·z) computed in fp32 with a single rounding, and fp32 draws are faster
+    than bf16 ones on the CPU.
+    """
+    lo, hi = chunk_bounds(shape)[index]
+    inner = shape[1:] if len(shape) >= 1 else ()
+    out = thread_buffer("z", (hi - lo) * inner.numel() if inner else hi - lo,
+                        torch.float32, device)
+    return fill_chunk(out, seed, index).view(hi - lo, *inner)
+
+
+def full(shape: torch.Size, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The whole z of one parameter (fp32). For tests and references only."""
+    device = torch.device(device)
+    out = torch.empty(shape, dtype=torch.float32, device=device)
+    flat = out.reshape(num_rows(shape), -1)
+    for k, (lo, hi) in enumerate(chunk_bounds(shape)):
+        fill_chunk(flat[lo:hi], seed, k)
+    return out
+
+
+def rows(shape: torch.Size, seed: int, row_ids: torch.Tensor) -> torch.Tensor:
+    """z (fp32) at the given sorted, unique rows only; draws just the chunks holding them."""
+    per = rows_per_chunk(shape)
+    out = torch.empty((row_ids.numel(), *shape[1:]), dtype=torch.float32, device=row_ids.device)
+    chunk_of = torch.div(row_ids, per, rounding_mode="floor")
+    # One host sync to learn which chunks are needed; the rows are few, the chunks many.
+    needed = torch.unique_consecutive(chunk_of).tolist()
+
+    def draw(k: int) -> None:
+        z = chunk(shape, seed, k, row_ids.device)
+        sel = (chunk_of == k).nonzero().squeeze(1)
+        out[sel] = z[row_ids[sel] - k * per]
+
+    parallel_map(draw, needed, row_ids.device)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Parallel chunk work on the CPU. torch's CPU generator is serial (about 5 ns a value on
+# the project's machines), which makes drawing z the largest cost of a ZO step after the
+# forward passes; independent chunks let the cores share it. On CUDA the kernels are
+# asynchronous already, so chunks run in order on the caller's thread.
+# ---------------------------------------------------------------------------------------
+_POOL: ThreadPoolExecutor | None = None
+
+
+def worker_threads() -> int:
+    """Threads that draw noise chunks on the CPU ($EDGEZO_NOISE_THREADS, default: torch's)."""
+    return int(os.environ.get("EDGEZO_NOISE_THREADS", torch.get_num_threads()))
+
+
+def parallel_map(fn: Callable[[int], None], items: Iterable[int], device: torch.device) -> None:
+    """Run fn over chunk indices; items must touch disjoint memory."""
+    global _POOL
+    items = list(items)
+    if device.type != "cpu" or len(items) < 2 or worker_threads() < 2:
+        for item in items:
+            fn(item)
+        return
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=worker_threads(), thread_name_prefix="edgezo-noise")
+    for future in [_POOL.submit(fn, item) for item in items]:
+        future.result()

@@ -1,0 +1,69 @@
+"""The command line: clean errors (exit 2, no traceback) and a full tiny fine-tune."""
+
+import json
+
+import pytest
+from edgezo.cli.main import app
+from typer.testing import CliRunner
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, list(args))
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["finetune", "--profile", "9gb-gpu"], "unknown profile '9gb-gpu'; valid profiles"),
+    (["finetune", "--task", "imdb"], "unknown task 'imdb'; valid tasks: sst2"),
+    (["finetune", "--model", "./no/such/folder"], "is not a model folder"),
+    (["finetune", "--model", "missing.gguf"], "GGUF file missing.gguf does not exist"),
+    (["finetune", "--optimizer", "adamw"], "valid optimizers: zo-sgd"),
+    (["finetune", "--scheme", "lora"], "valid schemes: full"),
+    (["eval", "--split", "dev"], "valid splits: train, validation, test"),
+])
+def test_user_errors_exit_2_with_a_message(args, needle):
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert needle in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
+def test_bad_dtype_lists_valid_ones(tiny_folder, data_dir):
+    result = invoke("finetune", "--model", tiny_folder, "--dtype", "int4",
+                    "--data-dir", data_dir, "--steps", "1")
+    assert result.exit_code == 2 and "valid dtypes: fp32, bf16, fp16" in result.output
+
+
+def test_profiles_list_and_show():
+    listed = invoke("profiles", "list")
+    assert listed.exit_code == 0 and "jetson-orin-8gb" in listed.output
+    shown = invoke("profiles", "show", "8gb-gpu")
+    assert shown.exit_code == 0 and "device_memory_gb: 8" in shown.output
+
+
+def test_finetune_writes_report_and_metrics(tiny_folder, data_dir, tmp_path):
+    out = tmp_path / "run"
+    result = invoke("finetune", "--model", tiny_folder, "--data-dir", data_dir, "--steps", "3",
+                    "--batch-size", "4", "--lr", "0.01", "--eval-every", "2",
+                    "--output", str(out))
+    assert result.exit_code == 0, result.output
+    assert "emulating profile 8gb-gpu" in result.output or "Running on cuda" in result.output
+    report = json.loads((out / "report.json").read_text())
+    for key in ("model", "task", "optimizer", "scheme", "profile", "steps", "seed",
+                "hyperparameters", "accuracy_before", "test_accuracy", "validation_accuracy",
+                "peak_memory_bytes", "predicted_peak_memory_bytes", "step_time_s",
+                "forward_passes_per_step", "device"):
+        assert key in report, key
+    assert report["steps"] == 3 and report["hyperparameters"]["lr"] == 0.01
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert "validation_accuracy" in rows[1] and "validation_accuracy" not in rows[0]
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_eval_command(tiny_folder, data_dir):
+    result = invoke("eval", "--model", tiny_folder, "--data-dir", data_dir, "--split",
+                    "validation", "--max-examples", "16", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["examples"] == 16

@@ -1,0 +1,210 @@
+"""The ZO step's subtle properties: exact restore, pair mode, estimator maths, seeds."""
+
+import copy
+
+import pytest
+import torch
+from conftest import lm_batch
+
+from edgezo.models.tiny import FAMILIES, VOCAB, tiny_model
+from edgezo.tasks.loss import example_losses
+from edgezo.zo import noise
+from edgezo.zo.blocks import build_block_map
+from edgezo.zo.engine import ZOEngine
+from edgezo.zo.optimizers import ZOSGD
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same_weights(model, snap) -> bool:
+    return all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("pair", [True, False], ids=["pair", "two-pass"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_weights_restored_bit_exactly_with_zero_lr(family, pair, dtype):
+    model = tiny_model(family, dtype=dtype)
+    before = snapshot(model)
+    engine = ZOEngine(model, ZOSGD(), eps=1e-2, seed=0, pair=pair)
+    for step in range(3):
+        engine.step(lm_batch(VOCAB, seed=step), lr=0.0)
+    engine.close()
+    assert same_weights(model, before)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pair_mode_equals_two_sequential_passes(family):
+    model = tiny_model(family)
+    batch = lm_batch(VOCAB)
+    pair = ZOEngine(model, ZOSGD(), eps=1e-3, seed=5, pair=True)
+    p = pair.losses(batch, seed=123)
+    pair.close()
+    two = ZOEngine(model, ZOSGD(), eps=1e-3, seed=5, pair=False)
+    t = two.losses(batch, seed=123)
+    two.close()
+    assert p == t
+
+
+def perturbed_copy(model, seed: int, scale: float):
+    """A reference: the whole model moved by scale·z, z drawn in full per parameter."""
+    ref = copy.deepcopy(model)
+    blocks = build_block_map(ref)
+    with torch.no_grad():
+        for i, p in enumerate(blocks.params):
+            p.add_(noise.full(p.shape, noise.param_seed(seed, i)).to(p.dtype), alpha=scale)
+    return ref, blocks
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "opt", "gemma3"])
+def test_projected_gradient_matches_finite_difference_along_the_same_z(family):
+    model = tiny_model(family)
+    batch, eps, seed = lm_batch(VOCAB), 1e-3, 99
+    engine = ZOEngine(model, ZOSGD(), eps=eps, seed=0, pair=True)
+    plus, minus = engine.losses(batch, seed)
+    engine.close()
+    with torch.no_grad():
+        ref_plus = example_losses(perturbed_copy(model, seed, eps)[0], batch).mean().item()
+        ref_minus = example_losses(perturbed_copy(model, seed, -eps)[0], batch).mean().item()
+    assert plus == pytest.approx(ref_plus, rel=1e-5)
+    assert minus == pytest.approx(ref_minus, rel=1e-5)
+    assert (plus - minus) / (2 * eps) == pytest.approx((ref_plus - ref_minus) / (2 * eps),
+                                                       rel=1e-3, abs=1e-4)
+
+
+def test_projected_gradient_is_the_directional_derivative():
+    """In float64 the two-point estimate converges to ∇L·z as ε → 0 (tied weights too).
+
+    ε = 1e-4: HF's RMSNorm computes in fp32 even in a float64 model, which limits how
+    small ε can go; the O(ε²) truncation error is then ~1e-8.
+    """
+    model = tiny_model("llama", dtype=torch.float64)
+    batch, seed, eps = lm_batch(VOCAB), 4, 1e-4
+    engine = ZOEngine(model, ZOSGD(), eps=eps, seed=0)
+    plus, minus = engine.losses(batch, seed)
+    engine.close()
+    g = (plus - minus) / (2 * eps)
+    blocks = build_block_map(model)
+    loss = example_losses(model, batch).mean()
+    grads = torch.autograd.grad(loss, blocks.params)
+    exact = sum((gr * noise.full(p.shape, noise.param_seed(seed, i)).double()).sum()
+                for i, (p, gr) in enumerate(zip(blocks.params, grads, strict=True)))
+    assert g == pytest.approx(exact.item(), rel=1e-4)
+
+
+def test_update_is_theta_minus_lr_g_z_and_is_deferred():
+    model = tiny_model("llama")
+    before = snapshot(model)
+    engine = ZOEngine(model, ZOSGD(), eps=1e-3, seed=3)
+    r = engine.step(lm_batch(VOCAB), lr=0.1)
+    assert same_weights(model, before)  # deferred: nothing written yet
+    engine.flush()
+    for i, p in enumerate(engine.blocks.params):
+        name = engine.blocks.names[i]
+        z = noise.full(p.shape, noise.param_seed(r.seed, i))
+        expected = before[name] - 0.1 * r.projected_grad * z
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6)
+    engine.close()
+
+
+def test_deferred_update_lands_before_the_next_perturbation():
+    """Flushing after every step and deferring give the same trajectory."""
+    results = []
+    for flush_each_step in (False, True):
+        model = tiny_model("gpt2")
+        engine = ZOEngine(model, ZOSGD(), eps=1e-3, seed=1)
+        losses = []
+        for step in range(4):
+            losses.append(engine.step(lm_batch(VOCAB, seed=step), lr=0.05).loss)
+            if flush_each_step:
+                engine.flush()
+        engine.close()
+        results.append((losses, snapshot(model)))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(v, results[1][1][k]) for k, v in results[0][1].items())
+
+
+def run(seed: int, family: str = "qwen2"):
+    model = tiny_model(family)
+    engine = ZOEngine(model, ZOSGD(), eps=1e-3, seed=seed)
+    out = [engine.step(lm_batch(VOCAB, seed=s), lr=0.05) for s in range(3)]
+    engine.close()
+    return [(r.loss, r.projected_grad, r.seed) for r in out], snapshot(model)
+
+
+def test_same_seed_same_run_and_different_seed_different_run():
+    a, wa = run(0)
+    b, wb = run(0)
+    c, _ = run(1)
+    assert a == b and all(torch.equal(v, wb[k]) for k, v in wa.items())
+    assert [x[2] for x in a] != [x[2] for x in c]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_takes_a_step_that_changes_every_parameter(family):
+    model = tiny_model(family)
+    before = snapshot(model)
+    engine = ZOEngine(model, ZOSGD(), eps=1e-3, seed=0)
+    r = engine.step(lm_batch(VOCAB), lr=0.5)
+    engine.close()
+    assert torch.isfinite(torch.tensor([r.loss, r.projected_grad])).all()
+    changed = [not torch.equal(p, before[n]) for n, p in model.named_parameters()]
+    assert all(changed)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_blocks_follow_execution_order_and_cover_every_parameter_once(family):
+    model = tiny_model(family)
+    blocks = build_block_map(model)
+    assert [b.name for b in blocks.blocks][0] == "pre"
+    assert blocks.blocks[-1].name == "post"
+    assert len(blocks.blocks) == 2 + model.config.num_hidden_layers
+    unique = {id(p) for p in model.parameters()}
+    assert len(blocks.params) == len(unique)
+    kinds = {u.kind for u in blocks.blocks[0].units}
+    assert kinds == {"embedding"}
+
+
+def test_tied_embedding_and_head_share_one_parameter_and_one_direction():
+    model = tiny_model("llama")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    blocks = build_block_map(model)
+    head = [u for u in blocks.units if u.module is model.lm_head][0]
+    embed = [u for u in blocks.units if u.module is model.model.embed_tokens][0]
+    assert head.slots[0][1] == embed.slots[0][1]  # same global index -> same z
+
+
+def test_non_finite_loss_skips_the_update():
+    model = tiny_model("llama")
+    before = snapshot(model)
+
+    def nan_loss(m, batch):
+        return example_losses(m, batch) * float("nan")
+
+    engine = ZOEngine(model, ZOSGD(), eps=1e-3, seed=0, loss_fn=nan_loss)
+    r = engine.step(lm_batch(VOCAB), lr=0.1)
+    engine.close()
+    assert r.skipped and same_weights(model, before)
+
+
+def test_language_modelling_batches_with_labels():
+    model = tiny_model("mistral")
+    batch = lm_batch(VOCAB)
+    labels = batch["input_ids"].clone()
+    labels[:, :4] = -100
+    engine = ZOEngine(model, ZOSGD(), eps=1e-3, seed=0)
+    r = engine.step({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                     "labels": labels}, lr=0.01)
+    engine.close()
+    assert r.loss > 0 and not r.skipped
+
+
+def test_wrappers_are_removed_on_close():
+    model = tiny_model("opt")
+    engine = ZOEngine(model, ZOSGD(), eps=1e-3, seed=0)
+    engine.close()
+    assert all("forward" not in m.__dict__ for m in model.modules())

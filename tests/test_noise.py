@@ -1,0 +1,47 @@
+"""z is a pure function of (seed, parameter, chunk), however it is drawn."""
+
+import torch
+
+from edgezo.zo import noise
+
+
+def test_mix_is_deterministic_and_order_sensitive():
+    assert noise.mix(1, 2, 3) == noise.mix(1, 2, 3)
+    assert noise.mix(1, 2, 3) != noise.mix(3, 2, 1)
+    assert 0 <= noise.mix(2**70, -5) < 2**63
+
+
+def test_chunks_tile_the_parameter():
+    shape = torch.Size([1000, 700])  # 374 rows per chunk -> 3 chunks, the last partial
+    bounds = noise.chunk_bounds(shape)
+    assert bounds[0][0] == 0 and bounds[-1][1] == 1000 and len(bounds) == 3
+    z = noise.full(shape, seed=7)
+    for k, (lo, hi) in enumerate(bounds):
+        assert torch.equal(noise.chunk(shape, 7, k, torch.device("cpu")), z[lo:hi])
+
+
+def test_rows_equal_the_full_direction_at_those_rows():
+    shape = torch.Size([3000, 200])
+    z = noise.full(shape, seed=11)
+    rows = torch.tensor([0, 5, 1310, 1311, 2999])
+    assert torch.equal(noise.rows(shape, 11, rows), z[rows])
+
+
+def test_parallel_and_serial_draws_agree(monkeypatch):
+    shape = torch.Size([4096, 300])
+    rows = torch.arange(0, 4096, 3)
+    monkeypatch.setenv("EDGEZO_NOISE_THREADS", "1")
+    serial = noise.rows(shape, 3, rows)
+    monkeypatch.setenv("EDGEZO_NOISE_THREADS", "2")
+    assert torch.equal(noise.rows(shape, 3, rows), serial)
+
+
+def test_one_and_zero_dimensional_parameters():
+    assert noise.full(torch.Size([5]), 1).shape == (5,)
+    assert noise.full(torch.Size([]), 1).shape == ()
+    assert torch.equal(noise.full(torch.Size([5]), 1), noise.full(torch.Size([5]), 1))
+
+
+def test_directions_are_standard_normal():
+    z = noise.full(torch.Size([2048, 512]), 5)
+    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01

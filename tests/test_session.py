@@ -1,0 +1,88 @@
+"""The embedding API on a tiny model folder."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from edgezo.errors import ConfigError
+from edgezo.session import OutOfBudgetError, Session
+
+
+@pytest.fixture()
+def session(tiny_folder, data_dir):
+    sess = Session(model=tiny_folder, profile="8gb-gpu", lr=1e-2, batch_size=4,
+                   data_dir=data_dir, seed=0)
+    yield sess
+    sess.close()
+
+
+def test_emulates_a_gpu_profile_without_cuda(session):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert session.emulated and session.device.type == "cpu"
+    assert session.plan.emulated and session.plan.fits
+
+
+def test_step_evaluate_report(session):
+    r = session.step()
+    assert r.seed and r.loss > 0 and r.projected_grad == r.projected_grad
+    acc = session.evaluate("validation", max_examples=40)
+    assert 0.0 <= acc["accuracy"] <= 1.0 and acc["examples"] == 40
+    rep = session.report()
+    for key in ("model", "task", "optimizer", "scheme", "profile", "steps", "seed",
+                "hyperparameters", "peak_memory_bytes", "predicted_peak_memory_bytes",
+                "step_time_s", "forward_passes_per_step", "device"):
+        assert key in rep
+    assert rep["steps"] == 1 and rep["forward_passes_per_step"] == 1
+
+
+def test_model_property_reflects_every_completed_step(session):
+    before = {n: p.detach().clone() for n, p in session.model.named_parameters()}
+    session.step()
+    moved = [not torch.equal(p, before[n]) for n, p in session.model.named_parameters()]
+    assert all(moved)
+
+
+def test_step_on_a_user_batch(session):
+    ids = session.tokenizer(["a great film", "a very boring movie"], return_tensors="pt",
+                            padding=True)
+    labels = ids.input_ids.clone()
+    labels[ids.attention_mask == 0] = -100
+    r = session.step({"input_ids": ids.input_ids, "attention_mask": ids.attention_mask,
+                      "labels": labels})
+    assert r.loss > 0
+    with pytest.raises(ConfigError, match="labels"):
+        session.step({"input_ids": ids.input_ids})
+
+
+def test_save_writes_a_model_transformers_loads(session, tmp_path):
+    session.step()
+    out = session.save(tmp_path / "saved")
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    pairs = zip(session.model.named_parameters(), loaded.named_parameters(), strict=True)
+    for (n, p), (_, q) in pairs:
+        assert torch.equal(p, q), n
+    assert json.loads((out / "report.json").read_text())["steps"] == 1
+
+
+def test_over_budget_refuses_with_advice(tiny_folder, data_dir, tmp_path):
+    profile = tmp_path / "tiny.yaml"
+    profile.write_text("name: tiny\ndevice: cpu\ndevice_memory_gb: 0.0001\nhost_memory_gb: 1\n"
+                       "host_device_bandwidth_gbps: 0\ndtype: fp32\nheadroom: 0.1\n")
+    with pytest.raises(OutOfBudgetError, match="smaller --batch-size"):
+        Session(model=tiny_folder, profile=str(profile), data_dir=data_dir)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"scheme": "lora"}, "valid schemes: full"),
+    ({"optimizer": "adamw"}, "valid optimizers: zo-sgd"),
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"eps": 0.0}, "eps must be > 0"),
+])
+def test_bad_options_are_rejected(tiny_folder, data_dir, kwargs, needle):
+    from edgezo.errors import EdgezoError
+
+    with pytest.raises(EdgezoError, match=needle):
+        Session(model=tiny_folder, data_dir=data_dir, **kwargs)

@@ -1,0 +1,83 @@
+"""SST-2: template, splits, data errors and the encoder's two batch layouts."""
+
+import pytest
+import torch
+
+from edgezo.errors import TaskError
+from edgezo.models.tiny import tiny_model, tiny_tokenizer
+from edgezo.tasks import Encoder, Example, make_task
+from edgezo.tasks.base import batches
+from edgezo.tasks.loss import candidate_scores
+
+
+def test_template_renders_the_zo_bench_prompt(data_dir):
+    task = make_task("sst2", data_dir=data_dir)
+    first = task.example(task.test_rows()[0])
+    assert first.prompt == "it 's a charming and often affecting journey . It was"
+    assert first.candidates == (" terrible", " great")
+    assert first.gold == 1
+
+
+def test_splits_are_1000_500_872_without_overlap_and_fixed(data_dir):
+    task = make_task("sst2", data_dir=data_dir)
+    train, val, test = (task.split(s) for s in ("train", "validation", "test"))
+    assert (len(train), len(val), len(test)) == (1000, 500, 872)
+    # Disjoint rows of the training file (SST-2 repeats some sentences, so compare rows).
+    rows = task.source_rows
+    assert len(set(rows["train"])) == 1000 and not set(rows["train"]) & set(rows["validation"])
+    again = make_task("sst2", data_dir=data_dir)
+    assert again.split("train")[:5] == train[:5]
+    other = make_task("sst2", data_dir=data_dir, data_seed=1)
+    assert other.split("train")[:5] != train[:5]
+
+
+def test_missing_data_dir_names_the_expected_files(tmp_path):
+    with pytest.raises(TaskError, match="sst2/train.tsv"):
+        make_task("sst2", data_dir=str(tmp_path)).split("train")
+
+
+def test_malformed_row_names_the_line(tmp_path):
+    (tmp_path / "sst2").mkdir()
+    (tmp_path / "sst2" / "train.tsv").write_text("sentence\tlabel\ngood film \t1\nbad\tmaybe\n")
+    (tmp_path / "sst2" / "dev.tsv").write_text("sentence\tlabel\n")
+    with pytest.raises(TaskError, match="line 3"):
+        make_task("sst2", data_dir=str(tmp_path)).split("train")
+
+
+def test_unknown_task_lists_valid_ones():
+    from edgezo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="valid tasks: sst2"):
+        make_task("imdb")
+
+
+def test_batches_are_a_pure_function_of_the_step():
+    examples = [Example(str(i), ("a", "b"), 0) for i in range(10)]
+    full = batches(examples, 3, seed=0)
+    first = [next(full) for _ in range(7)]
+    resumed = batches(examples, 3, seed=0, start_step=4)
+    assert [next(resumed) for _ in range(3)] == first[4:]
+
+
+def test_single_token_fast_path_equals_the_general_path():
+    tok = tiny_tokenizer()
+    enc = Encoder(tok)
+    verbalizer = (" terrible", " great")
+    examples = [Example("the movie was", verbalizer, 1),
+                Example("a charming and often affecting journey . It was", verbalizer, 0)]
+    fast = enc.encode(examples)
+    assert "candidate_ids" in fast
+    enc._single[(" terrible", " great")] = None  # force one row per (example, candidate)
+    general = enc.encode(examples)
+    assert general["input_ids"].shape[0] == 4 and general["num_candidates"] == 2
+    model = tiny_model("llama")
+    with torch.no_grad():
+        torch.testing.assert_close(candidate_scores(model, fast), candidate_scores(model, general),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_left_pads():
+    enc = Encoder(tiny_tokenizer())
+    batch = enc.encode([Example("great", (" terrible", " great"), 0),
+                        Example("a very long and boring film", (" terrible", " great"), 1)])
+    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][0, -1] == 1
