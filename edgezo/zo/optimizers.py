@@ -15,8 +15,16 @@ from dataclasses import dataclass
 import torch
 
 from edgezo.errors import ConfigError, unknown_choice
+from edgezo.zo import noise
 
 _LOW16 = 0xFFFF
+
+
+def fp32_copy(param: torch.Tensor) -> torch.Tensor:
+    """param as fp32 in this thread's reusable buffer (the update path allocates nothing:
+    freed blocks in worker threads' malloc arenas would otherwise stay resident)."""
+    out = noise.thread_buffer("fp32", param.numel(), torch.float32, param.device)
+    return out.view(param.shape).copy_(param)
 
 
 def store(param: torch.Tensor, new: torch.Tensor, z: torch.Tensor) -> None:
@@ -33,7 +41,8 @@ def store(param: torch.Tensor, new: torch.Tensor, z: torch.Tensor) -> None:
         param.copy_(new)
         return
     bits = new.view(torch.int32)
-    dither = z.reshape(new.shape).view(torch.int32) & _LOW16
+    dither = noise.thread_buffer("dither", new.numel(), torch.int32, new.device).view(new.shape)
+    torch.bitwise_and(z.reshape(new.shape).view(torch.int32), _LOW16, out=dither)
     # Adding a uniform 16-bit dither to the magnitude, then truncating the low 16 bits,
     # rounds the magnitude up with probability equal to the dropped fraction.
     bits.add_(dither).bitwise_and_(~_LOW16)
@@ -55,7 +64,7 @@ class ZOSGD:
     def update_chunk(self, param: torch.Tensor, z: torch.Tensor, g: float, lr: float,
                      index: int, chunk: int) -> None:
         """Apply the update to one chunk of one parameter, in place."""
-        new = param.float()
+        new = fp32_copy(param)
         if self.weight_decay:
             new.mul_(1.0 - lr * self.weight_decay)
         new.add_(z, alpha=-lr * g)

@@ -50,6 +50,21 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(noise.num_rows(t.shape), -1)
 
 
+def _perturbed_into(out: torch.Tensor, theta: torch.Tensor, z: torch.Tensor, scale: float
+                    ) -> None:
+    """out = round(θ + scale·z): summed in fp32, rounded once to out's dtype.
+
+    Summing into a reusable fp32 buffer first avoids the temporary torch.add allocates
+    when `out` has another dtype than the sum (the hot path allocates nothing).
+    """
+    if out.dtype == torch.float32:
+        torch.add(theta, z, alpha=scale, out=out)
+        return
+    acc = noise.thread_buffer("acc", z.numel(), torch.float32, z.device).view(z.shape)
+    torch.add(theta, z, alpha=scale, out=acc)
+    out.copy_(acc)
+
+
 def _split(obj: Any, rows: int) -> tuple[Any, Any]:
     """Split every batch-shaped tensor (ndim >= 2, dim 0 == rows) into its two halves."""
     if isinstance(obj, torch.Tensor) and obj.dim() >= 2 and obj.shape[0] == rows:
@@ -194,7 +209,7 @@ class Perturbation:
             z = _flat(noise.chunk(p.shape, seed, k, p.device))
             flat_p = _flat(p)
             for out, s in zip(flats, self.signs, strict=True):
-                torch.add(flat_p[lo:hi], z, alpha=s * self.eps, out=out[lo:hi])
+                _perturbed_into(out[lo:hi], flat_p[lo:hi], z, s * self.eps)
 
         if work:
             noise.parallel_map(fill, range(len(work)), work[0][0].device)
@@ -279,7 +294,7 @@ class Perturbation:
             z = noise.chunk(weight.shape, w_seed, k, weight.device)
             w = noise.thread_buffer("w", z.numel(), weight.dtype, weight.device).view(z.shape)
             for xi, out, s, b in zip(inputs, outs, self.signs, biases, strict=True):
-                torch.add(weight[lo:hi], z, alpha=s * self.eps, out=w)
+                _perturbed_into(w, weight[lo:hi], z, s * self.eps)
                 out[..., lo:hi] = F.linear(xi, w, None if b is None else b[lo:hi])
 
         noise.parallel_map(block, range(len(bounds)), weight.device)
