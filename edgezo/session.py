@@ -20,9 +20,9 @@ import torch
 
 from edgezo import __version__
 from edgezo.errors import ConfigError, EdgezoError, unknown_choice
-from edgezo.memory.measure import MemoryMonitor
+from edgezo.memory.measure import MemoryMonitor, release_freed_memory
 from edgezo.memory.plan import Plan, plan_step
-from edgezo.models.loading import DEFAULT_MODEL, load_model, parse_dtype
+from edgezo.models.loading import DEFAULT_MODEL, load_weights, parse_dtype, resolve_model
 from edgezo.profiles import GiB, load_profile
 from edgezo.tasks import Encoder, make_task
 from edgezo.tasks.base import batches
@@ -41,7 +41,8 @@ class OutOfBudgetError(EdgezoError):
 class Session:
     """A fine-tuning session on one model, task and device profile."""
 
-    def __init__(self, model: str | None = None, profile: str = "8gb-gpu", task: str = "sst2",
+    def __init__(self, model: str | None = None, profile: str = "8gb-gpu",
+                 task: str | None = "sst2",
                  optimizer: str = "zo-sgd", scheme: str = "full", lr: float = 1e-5,
                  eps: float = 1e-3, batch_size: int = 16, seed: int = 0,
                  dtype: str | None = None, *, data_dir: str | None = None,
@@ -56,7 +57,13 @@ class Session:
         if eps <= 0:
             raise ConfigError(f"eps must be > 0, got {eps}")
         self.profile = load_profile(profile)
-        self.task = make_task(task, data_dir=data_dir, data_seed=data_seed)
+        # Data before weights: a bad data folder fails in a second, not after a model load,
+        # and the rows are not counted as the run's memory.
+        self.task = None if task is None else make_task(task, data_dir=data_dir,
+                                                         data_seed=data_seed)
+        if self.task is not None:
+            for split in ("train", "validation", "test"):
+                self.task.split(split)
         self.optimizer = make_optimizer(optimizer, weight_decay=weight_decay)
         self.on_cuda = self.profile.device == "cuda" and torch.cuda.is_available()
         self.device = torch.device("cuda" if self.on_cuda else "cpu")
@@ -69,10 +76,13 @@ class Session:
         self.lr, self.eps, self.batch_size, self.seed = lr, eps, batch_size, seed
         self.eval_batch_size = eval_batch_size
 
-        self.monitor = MemoryMonitor(self.device)
+        resolved = resolve_model(model, parse_dtype(self.dtype_name))
+        self.tokenizer, self.model_source = resolved.tokenizer, resolved
+        release_freed_memory()  # what conversion or imports freed is not the run's memory
+        self.monitor = MemoryMonitor(self.device)  # the baseline: everything but the weights
         with self.monitor.phase("load"):
-            loaded = load_model(model, parse_dtype(self.dtype_name), self.device)
-        self._model, self.tokenizer, self.model_source = loaded.model, loaded.tokenizer, loaded
+            self._model = load_weights(resolved, parse_dtype(self.dtype_name), self.device)
+            release_freed_memory()
         self.encoder = Encoder(self.tokenizer, max_length=max_length)
 
         pair_plan = self._plan(pair=True)
@@ -80,7 +90,8 @@ class Session:
         self.plan: Plan = pair_plan if self.pair else self._plan(pair=False)
         if check_budget and not self.plan.fits:
             raise OutOfBudgetError(self._budget_message())
-        self.engine = ZOEngine(self._model, self.optimizer, eps=eps, seed=seed, pair=self.pair)
+        self.engine = ZOEngine(self._model, self.optimizer, eps=eps, seed=seed, pair=self.pair,
+                               blocks=self._block_map)
         self._batches = None
         self.history: list[StepResult] = []
         self.evaluations: dict[str, dict] = {}
@@ -88,10 +99,9 @@ class Session:
     # -- planning ---------------------------------------------------------------------
     def _seq_len(self) -> int:
         """The longest training sequence, the one the activation estimate must cover."""
-        try:
-            examples = self.task.split("train")
-        except EdgezoError:
+        if self.task is None:
             return self.config["max_length"]
+        examples = self.task.split("train")
         longest = max(examples, key=lambda e: len(e.prompt) + max(map(len, e.candidates)))
         enc = self.encoder.encode([longest])
         return int(enc["input_ids"].shape[1])
@@ -135,7 +145,13 @@ class Session:
             raise ConfigError("a batch needs 'labels' (token ids, -100 where no loss applies) "
                               "or 'candidate_ids' and 'gold'")
 
+    def _require_task(self) -> None:
+        if self.task is None:
+            raise ConfigError("this Session has no task (task=None): pass batches to step(), "
+                              "or create it with a task to use its data")
+
     def next_batch(self) -> dict:
+        self._require_task()
         if self._batches is None:
             self._batches = batches(self.task.split("train"), self.batch_size, self.seed,
                                     start_step=self.engine.step_index)
@@ -156,6 +172,7 @@ class Session:
     @torch.no_grad()
     def evaluate(self, split: str = "test", max_examples: int | None = None) -> dict:
         """Accuracy by candidate log-likelihood on a task split, batched."""
+        self._require_task()
         self.engine.flush()
         examples = self.task.split(split)[:max_examples]
         correct = 0
@@ -190,7 +207,7 @@ class Session:
             "forward_passes_per_step": self.engine.forward_passes_per_step,
             "step_time_s": sum(times) / len(times) if times else None,
             "skipped_steps": sum(r.skipped for r in self.history),
-            "peak_memory_bytes": self.monitor.peak_bytes,
+            "peak_memory_bytes": self.monitor.run_peak_bytes,
             "peak_memory_by_phase": dict(self.monitor.peaks),
             "predicted_peak_memory_bytes": self.plan.peak_bytes,
             "plan": self.plan.to_dict(),

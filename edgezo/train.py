@@ -103,7 +103,7 @@ def finetune(session: Session, steps: int, *, eval_every: int = 0, output: Path 
     report["accuracy_before"] = before
     report["interrupted"] = interrupted
     report["wall_time_s"] = time.perf_counter() - start
-    report["peak_memory_bytes"] = session.monitor.peak_bytes  # includes the final evals
+    report["peak_memory_bytes"] = session.monitor.run_peak_bytes  # includes the final evals
     report["peak_memory_by_phase"] = dict(session.monitor.peaks)
     if output is not None:
         if save_model:

@@ -86,3 +86,16 @@ def test_bad_options_are_rejected(tiny_folder, data_dir, kwargs, needle):
 
     with pytest.raises(EdgezoError, match=needle):
         Session(model=tiny_folder, data_dir=data_dir, **kwargs)
+
+
+def test_a_session_without_a_task_trains_on_given_batches(tiny_folder):
+    sess = Session(model=tiny_folder, task=None, lr=1e-2)
+    try:
+        enc = sess.tokenizer(["a great film"], return_tensors="pt")
+        r = sess.step({"input_ids": enc.input_ids, "attention_mask": enc.attention_mask,
+                       "labels": enc.input_ids})
+        assert r.loss > 0
+        with pytest.raises(ConfigError, match="no task"):
+            sess.evaluate()
+    finally:
+        sess.close()

@@ -102,10 +102,25 @@ def convert_gguf(path: Path, dtype: torch.dtype) -> Path:
     return target
 
 
-def load_model(spec: str | None, dtype: torch.dtype, device: torch.device | str = "cpu"
-               ) -> LoadedModel:
-    """Load a causal LM and its tokenizer from an HF id, local folder or .gguf file."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@dataclass
+class ResolvedModel:
+    """Where a model's files are, and its tokenizer; everything but the weights."""
+
+    folder: str
+    source: str  # what the user asked for, resolved
+    kind: str  # "gguf", "folder" or "hub"
+    tokenizer: object
+    model_class: type
+
+
+def resolve_model(spec: str | None, dtype: torch.dtype) -> ResolvedModel:
+    """Find (and for GGUF, convert once) a model; load its config, tokenizer and class.
+
+    Separate from loading the weights so that a memory measurement of the load covers the
+    weights only, not the tokenizer or the import of transformers' modeling code.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # edgezo reports its own progress
@@ -128,14 +143,35 @@ def load_model(spec: str | None, dtype: torch.dtype, device: torch.device | str 
         else:
             kind = "hub"
     folder = str(convert_gguf(path, dtype)) if kind == "gguf" else str(path)
-    source = str(path) if kind != "hub" else spec
     try:
+        config = AutoConfig.from_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     except OSError as err:
         hint = (" (no network? pass a local folder or .gguf file to --model)"
                 if kind == "hub" else "")
         raise ModelLoadError(f"could not load model {spec!r}: {err}{hint}") from None
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ModelLoadError(f"{spec!r} is a {config.model_type} model, which transformers "
+                             "cannot load as a causal language model")
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # imports its modeling code
+    return ResolvedModel(folder, str(path) if kind != "hub" else spec, kind, tokenizer,
+                         model_class)
+
+
+def load_weights(resolved: ResolvedModel, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The model itself, in eval mode on `device`."""
+    try:
+        model = resolved.model_class.from_pretrained(resolved.folder, dtype=dtype)
+    except OSError as err:
+        raise ModelLoadError(f"could not load the weights of {resolved.source}: {err}") from None
     model.to(device)
-    model.eval()
-    return LoadedModel(model, tokenizer, source, kind)
+    return model.eval()
+
+
+def load_model(spec: str | None, dtype: torch.dtype, device: torch.device | str = "cpu"
+               ) -> LoadedModel:
+    """Load a causal LM and its tokenizer from an HF id, local folder or .gguf file."""
+    resolved = resolve_model(spec, dtype)
+    return LoadedModel(load_weights(resolved, dtype, device), resolved.tokenizer,
+                       resolved.source, resolved.kind)

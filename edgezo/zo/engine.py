@@ -46,7 +46,8 @@ class ZOEngine:
     """Runs ZO steps on a model in place. Forward-only: no autograd graph is ever built."""
 
     def __init__(self, model: nn.Module, optimizer, *, eps: float, seed: int, pair: bool = True,
-                 loss_fn: Callable[[nn.Module, dict], torch.Tensor] = example_losses):
+                 loss_fn: Callable[[nn.Module, dict], torch.Tensor] = example_losses,
+                 blocks: BlockMap | None = None):
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
         self.model = model.eval()  # ZO needs the same function at θ±εz: no dropout
@@ -55,7 +56,7 @@ class ZOEngine:
         self.seed = seed
         self.pair = pair
         self.loss_fn = loss_fn
-        self.blocks: BlockMap = build_block_map(model)
+        self.blocks: BlockMap = blocks if blocks is not None else build_block_map(model)
         self.perturbation = Perturbation(self.blocks, optimizer.update_chunk)
         self.perturbation.install()
         self.step_index = 0
