@@ -28,6 +28,7 @@ from edgezo.tasks import Encoder, make_task
 from edgezo.tasks.base import batches
 from edgezo.tasks.loss import candidate_scores
 from edgezo.zo import noise
+from edgezo.zo.blocks import build_block_map
 from edgezo.zo.engine import StepResult, ZOEngine
 from edgezo.zo.optimizers import make_optimizer
 
@@ -85,6 +86,8 @@ class Session:
             release_freed_memory()
         self.encoder = Encoder(self.tokenizer, max_length=max_length)
 
+        self._block_map = build_block_map(self._model)
+        self._plan_seq_len = self._seq_len()
         pair_plan = self._plan(pair=True)
         self.pair = pair if pair is not None else (pair_plan.fits or not check_budget)
         self.plan: Plan = pair_plan if self.pair else self._plan(pair=False)
@@ -107,11 +110,6 @@ class Session:
         return int(enc["input_ids"].shape[1])
 
     def _plan(self, pair: bool) -> Plan:
-        from edgezo.zo.blocks import build_block_map
-
-        if not hasattr(self, "_block_map"):
-            self._block_map = build_block_map(self._model)
-            self._plan_seq_len = self._seq_len()
         threads = 1 if self.on_cuda else noise.worker_threads()
         return plan_step(self._model, self._block_map, self.profile, batch_size=self.batch_size,
                          seq_len=self._plan_seq_len, pair=pair, on_cuda=self.on_cuda,
