@@ -26,6 +26,10 @@ class ConfigError(EdgezoError):
     """An option has a value edgezo does not accept."""
 
 
+class OutOfBudgetError(EdgezoError):
+    """The planned peak memory exceeds the profile's budget."""
+
+
 class TrainingError(EdgezoError):
     """A run cannot continue (e.g. the loss became NaN)."""
 

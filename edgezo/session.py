@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from edgezo import __version__
-from edgezo.errors import ConfigError, EdgezoError, unknown_choice
+from edgezo.errors import ConfigError, OutOfBudgetError, unknown_choice
 from edgezo.memory.measure import MemoryMonitor, release_freed_memory
 from edgezo.memory.plan import Plan, plan_step
 from edgezo.models.loading import DEFAULT_MODEL, load_weights, parse_dtype, resolve_model
@@ -33,10 +33,6 @@ from edgezo.zo.engine import StepResult, ZOEngine
 from edgezo.zo.optimizers import make_optimizer
 
 SCHEMES = ("full",)
-
-
-class OutOfBudgetError(EdgezoError):
-    """The planned peak memory exceeds the profile's budget."""
 
 
 class Session:

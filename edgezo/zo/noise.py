@@ -101,7 +101,9 @@ def chunk(shape: torch.Size, seed: int, index: int, device: torch.device) -> tor
     round(θ + a·z) computed in fp32 with a single rounding, and fp32 draws are faster
     than bf16 ones on the CPU.
     """
-    lo, hi = chunk_bounds(shape)[index]
+    per = rows_per_chunk(shape)
+    lo = index * per  # not chunk_bounds(shape)[index]: that list is O(chunks) per call
+    hi = min(lo + per, num_rows(shape))
     inner = shape[1:] if len(shape) >= 1 else ()
     out = thread_buffer("z", (hi - lo) * inner.numel() if inner else hi - lo,
                         torch.float32, device)
