@@ -33,7 +33,7 @@ def measure(mode: str, model_name: str, dtype: str, batch: int, seq: int) -> dic
     from edgezo.models.loading import load_model, parse_dtype
     from edgezo.tasks.loss import example_losses
     from edgezo.zo.engine import ZOEngine
-    from edgezo.zo.optimizers import ZOSGD
+    from edgezo.zo.optimizers import make_optimizer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     baseline = psutil.Process().memory_info().rss
@@ -49,7 +49,8 @@ def measure(mode: str, model_name: str, dtype: str, batch: int, seq: int) -> dic
             for _ in range(3):
                 example_losses(model, data).mean().item()
     else:
-        engine = ZOEngine(model, ZOSGD(), eps=1e-3, seed=0, pair=(mode == "zo-pair"))
+        engine = ZOEngine(model, make_optimizer("zo-sgd"), eps=1e-3, seed=0,
+                          pair=(mode == "zo-pair"))
         for _ in range(3):
             engine.step(data, lr=1e-6)
         engine.close()

@@ -29,7 +29,7 @@ from edgezo.models.loading import load_model
 from edgezo.models.tiny import tiny_model
 from edgezo.tasks.loss import example_losses
 from edgezo.zo.engine import ZOEngine
-from edgezo.zo.optimizers import ZOSGD
+from edgezo.zo.optimizers import make_optimizer
 
 
 def make_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> dict:
@@ -101,7 +101,7 @@ def main() -> None:
         example_losses(model, batch).mean().item()
         example_losses(model, batch).mean().item()
 
-    engine = ZOEngine(model, ZOSGD(), eps=1e-3, seed=0, pair=True)
+    engine = ZOEngine(model, make_optimizer("zo-sgd"), eps=1e-3, seed=0, pair=True)
     two_pass = ZOEngine.__new__(ZOEngine)  # same engine state, two-pass mode
     two_pass.__dict__.update(engine.__dict__, pair=False)
 

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edgezo.errors import EdgezoError
+from edgezo.errors import ConfigError, EdgezoError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Forward-only (zeroth-order) fine-tuning of LLMs on small machines.")
@@ -44,13 +44,30 @@ DataDirOpt = typer.Option(None, "--data-dir", help="Folder with the task data "
                           "(default: $EDGEZO_DATA_DIR, then ./shared/data or ../shared/data)")
 
 
+def _list(text: str | None) -> list[str]:
+    return [] if not text else [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _betas(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    parts = _list(text)
+    try:
+        b1, b2 = (float(x) for x in parts)
+    except ValueError:
+        raise ConfigError(f"--betas takes two numbers like 0.9,0.999, got {text!r}") from None
+    return b1, b2
+
+
 @app.command()
 @user_errors
 def finetune(
     profile: str = ProfileOpt,
     model: str | None = ModelOpt,
     task: str = TaskOpt,
-    optimizer: str = typer.Option("zo-sgd", help="ZO optimizer"),
+    optimizer: str = typer.Option("zo-sgd", help="zo-sgd, zo-sgd-sign, zo-sgd-mmt, "
+                                  "zo-sgd-cons, zo-adam, forward-grad[-mmt|-adam], fo-sgd, "
+                                  "fo-adam (`edgezo optimizers` describes them)"),
     scheme: str = typer.Option("full", help="Which parameters train"),
     steps: int = typer.Option(1000, min=0, help="Optimisation steps"),
     lr: float = typer.Option(1e-5, help="Learning rate"),
@@ -66,6 +83,35 @@ def finetune(
     data_dir: Path | None = DataDirOpt,
     pair: bool | None = typer.Option(None, "--pair/--two-pass", help="One doubled forward "
                                         "per step, or two forwards (default: as the plan fits)"),
+    q: int = typer.Option(1, "--q", min=1, help="ZO queries averaged per step"),
+    estimate: str = typer.Option("two-sided", help="two-sided or one-sided (forward "
+                                 "difference with the unperturbed loss)"),
+    directions: str = typer.Option("gaussian", help="gaussian or rademacher directions"),
+    block_wise: bool = typer.Option(False, "--block-wise", help="Estimate and update one "
+                                    "block at a time, each with its own seeds"),
+    granularity: str = typer.Option("layer", help="Block-wise groups: layer, or half "
+                                    "(attention / MLP halves of each layer)"),
+    sparsity: float = typer.Option(0.0, min=0.0, max=0.999999, help="Fraction S of each "
+                                   "tensor left unperturbed (exactly 1-S is perturbed)"),
+    sparsity_mask: str = typer.Option("random", help="random (seeded) or magnitude "
+                                      "(smallest weights, as Sparse-MeZO)"),
+    sparsity_every: int = typer.Option(0, min=0, help="Redraw the masks every K steps "
+                                       "(0: once)"),
+    fo_blocks: str | None = typer.Option(None, "--fo-blocks", help="Blocks trained by "
+                                         "backprop in a hybrid step, comma-separated: pre, "
+                                         "head, or layer numbers (-1 = last), e.g. head,-1"),
+    momentum: float | None = typer.Option(None, help="Momentum beta (zo-sgd-mmt, "
+                                          "forward-grad-mmt; default 0.9)"),
+    betas: str | None = typer.Option(None, help="Adam betas 'b1,b2' (default 0.9,0.999)"),
+    adam_eps: float | None = typer.Option(None, help="Adam epsilon (default 1e-8)"),
+    objective: str = typer.Option("ce", help="ce (verbalizer cross-entropy) or accuracy "
+                                  "(non-differentiable; ZO optimizers only)"),
+    schedule: str = typer.Option("constant", help="lr schedule: constant, linear or cosine "
+                                 "(decaying to 0 at --steps)"),
+    warmup_steps: int = typer.Option(0, min=0, help="Linear lr warm-up steps"),
+    max_length: int = typer.Option(256, min=8, help="Longest tokenized example (tokens)"),
+    eval_batch_size: int = typer.Option(32, min=1, help="Examples per evaluation batch"),
+    data_seed: int = typer.Option(0, help="Seed of the train/validation split"),
 ) -> None:
     """Fine-tune a model on a task with ZO under a device profile's memory budget."""
     from edgezo.session import Session
@@ -74,7 +120,14 @@ def finetune(
     session = Session(model=model, profile=profile, task=task, optimizer=optimizer,
                       scheme=scheme, lr=lr, eps=eps, batch_size=batch_size, seed=seed,
                       dtype=dtype, data_dir=None if data_dir is None else str(data_dir),
-                      pair=pair, weight_decay=weight_decay)
+                      pair=pair, weight_decay=weight_decay, q=q, estimate=estimate,
+                      directions=directions, block_wise=block_wise, granularity=granularity,
+                      sparsity=sparsity, sparsity_mask=sparsity_mask,
+                      sparsity_every=sparsity_every, fo_blocks=_list(fo_blocks),
+                      momentum=momentum, betas=_betas(betas), adam_eps=adam_eps,
+                      objective=objective, schedule=schedule, warmup_steps=warmup_steps,
+                      total_steps=steps, max_length=max_length,
+                      eval_batch_size=eval_batch_size, data_seed=data_seed)
     try:
         run(session, steps, eval_every=eval_every, output=output, save_model=save_model)
     finally:
@@ -110,6 +163,17 @@ def evaluate(
         print(json.dumps(result))
     else:
         print(f"{task} {split}: accuracy {result['accuracy']:.4f} on {result['examples']} examples")
+
+
+@app.command("optimizers")
+def optimizers_list() -> None:
+    """The optimizers, their gradient source and their state memory."""
+    from edgezo.zo.optimizers import OPTIMIZERS
+
+    table = Table("name", "gradient", "state bytes/param", "update")
+    for name, (estimator, rule_cls, _, description) in OPTIMIZERS.items():
+        table.add_row(name, estimator, str(rule_cls.state_bytes_per_param), description)
+    Console().print(table)
 
 
 @profiles_app.command("list")

@@ -36,4 +36,6 @@ class TrainingError(EdgezoError):
 
 def unknown_choice(kind: str, value: str, valid: list[str] | tuple[str, ...]) -> ConfigError:
     """The standard message for an option value outside its valid set."""
-    return ConfigError(f"unknown {kind} {value!r}; valid {kind}s: {', '.join(sorted(valid))}")
+    plural = kind if kind.endswith("s") else kind[:-1] + "ies" if kind.endswith("y") \
+        else kind + "s"
+    return ConfigError(f"unknown {kind} {value!r}; valid {plural}: {', '.join(sorted(valid))}")

@@ -12,8 +12,10 @@ The Session only wires parts together; the logic lives in `edgezo.zo`, `edgezo.t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,11 +28,12 @@ from edgezo.models.loading import DEFAULT_MODEL, load_weights, parse_dtype, reso
 from edgezo.profiles import GiB, load_profile
 from edgezo.tasks import Encoder, make_task
 from edgezo.tasks.base import batches
-from edgezo.tasks.loss import candidate_scores
+from edgezo.tasks.loss import OBJECTIVES, candidate_scores, example_losses
 from edgezo.zo import noise
-from edgezo.zo.blocks import build_block_map
+from edgezo.zo.blocks import backward_depth, build_block_map, resolve_fo_blocks
 from edgezo.zo.engine import StepResult, ZOEngine
 from edgezo.zo.optimizers import make_optimizer
+from edgezo.zo.schedule import Schedule
 
 SCHEMES = ("full",)
 
@@ -44,15 +47,23 @@ class Session:
                  eps: float = 1e-3, batch_size: int = 16, seed: int = 0,
                  dtype: str | None = None, *, data_dir: str | None = None,
                  pair: bool | None = None, weight_decay: float = 0.0, max_length: int = 256,
-                 eval_batch_size: int = 32, data_seed: int = 0, check_budget: bool = True):
+                 eval_batch_size: int = 32, data_seed: int = 0, check_budget: bool = True,
+                 q: int = 1, estimate: str = "two-sided", directions: str = "gaussian",
+                 block_wise: bool = False, granularity: str = "layer",
+                 sparsity: float = 0.0, sparsity_mask: str = "random", sparsity_every: int = 0,
+                 fo_blocks: list[str | int] | None = None, momentum: float | None = None,
+                 betas: tuple[float, float] | None = None, adam_eps: float | None = None,
+                 objective: str | Callable = "ce", schedule: str = "constant",
+                 warmup_steps: int = 0, total_steps: int | None = None):
+        """Every option of `edgezo finetune` has the keyword of the same name here. An
+        option that does not apply to the chosen optimizer is an error, not ignored."""
         if scheme not in SCHEMES:
             raise unknown_choice("scheme", scheme, SCHEMES)
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        if lr < 0:
-            raise ConfigError(f"lr must be >= 0, got {lr}")
         if eps <= 0:
             raise ConfigError(f"eps must be > 0, got {eps}")
+        self.schedule = Schedule(lr, schedule, total_steps, warmup_steps)
         self.profile = load_profile(profile)
         # Data before weights: a bad data folder fails in a second, not after a model load,
         # and the rows are not counted as the run's memory.
@@ -61,16 +72,32 @@ class Session:
         if self.task is not None:
             for split in ("train", "validation", "test"):
                 self.task.split(split)
-        self.optimizer = make_optimizer(optimizer, weight_decay=weight_decay)
+        self.optimizer = make_optimizer(optimizer, weight_decay=weight_decay, momentum=momentum,
+                                        betas=betas, adam_eps=adam_eps)
+        loss_fn = self._objective(objective)
         self.on_cuda = self.profile.device == "cuda" and torch.cuda.is_available()
         self.device = torch.device("cuda" if self.on_cuda else "cpu")
         self.emulated = self.profile.device == "cuda" and not self.on_cuda
         self.dtype_name = dtype or self.profile.dtype
+        self.estimator_options = dict(q=q, estimate=estimate, directions=directions,
+                                      block_wise=block_wise, granularity=granularity,
+                                      sparsity=sparsity, sparsity_mask=sparsity_mask,
+                                      sparsity_every=sparsity_every,
+                                      fo_blocks=list(fo_blocks or []))
+        rule = self.optimizer.rule
         self.config = dict(model=model or DEFAULT_MODEL, task=task, optimizer=optimizer,
                            scheme=scheme, profile=self.profile.name, seed=seed,
                            lr=lr, eps=eps, batch_size=batch_size, dtype=self.dtype_name,
-                           weight_decay=weight_decay, max_length=max_length)
-        self.lr, self.eps, self.batch_size, self.seed = lr, eps, batch_size, seed
+                           weight_decay=weight_decay, max_length=max_length,
+                           data_seed=data_seed, eval_batch_size=eval_batch_size,
+                           schedule=schedule, warmup_steps=warmup_steps,
+                           total_steps=total_steps,
+                           objective=objective if isinstance(objective, str) else "custom",
+                           momentum=getattr(rule, "momentum", None),
+                           betas=getattr(rule, "betas", None),
+                           adam_eps=getattr(rule, "eps", None),
+                           **self.estimator_options)
+        self.eps, self.batch_size, self.seed = eps, batch_size, seed
         self.eval_batch_size = eval_batch_size
 
         resolved = resolve_model(model, parse_dtype(self.dtype_name))
@@ -83,17 +110,37 @@ class Session:
         self.encoder = Encoder(self.tokenizer, max_length=max_length)
 
         self._block_map = build_block_map(self._model)
+        kind = self.optimizer.estimator
+        fo = (set(range(len(self._block_map.params))) if kind == "fo"
+              else resolve_fo_blocks(self._block_map, self.estimator_options["fo_blocks"]))
+        self._fo = (sum(self._block_map.params[i].numel() for i in fo),
+                    backward_depth(self._block_map, fo))
         self._plan_seq_len = self._seq_len()
-        pair_plan = self._plan(pair=True)
+        pair_plan = self._plan(pair=kind == "zo")
         self.pair = pair if pair is not None else (pair_plan.fits or not check_budget)
+        self.pair = self.pair and kind == "zo"
         self.plan: Plan = pair_plan if self.pair else self._plan(pair=False)
         if check_budget and not self.plan.fits:
             raise OutOfBudgetError(self._budget_message())
         self.engine = ZOEngine(self._model, self.optimizer, eps=eps, seed=seed, pair=self.pair,
-                               blocks=self._block_map)
+                               blocks=self._block_map, loss_fn=loss_fn,
+                               **self.estimator_options)
         self._batches = None
         self.history: list[StepResult] = []
         self.evaluations: dict[str, dict] = {}
+
+    def _objective(self, objective: str | Callable) -> Callable:
+        if callable(objective):
+            fn = objective
+        elif objective in OBJECTIVES:
+            fn = OBJECTIVES[objective]
+        else:
+            raise unknown_choice("objective", objective, list(OBJECTIVES))
+        if fn is not example_losses and self.optimizer.estimator != "zo":
+            raise ConfigError(f"{self.optimizer.name} differentiates the loss; the "
+                              f"{objective if isinstance(objective, str) else 'custom'} "
+                              "objective needs a ZO optimizer (it is not differentiable)")
+        return fn
 
     # -- planning ---------------------------------------------------------------------
     def _seq_len(self) -> int:
@@ -107,10 +154,14 @@ class Session:
 
     def _plan(self, pair: bool) -> Plan:
         threads = 1 if self.on_cuda else noise.worker_threads()
+        fo_params, backward_layers = self._fo
         return plan_step(self._model, self._block_map, self.profile, batch_size=self.batch_size,
                          seq_len=self._plan_seq_len, pair=pair, on_cuda=self.on_cuda,
                          optimizer_state_bytes=self.optimizer.state_bytes_per_param,
-                         noise_threads=threads)
+                         noise_threads=threads,
+                         sparsity=self.estimator_options["sparsity"] > 0,
+                         fo_params=fo_params, backward_layers=backward_layers,
+                         forward_grad=self.optimizer.estimator == "forward-grad")
 
     def _budget_message(self) -> str:
         gib = self.plan.total_bytes / GiB
@@ -121,6 +172,16 @@ class Session:
                 "smaller --batch-size, a bf16/fp16 --dtype, a smaller model or a larger profile")
 
     # -- the embedding API ------------------------------------------------------------
+    @property
+    def lr(self) -> float:
+        """The peak learning rate; the schedule gives each step's (`schedule(step)`)."""
+        return self.schedule.lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.schedule = dataclasses.replace(self.schedule, lr=value)
+        self.config["lr"] = value
+
     @property
     def model(self) -> torch.nn.Module:
         """The model, with every completed step applied (flushes the deferred update)."""
@@ -159,7 +220,7 @@ class Session:
             self._check_batch(batch)
             batch = self._to_device(batch)
         with self.monitor.phase("train"):
-            result = self.engine.step(batch, self.lr)
+            result = self.engine.step(batch, self.schedule(self.engine.step_index))
         self.history.append(result)
         return result
 
@@ -193,12 +254,14 @@ class Session:
             "profile": self.profile.name,
             "steps": len(self.history),
             "seed": self.seed,
-            "hyperparameters": {k: self.config[k] for k in
-                                ("lr", "eps", "batch_size", "dtype", "weight_decay",
-                                 "max_length")} | {"pair": self.pair},
+            "hyperparameters": {k: v for k, v in self.config.items() if k not in
+                                ("model", "task", "optimizer", "scheme", "profile", "seed")}
+            | {"pair": self.pair},
             "device": str(self.device),
             "emulated_profile": self.emulated,
             "forward_passes_per_step": self.engine.forward_passes_per_step,
+            "backward_passes_per_step": 1 if self.engine.fo_indices else 0,
+            "optimizer_state_bytes_per_param": self.optimizer.state_bytes_per_param,
             "step_time_s": sum(times) / len(times) if times else None,
             "skipped_steps": sum(r.skipped for r in self.history),
             "peak_memory_bytes": self.monitor.run_peak_bytes,

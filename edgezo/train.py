@@ -72,9 +72,12 @@ def finetune(session: Session, steps: int, *, eval_every: int = 0, output: Path 
                 r = session.step()
                 nonfinite_streak = nonfinite_streak + 1 if r.skipped else 0
                 row = {"step": r.step + 1, "loss": r.loss, "loss_plus": r.loss_plus,
-                       "loss_minus": r.loss_minus, "projected_grad": r.projected_grad,
-                       "lr": r.lr, "seed": r.seed, "time_s": r.time_s,
+                       "loss_minus": r.loss_minus, "projected_grads": r.projected_grads,
+                       "seeds": r.seeds, "lr": r.lr, "time_s": r.time_s,
+                       "forward_passes": r.forward_passes, "skipped": r.skipped,
                        "memory_bytes": session.monitor.current()}
+                if r.move:
+                    row["move"] = r.move
                 if eval_every and (i + 1) % eval_every == 0:
                     row["validation_accuracy"] = session.evaluate("validation")["accuracy"]
                 if metrics is not None:
@@ -128,7 +131,10 @@ def summary_table(report: dict) -> Table:
          f"{_gib(report['peak_memory_bytes'])} / {_gib(report['predicted_peak_memory_bytes'])}"),
         ("mean step time",
          "-" if report["step_time_s"] is None else f"{report['step_time_s']:.3f} s"),
-        ("forward passes per step", str(report["forward_passes_per_step"])),
+        ("forward (+backward) passes per step",
+         f"{report['forward_passes_per_step']}"
+         + (f" (+{report['backward_passes_per_step']})"
+            if report.get("backward_passes_per_step") else "")),
     ]
     if report.get("skipped_steps"):
         rows.append(("skipped (non-finite) steps", str(report["skipped_steps"])))

@@ -18,7 +18,7 @@ def invoke(*args):
     (["finetune", "--task", "imdb"], "unknown task 'imdb'; valid tasks: sst2"),
     (["finetune", "--model", "./no/such/folder"], "is not a model folder"),
     (["finetune", "--model", "missing.gguf"], "GGUF file missing.gguf does not exist"),
-    (["finetune", "--optimizer", "adamw"], "valid optimizers: zo-sgd"),
+    (["finetune", "--optimizer", "adamw"], "forward-grad-mmt, zo-adam, zo-sgd"),
     (["finetune", "--scheme", "lora"], "valid schemes: full"),
     (["eval", "--split", "dev"], "valid splits: train, validation, test"),
 ])

@@ -37,7 +37,7 @@ def test_verbalizer_words_are_single_tokens_and_the_fast_path_agrees(session):
     with torch.no_grad():
         a = candidate_scores(session._model, fast)
         b = candidate_scores(session._model, general)
-    torch.testing.assert_close(a, b, atol=0.05, rtol=0)  # bf16, different padding widths
+    torch.testing.assert_close(a, b, atol=0.1, rtol=0)  # bf16, different padding widths
     assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 

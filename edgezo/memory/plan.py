@@ -9,7 +9,11 @@ built on the meta device (no weights loaded). Components:
   perturbed row-wise or chunk-wise and need far less than a full copy;
 - activations: the largest per-layer transient of a no-grad forward over the batch
   (doubled in pair mode) and the logits the loss reads;
-- optimizer state: bytes per trainable parameter, declared by the optimizer;
+- optimizer state: bytes per trainable parameter, declared by the optimizer's rule;
+- sparsity masks: one byte per trainable parameter when --sparsity is on;
+- first-order parts (fo-sgd/fo-adam, hybrid --fo-blocks): the gradients of the FO
+  parameters and the activations autograd keeps for the layers the backward crosses;
+- forward gradient: the tangent v (one model-sized copy) and the dual activations;
 - runtime overhead: the CUDA context on GPU profiles (absent when a GPU profile is
   emulated on the CPU, so it is reported but not compared with the CPU measurement).
 """
@@ -77,9 +81,26 @@ def _activation_bytes(config, rows: int, seq_len: int, elem: int) -> int:
     return layer + scores + logits
 
 
+def _saved_activation_bytes(config, rows: int, seq_len: int, elem: int, layers: int) -> int:
+    """What autograd keeps for a backward through `layers` decoder layers, plus logits."""
+    if layers == 0:
+        return 0
+    text = config.get_text_config()
+    hidden = text.hidden_size
+    inter = getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None) \
+        or getattr(text, "n_inner", None) or 4 * hidden
+    tokens = rows * seq_len
+    # norms' inputs/outputs, q/k/v, attention output, o-proj input, residuals (~10H) and the
+    # MLP's gate/up/activation/product (~4I), plus the attention probabilities
+    per_layer = tokens * (10 * hidden + 4 * inter) * elem
+    per_layer += rows * text.num_attention_heads * seq_len * seq_len * elem
+    return layers * per_layer + rows * text.vocab_size * 3 * 4
+
+
 def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, *, batch_size: int,
               seq_len: int, pair: bool, on_cuda: bool, optimizer_state_bytes: int = 0,
-              noise_threads: int = 1) -> Plan:
+              noise_threads: int = 1, sparsity: bool = False, fo_params: int = 0,
+              backward_layers: int = 0, forward_grad: bool = False) -> Plan:
     """Predict the peak device memory of one ZO step of `model` under `profile`."""
     weights = sum(_bytes(p) for p in model.parameters()) + sum(_bytes(b) for b in model.buffers())
     copies = 2 if pair else 1
@@ -109,6 +130,15 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, *, bat
         "activations": _activation_bytes(model.config, rows, seq_len, elem),
         "optimizer_state": optimizer_state_bytes * blocks.numel(),
     }
+    if sparsity:
+        components["sparsity_masks"] = blocks.numel()
+    if fo_params:
+        components["fo_gradients"] = fo_params * elem
+        components["fo_activations"] = _saved_activation_bytes(
+            model.config, batch_size, seq_len, elem, backward_layers)
+    if forward_grad:
+        components["forward_grad_tangents"] = blocks.numel() * elem
+        components["activations"] *= 2  # every activation carries its tangent
     cuda_profile = profile.device == "cuda"
     return Plan(
         profile=profile.name,

@@ -64,7 +64,27 @@ def double(batch: dict) -> dict:
     return {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def batch_rows(batch: dict) -> int:
+    """Rows of the model input (examples × candidates for multi-token candidates)."""
+    if "input_ids" in batch:
+        return batch["input_ids"].shape[0]
+    return next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
+
+
 def num_examples(batch: dict) -> int:
+    """Examples in a batch, the length of the per-example loss vector."""
     if "gold" in batch:
         return batch["gold"].shape[0]
-    return batch["input_ids"].shape[0]
+    return batch_rows(batch)
+
+
+def negative_accuracy(model, batch: dict) -> torch.Tensor:
+    """−1 for each example the model gets right, 0 otherwise: a non-differentiable
+    objective that ZO can still minimise, since it only ever compares loss values."""
+    if "gold" not in batch:
+        raise ValueError("the accuracy objective needs a batch with candidates and 'gold'")
+    hits = candidate_scores(model, batch).argmax(-1) == batch["gold"]
+    return -hits.to(torch.float32)
+
+
+OBJECTIVES = {"ce": example_losses, "accuracy": negative_accuracy}

@@ -11,12 +11,13 @@ by tracing one tiny forward pass.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from edgezo.errors import ModelLoadError
+from edgezo.errors import ConfigError, ModelLoadError, unknown_choice
 
 
 @dataclass
@@ -157,3 +158,102 @@ def build_block_map(model: nn.Module) -> BlockMap:
     for k, b in enumerate(blocks):
         b.index = k
     return BlockMap(blocks, params, names)
+
+
+# ---------------------------------------------------------------------------------------
+# Parameter groups for block-wise ZO and hybrid ZO/FO.
+# ---------------------------------------------------------------------------------------
+GRANULARITIES = ("layer", "half")
+_ATTENTION = re.compile(r"(attn|attention)$")
+
+
+def _child_order(layer: nn.Module, model: nn.Module) -> list[str]:
+    """Names of a layer's direct children in the order one forward calls them."""
+    order: list[str] = []
+    handles = [child.register_forward_pre_hook(lambda _m, _a, n=name: order.append(n))
+               for name, child in layer.named_children()]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device),
+                  use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(order))
+
+
+def estimation_groups(model: nn.Module, blocks: BlockMap, granularity: str = "layer"
+                      ) -> list[list[int]]:
+    """Parameter index groups that block-wise ZO estimates and updates one at a time.
+
+    "layer": the pre-layer modules, each decoder layer, the post-layer modules.
+    "half": each layer split in two: its children up to and including the last one named
+    like an attention module (e.g. the input norm and self-attention), then the rest
+    (e.g. the second norm and the MLP). The split comes from the call order, so it needs
+    no per-architecture table.
+    """
+    if granularity not in GRANULARITIES:
+        raise unknown_choice("block granularity", granularity, GRANULARITIES)
+    layers_name, layers = find_layers(model)
+    if granularity == "layer":
+        return [list(b.param_indices) for b in blocks.blocks]
+    order = _child_order(layers[0], model)
+    attention = [i for i, n in enumerate(order) if _ATTENTION.search(n)]
+    first_half = set(order[: attention[-1] + 1]) if attention else set(order[:1])
+    groups: list[list[int]] = []
+    prefix = f"{layers_name}."
+    for b in blocks.blocks:
+        if not b.name.startswith(prefix):
+            groups.append(list(b.param_indices))
+            continue
+        head: list[int] = []
+        tail: list[int] = []
+        for i in b.param_indices:
+            child = blocks.names[i][len(b.name) + 1:].split(".")[0]
+            (head if child in first_half else tail).append(i)
+        groups += [g for g in (head, tail) if g]
+    return groups
+
+
+def resolve_fo_blocks(blocks: BlockMap, spec: list[str | int]) -> set[int]:
+    """Parameter indices of the blocks named in `spec` (hybrid ZO/FO).
+
+    Names: "pre" (alias "embed": what runs before the first layer), "post" (alias "head":
+    final norm and LM head), or a layer number (negative counts from the end). A block
+    brings every parameter its modules use, so with tied embeddings "head" includes the
+    embedding matrix.
+    """
+    layers = [b for b in blocks.blocks if b.name not in ("pre", "post")]
+    by_name = {b.name: b for b in blocks.blocks}
+    chosen: set[int] = set()
+    for item in spec:
+        token = str(item).strip()
+        alias = {"embed": "pre", "head": "post"}.get(token, token)
+        if alias in ("pre", "post"):
+            block = by_name.get(alias)
+            if block is None:
+                raise ConfigError(f"this model has no {token!r} block with trainable parameters")
+        else:
+            try:
+                n = int(token)
+            except ValueError:
+                raise ConfigError(f"unknown FO block {token!r}; use pre/embed, post/head or a "
+                                  f"layer number from 0 to {len(layers) - 1} (negative from "
+                                  "the end)") from None
+            if not -len(layers) <= n < len(layers):
+                raise ConfigError(f"FO block {n} is out of range: the model has {len(layers)} "
+                                  "layers")
+            block = layers[n]
+        chosen.update(i for u in block.units for _, i in u.slots)
+    return chosen
+
+
+def backward_depth(blocks: BlockMap, indices: set[int]) -> int:
+    """Decoder layers a backward pass for `indices` must go through: from the first block
+    that uses one of them to the end of the model (the memory cost of hybrid ZO/FO)."""
+    first = next((k for k, b in enumerate(blocks.blocks)
+                  if any(i in indices for u in b.units for _, i in u.slots)), None)
+    if first is None:
+        return 0
+    return sum(1 for b in blocks.blocks[first:] if b.name not in ("pre", "post"))

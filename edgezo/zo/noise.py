@@ -72,9 +72,27 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
     return gen
 
 
-def fill_chunk(out: torch.Tensor, seed: int, chunk: int) -> torch.Tensor:
-    """Fill `out` (the rows of chunk `chunk`) with its N(0, 1) values, in place."""
-    return out.normal_(generator=_generator(out.device, mix(seed, chunk)))
+DIRECTIONS = ("gaussian", "rademacher")
+
+
+def fill_chunk(out: torch.Tensor, seed: int, chunk: int, kind: str = "gaussian"
+               ) -> torch.Tensor:
+    """Fill `out` (the rows of chunk `chunk`) with its direction values, in place:
+    N(0, 1) draws, or ±1 with equal probability (Rademacher)."""
+    gen = _generator(out.device, mix(seed, chunk))
+    if kind == "gaussian":
+        return out.normal_(generator=gen)
+    return out.bernoulli_(0.5, generator=gen).mul_(2.0).sub_(1.0)
+
+
+_DITHER_SALT = 0xD1
+
+
+def random_bits(numel: int, seed: int, chunk: int, device: torch.device) -> torch.Tensor:
+    """int32 values with 16 uniform low bits: the stochastic-rounding dither where no
+    Gaussian z is at hand (Rademacher directions, first-order gradients)."""
+    out = thread_buffer("bits", numel, torch.int32, device)
+    return out.random_(0, 1 << 16, generator=_generator(device, mix(seed, chunk, _DITHER_SALT)))
 
 
 _LOCAL = threading.local()
@@ -94,7 +112,8 @@ def thread_buffer(name: str, numel: int, dtype: torch.dtype, device: torch.devic
     return buf[:numel]
 
 
-def chunk(shape: torch.Size, seed: int, index: int, device: torch.device) -> torch.Tensor:
+def chunk(shape: torch.Size, seed: int, index: int, device: torch.device,
+          kind: str = "gaussian") -> torch.Tensor:
     """z on noise chunk `index`, fp32, shape (hi - lo, *shape[1:]), in a thread buffer.
 
     z is fp32 whatever the parameter dtype: a perturbed or updated weight is then
@@ -107,20 +126,22 @@ def chunk(shape: torch.Size, seed: int, index: int, device: torch.device) -> tor
     inner = shape[1:] if len(shape) >= 1 else ()
     out = thread_buffer("z", (hi - lo) * inner.numel() if inner else hi - lo,
                         torch.float32, device)
-    return fill_chunk(out, seed, index).view(hi - lo, *inner)
+    return fill_chunk(out, seed, index, kind).view(hi - lo, *inner)
 
 
-def full(shape: torch.Size, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def full(shape: torch.Size, seed: int, device: torch.device | str = "cpu",
+         kind: str = "gaussian") -> torch.Tensor:
     """The whole z of one parameter (fp32). For tests and references only."""
     device = torch.device(device)
     out = torch.empty(shape, dtype=torch.float32, device=device)
     flat = out.reshape(num_rows(shape), -1)
     for k, (lo, hi) in enumerate(chunk_bounds(shape)):
-        fill_chunk(flat[lo:hi], seed, k)
+        fill_chunk(flat[lo:hi], seed, k, kind)
     return out
 
 
-def rows(shape: torch.Size, seed: int, row_ids: torch.Tensor) -> torch.Tensor:
+def rows(shape: torch.Size, seed: int, row_ids: torch.Tensor, kind: str = "gaussian"
+         ) -> torch.Tensor:
     """z (fp32) at the given sorted, unique rows only; draws just the chunks holding them."""
     per = rows_per_chunk(shape)
     out = torch.empty((row_ids.numel(), *shape[1:]), dtype=torch.float32, device=row_ids.device)
@@ -129,7 +150,7 @@ def rows(shape: torch.Size, seed: int, row_ids: torch.Tensor) -> torch.Tensor:
     needed = torch.unique_consecutive(chunk_of).tolist()
 
     def draw(k: int) -> None:
-        z = chunk(shape, seed, k, row_ids.device)
+        z = chunk(shape, seed, k, row_ids.device, kind)
         sel = (chunk_of == k).nonzero().squeeze(1)
         out[sel] = z[row_ids[sel] - k * per]
 

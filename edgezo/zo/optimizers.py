@@ -1,15 +1,28 @@
-"""ZO optimizers: turn (projected gradient g, direction z) into a parameter update.
+"""Optimizers: a gradient estimator plus an update rule, each a small class.
 
-An optimizer sees one noise chunk of one parameter at a time (z is regenerated, never
-stored), so its update must be expressible chunk by chunk. Each optimizer declares the
-bytes of state it keeps per trainable parameter, which the memory planner counts.
+The estimator says where the gradient estimate d comes from:
 
-Adding an optimizer: a class here with `name`, `state_bytes_per_param` and
-`update_chunk`, plus a line in OPTIMIZERS.
+- "zo": two-point (or one-sided) zeroth-order estimates, d = (1/q)·Σ g_i·z_i, kept as
+  seeds and q scalars and regenerated chunk by chunk (never stored);
+- "forward-grad": the forward gradient, g_i = ∇L·v_i by forward-mode AD (torch.func.jvp),
+  d = (1/q)·Σ g_i·v_i, regenerated the same way;
+- "fo": the backpropagated gradient (the first-order baselines, and the FO blocks of
+  hybrid ZO/FO).
+
+The update rule turns d into a change of θ, one chunk of one parameter at a time, so
+the same rule code serves every estimator: FO-Adam and ZO-Adam differ only in d.
+Every rule declares the bytes of state it keeps per trainable parameter (fp32,
+whatever the model dtype), which the memory planner counts.
+
+Weight decay is L2 (λ·θ added to d before the rule), as torch.optim.SGD and Adam do, so
+fo-sgd and fo-adam are exactly torch's SGD and Adam (tested against them).
+
+Adding an optimizer: a Rule subclass (if the update is new) and a line in OPTIMIZERS.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,63 +31,229 @@ from edgezo.errors import ConfigError, unknown_choice
 from edgezo.zo import noise
 
 _LOW16 = 0xFFFF
+ESTIMATORS = ("zo", "forward-grad", "fo")
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision updates and optimizer state use: fp32, or fp64 for fp64 weights."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def fp32_copy(param: torch.Tensor) -> torch.Tensor:
-    """param as fp32 in this thread's reusable buffer (the update path allocates nothing:
-    freed blocks in worker threads' malloc arenas would otherwise stay resident)."""
-    out = noise.thread_buffer("fp32", param.numel(), torch.float32, param.device)
+    """param in its work dtype, in this thread's reusable buffer (the update path
+    allocates nothing: freed blocks in worker threads' malloc arenas would otherwise stay
+    resident)."""
+    out = noise.thread_buffer("fp32", param.numel(), work_dtype(param.dtype), param.device)
     return out.view(param.shape).copy_(param)
 
 
-def store(param: torch.Tensor, new: torch.Tensor, z: torch.Tensor) -> None:
+def store(param: torch.Tensor, new: torch.Tensor, bits: torch.Tensor | None) -> None:
     """Write fp32 values `new` into `param`, rounding stochastically when param is bf16.
 
     A ZO update η·g·z is often smaller than half a bf16 ulp of the weight it changes, so
     round-to-nearest would drop most of it, every step, in the same direction. Stochastic
-    rounding keeps the update unbiased. Its dither is the low 16 mantissa bits of the fp32
-    z already drawn (uniform for all practical purposes), so it costs no extra random
-    numbers and stays a pure function of the seed: replay gives the same weights.
+    rounding keeps the update unbiased. The dither is the low 16 bits of `bits`: for
+    Gaussian directions the fp32 z already drawn (free, and a pure function of the seed,
+    so replay gives the same weights), otherwise seeded random integers.
     fp32 parameters are stored exactly; fp16 ones round to nearest.
     """
-    if param.dtype != torch.bfloat16:
+    if param.dtype != torch.bfloat16 or bits is None:
         param.copy_(new)
         return
-    bits = new.view(torch.int32)
+    word = new.view(torch.int32)
     dither = noise.thread_buffer("dither", new.numel(), torch.int32, new.device).view(new.shape)
-    torch.bitwise_and(z.reshape(new.shape).view(torch.int32), _LOW16, out=dither)
+    torch.bitwise_and(bits.reshape(new.shape), _LOW16, out=dither)
     # Adding a uniform 16-bit dither to the magnitude, then truncating the low 16 bits,
     # rounds the magnitude up with probability equal to the dropped fraction.
-    bits.add_(dither).bitwise_and_(~_LOW16)
+    word.add_(dither).bitwise_and_(~_LOW16)
     param.copy_(new)  # exact: the value is representable in bf16
 
 
-@dataclass
-class ZOSGD:
-    """MeZO's ZO-SGD: θ ← θ − η·(g·z + λ·θ)."""
+class Rule:
+    """Base of the update rules. `update` gets one chunk: the parameter rows (model
+    dtype), d on those rows (fp32, may be modified in place), the step's lr, the step
+    number t (1-based), the parameter index and first row, and the rounding bits."""
 
-    weight_decay: float = 0.0
-    name: str = "zo-sgd"
-    state_bytes_per_param: int = 0
+    name = "rule"
+    state_bytes_per_param = 0
+    stateful = False  # False: an lr = 0 step changes nothing and can be skipped
 
-    def __post_init__(self) -> None:
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+    def __init__(self, weight_decay: float = 0.0):
+        if weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}")
+        self.weight_decay = weight_decay
+        self.state: dict[str, list[torch.Tensor]] = {}
 
-    def update_chunk(self, param: torch.Tensor, z: torch.Tensor, g: float, lr: float,
-                     index: int, chunk: int) -> None:
-        """Apply the update to one chunk of one parameter, in place."""
-        new = fp32_copy(param)
+    def init_state(self, params: list[torch.Tensor]) -> None:
+        """Allocate the state up front, so its memory shows from the first step."""
+
+    def _zeros(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.zeros(noise.num_rows(p.shape), p[0].numel() if p.dim() else 1,
+                            dtype=work_dtype(p.dtype), device=p.device) for p in params]
+
+    def _grad(self, theta: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         if self.weight_decay:
-            new.mul_(1.0 - lr * self.weight_decay)
-        new.add_(z, alpha=-lr * g)
-        store(param, new, z)
+            d.add_(theta, alpha=self.weight_decay)
+        return d
+
+    def update(self, p: torch.Tensor, d: torch.Tensor, lr: float, t: int, index: int, lo: int,
+               bits: torch.Tensor | None) -> None:
+        raise NotImplementedError
 
 
-OPTIMIZERS = {"zo-sgd": ZOSGD}
+class SGD(Rule):
+    """θ ← θ − η·d   (ZO-SGD is MeZO's update; FO-SGD is torch.optim.SGD)."""
+
+    name = "sgd"
+
+    def update(self, p, d, lr, t, index, lo, bits):
+        new = fp32_copy(p)
+        new.sub_(self._grad(new, d), alpha=lr)
+        store(p, new, bits)
 
 
-def make_optimizer(name: str, **kwargs) -> ZOSGD:
+class Sign(Rule):
+    """θ ← θ − η·sign(d): the element-wise sign of the estimated gradient."""
+
+    name = "sign"
+
+    def update(self, p, d, lr, t, index, lo, bits):
+        new = fp32_copy(p)
+        new.sub_(self._grad(new, d).sign_(), alpha=lr)
+        store(p, new, bits)
+
+
+class Momentum(Rule):
+    """Heavy ball: m ← β·m + d; θ ← θ − η·m (torch.optim.SGD with momentum β)."""
+
+    name = "momentum"
+    state_bytes_per_param = 4
+    stateful = True
+
+    def __init__(self, weight_decay: float = 0.0, momentum: float = 0.9):
+        super().__init__(weight_decay)
+        if not 0.0 <= momentum < 1.0:
+            raise ConfigError(f"momentum must be in [0, 1), got {momentum}")
+        self.momentum = momentum
+
+    def init_state(self, params):
+        self.state = {"momentum": self._zeros(params)}
+
+    def update(self, p, d, lr, t, index, lo, bits):
+        new = fp32_copy(p)
+        m = self.state["momentum"][index][lo:lo + p.shape[0]].view(p.shape)
+        m.mul_(self.momentum).add_(self._grad(new, d))
+        new.sub_(m, alpha=lr)
+        store(p, new, bits)
+
+
+class Adam(Rule):
+    """Adam (Kingma & Ba) on the estimate, with bias correction; fp32 moments whatever
+    the model dtype. The arithmetic follows torch.optim.Adam's single-tensor path."""
+
+    name = "adam"
+    state_bytes_per_param = 8
+    stateful = True
+
+    def __init__(self, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
+        super().__init__(weight_decay)
+        b1, b2 = betas
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ConfigError(f"Adam betas must be in [0, 1), got {betas}")
+        if eps <= 0:
+            raise ConfigError(f"adam_eps must be > 0, got {eps}")
+        self.betas, self.eps = (b1, b2), eps
+
+    def init_state(self, params):
+        self.state = {"exp_avg": self._zeros(params), "exp_avg_sq": self._zeros(params)}
+
+    def update(self, p, d, lr, t, index, lo, bits):
+        b1, b2 = self.betas
+        rows = slice(lo, lo + p.shape[0])
+        m = self.state["exp_avg"][index][rows].view(p.shape)
+        v = self.state["exp_avg_sq"][index][rows].view(p.shape)
+        new = fp32_copy(p)
+        g = self._grad(new, d)
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        step_size = lr / (1 - b1 ** t)
+        denom = noise.thread_buffer("denom", p.numel(), m.dtype, p.device).view(p.shape)
+        torch.sqrt(v, out=denom).div_(math.sqrt(1 - b2 ** t)).add_(self.eps)
+        new.addcdiv_(m, denom, value=-step_size)
+        store(p, new, bits)
+
+
+class ExactMove(Rule):
+    """θ ← round(θ − η·d), rounded to nearest exactly as the perturbed forward rounds
+    θ + a·d, so the weights kept are bit-for-bit the weights whose loss was measured
+    (the conservative optimizer's moves). No stochastic rounding, no weight decay."""
+
+    name = "exact"
+
+    def update(self, p, d, lr, t, index, lo, bits):
+        if p.dtype in (torch.float32, torch.float64):
+            p.add_(d, alpha=-lr)
+            return
+        acc = noise.thread_buffer("acc", d.numel(), torch.float32, d.device).view(d.shape)
+        torch.add(p, d, alpha=-lr, out=acc)
+        p.copy_(acc)
+
+
+@dataclass
+class Optimizer:
+    """A named method: where d comes from, and how it moves θ."""
+
+    name: str
+    estimator: str  # one of ESTIMATORS
+    rule: Rule
+    conservative: bool = False  # zo-sgd-cons: keep the best of θ, θ − η·d, θ + η·d
+    description: str = ""
+
+    @property
+    def state_bytes_per_param(self) -> int:
+        return self.rule.state_bytes_per_param
+
+
+# name: (estimator, rule class, conservative, description)
+OPTIMIZERS: dict[str, tuple[str, type[Rule], bool, str]] = {
+    "zo-sgd": ("zo", SGD, False, "ZO-SGD (MeZO): θ ← θ − η·g·z"),
+    "zo-sgd-sign": ("zo", Sign, False, "ZO-SGD-Sign: θ ← θ − η·sign(g·z)"),
+    "zo-sgd-mmt": ("zo", Momentum, False, "ZO-SGD with heavy-ball momentum β"),
+    "zo-sgd-cons": ("zo", ExactMove, True,
+                    "conservative ZO-SGD: keep the lowest loss of θ, θ − η·ĝ, θ + η·ĝ"),
+    "zo-adam": ("zo", Adam, False, "Adam on the ZO estimate (fp32 moments)"),
+    "forward-grad": ("forward-grad", SGD, False, "forward gradient (∇L·v)·v with SGD"),
+    "forward-grad-mmt": ("forward-grad", Momentum, False,
+                         "forward gradient with heavy-ball momentum β"),
+    "forward-grad-adam": ("forward-grad", Adam, False, "forward gradient with Adam"),
+    "fo-sgd": ("fo", SGD, False, "backpropagation + SGD (baseline)"),
+    "fo-adam": ("fo", Adam, False, "backpropagation + Adam (baseline)"),
+}
+
+
+def make_optimizer(name: str, *, weight_decay: float = 0.0, momentum: float | None = None,
+                   betas: tuple[float, float] | None = None,
+                   adam_eps: float | None = None) -> Optimizer:
+    """Build a named optimizer. An option the method does not use is an error, never
+    silently ignored."""
     if name not in OPTIMIZERS:
         raise unknown_choice("optimizer", name, list(OPTIMIZERS))
-    return OPTIMIZERS[name](**kwargs)
+    estimator, rule_cls, conservative, description = OPTIMIZERS[name]
+    kwargs: dict = {"weight_decay": weight_decay}
+    given = {"momentum": momentum, "betas": betas, "adam_eps": adam_eps}
+    accepted = {Momentum: {"momentum"}, Adam: {"betas", "adam_eps"}}.get(rule_cls, set())
+    for option, value in given.items():
+        if value is None:
+            continue
+        if option not in accepted:
+            users = [n for n, spec in OPTIMIZERS.items()
+                     if option in {Momentum: {"momentum"},
+                                   Adam: {"betas", "adam_eps"}}.get(spec[1], set())]
+            raise ConfigError(f"optimizer {name} has no {option} option; it applies to "
+                              f"{', '.join(users)}")
+        kwargs["eps" if option == "adam_eps" else option] = value
+    if conservative and weight_decay:
+        raise ConfigError("zo-sgd-cons makes exact moves along the estimate and takes no "
+                          "weight_decay; drop --weight-decay or use zo-sgd")
+    return Optimizer(name, estimator, rule_cls(**kwargs), conservative, description)

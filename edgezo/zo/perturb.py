@@ -35,15 +35,18 @@ from torch.overrides import TorchFunctionMode
 
 from edgezo.zo import noise
 from edgezo.zo.blocks import BlockMap, Unit
+from edgezo.zo.direction import Direction
+from edgezo.zo.optimizers import Rule, work_dtype
 
 
 @dataclass
 class PendingUpdate:
-    """The not-yet-applied update of one step: z is regenerated from `seed`."""
+    """The not-yet-applied update θ ← rule(θ, η, d) of step `t` (1-based, for Adam's bias
+    correction); d is regenerated from its seeds, on the parameters it covers."""
 
-    seed: int
-    projected_grad: float
+    direction: Direction
     lr: float
+    t: int
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -57,7 +60,7 @@ def _perturbed_into(out: torch.Tensor, theta: torch.Tensor, z: torch.Tensor, sca
     Summing into a reusable fp32 buffer first avoids the temporary torch.add allocates
     when `out` has another dtype than the sum (the hot path allocates nothing).
     """
-    if out.dtype == torch.float32:
+    if out.dtype in (torch.float32, torch.float64):
         torch.add(theta, z, alpha=scale, out=out)
         return
     acc = noise.thread_buffer("acc", z.numel(), torch.float32, z.device).view(z.shape)
@@ -104,7 +107,7 @@ class _RowPerturbedEmbedding(TorchFunctionMode):
         ids = args[0]
         owner = self.owner
         uniq, inverse = torch.unique(ids, return_inverse=True)  # sorted
-        z = noise.rows(self.weight.shape, noise.param_seed(owner.seed, self.index), uniq)
+        z = owner.direction.rows(self.weight.shape, self.index, uniq)
         base = self.weight.detach()[uniq]
         signs = owner.signs
         # Each row is rounded exactly as a full scratch copy round(W ± εz) would be.
@@ -123,12 +126,12 @@ class _RowPerturbedEmbedding(TorchFunctionMode):
 class Perturbation:
     """Owns the wrappers and the state of the current perturbed forward."""
 
-    def __init__(self, block_map: BlockMap, update_chunk):
+    def __init__(self, block_map: BlockMap, rule: Rule):
         self.map = block_map
         self.params = block_map.params
-        self.update_chunk = update_chunk  # optimizer hook: (param_chunk, z_chunk, g, lr, idx, k)
+        self.rule = rule
         self.active = False
-        self.seed = 0
+        self.direction = Direction((0,), (1.0,))
         self.eps = 0.0
         self.signs: tuple[int, ...] = (1,)
         self.pair_rows = 0
@@ -165,10 +168,11 @@ class Perturbation:
 
     # -- one perturbed forward ----------------------------------------------------------
     @contextmanager
-    def perturbed(self, seed: int, eps: float, sign: int | None, pair_rows: int = 0
+    def perturbed(self, direction: Direction, eps: float, sign: int | None, pair_rows: int = 0
                   ) -> Iterator[None]:
-        """Inside, every wrapped unit computes at θ + sign·εz (sign None: pair mode)."""
-        self.seed, self.eps = seed, eps
+        """Inside, every wrapped unit computes at θ + sign·ε·d (sign None: pair mode, the
+        first half of the batch at θ + ε·d, the second at θ − ε·d)."""
+        self.direction, self.eps = direction, eps
         self.signs = (1, -1) if sign is None else (sign,)
         self.pair_rows = pair_rows
         self.active = True
@@ -182,11 +186,14 @@ class Perturbation:
         if not self.active:
             return original(*args, **kwargs)
         self._apply_pending([i for _, i in unit.slots])
+        covered = {local for local, i in unit.slots if self.direction.covers(i)}
+        if not covered:  # block-wise or hybrid: this unit is not perturbed now
+            return original(*args, **kwargs)
         if unit.kind == "embedding":
             (_, index), = unit.slots
             with _RowPerturbedEmbedding(self, self.params[index], index):
                 return original(*args, **kwargs)
-        if unit.kind == "linear" and any(local == "weight" for local, _ in unit.slots):
+        if unit.kind == "linear" and "weight" in covered:
             return self._linear(unit, args, kwargs)
         return self._functional(unit, original, args, kwargs)
 
@@ -199,14 +206,14 @@ class Perturbation:
         work = []
         for index, outs in targets:
             p = self.params[index].detach()
-            seed = noise.param_seed(self.seed, index)
             flats = [_flat(o) for o in outs]
-            work += [(p, seed, k, lo, hi, flats)
+            work += [(p, index, k, lo, hi, flats)
                      for k, (lo, hi) in enumerate(noise.chunk_bounds(p.shape))]
 
         def fill(i: int) -> None:
-            p, seed, k, lo, hi, flats = work[i]
-            z = _flat(noise.chunk(p.shape, seed, k, p.device))
+            p, index, k, lo, hi, flats = work[i]
+            z = _flat(self.direction.chunk(p.shape, index, k, p.device,
+                                           dtype=work_dtype(p.dtype)))
             flat_p = _flat(p)
             for out, s in zip(flats, self.signs, strict=True):
                 _perturbed_into(out[lo:hi], flat_p[lo:hi], z, s * self.eps)
@@ -215,7 +222,10 @@ class Perturbation:
             noise.parallel_map(fill, range(len(work)), work[0][0].device)
 
     def _functional(self, unit: Unit, original, args, kwargs):
-        params = [(local, i, self.params[i]) for local, i in unit.slots]
+        params = [(local, i, self.params[i]) for local, i in unit.slots
+                  if self.direction.covers(i)]
+        fixed = {local: self.params[i].detach() for local, i in unit.slots
+                 if not self.direction.covers(i)}
         numel = sum(p.numel() for _, _, p in params)
         dtype, device = params[0][2].dtype, params[0][2].device
         nested = self._workspace_busy  # a unit running inside another: use fresh memory
@@ -223,7 +233,8 @@ class Perturbation:
         try:
             buffers = [self._workspace(s, numel, dtype, device, fresh=nested)
                        for s in range(len(self.signs))]
-            scratch: dict[str, list[torch.Tensor]] = {}
+            scratch: dict[str, list[torch.Tensor]] = {k: [v] * len(self.signs)
+                                                      for k, v in fixed.items()}
             targets, offset = [], 0
             for local, i, p in params:
                 views = [b[offset:offset + p.numel()].view(p.shape) for b in buffers]
@@ -262,7 +273,8 @@ class Perturbation:
         wrapper = module.forward
         module.forward = original
         try:
-            return functional_call(module, tensors, args, kwargs, strict=True)
+            # not strict: buffers and frozen parameters stay the module's own
+            return functional_call(module, tensors, args, kwargs)
         finally:
             module.forward = wrapper
 
@@ -273,8 +285,7 @@ class Perturbation:
         slots = dict(unit.slots)
         weight = module.weight.detach()
         w_index = slots["weight"]
-        w_seed = noise.param_seed(self.seed, w_index)
-        if "bias" in slots:
+        if "bias" in slots and self.direction.covers(slots["bias"]):
             biases = [torch.empty_like(module.bias) for _ in self.signs]
             self._fill([(slots["bias"], biases)])
         else:
@@ -291,7 +302,8 @@ class Perturbation:
 
         def block(k: int) -> None:
             lo, hi = bounds[k]
-            z = noise.chunk(weight.shape, w_seed, k, weight.device)
+            z = self.direction.chunk(weight.shape, w_index, k, weight.device,
+                                     dtype=work_dtype(weight.dtype))
             w = noise.thread_buffer("w", z.numel(), weight.dtype, weight.device).view(z.shape)
             for xi, out, s, b in zip(inputs, outs, self.signs, biases, strict=True):
                 _perturbed_into(w, weight[lo:hi], z, s * self.eps)
@@ -307,7 +319,7 @@ class Perturbation:
             raise RuntimeError("set_pending() before the previous update was flushed")
         self.pending = update
         self._updated = set()
-        if update is not None and update.lr == 0.0:
+        if update is not None and update.lr == 0.0 and not self.rule.stateful:
             # Skipped, not applied as θ − 0·z, which can flip the sign of a −0.0 weight.
             self.pending = None
 
@@ -322,21 +334,25 @@ class Perturbation:
         """Apply the pending update to the given parameters not yet updated this step."""
         if self.pending is None:
             return
+        pending = self.pending
         todo = [i for i in indices if i not in self._updated]
+        self._updated.update(todo)
+        todo = [i for i in todo if pending.direction.covers(i)]
         if not todo:
             return
-        self._updated.update(todo)
-        pending = self.pending
         work = []
         for index in todo:
             p = self.params[index].detach()
-            seed = noise.param_seed(pending.seed, index)
-            work += [(index, p, seed, k, lo, hi)
+            work += [(index, p, k, lo, hi)
                      for k, (lo, hi) in enumerate(noise.chunk_bounds(p.shape))]
+        d_of, rule = pending.direction, self.rule
 
         def update(i: int) -> None:
-            index, p, seed, k, lo, hi = work[i]
-            z = _flat(noise.chunk(p.shape, seed, k, p.device))
-            self.update_chunk(_flat(p)[lo:hi], z, pending.projected_grad, pending.lr, index, k)
+            index, p, k, lo, hi = work[i]
+            d = _flat(d_of.chunk(p.shape, index, k, p.device, writable=True,
+                                 dtype=work_dtype(p.dtype)))
+            bits = (d_of.dither_bits(d.numel(), index, k, p.device)
+                    if p.dtype == torch.bfloat16 else None)
+            rule.update(_flat(p)[lo:hi], d, pending.lr, pending.t, index, lo, bits)
 
         noise.parallel_map(update, range(len(work)), work[0][1].device)
