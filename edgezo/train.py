@@ -54,6 +54,11 @@ def finetune(session: Session, steps: int, *, eval_every: int = 0, output: Path 
                   f"{_gib(plan.budget_bytes)} budget, "
                   f"{'pair mode (one doubled forward)' if session.pair else 'two forwards'} "
                   f"per step, {session.engine.blocks.numel() / 1e6:.1f}M trainable parameters.")
+    if "fo_gradients" in plan.components:
+        console.print(f"First-order part ({session.optimizer.name}"
+                      f"{'' if session.optimizer.estimator == 'fo' else ', hybrid'}): "
+                      f"gradients {_gib(plan.components['fo_gradients'])}, activations kept "
+                      f"for the backward {_gib(plan.components['fo_activations'])}.")
     console.print("Evaluating the test set before training...")
     before = session.evaluate("test")["accuracy"]
     console.print(f"Test accuracy before: {before:.4f}")

@@ -15,11 +15,11 @@ def invoke(*args):
 
 @pytest.mark.parametrize("args, needle", [
     (["finetune", "--profile", "9gb-gpu"], "unknown profile '9gb-gpu'; valid profiles"),
-    (["finetune", "--task", "imdb"], "unknown task 'imdb'; valid tasks: sst2"),
+    (["finetune", "--task", "imdb"], "unknown task 'imdb'; valid tasks: <file>.jsonl"),
     (["finetune", "--model", "./no/such/folder"], "is not a model folder"),
     (["finetune", "--model", "missing.gguf"], "GGUF file missing.gguf does not exist"),
     (["finetune", "--optimizer", "adamw"], "forward-grad-mmt, zo-adam, zo-sgd"),
-    (["finetune", "--scheme", "lora"], "valid schemes: full"),
+    (["finetune", "--scheme", "adapter"], "valid schemes: full, head"),
     (["eval", "--split", "dev"], "valid splits: train, validation, test"),
 ])
 def test_user_errors_exit_2_with_a_message(args, needle):
@@ -67,3 +67,19 @@ def test_eval_command(tiny_folder, data_dir):
                     "validation", "--max-examples", "16", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.strip().splitlines()[-1])["examples"] == 16
+
+
+def test_lora_finetune_then_export_both_formats(tiny_folder, data_dir, tmp_path):
+    run = tmp_path / "run"
+    result = invoke("finetune", "--model", tiny_folder, "--data-dir", data_dir, "--steps", "2",
+                    "--batch-size", "4", "--scheme", "lora", "--dtype", "fp32", "--output",
+                    str(run))
+    assert result.exit_code == 0, result.output
+    for fmt in ("peft", "merged"):
+        out = tmp_path / fmt
+        exported = invoke("export", str(run), "--format", fmt, "--output", str(out))
+        assert exported.exit_code == 0, exported.output
+    assert (tmp_path / "peft" / "adapter_config.json").is_file()
+    assert (tmp_path / "merged" / "config.json").is_file()
+    bad = invoke("export", str(run), "--format", "onnx", "--output", str(tmp_path / "x"))
+    assert bad.exit_code == 2 and "valid formats: merged, peft" in bad.output

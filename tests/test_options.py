@@ -32,12 +32,26 @@ CHANGES = [
     ({"lr": 0.05}, "zo-sgd"),
     ({"seed": 1}, "zo-sgd"),
     ({"pair": False}, "zo-sgd"),
+    ({"template": "empty"}, "zo-sgd"),
+    ({"scheme": "lora"}, "zo-sgd"),
+    ({"scheme": "prefix"}, "zo-sgd"),
+    ({"scheme": "prompt"}, "zo-sgd"),
+    ({"scheme": "head"}, "zo-sgd"),
+    ({"lora_r": 2}, "lora"),
+    ({"lora_alpha": 4.0}, "lora"),
+    ({"lora_targets": ["q_proj"]}, "lora"),
+    ({"prefix_tokens": 2}, "prefix"),
+    ({"prompt_tokens": 3}, "prompt"),
 ]
-# The baseline of each optimizer differs in the option only.
-BASE = {"zo-sgd-mmt": {}, "zo-adam": {}, "zo-sgd": {}}
+# Baselines: each change differs from one of these in the option only.
+BASE = {"zo-sgd-mmt": {}, "zo-adam": {}, "zo-sgd": {},
+        "lora": {"scheme": "lora"}, "prefix": {"scheme": "prefix"},
+        "prompt": {"scheme": "prompt"}}
 
 
 def trajectory(tiny_folder, data_dir, optimizer, **kwargs):
+    if optimizer in ("lora", "prefix", "prompt"):
+        optimizer, kwargs = "zo-sgd", {"scheme": optimizer} | kwargs
     options = dict(lr=0.02, batch_size=4, seed=0) | kwargs
     sess = Session(model=tiny_folder, data_dir=data_dir, optimizer=optimizer, **options)
     try:
@@ -50,7 +64,7 @@ def trajectory(tiny_folder, data_dir, optimizer, **kwargs):
 
 @pytest.fixture(scope="module")
 def baselines(tiny_folder, data_dir):
-    return {opt: trajectory(tiny_folder, data_dir, opt) for opt in BASE}
+    return {name: trajectory(tiny_folder, data_dir, name) for name in BASE}
 
 
 @pytest.mark.parametrize("change, optimizer", CHANGES, ids=lambda v: str(v))
@@ -102,7 +116,9 @@ def test_every_finetune_option_reaches_the_session(monkeypatch, tiny_folder):
             "--warmup-steps", "5", "--steps", "11", "--weight-decay", "0.1", "--two-pass",
             "--eps", "0.01", "--lr", "0.002", "--batch-size", "3", "--seed", "9",
             "--dtype", "fp32", "--task", "sst2", "--max-length", "64",
-            "--eval-batch-size", "8", "--data-seed", "4"]
+            "--eval-batch-size", "8", "--data-seed", "4", "--template", "empty",
+            "--scheme", "lora", "--lora-r", "4", "--lora-alpha", "8",
+            "--lora-targets", "q_proj,k_proj", "--quantize", "int8"]
     CliRunner().invoke(cli.app, args)
     expected = dict(optimizer="zo-adam", q=3, estimate="one-sided", directions="rademacher",
                     block_wise=True, granularity="half", sparsity=0.25,
@@ -110,11 +126,16 @@ def test_every_finetune_option_reaches_the_session(monkeypatch, tiny_folder):
                     betas=(0.8, 0.99), adam_eps=1e-6, objective="accuracy",
                     schedule="cosine", warmup_steps=5, total_steps=11, weight_decay=0.1,
                     pair=False, eps=0.01, lr=0.002, batch_size=3, seed=9, dtype="fp32",
-                    max_length=64, eval_batch_size=8, data_seed=4)
+                    max_length=64, eval_batch_size=8, data_seed=4, template="empty",
+                    scheme="lora", lora_r=4, lora_alpha=8.0, lora_targets=["q_proj", "k_proj"],
+                    quantize="int8")
     for key, value in expected.items():
         assert seen.get(key) == value, key
-    CliRunner().invoke(cli.app, ["finetune", "--optimizer", "zo-sgd-mmt", "--momentum", "0.7"])
-    assert seen["momentum"] == 0.7
+    CliRunner().invoke(cli.app, ["finetune", "--optimizer", "zo-sgd-mmt", "--momentum", "0.7",
+                                 "--scheme", "prefix", "--prefix-tokens", "3"])
+    assert seen["momentum"] == 0.7 and seen["prefix_tokens"] == 3
+    CliRunner().invoke(cli.app, ["finetune", "--scheme", "prompt", "--prompt-tokens", "4"])
+    assert seen["prompt_tokens"] == 4
     # and every Session keyword the CLI does not expose is an embedding-API-only one
     session_kwargs = set(inspect.signature(Session.__init__).parameters) - {"self"}
     api_only = {"check_budget"}

@@ -60,3 +60,19 @@ def test_a_few_real_steps_update_the_model(session):
     assert not torch.equal(session.model.model.layers[0].mlp.down_proj.weight, before)
     acc = session.evaluate("validation", max_examples=32)
     assert 0.0 <= acc["accuracy"] <= 1.0
+
+
+def test_hybrid_last_layer_fo_on_smollm2(data_dir):
+    """Backprop through the last layer only: planned as one layer of kept activations."""
+    sess = Session(profile="8gb-gpu", batch_size=4, lr=1e-5, data_dir=data_dir, seed=0,
+                   optimizer="zo-adam", fo_blocks=[-1])
+    try:
+        fo = sess.plan.components
+        assert fo["fo_gradients"] == 2 * sum(
+            p.numel() for p in sess.model.model.layers[-1].parameters())
+        before = sess.model.model.layers[-1].mlp.down_proj.weight.detach().clone()
+        r = sess.step()
+        assert (r.forward_passes, r.backward_passes) == (2, 1) and not r.skipped
+        assert not torch.equal(sess.model.model.layers[-1].mlp.down_proj.weight, before)
+    finally:
+        sess.close()

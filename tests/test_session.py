@@ -76,7 +76,10 @@ def test_over_budget_refuses_with_advice(tiny_folder, data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    ({"scheme": "lora"}, "valid schemes: full"),
+    ({"scheme": "adapter"}, "valid schemes: full, head, lora, prefix, prompt"),
+    ({"lora_r": 4}, "lora_r applies to the lora scheme, not full"),
+    ({"scheme": "lora", "prompt_tokens": 4}, "prompt_tokens applies to the prompt scheme"),
+    ({"scheme": "lora", "lora_targets": ["nonexistent_proj"]}, "LoRA cannot target"),
     ({"optimizer": "adamw"}, "valid optimizers: fo-adam"),
     ({"momentum": 0.5}, "zo-sgd has no momentum option; it applies to zo-sgd-mmt"),
     ({"optimizer": "zo-adam", "momentum": 0.5}, "zo-adam has no momentum"),
@@ -97,6 +100,11 @@ def test_over_budget_refuses_with_advice(tiny_folder, data_dir, tmp_path):
     ({"fo_blocks": [7]}, "FO block 7 is out of range: the model has 2 layers"),
     ({"fo_blocks": ["pre", "0", "1", "head"]}, "nothing is left for ZO"),
     ({"schedule": "cosine"}, "needs the run length"),
+    ({"granularity": "half"}, "add --block-wise"),
+    ({"sparsity_mask": "magnitude"}, "set --sparsity S"),
+    ({"sparsity_every": 10}, "set --sparsity S"),
+    ({"optimizer": "fo-sgd", "pair": True}, "makes no such pair"),
+    ({"optimizer": "forward-grad", "pair": False}, "makes no such pair"),
     ({"schedule": "step", "total_steps": 3}, "valid lr schedules"),
     ({"batch_size": 0}, "batch_size must be >= 1"),
     ({"eps": 0.0}, "eps must be > 0"),

@@ -47,7 +47,7 @@ def test_malformed_row_names_the_line(tmp_path):
 def test_unknown_task_lists_valid_ones():
     from edgezo.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="valid tasks: sst2"):
+    with pytest.raises(ConfigError, match="valid tasks: <file>.jsonl, <spec>.yaml, boolq, copa"):
         make_task("imdb")
 
 

@@ -14,12 +14,13 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from edgezo.errors import ModelLoadError
+from edgezo.errors import ModelLoadError, unknown_choice
 
 DEFAULT_MODEL = "smollm2"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -158,14 +159,50 @@ def resolve_model(spec: str | None, dtype: torch.dtype) -> ResolvedModel:
                          model_class)
 
 
+QUANTIZATIONS = ("nf4", "int8")
+
+
+def quantization_config(quantize: str, dtype: torch.dtype):
+    """bitsandbytes settings: NF4 (4-bit, double-quantized, computing in `dtype`) or
+    LLM.int8(). bitsandbytes >= 0.50 runs both on the CPU as well as on CUDA."""
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
 def load_weights(resolved: ResolvedModel, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The model itself, in eval mode on `device`."""
+                 device: torch.device | str = "cpu", quantize: str | None = None
+                 ) -> torch.nn.Module:
+    """The model itself, in eval mode on `device` (quantized on load if asked)."""
+    device = torch.device(device)
+    kwargs = {}
+    if quantize is not None:
+        if quantize not in QUANTIZATIONS:
+            raise unknown_choice("quantization", quantize, QUANTIZATIONS)
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ModelLoadError("--quantize needs bitsandbytes: pip install "
+                                 "'bitsandbytes>=0.50'") from None
+        warnings.filterwarnings("ignore", message="MatMul8bitLt")  # once per matmul
+        kwargs = {"quantization_config": quantization_config(quantize, dtype),
+                  "device_map": {"": str(device)}}
     try:
-        model = resolved.model_class.from_pretrained(resolved.folder, dtype=dtype)
+        model = resolved.model_class.from_pretrained(resolved.folder, dtype=dtype, **kwargs)
     except OSError as err:
         raise ModelLoadError(f"could not load the weights of {resolved.source}: {err}") from None
-    model.to(device)
+    except (ValueError, RuntimeError) as err:
+        if quantize is None:
+            raise
+        raise ModelLoadError(f"could not quantize {resolved.source} to {quantize}: {err}. "
+                             "bitsandbytes' CPU kernels need layer widths that are multiples "
+                             "of 64; try --quantize int8 or no quantization") from None
+    if quantize is None:
+        model.to(device)
     return model.eval()
 
 

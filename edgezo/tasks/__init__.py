@@ -1,18 +1,30 @@
-"""Tasks by name. Adding a task: a module with a Task subclass, plus a line in TASKS."""
+"""Tasks by name, or a user task from a .jsonl / .yaml file.
+
+Adding a task: a module with a Task subclass, plus a line in TASKS.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from edgezo.errors import unknown_choice
-from edgezo.tasks.base import Encoder, Example, Task
+from edgezo.tasks.base import TEMPLATES, Encoder, Example, Task
 from edgezo.tasks.sst2 import SST2
+from edgezo.tasks.superglue import COPA, WSC, BoolQ, MultiRC, WiC, WinoGrande
+from edgezo.tasks.user import UserTask
 
-TASKS: dict[str, type[Task]] = {"sst2": SST2}
+TASKS: dict[str, type[Task]] = {"sst2": SST2, "copa": COPA, "winogrande": WinoGrande,
+                                "multirc": MultiRC, "boolq": BoolQ, "wic": WiC, "wsc": WSC}
+USER_SUFFIXES = (".jsonl", ".yaml", ".yml")
 
 
-def make_task(name: str, data_dir: str | None = None, data_seed: int = 0) -> Task:
+def make_task(name: str, data_dir: str | None = None, data_seed: int = 0,
+              template: str = "aligned") -> Task:
+    if name not in TASKS and Path(name).suffix in USER_SUFFIXES:
+        return UserTask(name, data_dir=data_dir, data_seed=data_seed, template=template)
     if name not in TASKS:
-        raise unknown_choice("task", name, list(TASKS))
-    return TASKS[name](data_dir=data_dir, data_seed=data_seed)
+        raise unknown_choice("task", name, [*TASKS, "<file>.jsonl", "<spec>.yaml"])
+    return TASKS[name](data_dir=data_dir, data_seed=data_seed, template=template)
 
 
-__all__ = ["TASKS", "Encoder", "Example", "Task", "make_task"]
+__all__ = ["TASKS", "TEMPLATES", "Encoder", "Example", "Task", "make_task"]

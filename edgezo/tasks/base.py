@@ -15,55 +15,124 @@ from dataclasses import dataclass
 
 import torch
 
+from edgezo.errors import unknown_choice
+
 SPLITS = ("train", "validation", "test")
 
 
 @dataclass(frozen=True)
 class Example:
+    """A prompt, the candidate continuations and the gold index.
+
+    `prompts` gives each candidate its own prompt (WinoGrande puts the option before a
+    shared continuation); `group` ties examples scored together (a MultiRC question's
+    answer options, for exact match).
+    """
+
     prompt: str
     candidates: tuple[str, ...]
     gold: int
+    prompts: tuple[str, ...] | None = None
+    group: str | None = None
+
+    def prompt_for(self, i: int) -> str:
+        return self.prompt if self.prompts is None else self.prompts[i]
+
+
+TEMPLATES = ("aligned", "empty")
 
 
 class Task(ABC):
-    """Base class. Subclasses set `name` and implement `train_rows` / `test_rows` / `example`."""
+    """Base class. Subclasses set `name` and implement `train_rows` / `test_rows` / `example`.
+
+    `loss` is "classification" (cross-entropy over the candidates' scores: the verbalizer
+    loss) or "lm" (the gold answer's token log-likelihood, for multiple choice).
+    `template` is "aligned" (the task's prompt) or "empty" (the bare inputs with the
+    same candidates), for the task-alignment study.
+    """
 
     name = ""
+    loss = "classification"
     num_train = 1000
     num_validation = 500
+    num_test_when_split = 1000  # at most this many held out when there is no test file
 
-    def __init__(self, data_dir: str | None = None, data_seed: int = 0):
+    def __init__(self, data_dir: str | None = None, data_seed: int = 0,
+                 template: str = "aligned"):
+        if template not in TEMPLATES:
+            raise unknown_choice("template", template, TEMPLATES)
         self.data_dir = data_dir
         self.data_seed = data_seed
+        self.template = template
         self._splits: dict[str, list[Example]] | None = None
         self.source_rows: dict[str, list[int]] = {}  # rows of the training file per split
+        self.split_info: dict = {}
 
     @abstractmethod
     def train_rows(self) -> list[dict]:
         """The rows of the training file (train and validation are sampled from them)."""
 
     @abstractmethod
-    def test_rows(self) -> list[dict]:
-        """The rows of the official evaluation file, used as the test set."""
+    def test_rows(self) -> list[dict] | None:
+        """The rows of the official evaluation file (the test set); None when the data has
+        no separate file, and the test set is held out of `train_rows` instead."""
 
     @abstractmethod
-    def example(self, row: dict) -> Example:
-        """One raw row as a prompt, its candidates and the gold index."""
+    def example(self, row: dict) -> Example | list[Example]:
+        """One raw row as a prompt, its candidates and the gold index (or several)."""
+
+    def _examples(self, rows: list[dict], picked: list[int]) -> list[Example]:
+        out: list[Example] = []
+        for i in picked:
+            ex = self.example(rows[i])
+            out.extend(ex if isinstance(ex, list) else [ex])
+        return out
 
     def split(self, name: str) -> list[Example]:
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}; valid: {', '.join(SPLITS)}")
         if self._splits is None:
-            rows = self.train_rows()
-            picked = random.Random(self.data_seed).sample(
-                range(len(rows)), min(len(rows), self.num_train + self.num_validation))
-            self.source_rows = {"train": picked[: self.num_train],
-                                "validation": picked[self.num_train:]}
-            train = [self.example(rows[i]) for i in self.source_rows["train"]]
-            val = [self.example(rows[i]) for i in self.source_rows["validation"]]
-            test = [self.example(r) for r in self.test_rows()]
-            self._splits = {"train": train, "validation": val, "test": test}
+            self._splits = self._make_splits()
         return self._splits[name]
+
+    def _make_splits(self) -> dict[str, list[Example]]:
+        rows = self.train_rows()
+        test_rows = self.test_rows()
+        order = list(range(len(rows)))
+        notes = []
+        if test_rows is None:
+            # No evaluation file here: hold the test set out of the only file first.
+            random.Random(self.data_seed ^ 0x7E57).shuffle(order)
+            n_test = min(self.num_test_when_split, len(rows) // 3)
+            test_idx, order = order[:n_test], order[n_test:]
+            test = self._examples(rows, test_idx)
+            self.source_rows["test"] = test_idx
+            notes.append(f"no separate evaluation file: the test set is {n_test} rows held "
+                         "out of the only file, disjoint from train and validation")
+        else:
+            test = [e for r in test_rows for e in self._examples([r], [0])]
+        want = self.num_train + self.num_validation
+        if len(order) >= want:
+            picked = [order[i] for i in random.Random(self.data_seed).sample(range(len(order)),
+                                                                              want)]
+            n_train = self.num_train
+        else:
+            # Too few rows for 1000 + 500: the same 2:1 proportion, disjoint.
+            picked = [order[i] for i in random.Random(self.data_seed).sample(range(len(order)),
+                                                                              len(order))]
+            n_train = round(len(order) * self.num_train / want)
+            notes.append(f"only {len(order)} rows for train + validation: split "
+                         f"{n_train}/{len(order) - n_train}")
+        self.source_rows["train"] = picked[:n_train]
+        self.source_rows["validation"] = picked[n_train:]
+        splits = {"train": self._examples(rows, self.source_rows["train"]),
+                  "validation": self._examples(rows, self.source_rows["validation"]),
+                  "test": test}
+        self.split_info = {"train": len(splits["train"]),
+                           "validation": len(splits["validation"]),
+                           "test": len(splits["test"]), "template": self.template,
+                           "notes": notes}
+        return splits
 
 
 class Encoder:
@@ -74,16 +143,19 @@ class Encoder:
     per (example, candidate) with the candidate tokens as labels.
     """
 
-    def __init__(self, tokenizer, max_length: int = 256):
+    def __init__(self, tokenizer, max_length: int = 256, loss: str = "classification"):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
         tokenizer.truncation_side = "left"  # keep the template's end and the answer
         self.tok = tokenizer
         self.max_length = max_length
+        self.loss = loss  # "lm": the batch's loss is the gold answer's log-likelihood
         self._single: dict[tuple[str, ...], list[int] | None] = {}
 
     def _single_token_ids(self, ex: Example) -> list[int] | None:
+        if ex.prompts is not None:
+            return None
         key = ex.candidates
         if key not in self._single:
             ids = [self.tok(c, add_special_tokens=False).input_ids for c in key]
@@ -102,15 +174,17 @@ class Encoder:
             enc = self.tok([ex.prompt for ex in examples], return_tensors="pt", padding=True,
                            truncation=True, max_length=self.max_length)
             return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask,
-                    "candidate_ids": torch.tensor(singles), "gold": gold}
+                    "candidate_ids": torch.tensor(singles), "gold": gold,
+                    "loss_type": self.loss}
         counts = {len(ex.candidates) for ex in examples}
         if len(counts) != 1:
             raise ValueError("all examples of a batch must have the same number of candidates")
-        prompts = [self.tok(ex.prompt).input_ids for ex in examples]
         rows, label_rows = [], []
-        for ex, p in zip(examples, prompts, strict=True):
-            for c in ex.candidates:
-                full = self.tok(ex.prompt + c).input_ids
+        for ex in examples:
+            for i, c in enumerate(ex.candidates):
+                prompt = ex.prompt_for(i)
+                p = self.tok(prompt).input_ids
+                full = self.tok(prompt + c).input_ids
                 # The candidate's tokens: what follows the longest common prefix with the
                 # prompt (a merge at the boundary moves that token into the answer).
                 common = 0
@@ -126,7 +200,7 @@ class Encoder:
         attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
         labels = torch.tensor([[-100] * (width - len(r)) + r for r in label_rows])
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
-                "gold": gold, "num_candidates": counts.pop()}
+                "gold": gold, "num_candidates": counts.pop(), "loss_type": self.loss}
 
 
 def batches(examples: list[Example], batch_size: int, seed: int, start_step: int = 0

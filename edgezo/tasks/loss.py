@@ -54,8 +54,12 @@ def candidate_scores(model, batch: dict) -> torch.Tensor:
 def example_losses(model, batch: dict) -> torch.Tensor:
     """The per-example training loss, shape (N,)."""
     if "gold" in batch:
+        scores = candidate_scores(model, batch)
+        if batch.get("loss_type") == "lm":
+            # Multiple choice: the gold answer's (length-normalised) negative log-likelihood.
+            return -scores.gather(1, batch["gold"][:, None]).squeeze(1)
         # Verbalizer classification loss: cross-entropy across the candidates' scores.
-        return F.cross_entropy(candidate_scores(model, batch), batch["gold"], reduction="none")
+        return F.cross_entropy(scores, batch["gold"], reduction="none")
     return -token_logprob_means(model, batch)
 
 

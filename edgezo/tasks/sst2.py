@@ -1,4 +1,5 @@
-"""SST-2 (GLUE) with ZO-Bench's template: "<sentence> It was {terrible|great}"."""
+"""SST-2 (GLUE) with ZO-Bench's template: "<sentence> It was {terrible|great}" (empty:
+"<sentence> {terrible|great}")."""
 
 from __future__ import annotations
 
@@ -40,4 +41,6 @@ class SST2(Task):
         return rows if rows is not None else load_from_hub("glue", "sst2", "validation")
 
     def example(self, row: dict) -> Example:
-        return Example(f"{row['sentence'].strip()} It was", self.verbalizer, int(row["label"]))
+        sentence = row["sentence"].strip()
+        prompt = sentence if self.template == "empty" else f"{sentence} It was"
+        return Example(prompt, self.verbalizer, int(row["label"]))

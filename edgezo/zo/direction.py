@@ -74,11 +74,12 @@ class Direction:
             return noise.thread_buffer("z", numel, torch.float32, device).view(torch.int32)
         return noise.random_bits(numel, noise.param_seed(self.seeds[0], index), k, device)
 
-    def rows(self, shape: torch.Size, index: int, row_ids: torch.Tensor) -> torch.Tensor:
+    def rows(self, shape: torch.Size, index: int, row_ids: torch.Tensor,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """d at the given sorted, unique rows only (embedding lookups)."""
         out = None  # same order and operations as chunk(): bit-identical values
         for seed, coef in reversed(list(zip(self.seeds, self.coefs, strict=True))):
-            z = noise.rows(shape, noise.param_seed(seed, index), row_ids, self.kind)
+            z = noise.rows(shape, noise.param_seed(seed, index), row_ids, self.kind).to(dtype)
             out = z.mul_(coef) if out is None else out.add_(z, alpha=coef)
         if self.masks is not None:
             out.mul_(self.masks.rows(index, row_ids))

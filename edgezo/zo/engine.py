@@ -32,6 +32,7 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from edgezo.errors import ConfigError, unknown_choice
+from edgezo.memory.measure import release_freed_memory
 from edgezo.tasks.loss import batch_rows, double, example_losses, num_examples
 from edgezo.zo import noise
 from edgezo.zo.blocks import BlockMap, build_block_map, estimation_groups, resolve_fo_blocks
@@ -107,6 +108,12 @@ class ZOEngine:
             raise unknown_choice("directions", directions, noise.DIRECTIONS)
         kind = optimizer.estimator
         self._check_options(optimizer, q, estimate, directions, block_wise, sparsity, fo_blocks)
+        if granularity != "layer" and not block_wise:
+            raise ConfigError("granularity chooses the groups of block-wise ZO; add "
+                              "--block-wise (block_wise=True) or drop it")
+        if sparsity == 0 and (sparsity_mask != "random" or sparsity_every != 0):
+            raise ConfigError("sparsity_mask and sparsity_every shape sparse perturbations; "
+                              "set --sparsity S (0 < S < 1) or drop them")
         self.model = model.eval()  # the same function at every query: no dropout
         self.optimizer, self.eps, self.seed, self.loss_fn = optimizer, eps, seed, loss_fn
         self.q, self.one_sided, self.directions = q, estimate == "one-sided", directions
@@ -226,10 +233,18 @@ class ZOEngine:
             return self.loss_fn(_Bound(self.model, params), batch).mean()
 
         # Fused attention kernels have no forward-mode derivative; the math one does.
-        with sdpa_kernel(SDPBackend.MATH):
+        # no_grad: forward-mode AD needs no backward graph, which would keep every
+        # activation alive.
+        with sdpa_kernel(SDPBackend.MATH), torch.no_grad():
             value, derivative = jvp(loss, (primals,), (tangents,))
         self._passes[0] += 1
-        return value.item(), derivative.item()
+        result = value.item(), derivative.item()
+        del tangents, value, derivative
+        if self.blocks.params[0].device.type == "cpu":
+            # The dual forward's many short-lived buffers otherwise stay in the heap,
+            # and resident memory creeps up step after step.
+            release_freed_memory()
+        return result
 
     def _fo_backward(self, batch: dict) -> float:
         """L(θ) with the exact gradient of the FO parameters in their .grad: autograd

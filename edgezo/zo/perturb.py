@@ -107,7 +107,8 @@ class _RowPerturbedEmbedding(TorchFunctionMode):
         ids = args[0]
         owner = self.owner
         uniq, inverse = torch.unique(ids, return_inverse=True)  # sorted
-        z = owner.direction.rows(self.weight.shape, self.index, uniq)
+        z = owner.direction.rows(self.weight.shape, self.index, uniq,
+                                 work_dtype(self.weight.dtype))
         base = self.weight.detach()[uniq]
         signs = owner.signs
         # Each row is rounded exactly as a full scratch copy round(W ± εz) would be.

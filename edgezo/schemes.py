@@ -1,0 +1,163 @@
+"""Fine-tuning schemes: which parameters train. The engine perturbs only those.
+
+- full: every parameter;
+- lora: peft LoRA adapters (default r=8, α=16 on the attention query/value projections,
+  i.e. peft's per-architecture default targets), base frozen;
+- prefix: peft prefix tuning, 5 key/value vectors per layer, initialised from the keys
+  and values the model computes for 5 real tokens (MeZO's "real activations" init);
+- prompt: peft prompt tuning, 10 virtual tokens initialised from embeddings of randomly
+  sampled vocabulary tokens;
+- head: the LM head only (with tied embeddings, the shared matrix).
+
+Blocks are found the same way for every scheme (`edgezo.zo.blocks`), so a scheme needs no
+per-architecture code: LoRA matrices live inside the layers, the prefix/prompt encoder
+runs before them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from edgezo.errors import ConfigError, unknown_choice
+
+SCHEMES = ("full", "lora", "prefix", "prompt", "head")
+PEFT_SCHEMES = ("lora", "prefix", "prompt")
+
+
+@dataclass
+class SchemeOptions:
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=list)  # empty: peft's default (q, v)
+    prefix_tokens: int = 5
+    prompt_tokens: int = 10
+    init_seed: int = 0
+
+
+def check_scheme(scheme: str, options: SchemeOptions) -> None:
+    if scheme not in SCHEMES:
+        raise unknown_choice("scheme", scheme, SCHEMES)
+    defaults = SchemeOptions()
+    used = {"lora": {"lora_r", "lora_alpha", "lora_targets"}, "prefix": {"prefix_tokens"},
+            "prompt": {"prompt_tokens"}}.get(scheme, set())
+    for name in ("lora_r", "lora_alpha", "lora_targets", "prefix_tokens", "prompt_tokens"):
+        if getattr(options, name) != getattr(defaults, name) and name not in used:
+            raise ConfigError(f"{name} applies to the {name.split('_')[0]} scheme, not "
+                              f"{scheme}; drop it or use --scheme {name.split('_')[0]}")
+    for name in ("lora_r", "prefix_tokens", "prompt_tokens"):
+        if getattr(options, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(options, name)}")
+
+
+def apply_scheme(model: nn.Module, scheme: str, options: SchemeOptions | None = None
+                 ) -> nn.Module:
+    """Return the model to train (a peft model for adapter schemes), trainable set by
+    `scheme`."""
+    options = options or SchemeOptions()
+    check_scheme(scheme, options)
+    if scheme == "full":
+        return model
+    if scheme == "head":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        head = model.get_output_embeddings()
+        if head is None:
+            raise ConfigError(f"{type(model).__name__} has no output embedding to train")
+        head.weight.requires_grad_(True)
+        return model
+    import peft
+
+    generator = torch.Generator().manual_seed(options.init_seed)
+    if scheme == "lora":
+        config = peft.LoraConfig(task_type="CAUSAL_LM", r=options.lora_r,
+                                 lora_alpha=options.lora_alpha, lora_dropout=0.0,
+                                 target_modules=options.lora_targets or None)
+        try:
+            return peft.get_peft_model(model, config)
+        except ValueError as err:
+            raise ConfigError(f"LoRA cannot target {options.lora_targets or 'the defaults'} "
+                              f"in {type(model).__name__}: {err}") from None
+    if scheme == "prompt":
+        config = peft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                         num_virtual_tokens=options.prompt_tokens)
+        wrapped = peft.get_peft_model(model, config)
+        _init_prompt_from_vocab(wrapped, generator)
+        _prompt_per_row(wrapped)
+        return wrapped
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                     num_virtual_tokens=options.prefix_tokens)
+    wrapped = peft.get_peft_model(model, config)
+    _init_prefix_from_activations(wrapped, generator)
+    return wrapped
+
+
+def _active_encoder(wrapped) -> nn.Module:
+    return wrapped.prompt_encoder[wrapped.active_adapter]
+
+
+@torch.no_grad()
+def _init_prompt_from_vocab(wrapped, generator: torch.Generator) -> None:
+    """Virtual tokens start as the embeddings of randomly drawn vocabulary tokens."""
+    vocab = wrapped.get_input_embeddings().weight
+    weight = _active_encoder(wrapped).embedding.weight
+    ids = torch.randint(0, vocab.shape[0], (weight.shape[0],), generator=generator)
+    weight.copy_(vocab[ids.to(vocab.device)].to(weight.dtype))
+
+
+def _prompt_per_row(wrapped) -> None:
+    """Make the prompt encoder see one row of virtual-token ids per batch row.
+
+    peft looks the prompt up once and repeats it over the batch; in pair mode the two
+    halves of the batch need their own (±εz) prompts, so the lookup must be per row.
+    """
+    base_get_prompt = wrapped.get_prompt
+
+    def get_prompt(batch_size: int, task_ids=None, **kwargs):
+        config = wrapped.active_peft_config
+        if config.inference_mode:
+            return base_get_prompt(batch_size, task_ids, **kwargs)
+        encoder = _active_encoder(wrapped)
+        tokens = wrapped.prompt_tokens[wrapped.active_adapter].unsqueeze(0)
+        tokens = tokens.expand(batch_size, -1).to(encoder.embedding.weight.device)
+        return encoder(tokens)
+
+    wrapped.get_prompt = get_prompt
+
+
+@torch.no_grad()
+def _init_prefix_from_activations(wrapped, generator: torch.Generator) -> None:
+    """Prefix keys/values start as the ones the model computes for real tokens.
+
+    peft's prefix embedding row t holds, for every layer l and k ∈ {key, value}, the
+    vectors of its (key/value) heads: flat index ((l·2 + k)·H + h)·D + d.
+    """
+    base = wrapped.get_base_model()
+    weight = _active_encoder(wrapped).embedding.weight
+    n = weight.shape[0]
+    vocab = base.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (1, n), generator=generator).to(weight.device)
+    out = base(input_ids=ids, use_cache=True)
+    cache = out.past_key_values
+    rows = []
+    for layer in range(len(cache.layers)):
+        keys, values = cache.layers[layer].keys, cache.layers[layer].values  # (1, H, n, D)
+        rows += [keys[0].permute(1, 0, 2), values[0].permute(1, 0, 2)]  # (n, H, D)
+    flat = torch.stack(rows, dim=1).reshape(n, -1)
+    if flat.shape != weight.shape:
+        raise ConfigError(f"cannot initialise the prefix of {type(base).__name__}: its cache "
+                          f"holds {tuple(flat.shape)} values per prefix, peft expects "
+                          f"{tuple(weight.shape)}")
+    weight.copy_(flat.to(weight.dtype))
+
+
+def trainable_summary(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, tied weights counted once."""
+    seen: dict[int, nn.Parameter] = {}
+    for p in model.parameters():
+        seen.setdefault(id(p), p)
+    total = sum(p.numel() for p in seen.values())
+    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    return trainable, total
