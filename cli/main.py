@@ -188,6 +188,71 @@ def evaluate(
 
 @app.command()
 @user_errors
+def plan(
+    profile: str = ProfileOpt,
+    model: str | None = typer.Option(None, "--model", help="HF hub id, model folder, "
+                                     "config.json or .gguf (only its config is read)"),
+    scheme: str = typer.Option("full", help="full, lora, prefix, prompt or head"),
+    optimizer: str = typer.Option("zo-sgd", help="Optimizer (its state is counted)"),
+    quantize: str | None = typer.Option(None, help="nf4 or int8 base"),
+    dtype: str | None = DtypeOpt,
+    batch_size: int = typer.Option(16, min=1, help="Examples per step"),
+    seq_len: int = typer.Option(256, min=1, help="Tokens per example"),
+    pair: bool | None = typer.Option(None, "--pair/--two-pass", help="Force a mode "
+                                     "(default: pair mode when it fits)"),
+    sparsity: float = typer.Option(0.0, min=0.0, max=0.999999, help="Sparse ZO (masks)"),
+    fo_blocks: str | None = typer.Option(None, "--fo-blocks", help="Hybrid ZO/FO blocks"),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON"),
+) -> None:
+    """Predict a run's peak memory from the model's config alone, before any download."""
+    from edgezo.memory.planner import PlanRequest, plan_run
+
+    result = plan_run(PlanRequest(model=model, profile=profile, scheme=scheme,
+                                  optimizer=optimizer, quantize=quantize, dtype=dtype,
+                                  batch_size=batch_size, seq_len=seq_len, pair=pair,
+                                  sparsity=sparsity, fo_blocks=_list(fo_blocks)))
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        Console().print(_plan_table(result))
+    if not result.plan.fits:
+        raise typer.Exit(1)
+
+
+def _plan_table(result) -> Table:
+    gib = 1024**3
+    p = result.plan
+    table = Table("component", "GiB", title=f"edgezo plan: {result.request.model or 'smollm2'} "
+                  f"on {p.profile}", show_footer=False)
+    for name, size in p.components.items():
+        table.add_row(name.replace("_", " "), f"{size / gib:.3f}")
+    if p.runtime_overhead_bytes:
+        table.add_row("runtime (CUDA context)", f"{p.runtime_overhead_bytes / gib:.3f}")
+    verdict = "[green]fits[/]" if p.fits else "[red]does not fit[/]"
+    table.add_row("[bold]total[/]", f"[bold]{p.total_bytes / gib:.3f}[/] of "
+                  f"{p.budget_bytes / gib:.3f} budget: {verdict}")
+    table.add_row("mode", "pair (one doubled forward)" if p.pair else "two forward passes")
+    table.add_row("largest batch that fits", str(result.max_batch_size or "none"))
+    for alt in result.alternatives:
+        ok = "fits" if alt["fits"] else "still too big"
+        table.add_row(f"try: {alt['change']}",
+                      f"{alt['predicted_total_bytes'] / gib:.3f} ({ok})")
+    return table
+
+
+@app.command()
+@user_errors
+def report(run_dir: Path = typer.Argument(..., help="A finetune --output folder")) -> None:
+    """Memory report of a run: memory.md, memory.json and memory.png in RUN_DIR."""
+    from edgezo.memory.report import write_memory_report
+
+    paths = write_memory_report(run_dir)
+    print((run_dir / "memory.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+@app.command()
+@user_errors
 def export(
     run_dir: Path = typer.Argument(..., help="A finetune --output folder (or Session.save)"),
     fmt: str = typer.Option("peft", "--format", help="peft (adapter folder) or merged "

@@ -135,3 +135,11 @@ def load_profile(name_or_path: str) -> Profile:
         unified_memory=bool(data.get("unified_memory", False)),
         source=str(path),
     )
+
+
+def human_bytes(n: float) -> str:
+    """1.23 GiB / 45.6 MiB / 789 KiB: a size readable at any scale."""
+    for unit, size in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"

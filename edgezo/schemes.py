@@ -84,14 +84,20 @@ def apply_scheme(model: nn.Module, scheme: str, options: SchemeOptions | None = 
         config = peft.PromptTuningConfig(task_type="CAUSAL_LM",
                                          num_virtual_tokens=options.prompt_tokens)
         wrapped = peft.get_peft_model(model, config)
-        _init_prompt_from_vocab(wrapped, generator)
+        if not _on_meta(model):  # a plan from a config has no values to start from
+            _init_prompt_from_vocab(wrapped, generator)
         _prompt_per_row(wrapped)
         return wrapped
     config = peft.PrefixTuningConfig(task_type="CAUSAL_LM",
                                      num_virtual_tokens=options.prefix_tokens)
     wrapped = peft.get_peft_model(model, config)
-    _init_prefix_from_activations(wrapped, generator)
+    if not _on_meta(model):
+        _init_prefix_from_activations(wrapped, generator)
     return wrapped
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return next(model.parameters()).device.type == "meta"
 
 
 def _active_encoder(wrapped) -> nn.Module:

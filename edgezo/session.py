@@ -25,7 +25,7 @@ from edgezo.errors import ConfigError, OutOfBudgetError, unknown_choice
 from edgezo.memory.measure import MemoryMonitor, release_freed_memory
 from edgezo.memory.plan import Plan, plan_step
 from edgezo.models.loading import DEFAULT_MODEL, load_weights, parse_dtype, resolve_model
-from edgezo.profiles import GiB, load_profile
+from edgezo.profiles import human_bytes, load_profile
 from edgezo.schemes import SchemeOptions, apply_scheme, check_scheme
 from edgezo.tasks import Encoder, make_task
 from edgezo.tasks.base import batches
@@ -109,8 +109,20 @@ class Session:
         self.eps, self.batch_size, self.seed = eps, batch_size, seed
         self.eval_batch_size = eval_batch_size
 
+        kind = self.optimizer.estimator
+        if pair is not None and kind != "zo":
+            raise ConfigError(f"--pair/--two-pass choose how ZO evaluates L(θ ± εz); "
+                              f"{optimizer} makes no such pair: drop the option")
         resolved = resolve_model(model, parse_dtype(self.dtype_name))
         self.tokenizer, self.model_source = resolved.tokenizer, resolved
+        self.encoder = Encoder(self.tokenizer, max_length=max_length,
+                               loss=self.task.loss if self.task is not None else "classification")
+        self._plan_seq_len = self._seq_len()
+        if check_budget:
+            # Planned from the config before any weight is loaded: a model too big for
+            # the profile fails in seconds, with the changes that would make it fit.
+            self._check_plan_from_config(resolved.folder, scheme, optimizer, quantize,
+                                         pair)
         release_freed_memory()  # what conversion or imports freed is not the run's memory
         self.monitor = MemoryMonitor(self.device)  # the baseline: everything but the weights
         with self.monitor.phase("load"):
@@ -119,25 +131,25 @@ class Session:
                 scheme,
                 self.scheme_options)
             release_freed_memory()
-        self.encoder = Encoder(self.tokenizer, max_length=max_length,
-                               loss=self.task.loss if self.task is not None else "classification")
 
         self._block_map = build_block_map(self._model)
-        kind = self.optimizer.estimator
-        if pair is not None and kind != "zo":
-            raise ConfigError(f"--pair/--two-pass choose how ZO evaluates L(θ ± εz); "
-                              f"{optimizer} makes no such pair: drop the option")
         fo = (set(range(len(self._block_map.params))) if kind == "fo"
               else resolve_fo_blocks(self._block_map, self.estimator_options["fo_blocks"]))
         self._fo = (sum(self._block_map.params[i].numel() for i in fo),
                     backward_depth(self._block_map, fo))
-        self._plan_seq_len = self._seq_len()
         pair_plan = self._plan(pair=kind == "zo")
         self.pair = pair if pair is not None else (pair_plan.fits or not check_budget)
         self.pair = self.pair and kind == "zo"
         self.plan: Plan = pair_plan if self.pair else self._plan(pair=False)
         if check_budget and not self.plan.fits:
             raise OutOfBudgetError(self._budget_message())
+        self.check_budget = check_budget
+        if check_budget and self.on_cuda:
+            # The allocator refuses to grow past the budget: an over-budget step fails
+            # as a clean error here instead of slowing the whole machine.
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(
+                min(1.0, self.profile.budget_bytes / total), self.device)
         self.engine = ZOEngine(self._model, self.optimizer, eps=eps, seed=seed, pair=self.pair,
                                blocks=self._block_map, loss_fn=loss_fn,
                                **self.estimator_options)
@@ -179,13 +191,33 @@ class Session:
                          fo_params=fo_params, backward_layers=backward_layers,
                          forward_grad=self.optimizer.estimator == "forward-grad")
 
-    def _budget_message(self) -> str:
-        gib = self.plan.total_bytes / GiB
-        parts = ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in self.plan.components.items())
-        return (f"the run needs {gib:.2f} GiB ({parts}, runtime "
-                f"{self.plan.runtime_overhead_bytes / GiB:.2f} GiB) but profile "
-                f"{self.profile.name} allows {self.profile.budget_bytes / GiB:.2f} GiB. Try a "
-                "smaller --batch-size, a bf16/fp16 --dtype, a smaller model or a larger profile")
+    def _check_plan_from_config(self, folder: str, scheme: str, optimizer: str,
+                                quantize: str | None, pair: bool | None) -> None:
+        from edgezo.memory.planner import PlanRequest, plan_run
+
+        o = self.estimator_options
+        result = plan_run(PlanRequest(
+            model=folder, profile=str(self.profile.source), scheme=scheme,
+            optimizer=optimizer, quantize=quantize, dtype=self.dtype_name,
+            batch_size=self.batch_size, seq_len=self._plan_seq_len, pair=pair,
+            sparsity=o["sparsity"], fo_blocks=o["fo_blocks"]))
+        if result.plan.fits:
+            return
+        self.plan = result.plan
+        advice = "; ".join(
+            f"{a['change']} -> {human_bytes(a['predicted_total_bytes'])}"
+            f"{'' if a['fits'] else ' (still too big)'}" for a in result.alternatives)
+        raise OutOfBudgetError(self._budget_message(advice))
+
+    def _budget_message(self, advice: str = "") -> str:
+        p = self.plan
+        parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in p.components.items())
+        return (f"the run needs {human_bytes(p.total_bytes)} ({parts}, runtime "
+                f"{human_bytes(p.runtime_overhead_bytes)}) but profile {self.profile.name} "
+                f"allows {human_bytes(self.profile.budget_bytes)}. "
+                + (f"What would fit: {advice}" if advice else
+                   "Try a smaller --batch-size, a bf16/fp16 --dtype, --scheme lora, "
+                   "--quantize nf4 or a larger profile"))
 
     # -- the embedding API ------------------------------------------------------------
     @property
@@ -235,10 +267,31 @@ class Session:
         else:
             self._check_batch(batch)
             batch = self._to_device(batch)
-        with self.monitor.phase("train"):
-            result = self.engine.step(batch, self.schedule(self.engine.step_index))
+        try:
+            with self.monitor.phase("train"):
+                result = self.engine.step(batch, self.schedule(self.engine.step_index))
+        except torch.cuda.OutOfMemoryError:
+            self.engine.flush()  # the weights of the last completed step, all applied
+            raise OutOfBudgetError(
+                f"step {self.engine.step_index + 1} ran out of device memory under profile "
+                f"{self.profile.name} ({human_bytes(self.profile.budget_bytes)}); the model "
+                "holds every completed step. Lower --batch-size or use --two-pass") from None
         self.history.append(result)
+        self._guard()
         return result
+
+    def _guard(self) -> None:
+        """On a CPU-emulated profile, the measured process memory must stay in budget
+        (on CUDA the allocator's per-process limit enforces it)."""
+        if not self.check_budget or self.on_cuda:
+            return
+        measured = self.monitor.peaks.get("train", 0)
+        if measured > self.profile.budget_bytes:
+            raise OutOfBudgetError(
+                f"step {self.engine.step_index} used {human_bytes(measured)}, over profile "
+                f"{self.profile.name}'s {human_bytes(self.profile.budget_bytes)} budget (the "
+                f"plan predicted {human_bytes(self.plan.total_bytes)}). Lower --batch-size, "
+                "use --two-pass, or pick a larger profile")
 
     @torch.no_grad()
     def evaluate(self, split: str = "test", max_examples: int | None = None) -> dict:
@@ -295,6 +348,7 @@ class Session:
             "plan": self.plan.to_dict(),
             "trainable_parameters": self.engine.blocks.numel(),
             "evaluations": self.evaluations,
+            "memory_samples": list(self.monitor.samples),
             "splits": self.task.split_info if self.task is not None else None,
         }
 

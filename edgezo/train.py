@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from edgezo.errors import TrainingError
+from edgezo.errors import OutOfBudgetError, TrainingError
 from edgezo.profiles import GiB
 from edgezo.session import Session
 
@@ -68,6 +68,7 @@ def finetune(session: Session, steps: int, *, eval_every: int = 0, output: Path 
         output.mkdir(parents=True, exist_ok=True)
         metrics = open(output / "metrics.jsonl", "w")  # noqa: SIM115 - closed in finally
     interrupted, nonfinite_streak = False, 0
+    over_budget: OutOfBudgetError | None = None
     start = time.perf_counter()
     log_every = max(1, steps // 20)
     try:
@@ -101,13 +102,20 @@ def finetune(session: Session, steps: int, *, eval_every: int = 0, output: Path 
     except KeyboardInterrupt:
         interrupted = True
         console.print(f"Interrupted after {len(session.history)} steps; evaluating and saving.")
+    except OutOfBudgetError as err:
+        over_budget = err
+        console.print(f"Over budget after {len(session.history)} steps; saving the model "
+                      "without the final evaluations.")
     finally:
         if metrics is not None:
             metrics.close()
 
     report = session.report()
-    report["validation_accuracy"] = session.evaluate("validation")["accuracy"]
-    report["test_accuracy"] = session.evaluate("test")["accuracy"]
+    if over_budget is None:
+        report["validation_accuracy"] = session.evaluate("validation")["accuracy"]
+        report["test_accuracy"] = session.evaluate("test")["accuracy"]
+    else:
+        report["stopped"] = f"over budget: {over_budget}"
     report["accuracy_before"] = before
     report["interrupted"] = interrupted
     report["wall_time_s"] = time.perf_counter() - start
@@ -117,6 +125,8 @@ def finetune(session: Session, steps: int, *, eval_every: int = 0, output: Path 
         if save_model:
             session.save(output / "model")
         (output / "report.json").write_text(json.dumps(report, indent=2))
+    if over_budget is not None:
+        raise over_budget  # after the model and report are safely written
     console.print(summary_table(report))
     return report
 

@@ -83,3 +83,23 @@ def test_lora_finetune_then_export_both_formats(tiny_folder, data_dir, tmp_path)
     assert (tmp_path / "merged" / "config.json").is_file()
     bad = invoke("export", str(run), "--format", "onnx", "--output", str(tmp_path / "x"))
     assert bad.exit_code == 2 and "valid formats: merged, peft" in bad.output
+
+
+def test_report_writes_markdown_json_and_a_plot(tiny_folder, data_dir, tmp_path):
+    run = tmp_path / "run"
+    task = tmp_path / "small.jsonl"  # 30 rows: the evaluations stay short
+    task.write_text("\n".join(json.dumps({"input": f"a great film {i}", "label": i % 2,
+                                          "candidates": [" terrible", " great"]})
+                              for i in range(30)))
+    finetuned = invoke("finetune", "--model", tiny_folder, "--task", str(task), "--steps", "2",
+                       "--batch-size", "4", "--no-save-model", "--output", str(run))
+    assert finetuned.exit_code == 0, finetuned.output
+    result = invoke("report", str(run))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run / "memory.json").read_text())
+    assert summary["predicted_components"]["weights"] > 0
+    assert set(summary["measured_peak_by_phase"]) >= {"load", "train", "eval"}
+    assert "| measured phase | peak |" in (run / "memory.md").read_text()
+    assert (run / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    missing = invoke("report", str(tmp_path / "nothing"))
+    assert missing.exit_code == 2 and "no report.json" in " ".join(missing.output.split())

@@ -67,12 +67,16 @@ def test_save_writes_a_model_transformers_loads(session, tmp_path):
     assert json.loads((out / "report.json").read_text())["steps"] == 1
 
 
-def test_over_budget_refuses_with_advice(tiny_folder, data_dir, tmp_path):
+def test_over_budget_refuses_with_advice(tiny_folder, data_dir, tmp_path, monkeypatch):
     profile = tmp_path / "tiny.yaml"
     profile.write_text("name: tiny\ndevice: cpu\ndevice_memory_gb: 0.0001\nhost_memory_gb: 1\n"
                        "host_device_bandwidth_gbps: 0\ndtype: fp32\nheadroom: 0.1\n")
-    with pytest.raises(OutOfBudgetError, match="smaller --batch-size"):
+    loads = []
+    monkeypatch.setattr("edgezo.session.load_weights", lambda *a, **k: loads.append(a))
+    with pytest.raises(OutOfBudgetError, match="What would fit: --scheme lora -> "
+                       ".*MiB .still too big.*--profile cpu-16gb -> "):
         Session(model=tiny_folder, profile=str(profile), data_dir=data_dir)
+    assert not loads  # refused from the config, before any weight was loaded
 
 
 @pytest.mark.parametrize("kwargs, needle", [
@@ -127,3 +131,37 @@ def test_a_session_without_a_task_trains_on_given_batches(tiny_folder):
             sess.evaluate()
     finally:
         sess.close()
+
+
+def test_the_guard_stops_an_over_budget_run_and_keeps_the_model(tiny_folder, data_dir,
+                                                               tmp_path, monkeypatch):
+    """A step whose measured memory crosses the budget ends the run with a clear error,
+    after the model and the report are written."""
+    from edgezo.train import finetune
+
+    task = tmp_path / "small.jsonl"  # a 30-row task keeps the evaluations short
+    task.write_text("\n".join(json.dumps({"input": f"a great film {i}", "label": i % 2,
+                                          "candidates": [" terrible", " great"]})
+                              for i in range(30)))
+    sess = Session(model=tiny_folder, task=str(task), batch_size=4, lr=0.05)
+    real_step = sess.engine.step
+    calls = []
+
+    def step(batch, lr):
+        calls.append(1)
+        if len(calls) == 3:  # the third step "uses" twice the budget
+            sess.monitor.peaks["train"] = 2 * sess.profile.budget_bytes
+        return real_step(batch, lr)
+
+    monkeypatch.setattr(sess.engine, "step", step)
+    out = tmp_path / "run"
+    try:
+        with pytest.raises(OutOfBudgetError, match="step 3 used .* over profile 8gb-gpu"):
+            finetune(sess, 10, output=out)
+    finally:
+        sess.close()
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 3 and report["stopped"].startswith("over budget")
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "model")  # the checkpoint is intact

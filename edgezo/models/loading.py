@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -114,6 +115,54 @@ class ResolvedModel:
     model_class: type
 
 
+def locate_model(spec: str) -> tuple[Path, str]:
+    """Where a model spec points: (path, kind), kind one of gguf, folder, hub, config."""
+    if spec == DEFAULT_MODEL:
+        return default_gguf(), "gguf"
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {spec} does not exist")
+        return path, "gguf"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{spec} is a folder but has no config.json; pass a "
+                                 "Hugging Face model folder, a .gguf file or a hub id")
+        return path, "folder"
+    if path.is_file() and path.suffix == ".json":
+        return path, "config"
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelLoadError(f"model path {spec} is not a model folder or a .gguf file")
+    return path, "hub"
+
+
+def load_config(spec: str | None):
+    """A model's config alone (no weights, no conversion): what `edgezo plan` needs."""
+    from transformers import AutoConfig
+
+    spec = spec or DEFAULT_MODEL
+    path, kind = locate_model(spec)
+    try:
+        if kind == "config":
+            data = json.loads(path.read_text())
+            if "model_type" not in data:
+                raise ModelLoadError(f"{spec} has no 'model_type'; is it a transformers "
+                                     "config.json?")
+            return AutoConfig.for_model(**data)
+        if kind == "gguf":
+            # A converted copy's config.json is instant; parsing the GGUF's metadata (the
+            # whole tokenizer included) takes seconds.
+            cached = sorted((cache_root() / "gguf").glob(f"{path.stem}-{_file_key(path)}-*"
+                                                         "/config.json"))
+            if cached:
+                return AutoConfig.from_pretrained(str(cached[0].parent))
+            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoConfig.from_pretrained(str(path) if kind == "folder" else spec)
+    except (OSError, ValueError, KeyError) as err:
+        hint = " (no network? pass a local folder, config.json or .gguf)" if kind == "hub" else ""
+        raise ModelLoadError(f"could not read the config of {spec!r}: {err}{hint}") from None
+
+
 def resolve_model(spec: str | None, dtype: torch.dtype) -> ResolvedModel:
     """Find (and for GGUF, convert once) a model; load its config, tokenizer and class.
 
@@ -126,23 +175,10 @@ def resolve_model(spec: str | None, dtype: torch.dtype) -> ResolvedModel:
 
     hf_logging.disable_progress_bar()  # edgezo reports its own progress
     spec = spec or DEFAULT_MODEL
-    if spec == DEFAULT_MODEL:
-        path, kind = default_gguf(), "gguf"
-    else:
-        path = Path(spec).expanduser()
-        if spec.endswith(".gguf"):
-            if not path.is_file():
-                raise ModelLoadError(f"GGUF file {spec} does not exist")
-            kind = "gguf"
-        elif path.is_dir():
-            if not (path / "config.json").is_file():
-                raise ModelLoadError(f"{spec} is a folder but has no config.json; pass a "
-                                     "Hugging Face model folder, a .gguf file or a hub id")
-            kind = "folder"
-        elif path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-            raise ModelLoadError(f"model path {spec} is not a model folder or a .gguf file")
-        else:
-            kind = "hub"
+    path, kind = locate_model(spec)
+    if kind == "config":
+        raise ModelLoadError(f"{spec} is a config file: it describes a model for `edgezo plan` "
+                             "but holds no weights to train; pass the model's folder or id")
     folder = str(convert_gguf(path, dtype)) if kind == "gguf" else str(path)
     try:
         config = AutoConfig.from_pretrained(folder)

@@ -106,6 +106,15 @@ def _trace_order(model: nn.Module, modules: list[nn.Module], first_layer: nn.Mod
     return seen
 
 
+def _registration_order(model: nn.Module, modules: list[nn.Module], layers: nn.ModuleList
+                        ) -> list[int]:
+    """Like _trace_order, from the order modules are registered instead of called."""
+    position = {id(m): k for k, (_, m) in enumerate(model.named_modules())}
+    marks = [(position[id(m)], i) for i, m in enumerate(modules)]
+    marks.append((position[id(layers)], -1))
+    return [i for _, i in sorted(marks)]
+
+
 def build_block_map(model: nn.Module) -> BlockMap:
     """Group the model's trainable parameters into blocks in execution order."""
     layers_name, layers = find_layers(model)
@@ -115,7 +124,12 @@ def build_block_map(model: nn.Module) -> BlockMap:
         (name, mod) for name, mod in model.named_modules()
         if any(p.requires_grad and id(p) not in in_layers for p in mod.parameters(recurse=False))
     ]
-    order = _trace_order(model, [m for _, m in outer], layers[0])
+    if next(model.parameters()).device.type == "meta":
+        # No values to trace with (planning from a config): registration order places
+        # the outer modules, which is what HF models do in their forward anyway.
+        order = _registration_order(model, [m for _, m in outer], layers)
+    else:
+        order = _trace_order(model, [m for _, m in outer], layers[0])
     split = order.index(-1) if -1 in order else 0
     pre_ids = [i for i in order[:split] if i >= 0]
     post_ids = [i for i in order[split + 1:] if i >= 0]

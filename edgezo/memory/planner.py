@@ -1,0 +1,196 @@
+"""`edgezo plan`: the memory plan of a run from the model's config alone.
+
+The model is built on the meta device (shapes and dtypes, no storage), the scheme is
+applied to it, and the same arithmetic as a live run's plan (`plan.plan_step`) prices
+it, so a 70B config is planned in about a second. The planner then decides what a run
+would do — pair mode or two passes, the largest batch that fits — and, when nothing fits,
+prices the changes that would: a smaller batch, LoRA instead of full, an NF4 base, a
+larger profile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from edgezo.errors import ConfigError, unknown_choice
+from edgezo.memory.plan import Plan, plan_step
+from edgezo.models.loading import QUANTIZATIONS, load_config, parse_dtype
+from edgezo.profiles import Profile, list_profiles, load_profile
+from edgezo.schemes import SchemeOptions, apply_scheme, check_scheme
+from edgezo.zo.blocks import backward_depth, build_block_map, find_layers, resolve_fo_blocks
+from edgezo.zo.optimizers import make_optimizer
+
+MAX_BATCH = 4096
+
+
+@dataclass
+class PlanRequest:
+    model: str | None
+    profile: str = "8gb-gpu"
+    scheme: str = "full"
+    optimizer: str = "zo-sgd"
+    quantize: str | None = None
+    dtype: str | None = None
+    batch_size: int = 16
+    seq_len: int = 256
+    pair: bool | None = None
+    sparsity: float = 0.0
+    fo_blocks: list[str | int] = field(default_factory=list)
+
+
+@dataclass
+class PlanResult:
+    request: PlanRequest
+    plan: Plan
+    max_batch_size: int  # largest batch that fits in the chosen mode (0: none)
+    alternatives: list[dict]
+
+    def to_dict(self) -> dict:
+        return {"request": self.request.__dict__, "plan": self.plan.to_dict(),
+                "max_batch_size": self.max_batch_size, "alternatives": self.alternatives}
+
+
+def quantized_weight_bytes(model: nn.Module, quantize: str) -> int:
+    """Bytes of the weights once bitsandbytes has quantized the layers' linear maps.
+
+    NF4 with double quantization: 4 bits a weight, one 8-bit absmax per 64 weights and
+    one fp32 constant per 256 absmax blocks. int8: one byte a weight and one fp32 scale
+    per output row. Embeddings, norms and the LM head stay in the compute dtype.
+    """
+    _, layers = find_layers(model)
+    # the base model's linear maps; adapters added on top stay in the compute dtype
+    quantized = {id(m.weight) for m in layers.modules()
+                 if isinstance(m, nn.Linear) and not m.weight.requires_grad}
+    total = 0
+    seen: set[int] = set()
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if id(p) not in quantized:
+                total += p.numel() * p.element_size()
+            elif quantize == "nf4":
+                total += p.numel() // 2 + p.numel() // 64 + 4 * (p.numel() // (64 * 256) + 1)
+            else:
+                total += p.numel() + 4 * p.shape[0]
+    return total + sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def _meta_model(request: PlanRequest, config, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return apply_scheme(model.eval(), request.scheme, SchemeOptions())
+
+
+_MODELS: dict[tuple, tuple] = {}  # (config id, scheme, dtype) -> (meta model, blocks)
+
+
+def _priced_model(request: PlanRequest, config, dtype: torch.dtype):
+    key = (id(config), request.scheme, dtype)
+    if key not in _MODELS:
+        if len(_MODELS) > 16:
+            _MODELS.clear()
+        model = _meta_model(request, config, dtype)
+        _MODELS[key] = (model, build_block_map(model), config)  # config kept: id stays valid
+    return _MODELS[key][:2]
+
+
+def price(request: PlanRequest, config=None, profile: Profile | None = None,
+          pair: bool = True) -> Plan:
+    """The plan of one configuration (no decisions)."""
+    if request.quantize is not None and request.quantize not in QUANTIZATIONS:
+        raise unknown_choice("quantization", request.quantize, QUANTIZATIONS)
+    check_scheme(request.scheme, SchemeOptions())
+    if request.quantize and request.scheme == "full":
+        raise ConfigError("a quantized base cannot take full fine-tuning; use an adapter scheme")
+    profile = profile or load_profile(request.profile)
+    config = config if config is not None else load_config(request.model)
+    dtype = parse_dtype(request.dtype or profile.dtype)
+    optimizer = make_optimizer(request.optimizer)
+    model, blocks = _priced_model(request, config, dtype)
+    fo = (set(range(len(blocks.params))) if optimizer.estimator == "fo"
+          else resolve_fo_blocks(blocks, request.fo_blocks))
+    on_cuda = profile.device == "cuda" and torch.cuda.is_available()
+    plan = plan_step(model, blocks, profile, batch_size=request.batch_size,
+                     seq_len=request.seq_len, pair=pair and optimizer.estimator == "zo",
+                     on_cuda=on_cuda, optimizer_state_bytes=optimizer.state_bytes_per_param,
+                     noise_threads=1 if on_cuda else 2, sparsity=request.sparsity > 0,
+                     fo_params=sum(blocks.params[i].numel() for i in fo),
+                     backward_layers=backward_depth(blocks, fo),
+                     forward_grad=optimizer.estimator == "forward-grad")
+    if request.quantize:
+        plan.components["weights"] = quantized_weight_bytes(model, request.quantize)
+    return plan
+
+
+def _largest_batch(request: PlanRequest, config, profile: Profile, pair: bool) -> int:
+    """Binary search on the batch size (the plan grows monotonically with it)."""
+    def fits(b: int) -> bool:
+        r = PlanRequest(**{**request.__dict__, "batch_size": b})
+        return price(r, config, profile, pair).fits
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= MAX_BATCH and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, MAX_BATCH + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def plan_run(request: PlanRequest) -> PlanResult:
+    """Decide pair/two-pass and the largest batch; price alternatives if it does not fit."""
+    profile = load_profile(request.profile)
+    config = load_config(request.model)
+    zo = make_optimizer(request.optimizer).estimator == "zo"
+    pair_plan = price(request, config, profile, pair=True)
+    pair = request.pair if request.pair is not None else (zo and pair_plan.fits)
+    plan = pair_plan if pair else price(request, config, profile, pair=False)
+    max_batch = _largest_batch(request, config, profile, pair)
+    alternatives = [] if plan.fits else _alternatives(request, config, profile, pair)
+    return PlanResult(request, plan, max_batch, alternatives)
+
+
+def _alternatives(request: PlanRequest, config, profile: Profile, pair: bool) -> list[dict]:
+    out = []
+
+    def add(change: str, r: PlanRequest, prof: Profile = profile, mode: bool = False) -> None:
+        try:
+            p = price(r, config, prof, pair=mode)
+        except ConfigError:
+            return
+        out.append({"change": change, "predicted_total_bytes": p.total_bytes,
+                    "budget_bytes": p.budget_bytes, "fits": p.fits})
+
+    base = request.__dict__
+    if pair:
+        add("two forward passes instead of pair mode", request, mode=False)
+    best = _largest_batch(request, config, profile, False)
+    if 0 < best < request.batch_size:
+        add(f"--batch-size {best}", PlanRequest(**{**base, "batch_size": best}))
+    if request.scheme == "full":
+        add("--scheme lora", PlanRequest(**{**base, "scheme": "lora"}))
+        add("--scheme lora --quantize nf4",
+            PlanRequest(**{**base, "scheme": "lora", "quantize": "nf4"}))
+    elif request.quantize != "nf4":
+        add("--quantize nf4", PlanRequest(**{**base, "quantize": "nf4"}))
+    if (request.dtype or profile.dtype) == "fp32":
+        add("--dtype bf16", PlanRequest(**{**base, "dtype": "bf16"}))
+    bigger = sorted((load_profile(n) for n in list_profiles()),
+                    key=lambda p: p.budget_bytes)
+    for prof in bigger:
+        if prof.device == profile.device and prof.budget_bytes > profile.budget_bytes:
+            p = price(request, config, prof, pair=False)
+            if p.fits:
+                add(f"--profile {prof.name}", request, prof)
+                break
+    return out

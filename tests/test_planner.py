@@ -1,0 +1,115 @@
+"""`edgezo plan`: arithmetic on hand-checkable configs, decisions, advice."""
+
+import json
+
+import pytest
+from edgezo.cli.main import app
+from typer.testing import CliRunner
+
+from edgezo.memory.planner import PlanRequest, plan_run, price, quantized_weight_bytes
+from edgezo.models.tiny import tiny_config
+from edgezo.profiles import load_profile
+
+LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+            "vocab_size": 32000, "max_position_embeddings": 4096}
+
+
+@pytest.fixture()
+def config_file(tmp_path):
+    def write(config: dict):
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps(config))
+        return str(path)
+    return write
+
+
+def tiny_llama_file(config_file):
+    return config_file(tiny_config("llama").to_dict())
+
+
+def test_components_by_hand(config_file):
+    """Tiny Llama (H=32, I=64, 2 layers, vocab 256, tied), fp32, batch 2 x 8 tokens."""
+    path = tiny_llama_file(config_file)
+    req = PlanRequest(model=path, profile="cpu-16gb", dtype="fp32", batch_size=2, seq_len=8,
+                      optimizer="zo-adam")
+    plan = price(req, pair=True)
+    H, inter, V, L = 32, 64, 256, 2
+    # per layer: 2 norms (H), q (H·H), k and v (H·H/2 each: 2 of 4 heads), o (H·H), MLP 3·H·I
+    layer = 2 * H + H * H + 2 * (H * H // 2) + H * H + 3 * H * inter
+    params = V * H + L * layer + H  # tied embedding/head counted once, final norm
+    assert plan.components["optimizer_state"] == 8 * params
+    rows = 2 * 2  # pair mode doubles the batch
+    tokens = rows * 8
+    activations = (tokens * (4 * H + 3 * inter) * 4 + rows * 4 * 8 * 8 * 4
+                   + rows * V * (4 + 3 * 4))
+    assert plan.components["activations"] == activations
+    assert plan.components["weights"] >= params * 4  # plus the rotary buffer
+    two = price(req, pair=False)
+    assert two.components["perturbation_scratch"] < plan.components["perturbation_scratch"]
+
+
+def test_config_plan_matches_the_live_session_plan(tiny_folder, data_dir):
+    from edgezo.session import Session
+
+    for scheme, optimizer in (("full", "zo-sgd"), ("lora", "zo-adam"), ("prompt", "zo-sgd")):
+        sess = Session(model=tiny_folder, data_dir=data_dir, scheme=scheme,
+                       optimizer=optimizer, batch_size=4)
+        try:
+            live = sess.plan
+        finally:
+            sess.close()
+        req = PlanRequest(model=tiny_folder, scheme=scheme, optimizer=optimizer,
+                          batch_size=4, seq_len=live.seq_len)
+        assert price(req, pair=live.pair).components == live.components, scheme
+
+
+def test_largest_batch_is_the_boundary(config_file):
+    path = config_file(LLAMA_7B)
+    req = PlanRequest(model=path, profile="24gb-gpu", scheme="lora", quantize="nf4",
+                      seq_len=512)
+    result = plan_run(req)
+    best = result.max_batch_size
+    assert best > 1
+    at = price(PlanRequest(**{**req.__dict__, "batch_size": best}), pair=result.plan.pair)
+    over = price(PlanRequest(**{**req.__dict__, "batch_size": best + 1}),
+                 pair=result.plan.pair)
+    assert at.fits and not over.fits
+
+
+def test_a_7b_model_on_8gb_is_refused_with_priced_advice(config_file):
+    path = config_file(LLAMA_7B)
+    result = plan_run(PlanRequest(model=path, profile="8gb-gpu"))
+    assert not result.plan.fits and result.max_batch_size == 0
+    changes = {a["change"]: a for a in result.alternatives}
+    assert changes["--scheme lora --quantize nf4"]["fits"]
+    assert not changes["--scheme lora"]["fits"]  # bf16 weights alone are 12.6 GiB
+    assert any(c.startswith("--profile") for c in changes)
+    cli = CliRunner().invoke(app, ["plan", "--model", path, "--profile", "8gb-gpu"])
+    assert cli.exit_code == 1 and "does not fit" in cli.output
+    assert "try: --scheme lora --quantize nf4" in " ".join(cli.output.split())
+    as_json = CliRunner().invoke(app, ["plan", "--model", path, "--json"])
+    assert json.loads(as_json.output)["plan"]["fits"] is False
+
+
+def test_quantized_weight_bytes_by_hand(config_file):
+    path = config_file(LLAMA_7B)
+    fp = price(PlanRequest(model=path, scheme="lora", dtype="bf16"), pair=False)
+    nf4 = price(PlanRequest(model=path, scheme="lora", quantize="nf4", dtype="bf16"),
+                pair=False)
+    int8 = price(PlanRequest(model=path, scheme="lora", quantize="int8", dtype="bf16"),
+                 pair=False)
+    linear = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)  # per layer: q,k,v,o + MLP
+    other = fp.components["weights"] - 2 * linear
+    # LoRA matrices stay bf16; NF4 = 4 bits + absmax bytes; int8 = 1 byte + row scales
+    assert nf4.components["weights"] == pytest.approx(other + linear * (0.5 + 1 / 64),
+                                                      rel=1e-3)
+    assert int8.components["weights"] == pytest.approx(other + linear, rel=1e-3)
+    assert callable(quantized_weight_bytes)
+
+
+def test_every_profile_plans(config_file):
+    path = tiny_llama_file(config_file)
+    for name in ("4gb-gpu", "8gb-gpu", "jetson-orin-8gb", "cpu-16gb", "h100-80gb"):
+        assert price(PlanRequest(model=path, profile=name), pair=True).fits
+        assert load_profile(name).budget_bytes > 0
