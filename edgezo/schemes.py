@@ -157,13 +157,3 @@ def _init_prefix_from_activations(wrapped, generator: torch.Generator) -> None:
                           f"holds {tuple(flat.shape)} values per prefix, peft expects "
                           f"{tuple(weight.shape)}")
     weight.copy_(flat.to(weight.dtype))
-
-
-def trainable_summary(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, tied weights counted once."""
-    seen: dict[int, nn.Parameter] = {}
-    for p in model.parameters():
-        seen.setdefault(id(p), p)
-    total = sum(p.numel() for p in seen.values())
-    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
-    return trainable, total

@@ -20,6 +20,7 @@ from edgezo.memory.plan import Plan, plan_step
 from edgezo.models.loading import QUANTIZATIONS, load_config, parse_dtype
 from edgezo.profiles import Profile, list_profiles, load_profile
 from edgezo.schemes import SchemeOptions, apply_scheme, check_scheme
+from edgezo.zo import noise
 from edgezo.zo.blocks import backward_depth, build_block_map, find_layers, resolve_fo_blocks
 from edgezo.zo.optimizers import make_optimizer
 
@@ -120,7 +121,8 @@ def price(request: PlanRequest, config=None, profile: Profile | None = None,
     plan = plan_step(model, blocks, profile, batch_size=request.batch_size,
                      seq_len=request.seq_len, pair=pair and optimizer.estimator == "zo",
                      on_cuda=on_cuda, optimizer_state_bytes=optimizer.state_bytes_per_param,
-                     noise_threads=1 if on_cuda else 2, sparsity=request.sparsity > 0,
+                     noise_threads=1 if on_cuda else noise.worker_threads(),
+                     sparsity=request.sparsity > 0,
                      fo_params=sum(blocks.params[i].numel() for i in fo),
                      backward_layers=backward_depth(blocks, fo),
                      forward_grad=optimizer.estimator == "forward-grad")

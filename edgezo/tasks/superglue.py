@@ -10,6 +10,7 @@ README); rows with a missing or mistyped field raise TaskError naming the file a
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from edgezo.errors import TaskError
@@ -19,8 +20,10 @@ from edgezo.tasks.data import find_task_dir, load_from_hub
 NO_YES = ("No", "Yes")
 
 
-def read_jsonl(path: Path, required: dict[str, type | tuple[type, ...]]) -> list[dict]:
-    """Rows of a JSONL file, each checked for the fields (and types) a task reads."""
+def read_jsonl(path: Path, required: dict[str, type | tuple[type, ...]],
+               check: Callable[[dict, int], None] | None = None) -> list[dict]:
+    """Rows of a JSONL file, each checked for the fields (and types) a task reads, then by
+    `check(row, line_number)`, which raises TaskError naming what is wrong."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
@@ -39,6 +42,8 @@ def read_jsonl(path: Path, required: dict[str, type | tuple[type, ...]]) -> list
                     raise TaskError(f"{path}, line {line_no}: field {field!r} should be "
                                     f"{getattr(kind, '__name__', kind)}, got "
                                     f"{type(row[field]).__name__}")
+            if check is not None:
+                check(row, line_no)
             rows.append(row)
     return rows
 

@@ -23,7 +23,6 @@ train file, the test file as test (or a held-out third when there is none).
 
 from __future__ import annotations
 
-import json
 import string
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import yaml
 
 from edgezo.errors import TaskError
 from edgezo.tasks.base import Example, Task
+from edgezo.tasks.superglue import read_jsonl
 
 LOSSES = ("classification", "lm")
 
@@ -86,24 +86,17 @@ class UserTask(Task):
         return spec
 
     def _load(self, path: Path) -> list[dict]:
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise TaskError(f"{path}, line {line_no}: not valid JSON ({err.msg})"
-                                    ) from None
-                if not isinstance(row, dict):
-                    raise TaskError(f"{path}, line {line_no}: expected a JSON object")
-                self._check(row, path, line_no)
-                if rows and len(row["_candidates"]) != len(rows[0]["_candidates"]):
-                    raise TaskError(f"{path}, line {line_no}: field 'candidates' has "
-                                    f"{len(row['_candidates'])} answers but earlier rows have "
-                                    f"{len(rows[0]['_candidates'])}; a task needs one count")
-                rows.append(row)
+        counts: list[int] = []
+
+        def check(row: dict, line_no: int) -> None:
+            self._check(row, path, line_no)
+            counts.append(len(row["_candidates"]))
+            if counts[-1] != counts[0]:
+                raise TaskError(f"{path}, line {line_no}: field 'candidates' has {counts[-1]} "
+                                f"answers but earlier rows have {counts[0]}; a task needs "
+                                "one count")
+
+        rows = read_jsonl(path, {}, check)
         if not rows:
             raise TaskError(f"{path}: no rows")
         return rows

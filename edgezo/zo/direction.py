@@ -32,11 +32,6 @@ class Direction:
     def covers(self, index: int) -> bool:
         return self.active is None or index in self.active
 
-    def scaled(self, factor: float) -> Direction:
-        """The same direction times `factor` (the coefficients only; z is shared)."""
-        return Direction(self.seeds, tuple(c * factor for c in self.coefs), self.kind,
-                         self.masks, self.active)
-
     def _plain(self) -> bool:
         return len(self.seeds) == 1 and self.coefs[0] == 1.0 and self.masks is None
 

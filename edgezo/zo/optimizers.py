@@ -23,6 +23,7 @@ Adding an optimizer: a Rule subclass (if the update is new) and a line in OPTIMI
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -69,7 +70,7 @@ def store(param: torch.Tensor, new: torch.Tensor, bits: torch.Tensor | None) -> 
     param.copy_(new)  # exact: the value is representable in bf16
 
 
-class Rule:
+class Rule(ABC):
     """Base of the update rules. `update` gets one chunk: the parameter rows (model
     dtype), d on those rows (fp32, may be modified in place), the step's lr, the step
     number t (1-based), the parameter index and first row, and the rounding bits."""
@@ -84,8 +85,9 @@ class Rule:
         self.weight_decay = weight_decay
         self.state: dict[str, list[torch.Tensor]] = {}
 
-    def init_state(self, params: list[torch.Tensor]) -> None:
-        """Allocate the state up front, so its memory shows from the first step."""
+    def init_state(self, params: list[torch.Tensor]) -> None:  # noqa: B027 - stateless
+        """Allocate the state up front, so its memory shows from the first step (stateless
+        rules keep none)."""
 
     def _zeros(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         return [torch.zeros(noise.num_rows(p.shape), p[0].numel() if p.dim() else 1,
@@ -96,9 +98,10 @@ class Rule:
             d.add_(theta, alpha=self.weight_decay)
         return d
 
+    @abstractmethod
     def update(self, p: torch.Tensor, d: torch.Tensor, lr: float, t: int, index: int, lo: int,
                bits: torch.Tensor | None) -> None:
-        raise NotImplementedError
+        """Apply the rule to one chunk of rows, in place."""
 
 
 class SGD(Rule):
