@@ -311,6 +311,7 @@ class Session:
                 for ex, ok in zip(part, right, strict=True):
                     if ex.group is not None:
                         groups.setdefault(ex.group, []).append(ok)
+        release_freed_memory()  # eval batches differ in shape; return their freed heap
         result = {"accuracy": sum(hits) / max(1, len(hits)), "examples": len(hits),
                   "split": split}
         if groups:  # MultiRC: a question counts when every answer option is right

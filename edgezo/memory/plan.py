@@ -29,6 +29,7 @@ from edgezo.zo import noise
 from edgezo.zo.blocks import BlockMap
 
 CUDA_CONTEXT_BYTES = 450 * 1024**2
+THREAD_BUFFERS = 5
 
 
 @dataclass
@@ -121,8 +122,10 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, *, bat
         else:
             need = sum(_bytes(p) for p in params) * copies
         scratch = max(scratch, need)
-    chunk_bytes = noise.CHUNK_ELEMENTS * next(model.parameters()).element_size()
-    scratch += chunk_bytes * noise_threads
+    # Each thread that draws noise keeps its reusable one-chunk buffers: z, d, the fp32
+    # copy of the weights, the rounding dither and the fp32 sum (4 bytes a value each).
+    # The pool's threads and the calling thread all hold a set.
+    scratch += THREAD_BUFFERS * 4 * noise.CHUNK_ELEMENTS * (noise_threads + 1)
     elem = next(model.parameters()).element_size()
     components = {
         "weights": weights,
