@@ -113,3 +113,11 @@ def test_every_profile_plans(config_file):
     for name in ("4gb-gpu", "8gb-gpu", "jetson-orin-8gb", "cpu-16gb", "h100-80gb"):
         assert price(PlanRequest(model=path, profile=name), pair=True).fits
         assert load_profile(name).budget_bytes > 0
+
+
+def test_options_the_optimizer_would_not_use_are_refused(config_file):
+    from edgezo.errors import ConfigError
+
+    path = tiny_llama_file(config_file)
+    with pytest.raises(ConfigError, match="sparsity does not apply to fo-adam"):
+        price(PlanRequest(model=path, optimizer="fo-adam", sparsity=0.5))

@@ -22,6 +22,7 @@ from edgezo.profiles import Profile, list_profiles, load_profile
 from edgezo.schemes import SchemeOptions, apply_scheme, check_scheme
 from edgezo.zo import noise
 from edgezo.zo.blocks import backward_depth, build_block_map, find_layers, resolve_fo_blocks
+from edgezo.zo.engine import ZOEngine
 from edgezo.zo.optimizers import make_optimizer
 
 MAX_BATCH = 4096
@@ -114,6 +115,9 @@ def price(request: PlanRequest, config=None, profile: Profile | None = None,
     config = config if config is not None else load_config(request.model)
     dtype = parse_dtype(request.dtype or profile.dtype)
     optimizer = make_optimizer(request.optimizer)
+    # the same refusals as a run: no option priced that the optimizer would not use
+    ZOEngine._check_options(optimizer, 1, "two-sided", "gaussian", False, request.sparsity,
+                            request.fo_blocks)
     model, blocks = _priced_model(request, config, dtype)
     fo = (set(range(len(blocks.params))) if optimizer.estimator == "fo"
           else resolve_fo_blocks(blocks, request.fo_blocks))
