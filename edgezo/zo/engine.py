@@ -133,6 +133,8 @@ class ZOEngine:
                   else [sorted(everything)])
         self.groups = [frozenset(i for i in g if i in self.zo_indices) for g in groups]
         self.groups = [g for g in self.groups if g]
+        # A group of every parameter is "all": d needs no per-parameter lookups then.
+        self._active = [None if len(g) == len(params) else g for g in self.groups]
         self.masks = (SparseMasks([params[i] for i in range(len(params))], sparsity,
                                   sparsity_mask, sparsity_every, seed)
                       if sparsity > 0 else None)
@@ -304,10 +306,11 @@ class ZOEngine:
             self.perturbation.flush()  # the pending update belongs to the old masks
             self.masks.resample(t)
         fo_loss = self._fo_backward(batch) if self.fo_indices else None
-        for gi, group in enumerate(self.groups):
+        for gi, active in enumerate(self._active):
             # Only the first group can reuse L(θ) from the FO pass: later groups see the
             # weights their predecessors moved.
-            self._zo_group(batch, lr, t, gi, group, result, fo_loss if gi == 0 else None)
+            self._zo_group(batch, lr, t, gi, active, result,
+                           fo_loss if gi == 0 else None)
         if fo_loss is not None:
             if math.isnan(result.loss):
                 result.loss = fo_loss
@@ -322,7 +325,7 @@ class ZOEngine:
         self.step_index += 1
         return result
 
-    def _zo_group(self, batch: dict, lr: float, t: int, gi: int, group: frozenset[int],
+    def _zo_group(self, batch: dict, lr: float, t: int, gi: int, group: frozenset[int] | None,
                   result: StepResult, base: float | None) -> None:
         """Estimate and queue the update of one parameter group (base: L(θ) if known)."""
         opt = self.optimizer
