@@ -43,6 +43,11 @@ TaskOpt = typer.Option("sst2", "--task", help="sst2, copa, winogrande, multirc, 
 TemplateOpt = typer.Option("aligned", "--template", help="aligned (the task's prompt) or empty "
                            "(bare inputs, same answers)")
 DtypeOpt = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (default: the profile's)")
+OffloadOpt = typer.Option("auto", help="Stream decoder layers off the device: auto (only "
+                          "when the weights do not fit), off, host (pinned host memory, "
+                          "GPU) or disk (safetensors files; always the tier on a CPU)")
+StreamLayersOpt = typer.Option(None, min=0, help="How many layers stream (default: the "
+                               "fewest that fit; all with --offload host/disk)")
 DataDirOpt = typer.Option(None, "--data-dir", help="Folder with the task data "
                           "(default: $EDGEZO_DATA_DIR, then ./shared/data or ../shared/data)")
 
@@ -126,6 +131,10 @@ def finetune(
     prompt_tokens: int = typer.Option(10, min=1, help="Virtual tokens (--scheme prompt)"),
     quantize: str | None = typer.Option(None, help="Quantize the base on load: nf4 or int8 "
                                         "(bitsandbytes; with lora, prefix, prompt or head)"),
+    offload: str = OffloadOpt,
+    stream_layers: int | None = StreamLayersOpt,
+    offload_dir: Path | None = typer.Option(None, help="Folder for the disk tier's layer "
+                                            "files (default: a temporary folder)"),
 ) -> None:
     """Fine-tune a model on a task with ZO under a device profile's memory budget."""
     from edgezo.session import Session
@@ -144,7 +153,8 @@ def finetune(
                       eval_batch_size=eval_batch_size, data_seed=data_seed, template=template,
                       lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=_list(lora_targets),
                       prefix_tokens=prefix_tokens, prompt_tokens=prompt_tokens,
-                      quantize=quantize)
+                      quantize=quantize, offload=offload, stream_layers=stream_layers,
+                      offload_dir=None if offload_dir is None else str(offload_dir))
     try:
         run(session, steps, eval_every=eval_every, output=output, save_model=save_model)
     finally:
@@ -202,6 +212,8 @@ def plan(
                                      "(default: pair mode when it fits)"),
     sparsity: float = typer.Option(0.0, min=0.0, max=0.999999, help="Sparse ZO (masks)"),
     fo_blocks: str | None = typer.Option(None, "--fo-blocks", help="Hybrid ZO/FO blocks"),
+    offload: str = OffloadOpt,
+    stream_layers: int | None = StreamLayersOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON"),
 ) -> None:
     """Predict a run's peak memory from the model's config alone, before any download."""
@@ -210,7 +222,8 @@ def plan(
     result = plan_run(PlanRequest(model=model, profile=profile, scheme=scheme,
                                   optimizer=optimizer, quantize=quantize, dtype=dtype,
                                   batch_size=batch_size, seq_len=seq_len, pair=pair,
-                                  sparsity=sparsity, fo_blocks=_list(fo_blocks)))
+                                  sparsity=sparsity, fo_blocks=_list(fo_blocks),
+                                  offload=offload, stream_layers=stream_layers))
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -233,6 +246,17 @@ def _plan_table(result) -> Table:
                   f"{p.budget_bytes / gib:.3f} budget: {verdict}")
     table.add_row("mode", "pair (one doubled forward)" if p.pair else "two forward passes")
     table.add_row("largest batch that fits", str(result.max_batch_size or "none"))
+    st = p.streaming
+    if st:
+        n = len(st["layers"])
+        table.add_row("streamed layers", f"{n} from {st['tier']} ({st['buffers']} device "
+                      f"buffer{'s' if st['buffers'] > 1 else ''}): {st['layers']}")
+        moved = st["host_bytes"] or st["disk_bytes"]
+        table.add_row(f"{st['tier']} memory for them", f"{moved / gib:.3f}")
+        compute = ("unknown (profile has no device_tflops)" if st["compute_s"] is None
+                   else f"{st['compute_s'] * 1e3:.1f} ms")
+        table.add_row("step time bound", f"max(transfer {st['transfer_s'] * 1e3:.1f} ms, "
+                      f"compute {compute}) = {st['step_bound_s'] * 1e3:.1f} ms")
     for alt in result.alternatives:
         ok = "fits" if alt["fits"] else "still too big"
         table.add_row(f"try: {alt['change']}",

@@ -31,6 +31,8 @@ _FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "dtype": ((str,), True),
     "headroom": ((int, float), True),
     "unified_memory": ((bool,), False),
+    "device_tflops": ((int, float), False),
+    "disk_bandwidth_gbps": ((int, float), False),
 }
 
 
@@ -48,6 +50,8 @@ class Profile:
     description: str = ""
     unified_memory: bool = False
     source: str = ""
+    device_tflops: float = 0.0  # dense throughput in the profile's dtype; 0: not known
+    disk_bandwidth_gbps: float = 2.0  # read bandwidth of the disk tier (NVMe class)
 
     @property
     def budget_bytes(self) -> int:
@@ -108,6 +112,9 @@ def _validate(data: Any, where: str) -> list[str]:
             problems.append(f"{where}: field '{field}' must be > 0, got {data[field]}")
     if data["host_device_bandwidth_gbps"] < 0:
         problems.append(f"{where}: field 'host_device_bandwidth_gbps' must be >= 0")
+    for field in ("device_tflops", "disk_bandwidth_gbps"):
+        if field in data and data[field] < 0:
+            problems.append(f"{where}: field '{field}' must be >= 0, got {data[field]}")
     if not 0 <= data["headroom"] < 1:
         problems.append(f"{where}: field 'headroom' must be in [0, 1), got {data['headroom']}")
     return problems
@@ -134,6 +141,8 @@ def load_profile(name_or_path: str) -> Profile:
         headroom=float(data["headroom"]),
         unified_memory=bool(data.get("unified_memory", False)),
         source=str(path),
+        device_tflops=float(data.get("device_tflops", 0.0)),
+        disk_bandwidth_gbps=float(data.get("disk_bandwidth_gbps", 2.0)),
     )
 
 

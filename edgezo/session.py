@@ -12,6 +12,7 @@ The Session only wires parts together; the logic lives in `edgezo.zo`, `edgezo.t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,7 +24,8 @@ import torch
 from edgezo import __version__
 from edgezo.errors import ConfigError, OutOfBudgetError, unknown_choice
 from edgezo.memory.measure import MemoryMonitor, release_freed_memory
-from edgezo.memory.plan import Plan, plan_step
+from edgezo.memory.plan import Plan, layer_bytes, plan_step, streamed_layers
+from edgezo.memory.planner import OFFLOAD
 from edgezo.models.loading import DEFAULT_MODEL, load_weights, parse_dtype, resolve_model
 from edgezo.profiles import human_bytes, load_profile
 from edgezo.schemes import SchemeOptions, apply_scheme, check_scheme
@@ -56,7 +58,9 @@ class Session:
                  warmup_steps: int = 0, total_steps: int | None = None,
                  template: str = "aligned", lora_r: int = 8, lora_alpha: float = 16.0,
                  lora_targets: list[str] | None = None, prefix_tokens: int = 5,
-                 prompt_tokens: int = 10, quantize: str | None = None):
+                 prompt_tokens: int = 10, quantize: str | None = None,
+                 offload: str = "auto", stream_layers: int | None = None,
+                 offload_dir: str | None = None):
         """Every option of `edgezo finetune` has the keyword of the same name here. An
         option that does not apply to the chosen optimizer is an error, not ignored."""
         self.scheme_options = SchemeOptions(lora_r, lora_alpha, list(lora_targets or []),
@@ -100,7 +104,8 @@ class Session:
                            lora_targets=list(lora_targets or []), prefix_tokens=prefix_tokens,
                            prompt_tokens=prompt_tokens, quantize=quantize,
                            schedule=schedule, warmup_steps=warmup_steps,
-                           total_steps=total_steps,
+                           total_steps=total_steps, offload=offload,
+                           stream_layers=stream_layers,
                            objective=objective if isinstance(objective, str) else "custom",
                            momentum=getattr(rule, "momentum", None),
                            betas=getattr(rule, "betas", None),
@@ -118,6 +123,14 @@ class Session:
         self.encoder = Encoder(self.tokenizer, max_length=max_length,
                                loss=self.task.loss if self.task is not None else "classification")
         self._plan_seq_len = self._seq_len()
+        if offload not in OFFLOAD:
+            raise unknown_choice("offload", offload, OFFLOAD)
+        if offload == "off" and stream_layers:
+            raise ConfigError("--stream-layers streams layers; --offload off forbids it")
+        self.offload, self.offload_dir, self._stream_opt = offload, offload_dir, stream_layers
+        # layers to stream: forced ones now; under a budget check the plan decides below
+        self._stream_k = (stream_layers if stream_layers is not None
+                          else -1 if offload in ("host", "disk") else 0)
         if check_budget:
             # Planned from the config before any weight is loaded: a model too big for
             # the profile fails in seconds, with the changes that would make it fit.
@@ -125,14 +138,25 @@ class Session:
                                          pair)
         release_freed_memory()  # what conversion or imports freed is not the run's memory
         self.monitor = MemoryMonitor(self.device)  # the baseline: everything but the weights
+        # A model that streams is loaded on the host; the resident part moves up after.
+        load_device = torch.device("cpu") if self._stream_k and self.on_cuda else self.device
         with self.monitor.phase("load"):
             self._model = apply_scheme(
-                load_weights(resolved, parse_dtype(self.dtype_name), self.device, quantize),
+                load_weights(resolved, parse_dtype(self.dtype_name), load_device, quantize),
                 scheme,
                 self.scheme_options)
             release_freed_memory()
 
         self._block_map = build_block_map(self._model)
+        n_layers = len(layer_bytes(self._block_map))
+        if self._stream_k == -1:
+            self._stream_k = n_layers
+        if not 0 <= self._stream_k <= n_layers:
+            raise ConfigError(f"--stream-layers must be in 0..{n_layers} (the model's layers), "
+                              f"got {self._stream_k}")
+        self._stream = streamed_layers(n_layers, self._stream_k)
+        # On a CPU the compute device is the host: streamed layers always come from disk.
+        self._tier = ("disk" if not self.on_cuda or offload == "disk" else "host")
         fo = (set(range(len(self._block_map.params))) if kind == "fo"
               else resolve_fo_blocks(self._block_map, self.estimator_options["fo_blocks"]))
         self._fo = (sum(self._block_map.params[i].numel() for i in fo),
@@ -153,6 +177,26 @@ class Session:
         self.engine = ZOEngine(self._model, self.optimizer, eps=eps, seed=seed, pair=self.pair,
                                blocks=self._block_map, loss_fn=loss_fn,
                                **self.estimator_options)
+        self.streamer = None
+        if self._stream:
+            self.streamer = self.engine.stream(self._stream, self.device, self._tier,
+                                               offload_dir)
+            if load_device != self.device:  # the resident layers go up; state follows
+                self._model.to(self.device)
+                self.optimizer.rule.init_state([p.detach() for p in self._block_map.params])
+            else:
+                # Loaded tensors can be views of one memory-mapped checkpoint, which stays
+                # mapped (and resident) while any of them lives: give the resident ones
+                # their own memory so the streamed layers' pages are let go.
+                streamed = {id(t.param) for layer in self.streamer.layers
+                            for t in layer.tensors}
+                with torch.no_grad():
+                    for p in self._model.parameters():
+                        if id(p) not in streamed:
+                            p.data = p.data.clone()
+                    for b in self._model.buffers():
+                        b.data = b.data.clone()
+                release_freed_memory()
         self._batches = None
         self.history: list[StepResult] = []
         self.evaluations: dict[str, dict] = {}
@@ -189,7 +233,8 @@ class Session:
                          noise_threads=threads,
                          sparsity=self.estimator_options["sparsity"] > 0,
                          fo_params=fo_params, backward_layers=backward_layers,
-                         forward_grad=self.optimizer.estimator == "forward-grad")
+                         forward_grad=self.optimizer.estimator == "forward-grad",
+                         stream_layers=self._stream, stream_tier=self._tier)
 
     def _check_plan_from_config(self, folder: str, scheme: str, optimizer: str,
                                 quantize: str | None, pair: bool | None) -> None:
@@ -200,7 +245,10 @@ class Session:
             model=folder, profile=str(self.profile.source), scheme=scheme,
             optimizer=optimizer, quantize=quantize, dtype=self.dtype_name,
             batch_size=self.batch_size, seq_len=self._plan_seq_len, pair=pair,
-            sparsity=o["sparsity"], fo_blocks=o["fo_blocks"]))
+            sparsity=o["sparsity"], fo_blocks=o["fo_blocks"], offload=self.offload,
+            stream_layers=self._stream_opt))
+        streaming = result.plan.streaming
+        self._stream_k = len(streaming["layers"]) if streaming else 0
         if result.plan.fits:
             return
         self.plan = result.plan
@@ -346,6 +394,7 @@ class Session:
             "peak_memory_bytes": self.monitor.run_peak_bytes,
             "peak_memory_by_phase": dict(self.monitor.peaks),
             "predicted_peak_memory_bytes": self.plan.peak_bytes,
+            "streaming": self.streamer.stats() if self.streamer else None,
             "plan": self.plan.to_dict(),
             "trainable_parameters": self.engine.blocks.numel(),
             "evaluations": self.evaluations,
@@ -361,7 +410,8 @@ class Session:
         self.engine.flush()
         self.engine.perturbation.remove()  # save the plain HF module
         try:
-            self._model.save_pretrained(out)
+            with self.streamer.materialized() if self.streamer else contextlib.nullcontext():
+                self._model.save_pretrained(out)
         finally:
             self.engine.perturbation.install()
         self.tokenizer.save_pretrained(out)

@@ -79,17 +79,37 @@ def test_largest_batch_is_the_boundary(config_file):
 
 def test_a_7b_model_on_8gb_is_refused_with_priced_advice(config_file):
     path = config_file(LLAMA_7B)
-    result = plan_run(PlanRequest(model=path, profile="8gb-gpu"))
+    result = plan_run(PlanRequest(model=path, profile="8gb-gpu", offload="off"))
     assert not result.plan.fits and result.max_batch_size == 0
     changes = {a["change"]: a for a in result.alternatives}
     assert changes["--scheme lora --quantize nf4"]["fits"]
     assert not changes["--scheme lora"]["fits"]  # bf16 weights alone are 12.6 GiB
     assert any(c.startswith("--profile") for c in changes)
-    cli = CliRunner().invoke(app, ["plan", "--model", path, "--profile", "8gb-gpu"])
+    assert any("--offload auto" in c and a["fits"] for c, a in changes.items())
+    args = ["plan", "--model", path, "--profile", "8gb-gpu", "--offload", "off"]
+    cli = CliRunner().invoke(app, args)
     assert cli.exit_code == 1 and "does not fit" in cli.output
     assert "try: --scheme lora --quantize nf4" in " ".join(cli.output.split())
-    as_json = CliRunner().invoke(app, ["plan", "--model", path, "--json"])
+    as_json = CliRunner().invoke(app, [*args, "--json"])
     assert json.loads(as_json.output)["plan"]["fits"] is False
+
+
+def test_a_7b_model_on_8gb_fits_by_streaming_layers(config_file):
+    path = config_file(LLAMA_7B)
+    result = plan_run(PlanRequest(model=path, profile="8gb-gpu"))
+    p = result.plan
+    assert p.fits and p.streaming["tier"] == "host" and p.streaming["buffers"] == 2
+    n = len(p.streaming["layers"])
+    fewer = price(PlanRequest(model=path, profile="8gb-gpu"), pair=p.pair, streamed=n - 1)
+    assert not fewer.fits  # the fewest layers that fit
+    # the bound is the slower of moving the streamed layers (in, and back: full FT) and
+    # the forward's FLOPs at the profile's throughput
+    s = p.streaming
+    assert s["bytes_out_per_step"] == s["bytes_in_per_step"] == s["host_bytes"]
+    assert s["transfer_s"] == pytest.approx(2 * s["host_bytes"] / 20e9)
+    assert s["step_bound_s"] == max(s["transfer_s"], s["compute_s"])
+    cli = CliRunner().invoke(app, ["plan", "--model", path, "--profile", "8gb-gpu"])
+    assert cli.exit_code == 0 and "streamed layers" in cli.output
 
 
 def test_quantized_weight_bytes_by_hand(config_file):

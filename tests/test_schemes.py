@@ -177,3 +177,19 @@ def test_quantized_bases_train_adapters_on_cpu(wide_folder, data_dir, tmp_path, 
 def test_full_fine_tuning_of_a_quantized_base_is_refused(wide_folder, data_dir):
     with pytest.raises(ConfigError, match="cannot take ZO updates"):
         Session(model=wide_folder, data_dir=data_dir, quantize="nf4")
+
+
+def test_lm_head_gets_a_contiguous_input_for_every_scheme():
+    """A strided head input made torch expand the head weight per row (864 MiB on
+    SmolLM2 at 16 rows); edgezo hands the head a contiguous copy instead."""
+    from edgezo.models.tiny import VOCAB, tiny_model
+    from edgezo.schemes import apply_scheme
+
+    for scheme in ("full", "lora", "prefix", "prompt", "head"):
+        model = apply_scheme(tiny_model("llama"), scheme)
+        seen = []
+        model.get_output_embeddings().register_forward_hook(
+            lambda _m, args, _out, seen=seen: seen.append(args[0].is_contiguous()))
+        with torch.no_grad():
+            model(input_ids=torch.randint(3, VOCAB, (3, 9)), logits_to_keep=1, use_cache=False)
+        assert seen == [True], scheme

@@ -43,6 +43,7 @@ class Plan:
     components: dict[str, int]
     runtime_overhead_bytes: int
     budget_bytes: int
+    streaming: dict | None = None  # which layers stream, from where, at what cost
 
     @property
     def peak_bytes(self) -> int:
@@ -98,11 +99,64 @@ def _saved_activation_bytes(config, rows: int, seq_len: int, elem: int, layers: 
     return layers * per_layer + rows * text.vocab_size * 3 * 4
 
 
+def streamed_layers(n_layers: int, k: int) -> list[int]:
+    """Which k of n layers stream: spread evenly, so that a streamed layer's upload can
+    overlap the compute of the resident layers before it."""
+    if k <= 0:
+        return []
+    if k >= n_layers:
+        return list(range(n_layers))
+    return sorted({int((j + 0.5) * n_layers / k) for j in range(k)})
+
+
+def layer_bytes(blocks: BlockMap) -> list[tuple[int, int]]:
+    """(all bytes, trainable bytes) of each decoder layer's parameters, in order."""
+    trainable = {id(p) for p in blocks.params}
+    out = []
+    for unit in blocks.units:
+        if unit.kind == "layer":
+            ps = list(unit.module.parameters())
+            out.append((sum(_bytes(p) for p in ps),
+                        sum(_bytes(p) for p in ps if id(p) in trainable)))
+    return out
+
+
+def _streaming(blocks: BlockMap, profile: Profile, layers: list[int], tier: str,
+               buffers: int, flops: float) -> tuple[int, int, dict]:
+    """(device bytes freed, buffer bytes, the plan's streaming section)."""
+    sizes = layer_bytes(blocks)
+    chosen = [sizes[i] for i in layers]
+    moved = sum(a for a, _ in chosen)
+    buffer = min(buffers, len(layers)) * max((a for a, _ in chosen), default=0)
+    out_bytes = sum(t for _, t in chosen)  # only trainable tensors travel back
+    bandwidth = (profile.host_device_bandwidth_gbps if tier == "host"
+                 else profile.disk_bandwidth_gbps) * 1e9
+    transfer_s = (moved + out_bytes) / bandwidth if bandwidth > 0 else float("inf")
+    compute_s = flops / (profile.device_tflops * 1e12) if profile.device_tflops else None
+    section = {
+        "tier": tier, "layers": layers, "buffers": min(buffers, len(layers)),
+        "host_bytes": moved if tier == "host" else 0,
+        "disk_bytes": moved if tier == "disk" else 0,
+        "bytes_in_per_step": moved, "bytes_out_per_step": out_bytes,
+        "transfer_s": transfer_s, "compute_s": compute_s,
+        "step_bound_s": max(transfer_s, compute_s or 0.0),
+    }
+    return moved, buffer, section
+
+
 def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, *, batch_size: int,
               seq_len: int, pair: bool, on_cuda: bool, optimizer_state_bytes: int = 0,
               noise_threads: int = 1, sparsity: bool = False, fo_params: int = 0,
-              backward_layers: int = 0, forward_grad: bool = False) -> Plan:
-    """Predict the peak device memory of one ZO step of `model` under `profile`."""
+              backward_layers: int = 0, forward_grad: bool = False,
+              stream_layers: list[int] | None = None, stream_tier: str = "host") -> Plan:
+    """Predict the peak device memory of one ZO step of `model` under `profile`.
+
+    `stream_layers`: decoder layers kept in `stream_tier` (host or disk) and brought to
+    the device through layer-sized buffers: two for a GPU profile (one computing, one
+    arriving; the same plan when the profile is emulated on a CPU, which uses one of
+    them), one for a CPU profile, where a layer is read just before it computes.
+    """
+    stream_buffers = 2 if profile.device == "cuda" else 1
     weights = sum(_bytes(p) for p in model.parameters()) + sum(_bytes(b) for b in model.buffers())
     copies = 2 if pair else 1
     rows = batch_size * copies
@@ -142,6 +196,14 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, *, bat
     if forward_grad:
         components["forward_grad_tangents"] = blocks.numel() * elem
         components["activations"] *= 2  # every activation carries its tangent
+    streaming = None
+    if stream_layers:
+        # the forward's multiply-adds: 2 FLOPs per weight per token, rows x seq tokens
+        flops = 2.0 * sum(p.numel() for p in model.parameters()) * rows * seq_len
+        moved, buffer, streaming = _streaming(blocks, profile, stream_layers, stream_tier,
+                                              stream_buffers, flops)
+        components["weights"] -= moved
+        components["stream_buffers"] = buffer
     cuda_profile = profile.device == "cuda"
     return Plan(
         profile=profile.name,
@@ -153,4 +215,5 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, *, bat
         components=components,
         runtime_overhead_bytes=CUDA_CONTEXT_BYTES if cuda_profile else 0,
         budget_bytes=profile.budget_bytes,
+        streaming=streaming,
     )

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from edgezo.errors import ConfigError, unknown_choice
-from edgezo.memory.plan import Plan, plan_step
+from edgezo.memory.plan import Plan, layer_bytes, plan_step, streamed_layers
 from edgezo.models.loading import QUANTIZATIONS, load_config, parse_dtype
 from edgezo.profiles import Profile, list_profiles, load_profile
 from edgezo.schemes import SchemeOptions, apply_scheme, check_scheme
@@ -26,6 +26,17 @@ from edgezo.zo.engine import ZOEngine
 from edgezo.zo.optimizers import make_optimizer
 
 MAX_BATCH = 4096
+OFFLOAD = ("auto", "off", "host", "disk")
+
+
+def stream_tier(request: PlanRequest, profile: Profile, layer_total: int) -> str:
+    """Where streamed layers live: pinned host memory on a GPU when it holds them (with
+    10% to spare), else the disk; on a CPU the disk (the host is the device)."""
+    if request.offload in ("host", "disk"):
+        return request.offload
+    if profile.device == "cuda" and layer_total <= 0.9 * profile.host_memory_bytes:
+        return "host"
+    return "disk"
 
 
 @dataclass
@@ -41,6 +52,8 @@ class PlanRequest:
     pair: bool | None = None
     sparsity: float = 0.0
     fo_blocks: list[str | int] = field(default_factory=list)
+    offload: str = "auto"  # auto | off | host | disk
+    stream_layers: int | None = None  # how many layers stream (None: as the budget needs)
 
 
 @dataclass
@@ -104,8 +117,10 @@ def _priced_model(request: PlanRequest, config, dtype: torch.dtype):
 
 
 def price(request: PlanRequest, config=None, profile: Profile | None = None,
-          pair: bool = True) -> Plan:
-    """The plan of one configuration (no decisions)."""
+          pair: bool = True, streamed: int = 0) -> Plan:
+    """The plan of one configuration (no decisions); `streamed` layers stream."""
+    if request.offload not in OFFLOAD:
+        raise unknown_choice("offload", request.offload, OFFLOAD)
     if request.quantize is not None and request.quantize not in QUANTIZATIONS:
         raise unknown_choice("quantization", request.quantize, QUANTIZATIONS)
     check_scheme(request.scheme, SchemeOptions())
@@ -122,6 +137,13 @@ def price(request: PlanRequest, config=None, profile: Profile | None = None,
     fo = (set(range(len(blocks.params))) if optimizer.estimator == "fo"
           else resolve_fo_blocks(blocks, request.fo_blocks))
     on_cuda = profile.device == "cuda" and torch.cuda.is_available()
+    n_layers = len(layer_bytes(blocks))
+    layers = streamed_layers(n_layers, streamed)
+    if layers and (optimizer.estimator != "zo" or fo):
+        raise ConfigError(f"streaming runs ZO estimates only; {request.optimizer}"
+                          f"{' with --fo-blocks' if fo else ''} needs every weight on the "
+                          "device: pick a ZO optimizer, or a bigger profile")
+    tier = stream_tier(request, profile, sum(a for a, _ in layer_bytes(blocks)))
     plan = plan_step(model, blocks, profile, batch_size=request.batch_size,
                      seq_len=request.seq_len, pair=pair and optimizer.estimator == "zo",
                      on_cuda=on_cuda, optimizer_state_bytes=optimizer.state_bytes_per_param,
@@ -129,17 +151,19 @@ def price(request: PlanRequest, config=None, profile: Profile | None = None,
                      sparsity=request.sparsity > 0,
                      fo_params=sum(blocks.params[i].numel() for i in fo),
                      backward_layers=backward_depth(blocks, fo),
-                     forward_grad=optimizer.estimator == "forward-grad")
-    if request.quantize:
+                     forward_grad=optimizer.estimator == "forward-grad",
+                     stream_layers=layers, stream_tier=tier)
+    if request.quantize and not layers:
         plan.components["weights"] = quantized_weight_bytes(model, request.quantize)
     return plan
 
 
-def _largest_batch(request: PlanRequest, config, profile: Profile, pair: bool) -> int:
+def _largest_batch(request: PlanRequest, config, profile: Profile, pair: bool,
+                   streamed: int = 0) -> int:
     """Binary search on the batch size (the plan grows monotonically with it)."""
     def fits(b: int) -> bool:
         r = PlanRequest(**{**request.__dict__, "batch_size": b})
-        return price(r, config, profile, pair).fits
+        return price(r, config, profile, pair, streamed).fits
 
     if not fits(1):
         return 0
@@ -153,17 +177,55 @@ def _largest_batch(request: PlanRequest, config, profile: Profile, pair: bool) -
     return lo
 
 
+def _layer_count(request: PlanRequest, config, profile: Profile) -> int:
+    model, blocks = _priced_model(request, config, parse_dtype(request.dtype or profile.dtype))
+    return len(layer_bytes(blocks))
+
+
+def streamed_count(request: PlanRequest, config, profile: Profile, pair: bool) -> int:
+    """How many layers stream: as asked, all when a tier is forced, else the fewest that
+    make the plan fit (0 when it fits resident or when even streaming all does not)."""
+    n = _layer_count(request, config, profile)
+    if request.offload == "off":
+        return 0
+    if request.stream_layers is not None:
+        if not 0 <= request.stream_layers <= n:
+            raise ConfigError(f"--stream-layers must be in 0..{n} (the model's layers), got "
+                              f"{request.stream_layers}")
+        return request.stream_layers
+    if request.offload in ("host", "disk"):
+        return n
+    if price(request, config, profile, pair).fits or make_optimizer(
+            request.optimizer).estimator != "zo" or request.fo_blocks:
+        return 0
+    if not price(request, config, profile, pair, n).fits:
+        return 0
+    lo, hi = 0, n  # lo does not fit, hi fits
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if price(request, config, profile, pair, mid).fits else (mid, hi)
+    return hi
+
+
 def plan_run(request: PlanRequest) -> PlanResult:
-    """Decide pair/two-pass and the largest batch; price alternatives if it does not fit."""
+    """Decide pair/two-pass, which layers stream and the largest batch; price
+    alternatives if it does not fit."""
     profile = load_profile(request.profile)
     config = load_config(request.model)
     zo = make_optimizer(request.optimizer).estimator == "zo"
-    pair_plan = price(request, config, profile, pair=True)
-    pair = request.pair if request.pair is not None else (zo and pair_plan.fits)
-    plan = pair_plan if pair else price(request, config, profile, pair=False)
-    max_batch = _largest_batch(request, config, profile, pair)
+    modes = [request.pair] if request.pair is not None else ([True, False] if zo else [False])
+    for pair in modes:  # the first mode that fits, streaming as few layers as it needs
+        k = streamed_count(request, config, profile, pair)
+        plan = price(request, config, profile, pair, k)
+        if plan.fits:
+            break
+    max_batch = _largest_batch(request, config, profile, pair, k)
     alternatives = [] if plan.fits else _alternatives(request, config, profile, pair)
     return PlanResult(request, plan, max_batch, alternatives)
+
+
+def zo_only(request: PlanRequest) -> bool:
+    return make_optimizer(request.optimizer).estimator == "zo" and not request.fo_blocks
 
 
 def _alternatives(request: PlanRequest, config, profile: Profile, pair: bool) -> list[dict]:
@@ -189,6 +251,14 @@ def _alternatives(request: PlanRequest, config, profile: Profile, pair: bool) ->
             PlanRequest(**{**base, "scheme": "lora", "quantize": "nf4"}))
     elif request.quantize != "nf4":
         add("--quantize nf4", PlanRequest(**{**base, "quantize": "nf4"}))
+    n = _layer_count(request, config, profile)
+    if request.offload == "off" and zo_only(request) and n:
+        for k in (n // 2, n):
+            add_stream = price(request, config, profile, False, k)
+            out.append({"change": f"stream {k} of {n} layers from "
+                        f"{add_stream.streaming['tier']} (--offload auto)",
+                        "predicted_total_bytes": add_stream.total_bytes,
+                        "budget_bytes": add_stream.budget_bytes, "fits": add_stream.fits})
     if (request.dtype or profile.dtype) == "fp32":
         add("--dtype bf16", PlanRequest(**{**base, "dtype": "bf16"}))
     bigger = sorted((load_profile(n) for n in list_profiles()),

@@ -21,13 +21,14 @@ from transformers import (
 VOCAB = 256
 
 
-def tiny_config(family: str, width: int = 32) -> PretrainedConfig:
-    """A 2-layer config of `family`; `width` 64 suits bitsandbytes' 64-value NF4 blocks."""
+def tiny_config(family: str, width: int = 32, layers: int = 2) -> PretrainedConfig:
+    """A `layers`-layer config of `family`; `width` 64 suits bitsandbytes' 64-value NF4
+    blocks."""
     common = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     llama_like = dict(
         hidden_size=width,
         intermediate_size=2 * width,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,
@@ -41,13 +42,14 @@ def tiny_config(family: str, width: int = 32) -> PretrainedConfig:
         "opt": lambda: OPTConfig(
             hidden_size=width,
             ffn_dim=2 * width,
-            num_hidden_layers=2,
+            num_hidden_layers=layers,
             num_attention_heads=4,
             word_embed_proj_dim=width,
             max_position_embeddings=128,
             **common,
         ),
-        "gpt2": lambda: GPT2Config(n_embd=width, n_layer=2, n_head=4, n_positions=128, **common),
+        "gpt2": lambda: GPT2Config(n_embd=width, n_layer=layers, n_head=4, n_positions=128,
+                                   **common),
     }
     if family not in configs:
         raise ValueError(f"unknown tiny family {family!r}; valid: {', '.join(configs)}")
@@ -58,10 +60,10 @@ FAMILIES = ("llama", "qwen2", "mistral", "gemma3", "opt", "gpt2")
 
 
 def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32,
-               width: int = 32):
+               width: int = 32, layers: int = 2):
     """A randomly initialised causal LM of `family`, deterministic in `seed`."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, width), dtype=dtype)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, width, layers), dtype=dtype)
     return model.eval()
 
 
@@ -270,8 +272,9 @@ def tiny_tokenizer():
 
 def save_tiny(
     folder, family: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32,
-    width: int = 32,
+    width: int = 32, layers: int = 2,
 ) -> None:
     """Write a tiny model and its tokenizer as an HF folder that --model accepts."""
-    tiny_model(family, seed=seed, dtype=dtype, width=width).save_pretrained(folder)
+    tiny_model(family, seed=seed, dtype=dtype, width=width, layers=layers
+               ).save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)

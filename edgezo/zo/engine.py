@@ -40,6 +40,7 @@ from edgezo.zo.direction import Direction
 from edgezo.zo.optimizers import Optimizer, work_dtype
 from edgezo.zo.perturb import PendingUpdate, Perturbation, _flat
 from edgezo.zo.sparsity import SparseMasks
+from edgezo.zo.stream import BlockStreamer
 
 ESTIMATES = ("two-sided", "one-sided")
 _FO_SALT = 1 << 40  # query index of the FO part's rounding seed (never a ZO query's)
@@ -143,6 +144,36 @@ class ZOEngine:
         self.perturbation.install()
         self.step_index = 0
         self._passes = [0, 0]  # forward, backward in the current step
+        self._sparsity_mask = sparsity_mask
+        self.streamer: BlockStreamer | None = None
+
+    def stream(self, layers: list[int], device: torch.device | str, tier: str = "disk",
+               folder: str | None = None, buffers: int | None = None) -> BlockStreamer:
+        """Move the given decoder layers (indices into the layer list) off the device.
+
+        Only the ZO estimator streams: a backward (fo-*, --fo-blocks) or a forward-mode
+        gradient needs every weight it differentiates resident at once, and magnitude
+        masks read every weight when they are drawn.
+        """
+        if self.optimizer.estimator != "zo" or self.fo_indices:
+            raise ConfigError(f"streaming runs ZO estimates only; {self.optimizer.name}"
+                              f"{' with --fo-blocks' if self.fo_indices else ''} needs every "
+                              "weight on the device: pick a ZO optimizer, or a bigger profile")
+        if self.masks is not None and self._sparsity_mask == "magnitude":
+            raise ConfigError("magnitude sparsity masks read every weight when drawn; with "
+                              "streaming use --sparsity-mask random")
+        if self.streamer is not None:
+            raise RuntimeError("the engine already streams")
+        units = [u for u in self.blocks.units if u.kind == "layer"]
+        bad = [i for i in layers if not 0 <= i < len(units)]
+        if bad:
+            raise ConfigError(f"layers {bad} do not exist; the model has {len(units)} layers")
+        self.perturbation.flush()
+        trainable = {id(p) for p in self.blocks.params}
+        self.streamer = BlockStreamer([units[i] for i in sorted(set(layers))], trainable,
+                                      device, tier, folder, buffers)
+        self.perturbation.streamer = self.streamer
+        return self.streamer
 
     @staticmethod
     def _check_options(optimizer: Optimizer, q, estimate, directions, block_wise, sparsity,
@@ -373,6 +404,11 @@ class ZOEngine:
         self.perturbation.flush()
 
     def close(self) -> None:
-        """Flush and remove the wrappers; the model is an ordinary HF model again."""
+        """Flush and remove the wrappers; the model is an ordinary HF model again (its
+        streamed layers, if any, come back as CPU tensors)."""
         self.flush()
         self.perturbation.remove()
+        if self.streamer is not None:
+            self.streamer.restore("cpu")
+            self.streamer.close()
+            self.perturbation.streamer = self.streamer = None

@@ -141,6 +141,7 @@ class Perturbation:
         self._installed: dict[int, tuple[Unit, Any]] = {}
         self._buffers: dict[tuple, torch.Tensor] = {}
         self._workspace_busy = False
+        self.streamer = None  # a BlockStreamer when some layers live off the device
         for p, name in zip(self.params, block_map.names, strict=True):
             if not p.is_contiguous():
                 raise ValueError(f"parameter {name} is not contiguous; edgezo needs contiguous "
@@ -184,6 +185,12 @@ class Perturbation:
             self.active = False
 
     def _forward(self, unit: Unit, original, args, kwargs):
+        if self.streamer is not None and self.streamer.streams(unit.module):
+            with self.streamer.hold(unit.module):  # weights in, updated tensors back out
+                return self._unit_forward(unit, original, args, kwargs)
+        return self._unit_forward(unit, original, args, kwargs)
+
+    def _unit_forward(self, unit: Unit, original, args, kwargs):
         if not self.active:
             return original(*args, **kwargs)
         self._apply_pending([i for _, i in unit.slots])
@@ -326,6 +333,12 @@ class Perturbation:
 
     def flush(self) -> None:
         """Apply the pending update to every parameter not yet visited."""
+        if self.streamer is not None and self.pending is not None:
+            for layer in self.streamer.layers:  # a streamed layer's update needs its weights
+                slots = [i for _, i in layer.unit.slots if i not in self._updated]
+                if any(self.pending.direction.covers(i) for i in slots):
+                    with self.streamer.hold(layer.unit.module):
+                        self._apply_pending(slots)
         self._apply_pending(range(len(self.params)))
         self.pending = None
         self._updated = set()
@@ -357,3 +370,6 @@ class Perturbation:
             rule.update(_flat(p)[lo:hi], d, pending.lr, pending.t, index, lo, bits)
 
         noise.parallel_map(update, range(len(work)), work[0][1].device)
+        if self.streamer is not None:
+            for index in todo:
+                self.streamer.mark_updated(self.params[index])

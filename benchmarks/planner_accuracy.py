@@ -1,0 +1,110 @@
+"""How close is the memory plan to the measured peak? One row per configuration.
+
+The grid: schemes full/lora/prefix/prompt x optimizers zo-sgd/zo-adam/fo-adam x two
+batch sizes x pair/two-pass (ZO only), on SmolLM2-135M and on tiny random models of two
+families. Every configuration runs in its own process (a high-water mark cannot leak from
+one into the next): a Session with the 8gb-gpu profile emulated on the CPU, three steps on
+a batch of the task's longest training example (the sequence length the plan is made
+for), and the train phase's peak resident memory above the pre-load baseline compared
+with the plan's peak.
+
+    python benchmarks/planner_accuracy.py [--models smollm2,tiny-llama,tiny-qwen2]
+        [--batches 4,16] [--json out.json]
+
+Tiny models are the test suite's families at width 1024 (about 70 MB of fp32 weights):
+the test suite's width-32 models use less memory than the allocator's own granularity,
+so a ratio measured on them would be noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SCHEMES = ("full", "lora", "prefix", "prompt")
+OPTIMIZERS = ("zo-sgd", "zo-adam", "fo-adam")
+MiB = 1024**2
+
+
+def measure(model: str, scheme: str, optimizer: str, batch: int, pair: bool | None,
+            steps: int) -> dict:
+    from edgezo import Session
+
+    s = Session(model, task="sst2", optimizer=optimizer, scheme=scheme, lr=1e-6,
+                batch_size=batch, pair=pair, check_budget=False)
+    examples = s.task.split("train")
+    longest = max(examples, key=lambda e: len(e.prompt) + max(map(len, e.candidates)))
+    data = s.encoder.encode([longest] * batch)
+    for _ in range(steps):
+        s.step(data)
+    plan = s.plan
+    out = {"model": model, "scheme": scheme, "optimizer": optimizer, "batch": batch,
+           "mode": ("pair" if s.pair else "two-pass") if optimizer != "fo-adam" else "fo",
+           "seq_len": int(data["input_ids"].shape[1]),
+           "predicted_bytes": plan.peak_bytes, "measured_bytes": s.monitor.peaks["train"],
+           "components": plan.components}
+    s.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="smollm2,tiny-llama,tiny-qwen2")
+    ap.add_argument("--batches", default="4,16")
+    ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration as JSON
+    args = ap.parse_args()
+    if args.one:
+        c = json.loads(args.one)
+        print("RESULT " + json.dumps(measure(**c, steps=args.steps)))
+        return
+
+    tmp = Path(tempfile.mkdtemp(prefix="edgezo-planner-"))
+    rows = []
+    for model in args.models.split(","):
+        spec = model
+        if model.startswith("tiny-"):
+            from edgezo.models.tiny import save_tiny
+
+            spec = str(tmp / model)
+            save_tiny(spec, model.removeprefix("tiny-"), width=1024)
+        for scheme, optimizer, batch in itertools.product(
+                args.schemes.split(","), args.optimizers.split(","),
+                map(int, args.batches.split(","))):
+            modes = [None] if optimizer.startswith("fo-") else [True, False]
+            for pair in modes:
+                conf = dict(model=spec, scheme=scheme, optimizer=optimizer, batch=batch,
+                            pair=pair)
+                proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(conf),
+                                       "--steps", str(args.steps)],
+                                      capture_output=True, text=True,
+                                      env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+                if proc.returncode or not line:
+                    print(f"{model} {scheme} {optimizer} b{batch}: failed\n{proc.stderr[-2000:]}")
+                    continue
+                row = json.loads(line[0][7:])
+                row["model"] = model
+                rows.append(row)
+                ratio = row["measured_bytes"] / row["predicted_bytes"]
+                print(f"{model:10s} {scheme:6s} {optimizer:8s} b{batch:<3d} {row['mode']:8s} "
+                      f"seq {row['seq_len']:3d}  predicted {row['predicted_bytes'] / MiB:7.1f} "
+                      f"MiB  measured {row['measured_bytes'] / MiB:7.1f} MiB  "
+                      f"measured/predicted {ratio:.3f}", flush=True)
+    within = sum(abs(r["measured_bytes"] / r["predicted_bytes"] - 1) <= 0.10 for r in rows)
+    print(f"\n{within}/{len(rows)} configurations within ±10%")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

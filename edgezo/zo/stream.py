@@ -1,0 +1,317 @@
+"""Block streaming: decoder layers whose weights do not fit on the compute device live in
+a slower tier and are brought in one at a time, just before they compute.
+
+Tiers:
+
+- ``host`` (CUDA only): the master copy of each streamed layer stays in pinned host
+  memory. Layers come up on a side CUDA stream into one of a few device buffers (two by
+  default: one computing, one arriving), ordered by CUDA events, so the copy of the next
+  streamed layer overlaps the compute of the current one.
+- ``disk``: each streamed layer is a safetensors file; it is read into a buffer with
+  ``preadv`` when the layer computes, and its trainable tensors are written back in place
+  with ``pwrite``. Reads go through the OS page cache but not into the process's resident
+  memory, so the run holds only the buffers. On the CPU (where the compute device *is*
+  the host) this is the only tier, and it is what the test suite exercises.
+
+How it meets the ZO step: the engine's wrapper for a layer holds the layer for the
+duration of its forward (`hold`). Inside, the step's deferred update is applied to the
+layer's trainable tensors, both halves of the pair forward run, and on leaving only
+tensors that were updated travel back; a frozen base (LoRA, prefix, prompt, quantized
+weights) never travels device→host. Each streamed layer therefore moves once per step in
+each direction at most. Outside a hold, a streamed parameter's ``.data`` is a NaN
+placeholder of the right shape, so any use that bypasses the streamer fails loudly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from edgezo.errors import ConfigError
+from edgezo.zo.blocks import Unit
+
+TIERS = ("host", "disk")
+ALIGN = 64  # bytes: every tensor view in a buffer starts on a 64-byte boundary
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _bytes_view(t: torch.Tensor):
+    """A writable byte-level numpy view of a contiguous CPU tensor (any dtype)."""
+    return t.view(-1).view(torch.uint8).numpy()
+
+
+def _read_exact(fd: int, out, offset: int) -> None:
+    view, done = memoryview(out), 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise OSError(f"unexpected end of offload file at byte {offset + done}")
+        done += n
+
+
+def _write_exact(fd: int, data, offset: int) -> None:
+    view, done = memoryview(data), 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+@dataclass
+class _Tensor:
+    param: nn.Parameter
+    name: str  # local name inside the layer
+    shape: torch.Size
+    dtype: torch.dtype
+    nbytes: int
+    buffer_offset: int  # where its view starts in a device buffer
+    trainable: bool
+    master: torch.Tensor | None = None  # host tier
+    file_offset: int = 0  # disk tier: byte offset of its data in the layer's file
+
+
+@dataclass
+class _Layer:
+    unit: Unit
+    index: int  # position among the streamed layers (forward order)
+    tensors: list[_Tensor]
+    nbytes: int
+    path: Path | None = None
+    slot: int | None = None  # the buffer it occupies, while held or prefetched
+    ready: object = None  # CUDA event: its upload finished
+    dirty: set[int] = field(default_factory=set)  # tensors updated while held
+
+
+class BlockStreamer:
+    """Keeps `units` (decoder layers) off the compute device between their forwards."""
+
+    def __init__(self, units: list[Unit], trainable: set[int], device: torch.device,
+                 tier: str = "disk", folder: str | os.PathLike | None = None,
+                 buffers: int | None = None):
+        """`trainable`: ids of the parameters the optimizer updates (written back).
+        `buffers`: layer-sized device buffers; by default two on a GPU (one computing,
+        one arriving) and one on a CPU, where reads are not overlapped."""
+        device = torch.device(device)
+        buffers = buffers if buffers is not None else (2 if device.type == "cuda" else 1)
+        if tier not in TIERS:
+            raise ConfigError(f"unknown offload tier {tier!r}; valid: {', '.join(TIERS)}")
+        if tier == "host" and device.type != "cuda":
+            raise ConfigError("the host tier streams layers to a GPU; on a CPU device, where "
+                              "the weights already live in host memory, use the disk tier")
+        if buffers < 1:
+            raise ConfigError(f"streaming needs at least one layer buffer, got {buffers}")
+        self.device, self.tier, self.buffers = device, tier, buffers
+        self._fills: dict[torch.dtype, torch.Tensor] = {}
+        self._tmp = None
+        if tier == "disk":
+            if folder is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix="edgezo-offload-")
+                folder = self._tmp.name
+            self.folder = Path(folder)
+            self.folder.mkdir(parents=True, exist_ok=True)
+        self.layers: list[_Layer] = []
+        for k, unit in enumerate(units):
+            self.layers.append(self._offload(unit, k, trainable))
+        self._by_module = {id(layer.unit.module): layer for layer in self.layers}
+        self._by_param = {id(t.param): (layer, j) for layer in self.layers
+                          for j, t in enumerate(layer.tensors)}
+        self.slot_bytes = max((layer.nbytes for layer in self.layers), default=0)
+        self._slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=device)
+                       for _ in range(min(buffers, len(self.layers)))]
+        self._free = list(range(len(self._slots)))
+        self._slot_free_event: dict[int, object] = {}
+        self._cuda = device.type == "cuda"
+        self._copy_stream = torch.cuda.Stream(device) if self._cuda else None
+        self.held = 0  # layers materialized right now (held or prefetched)
+        self.max_held = 0
+        self.bytes_in = 0  # traffic, for the report and the benchmark
+        self.bytes_out = 0
+        self.loads = 0
+
+    # -- setup ------------------------------------------------------------------------------
+    def _placeholder(self, p: torch.Tensor) -> torch.Tensor:
+        one = self._fills.get(p.dtype)
+        if one is None:
+            fill = float("nan") if p.dtype.is_floating_point else 0
+            one = self._fills[p.dtype] = torch.full((1,), fill, dtype=p.dtype,
+                                                    device=self.device)
+        return one.expand(p.shape)
+
+    def _offload(self, unit: Unit, k: int, trainable: set[int]) -> _Layer:
+        tensors, offset = [], 0
+        for name, p in unit.module.named_parameters():
+            if not p.is_contiguous():
+                raise ConfigError(f"cannot stream {unit.name}.{name}: not contiguous")
+            nbytes = p.numel() * p.element_size()
+            tensors.append(_Tensor(p, name, p.shape, p.dtype, nbytes, offset,
+                                   id(p) in trainable))
+            offset = _aligned(offset + nbytes)
+        layer = _Layer(unit, k, tensors, offset)
+        if self.tier == "host":
+            for t in tensors:
+                t.master = t.param.detach().to("cpu", copy=True).pin_memory()
+        else:
+            layer.path = self.folder / f"layer-{k:04d}.safetensors"
+            save_file({t.name: t.param.detach().cpu().contiguous() for t in tensors},
+                      str(layer.path))
+            layer_offsets = self._file_offsets(layer.path)
+            for t in tensors:
+                t.file_offset = layer_offsets[t.name]
+        for t in tensors:  # the device copy is released now
+            t.param.data = self._placeholder(t.param)
+        return layer
+
+    @staticmethod
+    def _file_offsets(path: Path) -> dict[str, int]:
+        """Absolute byte offset of each tensor's data in a safetensors file."""
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        return {k: 8 + n + v["data_offsets"][0] for k, v in header.items()
+                if k != "__metadata__"}
+
+    # -- the lifecycle --------------------------------------------------------------------
+    def streams(self, module: nn.Module) -> bool:
+        return id(module) in self._by_module
+
+    @contextmanager
+    def hold(self, module: nn.Module) -> Iterator[None]:
+        """The layer's weights are on the device inside; updated tensors go back after."""
+        layer = self._by_module[id(module)]
+        self._acquire(layer)
+        try:
+            yield
+        finally:
+            self._release(layer)
+
+    def mark_updated(self, param: nn.Parameter) -> None:
+        """The engine updated `param` in place: it must travel back on release."""
+        found = self._by_param.get(id(param))
+        if found is not None:
+            layer, j = found
+            if layer.slot is None:
+                raise RuntimeError(f"{layer.unit.name}.{layer.tensors[j].name} was updated "
+                                   "while not held by the streamer")
+            layer.dirty.add(j)
+
+    def _take_slot(self) -> int:
+        if not self._free:
+            raise RuntimeError("every streaming buffer is in use; a streamed layer ran inside "
+                               "another, which edgezo's block map does not produce")
+        slot = self._free.pop(0)
+        event = self._slot_free_event.pop(slot, None)
+        if event is not None:
+            self._copy_stream.wait_event(event)  # its previous layer's copies are done
+        return slot
+
+    def _views(self, layer: _Layer, slot: int) -> list[torch.Tensor]:
+        buf = self._slots[slot]
+        return [buf[t.buffer_offset:t.buffer_offset + t.nbytes].view(t.dtype).view(t.shape)
+                for t in layer.tensors]
+
+    def _load(self, layer: _Layer) -> None:
+        """Start bringing `layer` into a free buffer (asynchronous on CUDA)."""
+        slot = self._take_slot()
+        layer.slot = slot
+        views = self._views(layer, slot)
+        if self._cuda:
+            with torch.cuda.stream(self._copy_stream):
+                for t, v in zip(layer.tensors, views, strict=True):
+                    v.copy_(t.master, non_blocking=True)
+                layer.ready = torch.cuda.Event()
+                layer.ready.record(self._copy_stream)
+        else:
+            fd = os.open(layer.path, os.O_RDONLY)
+            try:
+                for t, v in zip(layer.tensors, views, strict=True):
+                    _read_exact(fd, _bytes_view(v), t.file_offset)
+            finally:
+                os.close(fd)
+        self.held += 1
+        self.max_held = max(self.max_held, self.held)
+        self.bytes_in += layer.nbytes
+        self.loads += 1
+
+    def _acquire(self, layer: _Layer) -> None:
+        if layer.slot is None:
+            self._load(layer)
+        if self._cuda:
+            torch.cuda.current_stream(self.device).wait_event(layer.ready)
+        for t, v in zip(layer.tensors, self._views(layer, layer.slot), strict=True):
+            t.param.data = v
+        layer.dirty = set()
+        if self._cuda and len(self._slots) > 1:
+            nxt = self.layers[(layer.index + 1) % len(self.layers)]
+            if nxt.slot is None and self._free:
+                self._load(nxt)  # prefetch: overlaps this layer's compute
+
+    def _release(self, layer: _Layer) -> None:
+        views = self._views(layer, layer.slot)
+        dirty = sorted(layer.dirty)
+        if self._cuda:
+            computed = torch.cuda.Event()
+            computed.record(torch.cuda.current_stream(self.device))
+            self._copy_stream.wait_event(computed)
+            with torch.cuda.stream(self._copy_stream):
+                for j in dirty:
+                    layer.tensors[j].master.copy_(views[j], non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(self._copy_stream)
+            self._slot_free_event[layer.slot] = done
+        elif dirty:
+            fd = os.open(layer.path, os.O_WRONLY)
+            try:
+                for j in dirty:
+                    _write_exact(fd, _bytes_view(views[j]), layer.tensors[j].file_offset)
+            finally:
+                os.close(fd)
+        self.bytes_out += sum(layer.tensors[j].nbytes for j in dirty)
+        for t in layer.tensors:
+            t.param.data = self._placeholder(t.param)
+        self._free.append(layer.slot)
+        layer.slot, layer.dirty = None, set()
+        self.held -= 1
+
+    # -- whole-model access -----------------------------------------------------------------
+    @contextmanager
+    def materialized(self) -> Iterator[None]:
+        """Every streamed layer's weights as plain CPU tensors (for saving or export)."""
+        self.restore("cpu")
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                for t in layer.tensors:
+                    t.param.data = self._placeholder(t.param)
+
+    def restore(self, device: torch.device | str) -> None:
+        """Give every streamed parameter a real tensor again, on `device`."""
+        for layer in self.layers:
+            with self.hold(layer.unit.module):
+                copies = [t.param.detach().to(device, copy=True) for t in layer.tensors]
+            for t, c in zip(layer.tensors, copies, strict=True):
+                t.param.data = c
+
+    def close(self) -> None:
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def stats(self) -> dict:
+        return {"tier": self.tier, "streamed_layers": len(self.layers),
+                "buffers": len(self._slots), "buffer_bytes": self.slot_bytes,
+                "max_layers_held": self.max_held, "loads": self.loads,
+                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out}

@@ -1,0 +1,166 @@
+"""Block streaming: a streamed model computes exactly what the resident model computes."""
+
+import pytest
+import torch
+from conftest import lm_batch
+
+from edgezo.errors import ConfigError
+from edgezo.models.tiny import VOCAB, tiny_model
+from edgezo.zo.engine import ZOEngine
+from edgezo.zo.optimizers import make_optimizer
+
+
+def run(family, dtype, steps, stream=None, optimizer="zo-sgd", pair=True, **engine_kw):
+    model = tiny_model(family, dtype=dtype)
+    engine = ZOEngine(model, make_optimizer(optimizer), eps=1e-2, seed=3, pair=pair,
+                      **engine_kw)
+    streamer = engine.stream(**stream) if stream is not None else None
+    losses = [engine.step(lm_batch(VOCAB, seed=s), lr=1e-2).loss for s in range(steps)]
+    losses.append(engine.loss(lm_batch(VOCAB, seed=99)))  # flushes the last update
+    stats = streamer.stats() if streamer else None
+    engine.close()
+    return losses, {k: v.clone() for k, v in model.state_dict().items()}, stats
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("pair", [True, False], ids=["pair", "two-pass"])
+def test_streamed_from_disk_equals_resident(family, dtype, pair, tmp_path):
+    ref_losses, ref_weights, _ = run(family, dtype, 4, pair=pair)
+    losses, weights, stats = run(family, dtype, 4, pair=pair,
+                                 stream=dict(layers=[0, 1], device="cpu", tier="disk",
+                                             folder=str(tmp_path)))
+    assert losses == ref_losses  # bit-exact, not close
+    assert weights.keys() == ref_weights.keys()
+    for k in ref_weights:
+        assert torch.equal(weights[k], ref_weights[k]), k
+    # both layers were loaded once per forward; at most one buffer was ever in use
+    assert stats["max_layers_held"] == 1
+    assert stats["bytes_out"] > 0
+
+
+@pytest.mark.parametrize("optimizer", ["zo-adam", "zo-sgd-cons", "zo-sgd-mmt"])
+def test_stateful_and_conservative_optimizers_stream_exactly(optimizer, tmp_path):
+    ref = run("llama", torch.float32, 3, optimizer=optimizer)
+    got = run("llama", torch.float32, 3, optimizer=optimizer,
+              stream=dict(layers=[1], device="cpu", folder=str(tmp_path)))
+    assert got[0] == ref[0]
+    assert all(torch.equal(got[1][k], v) for k, v in ref[1].items())
+
+
+def test_block_wise_and_q_stream_exactly(tmp_path):
+    kw = dict(block_wise=True, q=2)
+    ref = run("qwen2", torch.float32, 3, **kw)
+    got = run("qwen2", torch.float32, 3, stream=dict(layers=[0, 1], device="cpu"), **kw)
+    assert got[0] == ref[0]
+    assert all(torch.equal(got[1][k], v) for k, v in ref[1].items())
+
+
+def test_frozen_weights_never_written_back(tmp_path):
+    from edgezo.schemes import SchemeOptions, apply_scheme
+
+    model = apply_scheme(tiny_model("llama"), "lora", SchemeOptions())
+    engine = ZOEngine(model, make_optimizer("zo-sgd"), eps=1e-2, seed=0)
+    streamer = engine.stream([0, 1], "cpu", folder=str(tmp_path))
+    for s in range(3):
+        engine.step(lm_batch(VOCAB, seed=s), lr=1e-2)
+    engine.flush()
+    lora_bytes = sum(t.nbytes for layer in streamer.layers for t in layer.tensors
+                     if t.trainable)
+    # every step after the first writes back exactly the LoRA tensors, no base weight
+    assert 0 < streamer.bytes_out <= 3 * lora_bytes
+    assert streamer.bytes_out % lora_bytes == 0
+    engine.close()
+
+
+def test_streamed_weights_are_nan_placeholders_between_forwards():
+    model = tiny_model("llama")
+    engine = ZOEngine(model, make_optimizer("zo-sgd"), eps=1e-2, seed=0)
+    engine.stream([0], "cpu")
+    w = model.model.layers[0].self_attn.q_proj.weight
+    assert torch.isnan(w).all() and w.untyped_storage().nbytes() == w.element_size()
+    engine.close()  # back to an ordinary model with real weights
+    assert not torch.isnan(w).any()
+
+
+def test_streaming_refuses_first_order_and_magnitude_masks():
+    for optimizer in ("fo-sgd", "forward-grad"):
+        engine = ZOEngine(tiny_model("llama"), make_optimizer(optimizer), eps=1e-2)
+        with pytest.raises(ConfigError, match="streaming runs ZO"):
+            engine.stream([0], "cpu")
+    engine = ZOEngine(tiny_model("llama"), make_optimizer("zo-sgd"), sparsity=0.5,
+                      sparsity_mask="magnitude")
+    with pytest.raises(ConfigError, match="sparsity-mask random"):
+        engine.stream([0], "cpu")
+    engine = ZOEngine(tiny_model("llama"), make_optimizer("zo-sgd"))
+    with pytest.raises(ConfigError, match="host tier"):
+        engine.stream([0], "cpu", tier="host")
+    with pytest.raises(ConfigError, match="do not exist"):
+        engine.stream([7], "cpu")
+
+
+def tiny_profile(tmp_path, budget_mb: float, device: str = "cuda"):
+    path = tmp_path / "tiny-budget.yaml"
+    path.write_text(f"name: tiny-budget\ndevice: {device}\ndevice_memory_gb: {budget_mb / 1024}\n"
+                    "host_memory_gb: 1\nhost_device_bandwidth_gbps: 10\ndtype: fp32\n"
+                    "headroom: 0\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def wide_folder(tmp_path_factory):
+    """A 12-layer Llama of width 512: 9.4 MB a layer in fp32, 113 MB in all (above RSS
+    noise, and deep enough that one layer buffer is a small part of it)."""
+    from edgezo.models.tiny import save_tiny
+
+    folder = tmp_path_factory.mktemp("wide-llama")
+    save_tiny(folder, "llama", width=512, layers=12)
+    return str(folder)
+
+
+def test_planner_streams_the_fewest_layers_that_fit(wide_folder, tmp_path):
+    from edgezo.memory.planner import PlanRequest, plan_run, price
+
+    base = dict(model=wide_folder, dtype="fp32", batch_size=2, seq_len=16, pair=False)
+    resident = price(PlanRequest(profile=tiny_profile(tmp_path, 4096), **base), pair=False)
+    layer = resident.components["weights"] // 12  # twelve equal layers dominate the weights
+    budget = (resident.total_bytes - layer // 2) / 2**20  # half a layer short
+    result = plan_run(PlanRequest(profile=tiny_profile(tmp_path, budget), **base))
+    assert result.plan.fits
+    s = result.plan.streaming
+    assert s is not None and s["layers"] and s["tier"] == "host"
+    # two buffers for a GPU profile: streaming three layers frees one layer's worth
+    assert len(s["layers"]) == 3 and s["buffers"] == 2
+    assert 2 * s["bytes_in_per_step"] == 3 * result.plan.components["stream_buffers"]
+    assert s["bytes_out_per_step"] == s["bytes_in_per_step"]  # full FT: all trainable
+    off = plan_run(PlanRequest(profile=tiny_profile(tmp_path, budget), offload="off", **base))
+    assert not off.plan.fits and off.plan.streaming is None
+    assert any("--offload auto" in a["change"] and a["fits"] for a in off.alternatives)
+
+
+def test_session_streams_under_a_budget_smaller_than_the_weights(wide_folder, tmp_path,
+                                                                  data_dir):
+    from edgezo import Session
+    from edgezo.memory.planner import PlanRequest, price
+
+    base = dict(model=wide_folder, dtype="fp32", batch_size=2, seq_len=64)
+    resident = price(PlanRequest(profile=tiny_profile(tmp_path, 4096, "cpu"), **base),
+                     pair=False)
+    weights = resident.components["weights"]
+    budget_mb = 0.8 * weights / 2**20  # smaller than the weights alone
+    s = Session(wide_folder, profile=tiny_profile(tmp_path, budget_mb, "cpu"),
+                data_dir=data_dir,
+                batch_size=2, lr=1e-3, max_length=64, offload_dir=str(tmp_path / "off"))
+    assert s.streamer is not None and s.plan.fits
+    planned = s.plan.streaming["buffers"]
+    before = s.evaluate("validation", max_examples=8)
+    for _ in range(3):
+        s.step()
+    s.evaluate("validation", max_examples=8)
+    stats = s.report()["streaming"]
+    assert stats["max_layers_held"] <= planned  # counted, not assumed
+    assert stats["loads"] >= 3 * len(s.plan.streaming["layers"])
+    out = s.save(tmp_path / "model")
+    s.close()
+    assert (out / "model.safetensors").is_file()
+    assert before["examples"] == 8
