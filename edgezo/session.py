@@ -157,6 +157,7 @@ class Session:
         self._stream = streamed_layers(n_layers, self._stream_k)
         # On a CPU the compute device is the host: streamed layers always come from disk.
         self._tier = ("disk" if not self.on_cuda or offload == "disk" else "host")
+        # (the streamer refuses the disk tier on a GPU until its staging buffer exists)
         fo = (set(range(len(self._block_map.params))) if kind == "fo"
               else resolve_fo_blocks(self._block_map, self.estimator_options["fo_blocks"]))
         self._fo = (sum(self._block_map.params[i].numel() for i in fo),

@@ -7,11 +7,13 @@ Tiers:
   memory. Layers come up on a side CUDA stream into one of a few device buffers (two by
   default: one computing, one arriving), ordered by CUDA events, so the copy of the next
   streamed layer overlaps the compute of the current one.
-- ``disk``: each streamed layer is a safetensors file; it is read into a buffer with
-  ``preadv`` when the layer computes, and its trainable tensors are written back in place
-  with ``pwrite``. Reads go through the OS page cache but not into the process's resident
-  memory, so the run holds only the buffers. On the CPU (where the compute device *is*
-  the host) this is the only tier, and it is what the test suite exercises.
+- ``disk`` (CPU compute device for now; on a GPU it needs a pinned staging buffer, not
+  built yet, and is refused): each streamed layer is a safetensors file; it is read
+  into a buffer with ``preadv`` when the layer computes, and its trainable tensors are
+  written back in place with ``pwrite``. Reads go through the OS page cache but not
+  into the process's resident memory, so the run holds only the buffers. On the CPU
+  (where the compute device *is* the host) this is the only tier, and it is what the
+  test suite exercises.
 
 How it meets the ZO step: the engine's wrapper for a layer holds the layer for the
 duration of its forward (`hold`). Inside, the step's deferred update is applied to the
@@ -109,6 +111,9 @@ class BlockStreamer:
         if tier == "host" and device.type != "cuda":
             raise ConfigError("the host tier streams layers to a GPU; on a CPU device, where "
                               "the weights already live in host memory, use the disk tier")
+        if tier == "disk" and device.type == "cuda":
+            raise ConfigError("the disk tier feeds a GPU through a pinned staging buffer, "
+                              "which is not built yet; use --offload host on a GPU")
         if buffers < 1:
             raise ConfigError(f"streaming needs at least one layer buffer, got {buffers}")
         self.device, self.tier, self.buffers = device, tier, buffers
