@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from edgezo.cli.main import app
 from typer.testing import CliRunner
 
@@ -141,3 +142,24 @@ def test_options_the_optimizer_would_not_use_are_refused(config_file):
     path = tiny_llama_file(config_file)
     with pytest.raises(ConfigError, match="sparsity does not apply to fo-adam"):
         price(PlanRequest(model=path, optimizer="fo-adam", sparsity=0.5))
+
+
+@pytest.mark.parametrize("scheme", ["prefix", "prompt"])
+def test_meta_block_map_matches_the_live_one_for_prompt_learning(scheme):
+    """peft registers the prompt encoder after the base model but runs it first; a
+    backward for it crosses every layer (the FO plan counted none before)."""
+    from edgezo.models.tiny import tiny_config, tiny_model
+    from edgezo.schemes import apply_scheme
+    from edgezo.zo.blocks import backward_depth, build_block_map
+
+    live = build_block_map(apply_scheme(tiny_model("llama"), scheme))
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        meta_model = apply_scheme(AutoModelForCausalLM.from_config(tiny_config("llama")),
+                                  scheme)
+    meta = build_block_map(meta_model)
+    assert [b.name for b in meta.blocks] == [b.name for b in live.blocks]
+    assert meta.blocks[0].name == "pre" and meta.blocks[0].param_indices == [0]
+    everything = set(range(len(meta.params)))
+    assert backward_depth(meta, everything) == backward_depth(live, everything) == 2

@@ -164,3 +164,24 @@ def test_session_streams_under_a_budget_smaller_than_the_weights(wide_folder, tm
     s.close()
     assert (out / "model.safetensors").is_file()
     assert before["examples"] == 8
+
+
+@pytest.mark.parametrize("scheme", ["prefix", "prompt"])
+def test_frozen_layers_stream_and_never_travel_back(scheme, tmp_path):
+    """With prompt learning no layer is trainable: layers come in, nothing goes out, and
+    the run equals the resident one."""
+    from edgezo.schemes import apply_scheme
+
+    def go(stream: bool):
+        model = apply_scheme(tiny_model("llama"), scheme)
+        engine = ZOEngine(model, make_optimizer("zo-sgd"), eps=1e-2, seed=0)
+        streamer = engine.stream([0, 1], "cpu", folder=str(tmp_path)) if stream else None
+        losses = [engine.step(lm_batch(VOCAB, seed=s), lr=1e-2).loss for s in range(3)]
+        stats = streamer.stats() if streamer else None
+        engine.close()
+        return losses, stats
+
+    ref, _ = go(False)
+    got, stats = go(True)
+    assert got == ref
+    assert stats["loads"] >= 6 and stats["bytes_out"] == 0

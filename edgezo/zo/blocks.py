@@ -108,8 +108,14 @@ def _trace_order(model: nn.Module, modules: list[nn.Module], first_layer: nn.Mod
 
 def _registration_order(model: nn.Module, modules: list[nn.Module], layers: nn.ModuleList
                         ) -> list[int]:
-    """Like _trace_order, from the order modules are registered instead of called."""
-    position = {id(m): k for k, (_, m) in enumerate(model.named_modules())}
+    """Like _trace_order, from the order modules are registered instead of called.
+
+    One exception: peft registers a prompt-learning model's prompt encoder after the base
+    model but runs it first (its virtual tokens are the base model's input).
+    """
+    named = list(model.named_modules())
+    position = {id(m): (-1 if name.startswith("prompt_encoder") else k)
+                for k, (name, m) in enumerate(named)}
     marks = [(position[id(m)], i) for i, m in enumerate(modules)]
     marks.append((position[id(layers)], -1))
     return [i for _, i in sorted(marks)]
@@ -150,7 +156,9 @@ def build_block_map(model: nn.Module) -> BlockMap:
                 names.append(f"{name}.{local}" if name else local)
                 block.param_indices.append(index_of[id(p)])
             slots.append((local, index_of[id(p)]))
-        if slots:
+        # Every decoder layer gets a unit, trainable or not: the streamer moves frozen
+        # layers too, and the planner and the FO backward depth count them.
+        if slots or kind == "layer":
             block.units.append(Unit(module, name, kind, slots))
 
     blocks: list[Block] = []
