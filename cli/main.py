@@ -327,6 +327,63 @@ def profiles_show(name: str = typer.Argument(..., help="Profile name or YAML pat
           f"(device memory less {p.headroom:.0%} headroom)")
 
 
+@app.command()
+@user_errors
+def bench(
+    suite: str = typer.Option(..., "--suite", help="smoke, cpu-standard, paper, or your "
+                              "own suite .yaml"),
+    results: Path | None = typer.Option(None, help="Results folder (default: "
+                                        "results/<suite>)"),
+    db: Path | None = typer.Option(None, help="SQLite file of the runs (default: "
+                                   "<results>/runs.db); re-running resumes from it"),
+    shard: str = typer.Option("0/1", help="Run only shard i of n (i/n); merge shards' "
+                              "databases with --merge"),
+    merge: str | None = typer.Option(None, help="Databases of other shards to merge in "
+                                     "first, comma-separated"),
+    max_runs: int | None = typer.Option(None, min=0, help="Stop after this many new runs"),
+    tables_only: bool = typer.Option(False, "--tables-only", help="Write the tables and "
+                                     "plots from the database without running"),
+    data_dir: Path | None = DataDirOpt,
+) -> None:
+    """Run a benchmark suite (resumable, shardable) and write its tables and plots."""
+    from edgezo.bench.runner import run_suite
+    from edgezo.bench.store import Store
+    from edgezo.bench.suite import load_suite
+    from edgezo.bench.tables import write_results
+
+    spec = load_suite(suite)
+    folder = results or Path("results") / spec.name
+    store = Store(db or folder / "runs.db")
+    try:
+        for other in _list(merge):
+            print(f"merged {store.merge(other)} runs from {other}")
+        if not tables_only:
+            try:
+                i, n = (int(x) for x in shard.split("/"))
+            except ValueError:
+                raise EdgezoError(f"--shard must look like 0/4, got {shard!r}") from None
+
+            def progress(k: int, total: int, row: dict) -> None:
+                result = (f"val {row['val_accuracy']:.3f} test {row['test_accuracy']:.3f} "
+                          f"peak {row['peak_bytes'] / 2**20:.0f} MiB "
+                          f"step {row['step_s']:.2f} s" if row["status"] == "ok"
+                          else f"failed: {row['error']}")
+                print(f"[{k}/{total}] {row['grp']} {row['cell']} lr={row['lr']:g}: {result}",
+                      flush=True)
+
+            ran, stored = run_suite(spec, store, shard=(i, n), max_runs=max_runs,
+                                    data_dir=None if data_dir is None else str(data_dir),
+                                    on_run=progress)
+            print(f"{ran} runs now, {stored} already stored (shard {i}/{n})")
+        order = {"optimizers": [o for c in spec.cells for o in c["optimizers"]],
+                 "schemes": [s for c in spec.cells for s in c["schemes"]]}
+        paths = write_results(store.rows(spec.name), folder, order)
+    finally:
+        store.close()
+    print(paths["tables"].read_text().split("\n**Validation")[0])
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
 def main() -> None:
     try:
         app()
