@@ -67,9 +67,15 @@ def _betas(text: str | None) -> tuple[float, float] | None:
     return b1, b2
 
 
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user set option `name` (by enum name: typer bundles its own click)."""
+    return getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
+
+
 @app.command()
 @user_errors
 def finetune(
+    ctx: typer.Context,
     profile: str = ProfileOpt,
     model: str | None = ModelOpt,
     task: str = TaskOpt,
@@ -135,11 +141,34 @@ def finetune(
     stream_layers: int | None = StreamLayersOpt,
     offload_dir: Path | None = typer.Option(None, help="Folder for the disk tier's layer "
                                             "files (default: a temporary folder)"),
+    resume: Path | None = typer.Option(None, help="Continue the run in this --output folder "
+                                       "from its last snapshot and seed log (its settings "
+                                       "are kept; --steps sets where it stops)"),
+    checkpoint_every: int = typer.Option(100, min=0, help="Snapshot every N steps into "
+                                         "OUTPUT/checkpoints (0: only at the end)"),
+    keep: int = typer.Option(3, min=1, help="Snapshots kept"),
 ) -> None:
     """Fine-tune a model on a task with ZO under a device profile's memory budget."""
     from edgezo.session import Session
     from edgezo.train import finetune as run
 
+    if resume is not None:
+        may = {"resume", "steps", "eval_every", "save_model", "data_dir", "checkpoint_every",
+               "keep", "eval_batch_size"}
+        given = [name for name in ctx.params if name not in may and _given(ctx, name)]
+        if given:
+            raise EdgezoError(f"--resume keeps the run's own settings; drop "
+                              f"{', '.join('--' + g.replace('_', '-') for g in given)}")
+        changes = {"data_dir": None if data_dir is None else str(data_dir)}
+        if _given(ctx, "eval_batch_size"):
+            changes["eval_batch_size"] = eval_batch_size
+        session = Session.resume(resume, **changes)
+        try:
+            run(session, steps, eval_every=eval_every, output=resume, save_model=save_model,
+                checkpoint_every=checkpoint_every, keep=keep)
+        finally:
+            session.close()
+        return
     session = Session(model=model, profile=profile, task=task, optimizer=optimizer,
                       scheme=scheme, lr=lr, eps=eps, batch_size=batch_size, seed=seed,
                       dtype=dtype, data_dir=None if data_dir is None else str(data_dir),
@@ -156,7 +185,8 @@ def finetune(
                       quantize=quantize, offload=offload, stream_layers=stream_layers,
                       offload_dir=None if offload_dir is None else str(offload_dir))
     try:
-        run(session, steps, eval_every=eval_every, output=output, save_model=save_model)
+        run(session, steps, eval_every=eval_every, output=output, save_model=save_model,
+            checkpoint_every=checkpoint_every if output is not None else 0, keep=keep)
     finally:
         session.close()
 

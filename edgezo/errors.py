@@ -34,6 +34,10 @@ class TrainingError(EdgezoError):
     """A run cannot continue (e.g. the loss became NaN)."""
 
 
+class CheckpointError(EdgezoError):
+    """A run folder, snapshot or seed log is missing, damaged or does not match the run."""
+
+
 def unknown_choice(kind: str, value: str, valid: list[str] | tuple[str, ...]) -> ConfigError:
     """The standard message for an option value outside its valid set."""
     plural = kind if kind.endswith("s") else kind[:-1] + "ies" if kind.endswith("y") \

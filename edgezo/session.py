@@ -22,7 +22,18 @@ from pathlib import Path
 import torch
 
 from edgezo import __version__
-from edgezo.errors import ConfigError, OutOfBudgetError, unknown_choice
+from edgezo.checkpoint import (
+    RUN_FILE,
+    SeedLog,
+    latest_valid,
+    load_snapshot,
+    read_run_file,
+    read_seed_log,
+    save_snapshot,
+    snapshots,
+    write_run_file,
+)
+from edgezo.errors import CheckpointError, ConfigError, OutOfBudgetError, unknown_choice
 from edgezo.memory.measure import MemoryMonitor, release_freed_memory
 from edgezo.memory.plan import Plan, layer_bytes, plan_step, streamed_layers
 from edgezo.memory.planner import OFFLOAD
@@ -63,6 +74,11 @@ class Session:
                  offload_dir: str | None = None):
         """Every option of `edgezo finetune` has the keyword of the same name here. An
         option that does not apply to the chosen optimizer is an error, not ignored."""
+        # what a run folder's run.json records, so that Session.resume rebuilds this one
+        self.settings = {k: v for k, v in locals().items() if k not in ("self", "objective")}
+        self.settings["objective"] = objective if isinstance(objective, str) else None
+        self._log: SeedLog | None = None
+        self.run_dir: Path | None = None
         self.scheme_options = SchemeOptions(lora_r, lora_alpha, list(lora_targets or []),
                                             prefix_tokens, prompt_tokens, init_seed=seed)
         check_scheme(scheme, self.scheme_options)
@@ -326,8 +342,101 @@ class Session:
                 f"{self.profile.name} ({human_bytes(self.profile.budget_bytes)}); the model "
                 "holds every completed step. Lower --batch-size or use --two-pass") from None
         self.history.append(result)
+        if self._log is not None:
+            self._log.append(result.log_entry())
         self._guard()
         return result
+
+    # -- run folders: seed log, snapshots, resume -------------------------------------------
+    def record(self, run_dir: str | os.PathLike) -> None:
+        """Log every step of this session to `run_dir` (run.json + seedlog.jsonl), so
+        that it can be snapshotted, resumed and replayed."""
+        if self.settings["objective"] is None:
+            raise ConfigError("a run with a custom objective callable cannot be recorded "
+                              "for resume (run.json cannot hold a function)")
+        self.run_dir = Path(run_dir)
+        if not (self.run_dir / RUN_FILE).is_file():
+            write_run_file(self.run_dir, self.settings)
+        if self._log is None:
+            self._log = SeedLog(self.run_dir)
+
+    def checkpoint(self, keep: int = 3) -> Path:
+        """Snapshot the trainable weights, optimizer state, masks and RNG into the run
+        folder (atomically), keeping the newest `keep` snapshots."""
+        if self.run_dir is None:
+            raise ConfigError("call record(run_dir) before checkpoint()")
+        done = snapshots(self.run_dir)
+        if done and done[-1].name == f"step-{self.engine.step_index:08d}":
+            return done[-1]  # this step is already saved
+        state = self.engine.state_tensors()  # flushes the pending update first
+        state["torch_rng"] = torch.get_rng_state()
+        blocks = self.engine.blocks
+        with self.streamer.materialized() if self.streamer else contextlib.nullcontext():
+            weights = {n: p.detach().cpu().clone() for n, p in
+                       zip(blocks.names, blocks.params, strict=True)}
+        masks = self.engine.masks
+        meta = {"edgezo_version": __version__, "mask_epoch": masks.epoch if masks else None,
+                "settings": self.settings}
+        return save_snapshot(self.run_dir, self.engine.step_index, weights, state, meta, keep)
+
+    @classmethod
+    def resume(cls, run_dir: str | os.PathLike, warn: Callable[[str], None] = print,
+               **overrides) -> Session:
+        """The session of a recorded run, at its last logged step: the newest intact
+        snapshot, then the seed log's steps after it, replayed (bit-identical on the same
+        kind of device). `overrides` may change settings that do not alter the run's
+        updates (data_dir, eval_batch_size, check_budget, offload_dir)."""
+        run_dir = Path(run_dir)
+        settings = read_run_file(run_dir)
+        allowed = {"data_dir", "eval_batch_size", "check_budget", "offload_dir"}
+        if set(overrides) - allowed:
+            raise ConfigError(f"resume keeps the run's settings; only {sorted(allowed)} may "
+                              f"change, not {sorted(set(overrides) - allowed)}")
+        session = cls(**{**settings, **overrides})
+        found = latest_valid(run_dir, warn)
+        log = read_seed_log(run_dir)
+        if found is not None:
+            snap, meta = found
+            weights, state = load_snapshot(snap)
+            session._restore(weights, state, meta)
+        elif log and not session.engine.replayable:
+            raise CheckpointError(f"{run_dir} has no intact snapshot, and "
+                                  f"{session.optimizer.name} cannot be replayed from its seed "
+                                  "log; start the run again")
+        todo = [e for e in log if e["step"] >= session.engine.step_index]
+        if todo and not session.engine.replayable:
+            warn(f"{len(todo)} steps after the last snapshot use backpropagated gradients "
+                 "and cannot be replayed; continuing from the snapshot")
+            todo = []
+        for entry in todo:
+            session.engine.replay(entry)
+        if todo:
+            session.engine.flush()
+        session.record(run_dir)
+        return session
+
+    def _restore(self, weights: dict, state: dict, meta: dict) -> None:
+        blocks = self.engine.blocks
+        missing = [n for n in blocks.names if n not in weights]
+        if missing:
+            raise CheckpointError(f"the snapshot lacks {len(missing)} trainable tensors (e.g. "
+                                  f"{missing[0]}): it belongs to another model or scheme")
+        self.engine.flush()
+        name_of = {id(p): n for n, p in zip(blocks.names, blocks.params, strict=True)}
+        done: set[int] = set()
+        with torch.no_grad():
+            for layer in self.streamer.layers if self.streamer else []:
+                with self.streamer.hold(layer.unit.module):  # restored values go to the tier
+                    for t in layer.tensors:
+                        if id(t.param) in name_of:
+                            t.param.copy_(weights[name_of[id(t.param)]])
+                            self.streamer.mark_updated(t.param)
+                            done.add(id(t.param))
+            for n, p in zip(blocks.names, blocks.params, strict=True):
+                if id(p) not in done:
+                    p.copy_(weights[n])
+        self.engine.load_state_tensors(state, meta["step"], meta.get("mask_epoch"))
+        torch.set_rng_state(state["torch_rng"])
 
     def _guard(self) -> None:
         """On a CPU-emulated profile, the measured process memory must stay in budget
@@ -422,3 +531,6 @@ class Session:
     def close(self) -> None:
         self.engine.close()
         self.monitor.close()
+        if self._log is not None:
+            self._log.close()
+            self._log = None

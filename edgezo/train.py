@@ -44,10 +44,28 @@ def _progress(console: Console) -> Progress:
     )
 
 
+def _snapshot(session: Session, keep: int, console: Console) -> bool:
+    """Snapshot into the run folder; a failed write (a full disk, say) is reported and
+    the run goes on: the previous snapshots are untouched (they are replaced only by a
+    rename once the new one is complete)."""
+    try:
+        session.checkpoint(keep)
+        return True
+    except OSError as err:
+        console.print(f"[yellow]warning:[/] snapshot at step {session.engine.step_index} "
+                      f"failed ({err.strerror or err}); the previous snapshot is intact and the "
+                      "seed log keeps every step")
+        return False
+
+
 def finetune(session: Session, steps: int, *, eval_every: int = 0, output: Path | None = None,
-             save_model: bool = True, console: Console | None = None) -> dict:
-    """Run the whole fine-tune and return the report dict (also written to output/)."""
+             save_model: bool = True, console: Console | None = None,
+             checkpoint_every: int = 100, keep: int = 3) -> dict:
+    """Run the fine-tune up to `steps` steps in all and return the report dict (also
+    written to output/). A session resumed from `output` continues where it stopped."""
     console = console or Console()
+    if output is not None:
+        session.record(output)
     console.print(describe_device(session))
     plan = session.plan
     console.print(f"Plan: predicted peak {_gib(plan.peak_bytes)} of "
@@ -59,22 +77,33 @@ def finetune(session: Session, steps: int, *, eval_every: int = 0, output: Path 
                       f"{'' if session.optimizer.estimator == 'fo' else ', hybrid'}): "
                       f"gradients {_gib(plan.components['fo_gradients'])}, activations kept "
                       f"for the backward {_gib(plan.components['fo_activations'])}.")
-    console.print("Evaluating the test set before training...")
-    before = session.evaluate("test")["accuracy"]
+    first = session.engine.step_index  # > 0 when resumed
+    before_file = output / "accuracy_before.json" if output is not None else None
+    if before_file is not None and before_file.is_file():
+        before = json.loads(before_file.read_text())["accuracy"]
+    else:
+        console.print("Evaluating the test set before training...")
+        before = session.evaluate("test")["accuracy"]
+        if before_file is not None:
+            before_file.write_text(json.dumps({"accuracy": before}))
     console.print(f"Test accuracy before: {before:.4f}")
+    if first:
+        console.print(f"Resumed at step {first} of {steps}.")
 
     metrics = None
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
-        metrics = open(output / "metrics.jsonl", "w")  # noqa: SIM115 - closed in finally
+        # metrics.jsonl: appended on resume; rows of replayed steps are already in it
+        metrics = open(output / "metrics.jsonl", "a" if first else "w")  # noqa: SIM115
     interrupted, nonfinite_streak = False, 0
     over_budget: OutOfBudgetError | None = None
     start = time.perf_counter()
     log_every = max(1, steps // 20)
     try:
         with _progress(console) as progress:
-            bar = progress.add_task("train", total=steps, loss="-", rate="-", mem="-")
-            for i in range(steps):
+            bar = progress.add_task("train", total=steps, loss="-", rate="-", mem="-",
+                                    completed=first)
+            for i in range(first, steps):
                 r = session.step()
                 nonfinite_streak = nonfinite_streak + 1 if r.skipped else 0
                 row = {"step": r.step + 1, "loss": r.loss, "loss_plus": r.loss_plus,
@@ -89,7 +118,9 @@ def finetune(session: Session, steps: int, *, eval_every: int = 0, output: Path 
                 if metrics is not None:
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
-                rate = (i + 1) / (time.perf_counter() - start)
+                if output is not None and checkpoint_every and (i + 1) % checkpoint_every == 0:
+                    _snapshot(session, keep, console)
+                rate = (i + 1 - first) / (time.perf_counter() - start)
                 progress.update(bar, advance=1, loss=f"{r.loss:.4f}", rate=f"{rate:.2f}",
                                 mem=_gib(row["memory_bytes"]))
                 if not console.is_terminal and ((i + 1) % log_every == 0 or i + 1 == steps):
@@ -101,7 +132,12 @@ def finetune(session: Session, steps: int, *, eval_every: int = 0, output: Path 
                         f"at step {r.step + 1}); lower --lr or --eps, or use --dtype fp32")
     except KeyboardInterrupt:
         interrupted = True
-        console.print(f"Interrupted after {len(session.history)} steps; evaluating and saving.")
+        console.print(f"Interrupted at step {session.engine.step_index}; evaluating and saving.")
+    except TrainingError:
+        if output is not None and _snapshot(session, keep, console):
+            console.print(f"Saved a snapshot at step {session.engine.step_index} (the skipped "
+                          "steps changed no weight).")
+        raise
     except OutOfBudgetError as err:
         over_budget = err
         console.print(f"Over budget after {len(session.history)} steps; saving the model "
@@ -122,9 +158,12 @@ def finetune(session: Session, steps: int, *, eval_every: int = 0, output: Path 
     report["peak_memory_bytes"] = session.monitor.run_peak_bytes  # includes the final evals
     report["peak_memory_by_phase"] = dict(session.monitor.peaks)
     if output is not None:
+        _snapshot(session, keep, console)
         if save_model:
             session.save(output / "model")
         (output / "report.json").write_text(json.dumps(report, indent=2))
+        if interrupted or over_budget is not None:
+            console.print(f"Resume with: edgezo finetune --resume {output} --steps {steps}")
     if over_budget is not None:
         raise over_budget  # after the model and report are safely written
     console.print(summary_table(report))

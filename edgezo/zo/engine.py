@@ -66,6 +66,14 @@ class StepResult:
     # 0: stay, −1: the opposite step)
     move: list[int] = field(default_factory=list)
     skipped: bool = False  # a non-finite loss: (part of) the update was not applied
+    # per ZO group, what its update was: {"grads": [q scalars], "move": m or None,
+    # "applied": bool} (the seed log's record; see ZOEngine.replay)
+    groups: list[dict] = field(default_factory=list)
+
+    def log_entry(self) -> dict:
+        """This step as one seed-log line: enough to redo its update without data."""
+        return {"step": self.step, "lr": self.lr, "seeds": self.seeds,
+                "groups": self.groups, "skipped": self.skipped}
 
     @property
     def seed(self) -> int | None:
@@ -382,6 +390,8 @@ class ZOEngine:
                 result.loss = base if base is not None else (plus + minus) / 2
         result.seeds += seeds
         result.projected_grads += grads
+        record = {"grads": grads, "move": None, "applied": False}
+        result.groups.append(record)
         if not all(math.isfinite(g) for g in grads):
             result.skipped = True
             return
@@ -395,9 +405,71 @@ class ZOEngine:
             finite = [(v, k) for k, (v, _) in enumerate(options) if math.isfinite(v)]
             move = options[min(finite)[1]][1] if finite else 0
             result.move.append(move)
+            record["move"] = move
             step_lr = move * lr
         if step_lr != 0 or opt.rule.stateful:
             self.perturbation.set_pending(PendingUpdate(d, step_lr, t + 1))
+            record["applied"] = True
+
+    # -- replay and state -----------------------------------------------------------------
+    @property
+    def replayable(self) -> bool:
+        """Whether the seed log alone describes every update (not with a backward)."""
+        return not self.fo_indices
+
+    @torch.no_grad()
+    def replay(self, entry: dict) -> None:
+        """Redo a logged step's update without any data: the same directions, regenerated
+        from their seeds, scaled by the logged scalars, through the same update rule, so
+        the weights come out bit-identical on the same kind of device."""
+        if not self.replayable:
+            hybrid = " with --fo-blocks" if self.optimizer.estimator != "fo" else ""
+            raise ConfigError(f"{self.optimizer.name}{hybrid} updates with backpropagated "
+                              "gradients, which a seed log does not hold; resume from a "
+                              "snapshot instead")
+        t = entry["step"]
+        if t != self.step_index:
+            raise ConfigError(f"the seed log jumps from step {self.step_index} to {t}")
+        self.perturbation.flush()
+        if self.masks is not None and self.masks.due(t):
+            self.masks.resample(t)
+        if len(entry["groups"]) != len(self._active):
+            raise ConfigError(f"seed log step {t} has {len(entry['groups'])} groups; this "
+                              f"run has {len(self._active)} (different options?)")
+        for gi, (active, group) in enumerate(zip(self._active, entry["groups"], strict=True)):
+            if not group["applied"]:
+                continue
+            seeds = [noise.step_seed(self.seed, t, gi * self.q + i) for i in range(self.q)]
+            d = Direction(tuple(seeds), tuple(g / self.q for g in group["grads"]),
+                          self.directions, self.masks, active)
+            lr = entry["lr"] * (group["move"] if group["move"] is not None else 1)
+            self.perturbation.set_pending(PendingUpdate(d, lr, t + 1))
+            self.perturbation.flush()
+        self.step_index = t + 1
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The optimizer state and sparsity masks, by name (for a snapshot)."""
+        self.flush()
+        out = {}
+        for key, tensors in getattr(self.optimizer.rule, "state", {}).items():
+            for i, t in enumerate(tensors):
+                out[f"rule.{key}.{i}"] = t
+        if self.masks is not None and self.masks.epoch is not None:
+            for i, m in enumerate(self.masks.masks):
+                out[f"mask.{i}"] = m.to(torch.uint8)
+        return out
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], step: int,
+                           mask_epoch: int | None) -> None:
+        for key, stored in getattr(self.optimizer.rule, "state", {}).items():
+            for i, t in enumerate(stored):
+                t.copy_(tensors[f"rule.{key}.{i}"])
+        if self.masks is not None and mask_epoch is not None:
+            for i, m in enumerate(self.masks.masks):
+                m.copy_(tensors[f"mask.{i}"].bool())
+            self.masks.epoch = mask_epoch
+        self.step_index = step
 
     def flush(self) -> None:
         """Apply the pending update now, so the weights reflect every completed step."""

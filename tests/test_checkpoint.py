@@ -1,0 +1,238 @@
+"""Runs that survive: seed-log replay, snapshots, exact resume, faults."""
+
+import pytest
+import torch
+from conftest import lm_batch
+
+from edgezo.errors import ConfigError
+from edgezo.models.tiny import VOCAB, tiny_model
+from edgezo.zo.engine import ZOEngine
+from edgezo.zo.optimizers import make_optimizer
+
+
+def trained(optimizer, steps=4, dtype=torch.float32, **kw):
+    model = tiny_model("llama", dtype=dtype)
+    engine = ZOEngine(model, make_optimizer(optimizer), eps=1e-2, seed=5, **kw)
+    log = [engine.step(lm_batch(VOCAB, seed=s), lr=1e-2 * (1 + s % 2)).log_entry()
+           for s in range(steps)]
+    engine.close()
+    return model, log
+
+
+@pytest.mark.parametrize("optimizer, kw", [
+    ("zo-sgd", {}), ("zo-adam", {}), ("zo-sgd-mmt", {}), ("zo-sgd-cons", {}),
+    ("zo-sgd-sign", {}), ("forward-grad", {}), ("zo-sgd", {"q": 3}),
+    ("zo-sgd", {"block_wise": True}), ("zo-sgd", {"pair": False}),
+    ("zo-sgd", {"sparsity": 0.5, "sparsity_every": 2}),
+    ("zo-sgd", {"sparsity": 0.5, "sparsity_mask": "magnitude", "sparsity_every": 2}),
+    ("zo-sgd", {"estimate": "one-sided", "directions": "rademacher"}),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_replaying_the_seed_log_rebuilds_the_weights_bit_exactly(optimizer, kw, dtype):
+    model, log = trained(optimizer, dtype=dtype, **kw)
+    fresh = tiny_model("llama", dtype=dtype)
+    engine = ZOEngine(fresh, make_optimizer(optimizer), eps=1e-2, seed=5, **kw)
+    for entry in log:
+        engine.replay(entry)
+    engine.close()
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, b) for a, b in zip(
+        model.state_dict().values(), tiny_model("llama", dtype=dtype).state_dict().values(),
+        strict=True))  # and the run did move the weights
+
+
+def test_replay_refuses_backprop_updates_and_gaps():
+    _, log = trained("zo-sgd", steps=2)
+    engine = ZOEngine(tiny_model("llama"), make_optimizer("fo-sgd"))
+    with pytest.raises(ConfigError, match="seed log does not hold"):
+        engine.replay(log[0])
+    engine = ZOEngine(tiny_model("llama"), make_optimizer("zo-sgd"), seed=5, eps=1e-2)
+    with pytest.raises(ConfigError, match="jumps from step 0 to 1"):
+        engine.replay(log[1])
+
+
+# -- run folders, snapshots and resume through Session ---------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from safetensors.torch import load_file  # noqa: E402
+
+from edgezo.checkpoint import read_seed_log, snapshots  # noqa: E402
+from edgezo.session import Session  # noqa: E402
+
+
+def session(tiny_folder, data_dir, **kw):
+    base = dict(profile="cpu-16gb", batch_size=2, lr=0.02, eps=1e-2, max_length=48,
+                data_dir=data_dir, check_budget=False)
+    return Session(tiny_folder, **{**base, **kw})
+
+
+def trainable(s):
+    return {n: p.detach().clone() for n, p in zip(s.engine.blocks.names,
+                                                   s.engine.blocks.params, strict=True)}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kw", [{"optimizer": "zo-adam"},
+                                {"sparsity": 0.5, "sparsity_mask": "magnitude",
+                                 "sparsity_every": 2},
+                                {"optimizer": "zo-sgd-cons", "q": 2}])
+def test_resume_from_snapshot_and_seed_log_is_bit_identical(tiny_folder, data_dir, tmp_path,
+                                                            kw):
+    ref = session(tiny_folder, data_dir, **kw)
+    ref_losses = [ref.step().loss for _ in range(6)]
+    ref.engine.flush()
+    expected = trainable(ref)
+    ref.close()
+
+    run = tmp_path / "run"
+    s = session(tiny_folder, data_dir, **kw)
+    s.record(run)
+    for _ in range(2):
+        s.step()
+    s.checkpoint()
+    s.step()  # logged, after the snapshot: a crash here loses nothing
+    s.close()
+    assert len(read_seed_log(run)) == 3 and len(snapshots(run)) == 1
+
+    resumed = Session.resume(run)
+    assert resumed.engine.step_index == 3
+    losses = [resumed.step().loss for _ in range(3)]
+    resumed.engine.flush()
+    assert losses == ref_losses[3:]
+    assert same(trainable(resumed), expected)
+    resumed.close()
+
+
+def test_a_damaged_snapshot_is_detected_and_the_previous_one_used(tiny_folder, data_dir,
+                                                                  tmp_path):
+    run = tmp_path / "run"
+    s = session(tiny_folder, data_dir)
+    s.record(run)
+    for _ in range(4):
+        s.step()
+        s.checkpoint(keep=5)
+    s.engine.flush()
+    expected = trainable(s)
+    s.close()
+    newest = snapshots(run)[-1] / "weights.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated
+    warnings = []
+    resumed = Session.resume(run, warn=warnings.append)
+    assert any("checksum" in w and "step-00000004" in w for w in warnings)
+    assert resumed.engine.step_index == 4  # step 3's snapshot + step 4 replayed
+    resumed.engine.flush()
+    assert same(trainable(resumed), expected)
+    resumed.close()
+
+
+def test_a_full_disk_fails_the_snapshot_and_keeps_the_previous(tiny_folder, data_dir,
+                                                               tmp_path, monkeypatch):
+    from rich.console import Console
+
+    import edgezo.checkpoint as ck
+    from edgezo.train import _snapshot
+
+    run = tmp_path / "run"
+    s = session(tiny_folder, data_dir)
+    s.record(run)
+    s.step()
+    s.checkpoint()
+    before = {p.name: p.read_bytes() for p in snapshots(run)[0].iterdir()}
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck, "save_file", full)
+    s.step()
+    console = Console(record=True)
+    assert _snapshot(s, 3, console) is False
+    assert "No space left on device" in console.export_text()
+    assert [p.name for p in snapshots(run)] == ["step-00000001"]
+    assert {p.name: p.read_bytes() for p in snapshots(run)[0].iterdir()} == before
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    s.close()
+
+
+KILLER = """
+import os, signal, sys
+from edgezo.session import Session
+from edgezo.cli.main import main
+at, sig = int(os.environ["KILL_AT"]), getattr(signal, os.environ["KILL_SIG"])
+original = Session.step
+def step(self, *a, **k):
+    if self.engine.step_index == at:
+        os.kill(os.getpid(), sig)
+    return original(self, *a, **k)
+Session.step = step
+sys.argv = ["edgezo"] + sys.argv[1:]
+main()
+"""
+
+
+def cli_run(args, env_extra=None, check=True):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env_extra or {})}
+    code = KILLER if env_extra else "import sys; from edgezo.cli.main import main; " \
+        "sys.argv = ['edgezo'] + sys.argv[1:]; main()"
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
+def finetune_args(tiny_folder, data_dir, out, steps=6):
+    return ["finetune", "--model", tiny_folder, "--data-dir", data_dir, "--profile",
+            "cpu-16gb", "--batch-size", "2", "--lr", "0.02", "--eps", "0.01",
+            "--max-length", "48", "--steps", str(steps), "--checkpoint-every", "2",
+            "--output", str(out), "--no-save-model", "--eval-batch-size", "64"]
+
+
+def final_weights(run):
+    return load_file(str(snapshots(run)[-1] / "weights.safetensors"))
+
+
+def test_sigkill_mid_run_then_resume_equals_the_uninterrupted_run(tiny_folder, data_dir,
+                                                                  tmp_path):
+    ref = tmp_path / "ref"
+    cli_run(finetune_args(tiny_folder, data_dir, ref))
+    killed = tmp_path / "killed"
+    proc = cli_run(finetune_args(tiny_folder, data_dir, killed),
+                   {"KILL_AT": "5", "KILL_SIG": "SIGKILL"}, check=False)
+    assert proc.returncode == -9
+    assert [p.name for p in snapshots(killed)][-1] == "step-00000004"
+    assert len(read_seed_log(killed)) == 5  # steps 0-4 logged; step 5 lost in flight
+    out = cli_run(["finetune", "--resume", str(killed), "--steps", "6", "--data-dir",
+                   data_dir, "--no-save-model"])
+    assert "Resumed at step 5" in out.stdout
+    assert same(final_weights(killed), final_weights(ref))
+    rows = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_ctrl_c_saves_a_snapshot_and_says_how_to_resume(tiny_folder, data_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = cli_run(finetune_args(tiny_folder, data_dir, out, steps=8),
+                   {"KILL_AT": "3", "KILL_SIG": "SIGINT"}, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Interrupted at step 3" in proc.stdout
+    assert f"edgezo finetune --resume {out}" in " ".join(proc.stdout.split())
+    assert snapshots(out)[-1].name == "step-00000003"
+    assert json.loads((out / "report.json").read_text())["interrupted"] is True
+
+
+def test_resume_refuses_changed_settings(tiny_folder, data_dir, tmp_path):
+    out = tmp_path / "run"
+    cli_run(finetune_args(tiny_folder, data_dir, out, steps=2))
+    proc = cli_run(["finetune", "--resume", str(out), "--lr", "0.5"], check=False)
+    assert proc.returncode == 2 and "drop --lr" in proc.stderr
+    proc = cli_run(["finetune", "--resume", str(tmp_path / "nothing")], check=False)
+    assert proc.returncode == 2 and "not a run folder" in proc.stderr
