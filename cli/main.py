@@ -147,6 +147,9 @@ def finetune(
     checkpoint_every: int = typer.Option(100, min=0, help="Snapshot every N steps into "
                                          "OUTPUT/checkpoints (0: only at the end)"),
     keep: int = typer.Option(3, min=1, help="Snapshots kept"),
+    distributed: bool = typer.Option(False, "--distributed", help="Data-parallel ZO over "
+                                     "torch.distributed (under torchrun; also implied by "
+                                     "its WORLD_SIZE)"),
 ) -> None:
     """Fine-tune a model on a task with ZO under a device profile's memory budget."""
     from edgezo.session import Session
@@ -183,7 +186,8 @@ def finetune(
                       lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=_list(lora_targets),
                       prefix_tokens=prefix_tokens, prompt_tokens=prompt_tokens,
                       quantize=quantize, offload=offload, stream_layers=stream_layers,
-                      offload_dir=None if offload_dir is None else str(offload_dir))
+                      offload_dir=None if offload_dir is None else str(offload_dir),
+                      distributed=distributed)
     try:
         run(session, steps, eval_every=eval_every, output=output, save_model=save_model,
             checkpoint_every=checkpoint_every if output is not None else 0, keep=keep)
@@ -309,8 +313,9 @@ def report(run_dir: Path = typer.Argument(..., help="A finetune --output folder"
 @user_errors
 def export(
     run_dir: Path = typer.Argument(..., help="A finetune --output folder (or Session.save)"),
-    fmt: str = typer.Option("peft", "--format", help="peft (adapter folder) or merged "
-                            "(a plain transformers model)"),
+    fmt: str = typer.Option("peft", "--format", help="peft (adapter folder), merged "
+                            "(a plain transformers model) or seedlog (settings + seed log, "
+                            "for edgezo replay)"),
     output: Path = typer.Option(..., "--output", help="Folder to write"),
 ) -> None:
     """Write a fine-tuned run as a PEFT adapter or a merged transformers model."""
@@ -318,6 +323,24 @@ def export(
 
     out = export_run(run_dir, fmt, output)
     print(f"wrote {fmt} export of {run_dir} to {out}")
+
+
+@app.command()
+@user_errors
+def replay(
+    run_dir: Path = typer.Argument(..., help="A finetune --output folder or a seedlog export"),
+    output: Path = typer.Option(..., "--output", help="Folder for the rebuilt model"),
+) -> None:
+    """Rebuild a run's weights from the base model and its seed log alone."""
+    from edgezo.session import Session
+
+    session = Session.replay_run(run_dir)
+    try:
+        steps = session.engine.step_index
+        session.save(output)
+    finally:
+        session.close()
+    print(f"replayed {steps} steps of {run_dir} onto the base model; wrote {output}")
 
 
 @app.command("optimizers")

@@ -6,6 +6,9 @@
 - merged: a plain transformers folder (safetensors) that `AutoModelForCausalLM` loads with
   no edgezo installed: LoRA merged into the base weights, or the trained full / head
   model itself. Prefix and prompt adapters have no merged form.
+- seedlog: the run's settings (run.json, naming the base model) and its seed log, a few
+  hundred bytes per step; `edgezo replay` rebuilds the weights from them and the base
+  model, on the same kind of device (ZO estimators only: a backprop step has no seed).
 
 A run folder is what `edgezo finetune --output` writes (report.json and model/), or what
 `Session.save` writes.
@@ -20,7 +23,7 @@ from pathlib import Path
 from edgezo.errors import ConfigError, unknown_choice
 from edgezo.schemes import PEFT_SCHEMES
 
-FORMATS = ("peft", "merged")
+FORMATS = ("peft", "merged", "seedlog")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -51,6 +54,8 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path) -> Path:
     run_dir, out = Path(run_dir), Path(output)
     if fmt not in FORMATS:
         raise unknown_choice("format", fmt, FORMATS)
+    if fmt == "seedlog":
+        return _export_seedlog(run_dir, out)
     model_dir, report = _locate(run_dir)
     scheme = report.get("scheme", "full")
     out.mkdir(parents=True, exist_ok=True)
@@ -72,6 +77,23 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path) -> Path:
             if f.is_file() and f.name != "report.json":
                 shutil.copy2(f, out / f.name)
     _copy_tokenizer(model_dir, out)
+    return out
+
+
+def _export_seedlog(run_dir: Path, out: Path) -> Path:
+    from edgezo.checkpoint import RUN_FILE, SEED_LOG, read_run_file, read_seed_log
+    from edgezo.zo.optimizers import make_optimizer
+
+    settings = read_run_file(run_dir)
+    if make_optimizer(settings["optimizer"]).estimator == "fo" or settings.get("fo_blocks"):
+        raise ConfigError(f"{settings['optimizer']} steps use backpropagated gradients, which "
+                          "a seed log cannot hold; use --format peft or merged")
+    entries = read_seed_log(run_dir)
+    if not entries:
+        raise ConfigError(f"{run_dir} has no seed log (finetune --output writes one)")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(run_dir / RUN_FILE, out / RUN_FILE)
+    (out / SEED_LOG).write_text("".join(json.dumps(e) + "\n" for e in entries))
     return out
 
 

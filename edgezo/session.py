@@ -42,7 +42,7 @@ from edgezo.profiles import human_bytes, load_profile
 from edgezo.schemes import SchemeOptions, apply_scheme, check_scheme
 from edgezo.tasks import Encoder, make_task
 from edgezo.tasks.base import batches
-from edgezo.tasks.loss import OBJECTIVES, candidate_scores, example_losses
+from edgezo.tasks.loss import OBJECTIVES, candidate_scores, example_losses, shard_batch
 from edgezo.zo import noise
 from edgezo.zo.blocks import backward_depth, build_block_map, resolve_fo_blocks
 from edgezo.zo.engine import StepResult, ZOEngine
@@ -71,7 +71,7 @@ class Session:
                  lora_targets: list[str] | None = None, prefix_tokens: int = 5,
                  prompt_tokens: int = 10, quantize: str | None = None,
                  offload: str = "auto", stream_layers: int | None = None,
-                 offload_dir: str | None = None):
+                 offload_dir: str | None = None, distributed: bool = False):
         """Every option of `edgezo finetune` has the keyword of the same name here. An
         option that does not apply to the chosen optimizer is an error, not ignored."""
         # what a run folder's run.json records, so that Session.resume rebuilds this one
@@ -194,6 +194,9 @@ class Session:
         self.engine = ZOEngine(self._model, self.optimizer, eps=eps, seed=seed, pair=self.pair,
                                blocks=self._block_map, loss_fn=loss_fn,
                                **self.estimator_options)
+        self.rank, self.world = 0, 1
+        if distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            self._join_process_group()
         self.streamer = None
         if self._stream:
             self.streamer = self.engine.stream(self._stream, self.device, self._tier,
@@ -319,11 +322,35 @@ class Session:
                               "or create it with a task to use its data")
 
     def next_batch(self) -> dict:
+        """The next training batch; data-parallel, this rank's share of it (the whole
+        batch is encoded first, so every row is padded exactly as on one process)."""
         self._require_task()
         if self._batches is None:
             self._batches = batches(self.task.split("train"), self.batch_size, self.seed,
                                     start_step=self.engine.step_index)
-        return self._to_device(self.encoder.encode(next(self._batches)))
+        batch = self.encoder.encode(next(self._batches))
+        if self.world > 1:
+            batch = shard_batch(batch, self.rank, self.world)
+        return self._to_device(batch)
+
+    def _join_process_group(self) -> None:
+        """Data-parallel ZO over torch.distributed (launched by torchrun): gloo on CPUs,
+        NCCL on GPUs. Every rank draws the same directions; each evaluates its share of
+        the batch; the per-example losses are gathered once per query."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            if "MASTER_ADDR" not in os.environ:
+                raise ConfigError("--distributed needs the process group's address: launch "
+                                  "with torchrun --nproc-per-node N -m edgezo.cli finetune ...")
+            dist.init_process_group("nccl" if self.on_cuda else "gloo")
+        if self.on_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        world = self.engine.data_parallel()
+        if self.batch_size % world:
+            raise ConfigError(f"--batch-size {self.batch_size} does not split over {world} "
+                              f"ranks; use a multiple of {world}")
+        self.rank, self.world = dist.get_rank(), world
 
     def step(self, batch: dict | None = None) -> StepResult:
         """One ZO step on the next training batch, or on the given dict of tensors."""
@@ -413,6 +440,23 @@ class Session:
         if todo:
             session.engine.flush()
         session.record(run_dir)
+        return session
+
+    @classmethod
+    def replay_run(cls, run_dir: str | os.PathLike, **overrides) -> Session:
+        """The base model with every step of a run's seed log re-applied: the run's
+        weights rebuilt from run.json, the seed log and the base model alone (no data,
+        no snapshot), bit-identical on the same kind of device."""
+        run_dir = Path(run_dir)
+        settings = {**read_run_file(run_dir), "task": None, **overrides}
+        session = cls(**settings)
+        if not session.engine.replayable:
+            session.close()
+            raise CheckpointError(f"{settings['optimizer']} steps use backpropagated "
+                                  "gradients, which a seed log does not hold")
+        for entry in read_seed_log(run_dir):
+            session.engine.replay(entry)
+        session.engine.flush()
         return session
 
     def _restore(self, weights: dict, state: dict, meta: dict) -> None:
@@ -507,6 +551,9 @@ class Session:
             "streaming": self.streamer.stats() if self.streamer else None,
             "plan": self.plan.to_dict(),
             "trainable_parameters": self.engine.blocks.numel(),
+            "data_parallel": {"ranks": self.world,
+                              "bytes_communicated": self.engine.bytes_communicated}
+            if self.world > 1 else None,
             "evaluations": self.evaluations,
             "memory_samples": list(self.monitor.samples),
             "splits": self.task.split_info if self.task is not None else None,

@@ -63,6 +63,8 @@ def finetune(session: Session, steps: int, *, eval_every: int = 0, output: Path 
              checkpoint_every: int = 100, keep: int = 3) -> dict:
     """Run the fine-tune up to `steps` steps in all and return the report dict (also
     written to output/). A session resumed from `output` continues where it stopped."""
+    if session.rank != 0:  # data-parallel: rank 0 alone writes the run folder and talks
+        output, console = None, Console(quiet=True)
     console = console or Console()
     if output is not None:
         session.record(output)

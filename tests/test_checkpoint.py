@@ -236,3 +236,70 @@ def test_resume_refuses_changed_settings(tiny_folder, data_dir, tmp_path):
     assert proc.returncode == 2 and "drop --lr" in proc.stderr
     proc = cli_run(["finetune", "--resume", str(tmp_path / "nothing")], check=False)
     assert proc.returncode == 2 and "not a run folder" in proc.stderr
+
+
+def test_replay_and_seedlog_export_rebuild_the_final_weights(tiny_folder, data_dir, tmp_path):
+    run = tmp_path / "run"
+    cli_run(finetune_args(tiny_folder, data_dir, run, steps=5))
+    expected = final_weights(run)
+    shipped = tmp_path / "shipped"
+    cli_run(["export", str(run), "--format", "seedlog", "--output", str(shipped)])
+    assert sorted(p.name for p in shipped.iterdir()) == ["run.json", "seedlog.jsonl"]
+    assert (shipped / "seedlog.jsonl").stat().st_size < 5 * 2000  # bytes, not megabytes
+    for source in (run, shipped):
+        out = tmp_path / f"rebuilt-{source.name}"
+        proc = cli_run(["replay", str(source), "--output", str(out)])
+        assert "replayed 5 steps" in proc.stdout
+        rebuilt = load_file(str(out / "model.safetensors"))
+        for name, value in expected.items():
+            assert torch.equal(rebuilt[name], value), name
+
+
+def test_fo_runs_cannot_be_replayed_or_shipped_as_seed_logs(tiny_folder, data_dir, tmp_path):
+    run = tmp_path / "run"
+    cli_run([*finetune_args(tiny_folder, data_dir, run, steps=2), "--optimizer", "fo-sgd",
+             "--lr", "0.001"])
+    proc = cli_run(["replay", str(run), "--output", str(tmp_path / "x")], check=False)
+    assert proc.returncode == 2 and "backpropagated" in proc.stderr
+    proc = cli_run(["export", str(run), "--format", "seedlog", "--output",
+                    str(tmp_path / "y")], check=False)
+    assert proc.returncode == 2 and "seed log cannot hold" in proc.stderr
+
+
+def nan_at(session_, steps):
+    """Make the loss NaN at the given step indices (a divergence the user could cause)."""
+    original = session_.engine.loss_fn
+
+    def loss(model, batch):
+        out = original(model, batch)
+        return out * float("nan") if session_.engine.step_index in steps else out
+
+    session_.engine.loss_fn = loss
+
+
+def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tiny_folder, data_dir,
+                                                              tmp_path):
+    from rich.console import Console
+
+    from edgezo.errors import TrainingError
+    from edgezo.train import MAX_NONFINITE_IN_A_ROW, finetune
+
+    s = session(tiny_folder, data_dir)
+    nan_at(s, {1, 2})
+    report = finetune(s, 5, output=tmp_path / "a", save_model=False,
+                      console=Console(quiet=True))
+    assert report["skipped_steps"] == 2
+    rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [False, True, True, False, False]
+    s.close()
+
+    s = session(tiny_folder, data_dir)
+    start = trainable(s)
+    nan_at(s, set(range(100)))
+    with pytest.raises(TrainingError, match="not finite for 5 steps in a row"):
+        finetune(s, 20, output=tmp_path / "b", save_model=False, console=Console(quiet=True))
+    snap = snapshots(tmp_path / "b")[-1]
+    assert snap.name == f"step-{MAX_NONFINITE_IN_A_ROW:08d}"
+    saved = load_file(str(snap / "weights.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in start.items())  # nothing was applied
+    s.close()

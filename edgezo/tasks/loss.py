@@ -75,6 +75,27 @@ def batch_rows(batch: dict) -> int:
     return next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
 
 
+def shard_batch(batch: dict, rank: int, world: int) -> dict:
+    """Rank `rank`'s contiguous share of a batch's examples, padding kept as encoded, so
+    that every row is exactly the row the single-process run computes. Multi-token
+    candidate batches hold C rows per example (example-major): their rows move together."""
+    n = num_examples(batch)
+    if n % world:
+        raise ValueError(f"a batch of {n} examples does not split over {world} ranks")
+    share = n // world
+    lo, hi = rank * share, (rank + 1) * share
+    per_row = batch_rows(batch) // n  # 1, or the candidates of each example
+    out = {}
+    for k, v in batch.items():
+        if not isinstance(v, torch.Tensor):
+            out[k] = v
+        elif v.shape[0] == n and k == "gold":
+            out[k] = v[lo:hi]
+        else:
+            out[k] = v[lo * per_row:hi * per_row] if v.shape[0] == n * per_row else v[lo:hi]
+    return out
+
+
 def num_examples(batch: dict) -> int:
     """Examples in a batch, the length of the per-example loss vector."""
     if "gold" in batch:

@@ -33,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from edgezo.errors import ConfigError, unknown_choice
 from edgezo.memory.measure import release_freed_memory
-from edgezo.tasks.loss import batch_rows, double, example_losses, num_examples
+from edgezo.tasks.loss import batch_rows, double, example_losses
 from edgezo.zo import noise
 from edgezo.zo.blocks import BlockMap, build_block_map, estimation_groups, resolve_fo_blocks
 from edgezo.zo.direction import Direction
@@ -154,6 +154,22 @@ class ZOEngine:
         self._passes = [0, 0]  # forward, backward in the current step
         self._sparsity_mask = sparsity_mask
         self.streamer: BlockStreamer | None = None
+        self.world = 1  # data-parallel ranks (set by data_parallel())
+        self.bytes_communicated = 0
+
+    def data_parallel(self) -> int:
+        """Join the initialised torch.distributed group: every rank keeps a full replica,
+        draws the same directions (same seed) and evaluates its shard of each batch; the
+        per-example losses are gathered per query, so every rank computes the same g and
+        applies the same update. ZO estimators only (a backward or a jvp would need its
+        gradients reduced, which is DDP's job, not this)."""
+        import torch.distributed as dist
+
+        if self.optimizer.estimator != "zo" or self.fo_indices:
+            raise ConfigError(f"data-parallel runs ZO estimators only; {self.optimizer.name}"
+                              " differentiates the loss: run it on one process")
+        self.world = dist.get_world_size()
+        return self.world
 
     def stream(self, layers: list[int], device: torch.device | str, tier: str = "disk",
                folder: str | None = None, buffers: int | None = None) -> BlockStreamer:
@@ -220,7 +236,27 @@ class ZOEngine:
     # -- the loss at one point ------------------------------------------------------------
     def _mean(self, batch: dict) -> float:
         self._passes[0] += 1
-        return self.loss_fn(self.model, batch).mean().item()
+        return self._global_means(self.loss_fn(self.model, batch), 1)[0]
+
+    def _global_means(self, per_example: torch.Tensor, parts: int) -> list[float]:
+        """Means of the `parts` equal slices of the per-example losses, over every rank.
+
+        Data-parallel: each rank holds a contiguous shard of the examples, so gathering
+        the per-example values in rank order rebuilds the single-process vector exactly,
+        and its mean is the single-process mean bit for bit. One collective per query:
+        parts x examples x 4 bytes (fp32 losses) from each rank.
+        """
+        values = per_example.detach()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            gathered = [torch.empty_like(values) for _ in range(self.world)]
+            dist.all_gather(gathered, values.contiguous())
+            self.bytes_communicated += values.numel() * values.element_size() * self.world
+            n = values.numel() // parts
+            values = torch.cat([torch.cat([g[k * n:(k + 1) * n] for g in gathered])
+                                for k in range(parts)])
+        return [v.mean().item() for v in values.chunk(parts)]
 
     def loss(self, batch: dict) -> float:
         """L(θ) at the current weights (applies any pending update first)."""
@@ -237,12 +273,11 @@ class ZOEngine:
         p = self.perturbation
         if self.pair:
             doubled = double(batch)
-            n = num_examples(batch)
             with p.perturbed(direction, scale, None, pair_rows=batch_rows(doubled)):
                 per_example = self.loss_fn(self.model, doubled)
                 self._passes[0] += 1
             # One host sync per query, here: g is needed as a Python scalar.
-            plus, minus = per_example[:n].mean().item(), per_example[n:].mean().item()
+            plus, minus = self._global_means(per_example, 2)
         else:
             with p.perturbed(direction, scale, +1):
                 plus = self._mean(batch)
