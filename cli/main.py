@@ -46,6 +46,8 @@ DtypeOpt = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (default: the 
 OffloadOpt = typer.Option("auto", help="Stream decoder layers off the device: auto (only "
                           "when the weights do not fit), off, host (pinned host memory, "
                           "GPU) or disk (safetensors files; always the tier on a CPU)")
+TrustOpt = typer.Option(False, "--trust-remote-code", help="Run Python code shipped with "
+                        "the model (its own modeling files); off unless you trust the source")
 StreamLayersOpt = typer.Option(None, min=0, help="How many layers stream (default: the "
                                "fewest that fit; all with --offload host/disk)")
 DataDirOpt = typer.Option(None, "--data-dir", help="Folder with the task data "
@@ -150,6 +152,7 @@ def finetune(
     distributed: bool = typer.Option(False, "--distributed", help="Data-parallel ZO over "
                                      "torch.distributed (under torchrun; also implied by "
                                      "its WORLD_SIZE)"),
+    trust_remote_code: bool = TrustOpt,
 ) -> None:
     """Fine-tune a model on a task with ZO under a device profile's memory budget."""
     from edgezo.session import Session
@@ -187,7 +190,7 @@ def finetune(
                       prefix_tokens=prefix_tokens, prompt_tokens=prompt_tokens,
                       quantize=quantize, offload=offload, stream_layers=stream_layers,
                       offload_dir=None if offload_dir is None else str(offload_dir),
-                      distributed=distributed)
+                      distributed=distributed, trust_remote_code=trust_remote_code)
     try:
         run(session, steps, eval_every=eval_every, output=output, save_model=save_model,
             checkpoint_every=checkpoint_every if output is not None else 0, keep=keep)
@@ -248,6 +251,7 @@ def plan(
     fo_blocks: str | None = typer.Option(None, "--fo-blocks", help="Hybrid ZO/FO blocks"),
     offload: str = OffloadOpt,
     stream_layers: int | None = StreamLayersOpt,
+    trust_remote_code: bool = TrustOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON"),
 ) -> None:
     """Predict a run's peak memory from the model's config alone, before any download."""
@@ -257,7 +261,8 @@ def plan(
                                   optimizer=optimizer, quantize=quantize, dtype=dtype,
                                   batch_size=batch_size, seq_len=seq_len, pair=pair,
                                   sparsity=sparsity, fo_blocks=_list(fo_blocks),
-                                  offload=offload, stream_layers=stream_layers))
+                                  offload=offload, stream_layers=stream_layers,
+                                  trust_remote_code=trust_remote_code))
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
     else:

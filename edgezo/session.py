@@ -40,7 +40,7 @@ from edgezo.memory.planner import OFFLOAD
 from edgezo.models.loading import DEFAULT_MODEL, load_weights, parse_dtype, resolve_model
 from edgezo.profiles import human_bytes, load_profile
 from edgezo.schemes import SchemeOptions, apply_scheme, check_scheme
-from edgezo.tasks import Encoder, make_task
+from edgezo.tasks import Encoder, Example, make_task
 from edgezo.tasks.base import batches
 from edgezo.tasks.loss import OBJECTIVES, candidate_scores, example_losses, shard_batch
 from edgezo.zo import noise
@@ -71,7 +71,8 @@ class Session:
                  lora_targets: list[str] | None = None, prefix_tokens: int = 5,
                  prompt_tokens: int = 10, quantize: str | None = None,
                  offload: str = "auto", stream_layers: int | None = None,
-                 offload_dir: str | None = None, distributed: bool = False):
+                 offload_dir: str | None = None, distributed: bool = False,
+                 trust_remote_code: bool = False):
         """Every option of `edgezo finetune` has the keyword of the same name here. An
         option that does not apply to the chosen optimizer is an error, not ignored."""
         # what a run folder's run.json records, so that Session.resume rebuilds this one
@@ -134,7 +135,7 @@ class Session:
         if pair is not None and kind != "zo":
             raise ConfigError(f"--pair/--two-pass choose how ZO evaluates L(θ ± εz); "
                               f"{optimizer} makes no such pair: drop the option")
-        resolved = resolve_model(model, parse_dtype(self.dtype_name))
+        resolved = resolve_model(model, parse_dtype(self.dtype_name), trust_remote_code)
         self.tokenizer, self.model_source = resolved.tokenizer, resolved
         self.encoder = Encoder(self.tokenizer, max_length=max_length,
                                loss=self.task.loss if self.task is not None else "classification")
@@ -266,7 +267,7 @@ class Session:
             optimizer=optimizer, quantize=quantize, dtype=self.dtype_name,
             batch_size=self.batch_size, seq_len=self._plan_seq_len, pair=pair,
             sparsity=o["sparsity"], fo_blocks=o["fo_blocks"], offload=self.offload,
-            stream_layers=self._stream_opt))
+            stream_layers=self._stream_opt, trust_remote_code=self.settings["trust_remote_code"]))
         streaming = result.plan.streaming
         self._stream_k = len(streaming["layers"]) if streaming else 0
         if result.plan.fits:
@@ -373,6 +374,26 @@ class Session:
             self._log.append(result.log_entry())
         self._guard()
         return result
+
+    # -- on-device personalisation ----------------------------------------------------------
+    def learn(self, examples: Example | list[Example]) -> StepResult:
+        """One ZO step on the app's own examples (no task files needed): what an app calls
+        each time its user corrects or confirms a prediction."""
+        examples = [examples] if isinstance(examples, Example) else list(examples)
+        if not examples:
+            raise ConfigError("learn() needs at least one Example")
+        return self.step(self.encoder.encode(examples))
+
+    @torch.no_grad()
+    def predict(self, examples: Example | list[Example]) -> list[int]:
+        """The index of the candidate the model now scores highest, per example."""
+        examples = [examples] if isinstance(examples, Example) else list(examples)
+        self.engine.flush()
+        out: list[int] = []
+        for i in range(0, len(examples), self.eval_batch_size):
+            batch = self._to_device(self.encoder.encode(examples[i:i + self.eval_batch_size]))
+            out += candidate_scores(self._model, batch).argmax(-1).tolist()
+        return out
 
     # -- run folders: seed log, snapshots, resume -------------------------------------------
     def record(self, run_dir: str | os.PathLike) -> None:

@@ -1,5 +1,7 @@
 """Model formats: GGUF files transformers cannot read fail with a message naming the fix."""
 
+import json
+
 import gguf
 import numpy as np
 import pytest
@@ -22,3 +24,38 @@ def test_gguf_of_an_unsupported_architecture_names_the_fix(tmp_path, monkeypatch
     with pytest.raises(ModelLoadError, match="madeupformer is not supported.*HF folder"):
         resolve_model(str(path), torch.float32)
     assert not any((tmp_path / "cache").rglob("config.json"))  # nothing half-cached
+
+
+def _remote_code_folder(tmp_path):
+    """A tiny Llama whose config and model class live in the folder's own Python files."""
+    from edgezo.models.tiny import save_tiny
+
+    folder = tmp_path / "remote"
+    save_tiny(folder, "llama")
+    (folder / "configuration_custom.py").write_text(
+        "from transformers import LlamaConfig\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'edgezo_custom'\n")
+    (folder / "modeling_custom.py").write_text(
+        "from transformers import LlamaForCausalLM\n"
+        "from .configuration_custom import CustomConfig\n"
+        "class CustomForCausalLM(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="edgezo_custom", architectures=["CustomForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                            "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def test_remote_code_runs_only_when_asked(tmp_path, data_dir):
+    from edgezo.errors import ModelLoadError
+    from edgezo.session import Session
+
+    folder = _remote_code_folder(tmp_path)
+    kw = dict(profile="cpu-16gb", data_dir=data_dir, batch_size=2, max_length=48)
+    with pytest.raises(ModelLoadError, match="--trust-remote-code"):
+        Session(folder, **kw)
+    s = Session(folder, trust_remote_code=True, **kw)
+    assert type(s.model).__name__ == "CustomForCausalLM"
+    s.step()
+    s.close()

@@ -119,7 +119,7 @@ def test_every_finetune_option_reaches_the_session(monkeypatch, tiny_folder):
             "--eval-batch-size", "8", "--data-seed", "4", "--template", "empty",
             "--scheme", "lora", "--lora-r", "4", "--lora-alpha", "8",
             "--lora-targets", "q_proj,k_proj", "--quantize", "int8", "--offload", "disk",
-            "--distributed",
+            "--distributed", "--trust-remote-code",
             "--stream-layers", "1", "--offload-dir", "/tmp/x"]
     CliRunner().invoke(cli.app, args)
     expected = dict(optimizer="zo-adam", q=3, estimate="one-sided", directions="rademacher",
@@ -131,7 +131,7 @@ def test_every_finetune_option_reaches_the_session(monkeypatch, tiny_folder):
                     max_length=64, eval_batch_size=8, data_seed=4, template="empty",
                     scheme="lora", lora_r=4, lora_alpha=8.0, lora_targets=["q_proj", "k_proj"],
                     quantize="int8", offload="disk", stream_layers=1, offload_dir="/tmp/x",
-                    distributed=True)
+                    distributed=True, trust_remote_code=True)
     for key, value in expected.items():
         assert seen.get(key) == value, key
     CliRunner().invoke(cli.app, ["finetune", "--optimizer", "zo-sgd-mmt", "--momentum", "0.7",

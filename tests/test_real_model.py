@@ -76,3 +76,20 @@ def test_hybrid_last_layer_fo_on_smollm2(data_dir):
         assert not torch.equal(sess.model.model.layers[-1].mlp.down_proj.weight, before)
     finally:
         sess.close()
+
+
+def test_personalization_example_learns_and_resumes(tmp_path):
+    """examples/personalize.py: notes learned one at a time; the run folder resumes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "personalize.py"
+    run = tmp_path / "personal"
+    proc = subprocess.run([sys.executable, str(script), "--epochs", "1", "--run-dir",
+                           str(run)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "held-out accuracy before" in proc.stdout and "after 24 notes" in proc.stdout
+    resumed = Session.resume(run)
+    assert resumed.engine.step_index == 24 and resumed.task is None
+    resumed.close()

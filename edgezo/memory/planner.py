@@ -54,6 +54,7 @@ class PlanRequest:
     fo_blocks: list[str | int] = field(default_factory=list)
     offload: str = "auto"  # auto | off | host | disk
     stream_layers: int | None = None  # how many layers stream (None: as the budget needs)
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -99,7 +100,8 @@ def _meta_model(request: PlanRequest, config, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, trust_remote_code=request.trust_remote_code)
         return apply_scheme(model.eval(), request.scheme, SchemeOptions())
 
 
@@ -127,7 +129,8 @@ def price(request: PlanRequest, config=None, profile: Profile | None = None,
     if request.quantize and request.scheme == "full":
         raise ConfigError("a quantized base cannot take full fine-tuning; use an adapter scheme")
     profile = profile or load_profile(request.profile)
-    config = config if config is not None else load_config(request.model)
+    config = config if config is not None else load_config(request.model,
+                                                           request.trust_remote_code)
     dtype = parse_dtype(request.dtype or profile.dtype)
     optimizer = make_optimizer(request.optimizer)
     # the same refusals as a run: no option priced that the optimizer would not use
@@ -211,7 +214,7 @@ def plan_run(request: PlanRequest) -> PlanResult:
     """Decide pair/two-pass, which layers stream and the largest batch; price
     alternatives if it does not fit."""
     profile = load_profile(request.profile)
-    config = load_config(request.model)
+    config = load_config(request.model, request.trust_remote_code)
     zo = make_optimizer(request.optimizer).estimator == "zo"
     modes = [request.pair] if request.pair is not None else ([True, False] if zo else [False])
     for pair in modes:  # the first mode that fits, streaming as few layers as it needs

@@ -113,6 +113,7 @@ class ResolvedModel:
     kind: str  # "gguf", "folder" or "hub"
     tokenizer: object
     model_class: type
+    trust_remote_code: bool = False
 
 
 def locate_model(spec: str) -> tuple[Path, str]:
@@ -136,7 +137,17 @@ def locate_model(spec: str) -> tuple[Path, str]:
     return path, "hub"
 
 
-def load_config(spec: str | None):
+REMOTE_CODE_HINT = ("it ships its own Python code, which edgezo does not run unless asked: "
+                    "pass --trust-remote-code (trust_remote_code=True) if you trust its source")
+
+
+def _remote_code_error(spec: str, err: Exception) -> ModelLoadError | None:
+    if "trust_remote_code" in str(err):
+        return ModelLoadError(f"{spec!r}: {REMOTE_CODE_HINT}")
+    return None
+
+
+def load_config(spec: str | None, trust_remote_code: bool = False):
     """A model's config alone (no weights, no conversion): what `edgezo plan` needs."""
     from transformers import AutoConfig
 
@@ -157,19 +168,24 @@ def load_config(spec: str | None):
             if cached:
                 return AutoConfig.from_pretrained(str(cached[0].parent))
             return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-        return AutoConfig.from_pretrained(str(path) if kind == "folder" else spec)
+        return AutoConfig.from_pretrained(str(path) if kind == "folder" else spec,
+                                          trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
+        remote = _remote_code_error(spec, err)
+        if remote is not None:
+            raise remote from None
         hint = " (no network? pass a local folder, config.json or .gguf)" if kind == "hub" else ""
         raise ModelLoadError(f"could not read the config of {spec!r}: {err}{hint}") from None
 
 
-def resolve_model(spec: str | None, dtype: torch.dtype) -> ResolvedModel:
+def resolve_model(spec: str | None, dtype: torch.dtype,
+                  trust_remote_code: bool = False) -> ResolvedModel:
     """Find (and for GGUF, convert once) a model; load its config, tokenizer and class.
 
     Separate from loading the weights so that a memory measurement of the load covers the
     weights only, not the tokenizer or the import of transformers' modeling code.
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
     from transformers.utils import logging as hf_logging
 
@@ -181,18 +197,26 @@ def resolve_model(spec: str | None, dtype: torch.dtype) -> ResolvedModel:
                              "but holds no weights to train; pass the model's folder or id")
     folder = str(convert_gguf(path, dtype)) if kind == "gguf" else str(path)
     try:
-        config = AutoConfig.from_pretrained(folder)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except OSError as err:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        remote = _remote_code_error(spec, err)
+        if remote is not None:
+            raise remote from None
+        if isinstance(err, ValueError):
+            raise
         hint = (" (no network? pass a local folder or .gguf file to --model)"
                 if kind == "hub" else "")
         raise ModelLoadError(f"could not load model {spec!r}: {err}{hint}") from None
+    source = str(path) if kind != "hub" else spec
+    if trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None)
+                                                        or {}):
+        return ResolvedModel(folder, source, kind, tokenizer, AutoModelForCausalLM, True)
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ModelLoadError(f"{spec!r} is a {config.model_type} model, which transformers "
                              "cannot load as a causal language model")
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # imports its modeling code
-    return ResolvedModel(folder, str(path) if kind != "hub" else spec, kind, tokenizer,
-                         model_class)
+    return ResolvedModel(folder, source, kind, tokenizer, model_class)
 
 
 QUANTIZATIONS = ("nf4", "int8")
@@ -227,6 +251,8 @@ def load_weights(resolved: ResolvedModel, dtype: torch.dtype,
         warnings.filterwarnings("ignore", message="MatMul8bitLt")  # once per matmul
         kwargs = {"quantization_config": quantization_config(quantize, dtype),
                   "device_map": {"": str(device)}}
+    if resolved.trust_remote_code:
+        kwargs["trust_remote_code"] = True
     try:
         model = resolved.model_class.from_pretrained(resolved.folder, dtype=dtype, **kwargs)
     except OSError as err:
