@@ -145,3 +145,14 @@ def test_smoke_suite_from_the_command_line(tmp_path, data_dir, monkeypatch):
     again = CliRunner().invoke(app, ["bench", "--suite", "smoke", "--results", str(out),
                                      "--data-dir", data_dir])
     assert "0 runs now" in again.output
+
+
+def test_a_cell_can_carry_its_own_search(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nsearch: {lr: {default: [1.0e-5]}, eps: [0.001]}\ncells:\n"
+                    "  - {tasks: [sst2], optimizers: [zo-sgd], schemes: [full]}\n"
+                    "  - {tasks: [sst2], optimizers: [zo-sgd], schemes: [lora],\n"
+                    "     search: {lr: {default: [1.0e-4, 1.0e-3]}}}\n")
+    lrs = {(r.settings["scheme"], r.settings["lr"], r.settings["eps"])
+           for r in load_suite(str(path)).runs()}
+    assert lrs == {("full", 1e-5, 1e-3), ("lora", 1e-4, 1e-3), ("lora", 1e-3, 1e-3)}

@@ -4,8 +4,9 @@ A suite has `defaults` (Session settings shared by every run, plus `steps` and
 `eval_examples`), a `search` grid (learning rate per optimizer, ε) tried in every cell and
 selected on validation accuracy, `cells` (tasks x optimizers x schemes, the paper's
 tables) and `studies` (a base cell with one setting varied: template, q, block-wise,
-sparsity, hybrid ZO/FO). Each run is keyed by a hash of its complete settings, so a suite
-that is re-run, resumed or sharded never runs the same thing twice.
+sparsity, hybrid ZO/FO); a cell or study may carry its own `search` (adapters want
+larger learning rates than full fine-tuning). Each run is keyed by a hash of its complete
+settings, so a suite that is re-run, resumed or sharded never runs the same thing twice.
 """
 
 from __future__ import annotations
@@ -54,12 +55,12 @@ class Suite:
                     cell["tasks"], cell["optimizers"], cell["schemes"]):
                 base = {**self.defaults, **cell.get("settings", {}), "task": task,
                         "optimizer": optimizer, "scheme": scheme}
-                out += self._grid("cell", base, "")
+                out += self._grid("cell", base, "", cell.get("search"))
         for study in self.studies:
             (field, values), = study["vary"].items()
             for value in values:
                 base = {**self.defaults, **study["base"], field: value}
-                out += self._grid(study["name"], base, f"{field}={value}")
+                out += self._grid(study["name"], base, f"{field}={value}", study.get("search"))
         seen, unique = set(), []
         for r in out:  # a study's baseline can coincide with a cell's run
             if (r.key, r.group) not in seen:
@@ -67,10 +68,13 @@ class Suite:
                 unique.append(r)
         return unique
 
-    def _grid(self, group: str, base: dict, variant: str) -> list[Run]:
-        lrs = self.search.get("lr", {})
+    def _grid(self, group: str, base: dict, variant: str, search: dict | None) -> list[Run]:
+        """The runs of one cell: its own `search` (if any) overrides the suite's, key by
+        key, and the learning rates are looked up per optimizer, then `default`."""
+        search = {**self.search, **(search or {})}
+        lrs = search.get("lr", {})
         lr_list = lrs.get(base["optimizer"], lrs.get("default", [base.get("lr", 1e-5)]))
-        eps_list = self.search.get("eps", [base.get("eps", 1e-3)])
+        eps_list = search.get("eps", [base.get("eps", 1e-3)])
         if base["optimizer"].startswith("fo-"):
             eps_list = eps_list[:1]  # ε does not enter a first-order run
         cell = "/".join([base["task"], str(base.get("model") or "smollm2"),
