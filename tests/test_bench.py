@@ -156,3 +156,13 @@ def test_a_cell_can_carry_its_own_search(tmp_path):
     lrs = {(r.settings["scheme"], r.settings["lr"], r.settings["eps"])
            for r in load_suite(str(path)).runs()}
     assert lrs == {("full", 1e-5, 1e-3), ("lora", 1e-4, 1e-3), ("lora", 1e-3, 1e-3)}
+
+
+def test_table_layout_follows_the_suite_once_per_name():
+    rows = [row("sst2/m/zo-sgd/full", 1e-3, 0.7, 0.7), row("sst2/m/zo-sgd/lora", 1e-3, 0.6, 0.6),
+            row("sst2/m/fo-sgd/full", 1e-3, 0.8, 0.8)]
+    text = markdown(rows, {"optimizers": ["fo-sgd", "zo-sgd", "fo-sgd", "zo-sgd"],
+                           "schemes": ["full", "lora", "full"]})
+    first = text.split("**Validation")[0]
+    assert "| | full | lora |" in first and first.count("| zo-sgd |") == 1
+    assert first.index("| fo-sgd |") < first.index("| zo-sgd |")

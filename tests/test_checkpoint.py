@@ -303,3 +303,22 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tiny_folder, data
     saved = load_file(str(snap / "weights.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in start.items())  # nothing was applied
     s.close()
+
+
+def test_run_folders_are_read_without_pickle(tiny_folder, data_dir, tmp_path, monkeypatch):
+    """Resume and replay read JSON and safetensors only: torch.load (pickle) never runs."""
+    run = tmp_path / "run"
+    s = session(tiny_folder, data_dir)
+    s.record(run)
+    s.step()
+    s.checkpoint()
+    s.step()
+    s.close()
+    (run / "checkpoints" / "evil.pt").write_bytes(b"not loaded")
+
+    def forbidden(*a, **k):
+        raise AssertionError("torch.load called on a run folder")
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    Session.resume(run).close()
+    Session.replay_run(run).close()

@@ -165,3 +165,6 @@ def test_the_guard_stops_an_over_budget_run_and_keeps_the_model(tiny_folder, dat
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "model")  # the checkpoint is intact
+    from edgezo.checkpoint import snapshots
+
+    assert snapshots(out)[-1].name == "step-00000003"  # and resumable from step 3

@@ -26,7 +26,8 @@ def select(rows: list[dict]) -> dict[tuple[str, str], dict]:
 
 
 def _order(values, preferred):
-    seen = [v for v in preferred if v in values]
+    """`values` in the suite's order (first appearance), then any others sorted."""
+    seen = [v for v in dict.fromkeys(preferred) if v in values]
     return seen + sorted(v for v in values if v not in seen)
 
 
