@@ -158,6 +158,12 @@ def finetune(
     from edgezo.session import Session
     from edgezo.train import finetune as run
 
+    if output is None and resume is None:
+        unused = [f"--{n.replace('_', '-')}" for n in ("checkpoint_every", "keep")
+                  if _given(ctx, n)]
+        if unused:
+            raise EdgezoError(f"{' and '.join(unused)} set snapshots of a run folder; add "
+                              "--output DIR or drop them")
     if resume is not None:
         may = {"resume", "steps", "eval_every", "save_model", "data_dir", "checkpoint_every",
                "keep", "eval_batch_size"}
@@ -409,6 +415,8 @@ def bench(
     from edgezo.bench.suite import load_suite
     from edgezo.bench.tables import write_results
 
+    if tables_only and (max_runs is not None or shard != "0/1"):
+        raise EdgezoError("--tables-only runs nothing: drop --max-runs and --shard")
     spec = load_suite(suite)
     folder = results or Path("results") / spec.name
     store = Store(db or folder / "runs.db")

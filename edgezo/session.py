@@ -142,8 +142,12 @@ class Session:
         self._plan_seq_len = self._seq_len()
         if offload not in OFFLOAD:
             raise unknown_choice("offload", offload, OFFLOAD)
-        if offload == "off" and stream_layers:
-            raise ConfigError("--stream-layers streams layers; --offload off forbids it")
+        if offload == "off" and (stream_layers or offload_dir):
+            raise ConfigError("--stream-layers and --offload-dir are for streaming; "
+                              "--offload off forbids it: drop them")
+        if offload == "host" and offload_dir:
+            raise ConfigError("--offload-dir holds the disk tier's files; --offload host "
+                              "keeps layers in memory: drop one of them")
         self.offload, self.offload_dir, self._stream_opt = offload, offload_dir, stream_layers
         # layers to stream: forced ones now; under a budget check the plan decides below
         self._stream_k = (stream_layers if stream_layers is not None

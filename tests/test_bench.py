@@ -166,3 +166,11 @@ def test_table_layout_follows_the_suite_once_per_name():
     first = text.split("**Validation")[0]
     assert "| | full | lora |" in first and first.count("| zo-sgd |") == 1
     assert first.index("| fo-sgd |") < first.index("| zo-sgd |")
+
+
+def test_tables_only_refuses_run_options():
+    from edgezo.cli.main import app
+
+    result = CliRunner().invoke(app, ["bench", "--suite", "smoke", "--tables-only",
+                                      "--max-runs", "1"])
+    assert result.exit_code == 2 and "runs nothing" in result.output

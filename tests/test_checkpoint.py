@@ -322,3 +322,8 @@ def test_run_folders_are_read_without_pickle(tiny_folder, data_dir, tmp_path, mo
     monkeypatch.setattr(torch, "load", forbidden)
     Session.resume(run).close()
     Session.replay_run(run).close()
+
+
+def test_snapshot_options_without_a_run_folder_are_refused(tiny_folder):
+    proc = cli_run(["finetune", "--model", tiny_folder, "--keep", "2"], check=False)
+    assert proc.returncode == 2 and "add --output DIR" in proc.stderr

@@ -185,3 +185,13 @@ def test_frozen_layers_stream_and_never_travel_back(scheme, tmp_path):
     got, stats = go(True)
     assert got == ref
     assert stats["loads"] >= 6 and stats["bytes_out"] == 0
+
+
+def test_streaming_options_that_cannot_apply_are_refused(tiny_folder, data_dir, tmp_path):
+    from edgezo import Session
+
+    for kw, message in [({"offload": "off", "offload_dir": str(tmp_path)}, "--offload off"),
+                        ({"offload": "off", "stream_layers": 1}, "--offload off"),
+                        ({"offload": "host", "offload_dir": str(tmp_path)}, "disk tier")]:
+        with pytest.raises(ConfigError, match=message):
+            Session(tiny_folder, data_dir=data_dir, check_budget=False, **kw)
