@@ -423,9 +423,18 @@ class Session:
         state = self.engine.state_tensors()  # flushes the pending update first
         state["torch_rng"] = torch.get_rng_state()
         blocks = self.engine.blocks
-        with self.streamer.materialized() if self.streamer else contextlib.nullcontext():
-            weights = {n: p.detach().cpu().clone() for n, p in
-                       zip(blocks.names, blocks.params, strict=True)}
+        name_of = {id(p): n for n, p in zip(blocks.names, blocks.params, strict=True)}
+        weights = {}
+        # streamed layers one at a time (materializing them all would need the whole model
+        # in memory, which is what streaming avoids); only trainable tensors are kept
+        for layer in self.streamer.layers if self.streamer else []:
+            with self.streamer.hold(layer.unit.module):
+                for t in layer.tensors:
+                    if id(t.param) in name_of:
+                        weights[name_of[id(t.param)]] = t.param.detach().cpu().clone()
+        for n, p in zip(blocks.names, blocks.params, strict=True):
+            if n not in weights:
+                weights[n] = p.detach().cpu().clone()
         masks = self.engine.masks
         meta = {"edgezo_version": __version__, "mask_epoch": masks.epoch if masks else None,
                 "settings": self.settings}

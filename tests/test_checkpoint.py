@@ -51,6 +51,9 @@ def test_replay_refuses_backprop_updates_and_gaps():
     engine = ZOEngine(tiny_model("llama"), make_optimizer("zo-sgd"), seed=5, eps=1e-2)
     with pytest.raises(ConfigError, match="jumps from step 0 to 1"):
         engine.replay(log[1])
+    engine = ZOEngine(tiny_model("llama"), make_optimizer("zo-sgd"), seed=6, eps=1e-2)
+    with pytest.raises(ConfigError, match="other seeds than this run's"):
+        engine.replay(log[0])
 
 
 # -- run folders, snapshots and resume through Session ---------------------------------

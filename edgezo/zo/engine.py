@@ -165,11 +165,19 @@ class ZOEngine:
         gradients reduced, which is DDP's job, not this)."""
         import torch.distributed as dist
 
-        if self.optimizer.estimator != "zo" or self.fo_indices:
-            raise ConfigError(f"data-parallel runs ZO estimators only; {self.optimizer.name}"
-                              " differentiates the loss: run it on one process")
+        self._require_zo("data-parallel training", "run it on one process")
         self.world = dist.get_world_size()
         return self.world
+
+    def _require_zo(self, feature: str, fix: str) -> None:
+        """Streaming and data parallelism see the loss only through forward values; a
+        backward (fo-*, --fo-blocks) or a jvp (forward-grad) needs every weight at once
+        and its gradients reduced."""
+        if self.optimizer.estimator != "zo" or self.fo_indices:
+            hybrid = " with --fo-blocks" if self.fo_indices and \
+                self.optimizer.estimator != "fo" else ""
+            raise ConfigError(f"{feature} runs ZO estimates only; {self.optimizer.name}"
+                              f"{hybrid} differentiates the loss: {fix}")
 
     def stream(self, layers: list[int], device: torch.device | str, tier: str = "disk",
                folder: str | None = None, buffers: int | None = None) -> BlockStreamer:
@@ -179,10 +187,7 @@ class ZOEngine:
         gradient needs every weight it differentiates resident at once, and magnitude
         masks read every weight when they are drawn.
         """
-        if self.optimizer.estimator != "zo" or self.fo_indices:
-            raise ConfigError(f"streaming runs ZO estimates only; {self.optimizer.name}"
-                              f"{' with --fo-blocks' if self.fo_indices else ''} needs every "
-                              "weight on the device: pick a ZO optimizer, or a bigger profile")
+        self._require_zo("streaming", "pick a ZO optimizer, or a bigger profile")
         if self.masks is not None and self._sparsity_mask == "magnitude":
             raise ConfigError("magnitude sparsity masks read every weight when drawn; with "
                               "streaming use --sparsity-mask random")
@@ -475,6 +480,9 @@ class ZOEngine:
             if not group["applied"]:
                 continue
             seeds = [noise.step_seed(self.seed, t, gi * self.q + i) for i in range(self.q)]
+            if entry.get("seeds") and entry["seeds"][gi * self.q:(gi + 1) * self.q] != seeds:
+                raise ConfigError(f"seed log step {t} was drawn with other seeds than this "
+                                  "run's (a different --seed or --q?)")
             d = Direction(tuple(seeds), tuple(g / self.q for g in group["grads"]),
                           self.directions, self.masks, active)
             lr = entry["lr"] * (group["move"] if group["move"] is not None else 1)
