@@ -81,3 +81,21 @@ def test_encoder_left_pads():
     batch = enc.encode([Example("great", (" terrible", " great"), 0),
                         Example("a very long and boring film", (" terrible", " great"), 1)])
     assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][0, -1] == 1
+
+
+def test_encoder_pads_to_a_multiple_of_8_without_changing_scores():
+    """Bucketed widths bound the kernel caches' shapes; the scores must not move."""
+    tok = tiny_tokenizer()
+    examples = [Example("great", (" terrible", " great"), 0),
+                Example("a very long and boring film", (" terrible", " great"), 1)]
+    exact, padded = Encoder(tok, pad_to_multiple_of=1), Encoder(tok)
+    model = tiny_model("llama")
+    for general in (False, True):
+        if general:  # one row per (example, candidate)
+            for enc in (exact, padded):
+                enc._single[(" terrible", " great")] = None
+        a, b = exact.encode(examples), padded.encode(examples)
+        assert b["input_ids"].shape[1] % 8 == 0 and a["input_ids"].shape[1] % 8 != 0
+        with torch.no_grad():
+            torch.testing.assert_close(candidate_scores(model, a), candidate_scores(model, b),
+                                       rtol=1e-5, atol=1e-5)

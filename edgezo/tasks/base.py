@@ -143,7 +143,8 @@ class Encoder:
     per (example, candidate) with the candidate tokens as labels.
     """
 
-    def __init__(self, tokenizer, max_length: int = 256, loss: str = "classification"):
+    def __init__(self, tokenizer, max_length: int = 256, loss: str = "classification",
+                 pad_to_multiple_of: int = 8):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
@@ -151,6 +152,10 @@ class Encoder:
         self.tok = tokenizer
         self.max_length = max_length
         self.loss = loss  # "lm": the batch's loss is the gold answer's log-likelihood
+        # Widths rounded up to a multiple of 8 tokens: a CPU's kernel libraries cache
+        # per input shape (oneDNN keeps 1-2 MiB for each), so free widths grow the
+        # process by ~100 MiB over a run; 8 also suits GPU tensor cores.
+        self.multiple = pad_to_multiple_of
         self._single: dict[tuple[str, ...], list[int] | None] = {}
 
     def _single_token_ids(self, ex: Example) -> list[int] | None:
@@ -172,7 +177,8 @@ class Encoder:
         gold = torch.tensor([ex.gold for ex in examples])
         if all(s is not None for s in singles):
             enc = self.tok([ex.prompt for ex in examples], return_tensors="pt", padding=True,
-                           truncation=True, max_length=self.max_length)
+                           truncation=True, max_length=self.max_length,
+                           pad_to_multiple_of=self.multiple)
             return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask,
                     "candidate_ids": torch.tensor(singles), "gold": gold,
                     "loss_type": self.loss}
@@ -194,7 +200,7 @@ class Encoder:
                 n_answer = min(max(1, len(full) - common), len(full) - 1)
                 rows.append(full)
                 label_rows.append([-100] * (len(full) - n_answer) + full[-n_answer:])
-        width = max(len(r) for r in rows)
+        width = -(-max(len(r) for r in rows) // self.multiple) * self.multiple
         pad = self.tok.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
         attention = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
