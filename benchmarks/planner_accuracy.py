@@ -5,11 +5,12 @@ batch sizes x pair/two-pass (ZO only), on SmolLM2-135M and on tiny random models
 families. Every configuration runs in its own process (a high-water mark cannot leak from
 one into the next): a Session with the 8gb-gpu profile emulated on the CPU, three steps on
 a batch of the task's longest training example (the sequence length the plan is made
-for), and the train phase's peak resident memory above the pre-load baseline compared
-with the plan's peak.
+for), three real batches, and evaluation (batch 32) on the longest evaluated example;
+each phase's peak resident memory above the pre-load baseline compared with its plan.
 
     python benchmarks/planner_accuracy.py [--models smollm2,tiny-llama,tiny-qwen2]
         [--batches 4,16] [--json out.json]
+    python benchmarks/planner_accuracy.py --calibrate   # the CPU runtime constant
 
 Tiny models are the test suite's families at width 1024 (about 70 MB of fp32 weights):
 the test suite's width-32 models use less memory than the allocator's own granularity,
@@ -34,23 +35,59 @@ MiB = 1024**2
 
 def measure(model: str, scheme: str, optimizer: str, batch: int, pair: bool | None,
             steps: int) -> dict:
+    """Train and evaluate on the longest example of each phase (the shapes the plan is
+    made for), then a few real batches, as a run would; each phase's peak vs its plan."""
+    import torch
+
     from edgezo import Session
+    from edgezo.tasks.loss import candidate_scores
 
     s = Session(model, task="sst2", optimizer=optimizer, scheme=scheme, lr=1e-6,
-                batch_size=batch, pair=pair, check_budget=False)
-    examples = s.task.split("train")
-    longest = max(examples, key=lambda e: len(e.prompt) + max(map(len, e.candidates)))
-    data = s.encoder.encode([longest] * batch)
+                batch_size=batch, pair=pair, check_budget=False, eval_batch_size=32)
+
+    def longest(split: str):
+        return max(s.task.split(split),
+                   key=lambda e: len(e.prompt) + max(map(len, e.candidates)))
+
+    data = s.encoder.encode([longest("train")] * batch)
     for _ in range(steps):
         s.step(data)
+    for _ in range(steps):
+        s.step()  # real batches: other widths
+    worst = max((longest("validation"), longest("test")),
+                key=lambda e: s.encoder.encode([e])["input_ids"].shape[1])
+    with s.monitor.phase("eval"), torch.no_grad():
+        candidate_scores(s._model, s.encoder.encode([worst] * s.eval_batch_size))
+    s.evaluate("validation", max_examples=64)
     plan = s.plan
     out = {"model": model, "scheme": scheme, "optimizer": optimizer, "batch": batch,
            "mode": ("pair" if s.pair else "two-pass") if optimizer != "fo-adam" else "fo",
            "seq_len": int(data["input_ids"].shape[1]),
-           "predicted_bytes": plan.peak_bytes, "measured_bytes": s.monitor.peaks["train"],
-           "components": plan.components}
+           "predicted_bytes": plan.phases["train"], "measured_bytes": s.monitor.peaks["train"],
+           "eval_predicted_bytes": plan.phases["eval"],
+           "eval_measured_bytes": s.monitor.peaks["eval"],
+           "components": plan.components, "eval_components": plan.eval_components}
     s.close()
     return out
+
+
+def calibrate() -> None:
+    """The CPU runtime's own growth: a width-32 model's tensors are a few hundred KiB, so
+    what its run adds to the process is kernel code and caches. Read at the evaluation
+    after training, when both phases' kernels have run; the noise threads' buffers are left
+    out because a tiny model touches only a sliver of each."""
+    from edgezo.memory import plan as plan_mod
+    from edgezo.models.tiny import save_tiny
+
+    folder = Path(tempfile.mkdtemp(prefix="edgezo-calibrate-")) / "tiny"
+    save_tiny(str(folder), "llama", width=32)
+    row = measure(str(folder), "full", "zo-sgd", 16, True, 3)
+    c = row["eval_components"]
+    tensors = sum(v for k, v in c.items() if k not in ("cpu_runtime", "noise_buffers"))
+    runtime = row["eval_measured_bytes"] - tensors
+    print(f"evaluation after training: measured {row['eval_measured_bytes'] / MiB:.1f} MiB, "
+          f"tensors {tensors / MiB:.1f} MiB -> CPU runtime {runtime / MiB:.1f} MiB "
+          f"(plan.CPU_RUNTIME_BYTES is {plan_mod.CPU_RUNTIME_BYTES / MiB:.0f} MiB)")
 
 
 def main() -> None:
@@ -61,8 +98,13 @@ def main() -> None:
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="measure the CPU runtime's overhead (plan.CPU_RUNTIME_BYTES)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration as JSON
     args = ap.parse_args()
+    if args.calibrate:
+        calibrate()
+        return
     if args.one:
         c = json.loads(args.one)
         print("RESULT " + json.dumps(measure(**c, steps=args.steps)))
@@ -95,13 +137,19 @@ def main() -> None:
                 row = json.loads(line[0][7:])
                 row["model"] = model
                 rows.append(row)
-                ratio = row["measured_bytes"] / row["predicted_bytes"]
                 print(f"{model:10s} {scheme:6s} {optimizer:8s} b{batch:<3d} {row['mode']:8s} "
-                      f"seq {row['seq_len']:3d}  predicted {row['predicted_bytes'] / MiB:7.1f} "
-                      f"MiB  measured {row['measured_bytes'] / MiB:7.1f} MiB  "
-                      f"measured/predicted {ratio:.3f}", flush=True)
-    within = sum(abs(r["measured_bytes"] / r["predicted_bytes"] - 1) <= 0.10 for r in rows)
-    print(f"\n{within}/{len(rows)} configurations within ±10%")
+                      f"seq {row['seq_len']:3d}  train: predicted "
+                      f"{row['predicted_bytes'] / MiB:7.1f} MiB measured "
+                      f"{row['measured_bytes'] / MiB:7.1f} MiB ratio "
+                      f"{row['measured_bytes'] / row['predicted_bytes']:.3f}  eval: "
+                      f"{row['eval_predicted_bytes'] / MiB:7.1f} / "
+                      f"{row['eval_measured_bytes'] / MiB:7.1f} MiB ratio "
+                      f"{row['eval_measured_bytes'] / row['eval_predicted_bytes']:.3f}",
+                      flush=True)
+    for phase in ("", "eval_"):
+        within = sum(abs(r[f"{phase}measured_bytes"] / r[f"{phase}predicted_bytes"] - 1) <= 0.10
+                     for r in rows)
+        print(f"{phase or 'train_'}phase: {within}/{len(rows)} configurations within ±10%")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

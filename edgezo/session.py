@@ -35,11 +35,11 @@ from edgezo.checkpoint import (
 )
 from edgezo.errors import CheckpointError, ConfigError, OutOfBudgetError, unknown_choice
 from edgezo.memory.measure import MemoryMonitor, release_freed_memory
-from edgezo.memory.plan import Plan, layer_bytes, plan_step, streamed_layers
+from edgezo.memory.plan import Plan, Shape, layer_bytes, plan_step, streamed_layers
 from edgezo.memory.planner import OFFLOAD
 from edgezo.models.loading import DEFAULT_MODEL, load_weights, parse_dtype, resolve_model
 from edgezo.profiles import human_bytes, load_profile
-from edgezo.schemes import SchemeOptions, apply_scheme, check_scheme
+from edgezo.schemes import PEFT_SCHEMES, SchemeOptions, apply_scheme, check_scheme
 from edgezo.tasks import Encoder, Example, make_task
 from edgezo.tasks.base import batches
 from edgezo.tasks.loss import OBJECTIVES, candidate_scores, example_losses, shard_batch
@@ -139,7 +139,9 @@ class Session:
         self.tokenizer, self.model_source = resolved.tokenizer, resolved
         self.encoder = Encoder(self.tokenizer, max_length=max_length,
                                loss=self.task.loss if self.task is not None else "classification")
-        self._plan_seq_len = self._seq_len()
+        self._train_shape = self._shape(("train",), batch_size)
+        self._eval_shape = (None if self.task is None
+                            else self._shape(("validation", "test"), eval_batch_size))
         if offload not in OFFLOAD:
             raise unknown_choice("offload", offload, OFFLOAD)
         if offload == "off" and (stream_layers or offload_dir):
@@ -157,6 +159,11 @@ class Session:
             # the profile fails in seconds, with the changes that would make it fit.
             self._check_plan_from_config(resolved.folder, scheme, optimizer, quantize,
                                          pair)
+        # Modules the load would import (peft and, through it, bitsandbytes: ~150 MiB of
+        # Python) are the interpreter's memory, not the run's: import them before the
+        # baseline is taken, as the tokenizer and the data already are.
+        if scheme in PEFT_SCHEMES or quantize:
+            import peft  # noqa: F401
         release_freed_memory()  # what conversion or imports freed is not the run's memory
         self.monitor = MemoryMonitor(self.device)  # the baseline: everything but the weights
         # A model that streams is loaded on the host; the resident part moves up after.
@@ -240,26 +247,45 @@ class Session:
         return fn
 
     # -- planning ---------------------------------------------------------------------
-    def _seq_len(self) -> int:
-        """The longest training sequence, the one the activation estimate must cover."""
+    def _shape(self, splits: tuple[str, ...], batch_size: int) -> Shape:
+        """The batch geometry a phase's plan must cover: its longest example's tokens, the
+        rows each example becomes and the positions the loss reads logits at."""
         if self.task is None:
-            return self.config["max_length"]
-        examples = self.task.split("train")
-        longest = max(examples, key=lambda e: len(e.prompt) + max(map(len, e.candidates)))
-        enc = self.encoder.encode([longest])
-        return int(enc["input_ids"].shape[1])
+            return Shape(batch_size, self.config["max_length"])
+        examples = [e for split in splits for e in self.task.split(split)]
+        # Token counts of every (prompt + candidate) and candidate, in two batched calls
+        # of the fast tokenizer; the longest of each is then encoded as a run would.
+        pairs = [(k, e.prompt_for(i), c) for k, e in enumerate(examples)
+                 for i, c in enumerate(e.candidates)]
+        full = self.tokenizer([p + c for _, p, c in pairs]).input_ids
+        answers = self.tokenizer([c for _, _, c in pairs], add_special_tokens=False).input_ids
+        longest = pairs[max(range(len(pairs)), key=lambda j: len(full[j]))][0]
+        widest = pairs[max(range(len(pairs)), key=lambda j: len(answers[j]))][0]
+        seq_len, rows, positions = 0, 1, 1
+        for ex in (examples[longest], examples[widest]):
+            enc = self.encoder.encode([ex])
+            seq_len = max(seq_len, int(enc["input_ids"].shape[1]))
+            rows = max(rows, int(enc["input_ids"].shape[0]))
+            if "labels" in enc:  # the loss reads logits from the first label on
+                has = (enc["labels"] != -100).any(0).nonzero()
+                first = max(1, int(has[0])) if has.numel() else seq_len - 1
+                positions = max(positions, int(enc["labels"].shape[1]) - first + 1)
+        return Shape(batch_size, seq_len, rows, positions)
 
     def _plan(self, pair: bool) -> Plan:
         threads = 1 if self.on_cuda else noise.worker_threads()
         fo_params, backward_layers = self._fo
+        t = self._train_shape
         return plan_step(self._model, self._block_map, self.profile, batch_size=self.batch_size,
-                         seq_len=self._plan_seq_len, pair=pair, on_cuda=self.on_cuda,
+                         seq_len=t.seq_len, pair=pair, on_cuda=self.on_cuda,
                          optimizer_state_bytes=self.optimizer.state_bytes_per_param,
                          noise_threads=threads,
                          sparsity=self.estimator_options["sparsity"] > 0,
                          fo_params=fo_params, backward_layers=backward_layers,
                          forward_grad=self.optimizer.estimator == "forward-grad",
-                         stream_layers=self._stream, stream_tier=self._tier)
+                         stream_layers=self._stream, stream_tier=self._tier,
+                         rows_per_example=t.rows_per_example,
+                         logit_positions=t.logit_positions, eval_shape=self._eval_shape)
 
     def _check_plan_from_config(self, folder: str, scheme: str, optimizer: str,
                                 quantize: str | None, pair: bool | None) -> None:
@@ -269,9 +295,11 @@ class Session:
         result = plan_run(PlanRequest(
             model=folder, profile=str(self.profile.source), scheme=scheme,
             optimizer=optimizer, quantize=quantize, dtype=self.dtype_name,
-            batch_size=self.batch_size, seq_len=self._plan_seq_len, pair=pair,
+            batch_size=self.batch_size, seq_len=self._train_shape.seq_len, pair=pair,
             sparsity=o["sparsity"], fo_blocks=o["fo_blocks"], offload=self.offload,
-            stream_layers=self._stream_opt, trust_remote_code=self.settings["trust_remote_code"]))
+            stream_layers=self._stream_opt, trust_remote_code=self.settings["trust_remote_code"],
+            rows_per_example=self._train_shape.rows_per_example,
+            logit_positions=self._train_shape.logit_positions, eval_shape=self._eval_shape))
         streaming = result.plan.streaming
         self._stream_k = len(streaming["layers"]) if streaming else 0
         if result.plan.fits:

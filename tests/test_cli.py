@@ -99,7 +99,9 @@ def test_report_writes_markdown_json_and_a_plot(tiny_folder, data_dir, tmp_path)
     summary = json.loads((run / "memory.json").read_text())
     assert summary["predicted_components"]["weights"] > 0
     assert set(summary["measured_peak_by_phase"]) >= {"load", "train", "eval"}
-    assert "| measured phase | peak |" in (run / "memory.md").read_text()
+    md = (run / "memory.md").read_text()
+    assert "| phase | predicted | measured | measured / predicted |" in md
+    assert set(summary["predicted_peak_by_phase"]) == {"train", "eval"}
     assert (run / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     missing = invoke("report", str(tmp_path / "nothing"))
     assert missing.exit_code == 2 and "no report.json" in " ".join(missing.output.split())

@@ -163,3 +163,57 @@ def test_meta_block_map_matches_the_live_one_for_prompt_learning(scheme):
     assert meta.blocks[0].name == "pre" and meta.blocks[0].param_indices == [0]
     everything = set(range(len(meta.params)))
     assert backward_depth(meta, everything) == backward_depth(live, everything) == 2
+
+
+def test_candidate_rows_answer_positions_and_the_eval_phase(config_file):
+    """COPA-like batches: 2 rows per example and logits read at 5 positions; evaluation
+    at its own batch and length, without the step's scratch; the peak is the larger."""
+    from edgezo.memory.plan import CPU_RUNTIME_BYTES, Shape
+
+    path = tiny_llama_file(config_file)
+    H, inter, V = 32, 64, 256
+
+    def activations(rows, seq, positions):
+        return (rows * seq * (4 * H + 3 * inter) * 4 + rows * 4 * seq * seq * 4
+                + rows * positions * V * (4 + 3 * 4))
+
+    eval_shape = Shape(batch_size=32, seq_len=24, rows_per_example=2, logit_positions=5)
+    req = PlanRequest(model=path, profile="cpu-16gb", dtype="fp32", batch_size=2, seq_len=8,
+                      rows_per_example=2, logit_positions=5, eval_shape=eval_shape)
+    plan = price(req, pair=True)
+    assert plan.components["activations"] == activations(2 * 2 * 2, 8, 5)
+    assert plan.components["cpu_runtime"] == CPU_RUNTIME_BYTES  # a CPU profile computes here
+    ev = plan.eval_components
+    assert ev["activations"] == activations(64, 24, 5)
+    assert "perturbation_scratch" not in ev
+    for kept in ("weights", "noise_buffers", "optimizer_state", "cpu_runtime"):
+        assert ev[kept] == plan.components[kept]
+    assert plan.phases == {"train": sum(plan.components.values()), "eval": sum(ev.values())}
+    assert plan.peak_bytes == max(plan.phases.values()) == plan.phases["eval"]
+    assert json.loads(json.dumps(plan.to_dict()))["eval_shape"]["rows_per_example"] == 2
+    assert "prefix_kv_cache" not in plan.components
+    # prefix tuning: every layer's K and V over 5 virtual + 8 real tokens, 2 kv heads of 8
+    prefix = price(PlanRequest(**{**req.__dict__, "scheme": "prefix"}), pair=True)
+    assert prefix.components["prefix_kv_cache"] == 8 * 2 * 2 * 2 * (5 + 8) * 8 * 4
+    assert prefix.eval_components["prefix_kv_cache"] == 64 * 2 * 2 * 2 * (5 + 24) * 8 * 4
+
+
+def test_session_plans_the_task_geometry(tiny_folder, data_dir):
+    from edgezo.session import Session
+
+    sst2 = Session(model=tiny_folder, data_dir=data_dir, batch_size=4, eval_batch_size=8)
+    copa = Session(model=tiny_folder, data_dir=data_dir, task="copa", batch_size=4,
+                   eval_batch_size=8)
+    try:
+        assert (sst2.plan.rows_per_example, sst2.plan.logit_positions) == (1, 1)
+        assert copa.plan.rows_per_example == 2 and copa.plan.logit_positions > 1
+        assert copa.plan.eval_shape.batch_size == 8
+        # the planned lengths cover every batch the run can meet, padding included
+        for sess in (sst2, copa):
+            for split, shape in (("train", sess.plan), ("test", sess.plan.eval_shape)):
+                for i in range(0, len(sess.task.split(split)), 64):
+                    enc = sess.encoder.encode(sess.task.split(split)[i:i + 64])
+                    assert enc["input_ids"].shape[1] <= shape.seq_len, (split, i)
+    finally:
+        sst2.close()
+        copa.close()

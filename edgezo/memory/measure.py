@@ -38,7 +38,7 @@ class MemoryMonitor:
         self.baseline_rss = self._proc.memory_info().rss
         self.samples: list[tuple[float, str, int]] = []  # (time, phase, bytes above baseline)
         self.peaks: dict[str, int] = {}
-        self._phase = "idle"
+        self._phase = self._last = "idle"
         self._phase_peak = 0
         self._t0 = time.perf_counter()
         self._stop = threading.Event()
@@ -69,7 +69,12 @@ class MemoryMonitor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        self._phase, self._phase_peak = name, self.current()
+        elif name != self._last:
+            # The CPU's counterpart of resetting the peak: heap the previous phase freed
+            # goes back to the OS, or it would count in this phase's peak. Only when the
+            # phase changes: a trim per step would make every step fault its pages in again.
+            release_freed_memory()
+        self._phase, self._last, self._phase_peak = name, name, self.current()
         try:
             yield
         finally:

@@ -8,14 +8,23 @@ built on the meta device (no weights loaded). Components:
   two-pass mode) plus the noise chunks being drawn; embeddings and linear heads are
   perturbed row-wise or chunk-wise and need far less than a full copy;
 - activations: the largest per-layer transient of a no-grad forward over the batch
-  (doubled in pair mode) and the logits the loss reads;
+  (doubled in pair mode, times the candidate rows of a multiple-choice task) and the
+  logits the loss reads (at every answer position);
+- prefix tuning's key/value cache: every layer's keys and values over prefix + sequence;
 - optimizer state: bytes per trainable parameter, declared by the optimizer's rule;
 - sparsity masks: one byte per trainable parameter when --sparsity is on;
 - first-order parts (fo-sgd/fo-adam, hybrid --fo-blocks): the gradients of the FO
   parameters and the activations autograd keeps for the layers the backward crosses;
 - forward gradient: the tangent v (one model-sized copy) and the dual activations;
+- CPU runtime: when the compute device is the CPU, the kernel libraries' code paged in
+  by the first steps and their per-shape caches (oneDNN keeps about 1-2 MiB per distinct
+  input shape; batches are padded to a multiple of 8 tokens, which bounds the shapes);
 - runtime overhead: the CUDA context on GPU profiles (absent when a GPU profile is
   emulated on the CPU, so it is reported but not compared with the CPU measurement).
+
+Two phases are planned: the training step and evaluation (no perturbation, no pair
+doubling, but its own batch size and the longest evaluated example); the plan's peak is
+the larger of the two.
 """
 
 from __future__ import annotations
@@ -29,7 +38,30 @@ from edgezo.zo import noise
 from edgezo.zo.blocks import BlockMap
 
 CUDA_CONTEXT_BYTES = 450 * 1024**2
+# Resident memory a CPU process gains on its first steps beyond the tensors it allocates:
+# kernel code paged in from libtorch/oneDNN and their per-shape caches, measured by
+# `benchmarks/planner_accuracy.py --calibrate` (33.8 MiB on x86-64, torch 2.13, bf16).
+CPU_RUNTIME_BYTES = 34 * 1024**2
 THREAD_BUFFERS = 5
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What one forward of a phase feeds the model.
+
+    `rows_per_example`: a task whose candidates are scored as separate rows (COPA's two
+    sentences) multiplies the batch; `logit_positions`: how many positions the loss reads
+    logits at (1 for a one-token answer, the answer's length otherwise).
+    """
+
+    batch_size: int
+    seq_len: int
+    rows_per_example: int = 1
+    logit_positions: int = 1
+
+    @property
+    def rows(self) -> int:
+        return self.batch_size * self.rows_per_example
 
 
 @dataclass
@@ -40,15 +72,27 @@ class Plan:
     pair: bool
     batch_size: int
     seq_len: int
-    components: dict[str, int]
+    components: dict[str, int]  # the training step's
     runtime_overhead_bytes: int
     budget_bytes: int
     streaming: dict | None = None  # which layers stream, from where, at what cost
+    eval_components: dict[str, int] | None = None  # evaluation's, when planned
+    rows_per_example: int = 1  # the training batch's geometry beyond batch x seq_len
+    logit_positions: int = 1
+    eval_shape: Shape | None = None
+
+    @property
+    def phases(self) -> dict[str, int]:
+        """Predicted peak of each planned phase (what the monitor measures per phase)."""
+        out = {"train": sum(self.components.values())}
+        if self.eval_components is not None:
+            out["eval"] = sum(self.eval_components.values())
+        return out
 
     @property
     def peak_bytes(self) -> int:
         """Predicted peak of the tensors edgezo allocates (what the monitor measures)."""
-        return sum(self.components.values())
+        return max(self.phases.values())
 
     @property
     def total_bytes(self) -> int:
@@ -59,16 +103,17 @@ class Plan:
         return self.total_bytes <= self.budget_bytes
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "peak_bytes": self.peak_bytes, "total_bytes": self.total_bytes,
-                "fits": self.fits}
+        return {**asdict(self), "phases": self.phases, "peak_bytes": self.peak_bytes,
+                "total_bytes": self.total_bytes, "fits": self.fits}
 
 
 def _bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _activation_bytes(config, rows: int, seq_len: int, elem: int) -> int:
-    """Largest per-layer transient of a no-grad forward plus the logits the loss reads."""
+def _activation_bytes(config, rows: int, seq_len: int, elem: int, positions: int = 1) -> int:
+    """Largest per-layer transient of a no-grad forward plus the logits the loss reads
+    (at `positions` positions per row)."""
     text = config.get_text_config()
     hidden = text.hidden_size
     inter = getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None) \
@@ -79,11 +124,28 @@ def _activation_bytes(config, rows: int, seq_len: int, elem: int) -> int:
     layer = tokens * (4 * hidden + 3 * inter) * elem
     scores = rows * heads * seq_len * seq_len * 4  # attention scores if materialized (fp32)
     vocab = text.vocab_size
-    logits = rows * vocab * (elem + 3 * 4)  # last-position logits, fp32 copy, log-softmax
+    logits = rows * positions * vocab * (elem + 3 * 4)  # logits, fp32 copy, log-softmax
     return layer + scores + logits
 
 
-def _saved_activation_bytes(config, rows: int, seq_len: int, elem: int, layers: int) -> int:
+def _prefix_cache_bytes(model, rows: int, seq_len: int, elem: int) -> int:
+    """Prefix tuning hands its virtual keys/values to the model as a cache, which every
+    layer extends with its own keys/values: all layers' K and V over prefix + sequence
+    live until the forward ends. 0 for every other scheme."""
+    cfg = getattr(model, "active_peft_config", None)
+    kind = getattr(getattr(cfg, "peft_type", None), "value", None)
+    if kind != "PREFIX_TUNING":
+        return 0
+    text = model.config.get_text_config()
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    tokens = cfg.num_virtual_tokens + seq_len
+    return rows * text.num_hidden_layers * 2 * kv_heads * tokens * head_dim * elem
+
+
+def _saved_activation_bytes(config, rows: int, seq_len: int, elem: int, layers: int,
+                            positions: int = 1) -> int:
     """What autograd keeps for a backward through `layers` decoder layers, plus logits."""
     if layers == 0:
         return 0
@@ -96,7 +158,7 @@ def _saved_activation_bytes(config, rows: int, seq_len: int, elem: int, layers: 
     # MLP's gate/up/activation/product (~4I), plus the attention probabilities
     per_layer = tokens * (10 * hidden + 4 * inter) * elem
     per_layer += rows * text.num_attention_heads * seq_len * seq_len * elem
-    return layers * per_layer + rows * text.vocab_size * 3 * 4
+    return layers * per_layer + rows * positions * text.vocab_size * 3 * 4
 
 
 def streamed_layers(n_layers: int, k: int) -> list[int]:
@@ -148,8 +210,11 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, *, bat
               seq_len: int, pair: bool, on_cuda: bool, optimizer_state_bytes: int = 0,
               noise_threads: int = 1, sparsity: bool = False, fo_params: int = 0,
               backward_layers: int = 0, forward_grad: bool = False,
-              stream_layers: list[int] | None = None, stream_tier: str = "host") -> Plan:
-    """Predict the peak device memory of one ZO step of `model` under `profile`.
+              stream_layers: list[int] | None = None, stream_tier: str = "host",
+              rows_per_example: int = 1, logit_positions: int = 1,
+              eval_shape: Shape | None = None) -> Plan:
+    """Predict the peak device memory of one ZO step of `model` under `profile`, and of
+    evaluation when `eval_shape` is given.
 
     `stream_layers`: decoder layers kept in `stream_tier` (host or disk) and brought to
     the device through layer-sized buffers: two for a GPU profile (one computing, one
@@ -159,7 +224,8 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, *, bat
     stream_buffers = 2 if profile.device == "cuda" else 1
     weights = sum(_bytes(p) for p in model.parameters()) + sum(_bytes(b) for b in model.buffers())
     copies = 2 if pair else 1
-    rows = batch_size * copies
+    train = Shape(batch_size, seq_len, rows_per_example, logit_positions)
+    rows = train.rows * copies
     scratch = 0
     for unit in blocks.units:
         params = [blocks.params[i] for _, i in unit.slots]
@@ -176,23 +242,26 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, *, bat
         else:
             need = sum(_bytes(p) for p in params) * copies
         scratch = max(scratch, need)
-    # Each thread that draws noise keeps its reusable one-chunk buffers: z, d, the fp32
-    # copy of the weights, the rounding dither and the fp32 sum (4 bytes a value each).
-    # The pool's threads and the calling thread all hold a set.
-    scratch += THREAD_BUFFERS * 4 * noise.CHUNK_ELEMENTS * (noise_threads + 1)
     elem = next(model.parameters()).element_size()
+    # Each thread that draws noise keeps its reusable one-chunk buffers for the whole run:
+    # z, d, the fp32 copy of the weights, the rounding dither and the fp32 sum (4 bytes a
+    # value each). The pool's threads and the calling thread all hold a set.
     components = {
         "weights": weights,
         "perturbation_scratch": scratch,
-        "activations": _activation_bytes(model.config, rows, seq_len, elem),
+        "noise_buffers": THREAD_BUFFERS * 4 * noise.CHUNK_ELEMENTS * (noise_threads + 1),
+        "activations": _activation_bytes(model.config, rows, seq_len, elem, logit_positions),
         "optimizer_state": optimizer_state_bytes * blocks.numel(),
     }
+    prefix_cache = _prefix_cache_bytes(model, rows, seq_len, elem)
+    if prefix_cache:
+        components["prefix_kv_cache"] = prefix_cache
     if sparsity:
         components["sparsity_masks"] = blocks.numel()
     if fo_params:
         components["fo_gradients"] = fo_params * elem
         components["fo_activations"] = _saved_activation_bytes(
-            model.config, batch_size, seq_len, elem, backward_layers)
+            model.config, train.rows, seq_len, elem, backward_layers, logit_positions)
     if forward_grad:
         components["forward_grad_tangents"] = blocks.numel() * elem
         components["activations"] *= 2  # every activation carries its tangent
@@ -204,6 +273,20 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, *, bat
                                               stream_buffers, flops)
         components["weights"] -= moved
         components["stream_buffers"] = buffer
+    if not on_cuda:
+        components["cpu_runtime"] = CPU_RUNTIME_BYTES
+    eval_components = None
+    if eval_shape is not None:
+        # The same resident state; the step's scratch, FO parts and tangents are gone.
+        kept = ("weights", "noise_buffers", "optimizer_state", "sparsity_masks",
+                "stream_buffers", "cpu_runtime")
+        eval_components = {k: v for k, v in components.items() if k in kept}
+        eval_components["activations"] = _activation_bytes(
+            model.config, eval_shape.rows, eval_shape.seq_len, elem,
+            eval_shape.logit_positions)
+        if prefix_cache:
+            eval_components["prefix_kv_cache"] = _prefix_cache_bytes(
+                model, eval_shape.rows, eval_shape.seq_len, elem)
     cuda_profile = profile.device == "cuda"
     return Plan(
         profile=profile.name,
@@ -216,4 +299,8 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, *, bat
         runtime_overhead_bytes=CUDA_CONTEXT_BYTES if cuda_profile else 0,
         budget_bytes=profile.budget_bytes,
         streaming=streaming,
+        eval_components=eval_components,
+        rows_per_example=rows_per_example,
+        logit_positions=logit_positions,
+        eval_shape=eval_shape,
     )

@@ -10,13 +10,13 @@ larger profile.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from edgezo.errors import ConfigError, unknown_choice
-from edgezo.memory.plan import Plan, layer_bytes, plan_step, streamed_layers
+from edgezo.memory.plan import Plan, Shape, layer_bytes, plan_step, streamed_layers
 from edgezo.models.loading import QUANTIZATIONS, load_config, parse_dtype
 from edgezo.profiles import Profile, list_profiles, load_profile
 from edgezo.schemes import SchemeOptions, apply_scheme, check_scheme
@@ -55,6 +55,10 @@ class PlanRequest:
     offload: str = "auto"  # auto | off | host | disk
     stream_layers: int | None = None  # how many layers stream (None: as the budget needs)
     trust_remote_code: bool = False
+    # a task's batch geometry (Session measures it from the data; see plan.Shape)
+    rows_per_example: int = 1
+    logit_positions: int = 1
+    eval_shape: Shape | None = None
 
 
 @dataclass
@@ -65,7 +69,7 @@ class PlanResult:
     alternatives: list[dict]
 
     def to_dict(self) -> dict:
-        return {"request": self.request.__dict__, "plan": self.plan.to_dict(),
+        return {"request": asdict(self.request), "plan": self.plan.to_dict(),
                 "max_batch_size": self.max_batch_size, "alternatives": self.alternatives}
 
 
@@ -155,9 +159,13 @@ def price(request: PlanRequest, config=None, profile: Profile | None = None,
                      fo_params=sum(blocks.params[i].numel() for i in fo),
                      backward_layers=backward_depth(blocks, fo),
                      forward_grad=optimizer.estimator == "forward-grad",
-                     stream_layers=layers, stream_tier=tier)
+                     stream_layers=layers, stream_tier=tier,
+                     rows_per_example=request.rows_per_example,
+                     logit_positions=request.logit_positions, eval_shape=request.eval_shape)
     if request.quantize and not layers:
         plan.components["weights"] = quantized_weight_bytes(model, request.quantize)
+        if plan.eval_components is not None:
+            plan.eval_components["weights"] = plan.components["weights"]
     return plan
 
 

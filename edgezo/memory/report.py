@@ -44,6 +44,8 @@ def memory_summary(report: dict) -> dict:
         "emulated_profile": report.get("emulated_profile"),
         "budget_bytes": plan.get("budget_bytes"),
         "predicted_components": plan.get("components", {}),
+        "predicted_eval_components": plan.get("eval_components"),
+        "predicted_peak_by_phase": plan.get("phases", {}),
         "predicted_peak_bytes": predicted,
         "runtime_overhead_bytes": plan.get("runtime_overhead_bytes", 0),
         "measured_peak_by_phase": report.get("peak_memory_by_phase", {}),
@@ -54,14 +56,25 @@ def memory_summary(report: dict) -> dict:
 
 
 def _markdown(s: dict) -> str:
+    train, evals = s["predicted_components"], s["predicted_eval_components"] or {}
     lines = [f"# Memory: profile {s['profile']} on {s['device']}"
-             + (" (emulated on the CPU)" if s["emulated_profile"] else ""), "",
-             "| predicted component | size |", "| --- | ---: |"]
-    lines += [f"| {k.replace('_', ' ')} | {human_bytes(v)} |"
-              for k, v in s["predicted_components"].items()]
+             + (" (emulated on the CPU)" if s["emulated_profile"] else ""), ""]
+    if evals:
+        lines += ["| predicted component | train step | eval |", "| --- | ---: | ---: |"]
+        lines += [f"| {k.replace('_', ' ')} | {human_bytes(train.get(k, 0))} | "
+                  f"{human_bytes(evals[k]) if k in evals else '-'} |"
+                  for k in dict.fromkeys([*train, *evals])]
+    else:
+        lines += ["| predicted component | train step |", "| --- | ---: |"]
+        lines += [f"| {k.replace('_', ' ')} | {human_bytes(v)} |" for k, v in train.items()]
     lines += [f"| **predicted peak** | **{human_bytes(s['predicted_peak_bytes'] or 0)}** |", "",
-              "| measured phase | peak |", "| --- | ---: |"]
-    lines += [f"| {k} | {human_bytes(v)} |" for k, v in s["measured_peak_by_phase"].items()]
+              "| phase | predicted | measured | measured / predicted |",
+              "| --- | ---: | ---: | ---: |"]
+    planned = s["predicted_peak_by_phase"]
+    for k, v in s["measured_peak_by_phase"].items():
+        p = planned.get(k)
+        lines.append(f"| {k} | {human_bytes(p) if p else '-'} | {human_bytes(v)} | "
+                     f"{f'{v / p:.2f}' if p else '-'} |")
     ratio = s["measured_over_predicted"]
     lines += ["", f"Measured peak (train and eval): {human_bytes(s['measured_peak_bytes'] or 0)}"
               + (f", {ratio:.2f}x the prediction" if ratio else "")
@@ -83,6 +96,11 @@ def _plot(s: dict, path: Path) -> None:
     phases = s["measured_peak_by_phase"]
     left.bar([f"measured\n{k}" for k in phases], [v / MiB for v in phases.values()],
              color="grey")
+    planned = {k: v for k, v in s["predicted_peak_by_phase"].items() if k in phases}
+    if planned:
+        left.scatter([f"measured\n{k}" for k in planned], [v / MiB for v in planned.values()],
+                     marker="_", s=900, linewidths=2, color="green", zorder=3,
+                     label="predicted, per phase")
     if s["budget_bytes"]:
         left.axhline(s["budget_bytes"] / MiB, color="red", linestyle="--", label="budget")
     left.set_ylabel("MiB")
