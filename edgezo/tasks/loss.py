@@ -29,7 +29,9 @@ def _position_ids(model, attention_mask: torch.Tensor | None) -> torch.Tensor | 
     much padding its batch needs (without them every pad shifts the rotary angles, which
     in bf16 moves a log-probability by ~0.1). Prompt-learning adapters place their virtual
     tokens themselves and ignore position ids, so they get none."""
-    if attention_mask is None:
+    if not isinstance(model, torch.nn.Module):  # a wrapper (forward-grad's functional call)
+        model = getattr(model, "model", None)
+    if attention_mask is None or model is None:
         return None
     config = getattr(model, "active_peft_config", None)
     if config is not None and config.is_prompt_learning:
