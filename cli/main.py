@@ -251,6 +251,8 @@ def plan(
     dtype: str | None = DtypeOpt,
     batch_size: int = typer.Option(16, min=1, help="Examples per step"),
     seq_len: int = typer.Option(256, min=1, help="Tokens per example"),
+    eval_batch_size: int = typer.Option(32, min=1, help="Examples per evaluation batch "
+                                        "(finetune's default; evaluation is planned too)"),
     pair: bool | None = typer.Option(None, "--pair/--two-pass", help="Force a mode "
                                      "(default: pair mode when it fits)"),
     sparsity: float = typer.Option(0.0, min=0.0, max=0.999999, help="Sparse ZO (masks)"),
@@ -261,11 +263,13 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON"),
 ) -> None:
     """Predict a run's peak memory from the model's config alone, before any download."""
+    from edgezo.memory.plan import Shape
     from edgezo.memory.planner import PlanRequest, plan_run
 
     result = plan_run(PlanRequest(model=model, profile=profile, scheme=scheme,
                                   optimizer=optimizer, quantize=quantize, dtype=dtype,
                                   batch_size=batch_size, seq_len=seq_len, pair=pair,
+                                  eval_shape=Shape(eval_batch_size, seq_len),
                                   sparsity=sparsity, fo_blocks=_list(fo_blocks),
                                   offload=offload, stream_layers=stream_layers,
                                   trust_remote_code=trust_remote_code))
@@ -282,8 +286,13 @@ def _plan_table(result) -> Table:
     p = result.plan
     table = Table("component", "GiB", title=f"edgezo plan: {result.request.model or 'smollm2'} "
                   f"on {p.profile}", show_footer=False)
+    evals = p.eval_components or {}
     for name, size in p.components.items():
-        table.add_row(name.replace("_", " "), f"{size / gib:.3f}")
+        ev = f" (eval {evals[name] / gib:.3f})" if evals.get(name, size) != size else ""
+        table.add_row(name.replace("_", " "), f"{size / gib:.3f}{ev}")
+    if evals:
+        table.add_row("peak by phase", ", ".join(f"{k} {v / gib:.3f}"
+                                                 for k, v in p.phases.items()))
     if p.runtime_overhead_bytes:
         table.add_row("runtime (CUDA context)", f"{p.runtime_overhead_bytes / gib:.3f}")
     verdict = "[green]fits[/]" if p.fits else "[red]does not fit[/]"

@@ -272,11 +272,12 @@ class Session:
                 positions = max(positions, int(enc["labels"].shape[1]) - first + 1)
         return Shape(batch_size, seq_len, rows, positions)
 
-    def _plan(self, pair: bool) -> Plan:
+    def _plan(self, pair: bool, train: Shape | None = None,
+              evaluation: Shape | None = None) -> Plan:
         threads = 1 if self.on_cuda else noise.worker_threads()
         fo_params, backward_layers = self._fo
-        t = self._train_shape
-        return plan_step(self._model, self._block_map, self.profile, batch_size=self.batch_size,
+        t = train or self._train_shape
+        return plan_step(self._model, self._block_map, self.profile, batch_size=t.batch_size,
                          seq_len=t.seq_len, pair=pair, on_cuda=self.on_cuda,
                          optimizer_state_bytes=self.optimizer.state_bytes_per_param,
                          noise_threads=threads,
@@ -285,7 +286,38 @@ class Session:
                          forward_grad=self.optimizer.estimator == "forward-grad",
                          stream_layers=self._stream, stream_tier=self._tier,
                          rows_per_example=t.rows_per_example,
-                         logit_positions=t.logit_positions, eval_shape=self._eval_shape)
+                         logit_positions=t.logit_positions,
+                         eval_shape=evaluation or self._eval_shape)
+
+    def _admit(self, batch: dict, phase: str) -> None:
+        """The ledger: a batch bigger than the plan's shapes (an app's long example, more
+        rows than --batch-size) is priced before it runs, and refused if it cannot fit.
+
+        Raised before any weight moves, so the session stays usable with smaller batches.
+        """
+        if not self.check_budget:
+            return
+        rows, width = (int(n) for n in batch["input_ids"].shape)
+        positions = 1
+        if "labels" in batch:
+            has = (batch["labels"] != -100).any(0).nonzero()
+            positions = width - (max(1, int(has[0])) if has.numel() else width - 1) + 1
+        planned = self._train_shape if phase == "train" else self._eval_shape
+        if planned is not None and (rows <= planned.rows and width <= planned.seq_len
+                                    and positions <= planned.logit_positions):
+            return
+        shape = Shape(rows, width, 1, positions)
+        plan = (self._plan(self.pair, train=shape) if phase == "train"
+                else self._plan(self.pair, evaluation=shape))
+        need = plan.phases[phase] + plan.runtime_overhead_bytes
+        if need > self.profile.budget_bytes:
+            raise OutOfBudgetError(
+                f"this {phase} batch ({rows} rows x {width} tokens) needs "
+                f"{human_bytes(need)}, over profile {self.profile.name}'s "
+                f"{human_bytes(self.profile.budget_bytes)}; the plan was made for "
+                f"{planned.rows if planned else '?'} rows x "
+                f"{planned.seq_len if planned else '?'} tokens. Pass fewer examples at once "
+                "or shorter ones (max_length), or pick a larger profile. Nothing was changed")
 
     def _check_plan_from_config(self, folder: str, scheme: str, optimizer: str,
                                 quantize: str | None, pair: bool | None) -> None:
@@ -312,8 +344,10 @@ class Session:
 
     def _budget_message(self, advice: str = "") -> str:
         p = self.plan
-        parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in p.components.items())
-        return (f"the run needs {human_bytes(p.total_bytes)} ({parts}, runtime "
+        phase = max(p.phases, key=p.phases.get)  # the phase that sets the peak
+        parts = ", ".join(f"{k} {human_bytes(v)}" for k, v in
+                          (p.eval_components if phase == "eval" else p.components).items())
+        return (f"the run needs {human_bytes(p.total_bytes)} at its {phase} peak ({parts}, runtime "
                 f"{human_bytes(p.runtime_overhead_bytes)}) but profile {self.profile.name} "
                 f"allows {human_bytes(self.profile.budget_bytes)}. "
                 + (f"What would fit: {advice}" if advice else
@@ -391,6 +425,7 @@ class Session:
             batch = self.next_batch()
         else:
             self._check_batch(batch)
+            self._admit(batch, "train")
             batch = self._to_device(batch)
         try:
             with self.monitor.phase("train"):
@@ -423,8 +458,9 @@ class Session:
         self.engine.flush()
         out: list[int] = []
         for i in range(0, len(examples), self.eval_batch_size):
-            batch = self._to_device(self.encoder.encode(examples[i:i + self.eval_batch_size]))
-            out += candidate_scores(self._model, batch).argmax(-1).tolist()
+            batch = self.encoder.encode(examples[i:i + self.eval_batch_size])
+            self._admit(batch, "eval")
+            out += candidate_scores(self._model, self._to_device(batch)).argmax(-1).tolist()
         return out
 
     # -- run folders: seed log, snapshots, resume -------------------------------------------
@@ -568,7 +604,9 @@ class Session:
         with self.monitor.phase("eval"):
             for i in range(0, len(examples), self.eval_batch_size):
                 part = examples[i:i + self.eval_batch_size]
-                batch = self._to_device(self.encoder.encode(part))
+                batch = self.encoder.encode(part)
+                self._admit(batch, "eval")
+                batch = self._to_device(batch)
                 scores = candidate_scores(self._model, batch)
                 right = (scores.argmax(-1) == batch["gold"]).tolist()
                 hits += right

@@ -217,3 +217,52 @@ def test_session_plans_the_task_geometry(tiny_folder, data_dir):
     finally:
         sst2.close()
         copa.close()
+
+
+def test_cli_plan_prices_evaluation_at_its_batch_size(config_file):
+    path = tiny_llama_file(config_file)
+    runner = CliRunner()
+
+    def phases(eval_batch: str) -> dict:
+        out = runner.invoke(app, ["plan", "--model", path, "--profile", "cpu-16gb",
+                                  "--batch-size", "2", "--seq-len", "8",
+                                  "--eval-batch-size", eval_batch, "--json"])
+        assert out.exit_code == 0, out.output
+        return json.loads(out.output)["plan"]["phases"]
+
+    small, large = phases("1"), phases("512")
+    assert small["train"] == large["train"] and large["eval"] > small["eval"]
+
+
+def test_advice_shrinks_the_eval_batch_when_evaluation_sets_the_peak(config_file):
+    from edgezo.memory.plan import Shape
+
+    path = tiny_llama_file(config_file)
+    big_eval = dict(model=path, dtype="fp32", batch_size=1, seq_len=64,
+                    eval_shape=Shape(4096, 64))
+    need = price(PlanRequest(profile="cpu-16gb", **big_eval), pair=False)
+    assert need.phases["eval"] > need.phases["train"]
+    tight = (need.phases["train"] + need.phases["eval"]) // 2 / 2**30  # between them
+    prof = path.replace("config.json", "tight.yaml")
+    with open(prof, "w") as f:
+        f.write(f"name: tight\ndevice: cpu\ndevice_memory_gb: {tight}\n"
+                "host_memory_gb: 1\nhost_device_bandwidth_gbps: 10\ndtype: fp32\n"
+                "headroom: 0\n")
+    result = plan_run(PlanRequest(profile=prof, **big_eval))
+    assert not result.plan.fits
+    hint = [a for a in result.alternatives if a["change"].startswith("--eval-batch-size")]
+    assert hint and hint[0]["fits"]
+
+
+def test_lora_backward_keeps_the_fp32_adapters_inputs(config_file):
+    """peft keeps LoRA weights in fp32 on a bf16 model, so each adapted map casts its input:
+    an FO backward keeps that fp32 copy and lora_A's rank-r output."""
+    from edgezo.memory.plan import _saved_activation_bytes
+
+    path = tiny_llama_file(config_file)
+    req = PlanRequest(model=path, profile="cpu-16gb", dtype="bf16", batch_size=2, seq_len=8,
+                      scheme="lora", optimizer="fo-adam")
+    plan = price(req, pair=False)
+    base = _saved_activation_bytes(tiny_config("llama"), 2, 8, 2, 2)
+    # q_proj and v_proj in 2 layers, r = 8, fan-in 32, fp32: 4 x (8 + 32) x 4 bytes a token
+    assert plan.components["fo_activations"] - base == 2 * 8 * 4 * (8 + 32) * 4

@@ -73,7 +73,7 @@ def test_over_budget_refuses_with_advice(tiny_folder, data_dir, tmp_path, monkey
                        "host_device_bandwidth_gbps: 0\ndtype: fp32\nheadroom: 0.1\n")
     loads = []
     monkeypatch.setattr("edgezo.session.load_weights", lambda *a, **k: loads.append(a))
-    with pytest.raises(OutOfBudgetError, match="What would fit: --scheme lora -> "
+    with pytest.raises(OutOfBudgetError, match="What would fit: .*--scheme lora -> "
                        ".*MiB .still too big.*--profile cpu-16gb -> "):
         Session(model=tiny_folder, profile=str(profile), data_dir=data_dir)
     assert not loads  # refused from the config, before any weight was loaded
@@ -168,3 +168,38 @@ def test_the_guard_stops_an_over_budget_run_and_keeps_the_model(tiny_folder, dat
     from edgezo.checkpoint import snapshots
 
     assert snapshots(out)[-1].name == "step-00000003"  # and resumable from step 3
+
+
+def test_the_ledger_prices_a_batch_bigger_than_the_plan_before_it_runs(tiny_folder, tmp_path):
+    """An app's learn()/predict() may pass more or longer examples than the plan assumed:
+    such a batch is priced first and refused when it cannot fit, with nothing changed."""
+    from edgezo.tasks.base import Example
+
+    def session(budget_bytes=None):
+        profile = "cpu-16gb"
+        if budget_bytes is not None:
+            profile = str(tmp_path / "tight.yaml")
+            (tmp_path / "tight.yaml").write_text(
+                f"name: tight\ndevice: cpu\ndevice_memory_gb: {budget_bytes / 2**30}\n"
+                "host_memory_gb: 1\nhost_device_bandwidth_gbps: 10\ndtype: fp32\n"
+                "headroom: 0\n")
+        return Session(tiny_folder, task=None, batch_size=2, max_length=16, profile=profile,
+                       eval_batch_size=2, offload="off")
+
+    probe = session()
+    need = max(probe.plan.phases.values())
+    probe.close()
+    s = session(need + 256 * 1024)  # the plan fits, with 256 KiB to spare
+    ex = Example("a good film and a fine cast", (" bad", " good"), 1)
+    s.learn([ex, ex])  # the planned shape: admitted without pricing
+    before = {n: p.detach().clone() for n, p in s.model.named_parameters()}
+    with pytest.raises(OutOfBudgetError, match="Pass fewer examples at once"):
+        s.learn([ex] * 64)
+    with pytest.raises(OutOfBudgetError, match="eval batch"):
+        s.eval_batch_size = 64
+        s.predict([ex] * 64)
+    for n, p in s.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    s.eval_batch_size = 2
+    assert len(s.predict([ex] * 5)) == 5  # still usable at the planned size
+    s.close()

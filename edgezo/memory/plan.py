@@ -144,6 +144,25 @@ def _prefix_cache_bytes(model, rows: int, seq_len: int, elem: int) -> int:
     return rows * text.num_hidden_layers * 2 * kv_heads * tokens * head_dim * elem
 
 
+def _lora_saved_bytes_per_token(model, elem: int) -> int:
+    """What LoRA adds to a backward, per token, over all its adapted maps: lora_A's input
+    (a copy when the adapter's dtype differs from the model's, as peft's fp32 adapters on
+    a bf16 model do) and its rank-r output, kept for lora_B."""
+    total = 0
+    for name, module in model.named_modules():
+        if not name.endswith("lora_A"):
+            continue
+        linears = module.values() if isinstance(module, torch.nn.ModuleDict) else [module]
+        for linear in linears:
+            w = getattr(linear, "weight", None)
+            if w is None:
+                continue
+            size = w.element_size()
+            r, fan_in = w.shape
+            total += r * size + (fan_in * size if size != elem else 0)
+    return total
+
+
 def _saved_activation_bytes(config, rows: int, seq_len: int, elem: int, layers: int,
                             positions: int = 1) -> int:
     """What autograd keeps for a backward through `layers` decoder layers, plus logits."""
@@ -154,10 +173,12 @@ def _saved_activation_bytes(config, rows: int, seq_len: int, elem: int, layers: 
     inter = getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None) \
         or getattr(text, "n_inner", None) or 4 * hidden
     tokens = rows * seq_len
-    # norms' inputs/outputs, q/k/v, attention output, o-proj input, residuals (~10H) and the
-    # MLP's gate/up/activation/product (~4I), plus the attention probabilities
-    per_layer = tokens * (10 * hidden + 4 * inter) * elem
-    per_layer += rows * text.num_attention_heads * seq_len * seq_len * elem
+    # norms' inputs/outputs (fp32 inside RMSNorm), q/k/v and their rotated copies,
+    # attention output and log-sum-exp, o-proj input, residuals (~12H) and the MLP's
+    # gate/up/activation/product (~4I). Counted with saved_tensors_hooks on a Llama layer
+    # with a padding mask: 12.4H + 4I values a token (H 576-1024, I 1536-3072). Fused
+    # attention keeps no T x T probabilities.
+    per_layer = tokens * (12 * hidden + 4 * inter) * elem
     return layers * per_layer + rows * positions * text.vocab_size * 3 * 4
 
 
@@ -262,6 +283,10 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, *, bat
         components["fo_gradients"] = fo_params * elem
         components["fo_activations"] = _saved_activation_bytes(
             model.config, train.rows, seq_len, elem, backward_layers, logit_positions)
+        layers = model.config.get_text_config().num_hidden_layers
+        components["fo_activations"] += (_lora_saved_bytes_per_token(model, elem)
+                                         * train.rows * seq_len * backward_layers
+                                         // max(1, layers))
     if forward_grad:
         components["forward_grad_tangents"] = blocks.numel() * elem
         components["activations"] *= 2  # every activation carries its tangent

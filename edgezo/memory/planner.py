@@ -10,7 +10,7 @@ larger profile.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -256,6 +256,13 @@ def _alternatives(request: PlanRequest, config, profile: Profile, pair: bool) ->
     best = _largest_batch(request, config, profile, False)
     if 0 < best < request.batch_size:
         add(f"--batch-size {best}", PlanRequest(**{**base, "batch_size": best}))
+    ev = request.eval_shape
+    if ev is not None and ev.batch_size > 1:
+        current = price(request, config, profile, pair=False)
+        if current.phases["eval"] > current.phases["train"]:  # evaluation sets the peak
+            smaller = replace(ev, batch_size=max(1, ev.batch_size // 4))
+            add(f"--eval-batch-size {smaller.batch_size}",
+                PlanRequest(**{**base, "eval_shape": smaller}))
     if request.scheme == "full":
         add("--scheme lora", PlanRequest(**{**base, "scheme": "lora"}))
         add("--scheme lora --quantize nf4",
