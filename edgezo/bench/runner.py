@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
@@ -16,8 +17,12 @@ from edgezo.bench.suite import Run, Suite
 from edgezo.errors import EdgezoError
 
 
+@functools.cache
 def code_version() -> str:
-    """edgezo's version and, in a git checkout, the commit (with '+dirty' for local edits)."""
+    """edgezo's version and, in a git checkout, the commit (with '+dirty' for local edits).
+
+    Read once per process, when the first run imports the code: a suite runs the modules
+    it imported then, whatever the working tree holds by its later runs."""
     here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
