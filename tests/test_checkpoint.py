@@ -173,7 +173,9 @@ at, sig = int(os.environ["KILL_AT"]), getattr(signal, os.environ["KILL_SIG"])
 original = Session.step
 def step(self, *a, **k):
     if self.engine.step_index == at:
-        os.kill(os.getpid(), sig)
+        # to this thread: os.kill may hand the signal to a noise worker thread, and the
+        # main thread then sees it only at its next check, possibly a step later
+        signal.raise_signal(sig)
     return original(self, *a, **k)
 Session.step = step
 sys.argv = ["edgezo"] + sys.argv[1:]
