@@ -203,3 +203,21 @@ def test_the_ledger_prices_a_batch_bigger_than_the_plan_before_it_runs(tiny_fold
     s.eval_batch_size = 2
     assert len(s.predict([ex] * 5)) == 5  # still usable at the planned size
     s.close()
+
+
+def test_cpu_monitor_returns_freed_heap_when_the_phase_changes_only(monkeypatch):
+    """The CPU's counterpart of resetting CUDA's peak counters: eval must not count the
+    heap the train steps freed, and a trim per step would fault every page back in."""
+    from edgezo.memory import measure
+
+    trims = []
+    monkeypatch.setattr(measure, "release_freed_memory", lambda: trims.append(1))
+    monitor = measure.MemoryMonitor("cpu")
+    try:
+        for phase in ("train", "train", "train", "eval", "eval", "train"):
+            with monitor.phase(phase):
+                pass
+    finally:
+        monitor.close()
+    assert len(trims) == 3  # idle -> train, train -> eval, eval -> train
+    assert set(monitor.peaks) == {"train", "eval"}
