@@ -257,6 +257,8 @@ class Session:
         # of the fast tokenizer; the longest of each is then encoded as a run would.
         pairs = [(k, e.prompt_for(i), c) for k, e in enumerate(examples)
                  for i, c in enumerate(e.candidates)]
+        if not pairs:  # an empty split (a small user task): nothing of it will run
+            return Shape(batch_size, 0)
         full = self.tokenizer([p + c for _, p, c in pairs]).input_ids
         answers = self.tokenizer([c for _, _, c in pairs], add_special_tokens=False).input_ids
         longest = pairs[max(range(len(pairs)), key=lambda j: len(full[j]))][0]

@@ -221,3 +221,14 @@ def test_cpu_monitor_returns_freed_heap_when_the_phase_changes_only(monkeypatch)
         monitor.close()
     assert len(trims) == 3  # idle -> train, train -> eval, eval -> train
     assert set(monitor.peaks) == {"train", "eval"}
+
+
+def test_an_empty_split_plans_no_evaluation_width(tiny_folder, data_dir):
+    """A small user task can leave a split empty: planning must not fail on it."""
+    s = Session(tiny_folder, data_dir=data_dir, batch_size=2)
+    try:
+        assert s._shape(("validation",), 4).seq_len > 0
+        s.task.split = lambda name: []
+        assert s._shape(("validation", "test"), 4) == type(s._shape(("x",), 4))(4, 0)
+    finally:
+        s.close()
