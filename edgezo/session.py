@@ -211,8 +211,10 @@ class Session:
             self._join_process_group()
         self.streamer = None
         if self._stream:
+            wide = self.plan.streaming["master_dtype"] == "fp32"
             self.streamer = self.engine.stream(self._stream, self.device, self._tier,
-                                               offload_dir)
+                                               offload_dir,
+                                               master_dtype=torch.float32 if wide else None)
             if load_device != self.device:  # the resident layers go up; state follows
                 self._model.to(self.device)
                 self.optimizer.rule.init_state([p.detach() for p in self._block_map.params])
@@ -492,12 +494,14 @@ class Session:
         name_of = {id(p): n for n, p in zip(blocks.names, blocks.params, strict=True)}
         weights = {}
         # streamed layers one at a time (materializing them all would need the whole model
-        # in memory, which is what streaming avoids); only trainable tensors are kept
+        # in memory, which is what streaming avoids); only trainable tensors are kept, as
+        # their masters (fp32 where the tier keeps fp32), so a resume continues exactly
         for layer in self.streamer.layers if self.streamer else []:
             with self.streamer.hold(layer.unit.module):
                 for t in layer.tensors:
                     if id(t.param) in name_of:
-                        weights[name_of[id(t.param)]] = t.param.detach().cpu().clone()
+                        master = self.streamer.master_view(t.param)
+                        weights[name_of[id(t.param)]] = master.cpu().clone()
         for n, p in zip(blocks.names, blocks.params, strict=True):
             if n not in weights:
                 weights[n] = p.detach().cpu().clone()
@@ -573,8 +577,9 @@ class Session:
                 with self.streamer.hold(layer.unit.module):  # restored values go to the tier
                     for t in layer.tensors:
                         if id(t.param) in name_of:
-                            t.param.copy_(weights[name_of[id(t.param)]])
-                            self.streamer.mark_updated(t.param)
+                            master = self.streamer.master_view(t.param)
+                            master.copy_(weights[name_of[id(t.param)]])
+                            self.streamer.mark_updated(t.param)  # re-rounds the compute copy
                             done.add(id(t.param))
             for n, p in zip(blocks.names, blocks.params, strict=True):
                 if id(p) not in done:

@@ -39,6 +39,75 @@ def test_streamed_from_disk_equals_resident(family, dtype, pair, tmp_path):
     assert stats["bytes_out"] > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("optimizer", ["zo-sgd", "zo-adam", "zo-sgd-cons"])
+def test_fp32_masters_hold_exactly_the_fp32_sum_of_the_updates(dtype, optimizer, tmp_path):
+    """A half-precision layer streamed with fp32 masters: after N steps each master is
+    bit for bit what the same logged updates give when applied to an fp32 copy of the
+    starting weights, and the weights the forward uses are those masters rounded."""
+    model = tiny_model("llama", dtype=dtype)
+    start = {k: v.float() for k, v in model.state_dict().items()}
+    engine = ZOEngine(model, make_optimizer(optimizer), eps=1e-2, seed=3)
+    streamer = engine.stream([0, 1], "cpu", folder=str(tmp_path), master_dtype=torch.float32)
+    # a small lr: most updates are under half an ulp of a 16-bit weight
+    log = [engine.step(lm_batch(VOCAB, seed=s), lr=1e-4).log_entry() for s in range(4)]
+    engine.flush()
+    assert streamer.stats()["master_dtype"] == "float32"
+    # the planner's buffer is the streamer's, up to the 64-byte alignment of each view
+    from edgezo.memory.plan import layer_bytes
+
+    planned = max(s.total + s.masters for s in layer_bytes(engine.blocks))
+    views = 2 * len(streamer.layers[0].tensors)
+    assert planned <= streamer.slot_bytes < planned + 64 * views
+    masters, compute = {}, {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for layer in streamer.layers:
+        with streamer.hold(layer.unit.module):
+            for t in layer.tensors:
+                masters[names[id(t.param)]] = streamer.master_view(t.param).clone()
+                compute[names[id(t.param)]] = t.param.detach().clone()
+    assert all(m.dtype == torch.float32 for m in masters.values())
+
+    ref = tiny_model("llama", dtype=torch.float32)
+    ref.load_state_dict(start)
+    replayer = ZOEngine(ref, make_optimizer(optimizer), eps=1e-2, seed=3)
+    for entry in log:
+        replayer.replay(entry)
+    replayer.flush()
+    want = dict(ref.named_parameters())
+    changed = 0
+    for name, m in masters.items():
+        assert torch.equal(m, want[name].detach()), name
+        assert torch.equal(compute[name], m.to(dtype)), name
+        changed += int((m != start[name]).sum())
+    # and the masters kept updates that the rounded weights could not show
+    lost = sum(int(((m != start[n]) & (compute[n].float() == start[n])).sum())
+               for n, m in masters.items())
+    assert changed > 0 and lost > 0
+    engine.close()
+
+
+def test_fp32_masters_travel_as_fp32_only_for_trainable_tensors(tmp_path):
+    from edgezo.schemes import SchemeOptions, apply_scheme
+
+    model = apply_scheme(tiny_model("llama", dtype=torch.bfloat16), "lora", SchemeOptions())
+    engine = ZOEngine(model, make_optimizer("zo-sgd"), eps=1e-2, seed=0)
+    streamer = engine.stream([0, 1], "cpu", folder=str(tmp_path), master_dtype=torch.float32)
+    frozen = [t for layer in streamer.layers for t in layer.tensors if not t.trainable]
+    assert frozen and not any(t.wide for t in frozen)  # the base stays in bf16
+    engine.step(lm_batch(VOCAB, seed=0), lr=1e-2)
+    engine.flush()
+    trainable = [t for layer in streamer.layers for t in layer.tensors if t.trainable]
+    assert streamer.bytes_out == sum(t.shape.numel() * 4 for t in trainable)
+    engine.close()
+
+
+def test_fp32_masters_on_a_bf16_model_refuse_other_master_dtypes(tmp_path):
+    engine = ZOEngine(tiny_model("llama", dtype=torch.bfloat16), make_optimizer("zo-sgd"))
+    with pytest.raises(ConfigError, match="fp32 or the weights' own dtype"):
+        engine.stream([0], "cpu", master_dtype=torch.float16)
+
+
 @pytest.mark.parametrize("optimizer", ["zo-adam", "zo-sgd-cons", "zo-sgd-mmt"])
 def test_stateful_and_conservative_optimizers_stream_exactly(optimizer, tmp_path):
     ref = run("llama", torch.float32, 3, optimizer=optimizer)
@@ -138,6 +207,31 @@ def test_planner_streams_the_fewest_layers_that_fit(wide_folder, tmp_path):
     assert any("--offload auto" in a["change"] and a["fits"] for a in off.alternatives)
 
 
+def test_planner_keeps_fp32_masters_where_the_tier_holds_them(wide_folder, tmp_path):
+    """bf16 full fine-tuning: fp32 masters add 2 bytes a weight to the tier, to each
+    layer buffer and to the traffic both ways, and are dropped when the host is short."""
+    from edgezo.memory.planner import PlanRequest, price
+
+    base = dict(model=wide_folder, dtype="bf16", batch_size=2, seq_len=16, pair=False)
+    profile = tiny_profile(tmp_path, 4096)  # a GPU profile with 1 GiB of host memory
+    plan = price(PlanRequest(profile=profile, offload="host", **base), pair=False, streamed=12)
+    s = plan.streaming
+    half = price(PlanRequest(profile=profile, offload="off", **base), pair=False)
+    layer = (half.components["weights"] - plan.components["weights"]) // 12  # bf16 bytes
+    assert s["master_dtype"] == "fp32"
+    assert s["host_bytes"] == s["bytes_in_per_step"] == 12 * layer * 2
+    assert s["bytes_out_per_step"] == 12 * layer * 2  # every weight trainable, as fp32
+    assert plan.components["stream_buffers"] == 2 * layer * 3  # bf16 view + fp32 master
+    # a host of 0.1 GiB cannot hold 12 layers' fp32 masters: the tier keeps bf16
+    small = tmp_path / "small.yaml"
+    small.write_text(open(profile).read().replace("host_memory_gb: 1", "host_memory_gb: 0.1"))
+    plan = price(PlanRequest(profile=str(small), offload="host", **base), pair=False,
+                 streamed=12)
+    assert plan.streaming["master_dtype"] == "same"
+    assert plan.streaming["host_bytes"] == 12 * layer
+    assert plan.components["stream_buffers"] == 2 * layer
+
+
 def test_session_streams_under_a_budget_smaller_than_the_weights(wide_folder, tmp_path,
                                                                   data_dir):
     from edgezo import Session
@@ -198,18 +292,26 @@ def test_streaming_options_that_cannot_apply_are_refused(tiny_folder, data_dir, 
             Session(tiny_folder, data_dir=data_dir, check_budget=False, **kw)
 
 
-def test_a_streamed_run_snapshots_and_resumes_exactly(tiny_folder, data_dir, tmp_path):
-    """Snapshots read streamed layers one at a time; resume writes them back to the tier."""
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_streamed_run_snapshots_and_resumes_exactly(tiny_folder, data_dir, tmp_path, dtype):
+    """Snapshots read streamed layers one at a time; resume writes them back to the tier.
+    In bf16 the disk tier keeps fp32 masters, and the snapshot must keep them too."""
     from edgezo import Session
 
     kw = dict(data_dir=data_dir, check_budget=False, offload="disk", batch_size=2,
-              lr=0.02, eps=1e-2, max_length=48, optimizer="zo-adam")
+              lr=0.02, eps=1e-2, max_length=48, optimizer="zo-adam", dtype=dtype)
 
     def trainable(s):
         s.engine.flush()
+        assert s.streamer.stats()["master_dtype"] == ("float32" if dtype == "bf16" else "same")
+        out = {}
+        for layer in s.streamer.layers:
+            with s.streamer.hold(layer.unit.module):
+                out |= {t.name + str(layer.index): s.streamer.master_view(t.param).clone()
+                        for t in layer.tensors}
         with s.streamer.materialized():
-            return {n: p.detach().clone() for n, p in
-                    zip(s.engine.blocks.names, s.engine.blocks.params, strict=True)}
+            return out | {n: p.detach().clone() for n, p in
+                          zip(s.engine.blocks.names, s.engine.blocks.params, strict=True)}
 
     ref = Session(tiny_folder, **kw)
     for _ in range(4):
@@ -228,4 +330,5 @@ def test_a_streamed_run_snapshots_and_resumes_exactly(tiny_folder, data_dir, tmp
     resumed.step()
     got = trainable(resumed)
     resumed.close()
+    assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], v) for k, v in expected.items())

@@ -30,6 +30,7 @@ the larger of the two.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -192,35 +193,62 @@ def streamed_layers(n_layers: int, k: int) -> list[int]:
     return sorted({int((j + 0.5) * n_layers / k) for j in range(k)})
 
 
-def layer_bytes(blocks: BlockMap) -> list[tuple[int, int]]:
-    """(all bytes, trainable bytes) of each decoder layer's parameters, in order."""
+class LayerBytes(NamedTuple):
+    total: int  # every parameter, in its own dtype
+    trainable: int  # the parameters the optimizer updates
+    masters: int  # fp32 masters of its trainable fp16/bf16 tensors (4 bytes a value)
+
+    @property
+    def widen(self) -> int:
+        """What the fp32 masters add to the tier over the tensors' own 2-byte copies."""
+        return self.masters // 2
+
+
+def layer_bytes(blocks: BlockMap) -> list[LayerBytes]:
+    """The parameter bytes of each decoder layer, in order."""
     trainable = {id(p) for p in blocks.params}
     out = []
     for unit in blocks.units:
         if unit.kind == "layer":
             ps = list(unit.module.parameters())
-            out.append((sum(_bytes(p) for p in ps),
-                        sum(_bytes(p) for p in ps if id(p) in trainable)))
+            train = [p for p in ps if id(p) in trainable]
+            out.append(LayerBytes(
+                sum(_bytes(p) for p in ps), sum(_bytes(p) for p in train),
+                sum(p.numel() * 4 for p in train
+                    if p.dtype in (torch.float16, torch.bfloat16))))
     return out
 
 
 def _streaming(blocks: BlockMap, profile: Profile, layers: list[int], tier: str,
                buffers: int, flops: float) -> tuple[int, int, dict]:
-    """(device bytes freed, buffer bytes, the plan's streaming section)."""
+    """(device bytes freed, buffer bytes, the plan's streaming section).
+
+    Trainable half-precision tensors keep fp32 masters in the tier whenever it holds
+    them: always on disk, and in pinned host memory when the layers fit in 90% of the
+    profile's host memory with them. They then travel as fp32 both ways, and a layer's
+    buffer holds its fp32 masters beside its compute copy.
+    """
     sizes = layer_bytes(blocks)
     chosen = [sizes[i] for i in layers]
-    moved = sum(a for a, _ in chosen)
-    buffer = min(buffers, len(layers)) * max((a for a, _ in chosen), default=0)
-    out_bytes = sum(t for _, t in chosen)  # only trainable tensors travel back
+    moved = sum(s.total for s in chosen)
+    widen = sum(s.widen for s in chosen)
+    fp32 = widen > 0 and (tier == "disk" or moved + widen <= 0.9 * profile.host_memory_bytes)
+    if not fp32:
+        widen = 0
+    # a layer's buffer holds its compute copy and, beside it, its fp32 masters
+    slot = max((s.total + (s.masters if fp32 else 0) for s in chosen), default=0)
+    buffer = min(buffers, len(layers)) * slot
+    out_bytes = sum(s.trainable for s in chosen) + widen  # only trainable tensors go back
     bandwidth = (profile.host_device_bandwidth_gbps if tier == "host"
                  else profile.disk_bandwidth_gbps) * 1e9
-    transfer_s = (moved + out_bytes) / bandwidth if bandwidth > 0 else float("inf")
+    transfer_s = (moved + widen + out_bytes) / bandwidth if bandwidth > 0 else float("inf")
     compute_s = flops / (profile.device_tflops * 1e12) if profile.device_tflops else None
     section = {
         "tier": tier, "layers": layers, "buffers": min(buffers, len(layers)),
-        "host_bytes": moved if tier == "host" else 0,
-        "disk_bytes": moved if tier == "disk" else 0,
-        "bytes_in_per_step": moved, "bytes_out_per_step": out_bytes,
+        "master_dtype": "fp32" if fp32 else "same",
+        "host_bytes": moved + widen if tier == "host" else 0,
+        "disk_bytes": moved + widen if tier == "disk" else 0,
+        "bytes_in_per_step": moved + widen, "bytes_out_per_step": out_bytes,
         "transfer_s": transfer_s, "compute_s": compute_s,
         "step_bound_s": max(transfer_s, compute_s or 0.0),
     }

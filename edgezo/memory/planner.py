@@ -150,7 +150,7 @@ def price(request: PlanRequest, config=None, profile: Profile | None = None,
         raise ConfigError(f"streaming runs ZO estimates only; {request.optimizer}"
                           f"{' with --fo-blocks' if fo else ''} needs every weight on the "
                           "device: pick a ZO optimizer, or a bigger profile")
-    tier = stream_tier(request, profile, sum(a for a, _ in layer_bytes(blocks)))
+    tier = stream_tier(request, profile, sum(s.total for s in layer_bytes(blocks)))
     plan = plan_step(model, blocks, profile, batch_size=request.batch_size,
                      seq_len=request.seq_len, pair=pair and optimizer.estimator == "zo",
                      on_cuda=on_cuda, optimizer_state_bytes=optimizer.state_bytes_per_param,

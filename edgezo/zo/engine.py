@@ -180,8 +180,11 @@ class ZOEngine:
                               f"{hybrid} differentiates the loss: {fix}")
 
     def stream(self, layers: list[int], device: torch.device | str, tier: str = "disk",
-               folder: str | None = None, buffers: int | None = None) -> BlockStreamer:
-        """Move the given decoder layers (indices into the layer list) off the device.
+               folder: str | None = None, buffers: int | None = None,
+               master_dtype: torch.dtype | None = None) -> BlockStreamer:
+        """Move the given decoder layers (indices into the layer list) off the device;
+        `master_dtype=torch.float32` keeps their trainable half-precision tensors' master
+        copies in fp32 (see BlockStreamer).
 
         Only the ZO estimator streams: a backward (fo-*, --fo-blocks) or a forward-mode
         gradient needs every weight it differentiates resident at once, and magnitude
@@ -200,7 +203,7 @@ class ZOEngine:
         self.perturbation.flush()
         trainable = {id(p) for p in self.blocks.params}
         self.streamer = BlockStreamer([units[i] for i in sorted(set(layers))], trainable,
-                                      device, tier, folder, buffers)
+                                      device, tier, folder, buffers, master_dtype)
         self.perturbation.streamer = self.streamer
         return self.streamer
 

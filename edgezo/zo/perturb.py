@@ -343,6 +343,13 @@ class Perturbation:
         self.pending = None
         self._updated = set()
 
+    def _update_target(self, index: int) -> torch.Tensor:
+        """The tensor an update writes: a streamed parameter's fp32 master when it has one
+        (the compute copy is re-rounded from it in mark_updated), else the parameter."""
+        if self.streamer is not None:
+            return self.streamer.master_view(self.params[index])
+        return self.params[index].detach()
+
     @torch.no_grad()
     def _apply_pending(self, indices) -> None:
         """Apply the pending update to the given parameters not yet updated this step."""
@@ -356,7 +363,7 @@ class Perturbation:
             return
         work = []
         for index in todo:
-            p = self.params[index].detach()
+            p = self._update_target(index)
             work += [(index, p, k, lo, hi)
                      for k, (lo, hi) in enumerate(noise.chunk_bounds(p.shape))]
         d_of, rule = pending.direction, self.rule

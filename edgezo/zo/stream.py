@@ -22,6 +22,14 @@ tensors that were updated travel back; a frozen base (LoRA, prefix, prompt, quan
 weights) never travels device→host. Each streamed layer therefore moves once per step in
 each direction at most. Outside a hold, a streamed parameter's ``.data`` is a NaN
 placeholder of the right shape, so any use that bypasses the streamer fails loudly.
+
+The master copy: with ``master_dtype=torch.float32``, a trainable fp16/bf16 tensor is kept
+in its tier in fp32. While its layer is held, the buffer has both the fp32 master and the
+half-precision view the forward computes with (the master rounded to nearest). Updates go
+to the master (`master_view`), and `mark_updated` re-rounds the compute view. A ZO update
+is often below half an ulp of a bf16 weight, so a half-precision master would lose it
+(round-to-nearest, ZO2's failure) or keep it only in expectation (stochastic rounding,
+what a resident bf16 run does). The cost: trainable tensors travel as fp32, both ways.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from edgezo.errors import ConfigError
 from edgezo.zo.blocks import Unit
 
 TIERS = ("host", "disk")
+HALF = (torch.float16, torch.bfloat16)
 ALIGN = 64  # bytes: every tensor view in a buffer starts on a 64-byte boundary
 
 
@@ -79,8 +88,18 @@ class _Tensor:
     nbytes: int
     buffer_offset: int  # where its view starts in a device buffer
     trainable: bool
+    master_dtype: torch.dtype  # of the tier's copy: `dtype`, or fp32 for a wide master
+    master_offset: int = -1  # a wide master's view in the device buffer (-1: none)
     master: torch.Tensor | None = None  # host tier
     file_offset: int = 0  # disk tier: byte offset of its data in the layer's file
+
+    @property
+    def wide(self) -> bool:
+        return self.master_dtype != self.dtype
+
+    @property
+    def master_nbytes(self) -> int:
+        return self.shape.numel() * self.master_dtype.itemsize
 
 
 @dataclass
@@ -100,10 +119,12 @@ class BlockStreamer:
 
     def __init__(self, units: list[Unit], trainable: set[int], device: torch.device,
                  tier: str = "disk", folder: str | os.PathLike | None = None,
-                 buffers: int | None = None):
+                 buffers: int | None = None, master_dtype: torch.dtype | None = None):
         """`trainable`: ids of the parameters the optimizer updates (written back).
         `buffers`: layer-sized device buffers; by default two on a GPU (one computing,
-        one arriving) and one on a CPU, where reads are not overlapped."""
+        one arriving) and one on a CPU, where reads are not overlapped.
+        `master_dtype`: torch.float32 keeps trainable fp16/bf16 tensors' masters in fp32;
+        None keeps every tensor in its own dtype."""
         device = torch.device(device)
         buffers = buffers if buffers is not None else (2 if device.type == "cuda" else 1)
         if tier not in TIERS:
@@ -116,7 +137,11 @@ class BlockStreamer:
                               "which is not built yet; use --offload host on a GPU")
         if buffers < 1:
             raise ConfigError(f"streaming needs at least one layer buffer, got {buffers}")
+        if master_dtype not in (None, torch.float32):
+            raise ConfigError(f"a streamed master copy is fp32 or the weights' own dtype, "
+                              f"not {master_dtype}")
         self.device, self.tier, self.buffers = device, tier, buffers
+        self.master_dtype = master_dtype
         self._fills: dict[torch.dtype, torch.Tensor] = {}
         self._tmp = None
         if tier == "disk":
@@ -159,17 +184,23 @@ class BlockStreamer:
             if not p.is_contiguous():
                 raise ConfigError(f"cannot stream {unit.name}.{name}: not contiguous")
             nbytes = p.numel() * p.element_size()
-            tensors.append(_Tensor(p, name, p.shape, p.dtype, nbytes, offset,
-                                   id(p) in trainable))
+            train = id(p) in trainable
+            wide = self.master_dtype is not None and train and p.dtype in HALF
+            tensors.append(_Tensor(p, name, p.shape, p.dtype, nbytes, offset, train,
+                                   self.master_dtype if wide else p.dtype))
             offset = _aligned(offset + nbytes)
+        for t in tensors:  # wide masters after the compute views
+            if t.wide:
+                t.master_offset = offset
+                offset = _aligned(offset + t.master_nbytes)
         layer = _Layer(unit, k, tensors, offset)
         if self.tier == "host":
             for t in tensors:
-                t.master = t.param.detach().to("cpu", copy=True).pin_memory()
+                t.master = t.param.detach().to("cpu", t.master_dtype, copy=True).pin_memory()
         else:
             layer.path = self.folder / f"layer-{k:04d}.safetensors"
-            save_file({t.name: t.param.detach().cpu().contiguous() for t in tensors},
-                      str(layer.path))
+            save_file({t.name: t.param.detach().to("cpu", t.master_dtype).contiguous()
+                       for t in tensors}, str(layer.path))
             layer_offsets = self._file_offsets(layer.path)
             for t in tensors:
                 t.file_offset = layer_offsets[t.name]
@@ -200,14 +231,30 @@ class BlockStreamer:
         finally:
             self._release(layer)
 
+    def master_view(self, param: nn.Parameter) -> torch.Tensor:
+        """What an update of `param` writes to: its fp32 master while its layer is held,
+        when it has one; otherwise the parameter itself. Call mark_updated after."""
+        found = self._by_param.get(id(param))
+        if found is None or not found[0].tensors[found[1]].wide:
+            return param.detach()
+        layer, j = found
+        if layer.slot is None:
+            raise RuntimeError(f"{layer.unit.name}.{layer.tensors[j].name}'s master was "
+                               "asked for while its layer is not held by the streamer")
+        return self._master_view(layer.tensors[j], layer.slot)
+
     def mark_updated(self, param: nn.Parameter) -> None:
-        """The engine updated `param` in place: it must travel back on release."""
+        """The engine updated `param` (or its master view) in place: it must travel back
+        on release, and a wide master's compute view is rounded from it again."""
         found = self._by_param.get(id(param))
         if found is not None:
             layer, j = found
             if layer.slot is None:
                 raise RuntimeError(f"{layer.unit.name}.{layer.tensors[j].name} was updated "
                                    "while not held by the streamer")
+            t = layer.tensors[j]
+            if t.wide:
+                param.detach().copy_(self._master_view(t, layer.slot))
             layer.dirty.add(j)
 
     def _take_slot(self) -> int:
@@ -225,28 +272,47 @@ class BlockStreamer:
         return [buf[t.buffer_offset:t.buffer_offset + t.nbytes].view(t.dtype).view(t.shape)
                 for t in layer.tensors]
 
+    def _master_view(self, t: _Tensor, slot: int) -> torch.Tensor:
+        buf = self._slots[slot]
+        return (buf[t.master_offset:t.master_offset + t.master_nbytes]
+                .view(t.master_dtype).view(t.shape))
+
+    def _masters(self, layer: _Layer, slot: int) -> list[torch.Tensor]:
+        """Where each tensor's tier copy lands in the buffer: its master view when wide,
+        else its compute view."""
+        return [self._master_view(t, slot) if t.wide else v
+                for t, v in zip(layer.tensors, self._views(layer, slot), strict=True)]
+
     def _load(self, layer: _Layer) -> None:
         """Start bringing `layer` into a free buffer (asynchronous on CUDA)."""
         slot = self._take_slot()
         layer.slot = slot
-        views = self._views(layer, slot)
+        views, masters = self._views(layer, slot), self._masters(layer, slot)
         if self._cuda:
             with torch.cuda.stream(self._copy_stream):
-                for t, v in zip(layer.tensors, views, strict=True):
-                    v.copy_(t.master, non_blocking=True)
+                for t, m in zip(layer.tensors, masters, strict=True):
+                    m.copy_(t.master, non_blocking=True)
+                self._round_wide(layer, views, masters)
                 layer.ready = torch.cuda.Event()
                 layer.ready.record(self._copy_stream)
         else:
             fd = os.open(layer.path, os.O_RDONLY)
             try:
-                for t, v in zip(layer.tensors, views, strict=True):
-                    _read_exact(fd, _bytes_view(v), t.file_offset)
+                for t, m in zip(layer.tensors, masters, strict=True):
+                    _read_exact(fd, _bytes_view(m), t.file_offset)
             finally:
                 os.close(fd)
+            self._round_wide(layer, views, masters)
         self.held += 1
         self.max_held = max(self.max_held, self.held)
-        self.bytes_in += layer.nbytes
+        self.bytes_in += sum(t.master_nbytes for t in layer.tensors)
         self.loads += 1
+
+    @staticmethod
+    def _round_wide(layer: _Layer, views, masters) -> None:
+        for t, v, m in zip(layer.tensors, views, masters, strict=True):
+            if t.wide:
+                v.copy_(m)  # round to nearest: what a resident half-precision copy holds
 
     def _acquire(self, layer: _Layer) -> None:
         if layer.slot is None:
@@ -262,7 +328,7 @@ class BlockStreamer:
                 self._load(nxt)  # prefetch: overlaps this layer's compute
 
     def _release(self, layer: _Layer) -> None:
-        views = self._views(layer, layer.slot)
+        views = self._masters(layer, layer.slot)  # what travels back: the tier's copy
         dirty = sorted(layer.dirty)
         if self._cuda:
             computed = torch.cuda.Event()
@@ -281,7 +347,7 @@ class BlockStreamer:
                     _write_exact(fd, _bytes_view(views[j]), layer.tensors[j].file_offset)
             finally:
                 os.close(fd)
-        self.bytes_out += sum(layer.tensors[j].nbytes for j in dirty)
+        self.bytes_out += sum(layer.tensors[j].master_nbytes for j in dirty)
         for t in layer.tensors:
             t.param.data = self._placeholder(t.param)
         self._free.append(layer.slot)
@@ -316,7 +382,10 @@ class BlockStreamer:
             self._tmp = None
 
     def stats(self) -> dict:
+        wide = [t for layer in self.layers for t in layer.tensors if t.wide]
         return {"tier": self.tier, "streamed_layers": len(self.layers),
+                "master_dtype": str(self.master_dtype or "same").removeprefix("torch."),
+                "wide_master_tensors": len(wide),
                 "buffers": len(self._slots), "buffer_bytes": self.slot_bytes,
                 "max_layers_held": self.max_held, "loads": self.loads,
                 "bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
