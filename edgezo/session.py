@@ -37,7 +37,14 @@ from edgezo.errors import CheckpointError, ConfigError, OutOfBudgetError, unknow
 from edgezo.memory.measure import MemoryMonitor, release_freed_memory
 from edgezo.memory.plan import Plan, Shape, layer_bytes, plan_step, streamed_layers
 from edgezo.memory.planner import OFFLOAD
-from edgezo.models.loading import DEFAULT_MODEL, load_weights, parse_dtype, resolve_model
+from edgezo.models.loading import (
+    DEFAULT_MODEL,
+    kept_in_fp32,
+    load_weights,
+    parse_dtype,
+    resolve_model,
+    stream_ready_folder,
+)
 from edgezo.profiles import human_bytes, load_profile
 from edgezo.schemes import PEFT_SCHEMES, SchemeOptions, apply_scheme, check_scheme
 from edgezo.tasks import Encoder, Example, make_task
@@ -159,6 +166,11 @@ class Session:
             # the profile fails in seconds, with the changes that would make it fit.
             self._check_plan_from_config(resolved.folder, scheme, optimizer, quantize,
                                          pair)
+        if self._stream_k and quantize is None and resolved.kind == "folder":
+            # streamed layers must load memory-mapped: store the weights in the run's dtype
+            dtype = parse_dtype(self.dtype_name)
+            resolved.folder = str(stream_ready_folder(
+                Path(resolved.folder), dtype, kept_in_fp32(resolved.model_class, dtype)))
         # Modules the load would import (peft and, through it, bitsandbytes: ~150 MiB of
         # Python) are the interpreter's memory, not the run's: import them before the
         # baseline is taken, as the tokenizer and the data already are.

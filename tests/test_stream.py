@@ -1,5 +1,9 @@
 """Block streaming: a streamed model computes exactly what the resident model computes."""
 
+import threading
+import time
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import lm_batch
@@ -224,7 +228,8 @@ def test_planner_keeps_fp32_masters_where_the_tier_holds_them(wide_folder, tmp_p
     assert plan.components["stream_buffers"] == 2 * layer * 3  # bf16 view + fp32 master
     # a host of 0.1 GiB cannot hold 12 layers' fp32 masters: the tier keeps bf16
     small = tmp_path / "small.yaml"
-    small.write_text(open(profile).read().replace("host_memory_gb: 1", "host_memory_gb: 0.1"))
+    text = Path(profile).read_text()
+    small.write_text(text.replace("host_memory_gb: 1", "host_memory_gb: 0.1"))
     plan = price(PlanRequest(profile=str(small), offload="host", **base), pair=False,
                  streamed=12)
     assert plan.streaming["master_dtype"] == "same"
@@ -332,3 +337,82 @@ def test_a_streamed_run_snapshots_and_resumes_exactly(tiny_folder, data_dir, tmp
     resumed.close()
     assert got.keys() == expected.keys()
     assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+
+def test_a_folder_in_another_dtype_is_stored_once_in_the_run_dtype(tmp_path, monkeypatch):
+    """The copy has the same tensors, cast; a keep-in-fp32 module keeps its dtype; shards
+    stay under SHARD_BYTES; the second call reuses the copy; a matching folder is used
+    as it is."""
+    from safetensors.torch import load_file
+
+    from edgezo.models import loading
+    from edgezo.models.tiny import save_tiny
+
+    monkeypatch.setenv("EDGEZO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(loading, "SHARD_BYTES", 64 << 10)
+    folder = tmp_path / "fp32"
+    save_tiny(folder, "llama", width=64, layers=2)
+    original = load_file(str(folder / "model.safetensors"))
+    out = loading.stream_ready_folder(folder, torch.bfloat16, keep_fp32=["norm"])
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 2 and all(f.stat().st_size < 2 * (64 << 10) + 4096 for f in shards)
+    copy = {}
+    for f in shards:
+        copy |= load_file(str(f))
+    assert copy.keys() == original.keys()
+    for name, t in original.items():
+        kept = "norm" in name  # matched as transformers does: a search in the name
+        want = t if kept else t.to(torch.bfloat16)
+        assert copy[name].dtype == want.dtype and torch.equal(copy[name], want), name
+    assert '"bfloat16"' in (out / "config.json").read_text()
+    stamp = shards[0].stat().st_mtime_ns
+    assert loading.stream_ready_folder(folder, torch.bfloat16) == out
+    assert shards[0].stat().st_mtime_ns == stamp
+    assert loading.stream_ready_folder(folder, torch.float32) == folder
+
+
+def _anon_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+def test_a_streamed_model_in_another_dtype_loads_without_holding_its_weights(
+        wide_folder, tmp_path, monkeypatch):
+    """fp32 weights, a bf16 run, every layer streamed: the process never holds the model
+    in its own memory (a cast by transformers would hold all of it: a model larger than
+    RAM could not load), and the weights are the bf16 load's, bit for bit."""
+    from edgezo import Session
+    from edgezo.models import loading
+
+    monkeypatch.setenv("EDGEZO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(loading, "SHARD_BYTES", 4 << 20)
+    kw = dict(dtype="bf16", check_budget=False, task=None)
+    peak, stop = [0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _anon_bytes())
+            time.sleep(0.002)
+
+    base = _anon_bytes()
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        s = Session(wide_folder, offload="disk", offload_dir=str(tmp_path / "off"), **kw)
+    finally:
+        stop.set()
+        sampler.join()
+    bf16_bytes = sum(p.numel() * 2 for p in s.engine.blocks.params)
+    assert peak[0] - base < 0.35 * bf16_bytes
+    s.engine.flush()
+    with s.streamer.materialized():
+        streamed = {k: v.clone() for k, v in s._model.state_dict().items()}
+    s.close()
+    ref = Session(wide_folder, offload="off", **kw)
+    resident = ref._model.state_dict()
+    assert streamed.keys() == resident.keys()
+    assert all(torch.equal(streamed[k], v) for k, v in resident.items())
+    ref.close()
