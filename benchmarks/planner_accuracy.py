@@ -56,6 +56,8 @@ def measure(model: str, scheme: str, optimizer: str, batch: int, pair: bool | No
         s.step()  # real batches: other widths
     worst = max((longest("validation"), longest("test")),
                 key=lambda e: s.encoder.encode([e])["input_ids"].shape[1])
+    s.engine.flush()
+    s.engine.release_scratch()  # as Session.evaluate does
     with s.monitor.phase("eval"), torch.no_grad():
         candidate_scores(s._model, s.encoder.encode([worst] * s.eval_batch_size))
     s.evaluate("validation", max_examples=64)

@@ -305,9 +305,11 @@ def _plan_table(result) -> Table:
         n = len(st["layers"])
         table.add_row("streamed layers", f"{n} from {st['tier']} ({st['buffers']} device "
                       f"buffer{'s' if st['buffers'] > 1 else ''}): {st['layers']}")
-        moved = st["host_bytes"] or st["disk_bytes"]
+        moved = st["host_bytes"] if st["tier"] == "host" else st["disk_bytes"]
         masters = " (fp32 masters of the trainable tensors)" if st["master_dtype"] == "fp32" else ""
         table.add_row(f"{st['tier']} memory for them", f"{moved / gib:.3f}{masters}")
+        if st["tier"] == "disk" and st["host_bytes"]:
+            table.add_row("pinned host staging", f"{st['host_bytes'] / gib:.3f}")
         compute = ("unknown (profile has no device_tflops)" if st["compute_s"] is None
                    else f"{st['compute_s'] * 1e3:.1f} ms")
         table.add_row("step time bound", f"max(transfer {st['transfer_s'] * 1e3:.1f} ms, "

@@ -196,8 +196,12 @@ class Session:
                               f"got {self._stream_k}")
         self._stream = streamed_layers(n_layers, self._stream_k)
         # On a CPU the compute device is the host: streamed layers always come from disk.
-        self._tier = ("disk" if not self.on_cuda or offload == "disk" else "host")
-        # (the streamer refuses the disk tier on a GPU until its staging buffer exists)
+        # On a GPU, pinned host memory when the profile's host holds the layers, else disk.
+        from edgezo.memory.planner import stream_tier
+
+        self._tier = ("disk" if not self.on_cuda else stream_tier(
+            offload, self.profile,
+            sum(layer_bytes(self._block_map)[i].total for i in self._stream)))
         fo = (set(range(len(self._block_map.params))) if kind == "fo"
               else resolve_fo_blocks(self._block_map, self.estimator_options["fo_blocks"]))
         self._fo = (sum(self._block_map.params[i].numel() for i in fo),
@@ -224,8 +228,10 @@ class Session:
         self.streamer = None
         if self._stream:
             wide = self.plan.streaming["master_dtype"] == "fp32"
+            # the plan's buffers: two for a GPU profile, also when emulated on the CPU,
+            # where the second lets the disk tier read ahead on its worker thread
             self.streamer = self.engine.stream(self._stream, self.device, self._tier,
-                                               offload_dir,
+                                               offload_dir, self.plan.streaming["buffers"],
                                                master_dtype=torch.float32 if wide else None)
             if load_device != self.device:  # the resident layers go up; state follows
                 self._model.to(self.device)
@@ -472,6 +478,7 @@ class Session:
         """The index of the candidate the model now scores highest, per example."""
         examples = [examples] if isinstance(examples, Example) else list(examples)
         self.engine.flush()
+        self.engine.release_scratch()
         out: list[int] = []
         for i in range(0, len(examples), self.eval_batch_size):
             batch = self.encoder.encode(examples[i:i + self.eval_batch_size])
@@ -617,6 +624,7 @@ class Session:
         """Accuracy by candidate log-likelihood on a task split, batched."""
         self._require_task()
         self.engine.flush()
+        self.engine.release_scratch()
         examples = self.task.split(split)[:max_examples]
         hits: list[bool] = []
         groups: dict[str, list[bool]] = {}

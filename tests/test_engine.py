@@ -144,6 +144,26 @@ def test_same_seed_same_run_and_different_seed_different_run():
     assert [x[2] for x in a] != [x[2] for x in c]
 
 
+def test_released_scratch_is_freed_and_the_run_goes_on_unchanged():
+    """Evaluation frees the perturbation workspace (the planner prices evaluation without
+    it); the next step allocates it again and computes exactly what it would have."""
+    def go(release: bool):
+        model = tiny_model("llama")
+        engine = ZOEngine(model, make_optimizer("zo-sgd"), eps=1e-2, seed=0)
+        losses = []
+        for s in range(3):
+            losses.append(engine.step(lm_batch(VOCAB, seed=s), lr=1e-2).loss)
+            if release:
+                assert engine.perturbation._buffers
+                engine.release_scratch()
+                assert not engine.perturbation._buffers
+        engine.close()
+        return losses, model.state_dict()
+
+    (a, wa), (b, wb) = go(False), go(True)
+    assert a == b and all(torch.equal(v, wb[k]) for k, v in wa.items())
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_takes_a_step_that_changes_every_parameter(family):
     model = tiny_model(family)

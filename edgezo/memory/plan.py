@@ -246,7 +246,9 @@ def _streaming(blocks: BlockMap, profile: Profile, layers: list[int], tier: str,
     section = {
         "tier": tier, "layers": layers, "buffers": min(buffers, len(layers)),
         "master_dtype": "fp32" if fp32 else "same",
-        "host_bytes": moved + widen if tier == "host" else 0,
+        # on a GPU the disk tier goes through pinned host twins of the device buffers
+        "host_bytes": (moved + widen if tier == "host"
+                       else buffer if profile.device == "cuda" else 0),
         "disk_bytes": moved + widen if tier == "disk" else 0,
         "bytes_in_per_step": moved + widen, "bytes_out_per_step": out_bytes,
         "transfer_s": transfer_s, "compute_s": compute_s,

@@ -29,11 +29,11 @@ MAX_BATCH = 4096
 OFFLOAD = ("auto", "off", "host", "disk")
 
 
-def stream_tier(request: PlanRequest, profile: Profile, layer_total: int) -> str:
+def stream_tier(offload: str, profile: Profile, layer_total: int) -> str:
     """Where streamed layers live: pinned host memory on a GPU when it holds them (with
     10% to spare), else the disk; on a CPU the disk (the host is the device)."""
-    if request.offload in ("host", "disk"):
-        return request.offload
+    if offload in ("host", "disk"):
+        return offload
     if profile.device == "cuda" and layer_total <= 0.9 * profile.host_memory_bytes:
         return "host"
     return "disk"
@@ -150,7 +150,8 @@ def price(request: PlanRequest, config=None, profile: Profile | None = None,
         raise ConfigError(f"streaming runs ZO estimates only; {request.optimizer}"
                           f"{' with --fo-blocks' if fo else ''} needs every weight on the "
                           "device: pick a ZO optimizer, or a bigger profile")
-    tier = stream_tier(request, profile, sum(s.total for s in layer_bytes(blocks)))
+    sizes = layer_bytes(blocks)
+    tier = stream_tier(request.offload, profile, sum(sizes[i].total for i in layers))
     plan = plan_step(model, blocks, profile, batch_size=request.batch_size,
                      seq_len=request.seq_len, pair=pair and optimizer.estimator == "zo",
                      on_cuda=on_cuda, optimizer_state_bytes=optimizer.state_bytes_per_param,

@@ -521,6 +521,12 @@ class ZOEngine:
         """Apply the pending update now, so the weights reflect every completed step."""
         self.perturbation.flush()
 
+    def release_scratch(self) -> None:
+        """Free the perturbation workspace (a copy of the largest unit per sign), which
+        the next step allocates again. Evaluation calls this: it perturbs nothing, and the
+        workspace can be the size of its activations (the planner prices eval without it)."""
+        self.perturbation.release_workspace()
+
     def close(self) -> None:
         """Flush and remove the wrappers; the model is an ordinary HF model again (its
         streamed layers, if any, come back as CPU tensors)."""

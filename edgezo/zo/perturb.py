@@ -275,6 +275,11 @@ class Perturbation:
             buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
         return buf[:numel]
 
+    def release_workspace(self) -> None:
+        if self.active:
+            raise RuntimeError("the workspace is in use by a perturbed forward")
+        self._buffers.clear()
+
     def _call(self, module, original, tensors, args, kwargs):
         # functional_call goes through module.__call__ -> our wrapper; bypass it by
         # swapping the original forward in for the duration of the call.

@@ -4,16 +4,21 @@ a slower tier and are brought in one at a time, just before they compute.
 Tiers:
 
 - ``host`` (CUDA only): the master copy of each streamed layer stays in pinned host
-  memory. Layers come up on a side CUDA stream into one of a few device buffers (two by
-  default: one computing, one arriving), ordered by CUDA events, so the copy of the next
-  streamed layer overlaps the compute of the current one.
-- ``disk`` (CPU compute device for now; on a GPU it needs a pinned staging buffer, not
-  built yet, and is refused): each streamed layer is a safetensors file; it is read
-  into a buffer with ``preadv`` when the layer computes, and its trainable tensors are
-  written back in place with ``pwrite``. Reads go through the OS page cache but not
-  into the process's resident memory, so the run holds only the buffers. On the CPU
-  (where the compute device *is* the host) this is the only tier, and it is what the
-  test suite exercises.
+  memory. Layers come up on a side CUDA stream (uploads) into one of a few device
+  buffers (two by default: one computing, one arriving), ordered by CUDA events, so the
+  copy of the next streamed layer overlaps the compute of the current one. Updated
+  tensors go back on a second side stream (write-backs), which waits for its layer's
+  compute without holding up the next upload.
+- ``disk``: each streamed layer is a safetensors file, read with ``preadv`` and its
+  trainable tensors written back in place with ``pwrite``. Reads go through the OS page
+  cache but not into the process's resident memory, so the run holds only the buffers.
+  With two or more buffers the file I/O runs on one worker thread, so the next layer is
+  read while the current one computes, and write-backs do not stall the forward; one
+  thread keeps reads and writes in order, so a layer is never read before its last
+  write-back lands. On a GPU each buffer has a pinned host twin (the staging buffer):
+  the worker reads into it and queues the upload on the upload stream, and write-backs
+  come down into it before they go to disk. On the CPU (where the compute device *is*
+  the host) this is the only tier, and it is what the test suite exercises.
 
 How it meets the ZO step: the engine's wrapper for a layer holds the layer for the
 duration of its forward (`hold`). Inside, the step's deferred update is applied to the
@@ -39,6 +44,7 @@ import os
 import struct
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +117,8 @@ class _Layer:
     path: Path | None = None
     slot: int | None = None  # the buffer it occupies, while held or prefetched
     ready: object = None  # CUDA event: its upload finished
+    reading: Future | None = None  # disk tier with a worker: its read, until acquired
+    written: object = None  # CUDA event: its last write-back left the device
     dirty: set[int] = field(default_factory=set)  # tensors updated while held
 
 
@@ -132,9 +140,6 @@ class BlockStreamer:
         if tier == "host" and device.type != "cuda":
             raise ConfigError("the host tier streams layers to a GPU; on a CPU device, where "
                               "the weights already live in host memory, use the disk tier")
-        if tier == "disk" and device.type == "cuda":
-            raise ConfigError("the disk tier feeds a GPU through a pinned staging buffer, "
-                              "which is not built yet; use --offload host on a GPU")
         if buffers < 1:
             raise ConfigError(f"streaming needs at least one layer buffer, got {buffers}")
         if master_dtype not in (None, torch.float32):
@@ -162,7 +167,18 @@ class BlockStreamer:
         self._free = list(range(len(self._slots)))
         self._slot_free_event: dict[int, object] = {}
         self._cuda = device.type == "cuda"
-        self._copy_stream = torch.cuda.Stream(device) if self._cuda else None
+        # uploads and write-backs on separate side streams: a write-back waits for its
+        # layer's compute, and an upload queued behind it would wait too
+        self._up = torch.cuda.Stream(device) if self._cuda else None
+        self._down = torch.cuda.Stream(device) if self._cuda else None
+        disk = tier == "disk"
+        # pinned host twins of the device buffers, which disk reads and writes go through
+        self._staging = ([torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=True)
+                          for _ in self._slots] if disk and self._cuda else None)
+        self._staging_busy: dict[int, object] = {}  # slot -> last copy through its twin
+        self._io = (ThreadPoolExecutor(1, thread_name_prefix="edgezo-stream-io")
+                    if disk and (self._cuda or len(self._slots) > 1) else None)
+        self._writes: list[Future] = []
         self.held = 0  # layers materialized right now (held or prefetched)
         self.max_held = 0
         self.bytes_in = 0  # traffic, for the report and the benchmark
@@ -264,7 +280,7 @@ class BlockStreamer:
         slot = self._free.pop(0)
         event = self._slot_free_event.pop(slot, None)
         if event is not None:
-            self._copy_stream.wait_event(event)  # its previous layer's copies are done
+            self._up.wait_event(event)  # its previous layer computed and went back
         return slot
 
     def _views(self, layer: _Layer, slot: int) -> list[torch.Tensor]:
@@ -277,36 +293,91 @@ class BlockStreamer:
         return (buf[t.master_offset:t.master_offset + t.master_nbytes]
                 .view(t.master_dtype).view(t.shape))
 
+    @staticmethod
+    def _tier_views(layer: _Layer, buf: torch.Tensor) -> list[torch.Tensor]:
+        """Where each tensor's tier copy sits in a layer-sized byte buffer (a device
+        buffer or its staging twin): its master view when wide, else its compute view."""
+        out = []
+        for t in layer.tensors:
+            start, n = ((t.master_offset, t.master_nbytes) if t.wide
+                        else (t.buffer_offset, t.nbytes))
+            out.append(buf[start:start + n].view(t.master_dtype).view(t.shape))
+        return out
+
     def _masters(self, layer: _Layer, slot: int) -> list[torch.Tensor]:
-        """Where each tensor's tier copy lands in the buffer: its master view when wide,
-        else its compute view."""
-        return [self._master_view(t, slot) if t.wide else v
-                for t, v in zip(layer.tensors, self._views(layer, slot), strict=True)]
+        return self._tier_views(layer, self._slots[slot])
 
     def _load(self, layer: _Layer) -> None:
-        """Start bringing `layer` into a free buffer (asynchronous on CUDA)."""
+        """Start bringing `layer` into a free buffer (asynchronous on CUDA, and on the
+        disk tier's worker thread when there is one)."""
         slot = self._take_slot()
         layer.slot = slot
-        views, masters = self._views(layer, slot), self._masters(layer, slot)
-        if self._cuda:
-            with torch.cuda.stream(self._copy_stream):
+        if layer.written is not None:
+            self._up.wait_event(layer.written)  # its masters hold the last update
+        if self.tier == "host":
+            views, masters = self._views(layer, slot), self._masters(layer, slot)
+            with torch.cuda.stream(self._up):
                 for t, m in zip(layer.tensors, masters, strict=True):
                     m.copy_(t.master, non_blocking=True)
                 self._round_wide(layer, views, masters)
                 layer.ready = torch.cuda.Event()
-                layer.ready.record(self._copy_stream)
+                layer.ready.record(self._up)
+        elif self._io is not None:
+            layer.reading = self._io.submit(self._read, layer, slot)
         else:
-            fd = os.open(layer.path, os.O_RDONLY)
-            try:
-                for t, m in zip(layer.tensors, masters, strict=True):
-                    _read_exact(fd, _bytes_view(m), t.file_offset)
-            finally:
-                os.close(fd)
-            self._round_wide(layer, views, masters)
+            self._read(layer, slot)
         self.held += 1
         self.max_held = max(self.max_held, self.held)
         self.bytes_in += sum(t.master_nbytes for t in layer.tensors)
         self.loads += 1
+
+    def _read(self, layer: _Layer, slot: int) -> None:
+        """Disk tier: the layer's file into its buffer (through the staging twin on a
+        GPU, then uploaded on the upload stream)."""
+        target = self._staging[slot] if self._staging is not None else self._slots[slot]
+        if self._cuda:
+            busy = self._staging_busy.pop(slot, None)
+            if busy is not None:
+                busy.synchronize()  # the twin's last upload or download has finished
+        fd = os.open(layer.path, os.O_RDONLY)
+        try:
+            for t, m in zip(layer.tensors, self._tier_views(layer, target), strict=True):
+                _read_exact(fd, _bytes_view(m), t.file_offset)
+        finally:
+            os.close(fd)
+        views, masters = self._views(layer, slot), self._masters(layer, slot)
+        if not self._cuda:
+            self._round_wide(layer, views, masters)
+            return
+        with torch.cuda.stream(self._up):
+            self._slots[slot][:layer.nbytes].copy_(target[:layer.nbytes], non_blocking=True)
+            self._round_wide(layer, views, masters)
+            ready = torch.cuda.Event()
+            ready.record(self._up)
+        self._staging_busy[slot] = layer.ready = ready
+
+    def _write(self, layer: _Layer, dirty: list[int], sources: list[torch.Tensor],
+               after: object = None) -> None:
+        """Disk tier: updated tensors back into the layer's file (`after`: a CUDA event
+        their download into the staging twin records)."""
+        if after is not None:
+            after.synchronize()
+        try:
+            fd = os.open(layer.path, os.O_WRONLY)
+            try:
+                for j in dirty:
+                    _write_exact(fd, _bytes_view(sources[j]), layer.tensors[j].file_offset)
+            finally:
+                os.close(fd)
+        except OSError as err:
+            raise OSError(f"writing {layer.unit.name}'s updated weights back to {layer.path} "
+                          f"failed ({err}); free disk space or pick another --offload-dir"
+                          ) from err
+
+    def _check_writes(self, wait: bool = False) -> None:
+        """Raise a failed background write-back here, on the training thread."""
+        while self._writes and (wait or self._writes[0].done()):
+            self._writes.pop(0).result()
 
     @staticmethod
     def _round_wide(layer: _Layer, views, masters) -> None:
@@ -317,40 +388,52 @@ class BlockStreamer:
     def _acquire(self, layer: _Layer) -> None:
         if layer.slot is None:
             self._load(layer)
+        if layer.reading is not None:
+            reading, layer.reading = layer.reading, None
+            reading.result()  # a failed read raises here
+        self._check_writes()
         if self._cuda:
             torch.cuda.current_stream(self.device).wait_event(layer.ready)
         for t, v in zip(layer.tensors, self._views(layer, layer.slot), strict=True):
             t.param.data = v
         layer.dirty = set()
-        if self._cuda and len(self._slots) > 1:
+        if len(self._slots) > 1 and (self._cuda or self._io is not None):
             nxt = self.layers[(layer.index + 1) % len(self.layers)]
             if nxt.slot is None and self._free:
                 self._load(nxt)  # prefetch: overlaps this layer's compute
 
     def _release(self, layer: _Layer) -> None:
-        views = self._masters(layer, layer.slot)  # what travels back: the tier's copy
+        slot = layer.slot
+        masters = self._masters(layer, slot)  # what travels back: the tier's copy
         dirty = sorted(layer.dirty)
         if self._cuda:
             computed = torch.cuda.Event()
             computed.record(torch.cuda.current_stream(self.device))
-            self._copy_stream.wait_event(computed)
-            with torch.cuda.stream(self._copy_stream):
+            self._down.wait_event(computed)
+            staged = (self._tier_views(layer, self._staging[slot])
+                      if self._staging is not None else None)
+            with torch.cuda.stream(self._down):
                 for j in dirty:
-                    layer.tensors[j].master.copy_(views[j], non_blocking=True)
+                    into = layer.tensors[j].master if staged is None else staged[j]
+                    into.copy_(masters[j], non_blocking=True)
                 done = torch.cuda.Event()
-                done.record(self._copy_stream)
-            self._slot_free_event[layer.slot] = done
+                done.record(self._down)
+            self._slot_free_event[slot] = done
+            if dirty:
+                layer.written = done
+            if staged is not None:
+                self._staging_busy[slot] = done
+                if dirty:
+                    self._writes.append(self._io.submit(self._write, layer, dirty, staged, done))
+        elif dirty and self._io is not None:
+            # the worker writes from the buffer before any later read can refill it
+            self._writes.append(self._io.submit(self._write, layer, dirty, masters))
         elif dirty:
-            fd = os.open(layer.path, os.O_WRONLY)
-            try:
-                for j in dirty:
-                    _write_exact(fd, _bytes_view(views[j]), layer.tensors[j].file_offset)
-            finally:
-                os.close(fd)
+            self._write(layer, dirty, masters)
         self.bytes_out += sum(layer.tensors[j].master_nbytes for j in dirty)
         for t in layer.tensors:
             t.param.data = self._placeholder(t.param)
-        self._free.append(layer.slot)
+        self._free.append(slot)
         layer.slot, layer.dirty = None, set()
         self.held -= 1
 
@@ -375,6 +458,9 @@ class BlockStreamer:
                 t.param.data = c
 
     def close(self) -> None:
+        if self._io is not None:
+            self._io.shutdown(wait=True)  # every write-back lands before the files go
+            self._check_writes(wait=True)
         if self._cuda:
             torch.cuda.synchronize(self.device)
         if self._tmp is not None:
