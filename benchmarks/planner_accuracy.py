@@ -10,7 +10,8 @@ each phase's peak resident memory above the pre-load baseline compared with its 
 
     python benchmarks/planner_accuracy.py [--models smollm2,tiny-llama,tiny-qwen2]
         [--batches 4,16] [--json out.json]
-    python benchmarks/planner_accuracy.py --calibrate   # the CPU runtime constant
+    python benchmarks/planner_accuracy.py --calibrate   # the CPU runtime constants
+    python benchmarks/planner_accuracy.py --strict-memory   # Session(strict_memory=True)
 
 Tiny models are the test suite's families at width 1024 (about 70 MB of fp32 weights):
 the test suite's width-32 models use less memory than the allocator's own granularity,
@@ -34,7 +35,7 @@ MiB = 1024**2
 
 
 def measure(model: str, scheme: str, optimizer: str, batch: int, pair: bool | None,
-            steps: int) -> dict:
+            steps: int, strict_memory: bool = False) -> dict:
     """Train and evaluate on the longest example of each phase (the shapes the plan is
     made for), then a few real batches, as a run would; each phase's peak vs its plan."""
     import torch
@@ -43,7 +44,8 @@ def measure(model: str, scheme: str, optimizer: str, batch: int, pair: bool | No
     from edgezo.tasks.loss import candidate_scores
 
     s = Session(model, task="sst2", optimizer=optimizer, scheme=scheme, lr=1e-6,
-                batch_size=batch, pair=pair, check_budget=False, eval_batch_size=32)
+                batch_size=batch, pair=pair, check_budget=False, eval_batch_size=32,
+                strict_memory=strict_memory)
 
     def longest(split: str):
         return max(s.task.split(split),
@@ -77,19 +79,28 @@ def calibrate() -> None:
     """The CPU runtime's own growth: a width-32 model's tensors are a few hundred KiB, so
     what its run adds to the process is kernel code and caches. Read at the evaluation
     after training, when both phases' kernels have run; the noise threads' buffers are left
-    out because a tiny model touches only a sliver of each."""
+    out because a tiny model touches only a sliver of each. ZO-SGD gives the runtime of
+    forwards alone; FO-SGD and FO-Adam what a backward adds to it."""
     from edgezo.memory import plan as plan_mod
     from edgezo.models.tiny import save_tiny
 
     folder = Path(tempfile.mkdtemp(prefix="edgezo-calibrate-")) / "tiny"
     save_tiny(str(folder), "llama", width=32)
-    row = measure(str(folder), "full", "zo-sgd", 16, True, 3)
-    c = row["eval_components"]
-    tensors = sum(v for k, v in c.items() if k not in ("cpu_runtime", "noise_buffers"))
-    runtime = row["eval_measured_bytes"] - tensors
-    print(f"evaluation after training: measured {row['eval_measured_bytes'] / MiB:.1f} MiB, "
-          f"tensors {tensors / MiB:.1f} MiB -> CPU runtime {runtime / MiB:.1f} MiB "
-          f"(plan.CPU_RUNTIME_BYTES is {plan_mod.CPU_RUNTIME_BYTES / MiB:.0f} MiB)")
+    runtime = {}
+    for optimizer in ("zo-sgd", "fo-sgd", "fo-adam"):
+        row = measure(str(folder), "full", optimizer, 16, True if optimizer == "zo-sgd"
+                      else None, 3)
+        c = row["eval_components"]
+        tensors = sum(v for k, v in c.items() if k not in ("cpu_runtime", "noise_buffers"))
+        runtime[optimizer] = row["eval_measured_bytes"] - tensors
+        print(f"{optimizer}: evaluation after training measured "
+              f"{row['eval_measured_bytes'] / MiB:.1f} MiB, tensors {tensors / MiB:.1f} MiB "
+              f"-> CPU runtime {runtime[optimizer] / MiB:.1f} MiB")
+    backward = (runtime["fo-sgd"] + runtime["fo-adam"]) / 2 - runtime["zo-sgd"]
+    print(f"CPU runtime {runtime['zo-sgd'] / MiB:.1f} MiB (plan.CPU_RUNTIME_BYTES is "
+          f"{plan_mod.CPU_RUNTIME_BYTES / MiB:.0f}); a backward adds {backward / MiB:.1f} MiB "
+          f"(plan.CPU_BACKWARD_RUNTIME_BYTES is "
+          f"{plan_mod.CPU_BACKWARD_RUNTIME_BYTES / MiB:.0f})")
 
 
 def main() -> None:
@@ -102,6 +113,8 @@ def main() -> None:
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--calibrate", action="store_true",
                     help="measure the CPU runtime's overhead (plan.CPU_RUNTIME_BYTES)")
+    ap.add_argument("--strict-memory", action="store_true",
+                    help="run the sessions with strict_memory (glibc's fixed mmap threshold)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration as JSON
     args = ap.parse_args()
     if args.calibrate:
@@ -127,7 +140,7 @@ def main() -> None:
             modes = [None] if optimizer.startswith("fo-") else [True, False]
             for pair in modes:
                 conf = dict(model=spec, scheme=scheme, optimizer=optimizer, batch=batch,
-                            pair=pair)
+                            pair=pair, strict_memory=args.strict_memory)
                 proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(conf),
                                        "--steps", str(args.steps)],
                                       capture_output=True, text=True,

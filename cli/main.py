@@ -153,6 +153,10 @@ def finetune(
                                      "torch.distributed (under torchrun; also implied by "
                                      "its WORLD_SIZE)"),
     trust_remote_code: bool = TrustOpt,
+    strict_memory: bool = typer.Option(
+        False, "--strict-memory", help="CPU: return every freed allocation of 1 MiB or "
+        "more to the OS at once, so resident memory follows the plan (slower: page "
+        "faults)"),
 ) -> None:
     """Fine-tune a model on a task with ZO under a device profile's memory budget."""
     from edgezo.session import Session
@@ -166,7 +170,7 @@ def finetune(
                               "--output DIR or drop them")
     if resume is not None:
         may = {"resume", "steps", "eval_every", "save_model", "data_dir", "checkpoint_every",
-               "keep", "eval_batch_size"}
+               "keep", "eval_batch_size", "strict_memory"}
         given = [name for name in ctx.params if name not in may and _given(ctx, name)]
         if given:
             raise EdgezoError(f"--resume keeps the run's own settings; drop "
@@ -174,6 +178,8 @@ def finetune(
         changes = {"data_dir": None if data_dir is None else str(data_dir)}
         if _given(ctx, "eval_batch_size"):
             changes["eval_batch_size"] = eval_batch_size
+        if _given(ctx, "strict_memory"):
+            changes["strict_memory"] = strict_memory
         session = Session.resume(resume, **changes)
         try:
             run(session, steps, eval_every=eval_every, output=resume, save_model=save_model,
@@ -196,7 +202,8 @@ def finetune(
                       prefix_tokens=prefix_tokens, prompt_tokens=prompt_tokens,
                       quantize=quantize, offload=offload, stream_layers=stream_layers,
                       offload_dir=None if offload_dir is None else str(offload_dir),
-                      distributed=distributed, trust_remote_code=trust_remote_code)
+                      distributed=distributed, trust_remote_code=trust_remote_code,
+                      strict_memory=strict_memory)
     try:
         run(session, steps, eval_every=eval_every, output=output, save_model=save_model,
             checkpoint_every=checkpoint_every if output is not None else 0, keep=keep)

@@ -34,16 +34,15 @@ from edgezo.checkpoint import (
     write_run_file,
 )
 from edgezo.errors import CheckpointError, ConfigError, OutOfBudgetError, unknown_choice
-from edgezo.memory.measure import MemoryMonitor, release_freed_memory
+from edgezo.memory.measure import MemoryMonitor, release_freed_memory, strict_heap
 from edgezo.memory.plan import Plan, Shape, layer_bytes, plan_step, streamed_layers
 from edgezo.memory.planner import OFFLOAD
 from edgezo.models.loading import (
     DEFAULT_MODEL,
-    kept_in_fp32,
     load_weights,
     parse_dtype,
     resolve_model,
-    stream_ready_folder,
+    streamable_folder,
 )
 from edgezo.profiles import human_bytes, load_profile
 from edgezo.schemes import PEFT_SCHEMES, SchemeOptions, apply_scheme, check_scheme
@@ -79,7 +78,7 @@ class Session:
                  prompt_tokens: int = 10, quantize: str | None = None,
                  offload: str = "auto", stream_layers: int | None = None,
                  offload_dir: str | None = None, distributed: bool = False,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, strict_memory: bool = False):
         """Every option of `edgezo finetune` has the keyword of the same name here. An
         option that does not apply to the chosen optimizer is an error, not ignored."""
         # what a run folder's run.json records, so that Session.resume rebuilds this one
@@ -113,6 +112,13 @@ class Session:
         self.device = torch.device("cuda" if self.on_cuda else "cpu")
         self.emulated = self.profile.device == "cuda" and not self.on_cuda
         self.dtype_name = dtype or self.profile.dtype
+        self.strict_memory = strict_memory
+        if strict_memory:
+            if self.on_cuda:
+                raise ConfigError("--strict-memory shapes the CPU's heap; on a GPU the "
+                                  "allocator's cap holds the budget: drop it")
+            if not strict_heap():
+                raise ConfigError("--strict-memory needs glibc's malloc (Linux); drop it")
         self.estimator_options = dict(q=q, estimate=estimate, directions=directions,
                                       block_wise=block_wise, granularity=granularity,
                                       sparsity=sparsity, sparsity_mask=sparsity_mask,
@@ -129,7 +135,7 @@ class Session:
                            prompt_tokens=prompt_tokens, quantize=quantize,
                            schedule=schedule, warmup_steps=warmup_steps,
                            total_steps=total_steps, offload=offload,
-                           stream_layers=stream_layers,
+                           stream_layers=stream_layers, strict_memory=strict_memory,
                            objective=objective if isinstance(objective, str) else "custom",
                            momentum=getattr(rule, "momentum", None),
                            betas=getattr(rule, "betas", None),
@@ -166,11 +172,9 @@ class Session:
             # the profile fails in seconds, with the changes that would make it fit.
             self._check_plan_from_config(resolved.folder, scheme, optimizer, quantize,
                                          pair)
-        if self._stream_k and quantize is None and resolved.kind == "folder":
-            # streamed layers must load memory-mapped: store the weights in the run's dtype
-            dtype = parse_dtype(self.dtype_name)
-            resolved.folder = str(stream_ready_folder(
-                Path(resolved.folder), dtype, kept_in_fp32(resolved.model_class, dtype)))
+        if self._stream_k and quantize is None:
+            # streamed layers must load memory-mapped: weights stored in the run's dtype
+            resolved.folder = streamable_folder(resolved, parse_dtype(self.dtype_name))
         # Modules the load would import (peft and, through it, bitsandbytes: ~150 MiB of
         # Python) are the interpreter's memory, not the run's: import them before the
         # baseline is taken, as the tokenizer and the data already are.
@@ -535,10 +539,11 @@ class Session:
         """The session of a recorded run, at its last logged step: the newest intact
         snapshot, then the seed log's steps after it, replayed (bit-identical on the same
         kind of device). `overrides` may change settings that do not alter the run's
-        updates (data_dir, eval_batch_size, check_budget, offload_dir)."""
+        updates (data_dir, eval_batch_size, check_budget, offload_dir, strict_memory)."""
         run_dir = Path(run_dir)
         settings = read_run_file(run_dir)
-        allowed = {"data_dir", "eval_batch_size", "check_budget", "offload_dir"}
+        allowed = {"data_dir", "eval_batch_size", "check_budget", "offload_dir",
+                   "strict_memory"}
         if set(overrides) - allowed:
             raise ConfigError(f"resume keeps the run's settings; only {sorted(allowed)} may "
                               f"change, not {sorted(set(overrides) - allowed)}")

@@ -232,3 +232,47 @@ def test_an_empty_split_plans_no_evaluation_width(tiny_folder, data_dir):
         assert s._shape(("validation", "test"), 4) == type(s._shape(("x",), 4))(4, 0)
     finally:
         s.close()
+
+
+def test_strict_memory_sets_the_heap_once_and_is_refused_where_it_cannot_work(
+        tiny_folder, monkeypatch):
+    from edgezo.memory import measure
+
+    calls = []
+    monkeypatch.setattr(measure, "_mallopt", lambda p, v: calls.append((p, v)) or True)
+    s = Session(tiny_folder, task=None, check_budget=False, strict_memory=True)
+    assert calls == [(measure.M_MMAP_THRESHOLD, 1 << 20)]
+    assert s.settings["strict_memory"] and s.report()["hyperparameters"]["strict_memory"]
+    s.close()
+    Session(tiny_folder, task=None, check_budget=False).close()
+    assert len(calls) == 1  # off unless asked
+    monkeypatch.setattr(measure, "_mallopt", lambda p, v: False)  # not glibc
+    with pytest.raises(ConfigError, match="needs glibc"):
+        Session(tiny_folder, task=None, check_budget=False, strict_memory=True)
+
+
+def test_strict_memory_hands_freed_activations_back_at_once():
+    """Real glibc: after a 16 MiB block is freed (which raises the default threshold),
+    blocks of 4 MiB come from the heap and stay resident when freed; strict, they go."""
+    import subprocess
+    import sys
+
+    code = """
+import ctypes, sys, psutil, torch
+from edgezo.memory.measure import strict_heap
+if sys.argv[1] == "strict":
+    assert strict_heap()
+rss = lambda: psutil.Process().memory_info().rss
+big = torch.ones(16 << 20, dtype=torch.uint8)
+del big  # freed: glibc's default threshold rises to 16 MiB
+keep = [torch.ones(1 << 20, dtype=torch.uint8)]
+base = rss()
+blocks = [torch.ones(4 << 20, dtype=torch.uint8) for _ in range(8)]
+keep.append(torch.ones(1 << 16, dtype=torch.uint8))  # pins the heap's top above them
+del blocks
+print((rss() - base) >> 20)
+"""
+    held = {mode: int(subprocess.run([sys.executable, "-c", code, mode], check=True,
+                                     capture_output=True, text=True).stdout)
+            for mode in ("default", "strict")}
+    assert held["strict"] <= 2 < held["default"]

@@ -467,3 +467,25 @@ def test_a_streamed_model_in_another_dtype_loads_without_holding_its_weights(
     assert streamed.keys() == resident.keys()
     assert all(torch.equal(streamed[k], v) for k, v in resident.items())
     ref.close()
+
+
+def test_a_streamed_hub_model_is_fetched_then_stored_in_the_run_dtype(tmp_path, monkeypatch):
+    import huggingface_hub
+    from transformers import LlamaForCausalLM
+
+    from edgezo.models import loading
+    from edgezo.models.tiny import save_tiny
+
+    monkeypatch.setenv("EDGEZO_CACHE", str(tmp_path / "cache"))
+    snapshot = tmp_path / "hub" / "snapshots" / "abc"
+    save_tiny(snapshot, "llama", width=64, layers=2)
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, **kw: asked.append(repo) or str(snapshot))
+    hub = loading.ResolvedModel("someone/tiny", "someone/tiny", "hub", None, LlamaForCausalLM)
+    out = loading.streamable_folder(hub, torch.bfloat16)
+    assert asked == ["someone/tiny"] and "converted" in out
+    assert loading.streamable_folder(hub, torch.float32) == str(snapshot)  # already fp32
+    for f in snapshot.glob("*.safetensors"):
+        f.unlink()  # a .bin-only repository: transformers loads it from the hub id
+    assert loading.streamable_folder(hub, torch.bfloat16) == "someone/tiny"

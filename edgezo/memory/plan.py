@@ -43,6 +43,9 @@ CUDA_CONTEXT_BYTES = 450 * 1024**2
 # kernel code paged in from libtorch/oneDNN and their per-shape caches, measured by
 # `benchmarks/planner_accuracy.py --calibrate` (33.8 MiB on x86-64, torch 2.13, bf16).
 CPU_RUNTIME_BYTES = 34 * 1024**2
+# What a backward adds to that (autograd's and oneDNN's backward kernels and caches), by
+# the same calibration on FO-SGD and FO-Adam: 63.5-64.7 MiB in all against 34.3 for ZO.
+CPU_BACKWARD_RUNTIME_BYTES = 30 * 1024**2
 THREAD_BUFFERS = 5
 
 
@@ -330,6 +333,8 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, *, bat
         components["stream_buffers"] = buffer
     if not on_cuda:
         components["cpu_runtime"] = CPU_RUNTIME_BYTES
+        if fo_params:
+            components["cpu_runtime"] += CPU_BACKWARD_RUNTIME_BYTES
     eval_components = None
     if eval_shape is not None:
         # The same resident state; the step's scratch, FO parts and tangents are gone.

@@ -235,6 +235,30 @@ class ResolvedModel:
     trust_remote_code: bool = False
 
 
+def streamable_folder(resolved: ResolvedModel, dtype: torch.dtype) -> str:
+    """Where a model that streams loads from: a folder whose safetensors are stored in
+    `dtype`, so that its layers load memory-mapped (see stream_ready_folder). A hub model
+    is downloaded into the hub cache first (as from_pretrained would); one without
+    safetensors files, and a GGUF (converted in `dtype` already), load as they are."""
+    if resolved.kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        try:
+            local = Path(snapshot_download(resolved.folder, allow_patterns=[
+                "*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]))
+        except Exception as err:  # hub errors have many types; all mean "not here"
+            raise ModelLoadError(f"could not download {resolved.folder}: {err} (no network? "
+                                 "pass a local folder to --model)") from None
+        if not any(local.glob("*.safetensors")):
+            return resolved.folder
+    elif resolved.kind == "folder":
+        local = Path(resolved.folder)
+    else:
+        return resolved.folder
+    keep = kept_in_fp32(resolved.model_class, dtype)
+    return str(stream_ready_folder(local, dtype, keep))
+
+
 def locate_model(spec: str) -> tuple[Path, str]:
     """Where a model spec points: (path, kind), kind one of gguf, folder, hub, config."""
     if spec == DEFAULT_MODEL:
