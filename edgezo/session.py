@@ -313,7 +313,8 @@ class Session:
                          stream_layers=self._stream, stream_tier=self._tier,
                          rows_per_example=t.rows_per_example,
                          logit_positions=t.logit_positions,
-                         eval_shape=evaluation or self._eval_shape)
+                         eval_shape=evaluation or self._eval_shape,
+                         perturbs=self.optimizer.estimator != "fo")
 
     def _admit(self, batch: dict, phase: str) -> None:
         """The ledger: a batch bigger than the plan's shapes (an app's long example, more

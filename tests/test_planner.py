@@ -50,6 +50,30 @@ def test_components_by_hand(config_file):
     assert two.components["perturbation_scratch"] < plan.components["perturbation_scratch"]
 
 
+def test_noise_buffers_follow_the_largest_chunk_and_fo_has_no_scratch(config_file):
+    """Each noise thread's buffers hold one chunk of the largest trainable tensor: a full
+    2^18 values for a 7B Llama's matrices, one embedding row-block for a tiny model, a
+    LoRA matrix for LoRA. A pure FO run perturbs nothing: no scratch."""
+    from edgezo.memory.plan import THREAD_BUFFERS
+    from edgezo.zo import noise
+
+    def buffers(path, **kw):
+        plan = price(PlanRequest(model=path, profile="cpu-16gb", dtype="fp32", batch_size=2,
+                                 seq_len=8, **kw), pair=True)
+        return plan, plan.components["noise_buffers"] // (THREAD_BUFFERS * 4)
+
+    per_thread = noise.worker_threads() + 1
+    _, big = buffers(config_file(LLAMA_7B))
+    assert big == noise.CHUNK_ELEMENTS * per_thread
+    tiny = tiny_llama_file(config_file)
+    _, full = buffers(tiny)
+    assert full == 256 * 32 * per_thread  # the 256 x 32 embedding is one chunk
+    _, lora = buffers(tiny, scheme="lora")
+    assert lora == 8 * 32 * per_thread  # r = 8 rows of 32
+    fo, _ = buffers(tiny, optimizer="fo-adam")
+    assert fo.components["perturbation_scratch"] == 0
+
+
 def test_config_plan_matches_the_live_session_plan(tiny_folder, data_dir):
     from edgezo.session import Session
 

@@ -266,10 +266,11 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, *, bat
               backward_layers: int = 0, forward_grad: bool = False,
               stream_layers: list[int] | None = None, stream_tier: str = "host",
               rows_per_example: int = 1, logit_positions: int = 1,
-              eval_shape: Shape | None = None) -> Plan:
+              eval_shape: Shape | None = None, perturbs: bool = True) -> Plan:
     """Predict the peak device memory of one ZO step of `model` under `profile`, and of
     evaluation when `eval_shape` is given.
 
+    `perturbs`: False for a pure FO run (no ZO group): no perturbation scratch.
     `stream_layers`: decoder layers kept in `stream_tier` (host or disk) and brought to
     the device through layer-sized buffers: two for a GPU profile (one computing, one
     arriving; the same plan when the profile is emulated on a CPU, which uses one of
@@ -296,6 +297,8 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, *, bat
         else:
             need = sum(_bytes(p) for p in params) * copies
         scratch = max(scratch, need)
+    if not perturbs:  # a pure FO run never builds a perturbed copy
+        scratch = 0
     elem = next(model.parameters()).element_size()
     # Each thread that draws noise keeps its reusable one-chunk buffers for the whole run:
     # z, d, the fp32 copy of the weights, the rounding dither and the fp32 sum (4 bytes a
@@ -303,7 +306,8 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, *, bat
     components = {
         "weights": weights,
         "perturbation_scratch": scratch,
-        "noise_buffers": THREAD_BUFFERS * 4 * noise.CHUNK_ELEMENTS * (noise_threads + 1),
+        "noise_buffers": THREAD_BUFFERS * 4 * (noise_threads + 1)
+        * noise.largest_chunk(p.shape for p in blocks.params),
         "activations": _activation_bytes(model.config, rows, seq_len, elem, logit_positions),
         "optimizer_state": optimizer_state_bytes * blocks.numel(),
     }

@@ -162,7 +162,8 @@ def price(request: PlanRequest, config=None, profile: Profile | None = None,
                      forward_grad=optimizer.estimator == "forward-grad",
                      stream_layers=layers, stream_tier=tier,
                      rows_per_example=request.rows_per_example,
-                     logit_positions=request.logit_positions, eval_shape=request.eval_shape)
+                     logit_positions=request.logit_positions, eval_shape=request.eval_shape,
+                     perturbs=optimizer.estimator != "fo")
     if request.quantize and not layers:
         plan.components["weights"] = quantized_weight_bytes(model, request.quantize)
         if plan.eval_components is not None:

@@ -60,6 +60,17 @@ def num_rows(shape: torch.Size) -> int:
     return 1 if len(shape) == 0 else shape[0]
 
 
+def largest_chunk(shapes) -> int:
+    """Elements of the largest noise chunk over parameters of these shapes: what each
+    thread's reusable buffers hold (tiny adapters never fill a full CHUNK_ELEMENTS)."""
+    out = 0
+    for shape in shapes:
+        shape = torch.Size(shape)
+        cols = shape.numel() // max(1, num_rows(shape))
+        out = max(out, min(num_rows(shape), rows_per_chunk(shape)) * cols)
+    return out
+
+
 def chunk_bounds(shape: torch.Size) -> list[tuple[int, int]]:
     """Row ranges [lo, hi) of the noise chunks of a parameter, in order."""
     rows, per = num_rows(shape), rows_per_chunk(shape)
