@@ -81,7 +81,8 @@ def main() -> None:
     print(f"  streamed / resident  {st['step_s'] / res['step_s']:.2f}x time, "
           f"{st['train_peak_bytes'] / res['train_peak_bytes']:.2f}x memory")
     print(f"  {s['streamed_layers']} layers from {s['tier']}, {s['buffers']} buffer(s) of "
-          f"{s['buffer_bytes'] / MiB:.1f} MiB, at most {s['max_layers_held']} held; per step "
+          f"{s['buffer_bytes'] / MiB:.1f} MiB, masters {s['master_dtype']}, "
+          f"at most {s['max_layers_held']} held; per step "
           f"{s['bytes_in'] / args.steps / MiB:.1f} MiB in, "
           f"{s['bytes_out'] / args.steps / MiB:.1f} MiB out")
     compute = "n/a" if p["compute_s"] is None else f"{p['compute_s'] * 1e3:.0f} ms"

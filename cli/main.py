@@ -50,6 +50,10 @@ TrustOpt = typer.Option(False, "--trust-remote-code", help="Run Python code ship
                         "the model (its own modeling files); off unless you trust the source")
 StreamLayersOpt = typer.Option(None, min=0, help="How many layers stream (default: the "
                                "fewest that fit; all with --offload host/disk)")
+MastersOpt = typer.Option("auto", "--stream-masters", help="Master copies of streamed "
+                          "layers' trainable fp16/bf16 tensors: fp32 (keeps updates below "
+                          "half an ulp; twice their traffic), model (their own dtype) or auto "
+                          "(fp32 when the tier holds it)")
 DataDirOpt = typer.Option(None, "--data-dir", help="Folder with the task data "
                           "(default: $EDGEZO_DATA_DIR, then ./shared/data or ../shared/data)")
 
@@ -141,6 +145,7 @@ def finetune(
                                         "(bitsandbytes; with lora, prefix, prompt or head)"),
     offload: str = OffloadOpt,
     stream_layers: int | None = StreamLayersOpt,
+    stream_masters: str = MastersOpt,
     offload_dir: Path | None = typer.Option(None, help="Folder for the disk tier's layer "
                                             "files (default: a temporary folder)"),
     resume: Path | None = typer.Option(None, help="Continue the run in this --output folder "
@@ -201,6 +206,7 @@ def finetune(
                       lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=_list(lora_targets),
                       prefix_tokens=prefix_tokens, prompt_tokens=prompt_tokens,
                       quantize=quantize, offload=offload, stream_layers=stream_layers,
+                      stream_masters=stream_masters,
                       offload_dir=None if offload_dir is None else str(offload_dir),
                       distributed=distributed, trust_remote_code=trust_remote_code,
                       strict_memory=strict_memory)
@@ -266,6 +272,7 @@ def plan(
     fo_blocks: str | None = typer.Option(None, "--fo-blocks", help="Hybrid ZO/FO blocks"),
     offload: str = OffloadOpt,
     stream_layers: int | None = StreamLayersOpt,
+    stream_masters: str = MastersOpt,
     trust_remote_code: bool = TrustOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON"),
 ) -> None:
@@ -279,6 +286,7 @@ def plan(
                                   eval_shape=Shape(eval_batch_size, seq_len),
                                   sparsity=sparsity, fo_blocks=_list(fo_blocks),
                                   offload=offload, stream_layers=stream_layers,
+                                  stream_masters=stream_masters,
                                   trust_remote_code=trust_remote_code))
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))

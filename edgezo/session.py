@@ -35,7 +35,7 @@ from edgezo.checkpoint import (
 )
 from edgezo.errors import CheckpointError, ConfigError, OutOfBudgetError, unknown_choice
 from edgezo.memory.measure import MemoryMonitor, release_freed_memory, strict_heap
-from edgezo.memory.plan import Plan, Shape, layer_bytes, plan_step, streamed_layers
+from edgezo.memory.plan import MASTERS, Plan, Shape, layer_bytes, plan_step, streamed_layers
 from edgezo.memory.planner import OFFLOAD
 from edgezo.models.loading import (
     DEFAULT_MODEL,
@@ -77,6 +77,7 @@ class Session:
                  lora_targets: list[str] | None = None, prefix_tokens: int = 5,
                  prompt_tokens: int = 10, quantize: str | None = None,
                  offload: str = "auto", stream_layers: int | None = None,
+                 stream_masters: str = "auto",
                  offload_dir: str | None = None, distributed: bool = False,
                  trust_remote_code: bool = False, strict_memory: bool = False):
         """Every option of `edgezo finetune` has the keyword of the same name here. An
@@ -135,7 +136,8 @@ class Session:
                            prompt_tokens=prompt_tokens, quantize=quantize,
                            schedule=schedule, warmup_steps=warmup_steps,
                            total_steps=total_steps, offload=offload,
-                           stream_layers=stream_layers, strict_memory=strict_memory,
+                           stream_layers=stream_layers, stream_masters=stream_masters,
+                           strict_memory=strict_memory,
                            objective=objective if isinstance(objective, str) else "custom",
                            momentum=getattr(rule, "momentum", None),
                            betas=getattr(rule, "betas", None),
@@ -157,9 +159,12 @@ class Session:
                             else self._shape(("validation", "test"), eval_batch_size))
         if offload not in OFFLOAD:
             raise unknown_choice("offload", offload, OFFLOAD)
-        if offload == "off" and (stream_layers or offload_dir):
-            raise ConfigError("--stream-layers and --offload-dir are for streaming; "
-                              "--offload off forbids it: drop them")
+        if stream_masters not in MASTERS:
+            raise unknown_choice("stream masters", stream_masters, MASTERS)
+        if offload == "off" and (stream_layers or offload_dir or stream_masters != "auto"):
+            raise ConfigError("--stream-layers, --offload-dir and --stream-masters are for "
+                              "streaming; --offload off forbids it: drop them")
+        self.stream_masters = stream_masters
         if offload == "host" and offload_dir:
             raise ConfigError("--offload-dir holds the disk tier's files; --offload host "
                               "keeps layers in memory: drop one of them")
@@ -314,7 +319,8 @@ class Session:
                          rows_per_example=t.rows_per_example,
                          logit_positions=t.logit_positions,
                          eval_shape=evaluation or self._eval_shape,
-                         perturbs=self.optimizer.estimator != "fo")
+                         perturbs=self.optimizer.estimator != "fo",
+                         stream_masters=self.stream_masters)
 
     def _admit(self, batch: dict, phase: str) -> None:
         """The ledger: a batch bigger than the plan's shapes (an app's long example, more
@@ -356,7 +362,8 @@ class Session:
             optimizer=optimizer, quantize=quantize, dtype=self.dtype_name,
             batch_size=self.batch_size, seq_len=self._train_shape.seq_len, pair=pair,
             sparsity=o["sparsity"], fo_blocks=o["fo_blocks"], offload=self.offload,
-            stream_layers=self._stream_opt, trust_remote_code=self.settings["trust_remote_code"],
+            stream_layers=self._stream_opt, stream_masters=self.stream_masters,
+            trust_remote_code=self.settings["trust_remote_code"],
             rows_per_example=self._train_shape.rows_per_example,
             logit_positions=self._train_shape.logit_positions, eval_shape=self._eval_shape))
         streaming = result.plan.streaming

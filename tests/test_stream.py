@@ -277,6 +277,13 @@ def test_planner_keeps_fp32_masters_where_the_tier_holds_them(wide_folder, tmp_p
     assert plan.streaming["master_dtype"] == "same"
     assert plan.streaming["host_bytes"] == 12 * layer
     assert plan.components["stream_buffers"] == 2 * layer
+    forced = price(PlanRequest(profile=str(small), offload="host", stream_masters="fp32",
+                               **base), pair=False, streamed=12)
+    assert forced.streaming["master_dtype"] == "fp32"  # asked for: priced, room or not
+    plain = price(PlanRequest(profile=profile, offload="host", stream_masters="model", **base),
+                  pair=False, streamed=12)
+    assert plain.streaming["master_dtype"] == "same"
+    assert plain.streaming["bytes_in_per_step"] == 12 * layer
     # a host too small for even the bf16 layers: auto picks the disk, which keeps fp32
     # masters, and the host holds only the pinned staging twins of the two buffers
     small.write_text(text.replace("host_memory_gb: 1", "host_memory_gb: 0.01"))
@@ -489,3 +496,21 @@ def test_a_streamed_hub_model_is_fetched_then_stored_in_the_run_dtype(tmp_path, 
     for f in snapshot.glob("*.safetensors"):
         f.unlink()  # a .bin-only repository: transformers loads it from the hub id
     assert loading.streamable_folder(hub, torch.bfloat16) == "someone/tiny"
+
+
+def test_stream_masters_choose_the_tier_copy_and_need_streaming(tiny_folder, data_dir,
+                                                                 tmp_path):
+    from edgezo import Session
+
+    kw = dict(data_dir=data_dir, check_budget=False, dtype="bf16", batch_size=2,
+              max_length=48)
+    for masters, want in (("auto", "float32"), ("fp32", "float32"), ("model", "same")):
+        s = Session(tiny_folder, offload="disk", stream_masters=masters, **kw)
+        s.step()
+        assert s.report()["streaming"]["master_dtype"] == want
+        assert s.settings["stream_masters"] == masters
+        s.close()
+    with pytest.raises(ConfigError, match="--offload off forbids"):
+        Session(tiny_folder, offload="off", stream_masters="fp32", **kw)
+    with pytest.raises(ConfigError, match="stream masters"):
+        Session(tiny_folder, offload="disk", stream_masters="fp16", **kw)

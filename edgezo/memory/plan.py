@@ -222,20 +222,25 @@ def layer_bytes(blocks: BlockMap) -> list[LayerBytes]:
     return out
 
 
+MASTERS = ("auto", "fp32", "model")
+
+
 def _streaming(blocks: BlockMap, profile: Profile, layers: list[int], tier: str,
-               buffers: int, flops: float) -> tuple[int, int, dict]:
+               buffers: int, flops: float, masters: str = "auto") -> tuple[int, int, dict]:
     """(device bytes freed, buffer bytes, the plan's streaming section).
 
-    Trainable half-precision tensors keep fp32 masters in the tier whenever it holds
-    them: always on disk, and in pinned host memory when the layers fit in 90% of the
-    profile's host memory with them. They then travel as fp32 both ways, and a layer's
-    buffer holds its fp32 masters beside its compute copy.
+    Trainable half-precision tensors keep fp32 masters in the tier with `masters="fp32"`,
+    and with "auto" whenever the tier holds them: always on disk, and in pinned host
+    memory when the layers fit in 90% of the profile's host memory with them. They then
+    travel as fp32 both ways, and a layer's buffer holds its fp32 masters beside its
+    compute copy. "model" keeps every tensor in the model's dtype.
     """
     sizes = layer_bytes(blocks)
     chosen = [sizes[i] for i in layers]
     moved = sum(s.total for s in chosen)
     widen = sum(s.widen for s in chosen)
-    fp32 = widen > 0 and (tier == "disk" or moved + widen <= 0.9 * profile.host_memory_bytes)
+    room = tier == "disk" or moved + widen <= 0.9 * profile.host_memory_bytes
+    fp32 = widen > 0 and (masters == "fp32" or (masters == "auto" and room))
     if not fp32:
         widen = 0
     # a layer's buffer holds its compute copy and, beside it, its fp32 masters
@@ -266,11 +271,13 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, *, bat
               backward_layers: int = 0, forward_grad: bool = False,
               stream_layers: list[int] | None = None, stream_tier: str = "host",
               rows_per_example: int = 1, logit_positions: int = 1,
-              eval_shape: Shape | None = None, perturbs: bool = True) -> Plan:
+              eval_shape: Shape | None = None, perturbs: bool = True,
+              stream_masters: str = "auto") -> Plan:
     """Predict the peak device memory of one ZO step of `model` under `profile`, and of
     evaluation when `eval_shape` is given.
 
     `perturbs`: False for a pure FO run (no ZO group): no perturbation scratch.
+    `stream_masters`: the streamed layers' master dtype, see _streaming.
     `stream_layers`: decoder layers kept in `stream_tier` (host or disk) and brought to
     the device through layer-sized buffers: two for a GPU profile (one computing, one
     arriving; the same plan when the profile is emulated on a CPU, which uses one of
@@ -338,7 +345,7 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, *, bat
         # the forward's multiply-adds: 2 FLOPs per weight per token, rows x seq tokens
         flops = 2.0 * sum(p.numel() for p in model.parameters()) * rows * seq_len
         moved, buffer, streaming = _streaming(blocks, profile, stream_layers, stream_tier,
-                                              stream_buffers, flops)
+                                              stream_buffers, flops, stream_masters)
         components["weights"] -= moved
         components["stream_buffers"] = buffer
     if not on_cuda:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from edgezo.errors import ConfigError, unknown_choice
-from edgezo.memory.plan import Plan, Shape, layer_bytes, plan_step, streamed_layers
+from edgezo.memory.plan import MASTERS, Plan, Shape, layer_bytes, plan_step, streamed_layers
 from edgezo.models.loading import QUANTIZATIONS, load_config, parse_dtype
 from edgezo.profiles import Profile, list_profiles, load_profile
 from edgezo.schemes import SchemeOptions, apply_scheme, check_scheme
@@ -54,6 +54,7 @@ class PlanRequest:
     fo_blocks: list[str | int] = field(default_factory=list)
     offload: str = "auto"  # auto | off | host | disk
     stream_layers: int | None = None  # how many layers stream (None: as the budget needs)
+    stream_masters: str = "auto"  # auto | fp32 | model: streamed trainable tensors' masters
     trust_remote_code: bool = False
     # a task's batch geometry (Session measures it from the data; see plan.Shape)
     rows_per_example: int = 1
@@ -127,6 +128,8 @@ def price(request: PlanRequest, config=None, profile: Profile | None = None,
     """The plan of one configuration (no decisions); `streamed` layers stream."""
     if request.offload not in OFFLOAD:
         raise unknown_choice("offload", request.offload, OFFLOAD)
+    if request.stream_masters not in MASTERS:
+        raise unknown_choice("stream masters", request.stream_masters, MASTERS)
     if request.quantize is not None and request.quantize not in QUANTIZATIONS:
         raise unknown_choice("quantization", request.quantize, QUANTIZATIONS)
     check_scheme(request.scheme, SchemeOptions())
@@ -163,7 +166,8 @@ def price(request: PlanRequest, config=None, profile: Profile | None = None,
                      stream_layers=layers, stream_tier=tier,
                      rows_per_example=request.rows_per_example,
                      logit_positions=request.logit_positions, eval_shape=request.eval_shape,
-                     perturbs=optimizer.estimator != "fo")
+                     perturbs=optimizer.estimator != "fo",
+                     stream_masters=request.stream_masters)
     if request.quantize and not layers:
         plan.components["weights"] = quantized_weight_bytes(model, request.quantize)
         if plan.eval_components is not None:
