@@ -36,7 +36,7 @@ from edgezo.checkpoint import (
 from edgezo.errors import CheckpointError, ConfigError, OutOfBudgetError, unknown_choice
 from edgezo.memory.measure import MemoryMonitor, release_freed_memory, strict_heap
 from edgezo.memory.plan import MASTERS, Plan, Shape, layer_bytes, plan_step, streamed_layers
-from edgezo.memory.planner import OFFLOAD
+from edgezo.memory.planner import OFFLOAD, stream_tier
 from edgezo.models.loading import (
     DEFAULT_MODEL,
     load_weights,
@@ -197,7 +197,8 @@ class Session:
             release_freed_memory()
 
         self._block_map = build_block_map(self._model)
-        n_layers = len(layer_bytes(self._block_map))
+        sizes = layer_bytes(self._block_map)
+        n_layers = len(sizes)
         if self._stream_k == -1:
             self._stream_k = n_layers
         if not 0 <= self._stream_k <= n_layers:
@@ -206,11 +207,8 @@ class Session:
         self._stream = streamed_layers(n_layers, self._stream_k)
         # On a CPU the compute device is the host: streamed layers always come from disk.
         # On a GPU, pinned host memory when the profile's host holds the layers, else disk.
-        from edgezo.memory.planner import stream_tier
-
         self._tier = ("disk" if not self.on_cuda else stream_tier(
-            offload, self.profile,
-            sum(layer_bytes(self._block_map)[i].total for i in self._stream)))
+            offload, self.profile, sum(sizes[i].total for i in self._stream)))
         fo = (set(range(len(self._block_map.params))) if kind == "fo"
               else resolve_fo_blocks(self._block_map, self.estimator_options["fo_blocks"]))
         self._fo = (sum(self._block_map.params[i].numel() for i in fo),

@@ -168,7 +168,7 @@ def stream_ready_folder(folder: Path, dtype: torch.dtype, keep_fp32: list[str] |
           "memory-mapped ...", file=sys.stderr)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
     try:
-        weight_map, shard, size, count = {}, {}, 0, 0
+        weight_map, shard, size, count, total = {}, {}, 0, 0, 0
 
         def write() -> None:
             nonlocal shard, size, count
@@ -190,10 +190,10 @@ def stream_ready_folder(folder: Path, dtype: torch.dtype, keep_fp32: list[str] |
                         write()
                     shard[tensor_name] = t
                     size += t.nbytes
+                    total += t.nbytes
         write()
         (tmp / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": sum(_bytes_of(tmp / f) for f in set(weight_map.values()))},
-             "weight_map": weight_map}, indent=1))
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
         for extra in folder.iterdir():  # config, tokenizer, generation config
             if extra.is_file() and not extra.name.endswith(".safetensors") \
                     and extra.name != "model.safetensors.index.json":
@@ -217,10 +217,6 @@ def kept_in_fp32(model_class: type, dtype: torch.dtype) -> list[str]:
     if dtype in (torch.float16, torch.bfloat16):
         keep += list(getattr(model_class, "_keep_in_fp32_modules_strict", None) or [])
     return keep
-
-
-def _bytes_of(path: Path) -> int:
-    return path.stat().st_size
 
 
 @dataclass
