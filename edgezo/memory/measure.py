@@ -47,7 +47,7 @@ def strict_heap() -> bool:
     By default glibc raises its mmap threshold to the largest block freed so far (up to
     32 MiB), after which activation-sized tensors come from the heap, and the memory they
     leave when freed stays resident until a trim. A CPU run then measures above its plan:
-    a width-1024 Llama's evaluation after training read 1.2-1.9x its plan, 0.91-1.02x
+    a width-1024 Llama's evaluation after training read 1.2-1.9x its plan, 0.91-1.12x
     with this. The cost is page faults on every large allocation: SmolLM2's ZO step took
     15-20% longer and evaluation 40-55% longer (benchmarks in BENCHMARKS.md). Returns
     False where the C library is not glibc.
