@@ -177,6 +177,12 @@ class Session:
             # the profile fails in seconds, with the changes that would make it fit.
             self._check_plan_from_config(resolved.folder, scheme, optimizer, quantize,
                                          pair)
+        if not self._stream_k and (offload_dir or stream_masters != "auto"):
+            given = [f for f, on in (("--offload-dir", offload_dir),
+                                     ("--stream-masters", stream_masters != "auto")) if on]
+            raise ConfigError(f"{' and '.join(given)} set how layers stream, and under this "
+                              "plan none does (the weights fit): drop them, or stream with "
+                              "--offload disk (or host on a GPU)")
         if self._stream_k and quantize is None:
             # streamed layers must load memory-mapped: weights stored in the run's dtype
             resolved.folder = streamable_folder(resolved, parse_dtype(self.dtype_name))

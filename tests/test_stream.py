@@ -514,3 +514,8 @@ def test_stream_masters_choose_the_tier_copy_and_need_streaming(tiny_folder, dat
         Session(tiny_folder, offload="off", stream_masters="fp32", **kw)
     with pytest.raises(ConfigError, match="stream masters"):
         Session(tiny_folder, offload="disk", stream_masters="fp16", **kw)
+    # auto, and the weights fit: nothing streams, so neither option would do anything
+    for extra, flag in (({"stream_masters": "fp32"}, "--stream-masters"),
+                        ({"offload_dir": str(tmp_path)}, "--offload-dir")):
+        with pytest.raises(ConfigError, match=f"{flag} set how layers stream.*none does"):
+            Session(tiny_folder, **extra, **kw)
