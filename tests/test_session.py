@@ -241,7 +241,7 @@ def test_strict_memory_sets_the_heap_once_and_is_refused_where_it_cannot_work(
     calls = []
     monkeypatch.setattr(measure, "_mallopt", lambda p, v: calls.append((p, v)) or True)
     s = Session(tiny_folder, task=None, check_budget=False, strict_memory=True)
-    assert calls == [(measure.M_MMAP_THRESHOLD, 1 << 20)]
+    assert calls == [(measure.M_MMAP_THRESHOLD, 256 << 10)]
     assert s.settings["strict_memory"] and s.report()["hyperparameters"]["strict_memory"]
     s.close()
     Session(tiny_folder, task=None, check_budget=False).close()
@@ -276,3 +276,36 @@ print((rss() - base) >> 20)
                                      capture_output=True, text=True).stdout)
             for mode in ("default", "strict")}
     assert held["strict"] <= 2 < held["default"]
+
+
+def test_strict_memory_keeps_a_backwards_small_tensors_out_of_later_large_ones():
+    """Real glibc: freed blocks under the mmap threshold coalesce into heap chunks that
+    serve later large requests before mmap is considered; with a live block pinning the
+    heap's top, a large tensor freed there stays resident. At a 1 MiB threshold the
+    384 KiB tensors a backward saves form such chunks; at the strict 256 KiB they are
+    mapped themselves and leave none."""
+    import subprocess
+    import sys
+
+    code = """
+import ctypes, sys, psutil, torch
+from edgezo.memory.measure import M_MMAP_THRESHOLD, strict_heap
+libc = ctypes.CDLL("libc.so.6")
+if sys.argv[1] == "strict":
+    assert strict_heap()
+else:
+    assert libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+rss = lambda: psutil.Process().memory_info().rss
+saved = [torch.ones(384 << 10, dtype=torch.uint8) for _ in range(64)]  # 24 MiB
+pin = torch.ones(200 << 10, dtype=torch.uint8)  # under both thresholds: the heap's top
+del saved
+libc.malloc_trim(0)  # the free chunks' pages go back, their address range stays
+base = rss()
+big = torch.ones(8 << 20, dtype=torch.uint8)
+del big
+print((rss() - base) >> 20)
+"""
+    held = {mode: int(subprocess.run([sys.executable, "-c", code, mode], check=True,
+                                     capture_output=True, text=True).stdout)
+            for mode in ("1mib", "strict")}
+    assert held["strict"] <= 1 < 6 <= held["1mib"]

@@ -31,7 +31,7 @@ def release_freed_memory() -> None:
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-STRICT_MMAP_BYTES = 1 << 20
+STRICT_MMAP_BYTES = 256 << 10
 
 
 def _mallopt(param: int, value: int) -> bool:
@@ -42,15 +42,24 @@ def _mallopt(param: int, value: int) -> bool:
 
 
 def strict_heap() -> bool:
-    """Make glibc hand every allocation of 1 MiB or more straight back to the OS on free.
+    """Make glibc hand every allocation of 256 KiB or more straight back to the OS on free.
 
     By default glibc raises its mmap threshold to the largest block freed so far (up to
     32 MiB), after which activation-sized tensors come from the heap, and the memory they
     leave when freed stays resident until a trim. A CPU run then measures above its plan:
-    a width-1024 Llama's evaluation after training read 1.2-1.9x its plan, 0.91-1.12x
-    with this. The cost is page faults on every large allocation: SmolLM2's ZO step took
-    15-20% longer and evaluation 40-55% longer (benchmarks in BENCHMARKS.md). Returns
-    False where the C library is not glibc.
+    a width-1024 Llama's evaluation after training read 1.2-1.9x its plan.
+
+    Why 256 KiB and not more: a request of any size is served from a free heap chunk that
+    fits before glibc considers mmap, and the small tensors a backward saves (SmolLM2's
+    keys and values at batch 16 are 384 KiB each) coalesce into such chunks when the graph
+    is freed. With a 1 MiB threshold, one LoRA backward left 71 MiB of them below a live
+    allocation at the top of the heap; the next evaluation's tensors were carved from
+    those chunks, page-faulting them back in, and read 56 MiB above the evaluation's
+    start against 30 MiB without the backward. With 256 KiB: 20-29 MiB.
+
+    The cost is page faults on every large allocation: SmolLM2's ZO step took 25-35%
+    longer and evaluation about 55% longer (benchmarks in BENCHMARKS.md). Returns False
+    where the C library is not glibc.
     """
     return _mallopt(M_MMAP_THRESHOLD, STRICT_MMAP_BYTES)
 
