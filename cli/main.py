@@ -159,7 +159,7 @@ def finetune(
                                      "its WORLD_SIZE)"),
     trust_remote_code: bool = TrustOpt,
     strict_memory: bool = typer.Option(
-        False, "--strict-memory", help="CPU: return every freed allocation of 1 MiB or "
+        False, "--strict-memory", help="CPU: return every freed allocation of 256 KiB or "
         "more to the OS at once, so resident memory follows the plan (slower: page "
         "faults)"),
 ) -> None:
@@ -270,6 +270,9 @@ def plan(
                                      "(default: pair mode when it fits)"),
     sparsity: float = typer.Option(0.0, min=0.0, max=0.999999, help="Sparse ZO (masks)"),
     fo_blocks: str | None = typer.Option(None, "--fo-blocks", help="Hybrid ZO/FO blocks"),
+    block_wise: bool = typer.Option(False, "--block-wise", help="Block-wise ZO (a pair "
+                                    "forward then runs unperturbed layers at the doubled "
+                                    "batch)"),
     offload: str = OffloadOpt,
     stream_layers: int | None = StreamLayersOpt,
     stream_masters: str = MastersOpt,
@@ -285,8 +288,8 @@ def plan(
                                   batch_size=batch_size, seq_len=seq_len, pair=pair,
                                   eval_shape=Shape(eval_batch_size, seq_len),
                                   sparsity=sparsity, fo_blocks=_list(fo_blocks),
-                                  offload=offload, stream_layers=stream_layers,
-                                  stream_masters=stream_masters,
+                                  block_wise=block_wise, offload=offload,
+                                  stream_layers=stream_layers, stream_masters=stream_masters,
                                   trust_remote_code=trust_remote_code))
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))

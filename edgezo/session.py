@@ -50,7 +50,13 @@ from edgezo.tasks import Encoder, Example, make_task
 from edgezo.tasks.base import batches
 from edgezo.tasks.loss import OBJECTIVES, candidate_scores, example_losses, shard_batch
 from edgezo.zo import noise
-from edgezo.zo.blocks import backward_depth, build_block_map, resolve_fo_blocks
+from edgezo.zo.blocks import (
+    backward_depth,
+    build_block_map,
+    pair_splits_layers,
+    resolve_fo_blocks,
+    weight_grad_layers,
+)
 from edgezo.zo.engine import StepResult, ZOEngine
 from edgezo.zo.optimizers import make_optimizer
 from edgezo.zo.schedule import Schedule
@@ -218,7 +224,10 @@ class Session:
         fo = (set(range(len(self._block_map.params))) if kind == "fo"
               else resolve_fo_blocks(self._block_map, self.estimator_options["fo_blocks"]))
         self._fo = (sum(self._block_map.params[i].numel() for i in fo),
-                    backward_depth(self._block_map, fo))
+                    backward_depth(self._block_map, fo),
+                    weight_grad_layers(self._block_map, fo),
+                    pair_splits_layers(self._block_map, fo,
+                                       self.estimator_options["block_wise"]))
         pair_plan = self._plan(pair=kind == "zo")
         self.pair = pair if pair is not None else (pair_plan.fits or not check_budget)
         self.pair = self.pair and kind == "zo"
@@ -310,7 +319,7 @@ class Session:
     def _plan(self, pair: bool, train: Shape | None = None,
               evaluation: Shape | None = None) -> Plan:
         threads = 1 if self.on_cuda else noise.worker_threads()
-        fo_params, backward_layers = self._fo
+        fo_params, backward_layers, weight_layers, split = self._fo
         t = train or self._train_shape
         return plan_step(self._model, self._block_map, self.profile, batch_size=t.batch_size,
                          seq_len=t.seq_len, pair=pair, on_cuda=self.on_cuda,
@@ -318,6 +327,7 @@ class Session:
                          noise_threads=threads,
                          sparsity=self.estimator_options["sparsity"] > 0,
                          fo_params=fo_params, backward_layers=backward_layers,
+                         weight_grad_layers=weight_layers, split_layers=split,
                          forward_grad=self.optimizer.estimator == "forward-grad",
                          stream_layers=self._stream, stream_tier=self._tier,
                          rows_per_example=t.rows_per_example,
@@ -365,7 +375,8 @@ class Session:
             model=folder, profile=str(self.profile.source), scheme=scheme,
             optimizer=optimizer, quantize=quantize, dtype=self.dtype_name,
             batch_size=self.batch_size, seq_len=self._train_shape.seq_len, pair=pair,
-            sparsity=o["sparsity"], fo_blocks=o["fo_blocks"], offload=self.offload,
+            sparsity=o["sparsity"], fo_blocks=o["fo_blocks"], block_wise=o["block_wise"],
+            offload=self.offload,
             stream_layers=self._stream_opt, stream_masters=self.stream_masters,
             trust_remote_code=self.settings["trust_remote_code"],
             rows_per_example=self._train_shape.rows_per_example,

@@ -40,11 +40,22 @@ def test_components_by_hand(config_file):
     layer = 2 * H + H * H + 2 * (H * H // 2) + H * H + 3 * H * inter
     params = V * H + L * layer + H  # tied embedding/head counted once, final norm
     assert plan.components["optimizer_state"] == 8 * params
-    rows = 2 * 2  # pair mode doubles the batch
-    tokens = rows * 8
-    activations = (tokens * (4 * H + 3 * inter) * 4 + rows * 4 * 8 * 8 * 4
-                   + rows * V * (4 + 3 * 4))
-    assert plan.components["activations"] == activations
+    rows = 2 * 2  # pair mode doubles the batch: the logits are the doubled batch's
+    # but each layer computes its two halves in turn: one half's transient (2 rows), plus
+    # the doubled input and the first half's output (rows x H) while the second computes
+    half = (2 * 8 * (4 * H + 3 * inter) * 4 + 2 * 4 * 8 * 8 * 4 + rows * 8 * H * 4
+            + rows * V * (4 + 3 * 4))
+    assert plan.components["activations"] == half
+    # block-wise ZO leaves the layers outside the current block unsplit: the doubled batch
+    doubled = (rows * 8 * (4 * H + 3 * inter) * 4 + rows * 4 * 8 * 8 * 4
+               + rows * V * (4 + 3 * 4))
+    blockwise = price(PlanRequest(**{**req.__dict__, "block_wise": True}), pair=True)
+    assert blockwise.components["activations"] == doubled
+    # so does a layer trained by FO in hybrid ZO/FO (nothing in it is perturbed)
+    hybrid = price(PlanRequest(**{**req.__dict__, "fo_blocks": [-1]}), pair=True)
+    assert hybrid.components["activations"] == doubled
+    head_fo = price(PlanRequest(**{**req.__dict__, "fo_blocks": ["head"]}), pair=True)
+    assert head_fo.components["activations"] == half
     assert plan.components["weights"] >= params * 4  # plus the rotary buffer
     two = price(req, pair=False)
     assert two.components["perturbation_scratch"] < plan.components["perturbation_scratch"]
@@ -204,8 +215,8 @@ def test_candidate_rows_answer_positions_and_the_eval_phase(config_file):
     eval_shape = Shape(batch_size=32, seq_len=24, rows_per_example=2, logit_positions=5)
     req = PlanRequest(model=path, profile="cpu-16gb", dtype="fp32", batch_size=2, seq_len=8,
                       rows_per_example=2, logit_positions=5, eval_shape=eval_shape)
-    plan = price(req, pair=True)
-    assert plan.components["activations"] == activations(2 * 2 * 2, 8, 5)
+    plan = price(req, pair=False)
+    assert plan.components["activations"] == activations(2 * 2, 8, 5)
     assert plan.components["cpu_runtime"] == CPU_RUNTIME_BYTES  # a CPU profile computes here
     ev = plan.eval_components
     assert ev["activations"] == activations(64, 24, 5)
@@ -220,6 +231,18 @@ def test_candidate_rows_answer_positions_and_the_eval_phase(config_file):
     prefix = price(PlanRequest(**{**req.__dict__, "scheme": "prefix"}), pair=True)
     assert prefix.components["prefix_kv_cache"] == 8 * 2 * 2 * 2 * (5 + 8) * 8 * 4
     assert prefix.eval_components["prefix_kv_cache"] == 64 * 2 * 2 * 2 * (5 + 24) * 8 * 4
+    # prompt tuning: its 10 virtual tokens lengthen every row the layers see (the logits
+    # are still read at the last 5 positions); its frozen layers take the doubled batch
+    # of pair mode at once
+    prompt = price(PlanRequest(**{**req.__dict__, "scheme": "prompt"}), pair=True)
+    assert prompt.components["activations"] == activations(2 * 2 * 2, 8 + 10, 5)
+    assert prompt.eval_components["activations"] == activations(64, 24 + 10, 5)
+    assert "prefix_kv_cache" not in prompt.components
+    fo = price(PlanRequest(**{**req.__dict__, "scheme": "prompt", "optimizer": "fo-adam"}),
+               pair=False)
+    # the backward crosses both layers, whose weights are frozen: 8H + 3I values a token
+    assert fo.components["fo_activations"] == (2 * 4 * (8 + 10) * (8 * H + 3 * inter) * 4
+                                               + 4 * 5 * V * 3 * 4)
 
 
 def test_session_plans_the_task_geometry(tiny_folder, data_dir):
@@ -290,3 +313,52 @@ def test_lora_backward_keeps_the_fp32_adapters_inputs(config_file):
     base = _saved_activation_bytes(tiny_config("llama"), 2, 8, 2, 2)
     # q_proj and v_proj in 2 layers, r = 8, fan-in 32, fp32: 4 x (8 + 32) x 4 bytes a token
     assert plan.components["fo_activations"] - base == 2 * 8 * 4 * (8 + 32) * 4
+
+
+@pytest.mark.parametrize("scheme", ["full", "lora", "prompt"])
+def test_saved_activations_match_what_autograd_saves(scheme):
+    """The FO term against autograd itself: bytes the saved-tensor hooks see per decoder
+    layer (a 2-layer model minus a 1-layer one, bf16, padded rows). Frozen weights save no
+    linear inputs, which LoRA and prompt tuning's plans must not count."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from edgezo.memory.plan import _lora_saved_bytes_per_token, _saved_activation_bytes
+
+    rows, T, H = 4, 32, 128
+
+    def config(layers):
+        cfg = tiny_config("llama", H, layers)
+        cfg.intermediate_size, cfg.vocab_size = 344, 256
+        return cfg
+
+    def saved(layers):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config(layers), dtype=torch.bfloat16)
+        model.requires_grad_(scheme == "full")
+        if scheme == "lora":
+            model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", r=8))
+        ids = torch.randint(0, 256, (rows, T))
+        mask = torch.ones(rows, T, dtype=torch.long)
+        mask[:, :5] = 0
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(scheme == "prompt")
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=1,
+                  use_cache=False)
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        return sum(n for ptr, n in storages.items() if ptr not in weights), model
+
+    one, _ = saved(1)
+    two, model = saved(2)
+    planned = (_saved_activation_bytes(config(1), rows, T, 2, 1, 1, int(scheme == "full"))
+               - _saved_activation_bytes(config(1), rows, T, 2, 0))
+    planned -= rows * config(1).vocab_size * 3 * 4  # the logits, counted once
+    if scheme == "lora":
+        planned += _lora_saved_bytes_per_token(model, 2) * rows * T // 2  # per layer
+    assert 0.95 <= planned / (two - one) <= 1.02

@@ -8,8 +8,9 @@ built on the meta device (no weights loaded). Components:
   two-pass mode) plus the noise chunks being drawn; embeddings and linear heads are
   perturbed row-wise or chunk-wise and need far less than a full copy;
 - activations: the largest per-layer transient of a no-grad forward over the batch
-  (doubled in pair mode, times the candidate rows of a multiple-choice task) and the
-  logits the loss reads (at every answer position);
+  (times the candidate rows of a multiple-choice task, plus prompt tuning's virtual
+  tokens) and the logits the loss reads (at every answer position). Pair mode doubles
+  the batch; a layer that computes its two halves in turn holds one half's transient;
 - prefix tuning's key/value cache: every layer's keys and values over prefix + sequence;
 - optimizer state: bytes per trainable parameter, declared by the optimizer's rule;
 - sparsity masks: one byte per trainable parameter when --sparsity is on;
@@ -115,21 +116,41 @@ def _bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _activation_bytes(config, rows: int, seq_len: int, elem: int, positions: int = 1) -> int:
+def _activation_bytes(config, rows: int, seq_len: int, elem: int, positions: int = 1,
+                      split: bool = False) -> int:
     """Largest per-layer transient of a no-grad forward plus the logits the loss reads
-    (at `positions` positions per row)."""
+    (at `positions` positions per row).
+
+    `split`: a pair-mode batch whose layers compute their two halves one after the other;
+    the layer's transient is a half's, plus the doubled input and the first half's output
+    kept while the second computes (rows x H). Counted live at dispatch on SmolLM2, batch
+    16 x 64: 17.5 MiB in a pair step against 13.8 two-pass."""
     text = config.get_text_config()
     hidden = text.hidden_size
     inter = getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None) \
         or getattr(text, "n_inner", None) or 4 * hidden
     heads = text.num_attention_heads
-    tokens = rows * seq_len
+    layer_rows = rows // 2 if split else rows
+    tokens = layer_rows * seq_len
     # residual, normed input, q/k/v/attn out (~4H) and the MLP's gate/up/product (~3I)
     layer = tokens * (4 * hidden + 3 * inter) * elem
-    scores = rows * heads * seq_len * seq_len * 4  # attention scores if materialized (fp32)
+    scores = layer_rows * heads * seq_len * seq_len * 4  # attention scores if materialized
+    kept = rows * seq_len * hidden * elem if split else 0
     vocab = text.vocab_size
     logits = rows * positions * vocab * (elem + 3 * 4)  # logits, fp32 copy, log-softmax
-    return layer + scores + logits
+    return layer + scores + kept + logits
+
+
+def _virtual_tokens(model) -> int:
+    """Tokens prompt tuning (and p-tuning) put in front of every row's embeddings: each
+    layer's hidden states, and the attention over them, are this much longer than the
+    batch's text. Prefix tuning's virtual tokens live only in the key/value cache
+    (_prefix_cache_bytes); every other scheme has none."""
+    cfg = getattr(model, "active_peft_config", None)
+    kind = getattr(getattr(cfg, "peft_type", None), "value", None)
+    if kind not in ("PROMPT_TUNING", "P_TUNING"):
+        return 0
+    return cfg.num_virtual_tokens
 
 
 def _prefix_cache_bytes(model, rows: int, seq_len: int, elem: int) -> int:
@@ -168,8 +189,9 @@ def _lora_saved_bytes_per_token(model, elem: int) -> int:
 
 
 def _saved_activation_bytes(config, rows: int, seq_len: int, elem: int, layers: int,
-                            positions: int = 1) -> int:
-    """What autograd keeps for a backward through `layers` decoder layers, plus logits."""
+                            positions: int = 1, weight_layers: int = 0) -> int:
+    """What autograd keeps for a backward through `layers` decoder layers, `weight_layers`
+    of which have weights that take a gradient, plus logits."""
     if layers == 0:
         return 0
     text = config.get_text_config()
@@ -177,13 +199,16 @@ def _saved_activation_bytes(config, rows: int, seq_len: int, elem: int, layers: 
     inter = getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None) \
         or getattr(text, "n_inner", None) or 4 * hidden
     tokens = rows * seq_len
-    # norms' inputs/outputs (fp32 inside RMSNorm), q/k/v and their rotated copies,
-    # attention output and log-sum-exp, o-proj input, residuals (~12H) and the MLP's
-    # gate/up/activation/product (~4I). Counted with saved_tensors_hooks on a Llama layer
-    # with a padding mask: 12.4H + 4I values a token (H 576-1024, I 1536-3072). Fused
-    # attention keeps no T x T probabilities.
-    per_layer = tokens * (12 * hidden + 4 * inter) * elem
-    return layers * per_layer + rows * positions * text.vocab_size * 3 * 4
+    # Counted with saved_tensors_hooks on Llama layers with a padding mask (H 576-1024,
+    # I 1536-2816), within 1% of 8H + 3I values a token in a layer whose weights are
+    # frozen (LoRA's base, prompt tuning): the norms' fp32 inputs, q/k/v after rotation,
+    # the attention output and its log-sum-exp, and the MLP's gate, activation and up.
+    # Fused attention keeps no T x T probabilities. A layer whose weights train also
+    # keeps each linear's input for its weight's gradient: 4H + I more (12H + 4I).
+    frozen = tokens * (8 * hidden + 3 * inter) * elem
+    weights = tokens * (4 * hidden + inter) * elem
+    return (layers * frozen + min(weight_layers, layers) * weights
+            + rows * positions * text.vocab_size * 3 * 4)
 
 
 def streamed_layers(n_layers: int, k: int) -> list[int]:
@@ -268,7 +293,8 @@ def _streaming(blocks: BlockMap, profile: Profile, layers: list[int], tier: str,
 def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, *, batch_size: int,
               seq_len: int, pair: bool, on_cuda: bool, optimizer_state_bytes: int = 0,
               noise_threads: int = 1, sparsity: bool = False, fo_params: int = 0,
-              backward_layers: int = 0, forward_grad: bool = False,
+              backward_layers: int = 0, weight_grad_layers: int = 0,
+              split_layers: bool = False, forward_grad: bool = False,
               stream_layers: list[int] | None = None, stream_tier: str = "host",
               rows_per_example: int = 1, logit_positions: int = 1,
               eval_shape: Shape | None = None, perturbs: bool = True,
@@ -277,6 +303,9 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, *, bat
     evaluation when `eval_shape` is given.
 
     `perturbs`: False for a pure FO run (no ZO group): no perturbation scratch.
+    `backward_layers`: decoder layers an FO backward crosses; `weight_grad_layers` of
+    them train their own weights (blocks.weight_grad_layers).
+    `split_layers`: pair mode computes each layer's halves in turn (blocks.pair_splits_layers).
     `stream_masters`: the streamed layers' master dtype, see _streaming.
     `stream_layers`: decoder layers kept in `stream_tier` (host or disk) and brought to
     the device through layer-sized buffers: two for a GPU profile (one computing, one
@@ -307,6 +336,7 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, *, bat
     if not perturbs:  # a pure FO run never builds a perturbed copy
         scratch = 0
     elem = next(model.parameters()).element_size()
+    virtual = _virtual_tokens(model)
     # Each thread that draws noise keeps its reusable one-chunk buffers for the whole run:
     # z, d, the fp32 copy of the weights, the rounding dither and the fp32 sum (4 bytes a
     # value each). The pool's threads and the calling thread all hold a set.
@@ -315,7 +345,8 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, *, bat
         "perturbation_scratch": scratch,
         "noise_buffers": THREAD_BUFFERS * 4 * (noise_threads + 1)
         * noise.largest_chunk(p.shape for p in blocks.params),
-        "activations": _activation_bytes(model.config, rows, seq_len, elem, logit_positions),
+        "activations": _activation_bytes(model.config, rows, seq_len + virtual, elem,
+                                         logit_positions, split=pair and split_layers),
         "optimizer_state": optimizer_state_bytes * blocks.numel(),
     }
     prefix_cache = _prefix_cache_bytes(model, rows, seq_len, elem)
@@ -326,10 +357,11 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, *, bat
     if fo_params:
         components["fo_gradients"] = fo_params * elem
         components["fo_activations"] = _saved_activation_bytes(
-            model.config, train.rows, seq_len, elem, backward_layers, logit_positions)
+            model.config, train.rows, seq_len + virtual, elem, backward_layers,
+            logit_positions, weight_grad_layers)
         layers = model.config.get_text_config().num_hidden_layers
         components["fo_activations"] += (_lora_saved_bytes_per_token(model, elem)
-                                         * train.rows * seq_len * backward_layers
+                                         * train.rows * (seq_len + virtual) * backward_layers
                                          // max(1, layers))
         if not perturbs:
             # a pure FO step's forward is the one that saves: its transients are among
@@ -359,7 +391,7 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, *, bat
                 "stream_buffers", "cpu_runtime")
         eval_components = {k: v for k, v in components.items() if k in kept}
         eval_components["activations"] = _activation_bytes(
-            model.config, eval_shape.rows, eval_shape.seq_len, elem,
+            model.config, eval_shape.rows, eval_shape.seq_len + virtual, elem,
             eval_shape.logit_positions)
         if prefix_cache:
             eval_components["prefix_kv_cache"] = _prefix_cache_bytes(

@@ -21,7 +21,14 @@ from edgezo.models.loading import QUANTIZATIONS, load_config, parse_dtype
 from edgezo.profiles import Profile, list_profiles, load_profile
 from edgezo.schemes import SchemeOptions, apply_scheme, check_scheme
 from edgezo.zo import noise
-from edgezo.zo.blocks import backward_depth, build_block_map, find_layers, resolve_fo_blocks
+from edgezo.zo.blocks import (
+    backward_depth,
+    build_block_map,
+    find_layers,
+    pair_splits_layers,
+    resolve_fo_blocks,
+    weight_grad_layers,
+)
 from edgezo.zo.engine import ZOEngine
 from edgezo.zo.optimizers import make_optimizer
 
@@ -52,6 +59,7 @@ class PlanRequest:
     pair: bool | None = None
     sparsity: float = 0.0
     fo_blocks: list[str | int] = field(default_factory=list)
+    block_wise: bool = False
     offload: str = "auto"  # auto | off | host | disk
     stream_layers: int | None = None  # how many layers stream (None: as the budget needs)
     stream_masters: str = "auto"  # auto | fp32 | model: streamed trainable tensors' masters
@@ -141,8 +149,8 @@ def price(request: PlanRequest, config=None, profile: Profile | None = None,
     dtype = parse_dtype(request.dtype or profile.dtype)
     optimizer = make_optimizer(request.optimizer)
     # the same refusals as a run: no option priced that the optimizer would not use
-    ZOEngine._check_options(optimizer, 1, "two-sided", "gaussian", False, request.sparsity,
-                            request.fo_blocks)
+    ZOEngine._check_options(optimizer, 1, "two-sided", "gaussian", request.block_wise,
+                            request.sparsity, request.fo_blocks)
     model, blocks = _priced_model(request, config, dtype)
     fo = (set(range(len(blocks.params))) if optimizer.estimator == "fo"
           else resolve_fo_blocks(blocks, request.fo_blocks))
@@ -162,6 +170,8 @@ def price(request: PlanRequest, config=None, profile: Profile | None = None,
                      sparsity=request.sparsity > 0,
                      fo_params=sum(blocks.params[i].numel() for i in fo),
                      backward_layers=backward_depth(blocks, fo),
+                     weight_grad_layers=weight_grad_layers(blocks, fo),
+                     split_layers=pair_splits_layers(blocks, fo, request.block_wise),
                      forward_grad=optimizer.estimator == "forward-grad",
                      stream_layers=layers, stream_tier=tier,
                      rows_per_example=request.rows_per_example,

@@ -279,3 +279,22 @@ def backward_depth(blocks: BlockMap, indices: set[int]) -> int:
     if first is None:
         return 0
     return sum(1 for b in blocks.blocks[first:] if b.name not in ("pre", "post"))
+
+
+def weight_grad_layers(blocks: BlockMap, indices: set[int]) -> int:
+    """Decoder layers holding one of `indices` that is the layer's own weight (not a
+    LoRA adapter). Autograd saves a linear's input only for its weight's gradient, so a
+    backward keeps more in such a layer than in one it merely crosses (see plan.py)."""
+    return sum(1 for b in blocks.blocks if b.name not in ("pre", "post")
+               and any(i in indices and "lora_" not in blocks.names[i]
+                       for u in b.units for _, i in u.slots))
+
+
+def pair_splits_layers(blocks: BlockMap, fo: set[int], block_wise: bool) -> bool:
+    """Whether a pair-mode forward runs every decoder layer as two halves, one after the
+    other (perturb.Perturbation._functional): true when each layer holds a parameter every
+    ZO estimate perturbs. A layer with nothing perturbed (frozen, FO, or outside the
+    current block of block-wise ZO) computes the doubled batch at once."""
+    layers = [u for u in blocks.units if u.kind == "layer"]
+    return (not block_wise and bool(layers)
+            and all(any(i not in fo for _, i in u.slots) for u in layers))
