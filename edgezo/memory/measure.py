@@ -59,7 +59,7 @@ def strict_heap() -> bool:
 
     A ZO forward's own sub-1 MiB tensors do the same on a smaller scale: at 1 MiB three
     LoRA evaluations of a width-1024 Llama read 1.10-1.11x their plan, at 256 KiB
-    0.96-1.06x.
+    1.05-1.06x.
 
     The cost is page faults on every large allocation: on SmolLM2 (one thread) a ZO step
     took 2.68-2.73 s against 1.92-1.95 s with glibc's default (2.17 s at 1 MiB), and
