@@ -223,11 +223,13 @@ class Session:
             offload, self.profile, sum(sizes[i].total for i in self._stream)))
         fo = (set(range(len(self._block_map.params))) if kind == "fo"
               else resolve_fo_blocks(self._block_map, self.estimator_options["fo_blocks"]))
+        # the plan's view of the FO group: its size, the layers a backward crosses, and
+        # how many of them train their own weights
         self._fo = (sum(self._block_map.params[i].numel() for i in fo),
                     backward_depth(self._block_map, fo),
-                    weight_grad_layers(self._block_map, fo),
-                    pair_splits_layers(self._block_map, fo,
-                                       self.estimator_options["block_wise"]))
+                    weight_grad_layers(self._block_map, fo))
+        self._split_layers = pair_splits_layers(self._block_map, fo,
+                                                self.estimator_options["block_wise"])
         pair_plan = self._plan(pair=kind == "zo")
         self.pair = pair if pair is not None else (pair_plan.fits or not check_budget)
         self.pair = self.pair and kind == "zo"
@@ -319,7 +321,7 @@ class Session:
     def _plan(self, pair: bool, train: Shape | None = None,
               evaluation: Shape | None = None) -> Plan:
         threads = 1 if self.on_cuda else noise.worker_threads()
-        fo_params, backward_layers, weight_layers, split = self._fo
+        fo_params, backward_layers, weight_layers = self._fo
         t = train or self._train_shape
         return plan_step(self._model, self._block_map, self.profile, batch_size=t.batch_size,
                          seq_len=t.seq_len, pair=pair, on_cuda=self.on_cuda,
@@ -327,7 +329,8 @@ class Session:
                          noise_threads=threads,
                          sparsity=self.estimator_options["sparsity"] > 0,
                          fo_params=fo_params, backward_layers=backward_layers,
-                         weight_grad_layers=weight_layers, split_layers=split,
+                         weight_grad_layers=weight_layers,
+                         split_layers=self._split_layers,
                          forward_grad=self.optimizer.estimator == "forward-grad",
                          stream_layers=self._stream, stream_tier=self._tier,
                          rows_per_example=t.rows_per_example,
