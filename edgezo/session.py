@@ -705,6 +705,7 @@ class Session:
             "skipped_steps": sum(r.skipped for r in self.history),
             "peak_memory_bytes": self.monitor.run_peak_bytes,
             "peak_memory_by_phase": dict(self.monitor.peaks),
+            "reserved_peak_memory_by_phase": dict(self.monitor.reserved_peaks) or None,
             "predicted_peak_memory_bytes": self.plan.peak_bytes,
             "streaming": self.streamer.stats() if self.streamer else None,
             "plan": self.plan.to_dict(),

@@ -159,6 +159,7 @@ def finetune(session: Session, steps: int, *, eval_every: int = 0, output: Path 
     report["wall_time_s"] = time.perf_counter() - start
     report["peak_memory_bytes"] = session.monitor.run_peak_bytes  # includes the final evals
     report["peak_memory_by_phase"] = dict(session.monitor.peaks)
+    report["reserved_peak_memory_by_phase"] = dict(session.monitor.reserved_peaks) or None
     if output is not None:
         _snapshot(session, keep, console)
         if save_model:

@@ -103,5 +103,17 @@ def test_report_writes_markdown_json_and_a_plot(tiny_folder, data_dir, tmp_path)
     assert "| phase | predicted | measured | measured / predicted |" in md
     assert set(summary["predicted_peak_by_phase"]) == {"train", "eval"}
     assert (run / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["measured_reserved_peak_by_phase"] == {}  # a CPU run has none
+    assert "reserved" not in md
     missing = invoke("report", str(tmp_path / "nothing"))
     assert missing.exit_code == 2 and "no report.json" in " ".join(missing.output.split())
+    # a CUDA run's report also gives the allocator's reserved peak per phase
+    report = json.loads((run / "report.json").read_text())
+    phases = report["peak_memory_by_phase"]
+    report["reserved_peak_memory_by_phase"] = {k: v + (8 << 20) for k, v in phases.items()}
+    (run / "report.json").write_text(json.dumps(report))
+    assert invoke("report", str(run)).exit_code == 0
+    md = (run / "memory.md").read_text()
+    assert "| measured / predicted | reserved (CUDA) |" in md
+    summary = json.loads((run / "memory.json").read_text())
+    assert summary["measured_reserved_peak_by_phase"]["train"] == phases["train"] + (8 << 20)

@@ -309,3 +309,38 @@ print((rss() - base) >> 20)
                                      capture_output=True, text=True).stdout)
             for mode in ("1mib", "strict")}
     assert held["strict"] <= 1 < 6 <= held["1mib"]
+
+
+def test_cuda_monitor_keeps_allocated_and_reserved_peaks_per_phase(monkeypatch):
+    """The CUDA path on a CPU machine, through a fake allocator: each phase resets the
+    peaks and records allocated and reserved; the sampler reads the device the phases
+    run on (the current device is per thread) and waits for the first phase, so it never
+    initialises CUDA itself."""
+    import time
+
+    from edgezo.memory.measure import MemoryMonitor
+
+    state = {"allocated": 0, "peak": 0, "reserved": 0, "devices": set()}
+
+    def allocated(device=None):
+        state["devices"].add(device)
+        return state["allocated"]
+
+    fake = {"synchronize": lambda device=None: None,
+            "reset_peak_memory_stats": lambda device=None: state.update(peak=0, reserved=0),
+            "max_memory_allocated": lambda device=None: state["peak"],
+            "max_memory_reserved": lambda device=None: state["reserved"],
+            "memory_allocated": allocated, "current_device": lambda: 3}
+    for name, fn in fake.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+    monitor = MemoryMonitor(torch.device("cuda"), interval_s=0.001)
+    time.sleep(0.02)
+    assert state["devices"] == set()  # nothing read before a phase
+    for name, peak, reserved in (("train", 100, 160), ("eval", 40, 64), ("train", 90, 200)):
+        with monitor.phase(name):
+            state.update(allocated=peak, peak=peak, reserved=reserved)
+            time.sleep(0.3)
+    monitor.close()
+    assert monitor.peaks == {"train": 100, "eval": 40}
+    assert monitor.reserved_peaks == {"train": 200, "eval": 64}
+    assert state["devices"] == {3} and monitor.samples

@@ -77,24 +77,34 @@ class MemoryMonitor:
         self.baseline_rss = self._proc.memory_info().rss
         self.samples: list[tuple[float, str, int]] = []  # (time, phase, bytes above baseline)
         self.peaks: dict[str, int] = {}
+        # CUDA only: the caching allocator's reserved peak per phase (allocated plus the
+        # cached blocks it holds), what the per-process cap is checked against
+        self.reserved_peaks: dict[str, int] = {}
         self._phase = self._last = "idle"
         self._phase_peak = 0
         self._t0 = time.perf_counter()
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        if self.device.type == "cpu":
-            self._thread = threading.Thread(target=self._sample_loop, daemon=True,
-                                            name="edgezo-memory")
-            self._thread.start()
+        # The device the first phase ran on, read on the calling thread: the current CUDA
+        # device is per thread, and the sampler must neither initialise CUDA nor read
+        # another rank's GPU.
+        self._cuda_index: int | None = None
+        # On the CPU the samples are also the peaks; on CUDA the allocator keeps exact
+        # peaks and the samples only draw memory over time.
+        self._thread = threading.Thread(target=self._sample_loop, daemon=True,
+                                        name="edgezo-memory")
+        self._thread.start()
 
     def current(self) -> int:
         if self.device.type == "cuda":
-            return torch.cuda.memory_allocated(self.device)
+            index = self._cuda_index if self._cuda_index is not None else self.device
+            return torch.cuda.memory_allocated(index)
         return max(0, self._proc.memory_info().rss - self.baseline_rss)
 
     def _sample_loop(self) -> None:
         last_record = 0.0
         while not self._stop.wait(self.interval_s):
+            if self.device.type == "cuda" and self._cuda_index is None:
+                continue  # no phase has started: CUDA may not be initialised yet
             value = self.current()
             self._phase_peak = max(self._phase_peak, value)
             now = time.perf_counter() - self._t0
@@ -108,6 +118,9 @@ class MemoryMonitor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            if self._cuda_index is None:
+                self._cuda_index = (self.device.index if self.device.index is not None
+                                    else torch.cuda.current_device())
         elif name != self._last:
             # The CPU's counterpart of resetting the peak: heap the previous phase freed
             # goes back to the OS, or it would count in this phase's peak. Only when the
@@ -120,6 +133,8 @@ class MemoryMonitor:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
                 peak = torch.cuda.max_memory_allocated(self.device)
+                reserved = torch.cuda.max_memory_reserved(self.device)
+                self.reserved_peaks[name] = max(self.reserved_peaks.get(name, 0), reserved)
             else:
                 peak = max(self._phase_peak, self.current())
             self.peaks[name] = max(self.peaks.get(name, 0), peak)

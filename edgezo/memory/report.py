@@ -8,8 +8,10 @@ Reads the run's report.json and writes, next to it:
 - memory.png: predicted components beside the measured phase peaks, and memory over time
   with the budget drawn on it.
 
-On CUDA the measured figures are the allocator's peaks, reset per phase; on the CPU they
-are the sampled resident memory above the pre-load baseline.
+On CUDA the measured figures are the allocator's peaks, reset per phase: allocated (what
+the plan predicts: live tensors) and reserved (allocated plus the blocks the caching
+allocator keeps, what the per-process cap holds); on the CPU they are the sampled
+resident memory above the pre-load baseline.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def memory_summary(report: dict) -> dict:
         "predicted_peak_bytes": predicted,
         "runtime_overhead_bytes": plan.get("runtime_overhead_bytes", 0),
         "measured_peak_by_phase": report.get("peak_memory_by_phase", {}),
+        "measured_reserved_peak_by_phase": report.get("reserved_peak_memory_by_phase") or {},
         "measured_peak_bytes": measured,
         "measured_over_predicted": (measured / predicted) if measured and predicted else None,
         "samples": report.get("memory_samples", []),
@@ -67,14 +70,18 @@ def _markdown(s: dict) -> str:
     else:
         lines += ["| predicted component | train step |", "| --- | ---: |"]
         lines += [f"| {k.replace('_', ' ')} | {human_bytes(v)} |" for k, v in train.items()]
+    reserved = s["measured_reserved_peak_by_phase"]
     lines += [f"| **predicted peak** | **{human_bytes(s['predicted_peak_bytes'] or 0)}** |", "",
-              "| phase | predicted | measured | measured / predicted |",
-              "| --- | ---: | ---: | ---: |"]
+              "| phase | predicted | measured | measured / predicted |"
+              + (" reserved (CUDA) |" if reserved else ""),
+              "| --- | ---: | ---: | ---: |" + (" ---: |" if reserved else "")]
     planned = s["predicted_peak_by_phase"]
     for k, v in s["measured_peak_by_phase"].items():
         p = planned.get(k)
         lines.append(f"| {k} | {human_bytes(p) if p else '-'} | {human_bytes(v)} | "
-                     f"{f'{v / p:.2f}' if p else '-'} |")
+                     f"{f'{v / p:.2f}' if p else '-'} |"
+                     + (f" {human_bytes(reserved[k]) if k in reserved else '-'} |"
+                        if reserved else ""))
     ratio = s["measured_over_predicted"]
     lines += ["", f"Measured peak (train and eval): {human_bytes(s['measured_peak_bytes'] or 0)}"
               + (f", {ratio:.2f}x the prediction" if ratio else "")
@@ -96,6 +103,11 @@ def _plot(s: dict, path: Path) -> None:
     phases = s["measured_peak_by_phase"]
     left.bar([f"measured\n{k}" for k in phases], [v / MiB for v in phases.values()],
              color="grey")
+    reserved = {k: v for k, v in s["measured_reserved_peak_by_phase"].items() if k in phases}
+    if reserved:
+        left.scatter([f"measured\n{k}" for k in reserved], [v / MiB for v in reserved.values()],
+                     marker="_", s=900, linewidths=2, color="black", zorder=3,
+                     label="reserved (CUDA allocator)")
     planned = {k: v for k, v in s["predicted_peak_by_phase"].items() if k in phases}
     if planned:
         left.scatter([f"measured\n{k}" for k in planned], [v / MiB for v in planned.values()],
