@@ -70,6 +70,9 @@ def measure(model: str, scheme: str, optimizer: str, batch: int, pair: bool | No
            "predicted_bytes": plan.phases["train"], "measured_bytes": s.monitor.peaks["train"],
            "eval_predicted_bytes": plan.phases["eval"],
            "eval_measured_bytes": s.monitor.peaks["eval"],
+           # CUDA: the caching allocator's reserved peaks, what the 8 GiB cap holds
+           "reserved_bytes": s.monitor.reserved_peaks.get("train"),
+           "eval_reserved_bytes": s.monitor.reserved_peaks.get("eval"),
            "components": plan.components, "eval_components": plan.eval_components}
     s.close()
     return out
@@ -159,7 +162,10 @@ def main() -> None:
                       f"{row['measured_bytes'] / row['predicted_bytes']:.3f}  eval: "
                       f"{row['eval_predicted_bytes'] / MiB:7.1f} / "
                       f"{row['eval_measured_bytes'] / MiB:7.1f} MiB ratio "
-                      f"{row['eval_measured_bytes'] / row['eval_predicted_bytes']:.3f}",
+                      f"{row['eval_measured_bytes'] / row['eval_predicted_bytes']:.3f}"
+                      + (f"  reserved: train {row['reserved_bytes'] / MiB:.1f}, eval "
+                         f"{row['eval_reserved_bytes'] / MiB:.1f} MiB"
+                         if row.get("reserved_bytes") else ""),
                       flush=True)
     for phase in ("", "eval_"):
         within = sum(abs(r[f"{phase}measured_bytes"] / r[f"{phase}predicted_bytes"] - 1) <= 0.10
