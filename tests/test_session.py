@@ -268,9 +268,13 @@ del big  # freed: glibc's default threshold rises to 16 MiB
 keep = [torch.ones(1 << 20, dtype=torch.uint8)]
 base = rss()
 blocks = [torch.ones(4 << 20, dtype=torch.uint8) for _ in range(8)]
-keep.append(torch.ones(1 << 16, dtype=torch.uint8))  # pins the heap's top above them
+top = max(b.data_ptr() for b in blocks)
+for _ in range(64):  # pin the heap's top above them: a block that lands higher (a free
+    keep.append(torch.ones(1 << 16, dtype=torch.uint8))  # chunk lower down may take one)
+    if keep[-1].data_ptr() > top:
+        break
 del blocks
-print((rss() - base) >> 20)
+print((rss() - base - sum(k.numel() for k in keep[1:])) >> 20)  # pins aside
 """
     held = {mode: int(subprocess.run([sys.executable, "-c", code, mode], check=True,
                                      capture_output=True, text=True).stdout)
@@ -297,7 +301,12 @@ else:
     assert libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
 rss = lambda: psutil.Process().memory_info().rss
 saved = [torch.ones(384 << 10, dtype=torch.uint8) for _ in range(64)]  # 24 MiB
-pin = torch.ones(200 << 10, dtype=torch.uint8)  # under both thresholds: the heap's top
+top = max(t.data_ptr() for t in saved)
+pins = []
+for _ in range(64):  # under both thresholds: pin the heap's top above them (a free chunk
+    pins.append(torch.ones(200 << 10, dtype=torch.uint8))  # lower down may take one)
+    if pins[-1].data_ptr() > top:
+        break
 del saved
 libc.malloc_trim(0)  # the free chunks' pages go back, their address range stays
 base = rss()
