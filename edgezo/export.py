@@ -20,8 +20,8 @@ import json
 import shutil
 from pathlib import Path
 
+from edgezo.config import PEFT_SCHEMES
 from edgezo.errors import ConfigError, unknown_choice
-from edgezo.schemes import PEFT_SCHEMES
 
 FORMATS = ("peft", "merged", "seedlog")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -82,12 +82,12 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path) -> Path:
 
 def _export_seedlog(run_dir: Path, out: Path) -> Path:
     from edgezo.checkpoint import RUN_FILE, SEED_LOG, read_run_file, read_seed_log
-    from edgezo.zo.optimizers import make_optimizer
+    from edgezo.config import RunConfig
 
-    settings = read_run_file(run_dir)
-    if make_optimizer(settings["optimizer"]).estimator == "fo" or settings.get("fo_blocks"):
-        raise ConfigError(f"{settings['optimizer']} steps use backpropagated gradients, which "
-                          "a seed log cannot hold; use --format peft or merged")
+    config = RunConfig.from_dict(read_run_file(run_dir), str(run_dir / RUN_FILE))
+    if not config.zo_only:
+        raise ConfigError(f"{config.optimizer.optimizer} steps use backpropagated gradients, "
+                          "which a seed log cannot hold; use --format peft or merged")
     entries = read_seed_log(run_dir)
     if not entries:
         raise ConfigError(f"{run_dir} has no seed log (finetune --output writes one)")

@@ -16,40 +16,11 @@ runs before them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
-from edgezo.errors import ConfigError, unknown_choice
-
-SCHEMES = ("full", "lora", "prefix", "prompt", "head")
-PEFT_SCHEMES = ("lora", "prefix", "prompt")
-
-
-@dataclass
-class SchemeOptions:
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_targets: list[str] = field(default_factory=list)  # empty: peft's default (q, v)
-    prefix_tokens: int = 5
-    prompt_tokens: int = 10
-    init_seed: int = 0
-
-
-def check_scheme(scheme: str, options: SchemeOptions) -> None:
-    if scheme not in SCHEMES:
-        raise unknown_choice("scheme", scheme, SCHEMES)
-    defaults = SchemeOptions()
-    used = {"lora": {"lora_r", "lora_alpha", "lora_targets"}, "prefix": {"prefix_tokens"},
-            "prompt": {"prompt_tokens"}}.get(scheme, set())
-    for name in ("lora_r", "lora_alpha", "lora_targets", "prefix_tokens", "prompt_tokens"):
-        if getattr(options, name) != getattr(defaults, name) and name not in used:
-            raise ConfigError(f"{name} applies to the {name.split('_')[0]} scheme, not "
-                              f"{scheme}; drop it or use --scheme {name.split('_')[0]}")
-    for name in ("lora_r", "prefix_tokens", "prompt_tokens"):
-        if getattr(options, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {getattr(options, name)}")
+from edgezo.config import SchemeOptions
+from edgezo.errors import ConfigError
 
 
 def _contiguous_head_input(model: nn.Module) -> None:
@@ -68,12 +39,13 @@ def _contiguous_head_input(model: nn.Module) -> None:
         head._edgezo_contiguous = True
 
 
-def apply_scheme(model: nn.Module, scheme: str, options: SchemeOptions | None = None
-                 ) -> nn.Module:
-    """Return the model to train (a peft model for adapter schemes), trainable set by
-    `scheme`."""
-    options = options or SchemeOptions()
-    check_scheme(scheme, options)
+def apply_scheme(model: nn.Module, options: SchemeOptions | str, seed: int = 0) -> nn.Module:
+    """Return the model to train (a peft model for adapter schemes), trainable set by the
+    scheme (a name, or RunConfig's scheme section with its options); `seed` draws the
+    prompt's and prefix's initial tokens."""
+    if isinstance(options, str):
+        options = SchemeOptions(scheme=options)
+    scheme = options.scheme
     _contiguous_head_input(model)
     if scheme == "full":
         return model
@@ -87,7 +59,7 @@ def apply_scheme(model: nn.Module, scheme: str, options: SchemeOptions | None = 
         return model
     import peft
 
-    generator = torch.Generator().manual_seed(options.init_seed)
+    generator = torch.Generator().manual_seed(seed)
     if scheme == "lora":
         config = peft.LoraConfig(task_type="CAUSAL_LM", r=options.lora_r,
                                  lora_alpha=options.lora_alpha, lora_dropout=0.0,

@@ -1,9 +1,9 @@
 """The fine-tune recipe behind `edgezo finetune`: evaluate, train, evaluate, report.
 
-Reads top to bottom: test accuracy before, `steps` ZO steps with a progress bar (step,
-loss, steps/s, ETA, memory) and optional validation evals, then validation and test
-accuracy after, and a summary. With an output folder it writes metrics.jsonl (one row
-per step, flushed as it goes), report.json and the fine-tuned model.
+Reads top to bottom (`finetune`): the device and plan lines, test accuracy before, the
+training loop with a progress bar (step, loss, steps/s, ETA, memory) and periodic
+validation, then validation and test accuracy after, the run folder's files and a
+summary. Everything it does is set by the session's RunConfig (`train` section).
 """
 
 from __future__ import annotations
@@ -16,11 +16,15 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from edgezo.errors import OutOfBudgetError, TrainingError
+from edgezo import runs
+from edgezo.config import DEFAULT_CHECKPOINT_EVERY, DEFAULT_KEEP, SECTION_OF
+from edgezo.errors import ConfigError, OutOfBudgetError, TrainingError
 from edgezo.profiles import GiB
 from edgezo.session import Session
+from edgezo.zo.result import StepResult
 
 MAX_NONFINITE_IN_A_ROW = 5
+MAX_ZERO_ESTIMATES_IN_A_ROW = 10
 
 
 def _gib(n: int | float | None) -> str:
@@ -44,12 +48,12 @@ def _progress(console: Console) -> Progress:
     )
 
 
-def _snapshot(session: Session, keep: int, console: Console) -> bool:
+def _snapshot(session: Session, console: Console) -> bool:
     """Snapshot into the run folder; a failed write (a full disk, say) is reported and
     the run goes on: the previous snapshots are untouched (they are replaced only by a
     rename once the new one is complete)."""
     try:
-        session.checkpoint(keep)
+        session.checkpoint(session.config.train.keep or DEFAULT_KEEP)
         return True
     except OSError as err:
         console.print(f"[yellow]warning:[/] snapshot at step {session.engine.step_index} "
@@ -58,16 +62,112 @@ def _snapshot(session: Session, keep: int, console: Console) -> bool:
         return False
 
 
-def finetune(session: Session, steps: int, *, eval_every: int = 0, output: Path | None = None,
-             save_model: bool = True, console: Console | None = None,
-             checkpoint_every: int = 100, keep: int = 3) -> dict:
-    """Run the fine-tune up to `steps` steps in all and return the report dict (also
-    written to output/). A session resumed from `output` continues where it stopped."""
-    if session.rank != 0:  # data-parallel: rank 0 alone writes the run folder and talks
-        output, console = None, Console(quiet=True)
-    console = console or Console()
-    if output is not None:
-        session.record(output)
+class Diverged(TrainingError):
+    """The run stopped making sense; `good_step`: the last step count whose weights were
+    still sound (the run goes back there when it can)."""
+
+    def __init__(self, message: str, good_step: int):
+        super().__init__(message)
+        self.good_step = good_step
+
+
+class DivergenceWatch:
+    """Looks at each step for a run that has gone wrong: non-finite losses in a row,
+    weights that became non-finite, or estimates that collapsed to exactly zero step
+    after step (saturated weights: the loss no longer moves whatever the direction)."""
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.streak_start: int | None = None  # first step of the current suspicious run
+        self.nonfinite = self.zeros = 0
+        # only the cross-entropy's estimates must move: an accuracy objective is often
+        # flat, and FO steps have no projected gradient
+        self.zeros_matter = (session.config.estimator.objective == "ce"
+                             and not session.custom_objective)
+
+    def see(self, r: StepResult) -> None:
+        zero = (self.zeros_matter and bool(r.projected_grads)
+                and all(g == 0.0 for g in r.projected_grads))
+        if not (r.skipped or zero):
+            self.streak_start, self.nonfinite, self.zeros = None, 0, 0
+            return
+        if self.streak_start is None:
+            self.streak_start = r.step
+        self.nonfinite = self.nonfinite + 1 if r.skipped else 0
+        self.zeros = self.zeros + 1 if zero else 0
+        good = max(0, self.streak_start - 1)  # before the update that led here
+        lr = self.session.config.optimizer.lr
+        if not runs.weights_finite(self.session):
+            raise Diverged(f"the weights became non-finite (found at step {r.step + 1}); "
+                           f"lower --lr (now {lr:g})", good)
+        if self.nonfinite >= MAX_NONFINITE_IN_A_ROW:
+            raise TrainingError(
+                f"the loss was not finite for {self.nonfinite} steps in a row (last at step "
+                f"{r.step + 1}); lower --lr or --eps, or use --dtype fp32")
+        if self.zeros >= MAX_ZERO_ESTIMATES_IN_A_ROW:
+            raise Diverged(
+                f"the last {self.zeros} estimates were exactly 0 (L(θ+εz) = L(θ−εz), loss "
+                f"{r.loss:.4f}): the weights saturated, or ε is below the loss's rounding. "
+                f"Lower --lr (now {lr:g}); if the loss never moved, raise --eps or use "
+                "--dtype fp32", good)
+
+
+def _train_loop(session: Session, console: Console, metrics, watch: DivergenceWatch,
+                first: int) -> None:
+    """The steps from `first` to the configured number, each logged, snapshotted and
+    watched; periodic validation printed and logged."""
+    t = session.config.train
+    steps, output = t.steps, t.output
+    every = t.checkpoint_every if t.checkpoint_every is not None else DEFAULT_CHECKPOINT_EVERY
+    start, log_every = time.perf_counter(), max(1, steps // 20)
+    with _progress(console) as progress:
+        bar = progress.add_task("train", total=steps, loss="-", rate="-", mem="-",
+                                completed=first)
+        for i in range(first, steps):
+            r = session.step()
+            row = _metrics_row(session, r)
+            if t.eval_every and (i + 1) % t.eval_every == 0:
+                row["validation_accuracy"] = session.evaluate("validation")["accuracy"]
+                progress.console.print(f"step {i + 1}: validation accuracy "
+                                       f"{row['validation_accuracy']:.4f}")
+            if metrics is not None:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+            if output is not None and every and (i + 1) % every == 0:
+                _snapshot(session, console)
+            rate = (i + 1 - first) / (time.perf_counter() - start)
+            progress.update(bar, advance=1, loss=f"{r.loss:.4f}", rate=f"{rate:.2f}",
+                            mem=_gib(row["memory_bytes"]))
+            if not console.is_terminal and ((i + 1) % log_every == 0 or i + 1 == steps):
+                console.print(f"step {i + 1}/{steps} loss {r.loss:.4f} {rate:.2f} steps/s "
+                              f"mem {_gib(row['memory_bytes'])}")
+            watch.see(r)
+
+
+def _metrics_row(session: Session, r: StepResult) -> dict:
+    row = {"step": r.step + 1, "loss": r.loss, "loss_plus": r.loss_plus,
+           "loss_minus": r.loss_minus, "projected_grads": r.projected_grads,
+           "seeds": r.seeds, "lr": r.lr, "time_s": r.time_s,
+           "forward_passes": r.forward_passes, "skipped": r.skipped,
+           "memory_bytes": session.monitor.current()}
+    if r.move:
+        row["move"] = r.move
+    return row
+
+
+def _accuracy_before(session: Session, output: Path | None, console: Console) -> float:
+    """Test accuracy before training (kept in the run folder, so a resume reuses it)."""
+    before_file = output / "accuracy_before.json" if output is not None else None
+    if before_file is not None and before_file.is_file():
+        return json.loads(before_file.read_text())["accuracy"]
+    console.print("Evaluating the test set before training...")
+    before = session.evaluate("test")["accuracy"]
+    if before_file is not None:
+        before_file.write_text(json.dumps({"accuracy": before}))
+    return before
+
+
+def _print_plan(session: Session, console: Console) -> None:
     console.print(describe_device(session))
     plan = session.plan
     console.print(f"Plan: predicted peak {_gib(plan.peak_bytes)} of "
@@ -79,98 +179,122 @@ def finetune(session: Session, steps: int, *, eval_every: int = 0, output: Path 
                       f"{'' if session.optimizer.estimator == 'fo' else ', hybrid'}): "
                       f"gradients {_gib(plan.components['fo_gradients'])}, activations kept "
                       f"for the backward {_gib(plan.components['fo_activations'])}.")
+
+
+def finetune(session: Session, steps: int | None = None, *, console: Console | None = None,
+             **train) -> dict:
+    """Run the fine-tune up to `steps` steps in all (default: the config's) and return the
+    report dict (also written to the run folder). `train`: other options of the config's
+    train section to change first (output, eval_every, ...). A session resumed from its
+    folder continues where it stopped."""
+    _set_train_options(session, train if steps is None else {**train, "steps": steps})
+    t = session.config.train
+    output = Path(t.output) if t.output is not None else None
+    if session.rank != 0:  # data-parallel: rank 0 alone writes the run folder and talks
+        output, console = None, Console(quiet=True)
+    console = console or Console()
     first = session.engine.step_index  # > 0 when resumed
-    before_file = output / "accuracy_before.json" if output is not None else None
-    if before_file is not None and before_file.is_file():
-        before = json.loads(before_file.read_text())["accuracy"]
-    else:
-        console.print("Evaluating the test set before training...")
-        before = session.evaluate("test")["accuracy"]
-        if before_file is not None:
-            before_file.write_text(json.dumps({"accuracy": before}))
+    if output is not None:
+        session.record(output)
+        if first == 0:
+            _snapshot(session, console)  # the start: what a diverged run goes back to
+    _print_plan(session, console)
+    before = _accuracy_before(session, output, console)
     console.print(f"Test accuracy before: {before:.4f}")
     if first:
-        console.print(f"Resumed at step {first} of {steps}.")
+        console.print(f"Resumed at step {first} of {t.steps}.")
+    start = time.perf_counter()
+    stopped = _run_steps(session, console, output, first)
+    report = _final_report(session, before, time.perf_counter() - start, stopped)
+    _write_run_folder(session, report, output, console, stopped)
+    if stopped is not None and not isinstance(stopped, KeyboardInterrupt):
+        raise stopped  # after the model and report are safely written
+    console.print(summary_table(report))
+    return report
 
+
+def _set_train_options(session: Session, train: dict) -> None:
+    other = [k for k in train if SECTION_OF.get(k) != "train"]
+    if other:
+        raise ConfigError(f"finetune() takes the train section's options; not {other}")
+    if train:
+        session.config = session.config.override(**train).validate()
+
+
+def _run_steps(session: Session, console: Console, output: Path | None, first: int):
+    """The loop, and how it ended: None, or the interruption or error that stopped it
+    (the weights then are the last sound ones, snapshotted where there is a folder)."""
     metrics = None
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
         # metrics.jsonl: appended on resume; rows of replayed steps are already in it
         metrics = open(output / "metrics.jsonl", "a" if first else "w")  # noqa: SIM115
-    interrupted, nonfinite_streak = False, 0
-    over_budget: OutOfBudgetError | None = None
-    start = time.perf_counter()
-    log_every = max(1, steps // 20)
     try:
-        with _progress(console) as progress:
-            bar = progress.add_task("train", total=steps, loss="-", rate="-", mem="-",
-                                    completed=first)
-            for i in range(first, steps):
-                r = session.step()
-                nonfinite_streak = nonfinite_streak + 1 if r.skipped else 0
-                row = {"step": r.step + 1, "loss": r.loss, "loss_plus": r.loss_plus,
-                       "loss_minus": r.loss_minus, "projected_grads": r.projected_grads,
-                       "seeds": r.seeds, "lr": r.lr, "time_s": r.time_s,
-                       "forward_passes": r.forward_passes, "skipped": r.skipped,
-                       "memory_bytes": session.monitor.current()}
-                if r.move:
-                    row["move"] = r.move
-                if eval_every and (i + 1) % eval_every == 0:
-                    row["validation_accuracy"] = session.evaluate("validation")["accuracy"]
-                if metrics is not None:
-                    metrics.write(json.dumps(row) + "\n")
-                    metrics.flush()
-                if output is not None and checkpoint_every and (i + 1) % checkpoint_every == 0:
-                    _snapshot(session, keep, console)
-                rate = (i + 1 - first) / (time.perf_counter() - start)
-                progress.update(bar, advance=1, loss=f"{r.loss:.4f}", rate=f"{rate:.2f}",
-                                mem=_gib(row["memory_bytes"]))
-                if not console.is_terminal and ((i + 1) % log_every == 0 or i + 1 == steps):
-                    console.print(f"step {i + 1}/{steps} loss {r.loss:.4f} {rate:.2f} steps/s "
-                                  f"mem {_gib(row['memory_bytes'])}")
-                if nonfinite_streak >= MAX_NONFINITE_IN_A_ROW:
-                    raise TrainingError(
-                        f"the loss was not finite for {nonfinite_streak} steps in a row (last "
-                        f"at step {r.step + 1}); lower --lr or --eps, or use --dtype fp32")
-    except KeyboardInterrupt:
-        interrupted = True
+        _train_loop(session, console, metrics, DivergenceWatch(session), first)
+        return None
+    except KeyboardInterrupt as stop:
         console.print(f"Interrupted at step {session.engine.step_index}; evaluating and saving.")
-    except TrainingError:
-        if output is not None and _snapshot(session, keep, console):
+        return stop
+    except Diverged as stop:
+        return _after_divergence(session, stop, console)
+    except TrainingError as stop:
+        if output is not None and _snapshot(session, console):
             console.print(f"Saved a snapshot at step {session.engine.step_index} (the skipped "
                           "steps changed no weight).")
-        raise
-    except OutOfBudgetError as err:
-        over_budget = err
+        return stop
+    except OutOfBudgetError as stop:
         console.print(f"Over budget after {len(session.history)} steps; saving the model "
                       "without the final evaluations.")
+        return stop
     finally:
         if metrics is not None:
             metrics.close()
 
+
+def _after_divergence(session: Session, stop: Diverged, console: Console) -> TrainingError:
+    """Go back to the last sound weights (snapshot + seed log) and say so."""
+    if runs.rewind(session, stop.good_step):
+        _snapshot(session, console)
+        return TrainingError(f"{stop}. The run stopped and went back to step "
+                             f"{stop.good_step}, before it diverged: the snapshot and the "
+                             "saved model hold those weights")
+    err = TrainingError(f"{stop}. The run stopped; its weights are not sound (no snapshot "
+                        f"at or before step {stop.good_step} to go back to), so none were "
+                        "saved")
+    err.unsound = True
+    return err
+
+
+def _final_report(session: Session, before: float, wall_s: float, stopped) -> dict:
     report = session.report()
-    if over_budget is None:
+    sound = stopped is None or isinstance(stopped, KeyboardInterrupt)
+    if sound:
         report["validation_accuracy"] = session.evaluate("validation")["accuracy"]
         report["test_accuracy"] = session.evaluate("test")["accuracy"]
     else:
-        report["stopped"] = f"over budget: {over_budget}"
+        report["stopped"] = (f"over budget: {stopped}" if isinstance(stopped, OutOfBudgetError)
+                             else str(stopped))
     report["accuracy_before"] = before
-    report["interrupted"] = interrupted
-    report["wall_time_s"] = time.perf_counter() - start
+    report["interrupted"] = isinstance(stopped, KeyboardInterrupt)
+    report["wall_time_s"] = wall_s
     report["peak_memory_bytes"] = session.monitor.run_peak_bytes  # includes the final evals
     report["peak_memory_by_phase"] = dict(session.monitor.peaks)
     report["reserved_peak_memory_by_phase"] = dict(session.monitor.reserved_peaks) or None
-    if output is not None:
-        _snapshot(session, keep, console)
-        if save_model:
-            session.save(output / "model")
-        (output / "report.json").write_text(json.dumps(report, indent=2))
-        if interrupted or over_budget is not None:
-            console.print(f"Resume with: edgezo finetune --resume {output} --steps {steps}")
-    if over_budget is not None:
-        raise over_budget  # after the model and report are safely written
-    console.print(summary_table(report))
     return report
+
+
+def _write_run_folder(session: Session, report: dict, output: Path | None, console: Console,
+                      stopped) -> None:
+    if output is None:
+        return
+    t = session.config.train
+    if not getattr(stopped, "unsound", False):
+        _snapshot(session, console)
+        if t.save_model is not False:
+            session.save(output / "model")
+    (output / "report.json").write_text(json.dumps(report, indent=2))
+    if isinstance(stopped, (KeyboardInterrupt, OutOfBudgetError)):
+        console.print(f"Resume with: edgezo finetune --resume {output} --steps {t.steps}")
 
 
 def summary_table(report: dict) -> Table:
@@ -198,3 +322,5 @@ def summary_table(report: dict) -> Table:
     for k, v in rows:
         table.add_row(k, v)
     return table
+
+

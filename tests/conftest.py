@@ -51,3 +51,15 @@ def lm_batch(vocab: int, rows: int = 4, seq: int = 7, seed: int = 0) -> dict:
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def zo_engine(model, optimizer, *, seed: int = 0, pair: bool = True, loss_fn=None,
+              blocks=None, **estimator):
+    """A ZOEngine with the estimator options as keywords (eps, q, block_wise, ...) and the
+    tasks' per-example loss unless another is given."""
+    from edgezo.config import EstimatorOptions
+    from edgezo.tasks.loss import example_losses
+    from edgezo.zo.engine import ZOEngine
+
+    return ZOEngine(model, optimizer, EstimatorOptions(**estimator),
+                    loss_fn=loss_fn or example_losses, seed=seed, pair=pair, blocks=blocks)

@@ -32,7 +32,7 @@ def test_user_errors_exit_2_with_a_message(args, needle):
 def test_bad_dtype_lists_valid_ones(tiny_folder, data_dir):
     result = invoke("finetune", "--model", tiny_folder, "--dtype", "int4",
                     "--data-dir", data_dir, "--steps", "1")
-    assert result.exit_code == 2 and "valid dtypes: fp32, bf16, fp16" in result.output
+    assert result.exit_code == 2 and "valid dtypes: bf16, fp16, fp32" in result.output
 
 
 def test_profiles_list_and_show():

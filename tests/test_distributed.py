@@ -1,5 +1,13 @@
-"""Data-parallel ZO on torch.distributed (gloo, 2 CPU processes) equals one process."""
+"""Data-parallel ZO on torch.distributed (gloo, 2 CPU processes).
 
+What must hold exactly, whatever the machine's load: both ranks end with bit-identical
+replicas (they apply the same g to the same weights), and those replicas are exactly the
+weights that replaying the run's seed log on one process rebuilds. What holds to rounding:
+the projected gradients against one process on the combined batch (each rank multiplies
+half the rows, and a kernel may block a 4-row and an 8-row product differently).
+"""
+
+import json
 import os
 import subprocess
 import sys
@@ -8,40 +16,74 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from edgezo.checkpoint import snapshots
+from edgezo.checkpoint import read_seed_log
+
+WORKER = """
+import sys
+import torch.distributed as dist
+from safetensors.torch import save_file
+from edgezo.session import Session
+from edgezo.train import finetune
+
+model, data_dir, out, task = sys.argv[1:5]
+s = Session(model, data_dir=data_dir, profile="cpu-16gb", task=task, batch_size=4, lr=0.02,
+            eps=0.01, max_length=48, eval_batch_size=64, dtype="fp32", distributed=True)
+finetune(s, 4, output=out, save_model=False)
+names = s.engine.blocks.names
+save_file({n: p.detach().contiguous() for n, p in zip(names, s.engine.blocks.params)},
+          f"{out}-rank{dist.get_rank()}.safetensors")
+s.close()
+"""
 
 
-def finetune(folder, data_dir, out, ranks, task):
+def one_process(folder, data_dir, out, task):
     args = ["finetune", "--model", folder, "--data-dir", data_dir, "--profile", "cpu-16gb",
-            "--task", task,
-            "--batch-size", "4", "--lr", "0.02", "--eps", "0.01", "--max-length", "48",
-            "--steps", "4", "--output", str(out), "--no-save-model", "--eval-batch-size", "64",
-            "--dtype", "fp32"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    if ranks == 1:
-        cmd = [sys.executable, "-m", "edgezo.cli", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-               "--master-port", "29561", "-m", "edgezo.cli", *args, "--distributed"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+            "--task", task, "--batch-size", "4", "--lr", "0.02", "--eps", "0.01",
+            "--max-length", "48", "--steps", "4", "--output", str(out), "--no-save-model",
+            "--eval-batch-size", "64", "--dtype", "fp32"]
+    proc = subprocess.run([sys.executable, "-m", "edgezo.cli", *args], capture_output=True,
+                          text=True, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return load_file(str(snapshots(out)[-1] / "weights.safetensors"))
+
+
+def _env():
+    return {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
 
 @pytest.mark.parametrize("task", ["sst2", "copa"])
-def test_two_gloo_ranks_equal_one_process_on_the_combined_batch(tiny_folder, data_dir,
-                                                                 tmp_path, task):
-    import json
+def test_two_gloo_ranks_keep_identical_replicas_that_replay_exactly(tiny_folder, data_dir,
+                                                                     tmp_path, task):
+    from edgezo.session import Session
 
-    one = finetune(tiny_folder, data_dir, tmp_path / "one", 1, task)
-    two = finetune(tiny_folder, data_dir, tmp_path / "two", 2, task)
-    assert one.keys() == two.keys()
-    # Each rank computes its half of the rows, the single process all of them: a kernel
-    # may block a 4-row and an 8-row matmul differently, so the losses agree to rounding
-    # (in fp32; bf16 would amplify its rounding by 1/2eps), not always bit for bit.
-    for k in one:
-        torch.testing.assert_close(one[k], two[k], rtol=1e-5, atol=1e-6, msg=k)
-    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    two = tmp_path / "two"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                           "2", "--master-port", "29561", str(worker), tiny_folder, data_dir,
+                           str(two), task], capture_output=True, text=True, env=_env(),
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rank0 = load_file(f"{two}-rank0.safetensors")
+    rank1 = load_file(f"{two}-rank1.safetensors")
+    assert rank0.keys() == rank1.keys()
+    for k in rank0:
+        assert torch.equal(rank0[k], rank1[k]), k  # the replicas never drift apart
+    replayed = Session.replay_run(two)
+    try:
+        for n, p in zip(replayed.engine.blocks.names, replayed.engine.blocks.params,
+                        strict=True):
+            assert torch.equal(p.detach(), rank0[n]), n  # the log holds the whole run
+    finally:
+        replayed.close()
+    one = tmp_path / "one"
+    one_process(tiny_folder, data_dir, one, task)
+    g_one = [e["groups"][0]["grads"][0] for e in read_seed_log(one)]
+    g_two = [e["groups"][0]["grads"][0] for e in read_seed_log(two)]
+    # fp32 losses of ~0.7 agree to ~1e-7; over 2ε = 0.02 that is ~5e-6 in g
+    assert len(g_one) == len(g_two) == 4
+    assert g_two == pytest.approx(g_one, abs=1e-4)
+    assert g_two != pytest.approx([0.0] * 4, abs=1e-3)  # and the run did move
+    report = json.loads((two / "report.json").read_text())
     comm = report["data_parallel"]
     # per step, one gather of 2 halves x 2 examples x 4 bytes from each of 2 ranks
     assert comm["ranks"] == 2 and comm["bytes_communicated"] == 4 * (2 * 2 * 4 * 2)

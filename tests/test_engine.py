@@ -4,13 +4,12 @@ import copy
 
 import pytest
 import torch
-from conftest import lm_batch
+from conftest import lm_batch, zo_engine
 
 from edgezo.models.tiny import FAMILIES, VOCAB, tiny_model
 from edgezo.tasks.loss import example_losses
 from edgezo.zo import noise
 from edgezo.zo.blocks import build_block_map
-from edgezo.zo.engine import ZOEngine
 from edgezo.zo.optimizers import make_optimizer
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -30,7 +29,7 @@ def same_weights(model, snap) -> bool:
 def test_weights_restored_bit_exactly_with_zero_lr(family, pair, dtype):
     model = tiny_model(family, dtype=dtype)
     before = snapshot(model)
-    engine = ZOEngine(model, make_optimizer("zo-sgd"), eps=1e-2, seed=0, pair=pair)
+    engine = zo_engine(model, make_optimizer("zo-sgd"), eps=1e-2, seed=0, pair=pair)
     for step in range(3):
         engine.step(lm_batch(VOCAB, seed=step), lr=0.0)
     engine.close()
@@ -41,10 +40,10 @@ def test_weights_restored_bit_exactly_with_zero_lr(family, pair, dtype):
 def test_pair_mode_equals_two_sequential_passes(family):
     model = tiny_model(family)
     batch = lm_batch(VOCAB)
-    pair = ZOEngine(model, make_optimizer("zo-sgd"), eps=1e-3, seed=5, pair=True)
+    pair = zo_engine(model, make_optimizer("zo-sgd"), eps=1e-3, seed=5, pair=True)
     p = pair.losses(batch, 123)
     pair.close()
-    two = ZOEngine(model, make_optimizer("zo-sgd"), eps=1e-3, seed=5, pair=False)
+    two = zo_engine(model, make_optimizer("zo-sgd"), eps=1e-3, seed=5, pair=False)
     t = two.losses(batch, 123)
     two.close()
     assert p == t
@@ -64,7 +63,7 @@ def perturbed_copy(model, seed: int, scale: float):
 def test_projected_gradient_matches_finite_difference_along_the_same_z(family):
     model = tiny_model(family)
     batch, eps, seed = lm_batch(VOCAB), 1e-3, 99
-    engine = ZOEngine(model, make_optimizer("zo-sgd"), eps=eps, seed=0, pair=True)
+    engine = zo_engine(model, make_optimizer("zo-sgd"), eps=eps, seed=0, pair=True)
     plus, minus = engine.losses(batch, seed)
     engine.close()
     with torch.no_grad():
@@ -84,7 +83,7 @@ def test_projected_gradient_is_the_directional_derivative():
     """
     model = tiny_model("llama", dtype=torch.float64)
     batch, seed, eps = lm_batch(VOCAB), 4, 1e-4
-    engine = ZOEngine(model, make_optimizer("zo-sgd"), eps=eps, seed=0)
+    engine = zo_engine(model, make_optimizer("zo-sgd"), eps=eps, seed=0)
     plus, minus = engine.losses(batch, seed)
     engine.close()
     g = (plus - minus) / (2 * eps)
@@ -99,7 +98,7 @@ def test_projected_gradient_is_the_directional_derivative():
 def test_update_is_theta_minus_lr_g_z_and_is_deferred():
     model = tiny_model("llama")
     before = snapshot(model)
-    engine = ZOEngine(model, make_optimizer("zo-sgd"), eps=1e-3, seed=3)
+    engine = zo_engine(model, make_optimizer("zo-sgd"), eps=1e-3, seed=3)
     r = engine.step(lm_batch(VOCAB), lr=0.1)
     assert same_weights(model, before)  # deferred: nothing written yet
     engine.flush()
@@ -116,7 +115,7 @@ def test_deferred_update_lands_before_the_next_perturbation():
     results = []
     for flush_each_step in (False, True):
         model = tiny_model("gpt2")
-        engine = ZOEngine(model, make_optimizer("zo-sgd"), eps=1e-3, seed=1)
+        engine = zo_engine(model, make_optimizer("zo-sgd"), eps=1e-3, seed=1)
         losses = []
         for step in range(4):
             losses.append(engine.step(lm_batch(VOCAB, seed=step), lr=0.05).loss)
@@ -130,7 +129,7 @@ def test_deferred_update_lands_before_the_next_perturbation():
 
 def run(seed: int, family: str = "qwen2"):
     model = tiny_model(family)
-    engine = ZOEngine(model, make_optimizer("zo-sgd"), eps=1e-3, seed=seed)
+    engine = zo_engine(model, make_optimizer("zo-sgd"), eps=1e-3, seed=seed)
     out = [engine.step(lm_batch(VOCAB, seed=s), lr=0.05) for s in range(3)]
     engine.close()
     return [(r.loss, r.projected_grad, r.seed) for r in out], snapshot(model)
@@ -149,7 +148,7 @@ def test_released_scratch_is_freed_and_the_run_goes_on_unchanged():
     it); the next step allocates it again and computes exactly what it would have."""
     def go(release: bool):
         model = tiny_model("llama")
-        engine = ZOEngine(model, make_optimizer("zo-sgd"), eps=1e-2, seed=0)
+        engine = zo_engine(model, make_optimizer("zo-sgd"), eps=1e-2, seed=0)
         losses = []
         for s in range(3):
             losses.append(engine.step(lm_batch(VOCAB, seed=s), lr=1e-2).loss)
@@ -168,7 +167,7 @@ def test_released_scratch_is_freed_and_the_run_goes_on_unchanged():
 def test_every_family_takes_a_step_that_changes_every_parameter(family):
     model = tiny_model(family)
     before = snapshot(model)
-    engine = ZOEngine(model, make_optimizer("zo-sgd"), eps=1e-3, seed=0)
+    engine = zo_engine(model, make_optimizer("zo-sgd"), eps=1e-3, seed=0)
     r = engine.step(lm_batch(VOCAB), lr=0.5)
     engine.close()
     assert torch.isfinite(torch.tensor([r.loss, r.projected_grad])).all()
@@ -205,7 +204,7 @@ def test_non_finite_loss_skips_the_update():
     def nan_loss(m, batch):
         return example_losses(m, batch) * float("nan")
 
-    engine = ZOEngine(model, make_optimizer("zo-sgd"), eps=1e-3, seed=0, loss_fn=nan_loss)
+    engine = zo_engine(model, make_optimizer("zo-sgd"), eps=1e-3, seed=0, loss_fn=nan_loss)
     r = engine.step(lm_batch(VOCAB), lr=0.1)
     engine.close()
     assert r.skipped and same_weights(model, before)
@@ -216,7 +215,7 @@ def test_language_modelling_batches_with_labels():
     batch = lm_batch(VOCAB)
     labels = batch["input_ids"].clone()
     labels[:, :4] = -100
-    engine = ZOEngine(model, make_optimizer("zo-sgd"), eps=1e-3, seed=0)
+    engine = zo_engine(model, make_optimizer("zo-sgd"), eps=1e-3, seed=0)
     r = engine.step({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                      "labels": labels}, lr=0.01)
     engine.close()
@@ -225,6 +224,6 @@ def test_language_modelling_batches_with_labels():
 
 def test_wrappers_are_removed_on_close():
     model = tiny_model("opt")
-    engine = ZOEngine(model, make_optimizer("zo-sgd"), eps=1e-3, seed=0)
+    engine = zo_engine(model, make_optimizer("zo-sgd"), eps=1e-3, seed=0)
     engine.close()
     assert all("forward" not in m.__dict__ for m in model.modules())

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 from edgezo.cli.main import app
+from planning import plan_of, run_plan
 from typer.testing import CliRunner
 
-from edgezo.memory.planner import PlanRequest, plan_run, price, quantized_weight_bytes
 from edgezo.models.tiny import tiny_config
 from edgezo.profiles import load_profile
 
@@ -32,9 +32,9 @@ def tiny_llama_file(config_file):
 def test_components_by_hand(config_file):
     """Tiny Llama (H=32, I=64, 2 layers, vocab 256, tied), fp32, batch 2 x 8 tokens."""
     path = tiny_llama_file(config_file)
-    req = PlanRequest(model=path, profile="cpu-16gb", dtype="fp32", batch_size=2, seq_len=8,
-                      optimizer="zo-adam")
-    plan = price(req, pair=True)
+    req = dict(model=path, profile="cpu-16gb", dtype="fp32", batch_size=2, seq_len=8,
+               optimizer="zo-adam")
+    plan = plan_of(**req, pair=True)
     H, inter, V, L = 32, 64, 256, 2
     # per layer: 2 norms (H), q (H·H), k and v (H·H/2 each: 2 of 4 heads), o (H·H), MLP 3·H·I
     layer = 2 * H + H * H + 2 * (H * H // 2) + H * H + 3 * H * inter
@@ -49,15 +49,15 @@ def test_components_by_hand(config_file):
     # block-wise ZO leaves the layers outside the current block unsplit: the doubled batch
     doubled = (rows * 8 * (4 * H + 3 * inter) * 4 + rows * 4 * 8 * 8 * 4
                + rows * V * (4 + 3 * 4))
-    blockwise = price(PlanRequest(**{**req.__dict__, "block_wise": True}), pair=True)
+    blockwise = plan_of(**{**req, "block_wise": True}, pair=True)
     assert blockwise.components["activations"] == doubled
     # so does a layer trained by FO in hybrid ZO/FO (nothing in it is perturbed)
-    hybrid = price(PlanRequest(**{**req.__dict__, "fo_blocks": [-1]}), pair=True)
+    hybrid = plan_of(**{**req, "fo_blocks": [-1]}, pair=True)
     assert hybrid.components["activations"] == doubled
-    head_fo = price(PlanRequest(**{**req.__dict__, "fo_blocks": ["head"]}), pair=True)
+    head_fo = plan_of(**{**req, "fo_blocks": ["head"]}, pair=True)
     assert head_fo.components["activations"] == half
     assert plan.components["weights"] >= params * 4  # plus the rotary buffer
-    two = price(req, pair=False)
+    two = plan_of(**req, pair=False)
     assert two.components["perturbation_scratch"] < plan.components["perturbation_scratch"]
 
 
@@ -69,8 +69,8 @@ def test_noise_buffers_follow_the_largest_chunk_and_fo_has_no_scratch(config_fil
     from edgezo.zo import noise
 
     def buffers(path, **kw):
-        plan = price(PlanRequest(model=path, profile="cpu-16gb", dtype="fp32", batch_size=2,
-                                 seq_len=8, **kw), pair=True)
+        plan = plan_of(model=path, profile="cpu-16gb", dtype="fp32", batch_size=2,
+                       seq_len=8, **kw, pair=True)
         return plan, plan.components["noise_buffers"] // (THREAD_BUFFERS * 4)
 
     per_thread = noise.worker_threads() + 1
@@ -95,27 +95,25 @@ def test_config_plan_matches_the_live_session_plan(tiny_folder, data_dir):
             live = sess.plan
         finally:
             sess.close()
-        req = PlanRequest(model=tiny_folder, scheme=scheme, optimizer=optimizer,
-                          batch_size=4, seq_len=live.seq_len)
-        assert price(req, pair=live.pair).components == live.components, scheme
+        planned = plan_of(model=tiny_folder, scheme=scheme, optimizer=optimizer,
+                          batch_size=4, seq_len=live.seq_len, pair=live.pair)
+        assert planned.components == live.components, scheme
 
 
 def test_largest_batch_is_the_boundary(config_file):
     path = config_file(LLAMA_7B)
-    req = PlanRequest(model=path, profile="24gb-gpu", scheme="lora", quantize="nf4",
-                      seq_len=512)
-    result = plan_run(req)
+    req = dict(model=path, profile="24gb-gpu", scheme="lora", quantize="nf4", seq_len=512)
+    result = run_plan(**req)
     best = result.max_batch_size
     assert best > 1
-    at = price(PlanRequest(**{**req.__dict__, "batch_size": best}), pair=result.plan.pair)
-    over = price(PlanRequest(**{**req.__dict__, "batch_size": best + 1}),
-                 pair=result.plan.pair)
+    at = plan_of(**{**req, "batch_size": best}, pair=result.plan.pair)
+    over = plan_of(**{**req, "batch_size": best + 1}, pair=result.plan.pair)
     assert at.fits and not over.fits
 
 
 def test_a_7b_model_on_8gb_is_refused_with_priced_advice(config_file):
     path = config_file(LLAMA_7B)
-    result = plan_run(PlanRequest(model=path, profile="8gb-gpu", offload="off"))
+    result = run_plan(model=path, profile="8gb-gpu", offload="off")
     assert not result.plan.fits and result.max_batch_size == 0
     changes = {a["change"]: a for a in result.alternatives}
     assert changes["--scheme lora --quantize nf4"]["fits"]
@@ -132,11 +130,11 @@ def test_a_7b_model_on_8gb_is_refused_with_priced_advice(config_file):
 
 def test_a_7b_model_on_8gb_fits_by_streaming_layers(config_file):
     path = config_file(LLAMA_7B)
-    result = plan_run(PlanRequest(model=path, profile="8gb-gpu"))
+    result = run_plan(model=path, profile="8gb-gpu")
     p = result.plan
     assert p.fits and p.streaming["tier"] == "host" and p.streaming["buffers"] == 2
     n = len(p.streaming["layers"])
-    fewer = price(PlanRequest(model=path, profile="8gb-gpu"), pair=p.pair, streamed=n - 1)
+    fewer = plan_of(model=path, profile="8gb-gpu", pair=p.pair, streamed=n - 1)
     assert not fewer.fits  # the fewest layers that fit
     # the bound is the slower of moving the streamed layers (in, and back: full FT) and
     # the forward's FLOPs at the profile's throughput
@@ -150,25 +148,28 @@ def test_a_7b_model_on_8gb_fits_by_streaming_layers(config_file):
 
 def test_quantized_weight_bytes_by_hand(config_file):
     path = config_file(LLAMA_7B)
-    fp = price(PlanRequest(model=path, scheme="lora", dtype="bf16"), pair=False)
-    nf4 = price(PlanRequest(model=path, scheme="lora", quantize="nf4", dtype="bf16"),
-                pair=False)
-    int8 = price(PlanRequest(model=path, scheme="lora", quantize="int8", dtype="bf16"),
-                 pair=False)
+    fp = plan_of(model=path, scheme="lora", dtype="bf16", pair=False)
+    nf4 = plan_of(model=path, scheme="lora", quantize="nf4", dtype="bf16", pair=False)
+    int8 = plan_of(model=path, scheme="lora", quantize="int8", dtype="bf16", pair=False)
     linear = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)  # per layer: q,k,v,o + MLP
     other = fp.components["weights"] - 2 * linear
     # LoRA matrices stay bf16; NF4 = 4 bits + absmax bytes; int8 = 1 byte + row scales
     assert nf4.components["weights"] == pytest.approx(other + linear * (0.5 + 1 / 64),
                                                       rel=1e-3)
     assert int8.components["weights"] == pytest.approx(other + linear, rel=1e-3)
-    assert callable(quantized_weight_bytes)
 
 
-def test_every_profile_plans(config_file):
+def test_every_profile_plans_with_its_own_budget_and_device(config_file):
+    """The same tiny model under each profile: the budget is the profile's, the CUDA
+    context is counted on GPU profiles only, the CPU runtime where the CPU computes."""
     path = tiny_llama_file(config_file)
     for name in ("4gb-gpu", "8gb-gpu", "jetson-orin-8gb", "cpu-16gb", "h100-80gb"):
-        assert price(PlanRequest(model=path, profile=name), pair=True).fits
-        assert load_profile(name).budget_bytes > 0
+        plan = plan_of(model=path, profile=name, pair=True)
+        profile = load_profile(name)
+        assert plan.budget_bytes == profile.budget_bytes
+        assert plan.runtime_overhead_bytes == (450 * 2**20 if profile.device == "cuda" else 0)
+        assert ("cpu_runtime" in plan.components) == (not torch.cuda.is_available()
+                                                      or profile.device == "cpu")
 
 
 def test_options_the_optimizer_would_not_use_are_refused(config_file):
@@ -176,7 +177,7 @@ def test_options_the_optimizer_would_not_use_are_refused(config_file):
 
     path = tiny_llama_file(config_file)
     with pytest.raises(ConfigError, match="sparsity does not apply to fo-adam"):
-        price(PlanRequest(model=path, optimizer="fo-adam", sparsity=0.5))
+        plan_of(model=path, optimizer="fo-adam", sparsity=0.5)
 
 
 @pytest.mark.parametrize("scheme", ["prefix", "prompt"])
@@ -203,7 +204,8 @@ def test_meta_block_map_matches_the_live_one_for_prompt_learning(scheme):
 def test_candidate_rows_answer_positions_and_the_eval_phase(config_file):
     """COPA-like batches: 2 rows per example and logits read at 5 positions; evaluation
     at its own batch and length, without the step's scratch; the peak is the larger."""
-    from edgezo.memory.plan import CPU_RUNTIME_BYTES, Shape
+    from edgezo.memory.plan import CPU_RUNTIME_BYTES
+    from edgezo.zo.batch import Shape
 
     path = tiny_llama_file(config_file)
     H, inter, V = 32, 64, 256
@@ -213,9 +215,9 @@ def test_candidate_rows_answer_positions_and_the_eval_phase(config_file):
                 + rows * positions * V * (4 + 3 * 4))
 
     eval_shape = Shape(batch_size=32, seq_len=24, rows_per_example=2, logit_positions=5)
-    req = PlanRequest(model=path, profile="cpu-16gb", dtype="fp32", batch_size=2, seq_len=8,
-                      rows_per_example=2, logit_positions=5, eval_shape=eval_shape)
-    plan = price(req, pair=False)
+    req = dict(model=path, profile="cpu-16gb", dtype="fp32", batch_size=2, seq_len=8,
+               rows_per_example=2, logit_positions=5, eval_shape=eval_shape)
+    plan = plan_of(**req, pair=False)
     assert plan.components["activations"] == activations(2 * 2, 8, 5)
     assert plan.components["cpu_runtime"] == CPU_RUNTIME_BYTES  # a CPU profile computes here
     ev = plan.eval_components
@@ -228,18 +230,17 @@ def test_candidate_rows_answer_positions_and_the_eval_phase(config_file):
     assert json.loads(json.dumps(plan.to_dict()))["eval_shape"]["rows_per_example"] == 2
     assert "prefix_kv_cache" not in plan.components
     # prefix tuning: every layer's K and V over 5 virtual + 8 real tokens, 2 kv heads of 8
-    prefix = price(PlanRequest(**{**req.__dict__, "scheme": "prefix"}), pair=True)
+    prefix = plan_of(**{**req, "scheme": "prefix"}, pair=True)
     assert prefix.components["prefix_kv_cache"] == 8 * 2 * 2 * 2 * (5 + 8) * 8 * 4
     assert prefix.eval_components["prefix_kv_cache"] == 64 * 2 * 2 * 2 * (5 + 24) * 8 * 4
     # prompt tuning: its 10 virtual tokens lengthen every row the layers see (the logits
     # are still read at the last 5 positions); its frozen layers take the doubled batch
     # of pair mode at once
-    prompt = price(PlanRequest(**{**req.__dict__, "scheme": "prompt"}), pair=True)
+    prompt = plan_of(**{**req, "scheme": "prompt"}, pair=True)
     assert prompt.components["activations"] == activations(2 * 2 * 2, 8 + 10, 5)
     assert prompt.eval_components["activations"] == activations(64, 24 + 10, 5)
     assert "prefix_kv_cache" not in prompt.components
-    fo = price(PlanRequest(**{**req.__dict__, "scheme": "prompt", "optimizer": "fo-adam"}),
-               pair=False)
+    fo = plan_of(**{**req, "scheme": "prompt", "optimizer": "fo-adam"}, pair=False)
     # the backward crosses both layers, whose weights are frozen: 8H + 3I values a token
     assert fo.components["fo_activations"] == (2 * 4 * (8 + 10) * (8 * H + 3 * inter) * 4
                                                + 4 * 5 * V * 3 * 4)
@@ -282,12 +283,12 @@ def test_cli_plan_prices_evaluation_at_its_batch_size(config_file):
 
 
 def test_advice_shrinks_the_eval_batch_when_evaluation_sets_the_peak(config_file):
-    from edgezo.memory.plan import Shape
+    from edgezo.zo.batch import Shape
 
     path = tiny_llama_file(config_file)
     big_eval = dict(model=path, dtype="fp32", batch_size=1, seq_len=64,
                     eval_shape=Shape(4096, 64))
-    need = price(PlanRequest(profile="cpu-16gb", **big_eval), pair=False)
+    need = plan_of(profile="cpu-16gb", **big_eval, pair=False)
     assert need.phases["eval"] > need.phases["train"]
     tight = (need.phases["train"] + need.phases["eval"]) // 2 / 2**30  # between them
     prof = path.replace("config.json", "tight.yaml")
@@ -295,7 +296,7 @@ def test_advice_shrinks_the_eval_batch_when_evaluation_sets_the_peak(config_file
         f.write(f"name: tight\ndevice: cpu\ndevice_memory_gb: {tight}\n"
                 "host_memory_gb: 1\nhost_device_bandwidth_gbps: 10\ndtype: fp32\n"
                 "headroom: 0\n")
-    result = plan_run(PlanRequest(profile=prof, **big_eval))
+    result = run_plan(profile=prof, **big_eval)
     assert not result.plan.fits
     hint = [a for a in result.alternatives if a["change"].startswith("--eval-batch-size")]
     assert hint and hint[0]["fits"]
@@ -304,13 +305,12 @@ def test_advice_shrinks_the_eval_batch_when_evaluation_sets_the_peak(config_file
 def test_lora_backward_keeps_the_fp32_adapters_inputs(config_file):
     """peft keeps LoRA weights in fp32 on a bf16 model, so each adapted map casts its input:
     an FO backward keeps that fp32 copy and lora_A's rank-r output."""
-    from edgezo.memory.plan import _saved_activation_bytes
+    from edgezo.memory.terms import saved_activation_bytes
 
     path = tiny_llama_file(config_file)
-    req = PlanRequest(model=path, profile="cpu-16gb", dtype="bf16", batch_size=2, seq_len=8,
-                      scheme="lora", optimizer="fo-adam")
-    plan = price(req, pair=False)
-    base = _saved_activation_bytes(tiny_config("llama"), 2, 8, 2, 2)
+    plan = plan_of(model=path, profile="cpu-16gb", dtype="bf16", batch_size=2, seq_len=8,
+                   scheme="lora", optimizer="fo-adam", pair=False)
+    base = saved_activation_bytes(tiny_config("llama"), 2, 8, 2, 2)
     # q_proj and v_proj in 2 layers, r = 8, fan-in 32, fp32: 4 x (8 + 32) x 4 bytes a token
     assert plan.components["fo_activations"] - base == 2 * 8 * 4 * (8 + 32) * 4
 
@@ -323,7 +323,7 @@ def test_saved_activations_match_what_autograd_saves(scheme):
     import peft
     from transformers import AutoModelForCausalLM
 
-    from edgezo.memory.plan import _lora_saved_bytes_per_token, _saved_activation_bytes
+    from edgezo.memory.terms import lora_saved_bytes_per_token, saved_activation_bytes
 
     rows, T, H = 4, 32, 128
 
@@ -356,9 +356,9 @@ def test_saved_activations_match_what_autograd_saves(scheme):
 
     one, _ = saved(1)
     two, model = saved(2)
-    planned = (_saved_activation_bytes(config(1), rows, T, 2, 1, 1, int(scheme == "full"))
-               - _saved_activation_bytes(config(1), rows, T, 2, 0))
+    planned = (saved_activation_bytes(config(1), rows, T, 2, 1, 1, int(scheme == "full"))
+               - saved_activation_bytes(config(1), rows, T, 2, 0))
     planned -= rows * config(1).vocab_size * 3 * 4  # the logits, counted once
     if scheme == "lora":
-        planned += _lora_saved_bytes_per_token(model, 2) * rows * T // 2  # per layer
+        planned += lora_saved_bytes_per_token(model, 2) * rows * T // 2  # per layer
     assert 0.95 <= planned / (two - one) <= 1.02

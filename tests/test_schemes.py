@@ -4,15 +4,15 @@ import json
 
 import pytest
 import torch
-from conftest import lm_batch
+from conftest import lm_batch, zo_engine
 from transformers import AutoModelForCausalLM
 
+from edgezo.config import SCHEMES
 from edgezo.errors import ConfigError
 from edgezo.export import export_run
 from edgezo.models.tiny import FAMILIES, VOCAB, save_tiny, tiny_model
-from edgezo.schemes import SCHEMES, apply_scheme
+from edgezo.schemes import apply_scheme
 from edgezo.session import Session
-from edgezo.zo.engine import ZOEngine
 from edgezo.zo.optimizers import OPTIMIZERS, make_optimizer
 
 
@@ -75,7 +75,7 @@ def test_every_scheme_and_family_steps_and_exports(family_folders, data_dir, tmp
 def test_every_optimizer_works_with_every_scheme(scheme):
     for name in OPTIMIZERS:
         model = apply_scheme(tiny_model("qwen2"), scheme)
-        engine = ZOEngine(model, make_optimizer(name), seed=0)
+        engine = zo_engine(model, make_optimizer(name), seed=0)
         r = engine.step(lm_batch(VOCAB), lr=1e-3)
         engine.close()
         assert not r.skipped and r.loss > 0, (scheme, name)
@@ -88,10 +88,10 @@ def test_lora_defaults_and_options():
     assert {n.split(".")[-4] for n in names} == {"q_proj", "v_proj"}  # r=8 on q and v
     a = dict(model.named_parameters())[names[0]]
     assert 8 in a.shape and model.peft_config["default"].lora_alpha == 16
-    from edgezo.schemes import SchemeOptions
+    from edgezo.config import SchemeOptions
 
-    custom = apply_scheme(tiny_model("llama"), "lora",
-                          SchemeOptions(lora_r=2, lora_targets=["o_proj"]))
+    custom = apply_scheme(tiny_model("llama"),
+                          SchemeOptions("lora", lora_r=2, lora_targets=["o_proj"]))
     names = [n for n, p in custom.named_parameters() if p.requires_grad]
     assert {n.split(".")[-4] for n in names} == {"o_proj"}
 

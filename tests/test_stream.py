@@ -4,17 +4,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import lm_batch
+from conftest import lm_batch, zo_engine
 
 from edgezo.errors import ConfigError
 from edgezo.models.tiny import VOCAB, tiny_model
-from edgezo.zo.engine import ZOEngine
 from edgezo.zo.optimizers import make_optimizer
 
 
 def run(family, dtype, steps, stream=None, optimizer="zo-sgd", pair=True, **engine_kw):
     model = tiny_model(family, dtype=dtype)
-    engine = ZOEngine(model, make_optimizer(optimizer), eps=1e-2, seed=3, pair=pair,
+    engine = zo_engine(model, make_optimizer(optimizer), eps=1e-2, seed=3, pair=pair,
                       **engine_kw)
     streamer = engine.stream(**stream) if stream is not None else None
     losses = [engine.step(lm_batch(VOCAB, seed=s), lr=1e-2).loss for s in range(steps)]
@@ -50,7 +49,7 @@ def test_two_buffers_prefetch_on_the_io_thread_and_stay_exact(master, tmp_path):
 
     def go(buffers, folder):
         model = tiny_model("llama", dtype=torch.bfloat16, layers=3)
-        engine = ZOEngine(model, make_optimizer("zo-adam"), eps=1e-2, seed=3)
+        engine = zo_engine(model, make_optimizer("zo-adam"), eps=1e-2, seed=3)
         streamer = engine.stream(**{**stream, "folder": str(tmp_path / folder)},
                                  buffers=buffers)
         losses = [engine.step(lm_batch(VOCAB, seed=s), lr=1e-2).loss for s in range(4)]
@@ -68,9 +67,9 @@ def test_two_buffers_prefetch_on_the_io_thread_and_stay_exact(master, tmp_path):
 
 
 def test_a_failed_write_back_surfaces_on_the_training_thread(tmp_path, monkeypatch):
-    from edgezo.zo import stream as stream_mod
+    from edgezo.zo.stream import disk as stream_mod
 
-    engine = ZOEngine(tiny_model("llama"), make_optimizer("zo-sgd"), eps=1e-2, seed=0)
+    engine = zo_engine(tiny_model("llama"), make_optimizer("zo-sgd"), eps=1e-2, seed=0)
     engine.stream([0, 1], "cpu", folder=str(tmp_path), buffers=2)
     engine.step(lm_batch(VOCAB, seed=0), lr=1e-2)
 
@@ -93,14 +92,14 @@ def test_fp32_masters_hold_exactly_the_fp32_sum_of_the_updates(dtype, optimizer,
     starting weights, and the weights the forward uses are those masters rounded."""
     model = tiny_model("llama", dtype=dtype)
     start = {k: v.float() for k, v in model.state_dict().items()}
-    engine = ZOEngine(model, make_optimizer(optimizer), eps=1e-2, seed=3)
+    engine = zo_engine(model, make_optimizer(optimizer), eps=1e-2, seed=3)
     streamer = engine.stream([0, 1], "cpu", folder=str(tmp_path), master_dtype=torch.float32)
     # a small lr: most updates are under half an ulp of a 16-bit weight
     log = [engine.step(lm_batch(VOCAB, seed=s), lr=1e-4).log_entry() for s in range(4)]
     engine.flush()
     assert streamer.stats()["master_dtype"] == "float32"
     # the planner's buffer is the streamer's, up to the 64-byte alignment of each view
-    from edgezo.memory.plan import layer_bytes
+    from edgezo.memory.streaming import layer_bytes
 
     planned = max(s.total + s.masters for s in layer_bytes(engine.blocks))
     views = 2 * len(streamer.layers[0].tensors)
@@ -116,7 +115,7 @@ def test_fp32_masters_hold_exactly_the_fp32_sum_of_the_updates(dtype, optimizer,
 
     ref = tiny_model("llama", dtype=torch.float32)
     ref.load_state_dict(start)
-    replayer = ZOEngine(ref, make_optimizer(optimizer), eps=1e-2, seed=3)
+    replayer = zo_engine(ref, make_optimizer(optimizer), eps=1e-2, seed=3)
     for entry in log:
         replayer.replay(entry)
     replayer.flush()
@@ -134,10 +133,10 @@ def test_fp32_masters_hold_exactly_the_fp32_sum_of_the_updates(dtype, optimizer,
 
 
 def test_fp32_masters_travel_as_fp32_only_for_trainable_tensors(tmp_path):
-    from edgezo.schemes import SchemeOptions, apply_scheme
+    from edgezo.schemes import apply_scheme
 
-    model = apply_scheme(tiny_model("llama", dtype=torch.bfloat16), "lora", SchemeOptions())
-    engine = ZOEngine(model, make_optimizer("zo-sgd"), eps=1e-2, seed=0)
+    model = apply_scheme(tiny_model("llama", dtype=torch.bfloat16), "lora")
+    engine = zo_engine(model, make_optimizer("zo-sgd"), eps=1e-2, seed=0)
     streamer = engine.stream([0, 1], "cpu", folder=str(tmp_path), master_dtype=torch.float32)
     frozen = [t for layer in streamer.layers for t in layer.tensors if not t.trainable]
     assert frozen and not any(t.wide for t in frozen)  # the base stays in bf16
@@ -149,7 +148,7 @@ def test_fp32_masters_travel_as_fp32_only_for_trainable_tensors(tmp_path):
 
 
 def test_fp32_masters_on_a_bf16_model_refuse_other_master_dtypes(tmp_path):
-    engine = ZOEngine(tiny_model("llama", dtype=torch.bfloat16), make_optimizer("zo-sgd"))
+    engine = zo_engine(tiny_model("llama", dtype=torch.bfloat16), make_optimizer("zo-sgd"))
     with pytest.raises(ConfigError, match="fp32 or the weights' own dtype"):
         engine.stream([0], "cpu", master_dtype=torch.float16)
 
@@ -172,10 +171,10 @@ def test_block_wise_and_q_stream_exactly(tmp_path):
 
 
 def test_frozen_weights_never_written_back(tmp_path):
-    from edgezo.schemes import SchemeOptions, apply_scheme
+    from edgezo.schemes import apply_scheme
 
-    model = apply_scheme(tiny_model("llama"), "lora", SchemeOptions())
-    engine = ZOEngine(model, make_optimizer("zo-sgd"), eps=1e-2, seed=0)
+    model = apply_scheme(tiny_model("llama"), "lora")
+    engine = zo_engine(model, make_optimizer("zo-sgd"), eps=1e-2, seed=0)
     streamer = engine.stream([0, 1], "cpu", folder=str(tmp_path))
     for s in range(3):
         engine.step(lm_batch(VOCAB, seed=s), lr=1e-2)
@@ -190,7 +189,7 @@ def test_frozen_weights_never_written_back(tmp_path):
 
 def test_streamed_weights_are_nan_placeholders_between_forwards():
     model = tiny_model("llama")
-    engine = ZOEngine(model, make_optimizer("zo-sgd"), eps=1e-2, seed=0)
+    engine = zo_engine(model, make_optimizer("zo-sgd"), eps=1e-2, seed=0)
     engine.stream([0], "cpu")
     w = model.model.layers[0].self_attn.q_proj.weight
     assert torch.isnan(w).all() and w.untyped_storage().nbytes() == w.element_size()
@@ -199,15 +198,21 @@ def test_streamed_weights_are_nan_placeholders_between_forwards():
 
 
 def test_streaming_refuses_first_order_and_magnitude_masks():
-    for optimizer in ("fo-sgd", "forward-grad"):
-        engine = ZOEngine(tiny_model("llama"), make_optimizer(optimizer), eps=1e-2)
+    """The configuration refuses them (one rule, with the fix); an engine built around it
+    keeps the invariant."""
+    from edgezo.config import RunConfig
+
+    for kw in ({"optimizer": "fo-sgd"}, {"optimizer": "forward-grad"},
+               {"fo_blocks": ["head"]}):
         with pytest.raises(ConfigError, match="streaming runs ZO"):
-            engine.stream([0], "cpu")
-    engine = ZOEngine(tiny_model("llama"), make_optimizer("zo-sgd"), sparsity=0.5,
-                      sparsity_mask="magnitude")
+            RunConfig.from_flat(offload="disk", **kw).validate()
     with pytest.raises(ConfigError, match="sparsity-mask random"):
-        engine.stream([0], "cpu")
-    engine = ZOEngine(tiny_model("llama"), make_optimizer("zo-sgd"))
+        RunConfig.from_flat(offload="disk", sparsity=0.5, sparsity_mask="magnitude").validate()
+    for optimizer in ("fo-sgd", "forward-grad"):
+        engine = zo_engine(tiny_model("llama"), make_optimizer(optimizer))
+        with pytest.raises(RuntimeError, match="ZO-only engine"):
+            engine.stream([0], "cpu")
+    engine = zo_engine(tiny_model("llama"), make_optimizer("zo-sgd"))
     with pytest.raises(ConfigError, match="host tier"):
         engine.stream([0], "cpu", tier="host")
     with pytest.raises(ConfigError, match="do not exist"):
@@ -234,13 +239,13 @@ def wide_folder(tmp_path_factory):
 
 
 def test_planner_streams_the_fewest_layers_that_fit(wide_folder, tmp_path):
-    from edgezo.memory.planner import PlanRequest, plan_run, price
+    from planning import plan_of, run_plan
 
-    base = dict(model=wide_folder, dtype="fp32", batch_size=2, seq_len=16, pair=False)
-    resident = price(PlanRequest(profile=tiny_profile(tmp_path, 4096), **base), pair=False)
+    base = dict(model=wide_folder, dtype="fp32", batch_size=2, seq_len=16)
+    resident = plan_of(profile=tiny_profile(tmp_path, 4096), **base, pair=False)
     layer = resident.components["weights"] // 12  # twelve equal layers dominate the weights
     budget = (resident.total_bytes - layer // 2) / 2**20  # half a layer short
-    result = plan_run(PlanRequest(profile=tiny_profile(tmp_path, budget), **base))
+    result = run_plan(profile=tiny_profile(tmp_path, budget), **base, pair=False)
     assert result.plan.fits
     s = result.plan.streaming
     assert s is not None and s["layers"] and s["tier"] == "host"
@@ -248,7 +253,7 @@ def test_planner_streams_the_fewest_layers_that_fit(wide_folder, tmp_path):
     assert len(s["layers"]) == 3 and s["buffers"] == 2
     assert 2 * s["bytes_in_per_step"] == 3 * result.plan.components["stream_buffers"]
     assert s["bytes_out_per_step"] == s["bytes_in_per_step"]  # full FT: all trainable
-    off = plan_run(PlanRequest(profile=tiny_profile(tmp_path, budget), offload="off", **base))
+    off = run_plan(profile=tiny_profile(tmp_path, budget), offload="off", **base, pair=False)
     assert not off.plan.fits and off.plan.streaming is None
     assert any("--offload auto" in a["change"] and a["fits"] for a in off.alternatives)
 
@@ -256,13 +261,13 @@ def test_planner_streams_the_fewest_layers_that_fit(wide_folder, tmp_path):
 def test_planner_keeps_fp32_masters_where_the_tier_holds_them(wide_folder, tmp_path):
     """bf16 full fine-tuning: fp32 masters add 2 bytes a weight to the tier, to each
     layer buffer and to the traffic both ways, and are dropped when the host is short."""
-    from edgezo.memory.planner import PlanRequest, price
+    from planning import plan_of
 
-    base = dict(model=wide_folder, dtype="bf16", batch_size=2, seq_len=16, pair=False)
+    base = dict(model=wide_folder, dtype="bf16", batch_size=2, seq_len=16)
     profile = tiny_profile(tmp_path, 4096)  # a GPU profile with 1 GiB of host memory
-    plan = price(PlanRequest(profile=profile, offload="host", **base), pair=False, streamed=12)
+    plan = plan_of(profile=profile, offload="host", **base, pair=False, streamed=12)
     s = plan.streaming
-    half = price(PlanRequest(profile=profile, offload="off", **base), pair=False)
+    half = plan_of(profile=profile, offload="off", **base, pair=False)
     layer = (half.components["weights"] - plan.components["weights"]) // 12  # bf16 bytes
     assert s["master_dtype"] == "fp32"
     assert s["host_bytes"] == s["bytes_in_per_step"] == 12 * layer * 2
@@ -272,22 +277,21 @@ def test_planner_keeps_fp32_masters_where_the_tier_holds_them(wide_folder, tmp_p
     small = tmp_path / "small.yaml"
     text = Path(profile).read_text()
     small.write_text(text.replace("host_memory_gb: 1", "host_memory_gb: 0.1"))
-    plan = price(PlanRequest(profile=str(small), offload="host", **base), pair=False,
-                 streamed=12)
+    plan = plan_of(profile=str(small), offload="host", **base, pair=False, streamed=12)
     assert plan.streaming["master_dtype"] == "same"
     assert plan.streaming["host_bytes"] == 12 * layer
     assert plan.components["stream_buffers"] == 2 * layer
-    forced = price(PlanRequest(profile=str(small), offload="host", stream_masters="fp32",
-                               **base), pair=False, streamed=12)
+    forced = plan_of(profile=str(small), offload="host", stream_masters="fp32", **base,
+                     pair=False, streamed=12)
     assert forced.streaming["master_dtype"] == "fp32"  # asked for: priced, room or not
-    plain = price(PlanRequest(profile=profile, offload="host", stream_masters="model", **base),
-                  pair=False, streamed=12)
+    plain = plan_of(profile=profile, offload="host", stream_masters="model", **base,
+                    pair=False, streamed=12)
     assert plain.streaming["master_dtype"] == "same"
     assert plain.streaming["bytes_in_per_step"] == 12 * layer
     # a host too small for even the bf16 layers: auto picks the disk, which keeps fp32
     # masters, and the host holds only the pinned staging twins of the two buffers
     small.write_text(text.replace("host_memory_gb: 1", "host_memory_gb: 0.01"))
-    plan = price(PlanRequest(profile=str(small), **base), pair=False, streamed=12)
+    plan = plan_of(profile=str(small), **base, pair=False, streamed=12)
     s = plan.streaming
     assert s["tier"] == "disk" and s["master_dtype"] == "fp32"
     assert s["disk_bytes"] == 12 * layer * 2
@@ -296,12 +300,12 @@ def test_planner_keeps_fp32_masters_where_the_tier_holds_them(wide_folder, tmp_p
 
 def test_session_streams_under_a_budget_smaller_than_the_weights(wide_folder, tmp_path,
                                                                   data_dir):
+    from planning import plan_of
+
     from edgezo import Session
-    from edgezo.memory.planner import PlanRequest, price
 
     base = dict(model=wide_folder, dtype="fp32", batch_size=2, seq_len=64)
-    resident = price(PlanRequest(profile=tiny_profile(tmp_path, 4096, "cpu"), **base),
-                     pair=False)
+    resident = plan_of(profile=tiny_profile(tmp_path, 4096, "cpu"), **base, pair=False)
     weights = resident.components["weights"]
     # smaller than the weights alone (plus the CPU runtime, which is not the model's)
     budget_mb = (0.8 * weights + resident.components["cpu_runtime"]) / 2**20
@@ -331,7 +335,7 @@ def test_frozen_layers_stream_and_never_travel_back(scheme, tmp_path):
 
     def go(stream: bool):
         model = apply_scheme(tiny_model("llama"), scheme)
-        engine = ZOEngine(model, make_optimizer("zo-sgd"), eps=1e-2, seed=0)
+        engine = zo_engine(model, make_optimizer("zo-sgd"), eps=1e-2, seed=0)
         streamer = engine.stream([0, 1], "cpu", folder=str(tmp_path)) if stream else None
         losses = [engine.step(lm_batch(VOCAB, seed=s), lr=1e-2).loss for s in range(3)]
         stats = streamer.stats() if streamer else None
@@ -402,15 +406,15 @@ def test_a_folder_in_another_dtype_is_stored_once_in_the_run_dtype(tmp_path, mon
     as it is."""
     from safetensors.torch import load_file
 
-    from edgezo.models import loading
+    from edgezo.models import convert
     from edgezo.models.tiny import save_tiny
 
     monkeypatch.setenv("EDGEZO_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(loading, "SHARD_BYTES", 64 << 10)
+    monkeypatch.setattr(convert, "SHARD_BYTES", 64 << 10)
     folder = tmp_path / "fp32"
     save_tiny(folder, "llama", width=64, layers=2)
     original = load_file(str(folder / "model.safetensors"))
-    out = loading.stream_ready_folder(folder, torch.bfloat16, keep_fp32=["norm"])
+    out = convert.stream_ready_folder(folder, torch.bfloat16, keep_fp32=["norm"])
     shards = sorted(out.glob("*.safetensors"))
     assert len(shards) > 2 and all(f.stat().st_size < 2 * (64 << 10) + 4096 for f in shards)
     copy = {}
@@ -423,9 +427,9 @@ def test_a_folder_in_another_dtype_is_stored_once_in_the_run_dtype(tmp_path, mon
         assert copy[name].dtype == want.dtype and torch.equal(copy[name], want), name
     assert '"bfloat16"' in (out / "config.json").read_text()
     stamp = shards[0].stat().st_mtime_ns
-    assert loading.stream_ready_folder(folder, torch.bfloat16) == out
+    assert convert.stream_ready_folder(folder, torch.bfloat16) == out
     assert shards[0].stat().st_mtime_ns == stamp
-    assert loading.stream_ready_folder(folder, torch.float32) == folder
+    assert convert.stream_ready_folder(folder, torch.float32) == folder
 
 
 def _file_mapped(suffix: str) -> list[tuple[int, int]]:
@@ -447,7 +451,7 @@ def test_a_streamed_model_in_another_dtype_loads_without_holding_its_weights(
     would hold the whole model: a model larger than RAM could not load), and the weights
     are the bf16 load's, bit for bit."""
     from edgezo import Session
-    from edgezo import session as session_mod
+    from edgezo import build as session_mod
 
     monkeypatch.setenv("EDGEZO_CACHE", str(tmp_path / "cache"))
     seen = {}
@@ -480,7 +484,7 @@ def test_a_streamed_hub_model_is_fetched_then_stored_in_the_run_dtype(tmp_path, 
     import huggingface_hub
     from transformers import LlamaForCausalLM
 
-    from edgezo.models import loading
+    from edgezo.models import convert, loading
     from edgezo.models.tiny import save_tiny
 
     monkeypatch.setenv("EDGEZO_CACHE", str(tmp_path / "cache"))
@@ -490,12 +494,12 @@ def test_a_streamed_hub_model_is_fetched_then_stored_in_the_run_dtype(tmp_path, 
     monkeypatch.setattr(huggingface_hub, "snapshot_download",
                         lambda repo, **kw: asked.append(repo) or str(snapshot))
     hub = loading.ResolvedModel("someone/tiny", "someone/tiny", "hub", None, LlamaForCausalLM)
-    out = loading.streamable_folder(hub, torch.bfloat16)
+    out = convert.streamable_folder(hub, torch.bfloat16)
     assert asked == ["someone/tiny"] and "converted" in out
-    assert loading.streamable_folder(hub, torch.float32) == str(snapshot)  # already fp32
+    assert convert.streamable_folder(hub, torch.float32) == str(snapshot)  # already fp32
     for f in snapshot.glob("*.safetensors"):
         f.unlink()  # a .bin-only repository: transformers loads it from the hub id
-    assert loading.streamable_folder(hub, torch.bfloat16) == "someone/tiny"
+    assert convert.streamable_folder(hub, torch.bfloat16) == "someone/tiny"
 
 
 def test_stream_masters_choose_the_tier_copy_and_need_streaming(tiny_folder, data_dir,
@@ -508,7 +512,7 @@ def test_stream_masters_choose_the_tier_copy_and_need_streaming(tiny_folder, dat
         s = Session(tiny_folder, offload="disk", stream_masters=masters, **kw)
         s.step()
         assert s.report()["streaming"]["master_dtype"] == want
-        assert s.settings["stream_masters"] == masters
+        assert s.config.streaming.stream_masters == masters
         s.close()
     with pytest.raises(ConfigError, match="--offload off forbids"):
         Session(tiny_folder, offload="off", stream_masters="fp32", **kw)

@@ -235,7 +235,13 @@ def test_multirc_reports_exact_match_per_question(tiny_folder):
     try:
         result = sess.evaluate("test", max_examples=12)
         assert result["examples"] == 12 and result["groups"] >= 2
-        assert 0.0 <= result["exact_match"] <= 1.0
+        examples = sess.task.split("test")[:12]
+        right: dict[str, list[bool]] = {}
+        for p, ex in zip(sess.predict(examples), examples, strict=True):
+            right.setdefault(ex.group, []).append(p == ex.gold)
+        assert result["groups"] == len(right)
+        assert result["exact_match"] == sum(all(v) for v in right.values()) / len(right)
+        assert result["accuracy"] == sum(sum(v) for v in right.values()) / 12
         assert sess.report()["splits"]["test"] == 4848
     finally:
         sess.close()

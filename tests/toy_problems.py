@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgezo.config import EstimatorOptions
 from edgezo.zo.blocks import Block, BlockMap, Unit
 from edgezo.zo.engine import ZOEngine
 from edgezo.zo.optimizers import make_optimizer
@@ -60,10 +61,12 @@ def toy_blocks(model: Toy) -> BlockMap:
 
 
 def toy_engine(problem: nn.Module, optimizer: str, *, opt_kwargs: dict | None = None,
-               **kwargs) -> ZOEngine:
+               seed: int = 0, pair: bool = True, **estimator) -> ZOEngine:
+    """An engine on a toy problem; `estimator`: eps, q, ... (EstimatorOptions)."""
     model = Toy(problem)
     return ZOEngine(model, make_optimizer(optimizer, **(opt_kwargs or {})),
-                    loss_fn=toy_loss, blocks=toy_blocks(model), **kwargs)
+                    EstimatorOptions(**estimator), loss_fn=toy_loss, seed=seed, pair=pair,
+                    blocks=toy_blocks(model))
 
 
 def quadratic(dim: int = 3, dtype=torch.float64, seed: int = 0) -> Quadratic:

@@ -1,27 +1,34 @@
-"""`edgezo plan`: the memory plan of a run from the model's config alone.
+"""The one plan path: a RunConfig and a model (built on the meta device from its config,
+or the live one) become a StepSpec, which `plan.plan_step` prices.
 
-The model is built on the meta device (shapes and dtypes, no storage), the scheme is
-applied to it, and the same arithmetic as a live run's plan (`plan.plan_step`) prices
-it, so a 70B config is planned in about a second. The planner then decides what a run
-would do — pair mode or two passes, the largest batch that fits — and, when nothing fits,
-prices the changes that would: a smaller batch, LoRA instead of full, an NF4 base, a
-larger profile.
+    priced = meta_model(config, model_config)         # shapes and dtypes, no storage
+    decision = decide(config, priced, profile, shapes) # pair or two passes, what streams
+    plan_run(config, shapes)                           # `edgezo plan`: + largest batch, advice
+
+`edgezo plan`, a Session's refusal before loading any weight, and the Session's live plan
+all go through `step_spec`, so they price a run the same way. When nothing fits, the
+planner prices the changes that would: a smaller batch, LoRA instead of full, an NF4
+base, streaming, a larger profile.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
 
-from edgezo.errors import ConfigError, unknown_choice
-from edgezo.memory.plan import MASTERS, Plan, Shape, layer_bytes, plan_step, streamed_layers
-from edgezo.models.loading import QUANTIZATIONS, load_config, parse_dtype
+from edgezo.config import RunConfig
+from edgezo.errors import ConfigError
+from edgezo.memory.plan import FOPart, Plan, StepSpec, StreamPart, plan_step
+from edgezo.memory.streaming import layer_bytes, stream_tier, streamed_layers
+from edgezo.models.loading import load_config, parse_dtype
 from edgezo.profiles import Profile, list_profiles, load_profile
-from edgezo.schemes import SchemeOptions, apply_scheme, check_scheme
+from edgezo.schemes import apply_scheme
 from edgezo.zo import noise
+from edgezo.zo.batch import Shape
 from edgezo.zo.blocks import (
+    BlockMap,
     backward_depth,
     build_block_map,
     find_layers,
@@ -29,57 +36,36 @@ from edgezo.zo.blocks import (
     resolve_fo_blocks,
     weight_grad_layers,
 )
-from edgezo.zo.engine import ZOEngine
-from edgezo.zo.optimizers import make_optimizer
 
 MAX_BATCH = 4096
-OFFLOAD = ("auto", "off", "host", "disk")
 
 
-def stream_tier(offload: str, profile: Profile, layer_total: int) -> str:
-    """Where streamed layers live: pinned host memory on a GPU when it holds them (with
-    10% to spare), else the disk; on a CPU the disk (the host is the device)."""
-    if offload in ("host", "disk"):
-        return offload
-    if profile.device == "cuda" and layer_total <= 0.9 * profile.host_memory_bytes:
-        return "host"
-    return "disk"
+@dataclass(frozen=True)
+class Shapes:
+    """The batch geometry of the two planned phases (Session measures it from the data)."""
+
+    train: Shape
+    eval: Shape | None = None
 
 
 @dataclass
-class PlanRequest:
-    model: str | None
-    profile: str = "8gb-gpu"
-    scheme: str = "full"
-    optimizer: str = "zo-sgd"
+class Priced:
+    """A model as the planner sees it: its modules (meta or live) and blocks; `quantize`
+    when a meta model's linear maps are priced as bitsandbytes would store them (a live
+    quantized model carries its real bytes)."""
+
+    model: nn.Module
+    blocks: BlockMap
     quantize: str | None = None
-    dtype: str | None = None
-    batch_size: int = 16
-    seq_len: int = 256
-    pair: bool | None = None
-    sparsity: float = 0.0
-    fo_blocks: list[str | int] = field(default_factory=list)
-    block_wise: bool = False
-    offload: str = "auto"  # auto | off | host | disk
-    stream_layers: int | None = None  # how many layers stream (None: as the budget needs)
-    stream_masters: str = "auto"  # auto | fp32 | model: streamed trainable tensors' masters
-    trust_remote_code: bool = False
-    # a task's batch geometry (Session measures it from the data; see plan.Shape)
-    rows_per_example: int = 1
-    logit_positions: int = 1
-    eval_shape: Shape | None = None
 
 
 @dataclass
-class PlanResult:
-    request: PlanRequest
-    plan: Plan
-    max_batch_size: int  # largest batch that fits in the chosen mode (0: none)
-    alternatives: list[dict]
+class Decision:
+    """What a run does under its budget, and the plan of that."""
 
-    def to_dict(self) -> dict:
-        return {"request": asdict(self.request), "plan": self.plan.to_dict(),
-                "max_batch_size": self.max_batch_size, "alternatives": self.alternatives}
+    pair: bool
+    streamed: int  # how many decoder layers stream
+    plan: Plan
 
 
 def quantized_weight_bytes(model: nn.Module, quantize: str) -> int:
@@ -93,104 +79,153 @@ def quantized_weight_bytes(model: nn.Module, quantize: str) -> int:
     # the base model's linear maps; adapters added on top stay in the compute dtype
     quantized = {id(m.weight) for m in layers.modules()
                  if isinstance(m, nn.Linear) and not m.weight.requires_grad}
-    total = 0
-    seen: set[int] = set()
-    for m in model.modules():
-        for p in m.parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            if id(p) not in quantized:
-                total += p.numel() * p.element_size()
-            elif quantize == "nf4":
-                total += p.numel() // 2 + p.numel() // 64 + 4 * (p.numel() // (64 * 256) + 1)
-            else:
-                total += p.numel() + 4 * p.shape[0]
+    total, seen = 0, set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) not in quantized:
+            total += p.numel() * p.element_size()
+        elif quantize == "nf4":
+            total += p.numel() // 2 + p.numel() // 64 + 4 * (p.numel() // (64 * 256) + 1)
+        else:
+            total += p.numel() + 4 * p.shape[0]
     return total + sum(b.numel() * b.element_size() for b in model.buffers())
 
 
-def _meta_model(request: PlanRequest, config, dtype: torch.dtype) -> nn.Module:
+_META: dict[tuple, tuple] = {}  # key -> (model, blocks, the model config the key's id names)
+
+
+def meta_model(config: RunConfig, model_config, dtype: str) -> Priced:
+    """The configured model with its scheme on the meta device (cached per model config,
+    scheme options and dtype): a 70B config is priced in about a second."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=dtype, trust_remote_code=request.trust_remote_code)
-        return apply_scheme(model.eval(), request.scheme, SchemeOptions())
+    scheme = config.scheme
+    key = (id(model_config), repr(scheme), dtype)
+    if key not in _META:
+        if len(_META) > 16:
+            _META.clear()
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                model_config, dtype=parse_dtype(dtype),
+                trust_remote_code=config.model.trust_remote_code)
+            model = apply_scheme(model.eval(), scheme)
+        _META[key] = (model, build_block_map(model), model_config)
+    model, blocks, _ = _META[key]
+    return Priced(model, blocks, config.model.quantize)
 
 
-_MODELS: dict[tuple, tuple] = {}  # (config id, scheme, dtype) -> (meta model, blocks)
+def live_model(model: nn.Module, blocks: BlockMap) -> Priced:
+    return Priced(model, blocks)
 
 
-def _priced_model(request: PlanRequest, config, dtype: torch.dtype):
-    key = (id(config), request.scheme, dtype)
-    if key not in _MODELS:
-        if len(_MODELS) > 16:
-            _MODELS.clear()
-        model = _meta_model(request, config, dtype)
-        _MODELS[key] = (model, build_block_map(model), config)  # config kept: id stays valid
-    return _MODELS[key][:2]
+def step_spec(config: RunConfig, priced: Priced, profile: Profile, shapes: Shapes, *,
+              pair: bool, streamed: int) -> StepSpec:
+    """The planner's inputs for one decision: THE builder every plan goes through."""
+    from edgezo.zo.optimizers import OPTIMIZERS
 
-
-def price(request: PlanRequest, config=None, profile: Profile | None = None,
-          pair: bool = True, streamed: int = 0) -> Plan:
-    """The plan of one configuration (no decisions); `streamed` layers stream."""
-    if request.offload not in OFFLOAD:
-        raise unknown_choice("offload", request.offload, OFFLOAD)
-    if request.stream_masters not in MASTERS:
-        raise unknown_choice("stream masters", request.stream_masters, MASTERS)
-    if request.quantize is not None and request.quantize not in QUANTIZATIONS:
-        raise unknown_choice("quantization", request.quantize, QUANTIZATIONS)
-    check_scheme(request.scheme, SchemeOptions())
-    if request.quantize and request.scheme == "full":
-        raise ConfigError("a quantized base cannot take full fine-tuning; use an adapter scheme")
-    profile = profile or load_profile(request.profile)
-    config = config if config is not None else load_config(request.model,
-                                                           request.trust_remote_code)
-    dtype = parse_dtype(request.dtype or profile.dtype)
-    optimizer = make_optimizer(request.optimizer)
-    # the same refusals as a run: no option priced that the optimizer would not use
-    ZOEngine._check_options(optimizer, 1, "two-sided", "gaussian", request.block_wise,
-                            request.sparsity, request.fo_blocks)
-    model, blocks = _priced_model(request, config, dtype)
-    fo = (set(range(len(blocks.params))) if optimizer.estimator == "fo"
-          else resolve_fo_blocks(blocks, request.fo_blocks))
+    kind, rule = OPTIMIZERS[config.optimizer.optimizer][:2]
+    blocks, est = priced.blocks, config.estimator
+    fo = (set(range(len(blocks.params))) if kind == "fo"
+          else resolve_fo_blocks(blocks, est.fo_blocks))
     on_cuda = profile.device == "cuda" and torch.cuda.is_available()
-    n_layers = len(layer_bytes(blocks))
-    layers = streamed_layers(n_layers, streamed)
-    if layers and (optimizer.estimator != "zo" or fo):
-        raise ConfigError(f"streaming runs ZO estimates only; {request.optimizer}"
-                          f"{' with --fo-blocks' if fo else ''} needs every weight on the "
-                          "device: pick a ZO optimizer, or a bigger profile")
     sizes = layer_bytes(blocks)
-    tier = stream_tier(request.offload, profile, sum(sizes[i].total for i in layers))
-    plan = plan_step(model, blocks, profile, batch_size=request.batch_size,
-                     seq_len=request.seq_len, pair=pair and optimizer.estimator == "zo",
-                     on_cuda=on_cuda, optimizer_state_bytes=optimizer.state_bytes_per_param,
-                     noise_threads=1 if on_cuda else noise.worker_threads(),
-                     sparsity=request.sparsity > 0,
-                     fo_params=sum(blocks.params[i].numel() for i in fo),
-                     backward_layers=backward_depth(blocks, fo),
-                     weight_grad_layers=weight_grad_layers(blocks, fo),
-                     split_layers=pair_splits_layers(blocks, fo, request.block_wise),
-                     forward_grad=optimizer.estimator == "forward-grad",
-                     stream_layers=layers, stream_tier=tier,
-                     rows_per_example=request.rows_per_example,
-                     logit_positions=request.logit_positions, eval_shape=request.eval_shape,
-                     perturbs=optimizer.estimator != "fo",
-                     stream_masters=request.stream_masters)
-    if request.quantize and not layers:
-        plan.components["weights"] = quantized_weight_bytes(model, request.quantize)
+    layers = streamed_layers(len(sizes), streamed)
+    stream = None
+    if layers:
+        tier = stream_tier(config.streaming.offload, profile,
+                           sum(sizes[i].total for i in layers))
+        stream = StreamPart(tuple(layers), tier, config.streaming.stream_masters)
+    return StepSpec(
+        train=shapes.train, eval=shapes.eval, pair=pair and kind == "zo", on_cuda=on_cuda,
+        optimizer_state_bytes=rule.state_bytes_per_param,
+        noise_threads=1 if on_cuda else noise.worker_threads(), sparsity=est.sparsity > 0,
+        fo=FOPart(sum(blocks.params[i].numel() for i in fo), backward_depth(blocks, fo),
+                  weight_grad_layers(blocks, fo)) if fo else None,
+        split_layers=pair_splits_layers(blocks, fo, est.block_wise),
+        forward_grad=kind == "forward-grad", perturbs=kind != "fo", stream=stream)
+
+
+def price(config: RunConfig, priced: Priced, profile: Profile, shapes: Shapes, *,
+          pair: bool, streamed: int = 0) -> Plan:
+    """The plan of one configuration (no decisions); `streamed` layers stream."""
+    spec = step_spec(config, priced, profile, shapes, pair=pair, streamed=streamed)
+    plan = plan_step(priced.model, priced.blocks, profile, spec)
+    if priced.quantize and spec.stream is None:
+        plan.components["weights"] = quantized_weight_bytes(priced.model, priced.quantize)
         if plan.eval_components is not None:
             plan.eval_components["weights"] = plan.components["weights"]
     return plan
 
 
-def _largest_batch(request: PlanRequest, config, profile: Profile, pair: bool,
-                   streamed: int = 0) -> int:
+def layer_count(priced: Priced) -> int:
+    return len(layer_bytes(priced.blocks))
+
+
+def streamed_count(config: RunConfig, priced: Priced, profile: Profile, shapes: Shapes,
+                   pair: bool, budget: bool = True) -> int:
+    """How many layers stream: as asked, all when a tier is forced, else (under a
+    budget) the fewest that make the plan fit: 0 when it fits resident, when the run
+    cannot stream, or when even streaming all does not fit."""
+    n, s = layer_count(priced), config.streaming
+    if s.stream_layers is not None:
+        if s.stream_layers > n:
+            raise ConfigError(f"--stream-layers must be in 0..{n} (the model's layers), got "
+                              f"{s.stream_layers}")
+        return 0 if s.offload == "off" else s.stream_layers
+    if config.streams:
+        return n
+    if config.streams is False or not budget or not can_stream(config):
+        return 0
+
+    def fits(k: int) -> bool:
+        return price(config, priced, profile, shapes, pair=pair, streamed=k).fits
+
+    if fits(0) or not fits(n):
+        return 0
+    lo, hi = 0, n  # lo does not fit, hi fits
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
+
+
+def can_stream(config: RunConfig) -> bool:
+    """Only ZO estimates stream (RunConfig's streaming rules), without magnitude masks."""
+    est = config.estimator
+    return config.zo_only and not (est.sparsity and est.sparsity_mask == "magnitude")
+
+
+def decide(config: RunConfig, priced: Priced, profile: Profile, shapes: Shapes,
+           budget: bool = True) -> Decision:
+    """Pair mode or two passes, and what streams: the first mode that fits, streaming as
+    few layers as it needs. Without a budget: pair mode, and only forced streaming."""
+    zo_pair = config.estimator_kind == "zo" and config.estimator.estimate == "two-sided"
+    modes = ([config.estimator.pair] if config.estimator.pair is not None
+             else [True, False] if zo_pair else [False])
+    for pair in modes:
+        k = streamed_count(config, priced, profile, shapes, pair, budget)
+        plan = price(config, priced, profile, shapes, pair=pair, streamed=k)
+        if plan.fits or not budget:
+            break
+    s = config.streaming
+    if not k and (s.offload_dir or s.stream_masters != "auto"):
+        given = [f for f, on in (("--offload-dir", s.offload_dir),
+                                 ("--stream-masters", s.stream_masters != "auto")) if on]
+        raise ConfigError(f"{' and '.join(given)} set how layers stream, and under this plan "
+                          "none does (the weights fit): drop them, or stream with --offload "
+                          "disk (or host on a GPU)")
+    return Decision(pair, k, plan)
+
+
+def largest_batch(config: RunConfig, priced: Priced, profile: Profile, shapes: Shapes,
+                  pair: bool, streamed: int = 0) -> int:
     """Binary search on the batch size (the plan grows monotonically with it)."""
     def fits(b: int) -> bool:
-        r = PlanRequest(**{**request.__dict__, "batch_size": b})
-        return price(r, config, profile, pair, streamed).fits
+        train = replace(shapes.train, batch_size=b)
+        return price(config, priced, profile, replace(shapes, train=train), pair=pair,
+                     streamed=streamed).fits
 
     if not fits(1):
         return 0
@@ -204,103 +239,97 @@ def _largest_batch(request: PlanRequest, config, profile: Profile, pair: bool,
     return lo
 
 
-def _layer_count(request: PlanRequest, config, profile: Profile) -> int:
-    model, blocks = _priced_model(request, config, parse_dtype(request.dtype or profile.dtype))
-    return len(layer_bytes(blocks))
+@dataclass
+class PlanResult:
+    config: RunConfig
+    shapes: Shapes
+    decision: Decision
+    max_batch_size: int  # largest batch that fits in the chosen mode (0: none)
+    alternatives: list[dict]
+
+    @property
+    def plan(self) -> Plan:
+        return self.decision.plan
+
+    def to_dict(self) -> dict:
+        return {"config": self.config.to_dict(), "shapes": asdict(self.shapes),
+                "plan": self.plan.to_dict(), "max_batch_size": self.max_batch_size,
+                "alternatives": self.alternatives}
 
 
-def streamed_count(request: PlanRequest, config, profile: Profile, pair: bool) -> int:
-    """How many layers stream: as asked, all when a tier is forced, else the fewest that
-    make the plan fit (0 when it fits resident or when even streaming all does not)."""
-    n = _layer_count(request, config, profile)
-    if request.offload == "off":
-        return 0
-    if request.stream_layers is not None:
-        if not 0 <= request.stream_layers <= n:
-            raise ConfigError(f"--stream-layers must be in 0..{n} (the model's layers), got "
-                              f"{request.stream_layers}")
-        return request.stream_layers
-    if request.offload in ("host", "disk"):
-        return n
-    if price(request, config, profile, pair).fits or make_optimizer(
-            request.optimizer).estimator != "zo" or request.fo_blocks:
-        return 0
-    if not price(request, config, profile, pair, n).fits:
-        return 0
-    lo, hi = 0, n  # lo does not fit, hi fits
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if price(request, config, profile, pair, mid).fits else (mid, hi)
-    return hi
+def plan_run(config: RunConfig, shapes: Shapes, model_config=None,
+             profile: Profile | None = None, budget: bool = True) -> PlanResult:
+    """Decide pair/two-pass, what streams and the largest batch from the model's config
+    alone; price the alternatives when it does not fit."""
+    profile = profile or load_profile(config.runtime.profile)
+    model_config = model_config or load_config(config.model.model,
+                                               config.model.trust_remote_code)
+    dtype = config.model.dtype or profile.dtype
+    priced = meta_model(config, model_config, dtype)
+    decision = decide(config, priced, profile, shapes, budget)
+    best = largest_batch(config, priced, profile, shapes, decision.pair, decision.streamed)
+    advice = [] if decision.plan.fits or not budget else _alternatives(
+        config, model_config, profile, shapes, dtype, decision.pair)
+    return PlanResult(config, shapes, decision, best, advice)
 
 
-def plan_run(request: PlanRequest) -> PlanResult:
-    """Decide pair/two-pass, which layers stream and the largest batch; price
-    alternatives if it does not fit."""
-    profile = load_profile(request.profile)
-    config = load_config(request.model, request.trust_remote_code)
-    zo = make_optimizer(request.optimizer).estimator == "zo"
-    modes = [request.pair] if request.pair is not None else ([True, False] if zo else [False])
-    for pair in modes:  # the first mode that fits, streaming as few layers as it needs
-        k = streamed_count(request, config, profile, pair)
-        plan = price(request, config, profile, pair, k)
-        if plan.fits:
-            break
-    max_batch = _largest_batch(request, config, profile, pair, k)
-    alternatives = [] if plan.fits else _alternatives(request, config, profile, pair)
-    return PlanResult(request, plan, max_batch, alternatives)
-
-
-def zo_only(request: PlanRequest) -> bool:
-    return make_optimizer(request.optimizer).estimator == "zo" and not request.fo_blocks
-
-
-def _alternatives(request: PlanRequest, config, profile: Profile, pair: bool) -> list[dict]:
+def _alternatives(config: RunConfig, model_config, profile: Profile, shapes: Shapes,
+                  dtype: str, pair: bool) -> list[dict]:
+    """Single changes priced against the budget, in the order a user would try them."""
     out = []
 
-    def add(change: str, r: PlanRequest, prof: Profile = profile, mode: bool = False) -> None:
+    def add(change: str, cfg: RunConfig = config, prof: Profile = profile,
+            shp: Shapes = shapes, mode: bool = False) -> None:
         try:
-            p = price(r, config, prof, pair=mode)
+            priced = meta_model(cfg, model_config, cfg.model.dtype or dtype)
+            p = price(cfg, priced, prof, shp, pair=mode)
         except ConfigError:
             return
         out.append({"change": change, "predicted_total_bytes": p.total_bytes,
                     "budget_bytes": p.budget_bytes, "fits": p.fits})
 
-    base = request.__dict__
+    priced = meta_model(config, model_config, dtype)
     if pair:
-        add("two forward passes instead of pair mode", request, mode=False)
-    best = _largest_batch(request, config, profile, False)
-    if 0 < best < request.batch_size:
-        add(f"--batch-size {best}", PlanRequest(**{**base, "batch_size": best}))
-    ev = request.eval_shape
+        add("two forward passes instead of pair mode", mode=False)
+    best = largest_batch(config, priced, profile, shapes, False)
+    if 0 < best < shapes.train.batch_size:
+        add(f"--batch-size {best}", shp=replace(shapes, train=replace(shapes.train,
+                                                                      batch_size=best)))
+    ev = shapes.eval
     if ev is not None and ev.batch_size > 1:
-        current = price(request, config, profile, pair=False)
+        current = price(config, priced, profile, shapes, pair=False)
         if current.phases["eval"] > current.phases["train"]:  # evaluation sets the peak
             smaller = replace(ev, batch_size=max(1, ev.batch_size // 4))
-            add(f"--eval-batch-size {smaller.batch_size}",
-                PlanRequest(**{**base, "eval_shape": smaller}))
-    if request.scheme == "full":
-        add("--scheme lora", PlanRequest(**{**base, "scheme": "lora"}))
-        add("--scheme lora --quantize nf4",
-            PlanRequest(**{**base, "scheme": "lora", "quantize": "nf4"}))
-    elif request.quantize != "nf4":
-        add("--quantize nf4", PlanRequest(**{**base, "quantize": "nf4"}))
-    n = _layer_count(request, config, profile)
-    if request.offload == "off" and zo_only(request) and n:
+            add(f"--eval-batch-size {smaller.batch_size}", shp=replace(shapes, eval=smaller))
+    if config.scheme.scheme == "full":
+        add("--scheme lora", config.override(scheme="lora"))
+        add("--scheme lora --quantize nf4", config.override(scheme="lora", quantize="nf4"))
+    elif config.model.quantize != "nf4":
+        add("--quantize nf4", config.override(quantize="nf4"))
+    n = layer_count(priced)
+    if config.streaming.offload == "off" and can_stream(config) and n:
         for k in (n // 2, n):
-            add_stream = price(request, config, profile, False, k)
-            out.append({"change": f"stream {k} of {n} layers from "
-                        f"{add_stream.streaming['tier']} (--offload auto)",
-                        "predicted_total_bytes": add_stream.total_bytes,
-                        "budget_bytes": add_stream.budget_bytes, "fits": add_stream.fits})
-    if (request.dtype or profile.dtype) == "fp32":
-        add("--dtype bf16", PlanRequest(**{**base, "dtype": "bf16"}))
-    bigger = sorted((load_profile(n) for n in list_profiles()),
-                    key=lambda p: p.budget_bytes)
-    for prof in bigger:
+            p = price(config.override(offload="auto"), priced, profile, shapes, pair=False,
+                      streamed=k)
+            out.append({"change": f"stream {k} of {n} layers from {p.streaming['tier']} "
+                        "(--offload auto)", "predicted_total_bytes": p.total_bytes,
+                        "budget_bytes": p.budget_bytes, "fits": p.fits})
+    if dtype == "fp32":
+        add("--dtype bf16", config.override(dtype="bf16"))
+    for prof in sorted((load_profile(n) for n in list_profiles()),
+                       key=lambda p: p.budget_bytes):
         if prof.device == profile.device and prof.budget_bytes > profile.budget_bytes:
-            p = price(request, config, prof, pair=False)
+            p = price(config, priced, prof, shapes, pair=False)
             if p.fits:
-                add(f"--profile {prof.name}", request, prof)
+                add(f"--profile {prof.name}", prof=prof)
                 break
     return out
+
+
+def price_config(config: RunConfig, shapes: Shapes, *, pair: bool, streamed: int = 0) -> Plan:
+    """A configuration's plan from its model's config alone, for a given decision."""
+    config.validate()
+    profile = load_profile(config.runtime.profile)
+    model_config = load_config(config.model.model, config.model.trust_remote_code)
+    priced = meta_model(config, model_config, config.model.dtype or profile.dtype)
+    return price(config, priced, profile, shapes, pair=pair, streamed=streamed)

@@ -13,7 +13,6 @@ import importlib.util
 import json
 import os
 import shutil
-import struct
 import sys
 import tempfile
 import warnings
@@ -22,10 +21,11 @@ from pathlib import Path
 
 import torch
 
+from edgezo.config import QUANTIZATIONS, normalize_dtype
 from edgezo.errors import ModelLoadError, unknown_choice
 
 DEFAULT_MODEL = "smollm2"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -37,9 +37,11 @@ class LoadedModel:
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ModelLoadError(f"unknown dtype {name!r}; valid dtypes: {', '.join(DTYPES)}")
-    return DTYPES[name]
+    """The torch dtype of fp32/bf16/fp16 (or any alias RunConfig accepts)."""
+    key = normalize_dtype(name)
+    if key not in TORCH_DTYPES:
+        raise ModelLoadError(f"unknown dtype {name!r}; valid dtypes: {', '.join(TORCH_DTYPES)}")
+    return TORCH_DTYPES[key]
 
 
 def cache_root() -> Path:
@@ -113,112 +115,6 @@ def convert_gguf(path: Path, dtype: torch.dtype) -> Path:
     return target
 
 
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-SHARD_BYTES = 1 << 30  # the most a dtype conversion holds in memory at once
-
-
-def _safetensors_header(path: Path) -> dict:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header
-
-
-def _kept_in_fp32(name: str, keep: list[str]) -> bool:
-    # transformers searches each tensor's name for the module patterns
-    return any(k in name for k in keep)
-
-
-def stream_ready_folder(folder: Path, dtype: torch.dtype, keep_fp32: list[str] | None = None
-                        ) -> Path:
-    """A copy of an HF folder whose floating tensors are stored in `dtype` (cached, once),
-    or the folder itself when they already are.
-
-    Why: transformers memory-maps a safetensors checkpoint whose dtype matches the
-    requested one, so the weights of a streamed model are file pages the kernel can drop;
-    a dtype cast instead materializes the whole model in process memory, which a model
-    larger than RAM cannot survive. The copy is written one shard of at most SHARD_BYTES
-    at a time. Tensors the model class keeps in fp32 (`keep_fp32`) keep their dtype.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        return folder  # .bin checkpoints take transformers' own path
-    keep = keep_fp32 or []
-
-    def target(name: str, stored: str) -> torch.dtype | None:
-        kind = SAFETENSORS_DTYPES.get(stored)
-        if kind is None or kind == dtype or _kept_in_fp32(name, keep):
-            return None  # not a float, already right, or kept
-        return dtype
-
-    headers = {f: _safetensors_header(f) for f in files}
-    if not any(target(n, h["dtype"]) for hs in headers.values() for n, h in hs.items()):
-        return folder
-    key = hashlib.sha256("".join(_file_key(f) for f in files).encode()).hexdigest()[:16]
-    name = str(dtype).removeprefix("torch.")
-    out = cache_root() / "converted" / f"{folder.name}-{key}-{name}"
-    if (out / "config.json").is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"Storing {folder} in {name} once, into {out}, so that its streamed layers load "
-          "memory-mapped ...", file=sys.stderr)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    try:
-        weight_map, shard, size, count, total = {}, {}, 0, 0, 0
-
-        def write() -> None:
-            nonlocal shard, size, count
-            if shard:
-                count += 1
-                file = f"model-{count:05d}.safetensors"
-                save_file(shard, str(tmp / file), metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, file))
-            shard, size = {}, 0
-
-        for f in files:
-            with safe_open(str(f), framework="pt") as src:
-                for tensor_name, info in headers[f].items():
-                    t = src.get_tensor(tensor_name)
-                    to = target(tensor_name, info["dtype"])
-                    if to is not None:
-                        t = t.to(to)
-                    if size and size + t.nbytes > SHARD_BYTES:
-                        write()
-                    shard[tensor_name] = t
-                    size += t.nbytes
-                    total += t.nbytes
-        write()
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-        for extra in folder.iterdir():  # config, tokenizer, generation config
-            if extra.is_file() and not extra.name.endswith(".safetensors") \
-                    and extra.name != "model.safetensors.index.json":
-                shutil.copy2(extra, tmp / extra.name)
-        config = json.loads((tmp / "config.json").read_text())
-        for field in ("dtype", "torch_dtype"):
-            if field in config:
-                config[field] = name
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        os.replace(tmp, out)  # atomic: a half-written copy is never used
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def kept_in_fp32(model_class: type, dtype: torch.dtype) -> list[str]:
-    """The module names transformers keeps in fp32 when loading `model_class` in `dtype`."""
-    keep = []
-    if dtype == torch.float16:
-        keep += list(getattr(model_class, "_keep_in_fp32_modules", None) or [])
-    if dtype in (torch.float16, torch.bfloat16):
-        keep += list(getattr(model_class, "_keep_in_fp32_modules_strict", None) or [])
-    return keep
-
-
 @dataclass
 class ResolvedModel:
     """Where a model's files are, and its tokenizer; everything but the weights."""
@@ -229,30 +125,6 @@ class ResolvedModel:
     tokenizer: object
     model_class: type
     trust_remote_code: bool = False
-
-
-def streamable_folder(resolved: ResolvedModel, dtype: torch.dtype) -> str:
-    """Where a model that streams loads from: a folder whose safetensors are stored in
-    `dtype`, so that its layers load memory-mapped (see stream_ready_folder). A hub model
-    is downloaded into the hub cache first (as from_pretrained would); one without
-    safetensors files, and a GGUF (converted in `dtype` already), load as they are."""
-    if resolved.kind == "hub":
-        from huggingface_hub import snapshot_download
-
-        try:
-            local = Path(snapshot_download(resolved.folder, allow_patterns=[
-                "*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]))
-        except Exception as err:  # hub errors have many types; all mean "not here"
-            raise ModelLoadError(f"could not download {resolved.folder}: {err} (no network? "
-                                 "pass a local folder to --model)") from None
-        if not any(local.glob("*.safetensors")):
-            return resolved.folder
-    elif resolved.kind == "folder":
-        local = Path(resolved.folder)
-    else:
-        return resolved.folder
-    keep = kept_in_fp32(resolved.model_class, dtype)
-    return str(stream_ready_folder(local, dtype, keep))
 
 
 def locate_model(spec: str) -> tuple[Path, str]:
@@ -356,9 +228,6 @@ def resolve_model(spec: str | None, dtype: torch.dtype,
                              "cannot load as a causal language model")
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # imports its modeling code
     return ResolvedModel(folder, source, kind, tokenizer, model_class)
-
-
-QUANTIZATIONS = ("nf4", "int8")
 
 
 def quantization_config(quantize: str, dtype: torch.dtype):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from edgezo.config import TEMPLATES
 from edgezo.errors import unknown_choice
 
 SPLITS = ("train", "validation", "test")
@@ -37,9 +38,6 @@ class Example:
 
     def prompt_for(self, i: int) -> str:
         return self.prompt if self.prompts is None else self.prompts[i]
-
-
-TEMPLATES = ("aligned", "empty")
 
 
 class Task(ABC):

@@ -23,6 +23,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from edgezo.zo.batch import batch_rows
+
 
 def _position_ids(model, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """Positions that count real tokens only, so a left-padded row scores the same however
@@ -90,18 +92,6 @@ def example_losses(model, batch: dict) -> torch.Tensor:
         # Verbalizer classification loss: cross-entropy across the candidates' scores.
         return F.cross_entropy(scores, batch["gold"], reduction="none")
     return -token_logprob_means(model, batch)
-
-
-def double(batch: dict) -> dict:
-    """[x; x]: every tensor stacked twice along dim 0 (pair mode)."""
-    return {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def batch_rows(batch: dict) -> int:
-    """Rows of the model input (examples × candidates for multi-token candidates)."""
-    if "input_ids" in batch:
-        return batch["input_ids"].shape[0]
-    return next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
 
 
 def shard_batch(batch: dict, rank: int, world: int) -> dict:

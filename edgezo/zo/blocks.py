@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from edgezo.config import GRANULARITIES
 from edgezo.errors import ConfigError, ModelLoadError, unknown_choice
 
 
@@ -185,7 +186,6 @@ def build_block_map(model: nn.Module) -> BlockMap:
 # ---------------------------------------------------------------------------------------
 # Parameter groups for block-wise ZO and hybrid ZO/FO.
 # ---------------------------------------------------------------------------------------
-GRANULARITIES = ("layer", "half")
 _ATTENTION = re.compile(r"(attn|attention)$")
 
 

@@ -23,177 +23,100 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from edgezo.errors import ConfigError, unknown_choice
-from edgezo.memory.measure import release_freed_memory
-from edgezo.tasks.loss import batch_rows, double, example_losses
-from edgezo.zo import noise
+from edgezo.config import DEFAULT_EPS, EstimatorOptions
+from edgezo.config_rules import estimator_problems
+from edgezo.errors import ConfigError
+from edgezo.zo import gradients, noise
+from edgezo.zo.batch import batch_rows, double
 from edgezo.zo.blocks import BlockMap, build_block_map, estimation_groups, resolve_fo_blocks
 from edgezo.zo.direction import Direction
-from edgezo.zo.optimizers import Optimizer, work_dtype
-from edgezo.zo.perturb import PendingUpdate, Perturbation, _flat
+from edgezo.zo.gradients import LossFn
+from edgezo.zo.optimizers import Optimizer
+from edgezo.zo.perturb import PendingUpdate, Perturbation
+from edgezo.zo.result import StepResult
 from edgezo.zo.sparsity import SparseMasks
-from edgezo.zo.stream import BlockStreamer
-
-ESTIMATES = ("two-sided", "one-sided")
-_FO_SALT = 1 << 40  # query index of the FO part's rounding seed (never a ZO query's)
-
-LossFn = Callable[[nn.Module, dict], torch.Tensor]
-
-
-@dataclass
-class StepResult:
-    """What one step did, enough to replay it: the seeds and scalars of every query."""
-
-    step: int
-    loss: float  # an estimate of L(θ) before the step
-    lr: float
-    time_s: float
-    seeds: list[int] = field(default_factory=list)
-    projected_grads: list[float] = field(default_factory=list)  # one per seed
-    loss_plus: float = math.nan  # the first query's losses (two-sided)
-    loss_minus: float = math.nan
-    forward_passes: int = 0
-    backward_passes: int = 0
-    # zo-sgd-cons, per group: m of the move θ ← θ − m·η·d kept (1: the usual step,
-    # 0: stay, −1: the opposite step)
-    move: list[int] = field(default_factory=list)
-    skipped: bool = False  # a non-finite loss: (part of) the update was not applied
-    # per ZO group, what its update was: {"grads": [q scalars], "move": m or None,
-    # "applied": bool} (the seed log's record; see ZOEngine.replay)
-    groups: list[dict] = field(default_factory=list)
-
-    def log_entry(self) -> dict:
-        """This step as one seed-log line: enough to redo its update without data."""
-        return {"step": self.step, "lr": self.lr, "seeds": self.seeds,
-                "groups": self.groups, "skipped": self.skipped}
-
-    @property
-    def seed(self) -> int | None:
-        return self.seeds[0] if self.seeds else None
-
-    @property
-    def projected_grad(self) -> float:
-        """The mean projected gradient of the step's queries (nan for FO-only steps)."""
-        g = self.projected_grads
-        return sum(g) / len(g) if g else math.nan
-
-
-class _Bound:
-    """Calls `model` with some parameters replaced (torch.func's functional_call), so a
-    loss function written for a model can run under jvp."""
-
-    def __init__(self, model: nn.Module, params: dict[str, torch.Tensor]):
-        self.model, self.params = model, params
-
-    def __call__(self, *args, **kwargs):
-        return functional_call(self.model, self.params, args, kwargs)
+from edgezo.zo.stream import BlockStreamer, make_streamer
 
 
 class ZOEngine:
     """Runs optimisation steps on a model in place."""
 
-    def __init__(self, model: nn.Module, optimizer: Optimizer, *, eps: float = 1e-3,
-                 seed: int = 0, pair: bool = True, loss_fn: LossFn = example_losses,
-                 blocks: BlockMap | None = None, q: int = 1, estimate: str = "two-sided",
-                 directions: str = "gaussian", block_wise: bool = False,
-                 granularity: str = "layer", sparsity: float = 0.0,
-                 sparsity_mask: str = "random", sparsity_every: int = 0,
-                 fo_blocks: list[str | int] | None = None):
-        if eps <= 0:
-            raise ConfigError(f"eps must be > 0, got {eps}")
-        if q < 1:
-            raise ConfigError(f"q must be >= 1, got {q}")
-        if estimate not in ESTIMATES:
-            raise unknown_choice("estimate", estimate, ESTIMATES)
-        if directions not in noise.DIRECTIONS:
-            raise unknown_choice("directions", directions, noise.DIRECTIONS)
+    def __init__(self, model: nn.Module, optimizer: Optimizer,
+                 estimator: EstimatorOptions | None = None, *, loss_fn: LossFn, seed: int = 0,
+                 pair: bool = True, blocks: BlockMap | None = None):
+        """`estimator`: q, one- or two-sided, directions, block-wise, sparsity, hybrid FO
+        blocks and ε (RunConfig's estimator section; defaults when None). `pair`: evaluate
+        L(θ ± εz) as one doubled forward (ZO only)."""
+        est = estimator or EstimatorOptions()
+        problems = estimator_problems(est, optimizer.name)
+        if problems:
+            raise ConfigError(problems[0])
         kind = optimizer.estimator
-        self._check_options(optimizer, q, estimate, directions, block_wise, sparsity, fo_blocks)
-        if granularity != "layer" and not block_wise:
-            raise ConfigError("granularity chooses the groups of block-wise ZO; add "
-                              "--block-wise (block_wise=True) or drop it")
-        if sparsity == 0 and (sparsity_mask != "random" or sparsity_every != 0):
-            raise ConfigError("sparsity_mask and sparsity_every shape sparse perturbations; "
-                              "set --sparsity S (0 < S < 1) or drop them")
         self.model = model.eval()  # the same function at every query: no dropout
-        self.optimizer, self.eps, self.seed, self.loss_fn = optimizer, eps, seed, loss_fn
-        self.q, self.one_sided, self.directions = q, estimate == "one-sided", directions
-        self.pair = pair and kind == "zo"
+        self.optimizer, self.seed, self.loss_fn = optimizer, seed, loss_fn
+        self.eps = DEFAULT_EPS if est.eps is None else est.eps
+        self.q, self.one_sided, self.directions = est.q, est.estimate == "one-sided", \
+            est.directions
+        self.pair = pair and kind == "zo" and not self.one_sided
         self.blocks: BlockMap = blocks if blocks is not None else build_block_map(model)
         params = self.blocks.params
         everything = set(range(len(params)))
-        if kind == "fo":
-            self.fo_indices = everything
-        else:
-            self.fo_indices = resolve_fo_blocks(self.blocks, fo_blocks or [])
+        self.fo_indices = (everything if kind == "fo"
+                           else resolve_fo_blocks(self.blocks, est.fo_blocks))
         self.zo_indices = everything - self.fo_indices
         if kind != "fo" and not self.zo_indices:
             raise ConfigError("--fo-blocks covers every trainable parameter: nothing is left "
                               "for ZO; use fo-sgd or fo-adam for a first-order run")
-        groups = (estimation_groups(model, self.blocks, granularity) if block_wise
+        groups = (estimation_groups(model, self.blocks, est.granularity) if est.block_wise
                   else [sorted(everything)])
         self.groups = [frozenset(i for i in g if i in self.zo_indices) for g in groups]
         self.groups = [g for g in self.groups if g]
         # A group of every parameter is "all": d needs no per-parameter lookups then.
         self._active = [None if len(g) == len(params) else g for g in self.groups]
-        self.masks = (SparseMasks([params[i] for i in range(len(params))], sparsity,
-                                  sparsity_mask, sparsity_every, seed)
-                      if sparsity > 0 else None)
+        self.masks = (SparseMasks(list(params), est.sparsity, est.sparsity_mask,
+                                  est.sparsity_every, seed) if est.sparsity > 0 else None)
         optimizer.rule.init_state([p.detach() for p in params])
         self.perturbation = Perturbation(self.blocks, optimizer.rule)
         self.perturbation.install()
         self.step_index = 0
         self._passes = [0, 0]  # forward, backward in the current step
-        self._sparsity_mask = sparsity_mask
         self.streamer: BlockStreamer | None = None
         self.world = 1  # data-parallel ranks (set by data_parallel())
         self.bytes_communicated = 0
+
+    @property
+    def zo_only(self) -> bool:
+        """Every update comes from forward values alone: the run can stream its layers,
+        shard its batch over ranks (one scalar per query to reduce) and replay its log."""
+        return self.optimizer.estimator == "zo" and not self.fo_indices
 
     def data_parallel(self) -> int:
         """Join the initialised torch.distributed group: every rank keeps a full replica,
         draws the same directions (same seed) and evaluates its shard of each batch; the
         per-example losses are gathered per query, so every rank computes the same g and
-        applies the same update. ZO estimators only (a backward or a jvp would need its
-        gradients reduced, which is DDP's job, not this)."""
+        applies the same update. (RunConfig refuses it for non-ZO runs: a backward or a jvp
+        would need its gradients reduced, which is DDP's job, not this.)"""
         import torch.distributed as dist
 
-        self._require_zo("data-parallel training", "run it on one process")
+        if not self.zo_only:
+            raise RuntimeError("data-parallel ZO needs a ZO-only engine")
         self.world = dist.get_world_size()
         return self.world
-
-    def _require_zo(self, feature: str, fix: str) -> None:
-        """Streaming and data parallelism see the loss only through forward values; a
-        backward (fo-*, --fo-blocks) or a jvp (forward-grad) needs every weight at once
-        and its gradients reduced."""
-        if self.optimizer.estimator != "zo" or self.fo_indices:
-            hybrid = " with --fo-blocks" if self.fo_indices and \
-                self.optimizer.estimator != "fo" else ""
-            raise ConfigError(f"{feature} runs ZO estimates only; {self.optimizer.name}"
-                              f"{hybrid} differentiates the loss: {fix}")
 
     def stream(self, layers: list[int], device: torch.device | str, tier: str = "disk",
                folder: str | None = None, buffers: int | None = None,
                master_dtype: torch.dtype | None = None) -> BlockStreamer:
         """Move the given decoder layers (indices into the layer list) off the device;
         `master_dtype=torch.float32` keeps their trainable half-precision tensors' master
-        copies in fp32 (see BlockStreamer).
-
-        Only the ZO estimator streams: a backward (fo-*, --fo-blocks) or a forward-mode
-        gradient needs every weight it differentiates resident at once, and magnitude
-        masks read every weight when they are drawn.
-        """
-        self._require_zo("streaming", "pick a ZO optimizer, or a bigger profile")
-        if self.masks is not None and self._sparsity_mask == "magnitude":
-            raise ConfigError("magnitude sparsity masks read every weight when drawn; with "
-                              "streaming use --sparsity-mask random")
+        copies in fp32 (see BlockStreamer). A ZO-only engine only (RunConfig's streaming
+        rules): a backward or a jvp needs every weight it differentiates at once, and
+        magnitude masks read every weight when drawn."""
+        if not self.zo_only or (self.masks is not None and self.masks.mode == "magnitude"):
+            raise RuntimeError("streaming needs a ZO-only engine without magnitude masks")
         if self.streamer is not None:
             raise RuntimeError("the engine already streams")
         units = [u for u in self.blocks.units if u.kind == "layer"]
@@ -202,27 +125,10 @@ class ZOEngine:
             raise ConfigError(f"layers {bad} do not exist; the model has {len(units)} layers")
         self.perturbation.flush()
         trainable = {id(p) for p in self.blocks.params}
-        self.streamer = BlockStreamer([units[i] for i in sorted(set(layers))], trainable,
+        self.streamer = make_streamer([units[i] for i in sorted(set(layers))], trainable,
                                       device, tier, folder, buffers, master_dtype)
         self.perturbation.streamer = self.streamer
         return self.streamer
-
-    @staticmethod
-    def _check_options(optimizer: Optimizer, q, estimate, directions, block_wise, sparsity,
-                       fo_blocks) -> None:
-        """Refuse options that would do nothing for this optimizer."""
-        kind, name = optimizer.estimator, optimizer.name
-        unused = []
-        if kind == "fo":
-            unused = [opt for opt, on in (("q", q != 1), ("estimate", estimate != "two-sided"),
-                                          ("directions", directions != "gaussian"),
-                                          ("block_wise", block_wise), ("sparsity", sparsity),
-                                          ("fo_blocks", bool(fo_blocks))) if on]
-        elif kind == "forward-grad" and estimate != "two-sided":
-            unused = ["estimate"]
-        if unused:
-            raise ConfigError(f"{', '.join(unused)} does not apply to {name} "
-                              f"({optimizer.description}); drop it or pick a ZO optimizer")
 
     # -- counting what a step costs -----------------------------------------------------
     @property
@@ -300,83 +206,20 @@ class ZOEngine:
         self.perturbation.flush()
         return plus
 
-    # -- estimators ---------------------------------------------------------------------
+    # -- the other gradient sources --------------------------------------------------
     def _forward_gradient(self, batch: dict, direction: Direction) -> tuple[float, float]:
-        """(L(θ), ∇L·v) by forward-mode AD along v = d; v is materialised in the model
-        dtype for the parameters d covers (the update regenerates it in fp32)."""
         self.perturbation.flush()
-        primals, tangents = {}, {}
-        for i, p in enumerate(self.blocks.params):
-            if direction.covers(i):
-                name = self.blocks.names[i]
-                primals[name] = p.detach()
-                tangents[name] = direction.full(p.shape, i, p.device, work_dtype(p.dtype)
-                                                ).to(p.dtype)
-
-        def loss(params):
-            return self.loss_fn(_Bound(self.model, params), batch).mean()
-
-        # Fused attention kernels have no forward-mode derivative; the math one does.
-        # no_grad: forward-mode AD needs no backward graph, which would keep every
-        # activation alive.
-        with sdpa_kernel(SDPBackend.MATH), torch.no_grad():
-            value, derivative = jvp(loss, (primals,), (tangents,))
         self._passes[0] += 1
-        result = value.item(), derivative.item()
-        del tangents, value, derivative
-        if self.blocks.params[0].device.type == "cpu":
-            # The dual forward's many short-lived buffers otherwise stay in the heap,
-            # and resident memory creeps up step after step.
-            release_freed_memory()
-        return result
+        return gradients.forward_gradient(self.model, self.loss_fn, self.blocks, batch,
+                                          direction)
 
     def _fo_backward(self, batch: dict) -> float:
-        """L(θ) with the exact gradient of the FO parameters in their .grad: autograd
-        records only what depends on them (the ZO parameters are constants here)."""
         self.perturbation.flush()
-        params = self.blocks.params
-        flags = [p.requires_grad for p in params]
-        for i, p in enumerate(params):
-            p.requires_grad_(i in self.fo_indices)
-            p.grad = None
-        try:
-            with torch.enable_grad():
-                loss = self.loss_fn(self.model, batch).mean()
-                self._passes[0] += 1
-                if torch.isfinite(loss):
-                    loss.backward()
-                    self._passes[1] += 1
-        finally:
-            for p, flag in zip(params, flags, strict=True):
-                p.requires_grad_(flag)
-        return loss.item()
-
-    @torch.no_grad()
-    def _fo_update(self, lr: float, t: int) -> None:
-        """Apply the rule to the FO parameters, d = their gradient, chunk by chunk."""
-        rule, seed = self.optimizer.rule, noise.step_seed(self.seed, t - 1, _FO_SALT)
-        work = []
-        for index in sorted(self.fo_indices):
-            p = self.blocks.params[index]
-            grad = p.grad
-            p.grad = None
-            if grad is None:
-                grad = torch.zeros_like(p)
-            work += [(index, p.detach(), grad, k, lo, hi)
-                     for k, (lo, hi) in enumerate(noise.chunk_bounds(p.shape))]
-
-        def update(i: int) -> None:
-            index, p, grad, k, lo, hi = work[i]
-            g = _flat(grad)[lo:hi]
-            d = noise.thread_buffer("dir", g.numel(), work_dtype(g.dtype), g.device)
-            d = d.view(g.shape)
-            d.copy_(g)
-            bits = (noise.random_bits(d.numel(), noise.param_seed(seed, index), k, p.device)
-                    if p.dtype == torch.bfloat16 else None)
-            rule.update(_flat(p)[lo:hi], d, lr, t, index, lo, bits)
-
-        if work:
-            noise.parallel_map(update, range(len(work)), work[0][1].device)
+        loss, ran = gradients.backward(self.model, self.loss_fn, self.blocks.params,
+                                       self.fo_indices, batch)
+        self._passes[0] += 1
+        self._passes[1] += ran
+        return loss
 
     # -- the step -------------------------------------------------------------------------
     def step(self, batch: dict, lr: float) -> StepResult:
@@ -399,7 +242,8 @@ class ZOEngine:
             if not math.isfinite(fo_loss):
                 result.skipped = True
             elif lr != 0 or self.optimizer.rule.stateful:
-                self._fo_update(lr, t + 1)
+                gradients.apply_gradients(self.blocks.params, self.fo_indices,
+                                          self.optimizer.rule, lr, t + 1, self.seed)
             for p in self.blocks.params:
                 p.grad = None
         result.forward_passes, result.backward_passes = self._passes

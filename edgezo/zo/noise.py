@@ -83,9 +83,6 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
     return gen
 
 
-DIRECTIONS = ("gaussian", "rademacher")
-
-
 def fill_chunk(out: torch.Tensor, seed: int, chunk: int, kind: str = "gaussian"
                ) -> torch.Tensor:
     """Fill `out` (the rows of chunk `chunk`) with its direction values, in place:

@@ -80,9 +80,7 @@ class Rule(ABC):
     stateful = False  # False: an lr = 0 step changes nothing and can be skipped
 
     def __init__(self, weight_decay: float = 0.0):
-        if weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {weight_decay}")
-        self.weight_decay = weight_decay
+        self.weight_decay = weight_decay  # ranges: RunConfig's fields
         self.state: dict[str, list[torch.Tensor]] = {}
 
     def init_state(self, params: list[torch.Tensor]) -> None:  # noqa: B027 - stateless
@@ -135,8 +133,6 @@ class Momentum(Rule):
 
     def __init__(self, weight_decay: float = 0.0, momentum: float = 0.9):
         super().__init__(weight_decay)
-        if not 0.0 <= momentum < 1.0:
-            raise ConfigError(f"momentum must be in [0, 1), got {momentum}")
         self.momentum = momentum
 
     def init_state(self, params):
@@ -161,12 +157,7 @@ class Adam(Rule):
     def __init__(self, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8):
         super().__init__(weight_decay)
-        b1, b2 = betas
-        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise ConfigError(f"Adam betas must be in [0, 1), got {betas}")
-        if eps <= 0:
-            raise ConfigError(f"adam_eps must be > 0, got {eps}")
-        self.betas, self.eps = (b1, b2), eps
+        self.betas, self.eps = tuple(betas), eps
 
     def init_state(self, params):
         self.state = {"exp_avg": self._zeros(params), "exp_avg_sq": self._zeros(params)}
@@ -242,21 +233,18 @@ def make_optimizer(name: str, *, weight_decay: float = 0.0, momentum: float | No
     silently ignored."""
     if name not in OPTIMIZERS:
         raise unknown_choice("optimizer", name, list(OPTIMIZERS))
+    from edgezo.config_rules import optimizer_problems
+
+    problems = optimizer_problems(name, weight_decay=weight_decay, momentum=momentum,
+                                  betas=betas, adam_eps=adam_eps)
+    if problems:
+        raise ConfigError(problems[0])
     estimator, rule_cls, conservative, description = OPTIMIZERS[name]
     kwargs: dict = {"weight_decay": weight_decay}
-    given = {"momentum": momentum, "betas": betas, "adam_eps": adam_eps}
-    accepted = {Momentum: {"momentum"}, Adam: {"betas", "adam_eps"}}.get(rule_cls, set())
-    for option, value in given.items():
-        if value is None:
-            continue
-        if option not in accepted:
-            users = [n for n, spec in OPTIMIZERS.items()
-                     if option in {Momentum: {"momentum"},
-                                   Adam: {"betas", "adam_eps"}}.get(spec[1], set())]
-            raise ConfigError(f"optimizer {name} has no {option} option; it applies to "
-                              f"{', '.join(users)}")
-        kwargs["eps" if option == "adam_eps" else option] = value
-    if conservative and weight_decay:
-        raise ConfigError("zo-sgd-cons makes exact moves along the estimate and takes no "
-                          "weight_decay; drop --weight-decay or use zo-sgd")
+    if momentum is not None:
+        kwargs["momentum"] = momentum
+    if betas is not None:
+        kwargs["betas"] = tuple(betas)
+    if adam_eps is not None:
+        kwargs["eps"] = adam_eps
     return Optimizer(name, estimator, rule_cls(**kwargs), conservative, description)

@@ -6,31 +6,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from edgezo.errors import ConfigError, unknown_choice
-
-SCHEDULES = ("constant", "linear", "cosine")
-
 
 @dataclass(frozen=True)
 class Schedule:
     """`kind` decays lr to 0 at `total_steps` (linear, cosine) after `warmup_steps` of
-    linear warm-up from lr/warmup_steps; "constant" keeps lr after the warm-up."""
+    linear warm-up from lr/warmup_steps; "constant" keeps lr after the warm-up. Built
+    from a validated RunConfig (its choices and ranges are checked there)."""
 
     lr: float
     kind: str = "constant"
     total_steps: int | None = None
     warmup_steps: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in SCHEDULES:
-            raise unknown_choice("lr schedule", self.kind, SCHEDULES)
-        if self.lr < 0:
-            raise ConfigError(f"lr must be >= 0, got {self.lr}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.kind != "constant" and not self.total_steps:
-            raise ConfigError(f"the {self.kind} schedule needs the run length: pass total_steps "
-                              "(the CLI passes --steps)")
 
     def __call__(self, step: int) -> float:
         """The lr of step `step` (0-based)."""

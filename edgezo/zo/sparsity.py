@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from edgezo.errors import ConfigError, unknown_choice
 from edgezo.zo import noise
 
-MASK_MODES = ("random", "magnitude")
 _MASK_SALT = 0x5A
 
 
@@ -47,12 +45,6 @@ class SparseMasks:
 
     def __init__(self, params: list[torch.Tensor], sparsity: float, mode: str = "random",
                  every: int = 0, seed: int = 0):
-        if not 0.0 <= sparsity < 1.0:
-            raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}")
-        if mode not in MASK_MODES:
-            raise unknown_choice("sparsity mask", mode, MASK_MODES)
-        if every < 0:
-            raise ConfigError(f"sparsity_every must be >= 0 (0: never resample), got {every}")
         self.params, self.sparsity, self.mode = params, sparsity, mode
         self.every, self.seed = every, seed
         self.masks = [torch.zeros(p.shape, dtype=torch.bool, device=p.device) for p in params]

