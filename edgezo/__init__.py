@@ -9,7 +9,11 @@ def __getattr__(name: str):
         from edgezo.session import Session
 
         return Session
+    if name == "RunConfig":
+        from edgezo.config import RunConfig
+
+        return RunConfig
     raise AttributeError(f"module 'edgezo' has no attribute {name!r}")
 
 
-__all__ = ["Session", "__version__"]
+__all__ = ["RunConfig", "Session", "__version__"]

@@ -7,6 +7,7 @@ at once, each naming the field and the file.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -98,6 +99,8 @@ def _validate(data: Any, where: str) -> list[str]:
         if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
             names = " or ".join(t.__name__ for t in types)
             problems.append(f"{where}: field '{field}' must be {names}, got {value!r}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{where}: field '{field}' must be a finite number, got {value}")
     for field in data:
         if field not in _FIELDS:
             problems.append(f"{where}: unknown field '{field}' (valid: {', '.join(_FIELDS)})")
@@ -124,7 +127,9 @@ def load_profile(name_or_path: str) -> Profile:
     """Load and validate a profile by shipped name or by path to a YAML file."""
     path = profile_path(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ProfileError(f"{path}: not UTF-8 text; save it as UTF-8") from None
     except yaml.YAMLError as err:
         raise ProfileError(f"{path}: not valid YAML ({err})") from None
     problems = _validate(data, str(path))

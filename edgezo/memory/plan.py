@@ -220,34 +220,8 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, spec: 
                                               split=spec.pair and spec.split_layers),
         "optimizer_state": spec.optimizer_state_bytes * blocks.numel(),
     }
-    cache = terms.prefix_cache_bytes(model, rows, train.seq_len, elem)
-    if cache:
-        components["prefix_kv_cache"] = cache
-    if spec.sparsity:
-        components["sparsity_masks"] = blocks.numel()
-    if spec.fo is not None and spec.fo.params:
-        components.update(_fo_terms(model, spec, elem, virtual))
-        if not spec.perturbs:
-            # a pure FO step's forward is the one that saves: its transients are among
-            # the saved activations (dispatch-level peaks on a width-1024 Llama, batch 16:
-            # 107.6 MiB new in a full step against 106.5 planned without this term, 89.4
-            # against 84.3 for LoRA)
-            del components["activations"]
-    if spec.forward_grad:
-        components["forward_grad_tangents"] = blocks.numel() * elem
-        components["activations"] *= 2  # every activation carries its tangent
-    streaming = None
-    if spec.stream is not None and spec.stream.layers:
-        # the forward's multiply-adds: 2 FLOPs per weight per token, rows x seq tokens
-        flops = 2.0 * sum(p.numel() for p in model.parameters()) * rows * train.seq_len
-        moved, buffer, streaming = streaming_terms(
-            blocks, profile, list(spec.stream.layers), spec.stream.tier,
-            2 if profile.device == "cuda" else 1, flops, spec.stream.masters)
-        components["weights"] -= moved
-        components["stream_buffers"] = buffer
-    if not spec.on_cuda:
-        components["cpu_runtime"] = CPU_RUNTIME_BYTES + (
-            CPU_BACKWARD_RUNTIME_BYTES if spec.fo is not None and spec.fo.params else 0)
+    components.update(_step_terms(model, blocks, spec, components, elem, virtual))
+    streaming = _stream_terms(model, blocks, profile, spec, components, rows)
     eval_components = (None if spec.eval is None
                        else _eval_terms(model, components, spec, elem, virtual))
     cuda_profile = profile.device == "cuda"
@@ -258,3 +232,47 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, spec: 
                 budget_bytes=profile.budget_bytes, streaming=streaming,
                 eval_components=eval_components, rows_per_example=train.rows_per_example,
                 logit_positions=train.logit_positions, eval_shape=spec.eval)
+
+
+def _step_terms(model, blocks: BlockMap, spec: StepSpec, components: dict[str, int],
+                elem: int, virtual: int) -> dict[str, int]:
+    """The step's terms beyond the core five: prefix cache, masks, FO parts, tangents and
+    the CPU runtime (`components` is adjusted in place where a term replaces one)."""
+    rows = spec.train.rows * (2 if spec.pair else 1)
+    out = {}
+    cache = terms.prefix_cache_bytes(model, rows, spec.train.seq_len, elem)
+    if cache:
+        out["prefix_kv_cache"] = cache
+    if spec.sparsity:
+        out["sparsity_masks"] = blocks.numel()
+    fo = spec.fo is not None and spec.fo.params
+    if fo:
+        out.update(_fo_terms(model, spec, elem, virtual))
+        if not spec.perturbs:
+            # a pure FO step's forward is the one that saves: its transients are among
+            # the saved activations (dispatch-level peaks on a width-1024 Llama, batch 16:
+            # 107.6 MiB new in a full step against 106.5 planned without this term, 89.4
+            # against 84.3 for LoRA)
+            del components["activations"]
+    if spec.forward_grad:
+        out["forward_grad_tangents"] = blocks.numel() * elem
+        components["activations"] *= 2  # every activation carries its tangent
+    if not spec.on_cuda:
+        out["cpu_runtime"] = CPU_RUNTIME_BYTES + (CPU_BACKWARD_RUNTIME_BYTES if fo else 0)
+    return out
+
+
+def _stream_terms(model, blocks: BlockMap, profile: Profile, spec: StepSpec,
+                  components: dict[str, int], rows: int) -> dict | None:
+    """Streamed layers leave the device weights and add their buffers; returns the plan's
+    streaming section (None when nothing streams)."""
+    if spec.stream is None or not spec.stream.layers:
+        return None
+    # the forward's multiply-adds: 2 FLOPs per weight per token, rows x seq tokens
+    flops = 2.0 * sum(p.numel() for p in model.parameters()) * rows * spec.train.seq_len
+    moved, buffer, section = streaming_terms(
+        blocks, profile, list(spec.stream.layers), spec.stream.tier,
+        2 if profile.device == "cuda" else 1, flops, spec.stream.masters)
+    components["weights"] -= moved
+    components["stream_buffers"] = buffer
+    return section

@@ -38,9 +38,6 @@ def stream_ready_folder(folder: Path, dtype: torch.dtype, keep_fp32: list[str] |
     larger than RAM cannot survive. The copy is written one shard of at most SHARD_BYTES
     at a time. Tensors the model class keeps in fp32 (`keep_fp32`) keep their dtype.
     """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return folder  # .bin checkpoints take transformers' own path
@@ -65,45 +62,59 @@ def stream_ready_folder(folder: Path, dtype: torch.dtype, keep_fp32: list[str] |
           "memory-mapped ...", file=sys.stderr)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
     try:
-        weight_map, shard, size, count, total = {}, {}, 0, 0, 0
-
-        def write() -> None:
-            nonlocal shard, size, count
-            if shard:
-                count += 1
-                file = f"model-{count:05d}.safetensors"
-                save_file(shard, str(tmp / file), metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, file))
-            shard, size = {}, 0
-
-        for f in files:
-            with safe_open(str(f), framework="pt") as src:
-                for tensor_name, info in headers[f].items():
-                    t = src.get_tensor(tensor_name)
-                    to = target(tensor_name, info["dtype"])
-                    if to is not None:
-                        t = t.to(to)
-                    if size and size + t.nbytes > SHARD_BYTES:
-                        write()
-                    shard[tensor_name] = t
-                    size += t.nbytes
-                    total += t.nbytes
-        write()
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-        for extra in folder.iterdir():  # config, tokenizer, generation config
-            if extra.is_file() and not extra.name.endswith(".safetensors") \
-                    and extra.name != "model.safetensors.index.json":
-                shutil.copy2(extra, tmp / extra.name)
-        config = json.loads((tmp / "config.json").read_text())
-        for field in ("dtype", "torch_dtype"):
-            if field in config:
-                config[field] = name
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        _write_shards(files, headers, target, tmp)
+        _copy_extras(folder, tmp, name)
         os.replace(tmp, out)  # atomic: a half-written copy is never used
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _write_shards(files: list[Path], headers: dict, target, tmp: Path) -> None:
+    """Every tensor, cast where `target` says, into shards of at most SHARD_BYTES, with
+    the index transformers reads."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    weight_map, shard, size, count, total = {}, {}, 0, 0, 0
+
+    def write() -> None:
+        nonlocal shard, size, count
+        if shard:
+            count += 1
+            file = f"model-{count:05d}.safetensors"
+            save_file(shard, str(tmp / file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+        shard, size = {}, 0
+
+    for f in files:
+        with safe_open(str(f), framework="pt") as src:
+            for tensor_name, info in headers[f].items():
+                t = src.get_tensor(tensor_name)
+                to = target(tensor_name, info["dtype"])
+                if to is not None:
+                    t = t.to(to)
+                if size and size + t.nbytes > SHARD_BYTES:
+                    write()
+                shard[tensor_name] = t
+                size += t.nbytes
+                total += t.nbytes
+    write()
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+
+def _copy_extras(folder: Path, tmp: Path, dtype_name: str) -> None:
+    """Config, tokenizer and generation config, the config saying the new dtype."""
+    for extra in folder.iterdir():
+        if extra.is_file() and not extra.name.endswith(".safetensors") \
+                and extra.name != "model.safetensors.index.json":
+            shutil.copy2(extra, tmp / extra.name)
+    config = json.loads((tmp / "config.json").read_text())
+    for field in ("dtype", "torch_dtype"):
+        if field in config:
+            config[field] = dtype_name
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def kept_in_fp32(model_class: type, dtype: torch.dtype) -> list[str]:

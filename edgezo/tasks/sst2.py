@@ -19,6 +19,13 @@ class SST2(Task):
         if folder is None:
             return None
         path = folder / filename
+        try:
+            return self._parse_tsv(path)
+        except UnicodeDecodeError:
+            raise TaskError(f"{path}: not UTF-8 text; save the file as UTF-8") from None
+
+    @staticmethod
+    def _parse_tsv(path) -> list[dict]:
         rows = []
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)

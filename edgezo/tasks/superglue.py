@@ -25,8 +25,14 @@ def read_jsonl(path: Path, required: dict[str, type | tuple[type, ...]],
     """Rows of a JSONL file, each checked for the fields (and types) a task reads, then by
     `check(row, line_number)`, which raises TaskError naming what is wrong."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise TaskError(f"{path}, line {line_no}: not UTF-8 text (byte "
+                                f"{err.start + 1} of the line); save the file as UTF-8"
+                                ) from None
             if not line.strip():
                 continue
             try:

@@ -73,7 +73,9 @@ class UserTask(Task):
     @staticmethod
     def _spec(path: Path) -> dict:
         try:
-            spec = yaml.safe_load(path.read_text())
+            spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise TaskError(f"{path}: not UTF-8 text; save it as UTF-8") from None
         except yaml.YAMLError as err:
             raise TaskError(f"{path}: not valid YAML ({err})") from None
         if not isinstance(spec, dict) or "train" not in spec:
@@ -83,6 +85,11 @@ class UserTask(Task):
         if unknown:
             raise TaskError(f"{path}: unknown field(s) {', '.join(sorted(unknown))}; valid: "
                             "name, train, test, template, candidates, label_field, loss")
+        for field in ("name", "train", "test", "template", "label_field", "loss"):
+            if spec.get(field) is not None and not isinstance(spec[field], str):
+                raise TaskError(f"{path}: field {field!r} must be one string (a file name, "
+                                f"relative to the spec), got {type(spec[field]).__name__} "
+                                f"{spec[field]!r}")
         return spec
 
     def _load(self, path: Path) -> list[dict]:

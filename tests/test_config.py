@@ -1,0 +1,249 @@
+"""RunConfig: one source for every option; recipes; the rules between options; bad input
+that must end in a message (exit 2), never a traceback."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from edgezo.cli.main import app
+from typer.testing import CliRunner
+
+from edgezo.config import FIELDS, RESUMABLE, SECTION_OF, RunConfig
+from edgezo.errors import CheckpointError, ConfigError, EdgezoError, ProfileError, TaskError
+
+RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_round_trips_through_json_and_yaml():
+    cfg = RunConfig.from_flat(scheme="lora", lora_r=4, lora_targets=["q_proj", "v_proj"],
+                              optimizer="zo-adam", betas=(0.8, 0.99), lr=1e-3, q=2,
+                              fo_blocks=["head"], steps=7, output="runs/x")
+    assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert RunConfig.from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+    assert RunConfig.from_dict(cfg.flat()) == cfg  # run.json of earlier versions: flat
+
+
+def test_names_are_unique_and_every_field_explains_itself():
+    assert len(SECTION_OF) == len(FIELDS)
+    for name, f in FIELDS.items():
+        assert len(f.metadata["help"]) > 15, name
+    assert {"data_dir", "eval_batch_size", "steps", "check_budget", "offload_dir",
+            "strict_memory"} <= RESUMABLE
+    assert "lr" not in RESUMABLE and "seed" not in RESUMABLE
+
+
+@pytest.mark.parametrize("spelling, canonical", [
+    ("bfloat16", "bf16"), ("torch.bfloat16", "bf16"), ("float16", "fp16"),
+    ("torch.float32", "fp32"), ("FP32", "fp32"), ("bf16", "bf16")])
+def test_dtype_aliases(spelling, canonical):
+    assert RunConfig.from_flat(dtype=spelling).validate().model.dtype == canonical
+
+
+def test_values_are_coerced_or_refused_by_name():
+    cfg = RunConfig.from_dict({"optimizer": {"lr": "1e-5", "betas": "0.9,0.99"},
+                               "data": {"batch_size": 8.0}, "fo_blocks": "head,-1"})
+    assert cfg.optimizer.lr == 1e-5 and cfg.optimizer.betas == (0.9, 0.99)
+    assert cfg.data.batch_size == 8 and cfg.estimator.fo_blocks == ["head", "-1"]
+    with pytest.raises(ConfigError, match="option batch_size takes int, got 1.5"):
+        RunConfig.from_flat(batch_size=1.5)
+    with pytest.raises(ConfigError, match="unknown option 'learning_rate'"):
+        RunConfig.from_flat(learning_rate=1e-3)
+    with pytest.raises(ConfigError, match="section 'data' has no option 'lr'"):
+        RunConfig.from_dict({"data": {"lr": 1e-3}})
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_flat(batch_size=0, q=0, lr=float("nan")).validate()
+    text = str(err.value)
+    assert text.startswith("3 problems")
+    for needle in ("batch_size must be >= 1", "q must be >= 1", "lr must be a finite"):
+        assert needle in text
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_loads_and_validates(recipe):
+    cfg = RunConfig.from_file(recipe).validate()
+    assert cfg != RunConfig()
+
+
+def test_print_config_writes_a_complete_commented_recipe_that_loads_back(tmp_path):
+    result = invoke("finetune", "--config", RECIPES[0], "--lr", "0.002", "--print-config")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("  # ") == len(FIELDS)  # every option, with its help
+    saved = tmp_path / "run.yaml"
+    saved.write_text(result.output)
+    cfg = RunConfig.from_file(saved)
+    assert cfg == RunConfig.from_file(RECIPES[0]).override(lr=0.002)  # the flag wins
+
+
+def test_a_bad_recipe_is_a_message(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optimizer:\n  lr: fast\n")
+    result = invoke("finetune", "--config", bad, "--print-config")
+    assert result.exit_code == 2 and "option lr takes float" in result.output
+    bad.write_bytes(b"optimizer:\n  lr: 1e-3 \xff\xfe\n")
+    result = invoke("finetune", "--config", bad)
+    assert result.exit_code == 2 and "not UTF-8" in result.output
+
+
+# -- bad input that used to end in a traceback ------------------------------------------
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_non_finite_profile_values_name_the_field(tmp_path, value):
+    from edgezo.profiles import load_profile
+
+    path = tmp_path / "p.yaml"
+    path.write_text(f"name: p\ndevice: cpu\ndevice_memory_gb: {value}\nhost_memory_gb: 4\n"
+                    "host_device_bandwidth_gbps: 1\ndtype: fp32\nheadroom: 0.1\n")
+    with pytest.raises(ProfileError, match="'device_memory_gb' must be a finite number"):
+        load_profile(str(path))
+
+
+def test_files_that_are_not_utf8_are_named(tmp_path):
+    from edgezo.profiles import load_profile
+    from edgezo.tasks.user import UserTask
+
+    profile = tmp_path / "p.yaml"
+    profile.write_bytes(b"name: p\xff\n")
+    with pytest.raises(ProfileError, match="not UTF-8"):
+        load_profile(str(profile))
+    rows = tmp_path / "rows.jsonl"
+    good = json.dumps({"input": "a", "candidates": [" x", " y"], "label": 0}).encode()
+    rows.write_bytes(good + b"\n" + good.replace(b'"a"', b'"\xe9"') + b"\n")
+    with pytest.raises(TaskError, match=r"rows.jsonl, line 2: not UTF-8"):
+        UserTask(rows).split("train")
+    spec = tmp_path / "spec.yaml"
+    spec.write_bytes(b"train: rows.jsonl\ntemplate: \xff\n")
+    with pytest.raises(TaskError, match="not UTF-8"):
+        UserTask(spec)
+
+
+def test_a_task_spec_with_a_list_of_train_files_is_a_message(tmp_path):
+    from edgezo.tasks.user import UserTask
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("train: [a.jsonl, b.jsonl]\n")
+    with pytest.raises(TaskError, match="field 'train' must be one string"):
+        UserTask(spec)
+
+
+def _session(tiny_folder, data_dir, **kw):
+    from edgezo.session import Session
+
+    base = dict(profile="cpu-16gb", batch_size=2, lr=0.02, eps=1e-2, max_length=48,
+                data_dir=data_dir, check_budget=False)
+    return Session(tiny_folder, **{**base, **kw})
+
+
+def test_a_snapshot_of_another_model_is_a_message(tiny_folder, data_dir, tmp_path):
+    from edgezo import runs
+    from edgezo.checkpoint import load_snapshot, snapshots
+
+    s = _session(tiny_folder, data_dir)
+    s.record(tmp_path / "run")
+    s.step()
+    snap = s.checkpoint()
+    s.close()
+    other = _session(tiny_folder, data_dir, scheme="lora")
+    weights, state = load_snapshot(snap)
+    try:
+        with pytest.raises(CheckpointError, match="belongs to another model or scheme"):
+            runs.restore(other, weights, state, {"step": 1})
+    finally:
+        other.close()
+    lora = _session(tiny_folder, data_dir, scheme="lora", lora_r=4)
+    lora.record(tmp_path / "lora")
+    lora.step()
+    small = load_snapshot(lora.checkpoint())
+    lora.close()
+    wide = _session(tiny_folder, data_dir, scheme="lora", lora_r=8)
+    try:
+        with pytest.raises(CheckpointError, match="another shape"):
+            runs.restore(wide, *small, {"step": 1})
+    finally:
+        wide.close()
+    assert snapshots(tmp_path / "run")
+
+
+def test_a_damaged_log_line_that_a_snapshot_covers_does_not_block_resume(
+        tiny_folder, data_dir, tmp_path):
+    from edgezo.session import Session
+
+    run = tmp_path / "run"
+    s = _session(tiny_folder, data_dir)
+    s.record(run)
+    for _ in range(3):
+        s.step()
+    s.checkpoint()
+    s.step()
+    s.step()
+    s.engine.flush()
+    expected = [p.detach().clone() for p in s.engine.blocks.params]
+    s.close()
+    log = run / "seedlog.jsonl"
+    lines = log.read_bytes().splitlines()
+    lines[1] = lines[1][:20] + b"\x00garbage"  # step 1: before the step-3 snapshot
+    log.write_bytes(b"\n".join(lines) + b"\n")
+    resumed = Session.resume(run)
+    try:
+        assert resumed.engine.step_index == 5
+        assert all(torch.equal(p, e) for p, e in zip(resumed.model.parameters(), expected,
+                                                     strict=True))
+    finally:
+        resumed.close()
+    lines[3] = b"{broken"  # step 3: after the snapshot, needed to get to step 5
+    log.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(CheckpointError, match="lacks step 3"):
+        Session.resume(run)
+
+
+def test_a_diverging_run_stops_and_goes_back_to_its_last_sound_weights(
+        tiny_folder, data_dir, tmp_path):
+    """--lr 1e30: the first update saturates the model; every later estimate is exactly
+    0 and the loss sits at ln 2. The run stops, goes back to the start (its step-0
+    snapshot), saves that, and says to lower --lr."""
+    from edgezo.checkpoint import snapshots
+    from edgezo.train import finetune
+
+    s = _session(tiny_folder, data_dir, lr=1e30)
+    start = [p.detach().clone() for p in s.engine.blocks.params]
+    out = tmp_path / "run"
+    with pytest.raises(EdgezoError, match=r"Lower --lr \(now 1e\+30\).*went back to step 0"):
+        finetune(s, 40, output=str(out), console=_quiet())
+    assert s.engine.step_index == 0
+    assert all(torch.equal(p, e) for p, e in zip(s.engine.blocks.params, start, strict=True))
+    s.close()
+    assert snapshots(out)[-1].name == "step-00000000"
+    report = json.loads((out / "report.json").read_text())
+    assert "went back to step 0" in report["stopped"]
+    assert (out / "model" / "model.safetensors").is_file()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) < 15  # stopped early
+
+
+def _quiet():
+    from rich.console import Console
+
+    return Console(quiet=True)
+
+
+def test_eval_every_without_a_run_folder_prints_the_accuracy(tiny_folder, data_dir):
+    task = Path(data_dir)
+    result = invoke("finetune", "--model", tiny_folder, "--data-dir", task, "--steps", 2,
+                    "--batch-size", 2, "--eval-every", 1, "--eval-batch-size", 64,
+                    "--profile", "cpu-16gb", "--max-length", 48)
+    assert result.exit_code == 0, result.output
+    assert "step 1: validation accuracy" in result.output
+    assert "step 2: validation accuracy" in result.output
+
+
+def test_bench_takes_output_like_every_command(tmp_path):
+    result = invoke("bench", "--suite", "smoke", "--output", tmp_path / "b", "--tables-only")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "b" / "tables.md").is_file()
