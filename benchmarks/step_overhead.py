@@ -3,7 +3,8 @@
 All three are timed side by side in one process, on the same model and batch, so the
 ratios are comparable even on a noisy shared machine:
 
-    edgezo ratio = edgezo ZO-SGD step / (2 × plain forward of the batch)
+    edgezo ratio = edgezo ZO-SGD step / (2 × plain forward of the batch), for each noise
+                   source (torch's generator, the shared table)
     MeZO ratio   = MeZO-style step   / (2 × plain forward of the batch)
     speed-up     = MeZO-style step / edgezo step
 
@@ -13,6 +14,10 @@ global generator in the parameter dtype each of the four times. It uses the same
 (last-position logits only), so the comparison isolates the step's mechanics.
 
     python benchmarks/step_overhead.py [--model smollm2] [--batch 16] [--seq 64] [--repeats 5]
+
+--dtype auto (the default) computes as a run would on this CPU: fp32 where bf16 is not
+native. The first line printed is the CPU's instruction set: compare figures only within
+one run on one machine.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import time
 
 import torch
 
+from edgezo.config import EstimatorOptions
+from edgezo.hardware import cpu_capability, preferred_dtype
 from edgezo.models.loading import load_model
 from edgezo.models.tiny import tiny_model
 from edgezo.tasks.loss import example_losses
@@ -80,16 +87,26 @@ class MezoReference:
         return g
 
 
+def engine_for(model, noise: str, pair: bool = True) -> ZOEngine:
+    """`noise`: generator, table, or a structured direction (lowrank, subspace)."""
+    est = (EstimatorOptions(eps=1e-3, directions=noise) if noise in ("lowrank", "subspace")
+           else EstimatorOptions(eps=1e-3, noise=noise))
+    return ZOEngine(model, make_optimizer("zo-sgd"), est, loss_fn=example_losses, seed=0,
+                    pair=pair)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2", help="smollm2, a path, or tiny:<family>")
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
+    name = (preferred_dtype(None, "bf16", torch.device("cpu"))[0] if args.dtype == "auto"
+            else args.dtype)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[name]
     if args.model.startswith("tiny:"):
         model = tiny_model(args.model.split(":", 1)[1], dtype=dtype)
     else:
@@ -101,41 +118,46 @@ def main() -> None:
         example_losses(model, batch).mean().item()
         example_losses(model, batch).mean().item()
 
-    engine = ZOEngine(model, make_optimizer("zo-sgd"), eps=1e-3, seed=0, pair=True)
-    two_pass = ZOEngine.__new__(ZOEngine)  # same engine state, two-pass mode
-    two_pass.__dict__.update(engine.__dict__, pair=False)
-
-    for _ in range(2):  # warm-up: page in the weights, first copy-on-write, kernel caches
-        engine.step(batch, lr=1e-7)
-    engine.flush()
-    engine.perturbation.remove()
+    steps = {}
+    for noise, pair in (("generator", True), ("table", True), ("table", False),
+                        ("lowrank", True), ("subspace", True)):
+        engine = engine_for(model, noise, pair)
+        for _ in range(2):  # warm-up: page in the weights, first copy-on-write, caches
+            engine.step(batch, lr=1e-7)
+        steps[(noise, pair)] = timed(lambda e=engine: e.step(batch, lr=1e-7), args.repeats)
+        engine.close()
     t_fwd = timed(two_forwards, args.repeats)
     mezo = MezoReference(model, eps=1e-3, lr=1e-7)
     mezo.step(batch)
     t_mezo = timed(lambda: mezo.step(batch), args.repeats)
-    engine.perturbation.install()
-    t_pair = timed(lambda: engine.step(batch, lr=1e-7), args.repeats)
-    t_two = timed(lambda: two_pass.step(batch, lr=1e-7), args.repeats)
-    engine.close()
+    report(args, name, t_fwd, steps, t_mezo)
 
+
+def report(args, dtype: str, t_fwd: float, steps: dict, t_mezo: float) -> None:
+    t_pair = steps[("generator", True)]
     result = {
-        "model": args.model, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
-        "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-        "two_forwards_s": t_fwd, "edgezo_pair_step_s": t_pair, "edgezo_two_pass_step_s": t_two,
-        "mezo_step_s": t_mezo,
-        "edgezo_pair_ratio": t_pair / t_fwd, "edgezo_two_pass_ratio": t_two / t_fwd,
+        "model": args.model, "dtype": dtype, "batch": args.batch, "seq": args.seq,
+        "threads": torch.get_num_threads(), "cpu": cpu_capability(),
+        "machine": platform.processor() or platform.machine(),
+        "two_forwards_s": t_fwd, "mezo_step_s": t_mezo,
+        **{f"edgezo_{'pair' if pair else 'two_pass'}_{noise}_step_s": t
+           for (noise, pair), t in steps.items()},
+        **{f"edgezo_{'pair' if pair else 'two_pass'}_{noise}_ratio": t / t_fwd
+           for (noise, pair), t in steps.items()},
         "mezo_ratio": t_mezo / t_fwd, "speedup_vs_mezo": t_mezo / t_pair,
     }
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{args.model} {args.dtype}, batch {args.batch} x {args.seq} tokens, "
+    print(f"CPU: {result['cpu']}")
+    print(f"{args.model} {dtype}, batch {args.batch} x {args.seq} tokens, "
           f"{result['threads']} threads, median of {args.repeats}")
-    print(f"  two plain forwards        {t_fwd:8.3f} s   1.00")
-    print(f"  edgezo step (pair)        {t_pair:8.3f} s   {t_pair / t_fwd:.2f}  (goal <= 1.10)")
-    print(f"  edgezo step (two-pass)    {t_two:8.3f} s   {t_two / t_fwd:.2f}")
-    print(f"  MeZO-style step           {t_mezo:8.3f} s   {t_mezo / t_fwd:.2f}")
-    print(f"  speed-up vs MeZO-style    {t_mezo / t_pair:.2f}x  (goal >= 1.4x)")
+    print(f"  two plain forwards               {t_fwd:8.3f} s   1.00")
+    for (noise, pair), t in steps.items():
+        label = f"edgezo step ({'pair' if pair else 'two-pass'}, {noise})"
+        print(f"  {label:32s} {t:8.3f} s   {t / t_fwd:.2f}")
+    print(f"  MeZO-style step                  {t_mezo:8.3f} s   {t_mezo / t_fwd:.2f}")
+    print(f"  speed-up of edgezo (generator) over MeZO-style {t_mezo / t_pair:.2f}x")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,9 @@ def main() -> None:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    from edgezo.hardware import cpu_capability
+
+    print(f"CPU: {cpu_capability()}", flush=True)  # bf16 speed differs 4x+ by instruction set
     if args.one:
         print(json.dumps(one(args.one, args.steps, args.batch, args.max_test, args.lr,
                              args.eps)))

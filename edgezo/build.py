@@ -20,6 +20,7 @@ from torch import nn
 
 from edgezo.config import PEFT_SCHEMES, RunConfig
 from edgezo.errors import ConfigError, OutOfBudgetError, unknown_choice
+from edgezo.hardware import preferred_dtype
 from edgezo.heap import release_freed_memory, strict_heap
 from edgezo.memory import planner
 from edgezo.memory.measure import MemoryMonitor
@@ -63,6 +64,7 @@ class Parts:
     plan: Plan
     engine: ZOEngine
     streamer: BlockStreamer | None
+    dtype_reason: str  # why the run computes in its dtype (printed and reported)
 
     @property
     def on_cuda(self) -> bool:
@@ -75,28 +77,32 @@ def build(config: RunConfig, objective: Callable | None = None) -> Parts:
     config.validate()
     profile = load_profile(config.runtime.profile)
     device = compute_device(profile, config.runtime.strict_memory)
-    config = config.resolved(profile.dtype)
+    dtype, why = preferred_dtype(config.model.dtype, profile.dtype, device)
     loss_fn = objective_fn(config, objective)
     task = load_task(config)
-    resolved = resolve_model(config.model.model, parse_dtype(config.model.dtype),
+    resolved = resolve_model(config.model.model, parse_dtype(dtype),
                              config.model.trust_remote_code)
     encoder = Encoder(resolved.tokenizer, max_length=config.data.max_length,
                       loss=task.loss if task is not None else "classification")
     shapes = measure_shapes(task, encoder, config)
-    decision = plan_before_loading(config, resolved, profile, shapes)
+    config, decision, why = plan_before_loading(config, resolved, profile, shapes, dtype, why)
+    if config.model.dtype != dtype:  # fp32 did not fit: the model in the profile's dtype
+        resolved = resolve_model(config.model.model, parse_dtype(config.model.dtype),
+                                 config.model.trust_remote_code)
     monitor, model = load(config, resolved, decision, device)
     blocks = build_block_map(model)
     plan = planner.price(config, planner.live_model(model, blocks), profile, shapes,
                          pair=decision.pair, streamed=decision.streamed)
     check_live_plan(config, plan, profile, device)
+    o = config.optimizer
     engine = ZOEngine(model, make_optimizer(
-        config.optimizer.optimizer, weight_decay=config.optimizer.weight_decay,
-        momentum=config.optimizer.momentum, betas=config.optimizer.betas,
-        adam_eps=config.optimizer.adam_eps), config.estimator, loss_fn=loss_fn,
-        seed=config.runtime.seed, pair=decision.pair, blocks=blocks)
+        o.optimizer, weight_decay=o.weight_decay, momentum=o.momentum, betas=o.betas,
+        adam_eps=o.adam_eps, hessian_smoothing=config.estimator.hessian_smoothing),
+        config.estimator, loss_fn=loss_fn, seed=config.runtime.seed, pair=decision.pair,
+        blocks=blocks)
     streamer = start_streaming(config, engine, plan, decision, device)
     return Parts(config, profile, device, task, resolved, encoder, shapes, monitor, model,
-                 blocks, plan, engine, streamer)
+                 blocks, plan, engine, streamer, why)
 
 
 def compute_device(profile: Profile, strict_memory: bool) -> torch.device:
@@ -142,15 +148,26 @@ def measure_shapes(task: Task | None, encoder: Encoder, config: RunConfig) -> Sh
 
 
 def plan_before_loading(config: RunConfig, resolved: ResolvedModel, profile: Profile,
-                        shapes: Shapes) -> Decision:
-    """The decision (pair mode, what streams) from the model's config alone; a run over
-    budget is refused here, with the changes that would make it fit."""
+                        shapes: Shapes, dtype: str, why: str
+                        ) -> tuple[RunConfig, Decision, str]:
+    """The resolved config and the decision (pair mode, what streams) from the model's
+    config alone. A run over budget is refused here, with the changes that would make it
+    fit; fp32 chosen for a CPU without native half precision gives way to the profile's
+    dtype when only that fits. Returns (config, decision, why the dtype)."""
     model_config = load_config(resolved.folder, config.model.trust_remote_code)
     budget = config.runtime.check_budget
-    result = planner.plan_run(config, shapes, model_config, profile, budget=budget)
+    cfg = config.resolved(dtype)
+    result = planner.plan_run(cfg, shapes, model_config, profile, budget=budget)
+    if budget and not result.plan.fits and config.model.dtype is None \
+            and dtype != profile.dtype:
+        need = human_bytes(result.plan.total_bytes)
+        cfg = config.resolved(profile.dtype)
+        result = planner.plan_run(cfg, shapes, model_config, profile, budget=budget)
+        why = (f"the profile's {profile.dtype}: fp32 (faster on this CPU) would need {need}, "
+               "over the budget")
     if budget and not result.plan.fits:
         raise OutOfBudgetError(budget_message(result.plan, profile, result.alternatives))
-    return result.decision
+    return cfg, result.decision, why
 
 
 def budget_message(plan: Plan, profile: Profile, alternatives: list[dict] = ()) -> str:

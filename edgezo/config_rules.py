@@ -60,11 +60,11 @@ def optimizer_problems(name: str, **options) -> list[str]:
     """Options of an update rule given to an optimizer whose rule has none of them."""
     from edgezo.zo.optimizers import OPTIMIZERS
 
-    _, rule, conservative, _ = OPTIMIZERS[name]
+    rule, conservative = OPTIMIZERS[name].rule, OPTIMIZERS[name].conservative
     out = []
     for option, rule_name in _RULE_OPTIONS.items():
         if options.get(option) is not None and rule.__name__ != rule_name:
-            users = [n for n, spec in OPTIMIZERS.items() if spec[1].__name__ == rule_name]
+            users = [n for n, m in OPTIMIZERS.items() if m.rule.__name__ == rule_name]
             out.append(f"optimizer {name} has no {option} option; it applies to "
                        f"{', '.join(users)}")
     if conservative and options.get("weight_decay"):
@@ -76,30 +76,47 @@ def optimizer_problems(name: str, **options) -> list[str]:
 def estimator_problems(est: EstimatorOptions, optimizer: str) -> list[str]:
     """Estimator options the optimizer would not use, and contradictions among them."""
     from edgezo.config import EstimatorOptions
+    from edgezo.config_defaults import STRUCTURED, resolve_estimator
     from edgezo.zo.optimizers import OPTIMIZERS
 
-    kind, description = OPTIMIZERS[optimizer][0], OPTIMIZERS[optimizer][3]
-    default = EstimatorOptions()
+    method = OPTIMIZERS[optimizer]
+    kind, default = method.estimator, EstimatorOptions()
     unused = []
     if kind == "fo":
-        unused = [o for o in ("q", "estimate", "directions", "block_wise", "sparsity",
-                              "fo_blocks") if getattr(est, o) != getattr(default, o)]
-    elif kind == "forward-grad" and est.estimate != "two-sided":
+        unused = [o for o in ("q", "estimate", "directions", "noise", "block_wise",
+                              "sparsity", "fo_blocks") if getattr(est, o) != getattr(default, o)]
+    elif kind == "forward-grad" and est.estimate not in (None, "two-sided"):
         unused = ["estimate"]
     if kind != "zo" and est.eps is not None:
         unused.append("eps")
     out = []
     if unused:
         verb = "does not apply" if len(unused) == 1 else "do not apply"
-        out.append(f"{' and '.join(unused)} {verb} to {optimizer} ({description}); drop "
-                   f"{'it' if len(unused) == 1 else 'them'} or pick a ZO optimizer")
+        out.append(f"{' and '.join(unused)} {verb} to {optimizer} ({method.description}); "
+                   f"drop {'it' if len(unused) == 1 else 'them'} or pick a ZO optimizer")
     if est.pair is not None and kind != "zo":
         out.append(f"--pair/--two-pass choose how ZO evaluates L(θ ± εz); {optimizer} makes "
                    "no such pair: drop the option")
-    if est.pair and est.estimate == "one-sided":
+    if kind == "fo":
+        return out
+    r = resolve_estimator(est, optimizer)
+    if est.pair and r.estimate == "one-sided":
         out.append("--pair evaluates L(θ + εz) and L(θ − εz) in one doubled forward; a "
                    "one-sided estimate has no L(θ − εz): drop --pair or use --estimate "
                    "two-sided")
+    for option in ("rank", "basis_every"):
+        if getattr(est, option) is not None and r.directions not in STRUCTURED:
+            out.append(f"{option} shapes lowrank and subspace directions; add --directions "
+                       "lowrank (or subspace) or drop it")
+    if est.hessian_smoothing is not None and not method.curvature:
+        out.append(f"hessian_smoothing is the Hessian estimate's moving-average weight of "
+                   f"hizoo and hizoo-l, not {optimizer}: drop it")
+    if method.normalized and r.q < 2:
+        out.append(f"{optimizer} divides its step by the spread of its queries' estimates; "
+                   "it needs --q 2 or more")
+    if method.curvature and (r.q != 1 or r.estimate != "two-sided"):
+        out.append(f"{optimizer} reads one curvature a step from L(θ) and L(θ ± εz): it "
+                   "takes --q 1 and the two-sided estimate")
     if est.granularity != "layer" and not est.block_wise:
         out.append("granularity chooses the groups of block-wise ZO; add --block-wise "
                    "(block_wise=True) or drop it")

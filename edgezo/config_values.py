@@ -111,3 +111,24 @@ def field_problems(name: str, value: Any, meta: dict) -> list[str]:
         if meta["below"] is not None and v >= meta["below"]:
             return [f"{name} must be < {meta['below']:g}, got {v}"]
     return []
+
+
+def read_config_file(path: Path) -> dict:
+    """The mapping a recipe file holds: YAML (.yaml/.yml) or JSON (run.json)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; save it as UTF-8") from None
+    if path.suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None

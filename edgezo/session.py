@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from edgezo import __version__, guard, runs
 from edgezo.build import build, join_process_group
 from edgezo.config import RunConfig
 from edgezo.errors import ConfigError, OutOfBudgetError
+from edgezo.hardware import cpu_capability
 from edgezo.heap import release_freed_memory
 from edgezo.profiles import human_bytes
 from edgezo.tasks import Example
@@ -68,6 +70,7 @@ class Session:
         self.shapes, self.monitor, self.plan = parts.shapes, parts.monitor, parts.plan
         self._model, self._block_map = parts.model, parts.blocks
         self.engine, self.streamer = parts.engine, parts.streamer
+        self.dtype_reason = parts.dtype_reason
         self.optimizer = self.engine.optimizer
         o = self.config.optimizer
         self.schedule = Schedule(o.lr, o.schedule, o.total_steps, o.warmup_steps)
@@ -80,6 +83,7 @@ class Session:
         self._batches = None
         self.history: list[StepResult] = []
         self.evaluations: dict[str, dict] = {}
+        self.eval_seconds = 0.0  # every evaluation's time: part of time to accuracy
 
     # -- what the session is --------------------------------------------------------------
     @property
@@ -187,11 +191,14 @@ class Session:
 
     # -- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, split: str = "test", max_examples: int | None = None) -> dict:
-        """Accuracy by candidate log-likelihood on a task split, batched."""
+    def evaluate(self, split: str = "test", max_examples: int | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> dict:
+        """Accuracy by candidate log-likelihood on a task split, batched; `progress(done,
+        total)` is called after each batch (examples)."""
         self._require_task()
         self.engine.flush()
         self.engine.release_scratch()
+        start = time.perf_counter()
         examples = self.task.split(split)[:max_examples]
         hits: list[bool] = []
         groups: dict[str, list[bool]] = {}
@@ -207,9 +214,13 @@ class Session:
                 for ex, ok in zip(part, right, strict=True):
                     if ex.group is not None:
                         groups.setdefault(ex.group, []).append(ok)
+                if progress is not None:
+                    progress(len(hits), len(examples))
         release_freed_memory()  # eval batches differ in shape; return their freed heap
+        elapsed = time.perf_counter() - start
+        self.eval_seconds += elapsed
         result = {"accuracy": sum(hits) / max(1, len(hits)), "examples": len(hits),
-                  "split": split}
+                  "split": split, "of": len(self.task.split(split)), "time_s": elapsed}
         if groups:  # MultiRC: a question counts when every answer option is right
             result["exact_match"] = sum(all(v) for v in groups.values()) / len(groups)
             result["groups"] = len(groups)
@@ -257,11 +268,17 @@ class Session:
                else cfg.estimator.objective},
             "device": str(self.device),
             "emulated_profile": self.emulated,
+            "compute": {"dtype": cfg.model.dtype, "why": self.dtype_reason,
+                        "cpu": cpu_capability()},
             "forward_passes_per_step": self.engine.forward_passes_per_step,
             "backward_passes_per_step": 1 if self.engine.fo_indices else 0,
             "optimizer_state_bytes_per_param": self.optimizer.state_bytes_per_param,
             "step_time_s": sum(times) / len(times) if times else None,
             "skipped_steps": sum(r.skipped for r in self.history),
+            "zero_estimate_steps": sum(r.all_zero for r in self.history),
+            "zero_estimates": sum(r.zero_estimates for r in self.history),
+            "queries": sum(len(r.projected_grads) for r in self.history),
+            "eval_time_s": self.eval_seconds,
             "peak_memory_bytes": self.monitor.run_peak_bytes,
             "peak_memory_by_phase": dict(self.monitor.peaks),
             "reserved_peak_memory_by_phase": dict(self.monitor.reserved_peaks) or None,

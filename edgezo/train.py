@@ -19,6 +19,7 @@ from rich.table import Table
 from edgezo import runs
 from edgezo.config import DEFAULT_CHECKPOINT_EVERY, DEFAULT_KEEP, SECTION_OF
 from edgezo.errors import ConfigError, OutOfBudgetError, TrainingError
+from edgezo.hardware import cpu_capability
 from edgezo.profiles import GiB
 from edgezo.session import Session
 from edgezo.zo.result import StepResult
@@ -32,11 +33,13 @@ def _gib(n: int | float | None) -> str:
 
 
 def describe_device(session: Session) -> str:
+    dtype = f"Computing in {session.dtype_name}: {session.dtype_reason}."
     if session.emulated:
-        return (f"No CUDA device: emulating profile {session.profile.name} on the CPU "
-                f"(same plan and budget, {_gib(session.profile.budget_bytes)}; compute in "
-                f"{session.dtype_name}).")
-    return f"Running on {session.device} under profile {session.profile.name}."
+        return (f"No CUDA device: emulating profile {session.profile.name} on the CPU, "
+                f"{cpu_capability()} (same plan and budget, "
+                f"{_gib(session.profile.budget_bytes)}). {dtype}")
+    where = cpu_capability() if session.device.type == "cpu" else str(session.device)
+    return f"Running on {where} under profile {session.profile.name}. {dtype}"
 
 
 def _progress(console: Console) -> Progress:
@@ -86,8 +89,7 @@ class DivergenceWatch:
                              and not session.custom_objective)
 
     def see(self, r: StepResult) -> None:
-        zero = (self.zeros_matter and bool(r.projected_grads)
-                and all(g == 0.0 for g in r.projected_grads))
+        zero = self.zeros_matter and r.all_zero
         if not (r.skipped or zero):
             self.streak_start, self.nonfinite, self.zeros = None, 0, 0
             return
@@ -113,9 +115,10 @@ class DivergenceWatch:
 
 
 def _train_loop(session: Session, console: Console, metrics, watch: DivergenceWatch,
-                first: int) -> None:
+                first: int, t0: float) -> None:
     """The steps from `first` to the configured number, each logged, snapshotted and
-    watched; periodic validation printed and logged."""
+    watched; periodic validation printed and logged. `t0`: when the run started (a
+    row's wall_s counts from it, evaluations included: time to accuracy)."""
     t = session.config.train
     steps, output = t.steps, t.output
     every = t.checkpoint_every if t.checkpoint_every is not None else DEFAULT_CHECKPOINT_EVERY
@@ -127,9 +130,11 @@ def _train_loop(session: Session, console: Console, metrics, watch: DivergenceWa
             r = session.step()
             row = _metrics_row(session, r)
             if t.eval_every and (i + 1) % t.eval_every == 0:
-                row["validation_accuracy"] = session.evaluate("validation")["accuracy"]
+                row["validation_accuracy"] = evaluate(session, "validation",
+                                                      progress.console)["accuracy"]
                 progress.console.print(f"step {i + 1}: validation accuracy "
                                        f"{row['validation_accuracy']:.4f}")
+            row["wall_s"] = time.perf_counter() - t0  # evaluations included
             if metrics is not None:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
@@ -144,24 +149,44 @@ def _train_loop(session: Session, console: Console, metrics, watch: DivergenceWa
             watch.see(r)
 
 
+def evaluate(session: Session, split: str, console: Console) -> dict:
+    """One evaluation of the configured size (`eval_examples`), with a progress bar and
+    ETA when it spans several batches (an 872-example test set takes minutes on a CPU)."""
+    cap = session.config.train.eval_examples
+    total = len(session.task.split(split)[:cap])
+    if total <= 2 * session.eval_batch_size or not console.is_terminal:
+        return session.evaluate(split, cap)
+    with Progress(TextColumn(f"evaluating {split}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total} examples"), TextColumn("ETA"),
+                  TimeRemainingColumn(), console=console, transient=True) as progress:
+        bar = progress.add_task(split, total=total)
+        return session.evaluate(split, cap, progress=lambda done, _: progress.update(
+            bar, completed=done))
+
+
 def _metrics_row(session: Session, r: StepResult) -> dict:
     row = {"step": r.step + 1, "loss": r.loss, "loss_plus": r.loss_plus,
            "loss_minus": r.loss_minus, "projected_grads": r.projected_grads,
            "seeds": r.seeds, "lr": r.lr, "time_s": r.time_s,
            "forward_passes": r.forward_passes, "skipped": r.skipped,
-           "memory_bytes": session.monitor.current()}
+           "zero_estimates": r.zero_estimates, "memory_bytes": session.monitor.current()}
     if r.move:
         row["move"] = r.move
     return row
 
 
-def _accuracy_before(session: Session, output: Path | None, console: Console) -> float:
-    """Test accuracy before training (kept in the run folder, so a resume reuses it)."""
+def _accuracy_before(session: Session, output: Path | None, console: Console
+                     ) -> float | None:
+    """Test accuracy before training (kept in the run folder, so a resume reuses it);
+    None when the config skips it."""
     before_file = output / "accuracy_before.json" if output is not None else None
     if before_file is not None and before_file.is_file():
         return json.loads(before_file.read_text())["accuracy"]
+    if not session.config.train.eval_before:
+        return None
     console.print("Evaluating the test set before training...")
-    before = session.evaluate("test")["accuracy"]
+    before = evaluate(session, "test", console)["accuracy"]
+    console.print(f"Test accuracy before: {before:.4f}")
     if before_file is not None:
         before_file.write_text(json.dumps({"accuracy": before}))
     return before
@@ -187,6 +212,7 @@ def finetune(session: Session, steps: int | None = None, *, console: Console | N
     report dict (also written to the run folder). `train`: other options of the config's
     train section to change first (output, eval_every, ...). A session resumed from its
     folder continues where it stopped."""
+    t0 = time.perf_counter()
     _set_train_options(session, train if steps is None else {**train, "steps": steps})
     t = session.config.train
     output = Path(t.output) if t.output is not None else None
@@ -200,12 +226,10 @@ def finetune(session: Session, steps: int | None = None, *, console: Console | N
             _snapshot(session, console)  # the start: what a diverged run goes back to
     _print_plan(session, console)
     before = _accuracy_before(session, output, console)
-    console.print(f"Test accuracy before: {before:.4f}")
     if first:
         console.print(f"Resumed at step {first} of {t.steps}.")
-    start = time.perf_counter()
-    stopped = _run_steps(session, console, output, first)
-    report = _final_report(session, before, time.perf_counter() - start, stopped)
+    stopped = _run_steps(session, console, output, first, t0)
+    report = _final_report(session, before, time.perf_counter() - t0, stopped, console)
     _write_run_folder(session, report, output, console, stopped)
     if stopped is not None and not isinstance(stopped, KeyboardInterrupt):
         raise stopped  # after the model and report are safely written
@@ -221,7 +245,8 @@ def _set_train_options(session: Session, train: dict) -> None:
         session.config = session.config.override(**train).validate()
 
 
-def _run_steps(session: Session, console: Console, output: Path | None, first: int):
+def _run_steps(session: Session, console: Console, output: Path | None, first: int,
+               t0: float):
     """The loop, and how it ended: None, or the interruption or error that stopped it
     (the weights then are the last sound ones, snapshotted where there is a folder)."""
     metrics = None
@@ -230,7 +255,7 @@ def _run_steps(session: Session, console: Console, output: Path | None, first: i
         # metrics.jsonl: appended on resume; rows of replayed steps are already in it
         metrics = open(output / "metrics.jsonl", "a" if first else "w")  # noqa: SIM115
     try:
-        _train_loop(session, console, metrics, DivergenceWatch(session), first)
+        _train_loop(session, console, metrics, DivergenceWatch(session), first, t0)
         return None
     except KeyboardInterrupt as stop:
         console.print(f"Interrupted at step {session.engine.step_index}; evaluating and saving.")
@@ -265,12 +290,15 @@ def _after_divergence(session: Session, stop: Diverged, console: Console) -> Tra
     return err
 
 
-def _final_report(session: Session, before: float, wall_s: float, stopped) -> dict:
-    report = session.report()
+def _final_report(session: Session, before: float | None, wall_s: float, stopped,
+                  console: Console) -> dict:
     sound = stopped is None or isinstance(stopped, KeyboardInterrupt)
+    results = ({split: evaluate(session, split, console) for split in ("validation", "test")}
+               if sound else {})
+    report = session.report()
     if sound:
-        report["validation_accuracy"] = session.evaluate("validation")["accuracy"]
-        report["test_accuracy"] = session.evaluate("test")["accuracy"]
+        report["validation_accuracy"] = results["validation"]["accuracy"]
+        report["test_accuracy"] = results["test"]["accuracy"]
     else:
         report["stopped"] = (f"over budget: {stopped}" if isinstance(stopped, OutOfBudgetError)
                              else str(stopped))
@@ -297,6 +325,15 @@ def _write_run_folder(session: Session, report: dict, output: Path | None, conso
         console.print(f"Resume with: edgezo finetune --resume {output} --steps {t.steps}")
 
 
+def _acc(value: float | None) -> str:
+    return "not evaluated" if value is None else f"{value:.4f}"
+
+
+def _examples(report: dict, split: str) -> str:
+    ev = report["evaluations"].get(split, {})
+    return f" ({ev['examples']} of {ev['of']})" if ev.get("examples") != ev.get("of") else ""
+
+
 def summary_table(report: dict) -> Table:
     table = Table(title="edgezo finetune", show_header=False)
     rows = [
@@ -306,8 +343,10 @@ def summary_table(report: dict) -> Table:
                                          else "")),
         ("steps", str(report["steps"]) + (" (interrupted)" if report.get("interrupted") else "")),
         ("test accuracy before -> after",
-         f"{report['accuracy_before']:.4f} -> {report['test_accuracy']:.4f}"),
-        ("validation accuracy", f"{report['validation_accuracy']:.4f}"),
+         f"{_acc(report['accuracy_before'])} -> {report['test_accuracy']:.4f}"
+         + _examples(report, "test")),
+        ("validation accuracy", f"{report['validation_accuracy']:.4f}"
+         + _examples(report, "validation")),
         ("peak memory measured / predicted",
          f"{_gib(report['peak_memory_bytes'])} / {_gib(report['predicted_peak_memory_bytes'])}"),
         ("mean step time",
@@ -319,6 +358,11 @@ def summary_table(report: dict) -> Table:
     ]
     if report.get("skipped_steps"):
         rows.append(("skipped (non-finite) steps", str(report["skipped_steps"])))
+    if report.get("zero_estimates"):
+        rows.append(("estimates exactly 0 (L+ = L-)",
+                     f"{report['zero_estimates']} of {report['queries']} queries"))
+    rows.append(("time in evaluations", f"{report['eval_time_s']:.0f} s of "
+                 f"{report['wall_time_s']:.0f} s"))
     for k, v in rows:
         table.add_row(k, v)
     return table

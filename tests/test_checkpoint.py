@@ -30,6 +30,10 @@ def trained(optimizer, steps=4, dtype=torch.float32, **kw):
     ("zo-sgd", {"sparsity": 0.5, "sparsity_every": 2}),
     ("zo-sgd", {"sparsity": 0.5, "sparsity_mask": "magnitude", "sparsity_every": 2}),
     ("zo-sgd", {"estimate": "one-sided", "directions": "rademacher"}),
+    ("fzoo", {"q": 3}), ("hizoo", {}), ("hizoo-l", {}),
+    ("zo-sgd", {"directions": "lowrank", "rank": 2, "basis_every": 2}),
+    ("zo-adam", {"directions": "subspace", "rank": 2, "basis_every": 3}),
+    ("zo-sgd-mmt", {"noise": "table"}),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_replaying_the_seed_log_rebuilds_the_weights_bit_exactly(optimizer, kw, dtype):

@@ -49,6 +49,38 @@ def test_pair_mode_equals_two_sequential_passes(family):
     assert p == t
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_language_modelling_loss_reads_its_logits_a_few_positions_at_a_time(family,
+                                                                             monkeypatch):
+    """Labels on every token: the head and the log-softmax run a chunk of positions at a
+    time (here 3), in pair mode too, and give the losses of the whole-logits path."""
+    from edgezo.tasks import loss
+
+    model = tiny_model(family)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (4, 12), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    sizes = []
+    head = model.get_output_embeddings()
+    head.register_forward_hook(  # logits of the doubled batch (not the identity's hidden)
+        lambda m, a, out: sizes.append(out.shape[1]) if out.shape[-1] == VOCAB
+        and out.shape[0] == 8 else None)
+    results = {}
+    for chunked in (True, False):
+        monkeypatch.setattr(loss, "LOGIT_CHUNK_VALUES", 3 * 8 * VOCAB)  # 8 rows: pair mode
+        if not chunked:
+            monkeypatch.setattr(loss, "_chunkable_head", lambda m: None)
+        for pair in (True, False):
+            engine = zo_engine(model, make_optimizer("zo-sgd"), eps=1e-3, seed=5, pair=pair,
+                               noise="generator")
+            results[chunked, pair] = engine.losses(batch, 123)
+            engine.close()
+    assert sizes[:4] == [3, 3, 3, 2]  # chunked pair run: 11 positions, 3 at a time
+    for pair in (True, False):
+        assert results[True, pair] == pytest.approx(results[False, pair], abs=1e-5)
+    assert results[True, True] == pytest.approx(results[True, False], abs=1e-6)
+
+
 def perturbed_copy(model, seed: int, scale: float):
     """A reference: the whole model moved by scale·z, z drawn in full per parameter."""
     ref = copy.deepcopy(model)

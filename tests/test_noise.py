@@ -1,5 +1,6 @@
 """z is a pure function of (seed, parameter, chunk), however it is drawn."""
 
+import pytest
 import torch
 
 from edgezo.zo import noise
@@ -11,29 +12,41 @@ def test_mix_is_deterministic_and_order_sensitive():
     assert 0 <= noise.mix(2**70, -5) < 2**63
 
 
-def test_chunks_tile_the_parameter():
+SOURCES = pytest.mark.parametrize("source", ["table", "generator"])
+
+
+def _rows(shape, seed, rows, source):
+    cpu = torch.device("cpu")
+    return noise.rows(shape, rows, lambda k: noise.chunk(shape, seed, k, cpu, source=source))
+
+
+@SOURCES
+def test_chunks_tile_the_parameter(source):
     shape = torch.Size([1000, 700])  # 374 rows per chunk -> 3 chunks, the last partial
     bounds = noise.chunk_bounds(shape)
     assert bounds[0][0] == 0 and bounds[-1][1] == 1000 and len(bounds) == 3
-    z = noise.full(shape, seed=7)
+    z = noise.full(shape, seed=7, source=source)
     for k, (lo, hi) in enumerate(bounds):
-        assert torch.equal(noise.chunk(shape, 7, k, torch.device("cpu")), z[lo:hi])
+        chunk = noise.chunk(shape, 7, k, torch.device("cpu"), source=source)
+        assert torch.equal(chunk, z[lo:hi])
 
 
-def test_rows_equal_the_full_direction_at_those_rows():
+@SOURCES
+def test_rows_equal_the_full_direction_at_those_rows(source):
     shape = torch.Size([3000, 200])
-    z = noise.full(shape, seed=11)
+    z = noise.full(shape, seed=11, source=source)
     rows = torch.tensor([0, 5, 1310, 1311, 2999])
-    assert torch.equal(noise.rows(shape, 11, rows), z[rows])
+    assert torch.equal(_rows(shape, 11, rows, source), z[rows])
 
 
-def test_parallel_and_serial_draws_agree(monkeypatch):
+@SOURCES
+def test_parallel_and_serial_draws_agree(monkeypatch, source):
     shape = torch.Size([4096, 300])
     rows = torch.arange(0, 4096, 3)
     monkeypatch.setenv("EDGEZO_NOISE_THREADS", "1")
-    serial = noise.rows(shape, 3, rows)
+    serial = _rows(shape, 3, rows, source)
     monkeypatch.setenv("EDGEZO_NOISE_THREADS", "2")
-    assert torch.equal(noise.rows(shape, 3, rows), serial)
+    assert torch.equal(_rows(shape, 3, rows, source), serial)
 
 
 def test_one_and_zero_dimensional_parameters():
@@ -42,6 +55,7 @@ def test_one_and_zero_dimensional_parameters():
     assert torch.equal(noise.full(torch.Size([5]), 1), noise.full(torch.Size([5]), 1))
 
 
-def test_directions_are_standard_normal():
-    z = noise.full(torch.Size([2048, 512]), 5)
+@SOURCES
+def test_directions_are_standard_normal(source):
+    z = noise.full(torch.Size([2048, 512]), 5, source=source)
     assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01

@@ -26,8 +26,8 @@ ONE_ROW = {"x": torch.zeros(1, 1, dtype=torch.float64)}
 
 # Peak learning rates, decayed linearly to 0 over the run.
 LR = {"zo-sgd": 0.05, "zo-sgd-sign": 0.05, "zo-sgd-mmt": 0.01, "zo-sgd-cons": 0.05,
-      "zo-adam": 0.1, "forward-grad": 0.05, "forward-grad-mmt": 0.01,
-      "forward-grad-adam": 0.1, "fo-sgd": 0.3, "fo-adam": 0.1}
+      "zo-adam": 0.1, "fzoo": 0.1, "hizoo": 0.05, "hizoo-l": 0.05, "forward-grad": 0.05,
+      "forward-grad-mmt": 0.01, "forward-grad-adam": 0.1, "fo-sgd": 0.3, "fo-adam": 0.1}
 STEPS = 300
 
 
@@ -40,7 +40,7 @@ def run(engine, batch: dict, lr: float, steps: int = STEPS) -> float:
 
 def zo_eps(name: str, eps: float) -> dict:
     """ε for the optimizers that perturb (ZO); the others take none."""
-    return {"eps": eps} if OPTIMIZERS[name][0] == "zo" else {}
+    return {"eps": eps} if OPTIMIZERS[name].estimator == "zo" else {}
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -434,7 +434,7 @@ def test_stochastic_rounding_keeps_the_mean_of_many_tiny_updates(name):
     p = torch.ones(256, n // 256, dtype=torch.bfloat16)
     rule = make_optimizer(name).rule
     rule.init_state([p])
-    fo = OPTIMIZERS[name][0] == "fo"
+    fo = OPTIMIZERS[name].estimator == "fo"
     for t in range(1, steps + 1):
         direction = Direction((noise.step_seed(3, t),), (1.0,))
         direction.chunk(p.shape, 0, 0, p.device)  # draws z: its low bits are the dither

@@ -14,6 +14,14 @@ CHANGES = [
     ({"q": 2}, "zo-sgd"),
     ({"estimate": "one-sided"}, "zo-sgd"),
     ({"directions": "rademacher"}, "zo-sgd"),
+    ({"directions": "lowrank"}, "zo-sgd"),
+    ({"directions": "lowrank", "rank": 3}, "lowrank"),
+    ({"directions": "lowrank", "basis_every": 1}, "lowrank"),
+    ({"directions": "subspace"}, "zo-sgd"),
+    ({"noise": "table"}, "zo-sgd"),
+    ({"optimizer": "fzoo"}, "zo-sgd"),
+    ({"optimizer": "hizoo"}, "zo-sgd"),
+    ({"hessian_smoothing": 0.5}, "hizoo"),
     ({"block_wise": True}, "zo-sgd"),
     ({"block_wise": True, "granularity": "half"}, "zo-sgd"),
     ({"sparsity": 0.5}, "zo-sgd"),
@@ -43,7 +51,8 @@ CHANGES = [
     ({"prompt_tokens": 3}, "prompt"),
 ]
 # Baselines: each change differs from one of these in the option only.
-BASE = {"zo-sgd-mmt": {}, "zo-adam": {}, "zo-sgd": {},
+BASE = {"zo-sgd-mmt": {}, "zo-adam": {}, "zo-sgd": {}, "hizoo": {},
+        "lowrank": {"directions": "lowrank"},
         "lora": {"scheme": "lora"}, "prefix": {"scheme": "prefix"},
         "prompt": {"scheme": "prompt"}}
 
@@ -51,7 +60,10 @@ BASE = {"zo-sgd-mmt": {}, "zo-adam": {}, "zo-sgd": {},
 def trajectory(tiny_folder, data_dir, optimizer, **kwargs):
     if optimizer in ("lora", "prefix", "prompt"):
         optimizer, kwargs = "zo-sgd", {"scheme": optimizer} | kwargs
+    if optimizer == "lowrank":
+        optimizer, kwargs = "zo-sgd", {"directions": "lowrank"} | kwargs
     options = dict(lr=0.02, batch_size=4, seed=0) | kwargs
+    optimizer = options.pop("optimizer", optimizer)
     sess = Session(model=tiny_folder, data_dir=data_dir, optimizer=optimizer, **options)
     try:
         results = [sess.step() for _ in range(3)]
@@ -69,7 +81,9 @@ def baselines(tiny_folder, data_dir):
 @pytest.mark.parametrize("change, optimizer", CHANGES, ids=lambda v: str(v))
 def test_every_option_changes_the_run(tiny_folder, data_dir, baselines, change, optimizer):
     base_results, base_weights, _ = baselines[optimizer]
-    results, weights, report = trajectory(tiny_folder, data_dir, optimizer, **change)
+    options = dict(change)
+    results, weights, report = trajectory(tiny_folder, data_dir,
+                                          options.pop("optimizer", optimizer), **options)
     if change == {"pair": False}:  # same numbers, twice the forward passes
         assert [r.forward_passes for r in results] == [2, 2, 2]
         assert report["hyperparameters"]["pair"] is False

@@ -40,6 +40,24 @@ def test_streamed_from_disk_equals_resident(family, dtype, pair, tmp_path):
     assert stats["bytes_out"] > 0
 
 
+@pytest.mark.parametrize("optimizer, kw", [
+    ("fzoo", {"q": 2}), ("hizoo", {}), ("hizoo-l", {}), ("zo-sgd", {"directions": "lowrank"}),
+    ("zo-adam", {"directions": "subspace", "rank": 2}), ("zo-sgd", {"noise": "generator"}),
+    ("fzoo", {"q": 2, "block_wise": True}),
+], ids=str)
+def test_the_new_estimators_stream_exactly(optimizer, kw, tmp_path):
+    """Each time-to-accuracy estimator through the disk tier equals its resident run."""
+    ref_losses, ref_weights, _ = run("llama", torch.float32, 3, optimizer=optimizer,
+                                     pair=optimizer != "fzoo", **kw)
+    losses, weights, _ = run("llama", torch.float32, 3, optimizer=optimizer,
+                             pair=optimizer != "fzoo",
+                             stream=dict(layers=[0, 1], device="cpu", tier="disk",
+                                         folder=str(tmp_path)), **kw)
+    assert losses == ref_losses
+    for k in ref_weights:
+        assert torch.equal(weights[k], ref_weights[k]), k
+
+
 @pytest.mark.parametrize("master", [None, torch.float32], ids=["own-dtype", "fp32-master"])
 def test_two_buffers_prefetch_on_the_io_thread_and_stay_exact(master, tmp_path):
     """With two buffers the disk tier reads the next layer and writes updated ones back

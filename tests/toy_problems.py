@@ -11,6 +11,8 @@ from edgezo.zo.blocks import Block, BlockMap, Unit
 from edgezo.zo.engine import ZOEngine
 from edgezo.zo.optimizers import make_optimizer
 
+ONE_ROW_X = {"x": torch.zeros(1, 1, dtype=torch.float64)}  # a batch of one row
+
 
 class Quadratic(nn.Module):
     """L(θ) = ½·Σ a_j (θ_j − θ*_j)², the same for every row of the batch."""

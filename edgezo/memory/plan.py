@@ -40,6 +40,7 @@ from edgezo.profiles import Profile
 from edgezo.zo import noise
 from edgezo.zo.batch import Shape
 from edgezo.zo.blocks import BlockMap
+from edgezo.zo.intercept import linear_slots
 
 CUDA_CONTEXT_BYTES = 450 * 1024**2
 # Resident memory a CPU process gains on its first steps beyond the tensors it allocates:
@@ -130,7 +131,7 @@ class StepSpec:
     eval: Shape | None = None
     pair: bool = True
     on_cuda: bool = False
-    optimizer_state_bytes: int = 0  # per trainable parameter, the rule's declaration
+    optimizer_state_bytes: int = 0  # in all: the rule's declaration for these parameters
     noise_threads: int = 1
     sparsity: bool = False
     fo: FOPart | None = None
@@ -138,6 +139,9 @@ class StepSpec:
     forward_grad: bool = False
     perturbs: bool = True  # False: a pure FO step builds no perturbed copy
     stream: StreamPart | None = None
+    noise_table: bool = False  # z comes from the shared table (noise.table), resident
+    direction_bases: int = 0  # bytes of the lowrank/subspace bases kept (noise.basis)
+    cheap_noise: bool = False  # z re-read per pair half: one scratch copy (perturb._cheap_z)
 
 
 def _scratch_bytes(blocks: BlockMap, spec: StepSpec, rows: int) -> int:
@@ -145,7 +149,7 @@ def _scratch_bytes(blocks: BlockMap, spec: StepSpec, rows: int) -> int:
     embeddings copy only the looked-up rows, linear heads one chunk per thread."""
     if not spec.perturbs:
         return 0
-    copies = 2 if spec.pair else 1
+    copies = 2 if spec.pair and not spec.cheap_noise else 1
     seq_len, scratch = spec.train.seq_len, 0
     for unit in blocks.units:
         params = [blocks.params[i] for _, i in unit.slots]
@@ -159,7 +163,11 @@ def _scratch_bytes(blocks: BlockMap, spec: StepSpec, rows: int) -> int:
             chunk = min(p.numel(), noise.CHUNK_ELEMENTS) * p.element_size()
             need = chunk * (copies + 1) * spec.noise_threads
         else:
-            need = sum(_bytes(p) for p in params) * copies
+            # with cheap z, a unit's linear maps compute chunk by chunk (no copy of them)
+            inside = ({i for pair in linear_slots(unit).values() for i in pair
+                       if i is not None} if spec.cheap_noise else set())
+            need = sum(_bytes(blocks.params[i]) for _, i in unit.slots
+                       if i not in inside) * copies
         scratch = max(scratch, need)
     return scratch
 
@@ -181,8 +189,8 @@ def _eval_terms(model, components: dict[str, int], spec: StepSpec, elem: int,
                 virtual: int) -> dict[str, int]:
     """Evaluation: the same resident state; the step's scratch, FO parts and tangents
     are gone; its own batch and widest example."""
-    kept = ("weights", "noise_buffers", "optimizer_state", "sparsity_masks",
-            "stream_buffers", "cpu_runtime")
+    kept = ("weights", "noise_buffers", "noise_table", "direction_bases", "optimizer_state",
+            "sparsity_masks", "stream_buffers", "cpu_runtime")
     out = {k: v for k, v in components.items() if k in kept}
     ev = spec.eval
     out["activations"] = terms.activation_bytes(model.config, ev.rows, ev.seq_len + virtual,
@@ -218,7 +226,7 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, spec: 
         "activations": terms.activation_bytes(model.config, rows, train.seq_len + virtual,
                                               elem, train.logit_positions,
                                               split=spec.pair and spec.split_layers),
-        "optimizer_state": spec.optimizer_state_bytes * blocks.numel(),
+        "optimizer_state": spec.optimizer_state_bytes,
     }
     components.update(_step_terms(model, blocks, spec, components, elem, virtual))
     streaming = _stream_terms(model, blocks, profile, spec, components, rows)
@@ -245,6 +253,10 @@ def _step_terms(model, blocks: BlockMap, spec: StepSpec, components: dict[str, i
         out["prefix_kv_cache"] = cache
     if spec.sparsity:
         out["sparsity_masks"] = blocks.numel()
+    if spec.noise_table:
+        out["noise_table"] = noise.TABLE_VALUES * 4
+    if spec.direction_bases:
+        out["direction_bases"] = spec.direction_bases
     fo = spec.fo is not None and spec.fo.params
     if fo:
         out.update(_fo_terms(model, spec, elem, virtual))

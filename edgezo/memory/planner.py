@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from edgezo.config import RunConfig
+from edgezo.config_defaults import STRUCTURED, resolve_estimator
 from edgezo.errors import ConfigError
 from edgezo.memory.plan import FOPart, Plan, StepSpec, StreamPart, plan_step
 from edgezo.memory.streaming import layer_bytes, stream_tier, streamed_layers
@@ -36,6 +37,7 @@ from edgezo.zo.blocks import (
     resolve_fo_blocks,
     weight_grad_layers,
 )
+from edgezo.zo.direction import is_matrix
 
 MAX_BATCH = 4096
 
@@ -125,8 +127,9 @@ def step_spec(config: RunConfig, priced: Priced, profile: Profile, shapes: Shape
     """The planner's inputs for one decision: THE builder every plan goes through."""
     from edgezo.zo.optimizers import OPTIMIZERS
 
-    kind, rule = OPTIMIZERS[config.optimizer.optimizer][:2]
-    blocks, est = priced.blocks, config.estimator
+    method = OPTIMIZERS[config.optimizer.optimizer]
+    kind, blocks = method.estimator, priced.blocks
+    est = resolve_estimator(config.estimator, config.optimizer.optimizer, config.model.dtype)
     fo = (set(range(len(blocks.params))) if kind == "fo"
           else resolve_fo_blocks(blocks, est.fo_blocks))
     on_cuda = profile.device == "cuda" and torch.cuda.is_available()
@@ -139,12 +142,28 @@ def step_spec(config: RunConfig, priced: Priced, profile: Profile, shapes: Shape
         stream = StreamPart(tuple(layers), tier, config.streaming.stream_masters)
     return StepSpec(
         train=shapes.train, eval=shapes.eval, pair=pair and kind == "zo", on_cuda=on_cuda,
-        optimizer_state_bytes=rule.state_bytes_per_param,
+        optimizer_state_bytes=method.rule.state_bytes([p.shape for p in blocks.params]),
         noise_threads=1 if on_cuda else noise.worker_threads(), sparsity=est.sparsity > 0,
         fo=FOPart(sum(blocks.params[i].numel() for i in fo), backward_depth(blocks, fo),
                   weight_grad_layers(blocks, fo)) if fo else None,
         split_layers=pair_splits_layers(blocks, fo, est.block_wise),
-        forward_grad=kind == "forward-grad", perturbs=kind != "fo", stream=stream)
+        forward_grad=kind == "forward-grad", perturbs=kind != "fo", stream=stream,
+        noise_table=est.noise == "table" and kind != "fo",
+        cheap_noise=est.noise == "table" or est.directions in STRUCTURED,
+        direction_bases=basis_bytes(blocks, est.directions, est.rank) if kind != "fo" else 0)
+
+
+def basis_bytes(blocks: BlockMap, directions: str | None, rank: int | None) -> int:
+    """The lowrank V / subspace (P, Q) factors noise.basis keeps: r values per column (and
+    per row, subspace) of every matrix, for two basis seeds while one replaces the other."""
+    if directions not in STRUCTURED:
+        return 0
+    total = 0
+    for p in blocks.params:
+        if is_matrix(p.shape):
+            rows, cols = p.shape[0], p.shape[1:].numel()
+            total += (cols + (rows if directions == "subspace" else 0)) * rank
+    return 2 * 4 * total
 
 
 def price(config: RunConfig, priced: Priced, profile: Profile, shapes: Shapes, *,
@@ -201,7 +220,8 @@ def decide(config: RunConfig, priced: Priced, profile: Profile, shapes: Shapes,
            budget: bool = True) -> Decision:
     """Pair mode or two passes, and what streams: the first mode that fits, streaming as
     few layers as it needs. Without a budget: pair mode, and only forced streaming."""
-    zo_pair = config.estimator_kind == "zo" and config.estimator.estimate == "two-sided"
+    estimate = resolve_estimator(config.estimator, config.optimizer.optimizer).estimate
+    zo_pair = config.estimator_kind == "zo" and estimate == "two-sided"
     modes = ([config.estimator.pair] if config.estimator.pair is not None
              else [True, False] if zo_pair else [False])
     for pair in modes:

@@ -32,6 +32,10 @@ def activation_bytes(config, rows: int, seq_len: int, elem: int, positions: int 
     scores = layer_rows * heads * seq_len * seq_len * 4  # attention scores if materialized
     kept = rows * seq_len * hidden * elem if split else 0
     vocab = text.vocab_size
+    if positions > 1:  # the loss applies the head a chunk of positions at a time
+        from edgezo.tasks.loss import LOGIT_CHUNK_VALUES
+
+        positions = min(positions, max(1, LOGIT_CHUNK_VALUES // (rows * vocab)))
     logits = rows * positions * vocab * (elem + 3 * 4)  # logits, fp32 copy, log-softmax
     return layer + scores + kept + logits
 

@@ -17,6 +17,7 @@ Batch formats (all tensors have the example or row count as dim 0):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
@@ -49,14 +50,28 @@ def _takes_position_ids(cls: type) -> bool:
     return "position_ids" in inspect.signature(cls.forward).parameters
 
 
-def _logits(model, batch: dict, keep: int) -> torch.Tensor:
+def _forward(model, batch: dict, keep: int):
     mask = batch.get("attention_mask")
     positions = _position_ids(model, mask)
     extra = {} if positions is None else {"position_ids": positions}
-    out = model(input_ids=batch["input_ids"], attention_mask=mask, logits_to_keep=keep,
-                use_cache=False, **extra)
-    # The loss difference needs at least fp32, whatever the model dtype (fp64 stays fp64).
-    return out.logits.to(torch.promote_types(out.logits.dtype, torch.float32))
+    return model(input_ids=batch["input_ids"], attention_mask=mask, logits_to_keep=keep,
+                 use_cache=False, **extra)
+
+
+def _promote(logits: torch.Tensor) -> torch.Tensor:
+    """The loss difference needs at least fp32, whatever the model dtype (fp64 stays)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _logits(model, batch: dict, keep: int) -> torch.Tensor:
+    return _promote(_forward(model, batch, keep).logits)
+
+
+# Logit values computed at once when a loss reads many positions: the head and the
+# log-softmax run a chunk of positions at a time (32 MiB of fp32 logits), so a batch whose
+# labels cover every token (an app's language-modelling batch) never holds its rows x
+# positions x vocabulary logits, nor their doubled pair-mode copy.
+LOGIT_CHUNK_VALUES = 1 << 23
 
 
 def token_logprob_means(model, batch: dict) -> torch.Tensor:
@@ -66,12 +81,56 @@ def token_logprob_means(model, batch: dict) -> torch.Tensor:
     has = (labels != -100).any(0).nonzero()
     first = max(1, int(has[0])) if has.numel() else T - 1  # a host sync, once per batch
     keep = T - first + 1  # logits at positions first-1 .. T-1
-    logits = _logits(model, batch, keep)[:, :-1]  # predict positions first .. T-1
     targets = labels[:, T - keep + 1:]
     mask = targets != -100
+    head = _chunkable_head(model)
+    if head is None:
+        logits = _logits(model, batch, keep)[:, :-1]  # predict positions first .. T-1
+        total = _label_logprob_sums(logits, targets, mask)
+    else:
+        with _head_as_identity(head):
+            hidden = _forward(model, batch, keep).logits[:, :-1]  # the head's inputs
+        per = max(1, LOGIT_CHUNK_VALUES // (hidden.shape[0] * head.weight.shape[0]))
+        total = sum(_label_logprob_sums(_promote(head(hidden[:, lo:lo + per].contiguous())),
+                                        targets[:, lo:lo + per], mask[:, lo:lo + per])
+                    for lo in range(0, hidden.shape[1], per))
+    return total / mask.sum(1).clamp(min=1)
+
+
+def _label_logprob_sums(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
+                        ) -> torch.Tensor:
     logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1))
-    logp = logp.squeeze(-1) * mask
-    return logp.sum(1) / mask.sum(1).clamp(min=1)
+    return (logp.squeeze(-1) * mask).sum(1)
+
+
+def _chunkable_head(model):
+    """The LM head when the loss can apply it itself, a chunk of positions at a time:
+    a module model (not forward-grad's functional wrapper) whose head is a linear map
+    and whose logits transformers does not post-process (no final soft-capping)."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_output_embeddings"):
+        return None
+    head = model.get_output_embeddings()
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if config is not None else None
+    if not isinstance(head, torch.nn.Linear) or getattr(text, "final_logit_softcapping",
+                                                          None):
+        return None
+    return head
+
+
+@contextlib.contextmanager
+def _head_as_identity(head: torch.nn.Module):
+    """For one forward, the head returns its input: the model hands back the hidden
+    states it would have turned into logits."""
+    saved = head.__dict__.get("forward")
+    head.forward = lambda x, *args, **kwargs: x
+    try:
+        yield
+    finally:
+        if saved is None:
+            del head.forward
+        else:
+            head.forward = saved
 
 
 def candidate_scores(model, batch: dict) -> torch.Tensor:

@@ -4,6 +4,7 @@ geometry a phase's batches have (what the planner prices)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -37,3 +38,28 @@ def batch_rows(batch: dict) -> int:
     if "input_ids" in batch:
         return batch["input_ids"].shape[0]
     return next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
+
+
+def split_pair(obj: Any, rows: int) -> tuple[Any, Any]:
+    """Split every batch-shaped tensor (ndim >= 2, dim 0 == rows) into its two halves."""
+    if isinstance(obj, torch.Tensor) and obj.dim() >= 2 and obj.shape[0] == rows:
+        half = rows // 2
+        return obj[:half], obj[half:]
+    if isinstance(obj, (tuple, list)):
+        pairs = [split_pair(o, rows) for o in obj]
+        return type(obj)(p[0] for p in pairs), type(obj)(p[1] for p in pairs)
+    if isinstance(obj, dict):
+        pairs = {k: split_pair(v, rows) for k, v in obj.items()}
+        return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
+    return obj, obj
+
+
+def join_pair(plus: Any, minus: Any, half: int) -> Any:
+    """Inverse of split_pair on outputs; a broadcast (dim 0 == 1) output is expanded."""
+    if isinstance(plus, torch.Tensor):
+        if plus.dim() >= 1 and plus.shape[0] == 1 and half != 1:
+            plus, minus = plus.expand(half, *plus.shape[1:]), minus.expand(half, *minus.shape[1:])
+        return torch.cat([plus, minus], dim=0)
+    if isinstance(plus, (tuple, list)):
+        return type(plus)(join_pair(p, m, half) for p, m in zip(plus, minus, strict=True))
+    return plus

@@ -1,24 +1,46 @@
 """Directions in parameter space, described by seeds and scalars, regenerated on demand.
 
-    d = mask ⊙ Σ_i c_i·z_i        (z_i from seed i: Gaussian or Rademacher)
+    d = mask ⊙ scale ⊙ Σ_i c_i·z_i        (z_i from seed i)
 
 One type serves every use: a query's perturbation (one seed, c = 1), the averaged
 estimate of q queries (c_i = g_i/q), the conservative optimizer's trial moves, and the
 deferred update. Only the seeds and the q scalars are kept, never a gradient, and every
 consumer regenerates exactly the chunk of d it is about to use.
 
+What z is (`kind`):
+- gaussian, rademacher: i.i.d. values (noise.chunk, from torch's generator or the table);
+- lowrank (LOZO): for a matrix W (m x n), z = U·Vᵀ with U (m x r) fresh from the seed and
+  V (n x r) drawn from the `basis` seed, which the engine changes every few steps; U and
+  V have N(0,1) entries. A chunk of rows is U[rows]·Vᵀ: r(m+n) values drawn instead of
+  mn, and one small matrix product;
+- subspace (SubZero): z = √(mn)/r · P·S·Qᵀ with orthonormal P (m x r), Q (n x r) from the
+  basis seed (QR of Gaussians) and a fresh r x r core S from the seed, so E‖z‖² = mn as
+  for a Gaussian z.
+Tensors that are not matrices (norms, biases) take Gaussian z in both structured kinds.
+
 `active` restricts d to some parameters (block-wise ZO, hybrid ZO/FO): elsewhere d is 0
-and the wrappers compute with the unperturbed weights.
+and the wrappers compute with the unperturbed weights. `scale(index, rows)` multiplies d
+elementwise on those rows (HiZOO's Σ^½, a preconditioner the rule keeps).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from edgezo.zo import noise
 from edgezo.zo.sparsity import SparseMasks
+
+STRUCTURED = ("lowrank", "subspace")
+
+
+def is_matrix(shape: torch.Size) -> bool:
+    """A parameter structured directions apply to: 2-D (or more, viewed as rows x rest)
+    with more than one row and column."""
+    return len(shape) >= 2 and shape[0] > 1 and shape[1:].numel() > 1
 
 
 @dataclass(frozen=True)
@@ -28,45 +50,78 @@ class Direction:
     kind: str = "gaussian"
     masks: SparseMasks | None = None
     active: frozenset[int] | None = None  # parameter indices d touches; None: all
+    source: str = "table"  # where i.i.d. values come from: noise.chunk
+    rank: int = 0  # lowrank, subspace
+    basis: int = 0  # the seed of the lowrank V / subspace bases
+    scale: Callable[[int, slice | torch.Tensor], torch.Tensor] | None = None
 
     def covers(self, index: int) -> bool:
         return self.active is None or index in self.active
 
     def _plain(self) -> bool:
-        return len(self.seeds) == 1 and self.coefs[0] == 1.0 and self.masks is None
+        return (len(self.seeds) == 1 and self.coefs[0] == 1.0 and self.masks is None
+                and self.scale is None)
+
+    def z(self, shape: torch.Size, seed: int, index: int, k: int, device: torch.device
+          ) -> torch.Tensor:
+        """z of query `seed` on noise chunk k of parameter `index` (read-only; the thread
+        remembers it as its last z, whose low bits dither the update's rounding)."""
+        pseed = noise.param_seed(seed, index)
+        if self.kind not in STRUCTURED or not is_matrix(shape):
+            kind = "rademacher" if self.kind == "rademacher" else "gaussian"
+            return noise.chunk(shape, pseed, k, device, kind, self.source)
+        lo, hi = noise.chunk_bounds_of(shape, k)
+        rows, cols = noise.num_rows(shape), shape[1:].numel()
+        out = noise.thread_buffer("z", (hi - lo) * cols, torch.float32, device)
+        out = out.view(hi - lo, cols)
+        left, right = noise.basis(self.kind, self.basis, index, rows, cols, self.rank, device)
+        if self.kind == "lowrank":
+            u = noise.gaussian((hi - lo) * self.rank, pseed, k, device)
+            torch.matmul(u.view(hi - lo, self.rank), right.T, out=out)
+        else:
+            core = noise.gaussian(self.rank * self.rank, pseed, 0, device, "core")
+            mixed = (core.view(self.rank, self.rank) @ right.T).mul_(
+                math.sqrt(rows * cols) / self.rank)
+            torch.matmul(left[lo:hi], mixed, out=out)
+        noise.remember(out)
+        return out.view(hi - lo, *shape[1:])
 
     def chunk(self, shape: torch.Size, index: int, k: int, device: torch.device,
               writable: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """d on noise chunk k of parameter `index`, in a thread buffer: z is drawn in fp32
         and combined in `dtype` (fp32, or fp64 for fp64 parameters).
 
-        Seed 0's z is drawn last, so after the call the thread's "z" buffer holds it
-        unscaled: `dither_bits` reads its low mantissa bits as free rounding noise.
-        `writable`: d is returned in its own buffer, never the "z" one, so the caller may
-        change it in place without touching those bits.
+        Seed 0's z is drawn last, so after the call the thread's last z (noise.last_z) is
+        it, unscaled: `dither_bits` reads its low mantissa bits as free rounding noise.
+        `writable`: d is returned in its own buffer, never z's, so the caller may change
+        it in place without touching those bits.
         """
         if self._plain() and not writable:  # a single query's perturbation: z itself, no copy
-            return noise.chunk(shape, noise.param_seed(self.seeds[0], index), k, device,
-                               self.kind)
+            return self.z(shape, self.seeds[0], index, k, device)
         out = None
         for seed, coef in reversed(list(zip(self.seeds, self.coefs, strict=True))):
-            z = noise.chunk(shape, noise.param_seed(seed, index), k, device, self.kind)
+            z = self.z(shape, seed, index, k, device)
             if out is None:
                 out = noise.thread_buffer("dir", z.numel(), dtype, device).view(z.shape)
-                torch.mul(z, coef, out=out)
+                if dtype == z.dtype:
+                    torch.mul(z, coef, out=out)
+                else:  # fp64 weights: the product in fp64, not fp32 then widened
+                    out.copy_(z).mul_(coef)
             else:
                 out.add_(z, alpha=coef)
+        lo = k * noise.rows_per_chunk(shape)
         if self.masks is not None:
-            lo = k * noise.rows_per_chunk(shape)
             out.mul_(self.masks.chunk(index, lo, lo + out.shape[0]).view(out.shape))
+        if self.scale is not None:  # (rows, cols) or (rows, 1): broadcast along each row
+            out.view(out.shape[0], -1).mul_(self.scale(index, slice(lo, lo + out.shape[0])))
         return out
 
     def dither_bits(self, numel: int, index: int, k: int, device: torch.device
                     ) -> torch.Tensor:
         """int32 values whose low 16 bits are uniform, for stochastic rounding of the
         update of chunk k; call right after `chunk` for the same (index, k)."""
-        if self.kind == "gaussian":
-            return noise.thread_buffer("z", numel, torch.float32, device).view(torch.int32)
+        if self.kind != "rademacher":
+            return noise.last_z(numel).view(torch.int32)
         return noise.random_bits(numel, noise.param_seed(self.seeds[0], index), k, device)
 
     def rows(self, shape: torch.Size, index: int, row_ids: torch.Tensor,
@@ -74,10 +129,13 @@ class Direction:
         """d at the given sorted, unique rows only (embedding lookups)."""
         out = None  # same order and operations as chunk(): bit-identical values
         for seed, coef in reversed(list(zip(self.seeds, self.coefs, strict=True))):
-            z = noise.rows(shape, noise.param_seed(seed, index), row_ids, self.kind).to(dtype)
+            z = noise.rows(shape, row_ids, lambda k, s=seed: self.z(
+                shape, s, index, k, row_ids.device)).to(dtype)
             out = z.mul_(coef) if out is None else out.add_(z, alpha=coef)
         if self.masks is not None:
             out.mul_(self.masks.rows(index, row_ids))
+        if self.scale is not None:
+            out.view(out.shape[0], -1).mul_(self.scale(index, row_ids))
         return out
 
     def full(self, shape: torch.Size, index: int, device: torch.device | str = "cpu",

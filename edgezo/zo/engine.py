@@ -22,24 +22,28 @@ Options, all combinable:
 from __future__ import annotations
 
 import math
+import statistics
 import time
 
 import torch
 from torch import nn
 
 from edgezo.config import DEFAULT_EPS, EstimatorOptions
+from edgezo.config_defaults import resolve_estimator
 from edgezo.config_rules import estimator_problems
 from edgezo.errors import ConfigError
 from edgezo.zo import gradients, noise
 from edgezo.zo.batch import batch_rows, double
 from edgezo.zo.blocks import BlockMap, build_block_map, estimation_groups, resolve_fo_blocks
-from edgezo.zo.direction import Direction
+from edgezo.zo.direction import STRUCTURED, Direction
 from edgezo.zo.gradients import LossFn
 from edgezo.zo.optimizers import Optimizer
 from edgezo.zo.perturb import PendingUpdate, Perturbation
 from edgezo.zo.result import StepResult
 from edgezo.zo.sparsity import SparseMasks
 from edgezo.zo.stream import BlockStreamer, make_streamer
+
+_BASIS_SALT = 0xBA515  # the seed of structured directions' bases: mix(seed, epoch, salt)
 
 
 class ZOEngine:
@@ -55,12 +59,17 @@ class ZOEngine:
         problems = estimator_problems(est, optimizer.name)
         if problems:
             raise ConfigError(problems[0])
+        half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+        est = resolve_estimator(est, optimizer.name, "bf16" if half else "fp32")
         kind = optimizer.estimator
         self.model = model.eval()  # the same function at every query: no dropout
         self.optimizer, self.seed, self.loss_fn = optimizer, seed, loss_fn
         self.eps = DEFAULT_EPS if est.eps is None else est.eps
         self.q, self.one_sided, self.directions = est.q, est.estimate == "one-sided", \
             est.directions
+        self.noise = est.noise
+        self.rank = est.rank if self.directions in STRUCTURED else 0
+        self.basis_every = est.basis_every or 1
         self.pair = pair and kind == "zo" and not self.one_sided
         self.blocks: BlockMap = blocks if blocks is not None else build_block_map(model)
         params = self.blocks.params
@@ -87,6 +96,16 @@ class ZOEngine:
         self.streamer: BlockStreamer | None = None
         self.world = 1  # data-parallel ranks (set by data_parallel())
         self.bytes_communicated = 0
+
+    def _direction(self, seeds: tuple[int, ...], coefs: tuple[float, ...],
+                   active: frozenset[int] | None, t: int, perturb: bool = False) -> Direction:
+        """d = Σ coefs·z(seeds) of step t with this run's directions, noise source and
+        masks; `perturb`: a perturbation, scaled by the rule's preconditioner (HiZOO)."""
+        scale = (self.optimizer.rule.preconditioner
+                 if perturb and self.optimizer.method.curvature else None)
+        basis = noise.mix(self.seed, t // self.basis_every, _BASIS_SALT) if self.rank else 0
+        return Direction(seeds, coefs, self.directions, self.masks, active, self.noise,
+                         self.rank, basis, scale)
 
     @property
     def zo_only(self) -> bool:
@@ -140,11 +159,13 @@ class ZOEngine:
             return fo
         per_query = 1 if (self.pair or self.one_sided or kind == "forward-grad") else 2
         per_group = self.q * per_query
-        if kind == "zo" and (self.one_sided or self.optimizer.conservative):
+        if kind == "zo" and (self.one_sided or self.optimizer.conservative
+                             or self.optimizer.method.curvature):
             per_group += 1  # L(θ)
         if self.optimizer.conservative:
             per_group += 1 if self.pair else 2  # L(θ ± η·d)
-        shared = 1 if fo and (self.one_sided or self.optimizer.conservative) else 0
+        shared = 1 if fo and (self.one_sided or self.optimizer.conservative
+                              or self.optimizer.method.curvature) else 0
         return len(self.groups) * per_group + fo - shared
 
     # -- the loss at one point ------------------------------------------------------------
@@ -182,7 +203,8 @@ class ZOEngine:
                ) -> tuple[float, float]:
         """L(θ + a·d) and L(θ − a·d), a = `scale` (default ε). An int is a query seed."""
         if isinstance(direction, int):
-            direction = Direction((direction,), (1.0,), self.directions, self.masks)
+            direction = self._direction((direction,), (1.0,), None, self.step_index,
+                                        perturb=True)
         scale = self.eps if scale is None else scale
         p = self.perturbation
         if self.pair:
@@ -255,22 +277,13 @@ class ZOEngine:
                   result: StepResult, base: float | None) -> None:
         """Estimate and queue the update of one parameter group (base: L(θ) if known)."""
         opt = self.optimizer
-        fg = opt.estimator == "forward-grad"
-        if base is None and (self.one_sided or opt.conservative):
+        if base is None and (self.one_sided or opt.conservative or opt.method.curvature):
             base = self.loss(batch)
         seeds = [noise.step_seed(self.seed, t, gi * self.q + i) for i in range(self.q)]
         grads = []
         for i, s in enumerate(seeds):
-            z = Direction((s,), (1.0,), self.directions, self.masks, group)
-            if fg:
-                value, g = self._forward_gradient(batch, z)
-                plus = minus = value
-            elif self.one_sided:
-                plus, minus = self._loss_plus(batch, z), base
-                g = (plus - base) / self.eps
-            else:
-                plus, minus = self.losses(batch, z)
-                g = (plus - minus) / (2 * self.eps)
+            plus, minus, g = self._query(batch, self._direction((s,), (1.0,), group, t,
+                                                                 perturb=True), base)
             grads.append(g)
             if gi == 0 and i == 0:
                 result.loss_plus, result.loss_minus = plus, minus
@@ -282,8 +295,42 @@ class ZOEngine:
         if not all(math.isfinite(g) for g in grads):
             result.skipped = True
             return
-        d = Direction(tuple(seeds), tuple(g / self.q for g in grads), self.directions,
-                      self.masks, group)
+        if opt.method.curvature:  # HiZOO: the curvature along the perturbation
+            record["curvature"] = abs(plus + minus - 2 * base) / (2 * self.eps ** 2)
+        if opt.method.normalized:  # FZOO: the step divided by the queries' spread
+            spread = statistics.pstdev(grads)
+            if not spread > 0:  # every query agreed (or collapsed): no direction to take
+                return
+            record["scale"] = 1.0 / spread
+        self._queue_update(batch, record, seeds, group, lr, t, base, result)
+
+    def _query(self, batch: dict, z: Direction, base: float | None
+               ) -> tuple[float, float, float]:
+        """(L₊, L₋ (or L(θ)), g) of one query along z."""
+        if self.optimizer.estimator == "forward-grad":
+            value, g = self._forward_gradient(batch, z)
+            return value, value, g
+        if self.one_sided:
+            plus = self._loss_plus(batch, z)
+            return plus, base, (plus - base) / self.eps
+        plus, minus = self.losses(batch, z)
+        return plus, minus, (plus - minus) / (2 * self.eps)
+
+    def _update_direction(self, record: dict, seeds: list[int], group, t: int
+                          ) -> tuple[Direction, dict | None]:
+        """The logged group's update as a direction and the rule's scalars: the same
+        arithmetic for the live step and its replay."""
+        if "curvature" in record:  # the rule scales z itself (HiZOO)
+            info = {"g": record["grads"][0], "curvature": record["curvature"]}
+            return self._direction(tuple(seeds), (1.0,), group, t), info
+        scale = record.get("scale", 1.0)
+        coefs = tuple(g * scale / self.q for g in record["grads"])
+        return self._direction(tuple(seeds), coefs, group, t), None
+
+    def _queue_update(self, batch: dict, record: dict, seeds: list[int], group, lr: float,
+                      t: int, base: float | None, result: StepResult) -> None:
+        opt = self.optimizer
+        d, info = self._update_direction(record, seeds, group, t)
         step_lr = lr
         if opt.conservative:
             plus, minus = self.losses(batch, d, scale=lr) if lr > 0 else (base, base)
@@ -295,7 +342,7 @@ class ZOEngine:
             record["move"] = move
             step_lr = move * lr
         if step_lr != 0 or opt.rule.stateful:
-            self.perturbation.set_pending(PendingUpdate(d, step_lr, t + 1))
+            self.perturbation.set_pending(PendingUpdate(d, step_lr, t + 1, info))
             record["applied"] = True
 
     # -- replay and state -----------------------------------------------------------------
@@ -330,10 +377,9 @@ class ZOEngine:
             if entry.get("seeds") and entry["seeds"][gi * self.q:(gi + 1) * self.q] != seeds:
                 raise ConfigError(f"seed log step {t} was drawn with other seeds than this "
                                   "run's (a different --seed or --q?)")
-            d = Direction(tuple(seeds), tuple(g / self.q for g in group["grads"]),
-                          self.directions, self.masks, active)
+            d, info = self._update_direction(group, seeds, active, t)
             lr = entry["lr"] * (group["move"] if group["move"] is not None else 1)
-            self.perturbation.set_pending(PendingUpdate(d, lr, t + 1))
+            self.perturbation.set_pending(PendingUpdate(d, lr, t + 1, info))
             self.perturbation.flush()
         self.step_index = t + 1
 

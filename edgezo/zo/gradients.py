@@ -17,8 +17,8 @@ from edgezo.heap import release_freed_memory
 from edgezo.zo import noise
 from edgezo.zo.blocks import BlockMap
 from edgezo.zo.direction import Direction
+from edgezo.zo.intercept import flat
 from edgezo.zo.optimizers import Rule, work_dtype
-from edgezo.zo.perturb import _flat
 
 LossFn = Callable[[nn.Module, dict], torch.Tensor]
 FO_SALT = 1 << 40  # query index of the FO part's rounding seed (never a ZO query's)
@@ -102,12 +102,12 @@ def apply_gradients(params: list[nn.Parameter], fo_indices: set[int], rule: Rule
 
     def update(i: int) -> None:
         index, p, grad, k, lo, hi = work[i]
-        g = _flat(grad)[lo:hi]
+        g = flat(grad)[lo:hi]
         d = noise.thread_buffer("dir", g.numel(), work_dtype(g.dtype), g.device).view(g.shape)
         d.copy_(g)
         bits = (noise.random_bits(d.numel(), noise.param_seed(step_seed, index), k, p.device)
                 if p.dtype == torch.bfloat16 else None)
-        rule.update(_flat(p)[lo:hi], d, lr, t, index, lo, bits)
+        rule.update(flat(p)[lo:hi], d, lr, t, index, lo, bits)
 
     if work:
         noise.parallel_map(update, range(len(work)), work[0][1].device)

@@ -85,12 +85,52 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
 
 def fill_chunk(out: torch.Tensor, seed: int, chunk: int, kind: str = "gaussian"
                ) -> torch.Tensor:
-    """Fill `out` (the rows of chunk `chunk`) with its direction values, in place:
-    N(0, 1) draws, or ±1 with equal probability (Rademacher)."""
+    """Fill `out` (the rows of chunk `chunk`) with its direction values, in place, from
+    torch's generator: N(0, 1) draws, or ±1 with equal probability (Rademacher)."""
     gen = _generator(out.device, mix(seed, chunk))
     if kind == "gaussian":
         return out.normal_(generator=gen)
     return out.bernoulli_(0.5, generator=gen).mul_(2.0).sub_(1.0)
+
+
+# ---------------------------------------------------------------------------------------
+# The table source. torch's CPU generator is serial, 5-7 ns a value on the project's
+# machines, and a SmolLM2 step draws about 300M values: more time than the forwards. A
+# table of N(0,1) values drawn once (OpenAI's evolution strategies shared theirs between
+# workers the same way) gives any chunk as a slice at a seeded offset: a view, read at
+# memory speed (0.5 ns a value measured, as part of the add that uses it). Slices at
+# different offsets are uncorrelated (shifted i.i.d. values), so E[z zᵀ] = I up to the
+# table's sampling error (1/sqrt(T) = 7e-4); a slice repeats only when two offsets
+# coincide (probability 1/T per pair). The table is drawn on the CPU from a fixed seed,
+# then copied to each device: the same values everywhere, so replay is exact across
+# machines and devices.
+# ---------------------------------------------------------------------------------------
+TABLE_VALUES = 1 << 21  # 8 MiB of fp32, 8x the largest chunk
+_TABLE_SEED = 0x7AB1E
+_TABLES: dict[torch.device, torch.Tensor] = {}
+_TABLE_LOCK = threading.Lock()
+
+
+def table(device: torch.device) -> torch.Tensor:
+    """The shared table of N(0,1) values on `device` (drawn once per process)."""
+    device = torch.device(device)
+    found = _TABLES.get(device)
+    if found is None:
+        with _TABLE_LOCK:
+            if device not in _TABLES:
+                cpu = _TABLES.get(torch.device("cpu"))
+                if cpu is None:
+                    cpu = torch.empty(TABLE_VALUES).normal_(
+                        generator=_generator(torch.device("cpu"), _TABLE_SEED))
+                    _TABLES[torch.device("cpu")] = cpu
+                _TABLES[device] = cpu.to(device)
+            found = _TABLES[device]
+    return found
+
+
+def _table_slice(numel: int, seed: int, chunk: int, device: torch.device) -> torch.Tensor:
+    offset = mix(seed, chunk, _TABLE_SEED) % (TABLE_VALUES - numel + 1)
+    return table(device)[offset:offset + numel]
 
 
 _DITHER_SALT = 0xD1
@@ -121,36 +161,51 @@ def thread_buffer(name: str, numel: int, dtype: torch.dtype, device: torch.devic
 
 
 def chunk(shape: torch.Size, seed: int, index: int, device: torch.device,
-          kind: str = "gaussian") -> torch.Tensor:
-    """z on noise chunk `index`, fp32, shape (hi - lo, *shape[1:]), in a thread buffer.
+          kind: str = "gaussian", source: str = "table") -> torch.Tensor:
+    """z on noise chunk `index`, fp32, shape (hi - lo, *shape[1:]): in a thread buffer, or
+    a read-only view of the table (source "table", Gaussian). Treat it as read-only.
 
     z is fp32 whatever the parameter dtype: a perturbed or updated weight is then
     round(θ + a·z) computed in fp32 with a single rounding, and fp32 draws are faster
-    than bf16 ones on the CPU.
+    than bf16 ones on the CPU. The thread remembers it (`last_z`): its low mantissa bits
+    are the stochastic-rounding dither of the update that follows.
     """
     per = rows_per_chunk(shape)
     lo = index * per  # not chunk_bounds(shape)[index]: that list is O(chunks) per call
     hi = min(lo + per, num_rows(shape))
     inner = shape[1:] if len(shape) >= 1 else ()
-    out = thread_buffer("z", (hi - lo) * inner.numel() if inner else hi - lo,
-                        torch.float32, device)
-    return fill_chunk(out, seed, index, kind).view(hi - lo, *inner)
+    numel = (hi - lo) * inner.numel() if inner else hi - lo
+    if source == "table":
+        z = _table_slice(numel, seed, index, device)
+        if kind != "gaussian":
+            z = torch.sign(z, out=thread_buffer("z", numel, torch.float32, device))
+            z[z == 0] = 1.0  # a table value of exactly 0.0 (never drawn in practice)
+    else:
+        z = fill_chunk(thread_buffer("z", numel, torch.float32, device), seed, index, kind)
+    _LOCAL.last_z = z
+    return z.view(hi - lo, *inner)
+
+
+def last_z(numel: int) -> torch.Tensor:
+    """The z this thread drew last (its first `numel` values)."""
+    return _LOCAL.last_z[:numel]
 
 
 def full(shape: torch.Size, seed: int, device: torch.device | str = "cpu",
-         kind: str = "gaussian") -> torch.Tensor:
+         kind: str = "gaussian", source: str = "table") -> torch.Tensor:
     """The whole z of one parameter (fp32). For tests and references only."""
     device = torch.device(device)
     out = torch.empty(shape, dtype=torch.float32, device=device)
     flat = out.reshape(num_rows(shape), -1)
     for k, (lo, hi) in enumerate(chunk_bounds(shape)):
-        fill_chunk(flat[lo:hi], seed, k, kind)
+        flat[lo:hi] = chunk(shape, seed, k, device, kind, source).reshape(hi - lo, -1)
     return out
 
 
-def rows(shape: torch.Size, seed: int, row_ids: torch.Tensor, kind: str = "gaussian"
+def rows(shape: torch.Size, row_ids: torch.Tensor, chunk_z: Callable[[int], torch.Tensor]
          ) -> torch.Tensor:
-    """z (fp32) at the given sorted, unique rows only; draws just the chunks holding them."""
+    """z (fp32) at the given sorted, unique rows only, from `chunk_z(k)`, the z of chunk k:
+    only the chunks holding those rows are drawn."""
     per = rows_per_chunk(shape)
     out = torch.empty((row_ids.numel(), *shape[1:]), dtype=torch.float32, device=row_ids.device)
     chunk_of = torch.div(row_ids, per, rounding_mode="floor")
@@ -158,12 +213,67 @@ def rows(shape: torch.Size, seed: int, row_ids: torch.Tensor, kind: str = "gauss
     needed = torch.unique_consecutive(chunk_of).tolist()
 
     def draw(k: int) -> None:
-        z = chunk(shape, seed, k, row_ids.device, kind)
+        z = chunk_z(k)
         sel = (chunk_of == k).nonzero().squeeze(1)
         out[sel] = z[row_ids[sel] - k * per]
 
     parallel_map(draw, needed, row_ids.device)
     return out
+
+
+def chunk_bounds_of(shape: torch.Size, k: int) -> tuple[int, int]:
+    """Rows [lo, hi) of noise chunk k."""
+    per = rows_per_chunk(shape)
+    return k * per, min((k + 1) * per, num_rows(shape))
+
+
+def gaussian(numel: int, seed: int, chunk: int, device: torch.device, name: str = "u"
+             ) -> torch.Tensor:
+    """N(0,1) values from torch's generator in this thread's `name` buffer (the small
+    factors of structured directions)."""
+    out = thread_buffer(name, numel, torch.float32, device)
+    return out.normal_(generator=_generator(device, mix(seed, chunk)))
+
+
+def remember(z: torch.Tensor) -> None:
+    """Make `z` this thread's last z (noise.last_z: the update's rounding dither)."""
+    _LOCAL.last_z = z.reshape(-1)
+
+
+_BASES: dict[tuple, tuple[torch.Tensor | None, torch.Tensor]] = {}
+_BASIS_LOCK = threading.Lock()
+
+
+def basis(kind: str, seed: int, index: int, rows: int, cols: int, rank: int,
+          device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(left, right) factors of a structured direction's basis for one matrix: lowrank,
+    (None, V) with V (cols x rank) N(0,1); subspace, orthonormal (P, Q), P (rows x rank)
+    and Q (cols x rank) from QR of Gaussians. Cached for the two newest basis seeds:
+    r(m+n) values a matrix (the planner's "direction_bases")."""
+    key = (kind, seed, index, rows, cols, rank, device)
+    found = _BASES.get(key)
+    if found is not None:
+        return found
+    with _BASIS_LOCK:
+        if key not in _BASES:
+            recent = list(dict.fromkeys(k[1] for k in _BASES))[-1:]
+            for old in [k for k in _BASES if k[1] not in (*recent, seed)]:
+                del _BASES[old]
+            _BASES[key] = _make_basis(kind, seed, index, rows, cols, rank, device)
+        return _BASES[key]
+
+
+def _make_basis(kind: str, seed: int, index: int, rows: int, cols: int, rank: int,
+                device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def draw(n: int, salt: int) -> torch.Tensor:
+        gen = _generator(device, mix(seed, index, salt))
+        return torch.empty(n, rank, device=device).normal_(generator=gen)
+
+    if kind == "lowrank":
+        return None, draw(cols, 2)
+    left = torch.linalg.qr(draw(rows, 1)).Q.contiguous()
+    right = torch.linalg.qr(draw(cols, 2)).Q.contiguous()
+    return left, right
 
 
 # ---------------------------------------------------------------------------------------

@@ -41,9 +41,12 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def fp32_copy(param: torch.Tensor) -> torch.Tensor:
-    """param in its work dtype, in this thread's reusable buffer (the update path
-    allocates nothing: freed blocks in worker threads' malloc arenas would otherwise stay
-    resident)."""
+    """What a rule computes the new value in: the parameter itself when it is fp32 or fp64
+    (updated in place: one pass over the weights, the same arithmetic), else a copy in
+    fp32 in this thread's reusable buffer (the update path allocates nothing: freed blocks
+    in worker threads' malloc arenas would otherwise stay resident)."""
+    if param.dtype in (torch.float32, torch.float64):
+        return param
     out = noise.thread_buffer("fp32", param.numel(), work_dtype(param.dtype), param.device)
     return out.view(param.shape).copy_(param)
 
@@ -58,6 +61,8 @@ def store(param: torch.Tensor, new: torch.Tensor, bits: torch.Tensor | None) -> 
     so replay gives the same weights), otherwise seeded random integers.
     fp32 parameters are stored exactly; fp16 ones round to nearest.
     """
+    if new is param:  # fp32/fp64: updated in place already
+        return
     if param.dtype != torch.bfloat16 or bits is None:
         param.copy_(new)
         return
@@ -98,8 +103,15 @@ class Rule(ABC):
 
     @abstractmethod
     def update(self, p: torch.Tensor, d: torch.Tensor, lr: float, t: int, index: int, lo: int,
-               bits: torch.Tensor | None) -> None:
-        """Apply the rule to one chunk of rows, in place."""
+               bits: torch.Tensor | None, info: dict | None = None) -> None:
+        """Apply the rule to one chunk of rows, in place. `info`: the step's scalars a
+        rule needs beyond d (HiZOO: the projected gradient and the curvature)."""
+
+    @classmethod
+    def state_bytes(cls, shapes: list[torch.Size]) -> int:
+        """The state this rule keeps for parameters of these shapes (the planner's
+        optimizer_state)."""
+        return cls.state_bytes_per_param * sum(torch.Size(s).numel() for s in shapes)
 
 
 class SGD(Rule):
@@ -107,7 +119,7 @@ class SGD(Rule):
 
     name = "sgd"
 
-    def update(self, p, d, lr, t, index, lo, bits):
+    def update(self, p, d, lr, t, index, lo, bits, info=None):
         new = fp32_copy(p)
         new.sub_(self._grad(new, d), alpha=lr)
         store(p, new, bits)
@@ -118,7 +130,7 @@ class Sign(Rule):
 
     name = "sign"
 
-    def update(self, p, d, lr, t, index, lo, bits):
+    def update(self, p, d, lr, t, index, lo, bits, info=None):
         new = fp32_copy(p)
         new.sub_(self._grad(new, d).sign_(), alpha=lr)
         store(p, new, bits)
@@ -138,7 +150,7 @@ class Momentum(Rule):
     def init_state(self, params):
         self.state = {"momentum": self._zeros(params)}
 
-    def update(self, p, d, lr, t, index, lo, bits):
+    def update(self, p, d, lr, t, index, lo, bits, info=None):
         new = fp32_copy(p)
         m = self.state["momentum"][index][lo:lo + p.shape[0]].view(p.shape)
         m.mul_(self.momentum).add_(self._grad(new, d))
@@ -162,7 +174,7 @@ class Adam(Rule):
     def init_state(self, params):
         self.state = {"exp_avg": self._zeros(params), "exp_avg_sq": self._zeros(params)}
 
-    def update(self, p, d, lr, t, index, lo, bits):
+    def update(self, p, d, lr, t, index, lo, bits, info=None):
         b1, b2 = self.betas
         rows = slice(lo, lo + p.shape[0])
         m = self.state["exp_avg"][index][rows].view(p.shape)
@@ -185,7 +197,7 @@ class ExactMove(Rule):
 
     name = "exact"
 
-    def update(self, p, d, lr, t, index, lo, bits):
+    def update(self, p, d, lr, t, index, lo, bits, info=None):
         if p.dtype in (torch.float32, torch.float64):
             p.add_(d, alpha=-lr)
             return
@@ -194,41 +206,145 @@ class ExactMove(Rule):
         p.copy_(acc)
 
 
+class HessianSGD(Rule):
+    """HiZOO (Zhao et al., ICLR 2025): a diagonal Hessian estimate H (Σ⁻¹) preconditions
+    both the perturbation and the step.
+
+    The step perturbs along Σ^½·z (Direction.scale = H^-½), measures L(θ) as well, and
+    with κ = |L₊ + L₋ − 2L₀| / (2ε²) (the curvature along the perturbation):
+        H ← H ⊙ ((1 − α) + α·κ·z²)        (the moving average of κ·H⊙z², started at 1)
+        θ ← θ − η·(g·z ⊙ H^-½ + λθ)       (with the updated H, as the authors' code does)
+    State: H, fp32, 4 bytes a parameter.
+    """
+
+    name = "hessian"
+    state_bytes_per_param = 4
+    stateful = True
+
+    def __init__(self, weight_decay: float = 0.0, smoothing: float = 1e-6):
+        super().__init__(weight_decay)
+        self.smoothing = smoothing
+
+    def _shape(self, p: torch.Tensor) -> tuple[int, int]:
+        return noise.num_rows(p.shape), p[0].numel() if p.dim() else 1
+
+    def init_state(self, params):
+        self.state = {"hessian": [torch.ones(self._shape(p), dtype=work_dtype(p.dtype),
+                                             device=p.device) for p in params]}
+
+    def preconditioner(self, index: int, rows: slice | torch.Tensor) -> torch.Tensor:
+        """Σ^½ = H^-½ on those rows: Direction.scale of the perturbation."""
+        return self.state["hessian"][index][rows].rsqrt()
+
+    def _h(self, p: torch.Tensor, index: int, lo: int) -> torch.Tensor:
+        h = self.state["hessian"][index][lo:lo + p.shape[0]]
+        return h if h.shape[-1] != 1 else h.expand(p.shape[0], max(1, p[0].numel()))
+
+    def update(self, p, d, lr, t, index, lo, bits, info=None):
+        new = fp32_copy(p)
+        z = d.view(p.shape[0], -1)  # the engine sends the raw z (coefficient 1)
+        h = self.state["hessian"][index][lo:lo + p.shape[0]]
+        stat = noise.thread_buffer("stat", z.numel(), z.dtype, z.device).view(z.shape)
+        torch.mul(z, z, out=stat).mul_(self.smoothing * info["curvature"])
+        self._smooth(h, stat)
+        z.mul_(info["g"]).div_(self._h(p, index, lo).sqrt())
+        new.sub_(self._grad(new, d), alpha=lr)
+        store(p, new, bits)
+
+    def _smooth(self, h: torch.Tensor, stat: torch.Tensor) -> None:
+        """H ← H ⊙ ((1 − α) + stat), stat = α·κ·z² elementwise."""
+        h.mul_(stat.add_(1.0 - self.smoothing))
+
+
+class RowHessianSGD(HessianSGD):
+    """HiZOO with one curvature per row of each matrix (vectors keep one per value): the
+    memory-light variant, m numbers for an m x n matrix instead of mn. (HiZOO-L's own
+    factorisation is not in its authors' released code; this keeps the row factor of an
+    Adafactor-style factorisation.) Each row's H moves by the row's mean statistic."""
+
+    name = "row-hessian"
+
+    def _shape(self, p: torch.Tensor) -> tuple[int, int]:
+        return noise.num_rows(p.shape), 1
+
+    @classmethod
+    def state_bytes(cls, shapes):
+        return 4 * sum(noise.num_rows(torch.Size(s)) for s in shapes)
+
+    def preconditioner(self, index, rows):
+        return super().preconditioner(index, rows)  # (rows, 1): broadcast along the row
+
+    def _smooth(self, h, stat):
+        h.mul_(stat.mean(dim=1, keepdim=True).add_(1.0 - self.smoothing))
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named optimizer: where d comes from, how it moves θ, and the estimator options
+    it takes by default."""
+
+    estimator: str  # one of ESTIMATORS
+    rule: type[Rule]
+    description: str
+    conservative: bool = False  # zo-sgd-cons: keep the best of θ, θ − η·d, θ + η·d
+    normalized: bool = False  # fzoo: the step divided by the spread of the queries' g
+    curvature: bool = False  # hizoo: L(θ) every step; the rule keeps a Hessian estimate
+    q: int = 1
+    estimate: str = "two-sided"
+    directions: str = "gaussian"
+
+
+OPTIMIZERS: dict[str, Method] = {
+    "zo-sgd": Method("zo", SGD, "ZO-SGD (MeZO): θ ← θ − η·g·z"),
+    "zo-sgd-sign": Method("zo", Sign, "ZO-SGD-Sign: θ ← θ − η·sign(g·z)"),
+    "zo-sgd-mmt": Method("zo", Momentum, "ZO-SGD with heavy-ball momentum β"),
+    "zo-sgd-cons": Method("zo", ExactMove, "conservative ZO-SGD: keep the lowest loss of "
+                          "θ, θ − η·ĝ, θ + η·ĝ", conservative=True),
+    "zo-adam": Method("zo", Adam, "Adam on the ZO estimate (fp32 moments)"),
+    "fzoo": Method("zo", SGD, "FZOO: q one-sided Rademacher queries, the step divided by "
+                   "the spread of their estimates (scale-free)", normalized=True, q=8,
+                   estimate="one-sided", directions="rademacher"),
+    "hizoo": Method("zo", HessianSGD, "HiZOO: perturb along Σ^½z, a diagonal Hessian "
+                    "estimate Σ⁻¹ from L(θ) and L(θ ± ε·Σ^½z)", curvature=True),
+    "hizoo-l": Method("zo", RowHessianSGD, "HiZOO with one curvature per matrix row "
+                      "(memory-light)", curvature=True),
+    "forward-grad": Method("forward-grad", SGD, "forward gradient (∇L·v)·v with SGD"),
+    "forward-grad-mmt": Method("forward-grad", Momentum,
+                               "forward gradient with heavy-ball momentum β"),
+    "forward-grad-adam": Method("forward-grad", Adam, "forward gradient with Adam"),
+    "fo-sgd": Method("fo", SGD, "backpropagation + SGD (baseline)"),
+    "fo-adam": Method("fo", Adam, "backpropagation + Adam (baseline)"),
+}
+
+
 @dataclass
 class Optimizer:
-    """A named method: where d comes from, and how it moves θ."""
+    """A built optimizer: its method and the rule instance that keeps its state."""
 
     name: str
-    estimator: str  # one of ESTIMATORS
+    method: Method
     rule: Rule
-    conservative: bool = False  # zo-sgd-cons: keep the best of θ, θ − η·d, θ + η·d
-    description: str = ""
+
+    @property
+    def estimator(self) -> str:
+        return self.method.estimator
+
+    @property
+    def conservative(self) -> bool:
+        return self.method.conservative
+
+    @property
+    def description(self) -> str:
+        return self.method.description
 
     @property
     def state_bytes_per_param(self) -> int:
         return self.rule.state_bytes_per_param
 
 
-# name: (estimator, rule class, conservative, description)
-OPTIMIZERS: dict[str, tuple[str, type[Rule], bool, str]] = {
-    "zo-sgd": ("zo", SGD, False, "ZO-SGD (MeZO): θ ← θ − η·g·z"),
-    "zo-sgd-sign": ("zo", Sign, False, "ZO-SGD-Sign: θ ← θ − η·sign(g·z)"),
-    "zo-sgd-mmt": ("zo", Momentum, False, "ZO-SGD with heavy-ball momentum β"),
-    "zo-sgd-cons": ("zo", ExactMove, True,
-                    "conservative ZO-SGD: keep the lowest loss of θ, θ − η·ĝ, θ + η·ĝ"),
-    "zo-adam": ("zo", Adam, False, "Adam on the ZO estimate (fp32 moments)"),
-    "forward-grad": ("forward-grad", SGD, False, "forward gradient (∇L·v)·v with SGD"),
-    "forward-grad-mmt": ("forward-grad", Momentum, False,
-                         "forward gradient with heavy-ball momentum β"),
-    "forward-grad-adam": ("forward-grad", Adam, False, "forward gradient with Adam"),
-    "fo-sgd": ("fo", SGD, False, "backpropagation + SGD (baseline)"),
-    "fo-adam": ("fo", Adam, False, "backpropagation + Adam (baseline)"),
-}
-
-
 def make_optimizer(name: str, *, weight_decay: float = 0.0, momentum: float | None = None,
-                   betas: tuple[float, float] | None = None,
-                   adam_eps: float | None = None) -> Optimizer:
+                   betas: tuple[float, float] | None = None, adam_eps: float | None = None,
+                   hessian_smoothing: float | None = None) -> Optimizer:
     """Build a named optimizer. An option the method does not use is an error, never
     silently ignored."""
     if name not in OPTIMIZERS:
@@ -239,7 +355,7 @@ def make_optimizer(name: str, *, weight_decay: float = 0.0, momentum: float | No
                                   betas=betas, adam_eps=adam_eps)
     if problems:
         raise ConfigError(problems[0])
-    estimator, rule_cls, conservative, description = OPTIMIZERS[name]
+    method = OPTIMIZERS[name]
     kwargs: dict = {"weight_decay": weight_decay}
     if momentum is not None:
         kwargs["momentum"] = momentum
@@ -247,4 +363,6 @@ def make_optimizer(name: str, *, weight_decay: float = 0.0, momentum: float | No
         kwargs["betas"] = tuple(betas)
     if adam_eps is not None:
         kwargs["eps"] = adam_eps
-    return Optimizer(name, estimator, rule_cls(**kwargs), conservative, description)
+    if method.curvature and hessian_smoothing is not None:
+        kwargs["smoothing"] = hessian_smoothing
+    return Optimizer(name, method, method.rule(**kwargs))

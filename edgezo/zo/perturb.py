@@ -24,18 +24,25 @@ parameter's weights are then read and written once per step.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
-from torch.overrides import TorchFunctionMode
 
 from edgezo.zo import noise
+from edgezo.zo.batch import join_pair, split_pair
 from edgezo.zo.blocks import BlockMap, Unit
-from edgezo.zo.direction import Direction
+from edgezo.zo.direction import STRUCTURED, Direction
+from edgezo.zo.intercept import (
+    PerturbedLinears,
+    RowPerturbedEmbedding,
+    flat,
+    linear_slots,
+    perturbed_into,
+)
 from edgezo.zo.optimizers import Rule, work_dtype
 
 
@@ -47,81 +54,7 @@ class PendingUpdate:
     direction: Direction
     lr: float
     t: int
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(noise.num_rows(t.shape), -1)
-
-
-def _perturbed_into(out: torch.Tensor, theta: torch.Tensor, z: torch.Tensor, scale: float
-                    ) -> None:
-    """out = round(θ + scale·z): summed in fp32, rounded once to out's dtype.
-
-    Summing into a reusable fp32 buffer first avoids the temporary torch.add allocates
-    when `out` has another dtype than the sum (the hot path allocates nothing).
-    """
-    if out.dtype in (torch.float32, torch.float64):
-        torch.add(theta, z, alpha=scale, out=out)
-        return
-    acc = noise.thread_buffer("acc", z.numel(), torch.float32, z.device).view(z.shape)
-    torch.add(theta, z, alpha=scale, out=acc)
-    out.copy_(acc)
-
-
-def _split(obj: Any, rows: int) -> tuple[Any, Any]:
-    """Split every batch-shaped tensor (ndim >= 2, dim 0 == rows) into its two halves."""
-    if isinstance(obj, torch.Tensor) and obj.dim() >= 2 and obj.shape[0] == rows:
-        half = rows // 2
-        return obj[:half], obj[half:]
-    if isinstance(obj, (tuple, list)):
-        pairs = [_split(o, rows) for o in obj]
-        return type(obj)(p[0] for p in pairs), type(obj)(p[1] for p in pairs)
-    if isinstance(obj, dict):
-        pairs = {k: _split(v, rows) for k, v in obj.items()}
-        return {k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()}
-    return obj, obj
-
-
-def _join(plus: Any, minus: Any, half: int) -> Any:
-    """Inverse of _split on outputs; a broadcast (dim 0 == 1) output is expanded."""
-    if isinstance(plus, torch.Tensor):
-        if plus.dim() >= 1 and plus.shape[0] == 1 and half != 1:
-            plus, minus = plus.expand(half, *plus.shape[1:]), minus.expand(half, *minus.shape[1:])
-        return torch.cat([plus, minus], dim=0)
-    if isinstance(plus, (tuple, list)):
-        return type(plus)(_join(p, m, half) for p, m in zip(plus, minus, strict=True))
-    return plus
-
-
-class _RowPerturbedEmbedding(TorchFunctionMode):
-    """Intercepts F.embedding on one weight and looks rows up from (W ± εz)[rows]."""
-
-    def __init__(self, owner: Perturbation, weight: torch.Tensor, index: int):
-        super().__init__()
-        self.owner, self.weight, self.index = owner, weight, index
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.embedding or len(args) < 2 or args[1] is not self.weight:
-            return func(*args, **kwargs)
-        ids = args[0]
-        owner = self.owner
-        uniq, inverse = torch.unique(ids, return_inverse=True)  # sorted
-        z = owner.direction.rows(self.weight.shape, self.index, uniq,
-                                 work_dtype(self.weight.dtype))
-        base = self.weight.detach()[uniq]
-        signs = owner.signs
-        # Each row is rounded exactly as a full scratch copy round(W ± εz) would be.
-        tables = [torch.add(base, z, alpha=s * owner.eps).to(base.dtype) for s in signs]
-        if len(signs) == 1:
-            return F.embedding(inverse, tables[0])
-        if ids.shape[0] == owner.pair_rows:
-            half = owner.pair_rows // 2
-            return torch.cat([F.embedding(inverse[:half], tables[0]),
-                              F.embedding(inverse[half:], tables[1])])
-        # A broadcast lookup (e.g. GPT-2 position ids of shape (1, T)).
-        return _join(F.embedding(inverse, tables[0]), F.embedding(inverse, tables[1]),
-                     owner.pair_rows // 2)
+    info: dict | None = None  # the step's scalars the rule needs beyond d (HiZOO)
 
 
 class Perturbation:
@@ -140,6 +73,7 @@ class Perturbation:
         self._updated: set[int] = set()
         self._installed: dict[int, tuple[Unit, Any]] = {}
         self._buffers: dict[tuple, torch.Tensor] = {}
+        self._linears: dict[int, dict[int, tuple[int, int | None]]] = {}
         self._workspace_busy = False
         self.streamer = None  # a BlockStreamer when some layers live off the device
         for p, name in zip(self.params, block_map.names, strict=True):
@@ -199,67 +133,98 @@ class Perturbation:
             return original(*args, **kwargs)
         if unit.kind == "embedding":
             (_, index), = unit.slots
-            with _RowPerturbedEmbedding(self, self.params[index], index):
+            with RowPerturbedEmbedding(self, self.params[index], index):
                 return original(*args, **kwargs)
         if unit.kind == "linear" and "weight" in covered:
             return self._linear(unit, args, kwargs)
         return self._functional(unit, original, args, kwargs)
 
-    def _fill(self, targets: list[tuple[int, list[torch.Tensor]]]) -> None:
-        """For each (index, outs): outs[i] = round(θ_index + signs[i]·ε·z_index).
+    def _fill(self, targets: list[tuple[int, list[torch.Tensor]]],
+              signs: tuple[int, ...] | None = None) -> None:
+        """For each (index, outs): outs[i] = round(θ_index + signs[i]·ε·z_index) (signs:
+        the forward's, by default).
 
         All (parameter, chunk) pairs of the call are one pool of work, so the chunks of a
         layer's many small matrices are drawn in parallel too.
         """
+        signs = self.signs if signs is None else signs
         work = []
         for index, outs in targets:
             p = self.params[index].detach()
-            flats = [_flat(o) for o in outs]
+            flats = [flat(o) for o in outs]
             work += [(p, index, k, lo, hi, flats)
                      for k, (lo, hi) in enumerate(noise.chunk_bounds(p.shape))]
 
         def fill(i: int) -> None:
             p, index, k, lo, hi, flats = work[i]
-            z = _flat(self.direction.chunk(p.shape, index, k, p.device,
+            z = flat(self.direction.chunk(p.shape, index, k, p.device,
                                            dtype=work_dtype(p.dtype)))
-            flat_p = _flat(p)
-            for out, s in zip(flats, self.signs, strict=True):
-                _perturbed_into(out[lo:hi], flat_p[lo:hi], z, s * self.eps)
+            flat_p = flat(p)
+            for out, s in zip(flats, signs, strict=True):
+                perturbed_into(out[lo:hi], flat_p[lo:hi], z, s * self.eps)
 
         if work:
             noise.parallel_map(fill, range(len(work)), work[0][0].device)
 
+    def _cheap_z(self) -> bool:
+        """z that costs a memory read to regenerate (the table, structured directions):
+        pair mode then fills one scratch copy per half instead of holding both."""
+        return self.direction.source == "table" or self.direction.kind in STRUCTURED
+
     def _functional(self, unit: Unit, original, args, kwargs):
+        """The unit at θ ± εz. Its nn.Linear maps compute chunk by chunk when z is cheap
+        to read (intercept.PerturbedLinears); the other covered parameters (or all, with
+        the generator) go to the module as perturbed scratch copies (functional_call)."""
+        cheap = self._cheap_z()
+        linears = self._linear_slots(unit) if cheap else {}
+        in_linears = {i for w, b in linears.values() for i in (w, b) if i is not None}
         params = [(local, i, self.params[i]) for local, i in unit.slots
-                  if self.direction.covers(i)]
+                  if self.direction.covers(i) and i not in in_linears]
         fixed = {local: self.params[i].detach() for local, i in unit.slots
-                 if not self.direction.covers(i)}
-        numel = sum(p.numel() for _, _, p in params)
-        dtype, device = params[0][2].dtype, params[0][2].device
+                 if not self.direction.covers(i) and i not in in_linears}
+        slots = 1 if cheap else len(self.signs)
         nested = self._workspace_busy  # a unit running inside another: use fresh memory
         self._workspace_busy = True
         try:
-            buffers = [self._workspace(s, numel, dtype, device, fresh=nested)
-                       for s in range(len(self.signs))]
-            scratch: dict[str, list[torch.Tensor]] = {k: [v] * len(self.signs)
-                                                      for k, v in fixed.items()}
-            targets, offset = [], 0
-            for local, i, p in params:
-                views = [b[offset:offset + p.numel()].view(p.shape) for b in buffers]
-                targets.append((i, views))
-                scratch[local] = views
-                offset += p.numel()
-            self._fill(targets)
-            module = unit.module
-            if len(self.signs) == 1:
-                return self._call(module, original, {k: v[0] for k, v in scratch.items()},
-                                  args, kwargs)
-            (a1, k1), (a2, k2) = _split((args, kwargs), self.pair_rows)
-            plus = self._call(module, original, {k: v[0] for k, v in scratch.items()}, a1, k1)
-            minus = self._call(module, original, {k: v[1] for k, v in scratch.items()}, a2, k2)
-            return _join(plus, minus, self.pair_rows // 2)
+            scratch, targets = self._scratch(params, fixed, slots, nested)
+            halves = ([(args, kwargs)] if len(self.signs) == 1
+                      else list(split_pair((args, kwargs), self.pair_rows)))
+            outs = []
+            for h, ((a, k), sign) in enumerate(zip(halves, self.signs, strict=True)):
+                slot = 0 if slots == 1 else h
+                if targets and slots == 1:
+                    self._fill(targets, (sign,))
+                elif targets and h == 0:
+                    self._fill(targets)  # both signs from one draw of z
+                tensors = {n: v[slot] for n, v in scratch.items()}
+                with PerturbedLinears(self, linears, sign) if linears else nullcontext():
+                    outs.append(self._call(unit.module, original, tensors, a, k))
+            return outs[0] if len(outs) == 1 else join_pair(outs[0], outs[1], self.pair_rows // 2)
         finally:
             self._workspace_busy = nested
+
+    def _linear_slots(self, unit: Unit) -> dict[int, tuple[int, int | None]]:
+        key = id(unit.module)
+        if key not in self._linears:
+            self._linears[key] = linear_slots(unit)
+        return self._linears[key]
+
+    def _scratch(self, params, fixed, slots: int, nested: bool):
+        """Scratch copies (one per slot) of the covered parameters, as views of the
+        reusable workspace, and the fill targets."""
+        scratch: dict[str, list[torch.Tensor]] = {k: [v] * slots for k, v in fixed.items()}
+        if not params:
+            return scratch, []
+        numel = sum(p.numel() for _, _, p in params)
+        dtype, device = params[0][2].dtype, params[0][2].device
+        buffers = [self._workspace(s, numel, dtype, device, fresh=nested) for s in range(slots)]
+        targets, offset = [], 0
+        for local, i, p in params:
+            views = [b[offset:offset + p.numel()].view(p.shape) for b in buffers]
+            targets.append((i, views))
+            scratch[local] = views
+            offset += p.numel()
+        return scratch, targets
 
     def _workspace(self, sign_slot: int, numel: int, dtype: torch.dtype, device: torch.device,
                    fresh: bool) -> torch.Tensor:
@@ -306,10 +271,15 @@ class Perturbation:
         if len(self.signs) == 1:
             inputs = [x]
         elif x.dim() >= 2 and x.shape[0] == self.pair_rows:
-            inputs = list(_split(x, self.pair_rows))
+            inputs = list(split_pair(x, self.pair_rows))
         else:
             inputs = [x, x]
-        outs = [torch.empty(*xi.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
+        # A half-precision head computes in fp32 with θ ± εz unrounded: the loss difference
+        # a ZO estimate reads must not drown in the logits' rounding (schemes._fp32_logits).
+        half = weight.dtype in (torch.float16, torch.bfloat16)
+        dtype = torch.float32 if half else x.dtype
+        inputs = [xi.float() if half else xi for xi in inputs]
+        outs = [torch.empty(*xi.shape[:-1], weight.shape[0], dtype=dtype, device=x.device)
                 for xi in inputs]
         bounds = noise.chunk_bounds(weight.shape)
 
@@ -317,13 +287,13 @@ class Perturbation:
             lo, hi = bounds[k]
             z = self.direction.chunk(weight.shape, w_index, k, weight.device,
                                      dtype=work_dtype(weight.dtype))
-            w = noise.thread_buffer("w", z.numel(), weight.dtype, weight.device).view(z.shape)
+            w = noise.thread_buffer("w", z.numel(), dtype, weight.device).view(z.shape)
             for xi, out, s, b in zip(inputs, outs, self.signs, biases, strict=True):
-                _perturbed_into(w, weight[lo:hi], z, s * self.eps)
-                out[..., lo:hi] = F.linear(xi, w, None if b is None else b[lo:hi])
+                torch.add(weight[lo:hi], z, alpha=s * self.eps, out=w)
+                out[..., lo:hi] = F.linear(xi, w, None if b is None else b[lo:hi].to(dtype))
 
         noise.parallel_map(block, range(len(bounds)), weight.device)
-        return outs[0] if len(outs) == 1 else _join(outs[0], outs[1], self.pair_rows // 2)
+        return outs[0] if len(outs) == 1 else join_pair(outs[0], outs[1], self.pair_rows // 2)
 
     # -- deferred update ------------------------------------------------------------------
     def set_pending(self, update: PendingUpdate | None) -> None:
@@ -375,11 +345,12 @@ class Perturbation:
 
         def update(i: int) -> None:
             index, p, k, lo, hi = work[i]
-            d = _flat(d_of.chunk(p.shape, index, k, p.device, writable=True,
+            d = flat(d_of.chunk(p.shape, index, k, p.device, writable=True,
                                  dtype=work_dtype(p.dtype)))
             bits = (d_of.dither_bits(d.numel(), index, k, p.device)
                     if p.dtype == torch.bfloat16 else None)
-            rule.update(_flat(p)[lo:hi], d, pending.lr, pending.t, index, lo, bits)
+            rule.update(flat(p)[lo:hi], d, pending.lr, pending.t, index, lo, bits,
+                        pending.info)
 
         noise.parallel_map(update, range(len(work)), work[0][1].device)
         if self.streamer is not None:

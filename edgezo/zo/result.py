@@ -34,6 +34,16 @@ class StepResult:
                 "groups": self.groups, "skipped": self.skipped}
 
     @property
+    def zero_estimates(self) -> int:
+        """Queries whose two losses were bit-identical (g = 0): a pair of forwards that
+        told nothing, because ε was below the loss's rounding or the weights saturated."""
+        return sum(g == 0.0 for g in self.projected_grads)
+
+    @property
+    def all_zero(self) -> bool:
+        return bool(self.projected_grads) and self.zero_estimates == len(self.projected_grads)
+
+    @property
     def seed(self) -> int | None:
         return self.seeds[0] if self.seeds else None
 

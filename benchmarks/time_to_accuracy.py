@@ -1,0 +1,180 @@
+"""Time to accuracy: methods side by side on one task, the same data order and seed.
+
+Each method runs in its own process through `edgezo.Session` and records, every
+`--eval-every` steps, the validation accuracy against steps, forward passes and
+wall-clock seconds (evaluations included: a user waits for them too). At the end it
+evaluates the test set, and the summary gives, per method, the test accuracy of the
+setting that validation selects (when a method has several learning rates).
+
+    python benchmarks/time_to_accuracy.py --methods zo-sgd,fzoo,fo-adam --steps 1000
+    python benchmarks/time_to_accuracy.py --plot results/tta   # the PNG from the JSONL
+
+Results go to OUT/runs.jsonl (one line per run, appended, so a long study resumes) and
+OUT/time_to_accuracy.png. The CPU's instruction set is printed and recorded: compare
+figures only within one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# name -> Session options (the learning rates searched are given by --lrs, or by "lr")
+METHODS: dict[str, dict] = {
+    "zo-sgd": {"optimizer": "zo-sgd", "lr": 3e-5},
+    "zo-sgd-table": {"optimizer": "zo-sgd", "noise": "table", "lr": 3e-5},
+    "zo-sgd-lora": {"optimizer": "zo-sgd", "scheme": "lora", "lr": 1e-3},
+    "zo-adam-lora": {"optimizer": "zo-adam", "scheme": "lora", "lr": 1e-3},
+    "zo-sgd-prefix": {"optimizer": "zo-sgd", "scheme": "prefix", "lr": 1e-2},
+    "lozo": {"optimizer": "zo-sgd", "directions": "lowrank", "lr": 3e-5},
+    "subzero": {"optimizer": "zo-sgd", "directions": "subspace", "lr": 3e-5},
+    "fzoo": {"optimizer": "fzoo", "q": 4, "lr": 1e-5},
+    "fzoo-lora": {"optimizer": "fzoo", "q": 4, "scheme": "lora", "lr": 1e-3},
+    "hizoo": {"optimizer": "hizoo", "lr": 3e-5},
+    "fo-adam": {"optimizer": "fo-adam", "lr": 1e-5},
+    "fo-adam-lora": {"optimizer": "fo-adam", "scheme": "lora", "lr": 1e-3},
+}
+
+
+def run_one(name: str, options: dict, args) -> dict:
+    """One run, in this process: the curve and the final test accuracy."""
+    from edgezo.hardware import cpu_capability
+    from edgezo.session import Session
+
+    start = time.perf_counter()
+    s = Session(task=args.task, batch_size=args.batch_size, seed=args.seed,
+                data_dir=args.data_dir, eval_batch_size=32, **options)
+    curve, forwards = [], 0
+    try:
+        def record(step: int) -> None:
+            val = s.evaluate("validation", args.eval_examples)["accuracy"]
+            curve.append({"step": step, "forwards": forwards, "val": val,
+                          "wall_s": time.perf_counter() - start})
+            print(f"  {name} step {step} val {val:.3f} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+
+        record(0)
+        for step in range(1, args.steps + 1):
+            r = s.step()
+            forwards += r.forward_passes + r.backward_passes  # a backward ~ a forward
+            if step % args.eval_every == 0 or step == args.steps:
+                record(step)
+        test = s.evaluate("test", args.test_examples)
+        return {"method": name, "options": options, "task": args.task,
+                "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
+                "curve": curve, "test": test["accuracy"], "test_examples": test["examples"],
+                "dtype": s.dtype_name, "cpu": cpu_capability(),
+                "step_time_s": s.report()["step_time_s"],
+                "wall_s": time.perf_counter() - start, "date": time.strftime("%Y-%m-%d")}
+    finally:
+        s.close()
+
+
+def plot(rows: list[dict], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
+    for row in rows:
+        label = f"{row['method']} lr={row['options'].get('lr', '-'):g}"
+        c = row["curve"]
+        for ax, key in zip(axes, ("step", "forwards", "wall_s"), strict=True):
+            ax.plot([p[key] for p in c], [p["val"] for p in c], marker=".", label=label)
+    for ax, title in zip(axes, ("steps", "forward passes", "wall-clock seconds (evals "
+                                "included)"), strict=True):
+        ax.set_xlabel(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation accuracy")
+    axes[-1].legend(fontsize=7, loc="lower right")
+    task = rows[0]["task"] if rows else ""
+    fig.suptitle(f"time to accuracy, {task}, {rows[0]['cpu'] if rows else ''}")
+    fig.tight_layout()
+    path = out / "time_to_accuracy.png"
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def summary(rows: list[dict]) -> str:
+    """Per method, the run validation selects (final validation accuracy) and its test."""
+    best: dict[str, dict] = {}
+    for row in rows:
+        m = row["method"]
+        if m not in best or row["curve"][-1]["val"] > best[m]["curve"][-1]["val"]:
+            best[m] = row
+    lines = ["| method | lr | val (final) | test | steps | forwards | wall s | s/step |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for m, r in best.items():
+        c = r["curve"][-1]
+        lines.append(f"| {m} | {r['options'].get('lr', 0):g} | {c['val']:.3f} | "
+                     f"{r['test']:.3f} | {c['step']} | {c['forwards']} | {c['wall_s']:.0f} | "
+                     f"{r['step_time_s'] or 0:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--methods", default="zo-sgd,fzoo,fo-adam",
+                    help=f"comma-separated, from: {', '.join(METHODS)}")
+    ap.add_argument("--lrs", default=None, help="learning rates to try per method "
+                    "(comma-separated; default: each method's own)")
+    ap.add_argument("--task", default="sst2")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-examples", type=int, default=None, help="validation cap")
+    ap.add_argument("--test-examples", type=int, default=None, help="test cap")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--output", default="results/time_to_accuracy")
+    ap.add_argument("--set", default="", help="extra Session options for every run, "
+                    "as JSON (e.g. '{\"dtype\": \"fp32\"}')")
+    ap.add_argument("--plot", action="store_true", help="only redraw the PNG and table")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON of one run
+    args = ap.parse_args()
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.one:
+        name, options = json.loads(args.one)
+        print("RESULT " + json.dumps(run_one(name, options, args)), flush=True)
+        return
+    if not args.plot:
+        run_all(args, out)
+    rows = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines() if x]
+    print(summary(rows))
+    print(f"wrote {plot(rows, out)}")
+
+
+def run_all(args, out: Path) -> None:
+    from edgezo.hardware import cpu_capability
+
+    print(f"CPU: {cpu_capability()}", flush=True)
+    extra = json.loads(args.set) if args.set else {}
+    for name in args.methods.split(","):
+        lrs = ([float(x) for x in args.lrs.split(",")] if args.lrs
+               else [METHODS[name]["lr"]])
+        for lr in lrs:
+            options = {**METHODS[name], **extra, "lr": lr}
+            cmd = [sys.executable, __file__, "--one", json.dumps([name, options]),
+                   *sys.argv[1:]]
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+            result = None
+            for line in proc.stdout:
+                if line.startswith("RESULT "):
+                    result = json.loads(line[7:])
+                else:
+                    print(line, end="", flush=True)
+            if proc.wait() != 0 or result is None:
+                print(f"{name} lr={lr:g} failed", flush=True)
+                continue
+            with open(out / "runs.jsonl", "a") as f:
+                f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""The defaults a run decides when an option is left open (None): its method's q,
+estimate and directions, ε by compute precision, the bases of structured directions.
+`RunConfig.resolved()` applies them, and the engine applies them to options it is given
+directly, so both read the same values."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from edgezo.config import EstimatorOptions
+
+DEFAULT_LR = 1e-5
+DEFAULT_EPS = 1e-3  # fp32 compute; half precision needs a larger one (default_eps)
+HALF_EPS = 1e-2
+DEFAULT_RANK = {"lowrank": 2, "subspace": 8}
+DEFAULT_BASIS_EVERY = {"lowrank": 50, "subspace": 1000}
+DEFAULT_HESSIAN_SMOOTHING = 1e-6
+DEFAULT_CHECKPOINT_EVERY = 100
+DEFAULT_KEEP = 3
+STRUCTURED = ("lowrank", "subspace")  # directions built from per-matrix bases
+
+
+def resolve_estimator(est: EstimatorOptions, optimizer: str, dtype: str | None = None
+                      ) -> EstimatorOptions:
+    """The estimator options a run uses: each left open takes its method's default.
+
+    ε: 1e-3 in fp32; in bf16/fp16 1e-2, because a smaller perturbation's effect on the
+    activations rounds away (measured on SmolLM2 LoRA, 8 steps: the bf16 estimates'
+    correlation with fp32's is 0.07 at ε = 1e-3 and 0.89 at 1e-2; 0.99 for full
+    fine-tuning at both)."""
+    from edgezo.zo.optimizers import OPTIMIZERS
+
+    method = OPTIMIZERS[optimizer]
+    out = dataclasses.replace(est)
+    if method.estimator == "fo":
+        return out
+    if out.eps is None and method.estimator == "zo":
+        out.eps = HALF_EPS if dtype in ("bf16", "fp16") else DEFAULT_EPS
+    out.q = method.q if out.q is None else out.q
+    out.estimate = out.estimate or method.estimate
+    out.directions = out.directions or method.directions
+    if out.directions in STRUCTURED:
+        out.rank = out.rank or DEFAULT_RANK[out.directions]
+        out.basis_every = out.basis_every or DEFAULT_BASIS_EVERY[out.directions]
+    if method.curvature and out.hessian_smoothing is None:
+        out.hessian_smoothing = DEFAULT_HESSIAN_SMOOTHING
+    return out

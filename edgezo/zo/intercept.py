@@ -1,0 +1,129 @@
+"""Perturbed computations that never build a perturbed copy of a whole tensor: they
+intercept the functional call that uses a weight and compute with θ ± εz on the fly.
+
+- embeddings: F.embedding on the weight looks rows up from (W ± εz)[rows] (only the
+  looked-up rows are built);
+- linear maps inside a unit: F.linear on a covered weight computes its output one
+  row-chunk of W at a time, from a chunk-sized buffer, when z is cheap to read (the
+  table, structured directions): the unit then needs no layer-sized scratch copy.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from edgezo.zo import noise
+from edgezo.zo.batch import join_pair
+from edgezo.zo.blocks import Unit
+from edgezo.zo.optimizers import work_dtype
+
+if TYPE_CHECKING:
+    from edgezo.zo.perturb import Perturbation
+
+
+def flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(noise.num_rows(t.shape), -1)
+
+
+def perturbed_into(out: torch.Tensor, theta: torch.Tensor, z: torch.Tensor, scale: float
+                    ) -> None:
+    """out = round(θ + scale·z): summed in fp32, rounded once to out's dtype.
+
+    Summing into a reusable fp32 buffer first avoids the temporary torch.add allocates
+    when `out` has another dtype than the sum (the hot path allocates nothing).
+    """
+    if out.dtype in (torch.float32, torch.float64):
+        torch.add(theta, z, alpha=scale, out=out)
+        return
+    acc = noise.thread_buffer("acc", z.numel(), torch.float32, z.device).view(z.shape)
+    torch.add(theta, z, alpha=scale, out=acc)
+    out.copy_(acc)
+
+
+class RowPerturbedEmbedding(TorchFunctionMode):
+    """Intercepts F.embedding on one weight and looks rows up from (W ± εz)[rows]."""
+
+    def __init__(self, owner: Perturbation, weight: torch.Tensor, index: int):
+        super().__init__()
+        self.owner, self.weight, self.index = owner, weight, index
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.embedding or len(args) < 2 or args[1] is not self.weight:
+            return func(*args, **kwargs)
+        ids = args[0]
+        owner = self.owner
+        uniq, inverse = torch.unique(ids, return_inverse=True)  # sorted
+        z = owner.direction.rows(self.weight.shape, self.index, uniq,
+                                 work_dtype(self.weight.dtype))
+        base = self.weight.detach()[uniq]
+        signs = owner.signs
+        # Each row is rounded exactly as a full scratch copy round(W ± εz) would be.
+        tables = [torch.add(base, z, alpha=s * owner.eps).to(base.dtype) for s in signs]
+        if len(signs) == 1:
+            return F.embedding(inverse, tables[0])
+        if ids.shape[0] == owner.pair_rows:
+            half = owner.pair_rows // 2
+            return torch.cat([F.embedding(inverse[:half], tables[0]),
+                              F.embedding(inverse[half:], tables[1])])
+        # A broadcast lookup (e.g. GPT-2 position ids of shape (1, T)).
+        return join_pair(F.embedding(inverse, tables[0]), F.embedding(inverse, tables[1]),
+                     owner.pair_rows // 2)
+
+
+def linear_slots(unit: Unit) -> dict[int, tuple[int, int | None]]:
+    """{id(weight): (weight index, bias index or None)} for the nn.Linear maps inside a
+    unit whose weight is trainable: what PerturbedLinears computes chunk by chunk."""
+    slots = dict(unit.slots)
+    out = {}
+    for name, module in unit.module.named_modules():
+        prefix = f"{name}." if name else ""
+        if type(module) is nn.Linear and f"{prefix}weight" in slots:
+            out[id(module.weight)] = (slots[f"{prefix}weight"], slots.get(f"{prefix}bias"))
+    return out
+
+
+class PerturbedLinears(TorchFunctionMode):
+    """F.linear(x, W, b) on a mapped weight, computed as x·(W + s·ε·z)ᵀ + (b + s·ε·z_b) one
+    row-chunk of W at a time (s: the half's sign)."""
+
+    def __init__(self, owner: Perturbation, slots: dict[int, tuple[int, int | None]],
+                 sign: int):
+        super().__init__()
+        self.owner, self.slots, self.sign = owner, slots, sign
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.linear:
+            return func(*args, **kwargs)
+        x = args[0] if args else kwargs["input"]
+        weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        found = self.slots.get(id(weight))
+        if found is None:
+            return func(*args, **kwargs)
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        return self._chunked(x, weight.detach(), found, bias)
+
+    def _chunked(self, x: torch.Tensor, weight: torch.Tensor, found: tuple[int, int | None],
+                 bias: torch.Tensor | None) -> torch.Tensor:
+        owner, (w_index, b_index) = self.owner, found
+        scale = self.sign * owner.eps
+        if bias is not None:
+            bias = bias.detach()
+            if b_index is not None and owner.direction.covers(b_index):
+                z = owner.direction.full(bias.shape, b_index, bias.device,
+                                         work_dtype(bias.dtype))
+                bias = torch.add(bias, z, alpha=scale).to(bias.dtype)
+        out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
+        for k, (lo, hi) in enumerate(noise.chunk_bounds(weight.shape)):
+            z = owner.direction.chunk(weight.shape, w_index, k, weight.device,
+                                      dtype=work_dtype(weight.dtype))
+            w = noise.thread_buffer("w", z.numel(), weight.dtype, weight.device).view(z.shape)
+            perturbed_into(w, weight[lo:hi], z, scale)
+            out[..., lo:hi] = F.linear(x, w, None if bias is None else bias[lo:hi])
+        return out

@@ -1,0 +1,242 @@
+"""The estimators added for time to accuracy, each checked by hand on a small problem:
+FZOO's normalised step, HiZOO's Hessian-preconditioned step (and its row variant), LOZO's
+low-rank and SubZero's subspace directions, and the table noise source."""
+
+import statistics
+
+import pytest
+import torch
+from conftest import lm_batch, zo_engine
+from toy_problems import ONE_ROW_X, Quadratic, toy_engine
+
+from edgezo.errors import ConfigError
+from edgezo.models.tiny import VOCAB, tiny_model
+from edgezo.zo import noise
+from edgezo.zo.direction import Direction
+from edgezo.zo.optimizers import make_optimizer
+
+EPS = 1e-3
+
+
+def matrix_quadratic(rows: int = 4, cols: int = 6, seed: int = 0) -> Quadratic:
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    curvature = torch.rand(rows, cols, generator=g, dtype=torch.float64) + 0.5
+    start = target + torch.randn(rows, cols, generator=g, dtype=torch.float64)
+    return Quadratic(target, curvature, start)
+
+
+def loss_at(problem: Quadratic, theta: torch.Tensor) -> float:
+    a, t = problem.curvature, problem.target
+    return float(0.5 * (a * (theta - t) ** 2).sum())
+
+
+def z_of(kind: str, seed: int, shape, t: int = 0, **kw) -> torch.Tensor:
+    return Direction((seed,), (1.0,), kind, **kw).full(torch.Size(shape), 0).double()
+
+
+# -- FZOO ----------------------------------------------------------------------------------
+def test_fzoo_divides_the_step_by_the_spread_of_its_queries():
+    """q one-sided Rademacher queries and L(θ); θ ← θ − η·Σ g_i·u_i / (q·σ), σ the
+    population standard deviation of the g_i (the authors' (L_i − L₀)/(Nσ_L))."""
+    problem = matrix_quadratic()
+    engine = toy_engine(problem, "fzoo", seed=4, q=5, eps=EPS)
+    theta = problem.theta.detach().clone()
+    r = engine.step(ONE_ROW_X, lr=0.01)
+    engine.flush()
+    base = loss_at(problem, theta)
+    us = [z_of("rademacher", s, theta.shape) for s in r.seeds]
+    grads = [(loss_at(problem, theta + EPS * u) - base) / EPS for u in us]
+    assert r.projected_grads == pytest.approx(grads, rel=1e-9)
+    assert r.forward_passes == 6 and set(us[0].unique().tolist()) == {-1.0, 1.0}
+    spread = statistics.pstdev(grads)
+    expected = theta - 0.01 * sum(g * u for g, u in zip(grads, us, strict=True)) / (5 * spread)
+    torch.testing.assert_close(problem.theta.detach(), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_fzoo_takes_the_same_step_whatever_the_loss_scale():
+    """Scale-free: L and 1000·L give the same update (the reason it needs no lr grid)."""
+    moves = []
+    for scale in (1.0, 1000.0):
+        problem = matrix_quadratic()
+        with torch.no_grad():
+            problem.curvature.mul_(scale)
+        theta = problem.theta.detach().clone()
+        engine = toy_engine(problem, "fzoo", seed=4, eps=EPS)
+        engine.step(ONE_ROW_X, lr=0.01)
+        engine.flush()
+        moves.append(problem.theta.detach() - theta)
+    torch.testing.assert_close(moves[0], moves[1], rtol=1e-4, atol=1e-9)
+
+
+# -- HiZOO ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["hizoo", "hizoo-l"])
+def test_hizoo_steps_by_hand(name):
+    """Two steps: the perturbation along H^-½·z, κ = |L₊ + L₋ − 2L₀|/(2ε²), H ← H ⊙ ((1−α)
+    + α·κ·z²) (per element; hizoo-l: each row by its mean), θ ← θ − η·g·z/√H."""
+    alpha, lr = 0.3, 0.05
+    problem = matrix_quadratic()
+    engine = toy_engine(problem, name, seed=9, eps=EPS, opt_kwargs={"hessian_smoothing": alpha})
+    h = torch.ones_like(problem.theta, dtype=torch.float64)
+    for step in range(2):
+        theta = problem.theta.detach().clone()
+        r = engine.step(ONE_ROW_X, lr=lr)
+        engine.flush()
+        z = z_of("gaussian", r.seed, theta.shape)
+        v = z / h.sqrt()
+        plus, minus = loss_at(problem, theta + EPS * v), loss_at(problem, theta - EPS * v)
+        base = loss_at(problem, theta)
+        kappa = abs(plus + minus - 2 * base) / (2 * EPS**2)
+        stat = alpha * kappa * z * z
+        if name == "hizoo-l":
+            stat = stat.mean(dim=1, keepdim=True).expand_as(z)
+        h = h * ((1 - alpha) + stat)
+        g = (plus - minus) / (2 * EPS)
+        assert r.projected_grad == pytest.approx(g, rel=1e-7), step
+        torch.testing.assert_close(problem.theta.detach(), theta - lr * g * z / h.sqrt(),
+                                   rtol=1e-9, atol=1e-12)
+    assert r.forward_passes == 2  # L(θ) and the pair
+
+
+def test_hizoo_l_keeps_one_number_per_row():
+    model = tiny_model("llama")
+    engine = zo_engine(model, make_optimizer("hizoo-l"), eps=EPS)
+    state = engine.optimizer.rule.state["hessian"]
+    rows = sum(p.shape[0] for p in engine.blocks.params)
+    assert sum(s.numel() for s in state) == rows
+    assert engine.optimizer.rule.state_bytes([p.shape for p in engine.blocks.params]) == 4 * rows
+
+
+# -- LOZO and SubZero directions ---------------------------------------------------------------
+def test_lowrank_directions_are_u_times_v_with_v_kept_between_steps():
+    shape = torch.Size((64, 40))
+    d = Direction((5,), (1.0,), "lowrank", rank=3, basis=11)
+    z = d.full(shape, 0)
+    assert torch.linalg.matrix_rank(z).item() == 3
+    z2 = Direction((6,), (1.0,), "lowrank", rank=3, basis=11).full(shape, 0)
+    assert torch.linalg.matrix_rank(torch.cat([z, z2])).item() == 3  # the same V: row space
+    z3 = Direction((6,), (1.0,), "lowrank", rank=3, basis=12).full(shape, 0)
+    assert torch.linalg.matrix_rank(torch.cat([z, z3])).item() == 6  # a new basis
+    assert torch.equal(Direction((5,), (1.0,), "lowrank", rank=3, basis=11).full(shape, 0), z)
+    vector = Direction((5,), (1.0,), "lowrank", rank=3, basis=11).full(torch.Size((40,)), 0)
+    assert torch.equal(vector, noise.full((40,), noise.param_seed(5, 0)))  # not a matrix
+
+
+def test_subspace_directions_live_in_the_bases_and_keep_the_gaussian_scale():
+    shape = torch.Size((48, 30))
+    zs = [Direction((s,), (1.0,), "subspace", rank=4, basis=3).full(shape, 0) for s in range(200)]
+    left, right = noise.basis("subspace", 3, 0, 48, 30, 4, torch.device("cpu"))
+    for z in zs[:3]:
+        torch.testing.assert_close(left @ (left.T @ z @ right) @ right.T, z)  # P·S·Qᵀ
+    mean_sq = sum(float(z.pow(2).sum()) for z in zs) / len(zs)
+    assert mean_sq == pytest.approx(48 * 30, rel=0.1)  # E‖z‖² = mn, as for Gaussian z
+
+
+@pytest.mark.parametrize("kind, rank", [("lowrank", 2), ("subspace", 3)])
+def test_structured_estimates_point_along_the_gradient(kind, rank):
+    """On a matrix quadratic, with the basis fixed over 3000 queries, the mean of g·z is
+    ∇L·V·Vᵀ for LOZO (U, V with N(0,1) entries, the authors' scaling; E[VVᵀ] = r·I over
+    bases) and mn/r²·PPᵀ∇LQQᵀ for SubZero (E‖z‖² = mn): within 5% of each."""
+    problem = matrix_quadratic(rows=5, cols=4)
+    theta = problem.theta.detach().clone()
+    grad = problem.curvature * (theta - problem.target)
+    engine = toy_engine(problem, "zo-sgd", seed=2, eps=1e-4, q=3000, directions=kind,
+                        rank=rank, basis_every=1000)
+    engine.step(ONE_ROW_X, lr=1.0)
+    engine.flush()
+    mean = theta - problem.theta.detach()
+    basis = noise.mix(2, 0, 0xBA515)  # the engine's basis seed of step 0
+    p, q = noise.basis(kind, basis, 0, 5, 4, rank, torch.device("cpu"))
+    if kind == "lowrank":
+        expected = grad @ q.double() @ q.double().T
+    else:
+        p, q = p.double(), q.double()
+        expected = 5 * 4 / rank**2 * p @ (p.T @ grad @ q) @ q.T
+    rel = (mean - expected).norm() / expected.norm()
+    assert rel < 0.05, rel
+
+
+# -- the table noise source ------------------------------------------------------------------
+def test_table_noise_is_standard_normal_and_independent_across_chunks_steps_params():
+    shape = torch.Size((16, 1 << 16))  # 4 chunks of 4 rows (2^18 values each)
+    zs = [noise.chunk(shape, noise.param_seed(noise.step_seed(0, t, 0), i), k,
+                      torch.device("cpu"), "gaussian", "table").flatten().clone()
+          for t in range(3) for i in range(2) for k in range(4)]
+    n = zs[0].numel()
+    for z in zs:
+        assert abs(z.mean().item()) < 5 / n**0.5 and abs(z.var().item() - 1) < 0.05
+    for a in range(len(zs)):
+        for b in range(a + 1, len(zs)):
+            corr = float((zs[a] * zs[b]).mean())
+            assert abs(corr) < 5 / n**0.5, (a, b, corr)
+    again = noise.chunk(shape, noise.param_seed(noise.step_seed(0, 0, 0), 0), 0,
+                        torch.device("cpu"), "gaussian", "table").flatten()
+    assert torch.equal(again, zs[0])  # regenerated exactly from (seed, param, chunk)
+
+
+def test_table_estimates_are_unbiased():
+    """E[g·z] = ∇L with the table's directions: 4000 queries within 4.5 standard errors."""
+    from toy_problems import Logistic, logistic_data
+
+    data = logistic_data(n=50, dim=3)
+    problem = Logistic(3)
+    with torch.no_grad():
+        problem.theta.copy_(torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64))
+    theta = problem.theta.detach().clone()
+    exact = torch.autograd.grad(problem(data).mean(), problem.theta)[0]
+    engine = toy_engine(problem, "zo-sgd", eps=1e-4, seed=7, q=4000, noise="table")
+    engine.step({"x": data}, lr=1.0)
+    engine.flush()
+    mean = theta - problem.theta.detach()
+    se = torch.sqrt((exact.pow(2).sum() + 2 * exact.pow(2)) / 4000)
+    assert ((mean - exact).abs() < 4.5 * se).all(), (mean, exact, se)
+
+
+# -- options that only some estimators take --------------------------------------------------
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"rank": 4}, "rank shapes lowrank and subspace directions"),
+    ({"basis_every": 10, "directions": "rademacher"}, "basis_every shapes lowrank"),
+    ({"hessian_smoothing": 0.1}, "hessian_smoothing is the Hessian estimate"),
+    ({"optimizer": "fzoo", "q": 1}, "fzoo divides its step by the spread"),
+    ({"optimizer": "hizoo", "q": 2}, "takes --q 1 and the two-sided estimate"),
+    ({"optimizer": "hizoo", "estimate": "one-sided"}, "takes --q 1 and the two-sided"),
+    ({"optimizer": "fo-adam", "noise": "table"}, "noise does not apply to fo-adam"),
+    ({"optimizer": "fzoo", "pair": True}, "one-sided estimate has no L"),
+])
+def test_estimator_options_that_would_do_nothing_are_refused(kwargs, needle):
+    from edgezo.config import RunConfig
+
+    with pytest.raises(ConfigError, match=needle):
+        RunConfig.from_flat(**kwargs).validate()
+
+
+def test_every_new_method_trains_a_tiny_model_through_the_engine():
+    for name, kw in (("fzoo", {}), ("hizoo", {}), ("hizoo-l", {}),
+                     ("zo-sgd", {"directions": "lowrank"}),
+                     ("zo-adam", {"directions": "subspace", "rank": 2}),
+                     ("zo-sgd", {"noise": "table"})):
+        model = tiny_model("qwen2")
+        before = [p.detach().clone() for p in model.parameters()]
+        engine = zo_engine(model, make_optimizer(name), eps=1e-2, **kw)
+        for s in range(2):
+            assert not engine.step(lm_batch(VOCAB, seed=s), lr=1e-2).skipped
+        engine.close()
+        assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(),
+                                                         strict=True)), name
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "opt"])
+def test_linear_maps_perturbed_chunk_by_chunk_equal_a_scratch_copy(family):
+    """With cheap z (the table), a layer's nn.Linear maps compute x·(W ± εz)ᵀ one
+    row-chunk of W at a time instead of from a layer-sized copy: the same numbers, bit
+    for bit (GPT-2's Conv1D maps take the copy either way)."""
+    results = []
+    for chunked in (True, False):
+        model = tiny_model(family)
+        engine = zo_engine(model, make_optimizer("zo-sgd"), eps=1e-2, noise="table")
+        if not chunked:
+            engine.perturbation._cheap_z = lambda: False  # the scratch path, same z
+        results.append([engine.step(lm_batch(VOCAB, seed=s), lr=1e-2).projected_grads
+                        for s in range(2)])
+        engine.close()
+    assert results[0] == results[1]
