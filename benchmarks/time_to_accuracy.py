@@ -35,6 +35,8 @@ METHODS: dict[str, dict] = {
     "fzoo": {"optimizer": "fzoo", "q": 4, "lr": 1e-5},
     "fzoo-lora": {"optimizer": "fzoo", "q": 4, "scheme": "lora", "lr": 1e-3},
     "hizoo": {"optimizer": "hizoo", "lr": 3e-5},
+    "hybrid-adam": {"optimizer": "zo-adam", "fo_blocks": ["-1"], "lr": 1e-4},
+    "zo-adam": {"optimizer": "zo-adam", "lr": 1e-5},
     "fo-adam": {"optimizer": "fo-adam", "lr": 1e-5},
     "fo-adam-lora": {"optimizer": "fo-adam", "scheme": "lora", "lr": 1e-3},
 }

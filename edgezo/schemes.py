@@ -16,6 +16,8 @@ runs before them.
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,7 +61,8 @@ def _prepare_head(model: nn.Module) -> None:
     if not isinstance(head, nn.Linear) or getattr(head, "_edgezo_head", False):
         return
     if head.weight.dtype in (torch.float16, torch.bfloat16) and head.weight.device.type != "meta":
-        head.forward = lambda x, _head=head: _fp32_logits(_head, x)
+        # a bound method: a deep copy of the model rebinds it to the copy's head
+        head.forward = types.MethodType(_fp32_logits, head)
     else:
         head.register_forward_pre_hook(
             lambda _module, args: (args[0].contiguous(), *args[1:]) if args else None)

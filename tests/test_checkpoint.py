@@ -236,8 +236,9 @@ def test_ctrl_c_saves_a_snapshot_and_says_how_to_resume(tiny_folder, data_dir, t
     proc = cli_run(finetune_args(tiny_folder, data_dir, out, steps=8),
                    {"KILL_AT": "3", "KILL_SIG": "SIGINT"}, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "Interrupted at step 3" in proc.stdout
-    assert f"edgezo finetune --resume {out}" in " ".join(proc.stdout.split())
+    said = " ".join(proc.stdout.split())
+    assert "Interrupted at step 3" in said, proc.stdout[-3000:]
+    assert f"edgezo finetune --resume {out}" in said
     assert snapshots(out)[-1].name == "step-00000003"
     assert json.loads((out / "report.json").read_text())["interrupted"] is True
 

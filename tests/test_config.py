@@ -247,3 +247,57 @@ def test_bench_takes_output_like_every_command(tmp_path):
     result = invoke("bench", "--suite", "smoke", "--output", tmp_path / "b", "--tables-only")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "b" / "tables.md").is_file()
+
+
+# -- the compute dtype the hardware really has ---------------------------------------------
+def test_a_cpu_without_native_bf16_computes_in_fp32_and_says_why(tiny_folder, monkeypatch):
+    from edgezo import hardware
+    from edgezo.profiles import load_profile
+    from edgezo.session import Session
+
+    monkeypatch.setattr(hardware, "native_on_cpu", lambda dtype: dtype == "fp32")
+    s = Session(tiny_folder, task=None)  # 8gb-gpu: a bf16 profile, emulated on this CPU
+    try:
+        assert s.dtype_name == "fp32" and "no native bf16" in s.dtype_reason
+        assert s.report()["compute"]["dtype"] == "fp32"
+        assert next(s.model.parameters()).dtype == torch.float32
+        assert s.plan.budget_bytes == load_profile("8gb-gpu").budget_bytes  # its budget
+    finally:
+        s.close()
+    monkeypatch.setattr(hardware, "native_on_cpu", lambda dtype: True)
+    s = Session(tiny_folder, task=None)
+    try:
+        assert s.dtype_name == "bf16" and "profile" in s.dtype_reason
+    finally:
+        s.close()
+    s = Session(tiny_folder, task=None, dtype="bfloat16")  # asked for: kept, whatever the CPU
+    try:
+        assert s.dtype_name == "bf16" and s.dtype_reason == "as asked (--dtype)"
+    finally:
+        s.close()
+
+
+def test_fp32_gives_way_to_the_profiles_dtype_when_only_that_fits(tiny_folder, tmp_path,
+                                                                  monkeypatch):
+    from planning import plan_of
+
+    from edgezo import hardware
+    from edgezo.session import Session
+
+    monkeypatch.setattr(hardware, "native_on_cpu", lambda dtype: dtype == "fp32")
+    kw = dict(model=tiny_folder, batch_size=2, seq_len=16, pair=True)
+    fp32 = plan_of(profile="cpu-16gb", dtype="fp32", **kw).total_bytes
+    bf16 = plan_of(profile="cpu-16gb", dtype="bf16", **kw).total_bytes
+    assert bf16 < fp32
+    profile = tmp_path / "tight.yaml"
+    budget = (fp32 + bf16) / 2 / 2**30  # bf16 fits, fp32 does not
+    profile.write_text(f"name: tight\ndevice: cpu\ndevice_memory_gb: {budget}\n"
+                       "host_memory_gb: 1\nhost_device_bandwidth_gbps: 1\ndtype: bf16\n"
+                       "headroom: 0\n")
+    s = Session(tiny_folder, task=None, profile=str(profile), batch_size=2, max_length=16,
+                offload="off")
+    try:
+        assert s.dtype_name == "bf16" and "fp32 (faster on this CPU) would need" in \
+            s.dtype_reason
+    finally:
+        s.close()

@@ -79,9 +79,13 @@ def test_two_gloo_ranks_keep_identical_replicas_that_replay_exactly(tiny_folder,
     one_process(tiny_folder, data_dir, one, task)
     g_one = [e["groups"][0]["grads"][0] for e in read_seed_log(one)]
     g_two = [e["groups"][0]["grads"][0] for e in read_seed_log(two)]
-    # fp32 losses of ~0.7 agree to ~1e-7; over 2ε = 0.02 that is ~5e-6 in g
+    # fp32 losses of ~0.7 agree to ~1e-7 (shards of 2 rows round their matmuls unlike one
+    # batch of 4); over 2ε = 0.02 that is ~5e-6 in the first step's g. Each later step
+    # starts from weights that differ by that much times lr·z, and the LM loss over a
+    # whole sequence amplifies it: measured up to 4e-4 relative by step 3.
     assert len(g_one) == len(g_two) == 4
-    assert g_two == pytest.approx(g_one, abs=1e-4)
+    assert g_two[0] == pytest.approx(g_one[0], abs=1e-4)
+    assert g_two == pytest.approx(g_one, rel=5e-3, abs=1e-4)
     assert g_two != pytest.approx([0.0] * 4, abs=1e-3)  # and the run did move
     report = json.loads((two / "report.json").read_text())
     comm = report["data_parallel"]

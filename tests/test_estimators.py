@@ -200,7 +200,7 @@ def test_table_estimates_are_unbiased():
     ({"optimizer": "fzoo", "q": 1}, "fzoo divides its step by the spread"),
     ({"optimizer": "hizoo", "q": 2}, "takes --q 1 and the two-sided estimate"),
     ({"optimizer": "hizoo", "estimate": "one-sided"}, "takes --q 1 and the two-sided"),
-    ({"optimizer": "fo-adam", "noise": "table"}, "noise does not apply to fo-adam"),
+    ({"optimizer": "fo-adam", "noise": "generator"}, "noise does not apply to fo-adam"),
     ({"optimizer": "fzoo", "pair": True}, "one-sided estimate has no L"),
 ])
 def test_estimator_options_that_would_do_nothing_are_refused(kwargs, needle):
@@ -240,3 +240,40 @@ def test_linear_maps_perturbed_chunk_by_chunk_equal_a_scratch_copy(family):
                         for s in range(2)])
         engine.close()
     assert results[0] == results[1]
+
+
+def test_estimates_that_round_to_nothing_are_counted(tiny_folder, data_dir):
+    """ε far below the loss's rounding: L₊ = L₋ bit for bit, g = 0; the step says so and
+    the report counts it (a pair of forwards that told nothing)."""
+    from edgezo.session import Session
+
+    s = Session(tiny_folder, data_dir=data_dir, batch_size=4, eps=1e-30, lr=1e-2)
+    try:
+        r = s.step()
+        assert r.loss_plus == r.loss_minus and r.projected_grads == [0.0]
+        assert r.zero_estimates == 1 and r.all_zero
+        report = s.report()
+        assert report["zero_estimates"] == 1 and report["zero_estimate_steps"] == 1
+        assert report["queries"] == 1
+    finally:
+        s.close()
+
+
+def test_a_bf16_lora_step_measures_signal_not_rounding(tiny_folder, data_dir):
+    """The issue's case on the tiny model: a LoRA step in bf16 with the default ε gives
+    the estimate the fp32 run gives, to within its rounding (fp32 logits, ε = 1e-2):
+    correlation 0.9997 over 6 steps, against 0.97 with ε = 1e-3 (measured)."""
+    from edgezo.session import Session
+
+    grads = {}
+    for dtype in ("fp32", "bf16"):
+        s = Session(tiny_folder, data_dir=data_dir, scheme="lora", batch_size=8, seed=0,
+                    dtype=dtype, lr=0.0, eps=1e-2 if dtype == "fp32" else None)
+        try:
+            assert s.engine.eps == 1e-2
+            grads[dtype] = [s.step().projected_grad for _ in range(6)]
+        finally:
+            s.close()
+    assert all(g != 0.0 for g in grads["bf16"])
+    corr = torch.corrcoef(torch.tensor([grads["fp32"], grads["bf16"]]))[0, 1]
+    assert corr > 0.99, grads

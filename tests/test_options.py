@@ -18,7 +18,7 @@ CHANGES = [
     ({"directions": "lowrank", "rank": 3}, "lowrank"),
     ({"directions": "lowrank", "basis_every": 1}, "lowrank"),
     ({"directions": "subspace"}, "zo-sgd"),
-    ({"noise": "table"}, "zo-sgd"),
+    ({"noise": "generator"}, "zo-sgd"),
     ({"optimizer": "fzoo"}, "zo-sgd"),
     ({"optimizer": "hizoo"}, "zo-sgd"),
     ({"hessian_smoothing": 0.5}, "hizoo"),
