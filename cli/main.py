@@ -206,14 +206,19 @@ def report(run_dir: Path = typer.Argument(..., help="A finetune --output folder"
 def export(
     run_dir: Path = typer.Argument(..., help="A finetune --output folder (or Session.save)"),
     fmt: str = typer.Option("peft", "--format", help="peft (adapter folder), merged "
-                            "(a plain transformers model) or seedlog (settings + seed log, "
-                            "for edgezo replay)"),
+                            "(a plain transformers model), gguf (one file for llama.cpp), "
+                            "onnx (an fp32 graph for onnxruntime) or seedlog (settings + "
+                            "seed log, for edgezo replay)"),
     output: Path = typer.Option(..., "--output", help="Folder to write"),
+    gguf_type: str | None = typer.Option(
+        None, "--gguf-type", help="gguf: f16, bf16, f32, q8_0, q5_1, q5_0, q4_1 or q4_0 "
+        "(default: the base GGUF's own types, q4_1 for SmolLM2; else f16)"),
 ) -> None:
-    """Write a fine-tuned run as a PEFT adapter or a merged transformers model."""
+    """Write a fine-tuned run as a PEFT adapter, a merged transformers model, a GGUF file
+    or an ONNX graph."""
     from edgezo.export import export_run
 
-    out = export_run(run_dir, fmt, output)
+    out = export_run(run_dir, fmt, output, gguf_type=gguf_type)
     print(f"wrote {fmt} export of {run_dir} to {out}")
 
 
@@ -240,9 +245,16 @@ def optimizers_list() -> None:
     """The optimizers, their gradient source and their state memory."""
     from edgezo.zo.optimizers import OPTIMIZERS
 
-    table = Table("name", "gradient", "state bytes/param", "update")
-    for name, (estimator, rule_cls, _, description) in OPTIMIZERS.items():
-        table.add_row(name, estimator, str(rule_cls.state_bytes_per_param), description)
+    table = Table("name", "gradient", "state bytes/param", "forwards/step", "update")
+    for name, m in OPTIMIZERS.items():
+        state = ("4 per matrix row" if m.rule.state_bytes([(2, 2)]) == 8
+                 else str(m.rule.state_bytes_per_param))
+        forwards = ("1 + backward" if m.estimator == "fo" else "1 (jvp)"
+                    if m.estimator == "forward-grad" else
+                    f"{m.q + 1} (q one-sided + L(θ))" if m.estimate == "one-sided" else
+                    "2 (L(θ), pair)" if m.curvature else "3 (pair, L(θ), trial pair)"
+                    if m.conservative else "1 (pair)")
+        table.add_row(name, m.estimator, state, forwards, m.description)
     Console().print(table)
 
 

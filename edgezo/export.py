@@ -1,4 +1,5 @@
-"""`edgezo export RUN_DIR --format peft|merged`: ship a fine-tune in a standard format.
+"""`edgezo export RUN_DIR --format peft|merged|gguf|onnx|seedlog`: ship a fine-tune in a
+standard format.
 
 - peft: the adapter folder (adapter_config.json + adapter_model.safetensors) and the
   tokenizer, which `peft.PeftModel.from_pretrained(base, folder)` loads (lora, prefix and
@@ -9,6 +10,13 @@
 - seedlog: the run's settings (run.json, naming the base model) and its seed log, a few
   hundred bytes per step; `edgezo replay` rebuilds the weights from them and the base
   model, on the same kind of device (ZO estimators only: a backprop step has no seed).
+- gguf: one .gguf file (weights, tokenizer, chat template) for llama.cpp and the apps on
+  it, which transformers' GGUF reader also loads (export_gguf.py);
+- onnx: an fp32 ONNX graph of ids + mask -> logits, with the tokenizer beside it, for
+  onnxruntime (export_onnx.py; examples/onnx_predict.py scores a task with it).
+
+`export_model` does the same from a model in memory (a Session's, or any transformers
+causal LM, peft LoRA included), without changing it.
 
 A run folder is what `edgezo finetune --output` writes (report.json and model/), or what
 `Session.save` writes.
@@ -18,12 +26,19 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgezo.config import PEFT_SCHEMES
 from edgezo.errors import ConfigError, unknown_choice
 
-FORMATS = ("peft", "merged", "seedlog")
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
+FORMATS = ("peft", "merged", "seedlog", "gguf", "onnx")
+MODEL_FORMATS = ("peft", "merged", "gguf", "onnx")  # what export_model writes
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -49,15 +64,24 @@ def _copy_tokenizer(src: Path, out: Path) -> None:
             shutil.copy2(f, out / f.name)
 
 
-def export_run(run_dir: str | Path, fmt: str, output: str | Path) -> Path:
-    """Write the run's model in `fmt` under `output`; returns the folder."""
+def export_run(run_dir: str | Path, fmt: str, output: str | Path, *,
+               gguf_type: str | None = None) -> Path:
+    """Write the run's model in `fmt` under the folder `output`; returns the folder
+    (peft, merged, seedlog) or the file written (gguf, onnx).
+
+    `gguf_type` (gguf only): f16, bf16, f32, q8_0, q5_1, q5_0, q4_1 or q4_0; None keeps
+    the types of the base when it was a GGUF file (SmolLM2: Q4_1), else f16."""
     run_dir, out = Path(run_dir), Path(output)
     if fmt not in FORMATS:
         raise unknown_choice("format", fmt, FORMATS)
+    if gguf_type is not None and fmt != "gguf":
+        raise ConfigError(f"--gguf-type applies to --format gguf, not {fmt}")
     if fmt == "seedlog":
         return _export_seedlog(run_dir, out)
     model_dir, report = _locate(run_dir)
     scheme = report.get("scheme", "full")
+    if fmt in ("gguf", "onnx"):
+        return _export_runtime(run_dir, report, fmt, out, gguf_type)
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "peft":
         if scheme not in PEFT_SCHEMES:
@@ -67,16 +91,109 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path) -> Path:
             shutil.copy2(model_dir / name, out / name)
         _copy_tokenizer(model_dir, out)
         return out
-    if scheme in ("prefix", "prompt"):
-        raise ConfigError(f"{scheme} tuning adds virtual tokens that cannot be merged into the "
-                          "weights; use --format peft")
+    _refuse_prompt_learning(scheme, "--format peft")
     if scheme in PEFT_SCHEMES:
-        _merge_lora(model_dir, report, out)
+        model = load_run(run_dir)[0]  # loaded for this: merging it in place harms nothing
+        model.merge_and_unload().save_pretrained(out)
     else:
         for f in model_dir.iterdir():
             if f.is_file() and f.name != "report.json":
                 shutil.copy2(f, out / f.name)
     _copy_tokenizer(model_dir, out)
+    return out
+
+
+def _refuse_prompt_learning(scheme: str, instead: str) -> None:
+    if scheme in ("prefix", "prompt"):
+        raise ConfigError(f"{scheme} tuning adds virtual tokens that cannot be merged into the "
+                          f"weights; use {instead}")
+
+
+def _export_runtime(run_dir: Path, report: dict, fmt: str, out: Path,
+                    gguf_type: str | None) -> Path:
+    """GGUF or ONNX from a run folder: the trained model (the base with the adapter, for
+    LoRA: merged as it is written) and, for GGUF, the base's own file when it was one."""
+    _refuse_prompt_learning(report.get("scheme", "full"),
+                            "--format peft (or train with --scheme lora)")
+    model, tokenizer, report = load_run(run_dir)
+    base = base_gguf(report.get("model") or "smollm2") if fmt == "gguf" else None
+    return export_model(model, tokenizer, fmt, out, gguf_type=gguf_type, base_gguf=base)
+
+
+def load_run(run_dir: str | Path) -> tuple[nn.Module, PreTrainedTokenizerBase, dict]:
+    """(model, tokenizer, report) of a run folder: the trained model as torch runs it,
+    its saved folder, or for an adapter scheme the base with the adapter on top."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, report = _locate(Path(run_dir))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if report.get("scheme", "full") not in PEFT_SCHEMES:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+        return model.eval(), tokenizer, report
+    import peft
+
+    from edgezo.models.loading import load_weights, parse_dtype, resolve_model
+
+    dtype = parse_dtype(report.get("hyperparameters", {}).get("dtype", "fp32"))
+    base = load_weights(resolve_model(report.get("model"), dtype), dtype, "cpu")
+    return peft.PeftModel.from_pretrained(base, model_dir).eval(), tokenizer, report
+
+
+def base_gguf(spec: str) -> Path | None:
+    """The GGUF file the run's base came from, if it did (and is still there)."""
+    from edgezo.errors import EdgezoError
+    from edgezo.models.loading import locate_model
+
+    try:
+        path, kind = locate_model(spec)
+    except EdgezoError as err:
+        if spec.endswith(".gguf") or spec == "smollm2":
+            print(f"note: the base GGUF is gone ({err}); the export rebuilds its metadata "
+                  "from the run's tokenizer and defaults to f16", file=sys.stderr)
+        return None
+    return path if kind == "gguf" else None
+
+
+def export_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, fmt: str,
+                 path: str | Path, *,
+                 gguf_type: str | None = None, base_gguf: str | Path | None = None) -> Path:
+    """Write a model in memory as `fmt` (peft, merged, gguf, onnx) under `path`; the
+    model is left as it was (LoRA is merged into copies of the projections it touches).
+
+    `path` is a folder (created), or for gguf also a file name ending in .gguf. Returns
+    the folder (peft, merged) or the file: `<path>/model-<type>.gguf`, `<path>/model.onnx`
+    (the tokenizer is saved beside both). `gguf_type` and `base_gguf`: see export_gguf.
+    Prefix and prompt adapters have no plain-model form: ConfigError, as for a family
+    GGUF cannot map.
+    """
+    if fmt not in MODEL_FORMATS:
+        raise unknown_choice("format", fmt, MODEL_FORMATS)
+    if gguf_type is not None and fmt != "gguf":
+        raise ConfigError(f"gguf_type applies to the gguf format, not {fmt}")
+    out = Path(path)
+    if fmt == "gguf":
+        from edgezo.export_gguf import write_gguf
+        from edgezo.export_weights import trained_state
+
+        base, state = trained_state(model)
+        return write_gguf(state, base.config, tokenizer, out, gguf_type=gguf_type,
+                          base_gguf=base_gguf)
+    if fmt == "onnx":
+        from edgezo.export_onnx import ONNX_FILE, write_onnx
+
+        written = write_onnx(model, out / ONNX_FILE)
+        tokenizer.save_pretrained(out)
+        return written
+    if fmt == "peft":
+        if getattr(model, "peft_config", None) is None:
+            raise ConfigError("only an adapter (a peft model) has the peft format; use "
+                              "merged, gguf or onnx")
+        model.save_pretrained(out)
+    else:
+        from edgezo.export_weights import plain_model
+
+        plain_model(model).save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return out
 
 
@@ -95,15 +212,3 @@ def _export_seedlog(run_dir: Path, out: Path) -> Path:
     shutil.copy2(run_dir / RUN_FILE, out / RUN_FILE)
     (out / SEED_LOG).write_text("".join(json.dumps(e) + "\n" for e in entries))
     return out
-
-
-def _merge_lora(model_dir: Path, report: dict, out: Path) -> None:
-    import peft
-
-    from edgezo.models.loading import load_weights, parse_dtype, resolve_model
-
-    dtype = parse_dtype(report.get("hyperparameters", {}).get("dtype", "fp32"))
-    resolved = resolve_model(report.get("model"), dtype)
-    base = load_weights(resolved, dtype, "cpu")
-    merged = peft.PeftModel.from_pretrained(base, model_dir).merge_and_unload()
-    merged.save_pretrained(out)

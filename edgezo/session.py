@@ -294,21 +294,39 @@ class Session:
             "splits": self.task.split_info if self.task is not None else None,
         }
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write the fine-tuned model (safetensors; a peft adapter folder for the lora,
-        prefix and prompt schemes), its tokenizer and report.json."""
+    def save(self, directory: str | os.PathLike, format: str | None = None, *,
+             gguf_type: str | None = None) -> Path:
+        """Write the fine-tuned model where its runtime reads it.
+
+        No `format`: a run folder (safetensors, or a peft adapter folder for the lora,
+        prefix and prompt schemes; the tokenizer; report.json) that `edgezo export` and
+        `Session.resume`-style tools read. `format` gguf, onnx, merged or peft: that
+        format only (edgezo.export.export_model), e.g. `save("out", "gguf")` for
+        llama.cpp, in the base GGUF's own types unless `gguf_type` names one. Returns the
+        folder, or the file written for gguf and onnx."""
         out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
         self.engine.flush()
-        self.engine.perturbation.remove()  # save the plain HF module
+        self.engine.perturbation.remove()  # write the plain HF module
         try:
             with self.streamer.materialized() if self.streamer else contextlib.nullcontext():
+                if format is not None:
+                    return self._export(out, format, gguf_type)
+                if gguf_type is not None:
+                    raise ConfigError("gguf_type applies to format='gguf'")
+                out.mkdir(parents=True, exist_ok=True)
                 self._model.save_pretrained(out)
         finally:
             self.engine.perturbation.install()
         self.tokenizer.save_pretrained(out)
         (out / "report.json").write_text(json.dumps(self.report(), indent=2))
         return out
+
+    def _export(self, out: Path, fmt: str, gguf_type: str | None) -> Path:
+        from edgezo.export import base_gguf, export_model
+
+        base = base_gguf(self.config.model.model) if fmt == "gguf" else None
+        return export_model(self._model, self.tokenizer, fmt, out, gguf_type=gguf_type,
+                            base_gguf=base)
 
     def close(self) -> None:
         self.engine.close()

@@ -18,7 +18,7 @@ def invoke(*args):
     (["finetune", "--task", "imdb"], "unknown task 'imdb'; valid tasks: <file>.jsonl"),
     (["finetune", "--model", "./no/such/folder"], "is not a model folder"),
     (["finetune", "--model", "missing.gguf"], "GGUF file missing.gguf does not exist"),
-    (["finetune", "--optimizer", "adamw"], "forward-grad-mmt, zo-adam, zo-sgd"),
+    (["finetune", "--optimizer", "adamw"], "hizoo-l, zo-adam, zo-sgd"),
     (["finetune", "--scheme", "adapter"], "valid schemes: full, head"),
     (["eval", "--split", "dev"], "valid splits: train, validation, test"),
 ])
@@ -81,8 +81,8 @@ def test_lora_finetune_then_export_both_formats(tiny_folder, data_dir, tmp_path)
         assert exported.exit_code == 0, exported.output
     assert (tmp_path / "peft" / "adapter_config.json").is_file()
     assert (tmp_path / "merged" / "config.json").is_file()
-    bad = invoke("export", str(run), "--format", "onnx", "--output", str(tmp_path / "x"))
-    assert bad.exit_code == 2 and "valid formats: merged, peft" in bad.output
+    bad = invoke("export", str(run), "--format", "tflite", "--output", str(tmp_path / "x"))
+    assert bad.exit_code == 2 and "valid formats: gguf, merged, onnx, peft" in bad.output
 
 
 def test_report_writes_markdown_json_and_a_plot(tiny_folder, data_dir, tmp_path):

@@ -135,8 +135,8 @@ def test_export_errors(tiny_folder, data_dir, tmp_path):
         sess.close()
     with pytest.raises(ConfigError, match="has no adapter; use --format merged"):
         export_run(tmp_path / "full", "peft", tmp_path / "x")
-    with pytest.raises(ConfigError, match="valid formats: merged, peft"):
-        export_run(tmp_path / "full", "gguf", tmp_path / "x")
+    with pytest.raises(ConfigError, match="valid formats: gguf, merged, onnx, peft"):
+        export_run(tmp_path / "full", "tflite", tmp_path / "x")
     assert json.loads((tmp_path / "full" / "report.json").read_text())["scheme"] == "full"
 
 
