@@ -178,6 +178,9 @@ import os, signal, sys
 from edgezo.session import Session
 from edgezo.cli.main import main
 at, sig = int(os.environ["KILL_AT"]), getattr(signal, os.environ["KILL_SIG"])
+# a shell's background job starts with SIGINT ignored, and Python then keeps it ignored:
+# give the run the handler a terminal's Ctrl-C meets
+signal.signal(signal.SIGINT, signal.default_int_handler)
 original = Session.step
 def step(self, *a, **k):
     if self.engine.step_index == at:

@@ -32,8 +32,8 @@ from edgezo.config import DEFAULT_EPS, EstimatorOptions
 from edgezo.config_defaults import resolve_estimator
 from edgezo.config_rules import estimator_problems
 from edgezo.errors import ConfigError
-from edgezo.zo import gradients, noise
-from edgezo.zo.batch import batch_rows, double
+from edgezo.zo import gradients, noise, state
+from edgezo.zo.batch import batch_rows, double, global_means
 from edgezo.zo.blocks import BlockMap, build_block_map, estimation_groups, resolve_fo_blocks
 from edgezo.zo.direction import STRUCTURED, Direction
 from edgezo.zo.gradients import LossFn
@@ -174,24 +174,10 @@ class ZOEngine:
         return self._global_means(self.loss_fn(self.model, batch), 1)[0]
 
     def _global_means(self, per_example: torch.Tensor, parts: int) -> list[float]:
-        """Means of the `parts` equal slices of the per-example losses, over every rank.
-
-        Data-parallel: each rank holds a contiguous shard of the examples, so gathering
-        the per-example values in rank order rebuilds the single-process vector exactly,
-        and its mean is the single-process mean bit for bit. One collective per query:
-        parts x examples x 4 bytes (fp32 losses) from each rank.
-        """
-        values = per_example.detach()
-        if self.world > 1:
-            import torch.distributed as dist
-
-            gathered = [torch.empty_like(values) for _ in range(self.world)]
-            dist.all_gather(gathered, values.contiguous())
-            self.bytes_communicated += values.numel() * values.element_size() * self.world
-            n = values.numel() // parts
-            values = torch.cat([torch.cat([g[k * n:(k + 1) * n] for g in gathered])
-                                for k in range(parts)])
-        return [v.mean().item() for v in values.chunk(parts)]
+        """Means of the `parts` equal slices of the per-example losses, over every rank."""
+        means, sent = global_means(per_example.detach(), parts, self.world)
+        self.bytes_communicated += sent
+        return means
 
     def loss(self, batch: dict) -> float:
         """L(θ) at the current weights (applies any pending update first)."""
@@ -386,25 +372,11 @@ class ZOEngine:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The optimizer state and sparsity masks, by name (for a snapshot)."""
         self.flush()
-        out = {}
-        for key, tensors in getattr(self.optimizer.rule, "state", {}).items():
-            for i, t in enumerate(tensors):
-                out[f"rule.{key}.{i}"] = t
-        if self.masks is not None and self.masks.epoch is not None:
-            for i, m in enumerate(self.masks.masks):
-                out[f"mask.{i}"] = m.to(torch.uint8)
-        return out
+        return state.tensors(self.optimizer.rule, self.masks)
 
-    @torch.no_grad()
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], step: int,
                            mask_epoch: int | None) -> None:
-        for key, stored in getattr(self.optimizer.rule, "state", {}).items():
-            for i, t in enumerate(stored):
-                t.copy_(tensors[f"rule.{key}.{i}"])
-        if self.masks is not None and mask_epoch is not None:
-            for i, m in enumerate(self.masks.masks):
-                m.copy_(tensors[f"mask.{i}"].bool())
-            self.masks.epoch = mask_epoch
+        state.load(self.optimizer.rule, self.masks, tensors, mask_epoch)
         self.step_index = step
 
     def flush(self) -> None:
