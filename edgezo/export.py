@@ -116,7 +116,7 @@ def _export_runtime(run_dir: Path, report: dict, fmt: str, out: Path,
     _refuse_prompt_learning(report.get("scheme", "full"),
                             "--format peft (or train with --scheme lora)")
     model, tokenizer, report = load_run(run_dir)
-    base = base_gguf(report.get("model") or "smollm2") if fmt == "gguf" else None
+    base = base_gguf(report.get("model")) if fmt == "gguf" else None
     return export_model(model, tokenizer, fmt, out, gguf_type=gguf_type, base_gguf=base)
 
 
@@ -139,11 +139,13 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, PreTrainedTokenizerBase, d
     return peft.PeftModel.from_pretrained(base, model_dir).eval(), tokenizer, report
 
 
-def base_gguf(spec: str) -> Path | None:
-    """The GGUF file the run's base came from, if it did (and is still there)."""
+def base_gguf(spec: str | None) -> Path | None:
+    """The GGUF file the run's base came from, if it did (and is still there); None as
+    `spec` is the default model, as everywhere a model is named."""
     from edgezo.errors import EdgezoError
-    from edgezo.models.loading import locate_model
+    from edgezo.models.loading import DEFAULT_MODEL, locate_model
 
+    spec = spec or DEFAULT_MODEL
     try:
         path, kind = locate_model(spec)
     except EdgezoError as err:

@@ -212,20 +212,25 @@ def write_gguf(state: dict[str, torch.Tensor], config: PretrainedConfig,
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")  # renamed once whole
     writer = gguf.GGUFWriter(str(partial), gguf.MODEL_ARCH_NAMES[family.arch])
-    if reader is not None:
-        copy_base_metadata(writer, reader, config)
-    else:
-        add_config_metadata(writer, config, name or path.stem)
-        add_tokenizer(writer, tokenizer, config, family.pre)
-    writer.add_file_type(file_type)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for p in planned:
-        _add_info(writer, p)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for p in planned:  # one tensor converted at a time
-        writer.write_tensor_data(_encode(_array(p), p.qtype))
+    try:
+        if reader is not None:
+            copy_base_metadata(writer, reader, config)
+        else:
+            add_config_metadata(writer, config, name or path.stem)
+            add_tokenizer(writer, tokenizer, config, family.pre)
+        writer.add_file_type(file_type)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for p in planned:
+            _add_info(writer, p)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for p in planned:  # one tensor converted at a time
+            writer.write_tensor_data(_encode(_array(p), p.qtype))
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)  # no half-written file left behind
+        raise
     writer.close()
     os.replace(partial, path)
     return path

@@ -136,6 +136,11 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase,
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
         writer.add_tokenizer_model(vocab.tokenizer_model)
+        if pre == "default":  # llama.cpp picks its split regex by this name, not the json
+            print("note: tokenizer.ggml.pre is 'default': llama.cpp may split text into "
+                  "tokens otherwise than the HF tokenizer (transformers' GGUF reader does "
+                  "not); export from the GGUF base, which carries its own, or compare with "
+                  "llama-tokenize", file=sys.stderr)
         writer.add_tokenizer_pre(pre)
         writer.add_token_list(tokens)
         writer.add_token_types(types)

@@ -45,14 +45,17 @@ def _refuse_quantized(model: nn.Module) -> None:
 
 
 def _merged_lora(layer: nn.Module) -> dict[str, torch.Tensor]:
-    """A LoRA layer's weight and bias as one plain layer would hold them."""
+    """A LoRA layer's weight and bias as one plain layer would hold them, merged in fp32:
+    a ZO update's B·A is often below a bf16 weight's rounding step, and the live model
+    adds it as a separate output, so merging in bf16 would drop part of what trained
+    (callers that want the base's dtype cast after)."""
     base = layer.get_base_layer()
     weight = base.weight.detach()
     if not getattr(layer, "merged", False):  # a merged layer's base already holds B·A
         for name in layer.active_adapters:
             if name in getattr(layer, "lora_A", {}) or name in getattr(layer,
                                                                        "lora_embedding_A", {}):
-                weight = weight + layer.get_delta_weight(name).to(weight.dtype)
+                weight = weight.float() + layer.get_delta_weight(name).float()
     out = {"weight": weight}
     if getattr(base, "bias", None) is not None:
         out["bias"] = base.bias.detach()
@@ -85,13 +88,15 @@ def _moved(state: dict[str, torch.Tensor], dtype: torch.dtype | None,
            device: torch.device | str | None) -> dict[str, torch.Tensor]:
     """The state in `dtype` (floating tensors) on `device`; a tensor already there is not
     copied, and tied tensors stay one tensor."""
-    done: dict[int, torch.Tensor] = {}
+    done: dict[tuple, torch.Tensor] = {}
     out = {}
     for key, value in state.items():
-        if id(value) not in done:
+        # tied tensors are distinct detach() views of one storage: one cast for them all
+        same = (value.untyped_storage().data_ptr(), value.storage_offset(), value.shape)
+        if same not in done:
             kind = dtype if dtype is not None and value.is_floating_point() else value.dtype
-            done[id(value)] = value.to(device=device or value.device, dtype=kind)
-        out[key] = done[id(value)]
+            done[same] = value.to(device=device or value.device, dtype=kind)
+        out[key] = done[same]
     return out
 
 
@@ -104,6 +109,7 @@ def plain_model(model: nn.Module, dtype: torch.dtype | None = None,
     base, state = trained_state(model)
     with torch.device("meta"):  # its own config: an export's settings stay out of the model
         fresh = type(base)._from_config(copy.deepcopy(base.config))
+    dtype = dtype or base.dtype  # LoRA layers come merged in fp32: back to the model's
     fresh.load_state_dict(_moved(state, dtype, device), strict=False, assign=True)
     buffers = dict(base.named_buffers())  # non-persistent ones (rotary inv_freq) too
     for name, buffer in fresh.named_buffers():

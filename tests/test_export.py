@@ -207,6 +207,26 @@ def test_session_saves_gguf_and_keeps_training(tiny_folder, data_dir, tmp_path):
         a.close(), b.close()
 
 
+def test_lora_merges_in_fp32_so_a_small_update_survives_a_bf16_base():
+    """B·A below a bf16 weight's rounding step still reaches an f32/f16 GGUF or ONNX: the
+    merge is done in fp32 (bf16 + a 1e-4 delta would round back to the bf16 weight)."""
+    model = tiny_model("llama", seed=3).to(torch.bfloat16)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                      init_lora_weights=False))
+    layer = lora.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_A["default"].weight.fill_(1e-2)
+        layer.lora_B["default"].weight.fill_(1e-2)
+    delta = layer.get_delta_weight("default").float()
+    _, state = trained_state(lora)
+    merged = state["model.layers.0.self_attn.q_proj.weight"]
+    base = layer.get_base_layer().weight.float()
+    assert merged.dtype == torch.float32
+    torch.testing.assert_close(merged, base + delta, atol=0, rtol=0)
+    assert not torch.equal((base + delta).bfloat16().float(), base + delta)  # bf16 loses it
+    assert plain_model(lora).model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
 def test_exporting_a_lora_model_leaves_it_untouched(runs, tiny_folder, tmp_path):
     """export_model merges LoRA into copies (a Session keeps training the model after), and
     its merged and peft folders load back to the same logits."""
@@ -369,3 +389,12 @@ def test_smollm2_export_is_the_base_file_except_where_trained(tmp_path):
                                     gguf.GGMLQuantizationType.Q4_1) for t in (mine, theirs)]
     rows = np.flatnonzero(np.abs(moved[0] - moved[1]).max(1) > 0.1)
     assert rows.tolist() == [10]  # rotary dim 5 of head 0 sits at row 2*5 in llama.cpp's order
+
+
+@pytest.mark.real_model
+def test_the_default_model_names_its_base_gguf():
+    """Session.save(dir, "gguf") of the default model (model=None) finds SmolLM2's file."""
+    from edgezo.export import base_gguf
+    from edgezo.models.loading import default_gguf
+
+    assert base_gguf(None) == base_gguf("smollm2") == default_gguf()
