@@ -31,6 +31,7 @@ from edgezo.config_defaults import (
     DEFAULT_EPS,
     DEFAULT_KEEP,
     DEFAULT_LR,
+    default_lr,
     resolve_estimator,
 )
 from edgezo.config_values import (
@@ -123,7 +124,8 @@ class OptimizerOptions:
     optimizer: str = option("zo-sgd", "zo-sgd, zo-sgd-sign, zo-sgd-mmt, zo-sgd-cons, "
                             "zo-adam, forward-grad[-mmt|-adam], fo-sgd, fo-adam (`edgezo "
                             "optimizers` describes them)")
-    lr: float | None = option(None, f"Learning rate (default {DEFAULT_LR:g})", min=0)
+    lr: float | None = option(None, "Peak learning rate (default: the one measured best for the "
+                              f"optimizer and scheme, else {DEFAULT_LR:g}; see README)", min=0)
     weight_decay: float = option(0.0, "Weight decay (L2)", min=0)
     momentum: float | None = option(None, "Momentum beta (zo-sgd-mmt, forward-grad-mmt; "
                                     "default 0.9)", min=0, below=1)
@@ -363,7 +365,8 @@ class RunConfig:
         config leaves it open): what it records, so a resume is the same run."""
         out = self.override()
         out.model.dtype = self.model.dtype or dtype
-        out.optimizer.lr = DEFAULT_LR if self.optimizer.lr is None else self.optimizer.lr
+        if self.optimizer.lr is None:
+            out.optimizer.lr = default_lr(self.optimizer.optimizer, self.scheme.scheme)
         out.estimator = resolve_estimator(self.estimator, self.optimizer.optimizer,
                                           out.model.dtype)
         if self.optimizer.schedule != "constant" and self.optimizer.total_steps is None:

@@ -11,7 +11,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from edgezo.config import EstimatorOptions
 
-DEFAULT_LR = 1e-5
+DEFAULT_LR = 1e-5  # where nothing was measured for the method and scheme
+# (optimizer, scheme) -> the learning rate that measured best on SmolLM2-135M SST-2 here,
+# batch 16, selected on validation (BENCHMARKS.md, "Time to accuracy"). ZO-SGD full:
+# 3e-5 rose to 0.75 validation by step 750, 1e-4 diverged within 150 steps, 1e-5 moves
+# too little in 1000 steps.
+MEASURED_LR = {("zo-sgd", "full"): 3e-5, ("fo-adam", "full"): 1e-5}
 DEFAULT_EPS = 1e-3  # fp32 compute; half precision needs a larger one (default_eps)
 HALF_EPS = 1e-2
 DEFAULT_RANK = {"lowrank": 2, "subspace": 8}
@@ -20,6 +25,12 @@ DEFAULT_HESSIAN_SMOOTHING = 1e-6
 DEFAULT_CHECKPOINT_EVERY = 100
 DEFAULT_KEEP = 3
 STRUCTURED = ("lowrank", "subspace")  # directions built from per-matrix bases
+
+
+def default_lr(optimizer: str, scheme: str) -> float:
+    """The learning rate a run takes when --lr is not given: the one measured best for
+    its optimizer and scheme where one was, else DEFAULT_LR."""
+    return MEASURED_LR.get((optimizer, scheme), DEFAULT_LR)
 
 
 def resolve_estimator(est: EstimatorOptions, optimizer: str, dtype: str | None = None

@@ -301,3 +301,18 @@ def test_fp32_gives_way_to_the_profiles_dtype_when_only_that_fits(tiny_folder, t
             s.dtype_reason
     finally:
         s.close()
+
+
+def test_an_open_lr_takes_the_one_measured_for_the_method_and_scheme():
+    from edgezo.config_defaults import DEFAULT_LR, MEASURED_LR
+
+    def lr(**kw):
+        return RunConfig.from_flat(**kw).validate().resolved("fp32").optimizer.lr
+
+    assert lr() == MEASURED_LR["zo-sgd", "full"] == 3e-5  # the main job's default
+    assert lr(optimizer="fo-adam") == 1e-5
+    assert lr(scheme="lora") == DEFAULT_LR  # nothing measured there: the fallback
+    assert lr(lr=0.5) == 0.5  # asked for: kept
+    # recorded resolved, so a resume is the same run whatever the defaults become
+    assert RunConfig.from_dict(RunConfig.from_flat().resolved("fp32").to_dict()) \
+        .optimizer.lr == 3e-5
