@@ -14,8 +14,8 @@ if TYPE_CHECKING:
 DEFAULT_LR = 1e-5  # where nothing was measured for the method and scheme
 # (optimizer, scheme) -> the learning rate that measured best on SmolLM2-135M SST-2 here,
 # batch 16, selected on validation (BENCHMARKS.md, "Time to accuracy"). ZO-SGD full:
-# 3e-5 rose to 0.75 validation by step 750, 1e-4 diverged within 150 steps, 1e-5 moves
-# too little in 1000 steps.
+# 3e-5 rose to 0.75 validation by step 750 and 1e-4 diverged within 150 steps (1e-5, the
+# old default for everything, was never measured).
 MEASURED_LR = {("zo-sgd", "full"): 3e-5, ("fo-adam", "full"): 1e-5}
 DEFAULT_EPS = 1e-3  # fp32 compute; half precision needs a larger one (default_eps)
 HALF_EPS = 1e-2

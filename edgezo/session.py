@@ -299,8 +299,8 @@ class Session:
         """Write the fine-tuned model where its runtime reads it.
 
         No `format`: a run folder (safetensors, or a peft adapter folder for the lora,
-        prefix and prompt schemes; the tokenizer; report.json) that `edgezo export` and
-        `Session.resume`-style tools read. `format` gguf, onnx, merged or peft: that
+        prefix and prompt schemes; the tokenizer; report.json), which `edgezo export`
+        reads. `format` gguf, onnx, merged or peft: that
         format only (edgezo.export.export_model), e.g. `save("out", "gguf")` for
         llama.cpp, in the base GGUF's own types unless `gguf_type` names one. Returns the
         folder, or the file written for gguf and onnx."""
