@@ -243,17 +243,16 @@ def replay(
 @app.command("optimizers")
 def optimizers_list() -> None:
     """The optimizers, their gradient source and their state memory."""
-    from edgezo.zo.optimizers import OPTIMIZERS
+    from edgezo.zo.optimizers import OPTIMIZERS, forwards_per_step
 
-    table = Table("name", "gradient", "state bytes/param", "forwards/step", "update")
+    table = Table("name", "gradient", "state bytes/param", "forwards/step (pair)",
+                  "update")
     for name, m in OPTIMIZERS.items():
         state = ("4 per matrix row" if m.rule.state_bytes([(2, 2)]) == 8
                  else str(m.rule.state_bytes_per_param))
-        forwards = ("1 + backward" if m.estimator == "fo" else "1 (jvp)"
-                    if m.estimator == "forward-grad" else
-                    f"{m.q + 1} (q one-sided + L(θ))" if m.estimate == "one-sided" else
-                    "2 (L(θ), pair)" if m.curvature else "3 (pair, L(θ), trial pair)"
-                    if m.conservative else "1 (pair)")
+        n = forwards_per_step(m, q=m.q, one_sided=m.estimate == "one-sided", pair=True)
+        forwards = (f"{n} + backward" if m.estimator == "fo" else f"{n} (jvp)"
+                    if m.estimator == "forward-grad" else f"{n}")
         table.add_row(name, m.estimator, state, forwards, m.description)
     Console().print(table)
 

@@ -447,3 +447,20 @@ def test_stochastic_rounding_keeps_the_mean_of_many_tiny_updates(name):
              if name == "zo-sgd-mmt" else [lr / (1 + 1e-8)] * steps)
     expected = 1.0 - sum(moves)
     assert abs(p.float().mean().item() - expected) < 0.02 * sum(moves), name
+
+
+def test_forwards_per_step_counts_each_methods_passes():
+    """One rule for the engine's report and `edgezo optimizers`."""
+    from edgezo.zo.optimizers import OPTIMIZERS, forwards_per_step
+
+    def n(name, **kw):
+        m = OPTIMIZERS[name]
+        return forwards_per_step(m, **{"q": m.q, "one_sided": m.estimate == "one-sided",
+                                       "pair": True, **kw})
+
+    assert n("zo-sgd") == 1 and n("zo-sgd", pair=False) == 2
+    assert n("zo-sgd", q=3, groups=2) == 6  # block-wise: every group its own queries
+    assert n("fzoo") == 9  # 8 one-sided queries + L(θ)
+    assert n("hizoo") == 2  # the pair + L(θ) for the curvature
+    assert n("zo-sgd-cons") == 3 and n("zo-sgd-cons", pair=False) == 5
+    assert n("zo-sgd", fo=True) == 2 and n("hizoo", fo=True) == 2  # FO forward is L(θ)

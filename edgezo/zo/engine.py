@@ -37,7 +37,7 @@ from edgezo.zo.batch import batch_rows, double, global_means
 from edgezo.zo.blocks import BlockMap, build_block_map, estimation_groups, resolve_fo_blocks
 from edgezo.zo.direction import STRUCTURED, Direction
 from edgezo.zo.gradients import LossFn
-from edgezo.zo.optimizers import Optimizer
+from edgezo.zo.optimizers import Optimizer, forwards_per_step
 from edgezo.zo.perturb import PendingUpdate, Perturbation
 from edgezo.zo.result import StepResult
 from edgezo.zo.sparsity import SparseMasks
@@ -153,20 +153,11 @@ class ZOEngine:
     @property
     def forward_passes_per_step(self) -> int:
         """Forward passes one step makes (each over the batch, or the doubled batch)."""
-        kind = self.optimizer.estimator
-        fo = 1 if self.fo_indices else 0
-        if kind == "fo":
-            return fo
-        per_query = 1 if (self.pair or self.one_sided or kind == "forward-grad") else 2
-        per_group = self.q * per_query
-        if kind == "zo" and (self.one_sided or self.optimizer.conservative
-                             or self.optimizer.method.curvature):
-            per_group += 1  # L(θ)
-        if self.optimizer.conservative:
-            per_group += 1 if self.pair else 2  # L(θ ± η·d)
-        shared = 1 if fo and (self.one_sided or self.optimizer.conservative
-                              or self.optimizer.method.curvature) else 0
-        return len(self.groups) * per_group + fo - shared
+        if self.optimizer.estimator == "fo":
+            return 1 if self.fo_indices else 0
+        return forwards_per_step(self.optimizer.method, q=self.q, one_sided=self.one_sided,
+                                 pair=self.pair, groups=len(self.groups),
+                                 fo=bool(self.fo_indices))
 
     # -- the loss at one point ------------------------------------------------------------
     def _mean(self, batch: dict) -> float:

@@ -294,6 +294,24 @@ class Method:
     directions: str = "gaussian"
 
 
+def forwards_per_step(method: Method, *, q: int, one_sided: bool, pair: bool,
+                      groups: int = 1, fo: bool = False) -> int:
+    """Forward passes one step makes (each over the batch, or the doubled batch in pair
+    mode): the engine reports it, `edgezo optimizers` lists it; one rule for both."""
+    kind = method.estimator
+    if kind == "fo":
+        return 1
+    per_query = 1 if (pair or one_sided or kind == "forward-grad") else 2
+    per_group = q * per_query
+    needs_base = one_sided or method.conservative or method.curvature
+    if kind == "zo" and needs_base:
+        per_group += 1  # L(θ)
+    if method.conservative:
+        per_group += 1 if pair else 2  # L(θ ± η·d)
+    shared = 1 if fo and needs_base else 0  # the FO pass's forward is that L(θ)
+    return groups * per_group + (1 if fo else 0) - shared
+
+
 OPTIMIZERS: dict[str, Method] = {
     "zo-sgd": Method("zo", SGD, "ZO-SGD (MeZO): θ ← θ − η·g·z"),
     "zo-sgd-sign": Method("zo", Sign, "ZO-SGD-Sign: θ ← θ − η·sign(g·z)"),
