@@ -201,7 +201,8 @@ def load(config: RunConfig, resolved: ResolvedModel, decision: Decision,
     monitor = MemoryMonitor(device)  # the baseline: everything but the weights
     load_device = torch.device("cpu") if decision.streamed else device
     with monitor.phase("load"):
-        model = apply_scheme(load_weights(resolved, dtype, load_device, config.model.quantize),
+        model = apply_scheme(load_weights(resolved, dtype, load_device, config.model.quantize,
+                                          train_scales=config.scheme.scheme == "scales"),
                              config.scheme, seed=config.runtime.seed)
         release_freed_memory()
     return monitor, model

@@ -31,6 +31,7 @@ from edgezo.config_defaults import (
     DEFAULT_EPS,
     DEFAULT_KEEP,
     DEFAULT_LR,
+    DEFAULT_SCALES_G_CLIP,
     default_lr,
     resolve_estimator,
 )
@@ -45,8 +46,9 @@ from edgezo.errors import ConfigError
 
 # -- the choices of every enumerated option (the modules that use them import these) ----
 DTYPES = ("fp32", "bf16", "fp16")
-QUANTIZATIONS = ("nf4", "int8")
-SCHEMES = ("full", "lora", "prefix", "prompt", "head")
+# bitsandbytes' nf4 and int8, then optimum-quanto's (see edgezo.models.quantized)
+QUANTIZATIONS = ("nf4", "int8", "quanto-int8", "quanto-int4", "quanto-int2")
+SCHEMES = ("full", "lora", "prefix", "prompt", "head", "scales")
 PEFT_SCHEMES = ("lora", "prefix", "prompt")
 TEMPLATES = ("aligned", "empty")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -86,7 +88,9 @@ class ModelOptions:
                                "float16, float32; default: the profile's, or fp32 on a CPU "
                                "without native bf16/fp16 math when it fits)", choices=DTYPES)
     quantize: str | None = option(None, "Quantize the base on load: nf4 or int8 "
-                                  "(bitsandbytes; with lora, prefix, prompt or head)",
+                                  "(bitsandbytes), quanto-int8, quanto-int4 or quanto-int2 "
+                                  "(optimum-quanto); train it with lora, prefix, prompt, "
+                                  "head or scales",
                                   choices=QUANTIZATIONS, kind="quantization")
     trust_remote_code: bool = option(False, "Run Python code shipped with the model (its "
                                      "own modeling files); off unless you trust the source")
@@ -109,8 +113,9 @@ class DataOptions:
 
 @dataclass
 class SchemeOptions:
-    scheme: str = option("full", "Which parameters train: full, lora, prefix, prompt or head",
-                         choices=SCHEMES)
+    scheme: str = option("full", "Which parameters train: full, lora, prefix, prompt, head, "
+                         "or scales (QZO: the quantized base's per-group scales; needs "
+                         "--quantize nf4 or quanto-*)", choices=SCHEMES)
     lora_r: int = option(8, "LoRA rank (--scheme lora)", min=1)
     lora_alpha: float = option(16.0, "LoRA alpha (--scheme lora)", above=0)
     lora_targets: list[str] = option(None, "LoRA target modules, comma-separated (default: "
@@ -161,6 +166,9 @@ class EstimatorOptions:
     hessian_smoothing: float | None = option(None, "hizoo, hizoo-l: weight α of each step's "
                                              "curvature in the Hessian's moving average "
                                              "(default 1e-6)", min=0, max=1)
+    g_clip: float | None = option(None, "Clip each ZO estimate g to [-C, C] (QZO's "
+                                  "directional-derivative clipping; default 100 with "
+                                  "--scheme scales, else off)", above=0)
     noise: str = option("table", "Where z's values come from: table (slices of a shared "
                         "8 MiB table of N(0,1) values at seeded offsets: memory speed, the "
                         "same on every device) or generator (torch's, drawn per chunk: "
@@ -369,6 +377,8 @@ class RunConfig:
             out.optimizer.lr = default_lr(self.optimizer.optimizer, self.scheme.scheme)
         out.estimator = resolve_estimator(self.estimator, self.optimizer.optimizer,
                                           out.model.dtype)
+        if self.scheme.scheme == "scales" and out.estimator.g_clip is None:
+            out.estimator.g_clip = DEFAULT_SCALES_G_CLIP
         if self.optimizer.schedule != "constant" and self.optimizer.total_steps is None:
             out.optimizer.total_steps = self.train.steps
         return out

@@ -22,6 +22,8 @@ HALF_EPS = 1e-2
 DEFAULT_RANK = {"lowrank": 2, "subspace": 8}
 DEFAULT_BASIS_EVERY = {"lowrank": 50, "subspace": 1000}
 DEFAULT_HESSIAN_SMOOTHING = 1e-6
+# QZO's clipping of g for --scheme scales (see BENCHMARKS.md, "Quantized fine-tuning")
+DEFAULT_SCALES_G_CLIP = 100.0
 DEFAULT_CHECKPOINT_EVERY = 100
 DEFAULT_KEEP = 3
 STRUCTURED = ("lowrank", "subspace")  # directions built from per-matrix bases

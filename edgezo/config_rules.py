@@ -44,9 +44,25 @@ def _scheme_problems(cfg: RunConfig) -> list[str]:
         if owner != scheme and cfg.get(option) != getattr(defaults, option):
             out.append(f"{option} applies to the {owner} scheme, not {scheme}; drop it or "
                        f"use --scheme {owner}")
-    if cfg.model.quantize is not None and scheme == "full":
-        out.append(f"{cfg.model.quantize} weights cannot take ZO updates; train adapters on "
-                   "the quantized base with --scheme lora (or prefix, prompt, head)")
+    quantize = cfg.model.quantize
+    if quantize is not None and scheme == "full":
+        out.append(f"{quantize} weights cannot take ZO updates; train adapters on the "
+                   "quantized base with --scheme lora (or prefix, prompt, head), or its "
+                   "scales with --scheme scales")
+    if scheme == "scales":
+        from edgezo.models.quantized import SCALE_BACKENDS
+
+        if quantize not in SCALE_BACKENDS:
+            out.append("--scheme scales trains the per-group scales of a quantized base: add "
+                       f"--quantize {' or '.join(SCALE_BACKENDS)}"
+                       + (" (LLM.int8 keeps no group scales)" if quantize == "int8" else ""))
+        if cfg.estimator_kind != "zo":
+            out.append(f"--scheme scales trains by ZO estimates; {cfg.optimizer.optimizer} "
+                       "would backpropagate through the quantized weights: pick a ZO "
+                       "optimizer")
+    if cfg.estimator.g_clip is not None and cfg.estimator_kind != "zo":
+        out.append(f"--g-clip clips ZO estimates; {cfg.optimizer.optimizer} makes none: "
+                   "drop it")
     return out
 
 

@@ -115,6 +115,11 @@ def _export_runtime(run_dir: Path, report: dict, fmt: str, out: Path,
     LoRA: merged as it is written) and, for GGUF, the base's own file when it was one."""
     _refuse_prompt_learning(report.get("scheme", "full"),
                             "--format peft (or train with --scheme lora)")
+    if report.get("scheme") == "scales":
+        raise ConfigError(f"a scales run is its quantized base with trained scales, kept in "
+                          f"{report.get('hyperparameters', {}).get('quantize')}'s own format; "
+                          f"{fmt} export reads dense weights: use --format merged (the "
+                          "quantized folder), or train with --qat int4 for a GGUF")
     model, tokenizer, report = load_run(run_dir)
     base = base_gguf(report.get("model")) if fmt == "gguf" else None
     return export_model(model, tokenizer, fmt, out, gguf_type=gguf_type, base_gguf=base)
@@ -127,6 +132,10 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, PreTrainedTokenizerBase, d
 
     model_dir, report = _locate(Path(run_dir))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if report.get("scheme") == "scales":
+        from edgezo.models.quantized import load_quantized
+
+        return load_quantized(model_dir), tokenizer, report
     if report.get("scheme", "full") not in PEFT_SCHEMES:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
         return model.eval(), tokenizer, report

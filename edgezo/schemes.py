@@ -7,7 +7,8 @@
   and values the model computes for 5 real tokens (MeZO's "real activations" init);
 - prompt: peft prompt tuning, 10 virtual tokens initialised from embeddings of randomly
   sampled vocabulary tokens;
-- head: the LM head only (with tied embeddings, the shared matrix).
+- head: the LM head only (with tied embeddings, the shared matrix);
+- scales: QZO, the per-group scales of a quantized base (edgezo.models.quantized).
 
 Blocks are found the same way for every scheme (`edgezo.zo.blocks`), so a scheme needs no
 per-architecture code: LoRA matrices live inside the layers, the prefix/prompt encoder
@@ -69,16 +70,24 @@ def _prepare_head(model: nn.Module) -> None:
     head._edgezo_head = True
 
 
-def apply_scheme(model: nn.Module, options: SchemeOptions | str, seed: int = 0) -> nn.Module:
+def apply_scheme(model: nn.Module, options: SchemeOptions | str, seed: int = 0,
+                 quantize: str | None = None) -> nn.Module:
     """Return the model to train (a peft model for adapter schemes), trainable set by the
     scheme (a name, or RunConfig's scheme section with its options); `seed` draws the
-    prompt's and prefix's initial tokens."""
+    prompt's and prefix's initial tokens; `quantize` sizes the scales of a meta model
+    the planner prices (a loaded model carries its own)."""
     if isinstance(options, str):
         options = SchemeOptions(scheme=options)
     scheme = options.scheme
     _prepare_head(model)
     if scheme == "full":
         return model
+    if scheme == "scales":
+        from edgezo.models import quantized
+
+        if _on_meta(model) and quantize is not None:
+            return quantized.add_scale_placeholders(model, quantize)
+        return quantized.train_scales(model)
     if scheme == "head":
         for p in model.parameters():
             p.requires_grad_(False)

@@ -277,6 +277,7 @@ class Session:
             "skipped_steps": sum(r.skipped for r in self.history),
             "zero_estimate_steps": sum(r.all_zero for r in self.history),
             "zero_estimates": sum(r.zero_estimates for r in self.history),
+            "clipped_estimates": sum(r.clipped for r in self.history),
             "queries": sum(len(r.projected_grads) for r in self.history),
             "eval_time_s": self.eval_seconds,
             "peak_memory_bytes": self.monitor.run_peak_bytes,
@@ -314,7 +315,12 @@ class Session:
                 if gguf_type is not None:
                     raise ConfigError("gguf_type applies to format='gguf'")
                 out.mkdir(parents=True, exist_ok=True)
-                self._model.save_pretrained(out)
+                if self.config.scheme.scheme == "scales":  # the quantized model itself
+                    from edgezo.models.quantized import save_quantized
+
+                    save_quantized(self._model, out)
+                else:
+                    self._model.save_pretrained(out)
         finally:
             self.engine.perturbation.install()
         self.tokenizer.save_pretrained(out)
@@ -324,6 +330,14 @@ class Session:
     def _export(self, out: Path, fmt: str, gguf_type: str | None) -> Path:
         from edgezo.export import base_gguf, export_model
 
+        if self.config.scheme.scheme == "scales":
+            if fmt != "merged":
+                raise ConfigError(f"a scales run is its quantized base with trained scales; "
+                                  f"{fmt} export reads dense weights: save it with "
+                                  "format='merged' (the quantized model)")
+            from edgezo.models.quantized import save_quantized
+
+            return save_quantized(self._model, out, self.tokenizer)
         base = base_gguf(self.config.model.model) if fmt == "gguf" else None
         return export_model(self._model, self.tokenizer, fmt, out, gguf_type=gguf_type,
                             base_gguf=base)

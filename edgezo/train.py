@@ -170,6 +170,8 @@ def _metrics_row(session: Session, r: StepResult) -> dict:
            "seeds": r.seeds, "lr": r.lr, "time_s": r.time_s,
            "forward_passes": r.forward_passes, "skipped": r.skipped,
            "zero_estimates": r.zero_estimates, "memory_bytes": session.monitor.current()}
+    if r.clipped:
+        row["clipped"] = r.clipped
     if r.move:
         row["move"] = r.move
     return row
@@ -361,6 +363,9 @@ def summary_table(report: dict) -> Table:
     if report.get("zero_estimates"):
         rows.append(("estimates exactly 0 (L+ = L-)",
                      f"{report['zero_estimates']} of {report['queries']} queries"))
+    if report.get("clipped_estimates"):
+        rows.append(("estimates clipped (--g-clip)",
+                     f"{report['clipped_estimates']} of {report['queries']} queries"))
     rows.append(("time in evaluations", f"{report['eval_time_s']:.0f} s of "
                  f"{report['wall_time_s']:.0f} s"))
     for k, v in rows:

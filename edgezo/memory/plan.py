@@ -36,6 +36,7 @@ import torch
 
 from edgezo.memory import terms
 from edgezo.memory.streaming import streaming_terms
+from edgezo.models.quantized import tensor_bytes
 from edgezo.profiles import Profile
 from edgezo.zo import noise
 from edgezo.zo.batch import Shape
@@ -97,7 +98,7 @@ class Plan:
 
 
 def _bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+    return tensor_bytes(t)  # a quanto weight by its codes and scales
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,9 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, spec: 
     # z, d, the fp32 copy of the weights, the rounding dither and the fp32 sum (4 bytes a
     # value each). The pool's threads and the calling thread all hold a set.
     components = {
-        "weights": sum(_bytes(p) for p in model.parameters())
+        # a zo_scale shares its quantized weight's scale storage (the scales scheme)
+        "weights": sum(_bytes(p) for n, p in model.named_parameters()
+                       if not n.endswith("zo_scale"))
         + sum(_bytes(b) for b in model.buffers()),
         "perturbation_scratch": _scratch_bytes(blocks, spec, rows),
         "noise_buffers": THREAD_BUFFERS * 4 * (spec.noise_threads + 1)

@@ -24,6 +24,7 @@ from edgezo.errors import ConfigError
 from edgezo.memory.plan import FOPart, Plan, StepSpec, StreamPart, plan_step
 from edgezo.memory.streaming import layer_bytes, stream_tier, streamed_layers
 from edgezo.models.loading import load_config, parse_dtype
+from edgezo.models.quantized import stored_bytes
 from edgezo.profiles import Profile, list_profiles, load_profile
 from edgezo.schemes import apply_scheme
 from edgezo.zo import noise
@@ -71,27 +72,25 @@ class Decision:
 
 
 def quantized_weight_bytes(model: nn.Module, quantize: str) -> int:
-    """Bytes of the weights once bitsandbytes has quantized the layers' linear maps.
-
-    NF4 with double quantization: 4 bits a weight, one 8-bit absmax per 64 weights and
-    one fp32 constant per 256 absmax blocks. int8: one byte a weight and one fp32 scale
-    per output row. Embeddings, norms and the LM head stay in the compute dtype.
-    """
+    """Bytes of the weights once the backend has quantized the layers' linear maps
+    (quantized.stored_bytes: codes, scales and shifts of each format). Embeddings, norms,
+    the LM head and adapters stay in the compute dtype. A `zo_scale` placeholder (the
+    scales scheme) is part of its weight's stored bytes, not counted again."""
     _, layers = find_layers(model)
     # the base model's linear maps; adapters added on top stay in the compute dtype
     quantized = {id(m.weight) for m in layers.modules()
                  if isinstance(m, nn.Linear) and not m.weight.requires_grad}
+    trained = "trained" if any(n.endswith("zo_scale") for n, _ in model.named_parameters()) \
+        else "frozen"
     total, seen = 0, set()
-    for p in model.parameters():
-        if id(p) in seen:
+    for name, p in model.named_parameters():
+        if id(p) in seen or name.endswith("zo_scale"):
             continue
         seen.add(id(p))
         if id(p) not in quantized:
             total += p.numel() * p.element_size()
-        elif quantize == "nf4":
-            total += p.numel() // 2 + p.numel() // 64 + 4 * (p.numel() // (64 * 256) + 1)
         else:
-            total += p.numel() + 4 * p.shape[0]
+            total += stored_bytes(p.shape, quantize, trained)
     return total + sum(b.numel() * b.element_size() for b in model.buffers())
 
 
@@ -104,7 +103,7 @@ def meta_model(config: RunConfig, model_config, dtype: str) -> Priced:
     from transformers import AutoModelForCausalLM
 
     scheme = config.scheme
-    key = (id(model_config), repr(scheme), dtype)
+    key = (id(model_config), repr(scheme), dtype, config.model.quantize)
     if key not in _META:
         if len(_META) > 16:
             _META.clear()
@@ -112,7 +111,7 @@ def meta_model(config: RunConfig, model_config, dtype: str) -> Priced:
             model = AutoModelForCausalLM.from_config(
                 model_config, dtype=parse_dtype(dtype),
                 trust_remote_code=config.model.trust_remote_code)
-            model = apply_scheme(model.eval(), scheme)
+            model = apply_scheme(model.eval(), scheme, quantize=config.model.quantize)
         _META[key] = (model, build_block_map(model), model_config)
     model, blocks, _ = _META[key]
     return Priced(model, blocks, config.model.quantize)

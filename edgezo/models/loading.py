@@ -230,34 +230,46 @@ def resolve_model(spec: str | None, dtype: torch.dtype,
     return ResolvedModel(folder, source, kind, tokenizer, model_class)
 
 
-def quantization_config(quantize: str, dtype: torch.dtype):
-    """bitsandbytes settings: NF4 (4-bit, double-quantized, computing in `dtype`) or
-    LLM.int8(). bitsandbytes >= 0.50 runs both on the CPU as well as on CUDA."""
+def quantization_config(quantize: str, dtype: torch.dtype, double_quant: bool = True):
+    """bitsandbytes settings: NF4 (4-bit, double-quantized unless the scales train,
+    computing in `dtype`) or LLM.int8(). bitsandbytes >= 0.50 runs both on the CPU as well
+    as on CUDA."""
     from transformers import BitsAndBytesConfig
 
     if quantize == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_use_double_quant=double_quant,
                                   bnb_4bit_compute_dtype=dtype)
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
 def load_weights(resolved: ResolvedModel, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", quantize: str | None = None
-                 ) -> torch.nn.Module:
-    """The model itself, in eval mode on `device` (quantized on load if asked)."""
+                 device: torch.device | str = "cpu", quantize: str | None = None,
+                 train_scales: bool = False) -> torch.nn.Module:
+    """The model itself, in eval mode on `device` (quantized on load if asked;
+    `train_scales`: keep NF4's absmax in fp32 for the scales scheme)."""
     device = torch.device(device)
     kwargs = {}
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise unknown_choice("quantization", quantize, QUANTIZATIONS)
+    if quantize is not None and quantize.startswith("quanto-"):
+        from edgezo.models.quantized import quantize_layers
+
+        model = load_weights(resolved, dtype, device)
+        try:
+            return quantize_layers(model, quantize)
+        except (ValueError, RuntimeError) as err:
+            raise ModelLoadError(f"optimum-quanto could not quantize {resolved.source} to "
+                                 f"{quantize}: {err}") from None
     if quantize is not None:
-        if quantize not in QUANTIZATIONS:
-            raise unknown_choice("quantization", quantize, QUANTIZATIONS)
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise ModelLoadError("--quantize needs bitsandbytes: pip install "
                                  "'bitsandbytes>=0.50'") from None
         warnings.filterwarnings("ignore", message="MatMul8bitLt")  # once per matmul
-        kwargs = {"quantization_config": quantization_config(quantize, dtype),
+        kwargs = {"quantization_config": quantization_config(quantize, dtype,
+                                                             double_quant=not train_scales),
                   "device_map": {"": str(device)}}
     if resolved.trust_remote_code:
         kwargs["trust_remote_code"] = True

@@ -68,6 +68,7 @@ class ZOEngine:
         self.q, self.one_sided, self.directions = est.q, est.estimate == "one-sided", \
             est.directions
         self.noise = est.noise
+        self.g_clip = est.g_clip
         self.rank = est.rank if self.directions in STRUCTURED else 0
         self.basis_every = est.basis_every or 1
         self.pair = pair and kind == "zo" and not self.one_sided
@@ -261,6 +262,9 @@ class ZOEngine:
         for i, s in enumerate(seeds):
             plus, minus, g = self._query(batch, self._direction((s,), (1.0,), group, t,
                                                                  perturb=True), base)
+            if self.g_clip is not None and abs(g) > self.g_clip:  # QZO's clipping
+                g = math.copysign(self.g_clip, g)
+                result.clipped += 1
             grads.append(g)
             if gi == 0 and i == 0:
                 result.loss_plus, result.loss_minus = plus, minus

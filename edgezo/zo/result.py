@@ -23,6 +23,7 @@ class StepResult:
     # zo-sgd-cons, per group: m of the move θ ← θ − m·η·d kept (1: the usual step,
     # 0: stay, −1: the opposite step)
     move: list[int] = field(default_factory=list)
+    clipped: int = 0  # queries whose g was clipped to ±g_clip (logged clipped)
     skipped: bool = False  # a non-finite loss: (part of) the update was not applied
     # per ZO group, what its update was: {"grads": [q scalars], "move": m or None,
     # "applied": bool} (the seed log's record; see ZOEngine.replay)
