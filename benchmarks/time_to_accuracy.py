@@ -39,6 +39,12 @@ METHODS: dict[str, dict] = {
     "zo-adam": {"optimizer": "zo-adam", "lr": 1e-5},
     "fo-adam": {"optimizer": "fo-adam", "lr": 1e-5},
     "fo-adam-lora": {"optimizer": "fo-adam", "scheme": "lora", "lr": 1e-3},
+    # quantized fine-tuning (BENCHMARKS.md, "Quantized fine-tuning")
+    "qzo-int4": {"optimizer": "zo-sgd", "scheme": "scales", "quantize": "quanto-int4",
+                 "lr": 3e-6},
+    "qzo-nf4": {"optimizer": "zo-sgd", "scheme": "scales", "quantize": "nf4", "lr": 3e-6},
+    "zo-lora-int4": {"optimizer": "zo-sgd", "scheme": "lora", "quantize": "quanto-int4",
+                     "lr": 1e-3},
 }
 
 

@@ -100,6 +100,8 @@ def build(config: RunConfig, objective: Callable | None = None) -> Parts:
         adam_eps=o.adam_eps, hessian_smoothing=config.estimator.hessian_smoothing),
         config.estimator, loss_fn=loss_fn, seed=config.runtime.seed, pair=decision.pair,
         blocks=blocks)
+    if config.scheme.qat is not None:
+        engine.enable_qat(config.scheme.qat, config.scheme.scheme)
     streamer = start_streaming(config, engine, plan, decision, device)
     return Parts(config, profile, device, task, resolved, encoder, shapes, monitor, model,
                  blocks, plan, engine, streamer, why)

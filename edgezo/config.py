@@ -49,6 +49,7 @@ DTYPES = ("fp32", "bf16", "fp16")
 # bitsandbytes' nf4 and int8, then optimum-quanto's (see edgezo.models.quantized)
 QUANTIZATIONS = ("nf4", "int8", "quanto-int8", "quanto-int4", "quanto-int2")
 SCHEMES = ("full", "lora", "prefix", "prompt", "head", "scales")
+QAT_FORMATS = ("int4", "int8")
 PEFT_SCHEMES = ("lora", "prefix", "prompt")
 TEMPLATES = ("aligned", "empty")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -122,6 +123,10 @@ class SchemeOptions:
                                      "the attention query/value projections)", factory=list)
     prefix_tokens: int = option(5, "Prefix length (--scheme prefix)", min=1)
     prompt_tokens: int = option(10, "Virtual tokens (--scheme prompt)", min=1)
+    qat: str | None = option(None, "Quantization-aware ZO (full or lora): forwards see the "
+                             "layers' weights as GGUF int4 (Q4_1) or int8 (Q8_0) blocks, "
+                             "updates go to an fp32 master; export with --gguf-type q4_1 "
+                             "(q8_0)", choices=QAT_FORMATS, kind="QAT format")
 
 
 @dataclass

@@ -60,6 +60,20 @@ def _scheme_problems(cfg: RunConfig) -> list[str]:
             out.append(f"--scheme scales trains by ZO estimates; {cfg.optimizer.optimizer} "
                        "would backpropagate through the quantized weights: pick a ZO "
                        "optimizer")
+    if cfg.scheme.qat is not None:
+        if scheme not in ("full", "lora"):
+            out.append(f"--qat trains full weights or LoRA for the quantized forward; "
+                       f"--scheme {scheme} has none to quantize: use full or lora")
+        if quantize is not None:
+            out.append("--qat keeps a higher-precision master and quantizes it in every "
+                       "forward; --quantize already fixed the base: drop one of them")
+        if not cfg.zo_only:
+            out.append(f"--qat applies ZO updates to its master; {cfg.optimizer.optimizer}"
+                       f"{' with --fo-blocks' if cfg.estimator.fo_blocks else ''} "
+                       "differentiates the loss: pick a ZO optimizer")
+        if cfg.streams:
+            out.append("--qat keeps every master on the host and does not stream layers "
+                       "yet: use --offload off, or a larger profile")
     if cfg.estimator.g_clip is not None and cfg.estimator_kind != "zo":
         out.append(f"--g-clip clips ZO estimates; {cfg.optimizer.optimizer} makes none: "
                    "drop it")

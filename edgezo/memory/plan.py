@@ -143,6 +143,7 @@ class StepSpec:
     noise_table: bool = False  # z comes from the shared table (noise.table), resident
     direction_bases: int = 0  # bytes of the lowrank/subspace bases kept (noise.basis)
     cheap_noise: bool = False  # z re-read per pair half: one scratch copy (perturb._cheap_z)
+    qat_bytes: int = 0  # QAT's fp32 masters (full) or quantized merged weights (lora)
 
 
 def _scratch_bytes(blocks: BlockMap, spec: StepSpec, rows: int) -> int:
@@ -191,6 +192,7 @@ def _eval_terms(model, components: dict[str, int], spec: StepSpec, elem: int,
     """Evaluation: the same resident state; the step's scratch, FO parts and tangents
     are gone; its own batch and widest example."""
     kept = ("weights", "noise_buffers", "noise_table", "direction_bases", "optimizer_state",
+            "qat_masters",
             "sparsity_masks", "stream_buffers", "cpu_runtime")
     out = {k: v for k, v in components.items() if k in kept}
     ev = spec.eval
@@ -260,6 +262,8 @@ def _step_terms(model, blocks: BlockMap, spec: StepSpec, components: dict[str, i
         out["noise_table"] = noise.TABLE_VALUES * 4
     if spec.direction_bases:
         out["direction_bases"] = spec.direction_bases
+    if spec.qat_bytes:
+        out["qat_masters"] = spec.qat_bytes
     fo = spec.fo is not None and spec.fo.params
     if fo:
         out.update(_fo_terms(model, spec, elem, virtual))

@@ -27,7 +27,7 @@ from edgezo.models.loading import load_config, parse_dtype
 from edgezo.models.quantized import stored_bytes
 from edgezo.profiles import Profile, list_profiles, load_profile
 from edgezo.schemes import apply_scheme
-from edgezo.zo import noise
+from edgezo.zo import noise, qat
 from edgezo.zo.batch import Shape
 from edgezo.zo.blocks import (
     BlockMap,
@@ -149,7 +149,9 @@ def step_spec(config: RunConfig, priced: Priced, profile: Profile, shapes: Shape
         forward_grad=kind == "forward-grad", perturbs=kind != "fo", stream=stream,
         noise_table=est.noise == "table" and kind != "fo",
         cheap_noise=est.noise == "table" or est.directions in STRUCTURED,
-        direction_bases=basis_bytes(blocks, est.directions, est.rank) if kind != "fo" else 0)
+        direction_bases=basis_bytes(blocks, est.directions, est.rank) if kind != "fo" else 0,
+        qat_bytes=qat.extra_bytes(priced.model, config.scheme.scheme)
+        if config.scheme.qat else 0)
 
 
 def basis_bytes(blocks: BlockMap, directions: str | None, rank: int | None) -> int:

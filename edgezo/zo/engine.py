@@ -96,6 +96,7 @@ class ZOEngine:
         self._passes = [0, 0]  # forward, backward in the current step
         self.streamer: BlockStreamer | None = None
         self.world = 1  # data-parallel ranks (set by data_parallel())
+        self.qat = None  # edgezo.zo.qat.QAT when forwards see quantized weights
         self.bytes_communicated = 0
 
     def _direction(self, seeds: tuple[int, ...], coefs: tuple[float, ...],
@@ -364,14 +365,26 @@ class ZOEngine:
             self.perturbation.flush()
         self.step_index = t + 1
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """The optimizer state and sparsity masks, by name (for a snapshot)."""
+    def enable_qat(self, fmt: str, scheme: str) -> None:
+        """Quantization-aware ZO: forwards see the weights quantized to `fmt` (see
+        edgezo.zo.qat); each update goes to the higher-precision master."""
+        from edgezo.zo.qat import QAT
+
         self.flush()
-        return state.tensors(self.optimizer.rule, self.masks)
+        self.qat = QAT(self.model, self.blocks, fmt, scheme)
+        self.perturbation.after_update = self.qat.after_update
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The optimizer state, sparsity masks and QAT masters, by name (for a snapshot)."""
+        self.flush()
+        out = state.tensors(self.optimizer.rule, self.masks)
+        return out | (self.qat.state_tensors() if self.qat is not None else {})
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], step: int,
                            mask_epoch: int | None) -> None:
         state.load(self.optimizer.rule, self.masks, tensors, mask_epoch)
+        if self.qat is not None:
+            self.qat.load_state_tensors(tensors)
         self.step_index = step
 
     def flush(self) -> None:
@@ -389,6 +402,8 @@ class ZOEngine:
         streamed layers, if any, come back as CPU tensors)."""
         self.flush()
         self.perturbation.remove()
+        if self.qat is not None:
+            self.qat.remove()
         if self.streamer is not None:
             self.streamer.restore("cpu")
             self.streamer.close()

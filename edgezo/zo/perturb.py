@@ -76,6 +76,8 @@ class Perturbation:
         self._linears: dict[int, dict[int, tuple[int, int | None]]] = {}
         self._workspace_busy = False
         self.streamer = None  # a BlockStreamer when some layers live off the device
+        # called with the indices of the parameters an update just wrote (QAT)
+        self.after_update = None
         for p, name in zip(self.params, block_map.names, strict=True):
             if not p.is_contiguous():
                 raise ValueError(f"parameter {name} is not contiguous; edgezo needs contiguous "
@@ -353,6 +355,8 @@ class Perturbation:
                         pending.info)
 
         noise.parallel_map(update, range(len(work)), work[0][1].device)
+        if self.after_update is not None:
+            self.after_update(todo)
         if self.streamer is not None:
             for index in todo:
                 self.streamer.mark_updated(self.params[index])
