@@ -54,7 +54,7 @@ PEFT_SCHEMES = ("lora", "prefix", "prompt")
 TEMPLATES = ("aligned", "empty")
 SCHEDULES = ("constant", "linear", "cosine")
 ESTIMATES = ("two-sided", "one-sided")
-DIRECTIONS = ("gaussian", "rademacher", "lowrank", "subspace")
+DIRECTIONS = ("gaussian", "rademacher", "lowrank", "subspace", "coordinate")
 NOISE_SOURCES = ("generator", "table")
 GRANULARITIES = ("layer", "half")
 MASK_MODES = ("random", "magnitude")
@@ -154,7 +154,8 @@ class OptimizerOptions:
 class EstimatorOptions:
     eps: float | None = option(None, "Perturbation scale ε of ZO estimates (default "
                                f"{DEFAULT_EPS:g})", above=0)
-    q: int | None = option(None, "ZO queries averaged per step (default 1; fzoo 8)", min=1,
+    q: int | None = option(None, "ZO queries averaged per step (default 1; fzoo 8); with "
+                           "coordinate directions, coordinates a step (default all)", min=1,
                            flag="--q")
     estimate: str | None = option(None, "two-sided or one-sided (forward difference with "
                                   "the unperturbed loss; default two-sided, fzoo one-sided)",
@@ -162,8 +163,11 @@ class EstimatorOptions:
     directions: str | None = option(None, "gaussian, rademacher, lowrank (LOZO: U·Vᵀ per "
                                     "matrix, V kept --basis-every steps) or subspace "
                                     "(SubZero: orthonormal bases, a fresh r x r core each "
-                                    "step); default gaussian, fzoo rademacher",
+                                    "step), coordinate (CGE: one value at a time, 2 forwards "
+                                    "each); default gaussian, fzoo rademacher",
                                     choices=DIRECTIONS)
+    max_forwards: int = option(1000, "Refuse a step that needs more forward passes than "
+                               "this (coordinate directions: 2 per coordinate)", min=1)
     rank: int | None = option(None, "Rank of lowrank/subspace directions (default 2 for "
                               "lowrank, 8 for subspace)", min=1)
     basis_every: int | None = option(None, "Steps a lowrank V or subspace basis is kept "

@@ -51,9 +51,10 @@ def resolve_estimator(est: EstimatorOptions, optimizer: str, dtype: str | None =
         return out
     if out.eps is None and method.estimator == "zo":
         out.eps = HALF_EPS if dtype in ("bf16", "fp16") else DEFAULT_EPS
-    out.q = method.q if out.q is None else out.q
-    out.estimate = out.estimate or method.estimate
     out.directions = out.directions or method.directions
+    if out.q is None and out.directions != "coordinate":  # coordinate: all, as the engine counts
+        out.q = method.q
+    out.estimate = out.estimate or method.estimate
     if out.directions in STRUCTURED:
         out.rank = out.rank or DEFAULT_RANK[out.directions]
         out.basis_every = out.basis_every or DEFAULT_BASIS_EVERY[out.directions]

@@ -141,12 +141,21 @@ def estimator_problems(est: EstimatorOptions, optimizer: str) -> list[str]:
     if est.hessian_smoothing is not None and not method.curvature:
         out.append(f"hessian_smoothing is the Hessian estimate's moving-average weight of "
                    f"hizoo and hizoo-l, not {optimizer}: drop it")
-    if method.normalized and r.q < 2:
+    if method.normalized and (r.q or 2) < 2:
         out.append(f"{optimizer} divides its step by the spread of its queries' estimates; "
                    "it needs --q 2 or more")
     if method.curvature and (r.q != 1 or r.estimate != "two-sided"):
         out.append(f"{optimizer} reads one curvature a step from L(θ) and L(θ ± εz): it "
                    "takes --q 1 and the two-sided estimate")
+    if r.directions == "coordinate":
+        bad = [why for why, present in (
+            (f"{optimizer} ({method.description})", kind != "zo" or method.curvature
+             or method.normalized),
+            ("--block-wise", est.block_wise), ("--sparsity", est.sparsity > 0)) if present]
+        if bad:
+            out.append(f"coordinate directions estimate one value's partial derivative per "
+                       f"query; they do not combine with {', '.join(bad)}: use zo-sgd, "
+                       "zo-sgd-sign, zo-sgd-mmt, zo-sgd-cons or zo-adam on one group")
     if est.granularity != "layer" and not est.block_wise:
         out.append("granularity chooses the groups of block-wise ZO; add --block-wise "
                    "(block_wise=True) or drop it")

@@ -17,6 +17,9 @@ What z is (`kind`):
   basis seed (QR of Gaussians) and a fresh r x r core S from the seed, so E‖z‖² = mn as
   for a Gaussian z.
 Tensors that are not matrices (norms, biases) take Gaussian z in both structured kinds.
+- coordinate (DeepZero's CGE): z_i = e_{c_i}, the unit vector of one trainable value;
+  `coords` holds each seed's coordinate as a flat index over the parameters' values in
+  order (`starts`: where each parameter begins). No values are drawn.
 
 `active` restricts d to some parameters (block-wise ZO, hybrid ZO/FO): elsewhere d is 0
 and the wrappers compute with the unperturbed weights. `scale(index, rows)` multiplies d
@@ -54,6 +57,14 @@ class Direction:
     rank: int = 0  # lowrank, subspace
     basis: int = 0  # the seed of the lowrank V / subspace bases
     scale: Callable[[int, slice | torch.Tensor], torch.Tensor] | None = None
+    coords: tuple[int, ...] = ()  # coordinate: each seed's value, a flat index
+    starts: tuple[int, ...] = ()  # coordinate: each parameter's first flat index
+
+    def _coordinates(self, index: int) -> list[tuple[float, int]]:
+        """(coef, offset within parameter `index`) of the seeds whose coordinate is there."""
+        lo, hi = self.starts[index], self.starts[index + 1]
+        return [(c, x - lo) for c, x in zip(self.coefs, self.coords, strict=True)
+                if lo <= x < hi]
 
     def covers(self, index: int) -> bool:
         return self.active is None or index in self.active
@@ -96,6 +107,14 @@ class Direction:
         `writable`: d is returned in its own buffer, never z's, so the caller may change
         it in place without touching those bits.
         """
+        if self.kind == "coordinate":
+            lo, hi = noise.chunk_bounds_of(shape, k)
+            cols = shape[1:].numel()
+            out = noise.thread_buffer("dir", (hi - lo) * cols, dtype, device).zero_()
+            for coef, offset in self._coordinates(index):
+                if lo * cols <= offset < hi * cols:
+                    out[offset - lo * cols] += coef
+            return out.view(hi - lo, *shape[1:])
         if self._plain() and not writable:  # a single query's perturbation: z itself, no copy
             return self.z(shape, self.seeds[0], index, k, device)
         out = None
@@ -120,13 +139,21 @@ class Direction:
                     ) -> torch.Tensor:
         """int32 values whose low 16 bits are uniform, for stochastic rounding of the
         update of chunk k; call right after `chunk` for the same (index, k)."""
-        if self.kind != "rademacher":
+        if self.kind not in ("rademacher", "coordinate"):
             return noise.last_z(numel).view(torch.int32)
         return noise.random_bits(numel, noise.param_seed(self.seeds[0], index), k, device)
 
     def rows(self, shape: torch.Size, index: int, row_ids: torch.Tensor,
              dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """d at the given sorted, unique rows only (embedding lookups)."""
+        if self.kind == "coordinate":
+            cols = shape[1:].numel()
+            out = torch.zeros(len(row_ids), cols, dtype=dtype, device=row_ids.device)
+            for coef, offset in self._coordinates(index):
+                hit = (row_ids == offset // cols).nonzero()
+                if len(hit):
+                    out[hit[0, 0], offset % cols] += coef
+            return out.view(len(row_ids), *shape[1:])
         out = None  # same order and operations as chunk(): bit-identical values
         for seed, coef in reversed(list(zip(self.seeds, self.coefs, strict=True))):
             z = noise.rows(shape, row_ids, lambda k, s=seed: self.z(

@@ -32,7 +32,7 @@ from edgezo.config import DEFAULT_EPS, EstimatorOptions
 from edgezo.config_defaults import resolve_estimator
 from edgezo.config_rules import estimator_problems
 from edgezo.errors import ConfigError
-from edgezo.zo import gradients, noise, state
+from edgezo.zo import coordinates, gradients, noise, state
 from edgezo.zo.batch import batch_rows, double, global_means
 from edgezo.zo.blocks import BlockMap, build_block_map, estimation_groups, resolve_fo_blocks
 from edgezo.zo.direction import STRUCTURED, Direction
@@ -89,6 +89,10 @@ class ZOEngine:
         self._active = [None if len(g) == len(params) else g for g in self.groups]
         self.masks = (SparseMasks(list(params), est.sparsity, est.sparsity_mask,
                                   est.sparsity_every, seed) if est.sparsity > 0 else None)
+        if self.directions == "coordinate":
+            self.q = coordinates.resolve_q(est.q, self.groups, params)
+        self._coords = coordinates.Sampler(params, self.groups, seed) \
+            if self.directions == "coordinate" else None
         optimizer.rule.init_state([p.detach() for p in params])
         self.perturbation = Perturbation(self.blocks, optimizer.rule)
         self.perturbation.install()
@@ -97,6 +101,10 @@ class ZOEngine:
         self.streamer: BlockStreamer | None = None
         self.world = 1  # data-parallel ranks (set by data_parallel())
         self.qat = None  # edgezo.zo.qat.QAT when forwards see quantized weights
+        if self.forward_passes_per_step > est.max_forwards:
+            self.perturbation.remove()
+            raise ConfigError(coordinates.too_many(self.forward_passes_per_step,
+                                                   est.max_forwards, self.directions))
         self.bytes_communicated = 0
 
     def _direction(self, seeds: tuple[int, ...], coefs: tuple[float, ...],
@@ -106,6 +114,11 @@ class ZOEngine:
         scale = (self.optimizer.rule.preconditioner
                  if perturb and self.optimizer.method.curvature else None)
         basis = noise.mix(self.seed, t // self.basis_every, _BASIS_SALT) if self.rank else 0
+        if self._coords is not None:  # CGE: each seed's unit vector, on its parameter only
+            coords = self._coords.of(seeds, t, self.q)
+            return Direction(seeds, coefs, "coordinate", None,
+                             self._coords.owners(coords), coords=coords,
+                             starts=self._coords.starts)
         return Direction(seeds, coefs, self.directions, self.masks, active, self.noise,
                          self.rank, basis, scale)
 
@@ -306,7 +319,10 @@ class ZOEngine:
             info = {"g": record["grads"][0], "curvature": record["curvature"]}
             return self._direction(tuple(seeds), (1.0,), group, t), info
         scale = record.get("scale", 1.0)
-        coefs = tuple(g * scale / self.q for g in record["grads"])
+        # an average over q random directions; coordinate estimates are each value's own
+        # partial derivative (the q coordinates together are CGE's gradient)
+        per = 1 if self._coords is not None else self.q
+        coefs = tuple(g * scale / per for g in record["grads"])
         return self._direction(tuple(seeds), coefs, group, t), None
 
     def _queue_update(self, batch: dict, record: dict, seeds: list[int], group, lr: float,
