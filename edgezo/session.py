@@ -30,6 +30,7 @@ from edgezo.errors import ConfigError, OutOfBudgetError
 from edgezo.hardware import cpu_capability
 from edgezo.heap import release_freed_memory
 from edgezo.profiles import human_bytes
+from edgezo.rank import RankFn, RankResult
 from edgezo.tasks import Example
 from edgezo.tasks.base import batches
 from edgezo.tasks.loss import candidate_scores, shard_batch
@@ -175,6 +176,43 @@ class Session:
         if not examples:
             raise ConfigError("learn() needs at least one Example")
         return self.step(self.encoder.encode(examples))
+
+    @torch.no_grad()
+    def generate(self, prompts: str | list[str], max_new_tokens: int = 16) -> list[str]:
+        """The model's greedy answers to the prompts, with every completed step applied."""
+        from edgezo.rank import generate
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        self.engine.flush()
+        self.engine.release_scratch()
+        return generate(self._model, self.tokenizer, prompts, max_new_tokens, self.device)
+
+    def rank_step(self, prompts: str | list[str], rank: RankFn, candidates: int = 2,
+                  max_new_tokens: int = 16, mu: float | None = None) -> RankResult:
+        """One step from an ordering, not a loss (ZO-RankSGD; see edgezo.rank): each of
+        `candidates` perturbed models θ + μ·z_k answers the prompts; `rank(outputs)`
+        returns the candidates' indices best first (a group of tied indices may take one
+        place; unlisted ones rank last; empty or None: no preference), and θ moves
+        towards the preferred ones at the run's learning rate."""
+        from edgezo import rank as ranking  # `rank` is the caller's function here
+
+        if candidates < 2:
+            raise ConfigError("rank_step compares candidates: candidates must be >= 2")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        outputs = []
+        for k in range(candidates):
+            with self.engine.perturbed_query(k, mu if mu is not None else self.engine.eps):
+                outputs.append(ranking.generate(self._model, self.tokenizer, prompts,
+                                                max_new_tokens, self.device))
+        order = rank(outputs)
+        coefs = ranking.coefficients(order, candidates)
+        # the engine's rule steps against its direction: −ĝ moves towards the preferred
+        result = self.engine.step_along([-c for c in coefs],
+                                        self.schedule(self.engine.step_index))
+        self.history.append(result)
+        if self._log is not None:
+            self._log.append(result.log_entry())
+        return ranking.RankResult(outputs, order, coefs, result)
 
     @torch.no_grad()
     def predict(self, examples: Example | list[Example]) -> list[int]:

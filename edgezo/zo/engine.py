@@ -24,6 +24,8 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -315,6 +317,8 @@ class ZOEngine:
                           ) -> tuple[Direction, dict | None]:
         """The logged group's update as a direction and the rule's scalars: the same
         arithmetic for the live step and its replay."""
+        if "coefs" in record:  # given as they are (rank feedback, Session.rank_step)
+            return self._direction(tuple(seeds), tuple(record["coefs"]), group, t), None
         if "curvature" in record:  # the rule scales z itself (HiZOO)
             info = {"g": record["grads"][0], "curvature": record["curvature"]}
             return self._direction(tuple(seeds), (1.0,), group, t), info
@@ -371,8 +375,9 @@ class ZOEngine:
         for gi, (active, group) in enumerate(zip(self._active, entry["groups"], strict=True)):
             if not group["applied"]:
                 continue
-            seeds = [noise.step_seed(self.seed, t, gi * self.q + i) for i in range(self.q)]
-            if entry.get("seeds") and entry["seeds"][gi * self.q:(gi + 1) * self.q] != seeds:
+            n = len(group["coefs"]) if "coefs" in group else self.q
+            seeds = [noise.step_seed(self.seed, t, gi * self.q + i) for i in range(n)]
+            if entry.get("seeds") and entry["seeds"][gi * self.q:gi * self.q + n] != seeds:
                 raise ConfigError(f"seed log step {t} was drawn with other seeds than this "
                                   "run's (a different --seed or --q?)")
             d, info = self._update_direction(group, seeds, active, t)
@@ -380,6 +385,37 @@ class ZOEngine:
             self.perturbation.set_pending(PendingUpdate(d, lr, t + 1, info))
             self.perturbation.flush()
         self.step_index = t + 1
+
+    # -- steps from feedback other than a loss -------------------------------------------
+    @contextmanager
+    def perturbed_query(self, query: int, scale: float) -> Iterator[None]:
+        """Inside, the model computes at θ + scale·z of query `query` of the next step
+        (any forward: generation too)."""
+        t = self.step_index
+        d = self._direction((noise.step_seed(self.seed, t, query),), (1.0,), None, t,
+                            perturb=True)
+        with self.perturbation.perturbed(d, scale, 1):
+            yield
+
+    def step_along(self, coefs: list[float], lr: float) -> StepResult:
+        """A step θ ← rule(θ, η, Σ coefs_k·z_k) over the next step's first len(coefs)
+        queries, logged so a replay redoes it (rank feedback: the coefficients come from
+        an ordering, not from loss differences)."""
+        if not self.zo_only or self._coords is not None or len(self.groups) != 1:
+            raise ConfigError("a step along given coefficients needs a ZO-only run with "
+                              "random directions in one group (no --fo-blocks, "
+                              "--block-wise or coordinate directions)")
+        t = self.step_index
+        seeds = [noise.step_seed(self.seed, t, i) for i in range(len(coefs))]
+        self.perturbation.flush()
+        record = {"grads": [], "coefs": list(coefs), "move": None, "applied": False}
+        result = StepResult(t, math.nan, lr, 0.0, seeds=seeds, groups=[record])
+        if any(coefs) and (lr != 0 or self.optimizer.rule.stateful):
+            d, _ = self._update_direction(record, seeds, self._active[0], t)
+            self.perturbation.set_pending(PendingUpdate(d, lr, t + 1))
+            record["applied"] = True
+        self.step_index += 1
+        return result
 
     def enable_qat(self, fmt: str, scheme: str) -> None:
         """Quantization-aware ZO: forwards see the weights quantized to `fmt` (see
