@@ -60,10 +60,11 @@ def test_coordinate_steps_replay_exactly_and_reach_the_optimum():
     assert torch.equal(fresh.theta, problem.theta)
 
 
-def test_coordinates_on_a_prompt_and_an_embedding_row_lookup():
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_coordinates_on_a_prompt_and_an_embedding_row_lookup(family):
     """On a real model's embedding (row lookups) and layers: the only changed values are
     the queried ones, each by −η·g of its own query."""
-    model = tiny_model("llama")
+    model = tiny_model(family)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     engine = zo_engine(model, make_optimizer("zo-sgd"), seed=0, eps=1e-3,
                        directions="coordinate", q=3)

@@ -42,15 +42,18 @@ def qat_engine(model, fmt="int4", scheme="full", **kw):
     return engine
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int8"])
-def test_full_qat_forward_sees_quantized_weights_and_the_master_takes_the_update(fmt):
+@pytest.mark.parametrize("fmt, family", [("int4", "llama"), ("int8", "llama"),
+                                         ("int4", "qwen2")])
+def test_full_qat_forward_sees_quantized_weights_and_the_master_takes_the_update(fmt,
+                                                                                 family):
     """One QAT step is one plain ZO step taken from the quantized weights, whose update
     lands in the master (W0 + the same −η·g·z); the weights stay exactly quantized."""
-    model = tiny_model("llama", width=64)
+    model = tiny_model(family, width=64)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     engine = qat_engine(model, fmt)
     tensors = dict(quantized_tensors(model, fmt, "full"))
-    assert len(tensors) == 2 * 7 + 1  # 7 linear maps a layer, the tied embedding
+    # 7 linear maps a layer, the embedding and (untied) the head
+    assert len(tensors) == 2 * 7 + 1 + (not model.config.tie_word_embeddings)
     names = {id(p): n for n, p in model.named_parameters()}
     quantized_start = {n: p.detach().clone() for n, p in model.named_parameters()}
     quantized_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -59,7 +62,7 @@ def test_full_qat_forward_sees_quantized_weights_and_the_master_takes_the_update
     r = engine.step(lm_batch(VOCAB), lr=1e-2)
     engine.flush()
 
-    plain = tiny_model("llama", width=64)
+    plain = tiny_model(family, width=64)
     plain.load_state_dict(quantized_state)
     reference = zo_engine(plain, make_optimizer("zo-sgd"), seed=4, eps=1e-2)
     r_plain = reference.step(lm_batch(VOCAB), lr=1e-2)

@@ -89,20 +89,22 @@ def test_scales_scheme_trains_only_the_scales_and_keeps_the_codes(wide, data_dir
         assert torch.equal(value, after_scales[name]), name
 
 
-def test_saved_quantized_model_is_the_size_of_the_loaded_one(wide, data_dir, tmp_path):
+@pytest.mark.parametrize("quantize", ["quanto-int4", "nf4"])
+def test_saved_quantized_model_is_the_size_of_the_loaded_one(wide, data_dir, tmp_path,
+                                                              quantize):
     """The trained scales write back into the backend's format: the file is the size of
     the same base saved untrained, and a quarter of the fp32 model's linear bytes."""
     sizes = {}
     for steps in (0, 2):
         sess = Session(model=wide["llama"], data_dir=data_dir, scheme="scales",
-                       quantize="quanto-int4", batch_size=4, lr=1e-3, seed=0)
+                       quantize=quantize, batch_size=4, lr=1e-3, seed=0)
         for _ in range(steps):
             sess.step()
         out = sess.save(tmp_path / f"run{steps}")
         sess.close()
         sizes[steps] = (out / "model.safetensors").stat().st_size
         assert json.loads((out / "report.json").read_text())["scheme"] == "scales"
-    assert sizes[0] == sizes[2]
+    assert abs(sizes[0] - sizes[2]) < 64  # the same tensors; metadata may differ by bytes
     dense = tiny_model("llama", width=64)
     linear = sum(m.weight.numel() * 4 for m in dense.model.layers.modules()
                  if isinstance(m, torch.nn.Linear))
@@ -194,11 +196,13 @@ def test_clipped_estimates_are_logged_clipped_and_replay_exactly():
         assert torch.equal(a, b)
 
 
-def test_lora_trains_on_a_quanto_base(wide, data_dir):
-    sess = Session(model=wide["qwen2"], data_dir=data_dir, scheme="lora",
+@pytest.mark.parametrize("scheme", ["lora", "prompt", "head"])
+def test_adapter_schemes_train_on_a_quanto_base(wide, data_dir, scheme):
+    sess = Session(model=wide["qwen2"], data_dir=data_dir, scheme=scheme,
                    quantize="quanto-int4", batch_size=4, lr=1e-2, seed=0)
     try:
-        base = sess.model.get_base_model()
+        model = sess.model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
         before = codes(base)
         assert len(before) == 14
         results = [sess.step() for _ in range(2)]
