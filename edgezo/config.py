@@ -166,8 +166,9 @@ class EstimatorOptions:
                                     "step), coordinate (CGE: one value at a time, 2 forwards "
                                     "each); default gaussian, fzoo rademacher",
                                     choices=DIRECTIONS)
-    max_forwards: int = option(1000, "Refuse a step that needs more forward passes than "
-                               "this (coordinate directions: 2 per coordinate)", min=1)
+    max_forwards: int = option(1000, "Coordinate directions: refuse a step that needs "
+                               "more forward passes than this (one per coordinate in pair "
+                               "mode, two in two-pass)", min=1)
     rank: int | None = option(None, "Rank of lowrank/subspace directions (default 2 for "
                               "lowrank, 8 for subspace)", min=1)
     basis_every: int | None = option(None, "Steps a lowrank V or subspace basis is kept "
@@ -386,8 +387,11 @@ class RunConfig:
             out.optimizer.lr = default_lr(self.optimizer.optimizer, self.scheme.scheme)
         out.estimator = resolve_estimator(self.estimator, self.optimizer.optimizer,
                                           out.model.dtype)
-        if self.scheme.scheme == "scales" and out.estimator.g_clip is None:
-            out.estimator.g_clip = DEFAULT_SCALES_G_CLIP
+        if self.scheme.scheme == "scales":
+            if out.estimator.g_clip is None:
+                out.estimator.g_clip = DEFAULT_SCALES_G_CLIP
+            if self.estimator.eps is None:  # scales are ~0.01-0.1: the half-precision
+                out.estimator.eps = DEFAULT_EPS  # default ε would be 10-100% of one
         if self.optimizer.schedule != "constant" and self.optimizer.total_steps is None:
             out.optimizer.total_steps = self.train.steps
         return out

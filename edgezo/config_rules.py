@@ -74,6 +74,9 @@ def _scheme_problems(cfg: RunConfig) -> list[str]:
         if cfg.streams:
             out.append("--qat keeps every master on the host and does not stream layers "
                        "yet: use --offload off, or a larger profile")
+    if cfg.streams and (scheme == "scales" or (quantize or "").startswith("quanto-")):
+        out.append("layers of a quanto base, or trained scales, do not stream yet: use "
+                   "--offload off, or a larger profile")
     if cfg.estimator.g_clip is not None and cfg.estimator_kind != "zo":
         out.append(f"--g-clip clips ZO estimates; {cfg.optimizer.optimizer} makes none: "
                    "drop it")

@@ -77,7 +77,7 @@ def test_coordinates_on_a_prompt_and_an_embedding_row_lookup(family):
 
 
 def test_too_many_forwards_is_refused_with_the_cost(tiny_folder, data_dir):
-    with pytest.raises(ConfigError, match="two forward passes per coordinate"):
+    with pytest.raises(ConfigError, match="query every coordinate on its own"):
         Session(model=tiny_folder, data_dir=data_dir, directions="coordinate")
     sess = Session(model=tiny_folder, data_dir=data_dir, scheme="prompt", prompt_tokens=1,
                    directions="coordinate", max_forwards=100, batch_size=2)

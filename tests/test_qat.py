@@ -187,3 +187,32 @@ def test_plan_prices_the_masters():
 def test_qat_options_that_cannot_work_are_refused(options, message):
     with pytest.raises(ConfigError, match=message):
         RunConfig.from_flat(**options).validate()
+
+
+def test_lora_qat_leaves_the_adapters_unquantized_at_any_rank():
+    """peft's lora_A/lora_B are nn.Linear too: at rank 32 both would fill 32-value
+    blocks, but only the base weights are quantized (merged with the adapter)."""
+    import peft
+
+    model = peft.get_peft_model(tiny_model("llama", width=64),
+                                peft.LoraConfig(r=32, lora_alpha=64, task_type="CAUSAL_LM"))
+    engine = qat_engine(model, scheme="lora")
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert not engine.qat.masters  # no trainable tensor is quantized in LoRA QAT
+    quantized = [names[id(t)] for t, _ in quantized_tensors(model, "int4", "lora")]
+    assert quantized and not any("lora_" in n for n in quantized)
+    assert len(engine.qat.adapted) == 2 * 2 * 2  # A and B of q and v in two layers
+    engine.close()
+
+
+def test_bf16_qat_masters_do_not_drift_without_updates():
+    """A bf16 weight holds Q(master) rounded to bf16; moving "the change" into the master
+    must not move it by that rounding on every call."""
+    model = tiny_model("llama", width=64, dtype=torch.bfloat16)
+    engine = qat_engine(model)
+    masters = {i: m.clone() for i, (m, _) in engine.qat.masters.items()}
+    for _ in range(3):
+        engine.qat.after_update(list(masters))
+    for i, m in engine.qat.masters.items():
+        assert torch.equal(m[0], masters[i]), i
+    engine.close()

@@ -211,3 +211,24 @@ def test_adapter_schemes_train_on_a_quanto_base(wide, data_dir, scheme):
         assert sess.report()["hyperparameters"]["quantize"] == "quanto-int4"
     finally:
         sess.close()
+
+
+def test_bf16_quanto_int4_scales_keep_the_reference_layout():
+    """In bf16 quanto packs int4 groups of 128 for TinyGemm, folding the scales away;
+    the scales scheme keeps (codes, scale, shift) and trains them."""
+    model = tiny_model("llama", width=256, dtype=torch.bfloat16)
+    model = train_scales(quantize_layers(model, "quanto-int4", plain=True))
+    engine = zo_engine(model, make_optimizer("zo-sgd"), seed=0, eps=1e-3)
+    before = backend_scales(model)
+    assert len(before) == 14 and all(v.dtype == torch.bfloat16 for v in before.values())
+    engine.step(lm_batch(VOCAB), lr=1e-3)
+    engine.close()
+    assert any(not torch.equal(v, backend_scales(model)[n]) for n, v in before.items())
+
+
+def test_quanto_group_sizes_follow_quanto():
+    from edgezo.models.quantized import quanto_group
+
+    assert [quanto_group(n, 4) for n in (64, 200, 576, 960, 1536)] == [None, None, 96, 96,
+                                                                          128]
+    assert quanto_group(1536, 8) is None

@@ -103,3 +103,16 @@ def test_rank_step_generates_per_candidate_and_updates(tmp_path, family):
         assert none.coefs == [0.0, 0.0] and not none.step.groups[0]["applied"]
     finally:
         sess.close()
+
+
+def test_rank_steps_refuse_what_they_cannot_replay(tmp_path):
+    """Sparse masks (redrawn by step()) or a curvature method would make the candidates or
+    the replay differ: refused before any candidate is generated."""
+    problem = quadratic(3)
+    engine = toy_engine(problem, "zo-sgd", eps=1e-3, seed=0, sparsity=0.5)
+    with pytest.raises(ConfigError, match="steps from rankings"), \
+            engine.perturbed_query(0, 1e-3):
+        pass
+    hizoo = toy_engine(quadratic(3), "hizoo", eps=1e-3, seed=0)
+    with pytest.raises(ConfigError, match="steps from rankings"):
+        hizoo.step_along([1.0, -1.0], lr=0.1)

@@ -212,9 +212,13 @@ def streamed_count(config: RunConfig, priced: Priced, profile: Profile, shapes: 
 
 
 def can_stream(config: RunConfig) -> bool:
-    """Only ZO estimates stream (RunConfig's streaming rules), without magnitude masks."""
+    """Only ZO estimates stream (RunConfig's streaming rules), without magnitude masks,
+    and not the quantized-training paths: QAT's masters and the scales scheme's shared
+    scale storage live outside the streamer, and quanto's weights are not plain tensors."""
     est = config.estimator
-    return config.zo_only and not (est.sparsity and est.sparsity_mask == "magnitude")
+    quanto = (config.model.quantize or "").startswith("quanto-")
+    return config.zo_only and not (est.sparsity and est.sparsity_mask == "magnitude") \
+        and config.scheme.qat is None and config.scheme.scheme != "scales" and not quanto
 
 
 def decide(config: RunConfig, priced: Priced, profile: Profile, shapes: Shapes,

@@ -247,7 +247,8 @@ def load_weights(resolved: ResolvedModel, dtype: torch.dtype,
                  device: torch.device | str = "cpu", quantize: str | None = None,
                  train_scales: bool = False) -> torch.nn.Module:
     """The model itself, in eval mode on `device` (quantized on load if asked;
-    `train_scales`: keep NF4's absmax in fp32 for the scales scheme)."""
+    `train_scales`: keep NF4's absmax in fp32 and quanto's scales in their reference
+    layout, for the scales scheme)."""
     device = torch.device(device)
     kwargs = {}
     if quantize is not None and quantize not in QUANTIZATIONS:
@@ -255,9 +256,10 @@ def load_weights(resolved: ResolvedModel, dtype: torch.dtype,
     if quantize is not None and quantize.startswith("quanto-"):
         from edgezo.models.quantized import quantize_layers
 
-        model = load_weights(resolved, dtype, device)
+        # quantized on the host, then moved: the device never holds the dense weights
+        model = load_weights(resolved, dtype, "cpu")
         try:
-            return quantize_layers(model, quantize)
+            return quantize_layers(model, quantize, plain=train_scales).to(device)
         except (ValueError, RuntimeError) as err:
             raise ModelLoadError(f"optimum-quanto could not quantize {resolved.source} to "
                                  f"{quantize}: {err}") from None

@@ -61,8 +61,13 @@ def _quanto_type(quantize: str):
             "quanto-int2": quanto.qint2}[quantize]
 
 
-def quantize_layers(model: nn.Module, quantize: str) -> nn.Module:
-    """Quantize the decoder layers' linear maps with quanto and freeze them to integers."""
+def quantize_layers(model: nn.Module, quantize: str, plain: bool = False) -> nn.Module:
+    """Quantize the decoder layers' linear maps with quanto and freeze them to integers.
+
+    `plain` (the scales scheme): keep quanto's reference layout (codes, `_scale`,
+    `_shift`) even where quanto would pick a packed kernel layout (TinyGemm for bf16
+    int4, AWQ for fp16 on CUDA), which folds the scales into other tensors.
+    """
     from optimum.quanto import freeze
     from optimum.quanto import quantize as quanto_quantize
 
@@ -71,8 +76,29 @@ def quantize_layers(model: nn.Module, quantize: str) -> nn.Module:
     qtype = _quanto_type(quantize)
     _, layers = find_layers(model)
     quanto_quantize(layers, weights=qtype)
-    freeze(layers)
+    if not plain:
+        freeze(layers)
+        return model
+    from optimum.quanto.tensor.weights import WeightQBitsTensor, WeightQBytesTensor
+
+    with torch.no_grad():
+        for module in layers.modules():
+            if getattr(module, "weight_qtype", None) is None or _is_frozen(module):
+                continue
+            w, group = module.weight, module.weight_group_size
+            if qtype.bits == 8:
+                scale = module.optimizer(w, qtype=qtype, axis=0)
+                q = WeightQBytesTensor.quantize(w, qtype, 0, scale, optimized=False)
+            else:
+                scale, shift = module.optimizer(w, qtype=qtype, axis=0, group_size=group)
+                q = WeightQBitsTensor.quantize(w, qtype, 0, group, scale, shift,
+                                               optimized=False)
+            module.weight = nn.Parameter(q, requires_grad=False)
     return model
+
+
+def _is_frozen(module: nn.Module) -> bool:
+    return hasattr(module.weight, "__tensor_flatten__")
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -85,14 +111,15 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 
 def quanto_group(in_features: int, bits: int) -> int | None:
-    """quanto's group size for a row of `in_features`: None (per row) at 8 bits, else the
-    largest divisor of the row that is a multiple of 8 and at most 128."""
-    if bits == 8:
+    """quanto's group size for a row of `in_features` (QModuleMixin's rule): None (one
+    scale per row) at 8 bits, for rows of at most 128, or where none of 128, 96, 64, 32
+    divides the row; else the first of those that does."""
+    if bits == 8 or in_features <= QUANTO_MAX_GROUP:
         return None
-    for size in range(min(QUANTO_MAX_GROUP, in_features), 0, -1):
-        if in_features % size == 0 and size % 8 == 0:
+    for size in (128, 96, 64, 32):
+        if in_features % size == 0:
             return size
-    return in_features
+    return None
 
 
 def scale_count(shape: torch.Size | tuple[int, ...], quantize: str) -> int:

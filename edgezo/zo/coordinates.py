@@ -3,7 +3,8 @@
 Each query perturbs one trainable value: g_i = (L(θ + ε·e_i) − L(θ − ε·e_i)) / 2ε is that
 value's partial derivative to O(ε²), and the update moves each queried value by its own
 g_i (no averaging: with every coordinate queried, the update is the finite-difference
-gradient itself). Two forwards a coordinate, so it suits small trainable sets: prompt
+gradient itself). Two evaluations a coordinate (one doubled forward in pair mode), so it
+suits small trainable sets: prompt
 tuning's virtual tokens, the head of a tiny model, or a sampled subset (`--q K`: K
 distinct coordinates a step, drawn from the run seed and the step, so a replay draws the
 same). A step that would need more forwards than `--max-forwards` is refused before the
@@ -29,14 +30,11 @@ def resolve_q(q: int | None, groups: list[frozenset[int]], params: list) -> int:
     return total if q is None else min(q, total)
 
 
-def too_many(forwards: int, limit: int, directions: str | None) -> str:
-    if directions == "coordinate":
-        return (f"coordinate-wise estimates cost two forward passes per coordinate: "
-                f"{forwards:,} a step, over --max-forwards {limit:,}. Query fewer "
-                "coordinates a step (--q K), train a smaller set (--scheme prompt or "
-                "head), or raise --max-forwards")
-    return (f"a step would make {forwards:,} forward passes, over --max-forwards "
-            f"{limit:,}: lower --q or raise --max-forwards")
+def too_many(forwards: int, limit: int, coordinates: int) -> str:
+    return (f"coordinate-wise estimates query every coordinate on its own: {coordinates:,} "
+            f"coordinates make {forwards:,} forward passes a step, over --max-forwards "
+            f"{limit:,}. Query fewer a step (--q K), train a smaller set (--scheme prompt "
+            "or head), or raise --max-forwards")
 
 
 class Sampler:

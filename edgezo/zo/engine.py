@@ -103,10 +103,10 @@ class ZOEngine:
         self.streamer: BlockStreamer | None = None
         self.world = 1  # data-parallel ranks (set by data_parallel())
         self.qat = None  # edgezo.zo.qat.QAT when forwards see quantized weights
-        if self.forward_passes_per_step > est.max_forwards:
+        if self._coords is not None and self.forward_passes_per_step > est.max_forwards:
             self.perturbation.remove()
             raise ConfigError(coordinates.too_many(self.forward_passes_per_step,
-                                                   est.max_forwards, self.directions))
+                                                   est.max_forwards, self.q))
         self.bytes_communicated = 0
 
     def _direction(self, seeds: tuple[int, ...], coefs: tuple[float, ...],
@@ -278,7 +278,8 @@ class ZOEngine:
         for i, s in enumerate(seeds):
             plus, minus, g = self._query(batch, self._direction((s,), (1.0,), group, t,
                                                                  perturb=True), base)
-            if self.g_clip is not None and abs(g) > self.g_clip:  # QZO's clipping
+            # QZO's clipping; a non-finite g stays so, and skips the step as usual
+            if self.g_clip is not None and math.isfinite(g) and abs(g) > self.g_clip:
                 g = math.copysign(self.g_clip, g)
                 result.clipped += 1
             grads.append(g)
@@ -391,20 +392,26 @@ class ZOEngine:
     def perturbed_query(self, query: int, scale: float) -> Iterator[None]:
         """Inside, the model computes at θ + scale·z of query `query` of the next step
         (any forward: generation too)."""
+        self._check_feedback()
         t = self.step_index
         d = self._direction((noise.step_seed(self.seed, t, query),), (1.0,), None, t,
                             perturb=True)
         with self.perturbation.perturbed(d, scale, 1):
             yield
 
+    def _check_feedback(self) -> None:
+        if not self.zo_only or self._coords is not None or len(self.groups) != 1 \
+                or self.masks is not None or self.optimizer.method.curvature:
+            raise ConfigError("steps from rankings need a ZO-only run with random "
+                              "directions in one group and no per-step state of their own: "
+                              "no --fo-blocks, --block-wise, --sparsity, coordinate "
+                              "directions or hizoo")
+
     def step_along(self, coefs: list[float], lr: float) -> StepResult:
         """A step θ ← rule(θ, η, Σ coefs_k·z_k) over the next step's first len(coefs)
         queries, logged so a replay redoes it (rank feedback: the coefficients come from
         an ordering, not from loss differences)."""
-        if not self.zo_only or self._coords is not None or len(self.groups) != 1:
-            raise ConfigError("a step along given coefficients needs a ZO-only run with "
-                              "random directions in one group (no --fo-blocks, "
-                              "--block-wise or coordinate directions)")
+        self._check_feedback()
         t = self.step_index
         seeds = [noise.step_seed(self.seed, t, i) for i in range(len(coefs))]
         self.perturbation.flush()

@@ -19,6 +19,8 @@ away. So, as a straight-through estimator does for backprop, the perturbation is
   adapter perturbed, Q(W + s·BA) + s·(B'A' − BA). D is recomputed after each update.
 
 Masters (full) and D (lora) are fp32 and live on the host when the model is on a GPU.
+In bf16/fp16 the weight holds Q(master) rounded to its dtype, so the forward and the
+exported file then differ by that rounding; in fp32 they are the same numbers.
 """
 
 from __future__ import annotations
@@ -83,7 +85,9 @@ def quantized_tensors(model: nn.Module, fmt: str, scheme: str
     adapted = {id(m.base_layer.weight) for m in _lora_linears(model)} if scheme == "lora" \
         else set()
     out, seen = [], set()
-    for m in layers.modules():
+    for name, m in layers.named_modules():
+        if "lora_" in name:  # the adapters' own matrices ship unquantized, inside the merge
+            continue
         if quantizable(m) and id(m.weight) not in adapted and id(m.weight) not in seen:
             seen.add(id(m.weight))
             out.append((m.weight, fmt))
@@ -171,7 +175,9 @@ class QAT:
         for i in indices:
             if i in self.masters:
                 p, (master, fmt) = self.params[i], self.masters[i]
-                before = fake_quant(master, fmt)
+                # what p held before the update: Q(master) in p's dtype (a bf16 weight
+                # rounds it), so the difference is the update alone, never that rounding
+                before = fake_quant(master, fmt).to(p.dtype).float()
                 master += p.detach().float().to(master.device) - before
                 p.copy_(fake_quant(master, fmt).to(p.device, p.dtype))
             elif i in self.adapted and id(self.adapted[i]) not in refreshed:
