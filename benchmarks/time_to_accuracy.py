@@ -45,6 +45,7 @@ METHODS: dict[str, dict] = {
     "qzo-nf4": {"optimizer": "zo-sgd", "scheme": "scales", "quantize": "nf4", "lr": 3e-6},
     "zo-lora-int4": {"optimizer": "zo-sgd", "scheme": "lora", "quantize": "quanto-int4",
                      "lr": 1e-3},
+    "qat-int4": {"optimizer": "zo-sgd", "qat": "int4", "lr": 3e-5},
 }
 
 
@@ -72,14 +73,38 @@ def run_one(name: str, options: dict, args) -> dict:
             if step % args.eval_every == 0 or step == args.steps:
                 record(step)
         test = s.evaluate("test", args.test_examples)
-        return {"method": name, "options": options, "task": args.task,
+        report = s.report()
+        extra = {"peak_memory_bytes": report["peak_memory_bytes"],
+                 "predicted_peak_memory_bytes": report["predicted_peak_memory_bytes"]}
+        plain_full = options.get("scheme", "full") == "full" and not options.get("quantize") \
+            and not options.get("qat")
+        if args.ptq and plain_full:  # the trained weights quantized, as the export would
+            extra["test_ptq"] = post_training_quantized(s, args.ptq, args.test_examples)
+            print(f"  {name} test {test['accuracy']:.3f}, after {args.ptq} PTQ "
+                  f"{extra['test_ptq']:.3f}", flush=True)
+        return {**extra, "method": name, "options": options, "task": args.task,
                 "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
                 "curve": curve, "test": test["accuracy"], "test_examples": test["examples"],
                 "dtype": s.dtype_name, "cpu": cpu_capability(),
-                "step_time_s": s.report()["step_time_s"],
+                "step_time_s": report["step_time_s"],
                 "wall_s": time.perf_counter() - start, "date": time.strftime("%Y-%m-%d")}
     finally:
         s.close()
+
+
+def post_training_quantized(s, fmt: str, test_examples: int | None) -> float:
+    """Test accuracy with the model's matrices rounded to the GGUF format QAT `fmt` trains
+    for (int4: Q4_1 layers and a Q8_0 embedding), exactly as `edgezo export --gguf-type`
+    would store them: the (a) of "full ZO then PTQ" against (b) ZO-QAT."""
+    import torch
+
+    from edgezo.zo.qat import fake_quant, quantized_tensors
+
+    model = s.model  # flushed
+    with torch.no_grad():
+        for tensor, tfmt in quantized_tensors(model, fmt, s.config.scheme.scheme):
+            tensor.copy_(fake_quant(tensor, tfmt).to(tensor.dtype))
+    return s.evaluate("test", test_examples)["accuracy"]
 
 
 def plot(rows: list[dict], out: Path) -> Path:
@@ -142,6 +167,8 @@ def main() -> None:
     ap.add_argument("--output", default="results/time_to_accuracy")
     ap.add_argument("--set", default="", help="extra Session options for every run, "
                     "as JSON (e.g. '{\"dtype\": \"fp32\"}')")
+    ap.add_argument("--ptq", choices=["int4", "int8"], default=None,
+                    help="also test each trained model quantized after training")
     ap.add_argument("--plot", action="store_true", help="only redraw the PNG and table")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON of one run
     args = ap.parse_args()
