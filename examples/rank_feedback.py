@@ -85,8 +85,9 @@ def main() -> None:
                       schedule="linear", total_steps=args.steps, seed=args.seed,
                       profile="cpu-16gb", **extra)
     start = time.perf_counter()
-    print(f"preference rate before: {preference_rate(session, held_out):.3f} "
-          f"({len(held_out)} held-out notes)")
+    print(f"preference rate before: {preference_rate(session, held_out):.3f} on "
+          f"{len(held_out)} held-out notes, {preference_rate(session, train):.3f} on the "
+          f"{len(train)} notes it will see")
     preferred = 0
     for step in range(1, args.steps + 1):
         notes = rng.sample(train, args.notes_per_step)
@@ -94,8 +95,9 @@ def main() -> None:
                               candidates=args.candidates, max_new_tokens=1, mu=args.mu)
         preferred += r.order is not None
         if step % args.eval_every == 0 or step == args.steps:
-            print(f"step {step}: preference rate {preference_rate(session, held_out):.3f}, "
-                  f"{preferred} of {step} comparisons had a preference "
+            print(f"step {step}: preference rate {preference_rate(session, held_out):.3f} "
+                  f"held out, {preference_rate(session, train):.3f} seen; {preferred} of "
+                  f"{step} comparisons had a preference "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     session.close()
 

@@ -98,7 +98,7 @@ def test_over_budget_refuses_with_advice(tiny_folder, data_dir, tmp_path, monkey
     ({"objective": "f1"}, "valid objectives: accuracy, ce"),
     ({"q": 0}, "q must be >= 1"),
     ({"estimate": "central"}, "valid estimates: one-sided, two-sided"),
-    ({"directions": "uniform"}, "valid directions: gaussian, lowrank, rademacher, subspace"),
+    ({"directions": "uniform"}, "valid directions: coordinate, gaussian, lowrank, rademacher, subspace"),
     ({"sparsity": 1.0}, "sparsity must be < 1, got 1.0"),
     ({"sparsity": 0.5, "sparsity_mask": "topk"}, "valid sparsity masks: magnitude, random"),
     ({"block_wise": True, "granularity": "row"}, "valid block granularities: half, layer"),
