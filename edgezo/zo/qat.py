@@ -35,6 +35,7 @@ from torch import nn
 from edgezo.zo.blocks import BlockMap, find_layers
 
 BLOCK = 32
+CHUNK_BLOCKS = 32768  # blocks re-quantized at a time: 4 MiB of fp32, not a whole matrix
 GGUF_TYPE = {"int4": "q4_1", "int8": "q8_0"}  # the export type that stores QAT's weights
 
 
@@ -60,6 +61,21 @@ def fake_quant(w: torch.Tensor, fmt: str) -> torch.Tensor:
     else:
         raise ValueError(f"unknown QAT format {fmt!r}")
     return out.reshape(w.shape)
+
+
+def _chunks(t: torch.Tensor) -> list[torch.Tensor]:
+    """Views of `t` (contiguous, a multiple of 32 values) of CHUNK_BLOCKS blocks each, so
+    that fake quantization's temporaries stay small (the embedding alone is 113 MB in fp32
+    on SmolLM2, and each temporary of a whole-matrix pass is that again)."""
+    flat = t.view(-1, BLOCK)
+    return [flat[lo:lo + CHUNK_BLOCKS] for lo in range(0, flat.shape[0], CHUNK_BLOCKS)]
+
+
+@torch.no_grad()
+def requantize(weight: torch.Tensor, master: torch.Tensor, fmt: str) -> None:
+    """weight ← Q(master), chunk by chunk."""
+    for w, m in zip(_chunks(weight), _chunks(master), strict=True):
+        w.copy_(fake_quant(m, fmt).to(w.device, w.dtype))
 
 
 def quantizable(module: nn.Module) -> bool:
@@ -140,11 +156,11 @@ class QAT:
             for tensor, tfmt in quantized_tensors(model, fmt, scheme):
                 i = index_of.get(id(tensor))
                 if i is None:  # frozen: quantized once, in place
-                    tensor.copy_(fake_quant(tensor, tfmt).to(tensor.dtype))
+                    requantize(tensor, tensor, tfmt)
                     continue
                 master = tensor.detach().to(host, torch.float32, copy=True)
                 self.masters[i] = (master, tfmt)
-                tensor.copy_(fake_quant(master, tfmt).to(tensor.dtype))
+                requantize(tensor, master, tfmt)
             if scheme == "lora":
                 for module in _lora_linears(model):
                     name = module.active_adapters[0]
@@ -175,11 +191,12 @@ class QAT:
         for i in indices:
             if i in self.masters:
                 p, (master, fmt) = self.params[i], self.masters[i]
-                # what p held before the update: Q(master) in p's dtype (a bf16 weight
-                # rounds it), so the difference is the update alone, never that rounding
-                before = fake_quant(master, fmt).to(p.dtype).float()
-                master += p.detach().float().to(master.device) - before
-                p.copy_(fake_quant(master, fmt).to(p.device, p.dtype))
+                for w, m in zip(_chunks(p.detach()), _chunks(master), strict=True):
+                    # what w held before the update: Q(master) in w's dtype (a bf16
+                    # weight rounds it), so the difference is the update alone
+                    before = fake_quant(m, fmt).to(w.dtype).float()
+                    m += w.float().to(m.device) - before
+                    w.copy_(fake_quant(m, fmt).to(w.device, w.dtype))
             elif i in self.adapted and id(self.adapted[i]) not in refreshed:
                 refreshed.add(id(self.adapted[i]))
                 self._refresh(self.adapted[i])
@@ -193,7 +210,7 @@ class QAT:
     def load_state_tensors(self, stored: dict[str, torch.Tensor]) -> None:
         for i, (m, fmt) in self.masters.items():
             m.copy_(stored[f"qat.master.{i}"])
-            self.params[i].copy_(fake_quant(m, fmt).to(self.params[i].dtype))
+            requantize(self.params[i].detach(), m, fmt)
         for entry in {id(e): e for e in self.adapted.values()}.values():
             self._refresh(entry)
 
