@@ -259,7 +259,7 @@ def load_weights(resolved: ResolvedModel, dtype: torch.dtype,
         # quantized on the host, then moved: the device never holds the dense weights
         model = load_weights(resolved, dtype, "cpu")
         try:
-            return quantize_layers(model, quantize, plain=train_scales).to(device)
+            return _own_memory(quantize_layers(model, quantize, plain=train_scales)).to(device)
         except (ValueError, RuntimeError) as err:
             raise ModelLoadError(f"optimum-quanto could not quantize {resolved.source} to "
                                  f"{quantize}: {err}") from None
@@ -287,7 +287,22 @@ def load_weights(resolved: ResolvedModel, dtype: torch.dtype,
                              "of 64; try --quantize int8 or no quantization") from None
     if quantize is None:
         model.to(device)
+    else:
+        _own_memory(model)
     return model.eval()
+
+
+@torch.no_grad()
+def _own_memory(model: torch.nn.Module) -> torch.nn.Module:
+    """Give the tensors that were not quantized their own memory. Loaded tensors can be
+    views of the memory-mapped checkpoint, which stays mapped while any of them lives,
+    and with it every page quantization read: the dense weights of all the layers (424 MiB
+    on SmolLM2 in fp32, measured as a step peak 2.3x its plan)."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device.type == "cpu" and not hasattr(t, "__tensor_flatten__") \
+                and t.dtype.is_floating_point:
+            t.data = t.data.clone()
+    return model
 
 
 def load_model(spec: str | None, dtype: torch.dtype, device: torch.device | str = "cpu"
