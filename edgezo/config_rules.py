@@ -150,6 +150,9 @@ def estimator_problems(est: EstimatorOptions, optimizer: str) -> list[str]:
     if method.curvature and (r.q != 1 or r.estimate != "two-sided"):
         out.append(f"{optimizer} reads one curvature a step from L(θ) and L(θ ± εz): it "
                    "takes --q 1 and the two-sided estimate")
+    if est.max_forwards != default.max_forwards and r.directions != "coordinate":
+        out.append("--max-forwards limits coordinate-wise estimates; add --directions "
+                   "coordinate or drop it")
     if r.directions == "coordinate":
         bad = [why for why, present in (
             (f"{optimizer} ({method.description})", kind != "zo" or method.curvature
