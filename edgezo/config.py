@@ -51,7 +51,7 @@ QUANTIZATIONS = ("nf4", "int8", "quanto-int8", "quanto-int4", "quanto-int2")
 SCHEMES = ("full", "lora", "prefix", "prompt", "head", "scales")
 QAT_FORMATS = ("int4", "int8")
 PEFT_SCHEMES = ("lora", "prefix", "prompt")
-TEMPLATES = ("aligned", "empty")
+TEMPLATES = ("auto", "aligned", "empty", "natural")
 SCHEDULES = ("constant", "linear", "cosine")
 ESTIMATES = ("two-sided", "one-sided")
 DIRECTIONS = ("gaussian", "rademacher", "lowrank", "subspace", "coordinate")
@@ -105,8 +105,10 @@ class DataOptions:
                                   "$EDGEZO_DATA_DIR, then ./shared/data or ../shared/data)",
                                   resume=True)
     data_seed: int = option(0, "Seed of the train/validation split")
-    template: str = option("aligned", "aligned (the task's prompt) or empty (bare inputs, "
-                           "same answers)", choices=TEMPLATES)
+    template: str = option("auto", "auto (the task's best prompt measured here), aligned "
+                           "(ZO-Bench's prompt), empty (bare inputs, same answers) or "
+                           "natural (SST-2: 'Review: ...\\nSentiment: positive')",
+                           choices=TEMPLATES)
     max_length: int = option(256, "Longest tokenized example (tokens)", min=8)
     batch_size: int = option(16, "Examples per step", min=1)
     eval_batch_size: int = option(32, "Examples per evaluation batch", min=1, resume=True)

@@ -224,8 +224,13 @@ def test_bad_task_names_and_specs(tmp_path):
         make_task(str(tmp_path / "s.yaml"))
     from edgezo.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="valid templates: aligned, empty"):
+    with pytest.raises(ConfigError, match="valid templates: aligned, auto, empty, natural"):
         make_task("sst2", template="plain")
+    # a template another task defines is refused, naming the ones this task has
+    with pytest.raises(TaskError, match="copa has no 'natural' template; it has: auto, "
+                                        "aligned, empty"):
+        make_task("copa", data_dir=DATA, template="natural")
+    assert make_task("copa", data_dir=DATA).template == "aligned"  # auto: its only prompt
 
 
 def test_multirc_reports_exact_match_per_question(tiny_folder):

@@ -11,11 +11,20 @@ from edgezo.tasks.loss import candidate_scores
 
 
 def test_template_renders_the_zo_bench_prompt(data_dir):
-    task = make_task("sst2", data_dir=data_dir)
+    task = make_task("sst2", data_dir=data_dir, template="aligned")
     first = task.example(task.test_rows()[0])
     assert first.prompt == "it 's a charming and often affecting journey . It was"
     assert first.candidates == (" terrible", " great")
     assert first.gold == 1
+
+
+def test_the_default_template_is_the_natural_prompt(data_dir):
+    """auto resolves to the task's own default, and the task records the resolved name."""
+    task = make_task("sst2", data_dir=data_dir)
+    first = task.example(task.test_rows()[0])
+    assert task.template == "natural"
+    assert first.prompt == "Review: it 's a charming and often affecting journey .\nSentiment:"
+    assert first.candidates == (" negative", " positive") and first.gold == 1
 
 
 def test_splits_are_1000_500_872_without_overlap_and_fixed(data_dir):
@@ -57,6 +66,14 @@ def test_batches_are_a_pure_function_of_the_step():
     first = [next(full) for _ in range(7)]
     resumed = batches(examples, 3, seed=0, start_step=4)
     assert [next(resumed) for _ in range(3)] == first[4:]
+
+
+def test_candidates_the_tokenizer_cannot_tell_apart_are_refused():
+    """Two answers both unknown to a vocabulary tokenize alike: every score would tie
+    and every ZO estimate would be zero, a run that trains nothing."""
+    enc = Encoder(tiny_tokenizer())
+    with pytest.raises(TaskError, match="tokenize to the same ids"):
+        enc.encode([Example("the movie was", (" qwzx", " vbnm"), 0)])
 
 
 def test_single_token_fast_path_equals_the_general_path():

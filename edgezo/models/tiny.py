@@ -257,7 +257,8 @@ def tiny_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    words = list(dict.fromkeys(w for w in _WORDS + ["It", "was"]))
+    words = list(dict.fromkeys(w for w in _WORDS + ["It", "was", "Review:", "Sentiment:",
+                                                      "negative", "positive", "Yes", "No"]))
     vocab = {w: i for i, w in enumerate(specials + words[: VOCAB - len(specials)])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

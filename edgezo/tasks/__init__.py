@@ -19,7 +19,7 @@ USER_SUFFIXES = (".jsonl", ".yaml", ".yml")
 
 
 def make_task(name: str, data_dir: str | None = None, data_seed: int = 0,
-              template: str = "aligned") -> Task:
+              template: str = "auto") -> Task:
     if name not in TASKS and Path(name).suffix in USER_SUFFIXES:
         return UserTask(name, data_dir=data_dir, data_seed=data_seed, template=template)
     if name not in TASKS:

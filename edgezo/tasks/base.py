@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from edgezo.config import TEMPLATES
-from edgezo.errors import unknown_choice
+from edgezo.errors import TaskError, unknown_choice
 
 SPLITS = ("train", "validation", "test")
 
@@ -45,20 +45,29 @@ class Task(ABC):
 
     `loss` is "classification" (cross-entropy over the candidates' scores: the verbalizer
     loss) or "lm" (the gold answer's token log-likelihood, for multiple choice).
-    `template` is "aligned" (the task's prompt) or "empty" (the bare inputs with the
-    same candidates), for the task-alignment study.
+    `template` is "aligned" (ZO-Bench's prompt) or "empty" (the bare inputs with the
+    same candidates), for the task-alignment study; a task may define more (`templates`).
+    "auto" takes `default_template`: the prompt that measured best for the task here,
+    which decides where a ZO run starts (SST-2 on SmolLM2: 0.80 validation zero-shot
+    with "natural", 0.65 with "aligned").
     """
 
     name = ""
     loss = "classification"
+    templates: tuple[str, ...] = ("aligned", "empty")
+    default_template = "aligned"
     num_train = 1000
     num_validation = 500
     num_test_when_split = 1000  # at most this many held out when there is no test file
 
     def __init__(self, data_dir: str | None = None, data_seed: int = 0,
-                 template: str = "aligned"):
+                 template: str = "auto"):
         if template not in TEMPLATES:
             raise unknown_choice("template", template, TEMPLATES)
+        template = self.default_template if template == "auto" else template
+        if template not in self.templates:
+            raise TaskError(f"{self.name or 'this task'} has no {template!r} "
+                            f"template; it has: auto, {', '.join(self.templates)}")
         self.data_dir = data_dir
         self.data_seed = data_seed
         self.template = template
@@ -162,6 +171,11 @@ class Encoder:
         key = ex.candidates
         if key not in self._single:
             ids = [self.tok(c, add_special_tokens=False).input_ids for c in key]
+            if len({tuple(i) for i in ids}) < len(ids):
+                # e.g. both words unknown to the vocabulary: every score would tie
+                raise TaskError(f"the candidates {list(key)} tokenize to the same ids "
+                                f"({ids}) with this model's tokenizer, so no answer can "
+                                "win; pick answer words the tokenizer tells apart")
             ok = all(len(i) == 1 for i in ids)
             if ok:  # the candidate must also be one token when appended to a prompt
                 base = self.tok(ex.prompt).input_ids

@@ -1,5 +1,10 @@
-"""SST-2 (GLUE) with ZO-Bench's template: "<sentence> It was {terrible|great}" (empty:
-"<sentence> {terrible|great}")."""
+"""SST-2 (GLUE). Templates: natural (the default) "Review: <sentence>\nSentiment:
+{negative|positive}"; aligned, ZO-Bench's (MeZO's) "<sentence> It was {terrible|great}";
+empty "<sentence> {terrible|great}".
+
+Why natural is the default: on SmolLM2-135M-Instruct it starts a run at 0.80 validation
+accuracy zero-shot against 0.65 (the majority class) for ZO-Bench's prompt, and a ZO run
+climbs from where it starts (BENCHMARKS.md, "Time to accuracy")."""
 
 from __future__ import annotations
 
@@ -13,6 +18,9 @@ from edgezo.tasks.data import find_task_dir, load_from_hub
 class SST2(Task):
     name = "sst2"
     verbalizer = (" terrible", " great")  # label 0 = negative, 1 = positive
+    natural_verbalizer = (" negative", " positive")
+    templates = ("aligned", "empty", "natural")
+    default_template = "natural"
 
     def _read_tsv(self, filename: str) -> list[dict] | None:
         folder = find_task_dir("sst2", ["train.tsv", "dev.tsv"], self.data_dir)
@@ -49,5 +57,8 @@ class SST2(Task):
 
     def example(self, row: dict) -> Example:
         sentence = row["sentence"].strip()
+        if self.template == "natural":
+            return Example(f"Review: {sentence}\nSentiment:", self.natural_verbalizer,
+                           int(row["label"]))
         prompt = sentence if self.template == "empty" else f"{sentence} It was"
         return Example(prompt, self.verbalizer, int(row["label"]))

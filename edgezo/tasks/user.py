@@ -41,7 +41,7 @@ def _fields(template: str) -> list[str]:
 
 class UserTask(Task):
     def __init__(self, path: str | Path, data_dir: str | None = None, data_seed: int = 0,
-                 template: str = "aligned"):
+                 template: str = "auto"):
         super().__init__(data_dir, data_seed, template)
         path = Path(path)
         if not path.is_file():
