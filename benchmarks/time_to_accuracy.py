@@ -66,6 +66,8 @@ def run_one(name: str, options: dict, args) -> dict:
             print(f"  {name} step {step} val {val:.3f} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
 
+        before = s.evaluate("test", args.test_examples)["accuracy"] \
+            if args.test_before else None
         record(0)
         for step in range(1, args.steps + 1):
             r = s.step()
@@ -85,6 +87,7 @@ def run_one(name: str, options: dict, args) -> dict:
         return {**extra, "method": name, "options": options, "task": args.task,
                 "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
                 "curve": curve, "test": test["accuracy"], "test_examples": test["examples"],
+                "test_before": before, "template": s.task.template if s.task else None,
                 "dtype": s.dtype_name, "cpu": cpu_capability(),
                 "step_time_s": report["step_time_s"],
                 "wall_s": time.perf_counter() - start, "date": time.strftime("%Y-%m-%d")}
@@ -140,11 +143,12 @@ def summary(rows: list[dict]) -> str:
         m = row["method"]
         if m not in best or row["curve"][-1]["val"] > best[m]["curve"][-1]["val"]:
             best[m] = row
-    lines = ["| method | lr | val (final) | test | steps | forwards | wall s | s/step |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| method | lr | val (final) | test before | test | steps | forwards | wall s "
+             "| s/step |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for m, r in best.items():
         c = r["curve"][-1]
-        lines.append(f"| {m} | {r['options'].get('lr', 0):g} | {c['val']:.3f} | "
+        before = "" if r.get("test_before") is None else f"{r['test_before']:.3f}"
+        lines.append(f"| {m} | {r['options'].get('lr', 0):g} | {c['val']:.3f} | {before} | "
                      f"{r['test']:.3f} | {c['step']} | {c['forwards']} | {c['wall_s']:.0f} | "
                      f"{r['step_time_s'] or 0:.2f} |")
     return "\n".join(lines)
@@ -169,6 +173,8 @@ def main() -> None:
                     "as JSON (e.g. '{\"dtype\": \"fp32\"}')")
     ap.add_argument("--ptq", choices=["int4", "int8"], default=None,
                     help="also test each trained model quantized after training")
+    ap.add_argument("--test-before", action="store_true",
+                    help="also evaluate the test set before training (the zero-shot score)")
     ap.add_argument("--plot", action="store_true", help="only redraw the PNG and table")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON of one run
     args = ap.parse_args()

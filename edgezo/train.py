@@ -194,8 +194,27 @@ def _accuracy_before(session: Session, output: Path | None, console: Console
     return before
 
 
+def describe_task(session: Session) -> str | None:
+    """The task line of a run's header: which prompt it trains with matters as much as
+    the optimizer (SST-2 on SmolLM2 starts at 0.79 test with one prompt, 0.52 with
+    another), so a run says which it took."""
+    task = session.task
+    if task is None:
+        return None
+    task.split("train")  # the splits are made once, on first use; the run needs them
+    info = task.split_info
+    sizes = "/".join(str(info.get(k, "?")) for k in ("train", "validation", "test"))
+    chosen = " (the task's default; --template to change)" \
+        if session.config.data.template == "auto" else ""
+    return f"Task {task.name}: template {task.template}{chosen}, train/validation/test " \
+           f"{sizes} examples."
+
+
 def _print_plan(session: Session, console: Console) -> None:
     console.print(describe_device(session))
+    line = describe_task(session)
+    if line:
+        console.print(line)
     plan = session.plan
     console.print(f"Plan: predicted peak {_gib(plan.peak_bytes)} of "
                   f"{_gib(plan.budget_bytes)} budget, "
