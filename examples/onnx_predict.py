@@ -11,9 +11,10 @@ and prompt + candidate), and the prediction is the best-scoring candidate. The g
 takes left-padded ids and a mask and works out the positions itself, so a row scores the
 same in any batch.
 
-Tasks: `sst2` (the GLUE dev set, "<sentence> It was" + " terrible" / " great", edgezo's
-test split) or a .jsonl file of rows {"input": ..., "candidates": [...], "label": <index
-or candidate>}, edgezo's user-task format.
+Tasks: `sst2` (the GLUE dev set, edgezo's test split, with edgezo's default prompt for it:
+"Review: <sentence>\nSentiment:" + " negative" / " positive") or a .jsonl file of rows
+{"input": ..., "candidates": [...], "label": <index or candidate>}, edgezo's user-task
+format.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ def read_task(task: str, data_dir: str | None = None, max_examples: int | None =
         path = Path(data_dir or ".") / "sst2" / "dev.tsv"
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-        out = [(f"{r['sentence'].strip()} It was", [" terrible", " great"], int(r["label"]))
-               for r in rows]
+        out = [(f"Review: {r['sentence'].strip()}\nSentiment:", [" negative", " positive"],
+                int(r["label"])) for r in rows]
     else:
         out = []
         for line in Path(task).read_text(encoding="utf-8").splitlines():

@@ -171,8 +171,10 @@ class Encoder:
         key = ex.candidates
         if key not in self._single:
             ids = [self.tok(c, add_special_tokens=False).input_ids for c in key]
-            if len({tuple(i) for i in ids}) < len(ids):
-                # e.g. both words unknown to the vocabulary: every score would tie
+            if self.loss == "classification" and len({tuple(i) for i in ids}) < len(ids):
+                # e.g. both words unknown to the vocabulary: every score would tie and the
+                # loss, which compares the candidates, would be flat (an LM loss, on the
+                # gold answer alone, still trains)
                 raise TaskError(f"the candidates {list(key)} tokenize to the same ids "
                                 f"({ids}) with this model's tokenizer, so no answer can "
                                 "win; pick answer words the tokenizer tells apart")
