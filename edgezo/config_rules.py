@@ -108,8 +108,17 @@ def optimizer_problems(name: str, **options) -> list[str]:
 
 def estimator_problems(est: EstimatorOptions, optimizer: str) -> list[str]:
     """Estimator options the optimizer would not use, and contradictions among them."""
+    from edgezo.zo.optimizers import OPTIMIZERS
+
+    out = _unused_estimator_options(est, optimizer)
+    if OPTIMIZERS[optimizer].estimator == "fo":
+        return out
+    return out + _zo_estimator_problems(est, optimizer)
+
+
+def _unused_estimator_options(est: EstimatorOptions, optimizer: str) -> list[str]:
+    """Options an FO or forward-gradient method has no use for."""
     from edgezo.config import EstimatorOptions
-    from edgezo.config_defaults import STRUCTURED, resolve_estimator
     from edgezo.zo.optimizers import OPTIMIZERS
 
     method = OPTIMIZERS[optimizer]
@@ -130,9 +139,19 @@ def estimator_problems(est: EstimatorOptions, optimizer: str) -> list[str]:
     if est.pair is not None and kind != "zo":
         out.append(f"--pair/--two-pass choose how ZO evaluates L(θ ± εz); {optimizer} makes "
                    "no such pair: drop the option")
-    if kind == "fo":
-        return out
+    return out
+
+
+def _zo_estimator_problems(est: EstimatorOptions, optimizer: str) -> list[str]:
+    """Contradictions among the options of a ZO or forward-gradient estimate."""
+    from edgezo.config import EstimatorOptions
+    from edgezo.config_defaults import STRUCTURED, resolve_estimator
+    from edgezo.zo.optimizers import OPTIMIZERS
+
+    method = OPTIMIZERS[optimizer]
+    kind, default = method.estimator, EstimatorOptions()
     r = resolve_estimator(est, optimizer)
+    out = []
     if est.pair and r.estimate == "one-sided":
         out.append("--pair evaluates L(θ + εz) and L(θ − εz) in one doubled forward; a "
                    "one-sided estimate has no L(θ − εz): drop --pair or use --estimate "
