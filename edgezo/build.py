@@ -117,7 +117,9 @@ def compute_device(profile: Profile, strict_memory: bool) -> torch.device:
                               "allocator's cap holds the budget: drop it")
         if not strict_heap():
             raise ConfigError("--strict-memory needs glibc's malloc (Linux); drop it")
-    return torch.device("cuda" if on_cuda else "cpu")
+    # with its index: torch.device("cuda") equals no tensor's device, and the allocator's
+    # per-device calls (the budget cap) refuse it
+    return torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
 
 
 def objective_fn(config: RunConfig, objective: Callable | None) -> Callable:
@@ -220,9 +222,10 @@ def check_live_plan(config: RunConfig, plan: Plan, profile: Profile,
     if not plan.fits:
         raise OutOfBudgetError(budget_message(plan, profile))
     if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
+        index = torch.cuda.current_device() if device.index is None else device.index
+        total = torch.cuda.get_device_properties(index).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, profile.budget_bytes / total),
-                                                   device)
+                                                   index)
 
 
 def start_streaming(config: RunConfig, engine: ZOEngine, plan: Plan, decision: Decision,
