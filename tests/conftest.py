@@ -53,6 +53,13 @@ def lm_batch(vocab: int, rows: int = 4, seq: int = 7, seed: int = 0) -> dict:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def on_device_of(model, batch: dict) -> dict:
+    """`batch` on the device the model computes on: a GPU profile's session runs on the GPU
+    where one exists, and the test suite also runs there (scripts/gpu_checks.sh)."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def zo_engine(model, optimizer, *, seed: int = 0, pair: bool = True, loss_fn=None,
               blocks=None, **estimator):
     """A ZOEngine with the estimator options as keywords (eps, q, block_wise, ...) and the

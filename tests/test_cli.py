@@ -95,7 +95,8 @@ def test_report_writes_markdown_json_and_a_plot(tiny_folder, data_dir, tmp_path)
                                           "candidates": [" terrible", " great"]})
                               for i in range(30)))
     finetuned = invoke("finetune", "--model", tiny_folder, "--task", str(task), "--steps", "2",
-                       "--batch-size", "4", "--no-save-model", "--output", str(run))
+                       "--batch-size", "4", "--no-save-model", "--output", str(run),
+                       "--profile", "cpu-16gb")  # a CPU run also where a GPU is visible
     assert finetuned.exit_code == 0, finetuned.output
     result = invoke("report", str(run))
     assert result.exit_code == 0, result.output

@@ -256,6 +256,7 @@ def test_a_cpu_without_native_bf16_computes_in_fp32_and_says_why(tiny_folder, mo
     from edgezo.session import Session
 
     monkeypatch.setattr(hardware, "native_on_cpu", lambda dtype: dtype == "fp32")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU's choice
     s = Session(tiny_folder, task=None)  # 8gb-gpu: a bf16 profile, emulated on this CPU
     try:
         assert s.dtype_name == "fp32" and "no native bf16" in s.dtype_reason

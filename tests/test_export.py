@@ -13,6 +13,7 @@ import numpy as np
 import peft
 import pytest
 import torch
+from conftest import on_device_of
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from edgezo.errors import ConfigError
@@ -34,9 +35,10 @@ def batch(vocab: int = 256) -> dict:
 
 
 def logits(model, b: dict) -> torch.Tensor:
+    b = on_device_of(model, b)
     positions = (b["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        return model(**b, position_ids=positions).logits.float()
+        return model(**b, position_ids=positions).logits.float().cpu()
 
 
 def read_back(path: Path) -> torch.nn.Module:

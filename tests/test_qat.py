@@ -5,7 +5,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import lm_batch, zo_engine
+from conftest import lm_batch, on_device_of, zo_engine
 
 from edgezo import Session
 from edgezo.config import RunConfig
@@ -133,7 +133,8 @@ def test_the_gguf_export_of_a_qat_run_is_the_model_it_trained(tmp_path, data_dir
         sess.engine.flush()
         b = {k: v for k, v in lm_batch(VOCAB).items() if k in ("input_ids", "attention_mask")}
         with torch.no_grad():
-            ours = sess.model(**b, position_ids=_positions(b)).logits
+            ours = sess.model(**on_device_of(sess.model, b),
+                              position_ids=_positions(b).to(sess.device)).logits.cpu()
         path = sess.save(tmp_path / "gguf", "gguf", gguf_type="q4_1")
         assert sess.report()["hyperparameters"]["qat"] == "int4"
         assert "qat_masters" in sess.plan.components

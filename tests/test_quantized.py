@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import lm_batch, zo_engine
+from conftest import lm_batch, on_device_of, zo_engine
 
 from edgezo import Session
 from edgezo.config import RunConfig
@@ -76,15 +76,15 @@ def test_scales_scheme_trains_only_the_scales_and_keeps_the_codes(wide, data_dir
             assert torch.equal(before_codes[name], after_codes[name]), name
         # the update landed in the backend's own scale tensors (shared storage)
         assert any(not torch.equal(before_scales[n], after_scales[n]) for n in before_scales)
-        logits = model(**{k: v for k, v in lm_batch(VOCAB).items()
-                          if k in ("input_ids", "attention_mask")}).logits
+        logits = model(**on_device_of(model, {k: v for k, v in lm_batch(VOCAB).items()
+                                              if k in ("input_ids", "attention_mask")})).logits
     finally:
         sess.close()
     reloaded = load_quantized(out)
     assert len(quantized_linears(reloaded)) == 14
-    again = reloaded(**{k: v for k, v in lm_batch(VOCAB).items()
-                        if k in ("input_ids", "attention_mask")}).logits
-    torch.testing.assert_close(again, logits, rtol=0, atol=1e-5)
+    again = reloaded(**on_device_of(reloaded, {k: v for k, v in lm_batch(VOCAB).items()
+                                               if k in ("input_ids", "attention_mask")})).logits
+    torch.testing.assert_close(again.cpu(), logits.cpu(), rtol=0, atol=1e-5)
     for name, value in backend_scales(reloaded).items():
         assert torch.equal(value, after_scales[name]), name
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import lm_batch, zo_engine
+from conftest import lm_batch, on_device_of, zo_engine
 from transformers import AutoModelForCausalLM
 
 from edgezo.config import SCHEMES
@@ -27,9 +27,10 @@ def family_folders(tmp_path_factory):
 
 
 def logits(model, batch):
+    batch = on_device_of(model, batch)
     with torch.no_grad():
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     use_cache=False).logits
+                     use_cache=False).logits.cpu()
 
 
 # scales needs a quantized base: test_quantized covers it on two families and backends

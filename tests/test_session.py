@@ -65,7 +65,7 @@ def test_save_writes_a_model_transformers_loads(session, tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(out)
     pairs = zip(session.model.named_parameters(), loaded.named_parameters(), strict=True)
     for (n, p), (_, q) in pairs:
-        assert torch.equal(p, q), n
+        assert torch.equal(p.cpu(), q), n
     assert json.loads((out / "report.json").read_text())["steps"] == 1
 
 
@@ -149,7 +149,8 @@ def test_a_session_without_a_task_trains_on_given_batches(tiny_folder):
 def test_the_guard_stops_an_over_budget_run_and_keeps_the_model(tiny_folder, data_dir,
                                                                tmp_path, monkeypatch):
     """A step whose measured memory crosses the budget ends the run with a clear error,
-    after the model and the report are written."""
+    after the model and the report are written. On the CPU the measured peak crosses it
+    after the step; on a GPU the capped allocator refuses the step itself."""
     from edgezo.train import finetune
 
     task = tmp_path / "small.jsonl"  # a 30-row task keeps the evaluations short
@@ -162,25 +163,30 @@ def test_the_guard_stops_an_over_budget_run_and_keeps_the_model(tiny_folder, dat
 
     def step(batch, lr):
         calls.append(1)
+        if len(calls) == 3 and sess.on_cuda:
+            raise torch.cuda.OutOfMemoryError("the cap")
         if len(calls) == 3:  # the third step "uses" twice the budget
             sess.monitor.peaks["train"] = 2 * sess.profile.budget_bytes
         return real_step(batch, lr)
 
     monkeypatch.setattr(sess.engine, "step", step)
     out = tmp_path / "run"
+    kept = 2 if sess.on_cuda else 3  # the refused step never ran; the measured one did
+    message = ("step 3 ran out of device memory under profile 8gb-gpu" if sess.on_cuda
+               else "step 3 used .* over profile 8gb-gpu")
     try:
-        with pytest.raises(OutOfBudgetError, match="step 3 used .* over profile 8gb-gpu"):
+        with pytest.raises(OutOfBudgetError, match=message):
             finetune(sess, 10, output=out)
     finally:
         sess.close()
     report = json.loads((out / "report.json").read_text())
-    assert report["steps"] == 3 and report["stopped"].startswith("over budget")
+    assert report["steps"] == kept and report["stopped"].startswith("over budget")
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "model")  # the checkpoint is intact
     from edgezo.checkpoint import snapshots
 
-    assert snapshots(out)[-1].name == "step-00000003"  # and resumable from step 3
+    assert snapshots(out)[-1].name == f"step-{kept:08d}"  # and resumable from there
 
 
 def test_the_ledger_prices_a_batch_bigger_than_the_plan_before_it_runs(tiny_folder, tmp_path):
@@ -255,15 +261,16 @@ def test_strict_memory_sets_the_heap_once_and_is_refused_where_it_cannot_work(
 
     calls = []
     monkeypatch.setattr(heap, "_mallopt", lambda p, v: calls.append((p, v)) or True)
-    s = Session(tiny_folder, task=None, check_budget=False, strict_memory=True)
+    cpu = dict(task=None, check_budget=False, profile="cpu-16gb")  # the CPU's heap, also
+    s = Session(tiny_folder, strict_memory=True, **cpu)  # where a GPU is visible
     assert calls == [(heap.M_MMAP_THRESHOLD, 256 << 10)]
     assert s.config.runtime.strict_memory and s.report()["hyperparameters"]["strict_memory"]
     s.close()
-    Session(tiny_folder, task=None, check_budget=False).close()
+    Session(tiny_folder, **cpu).close()
     assert len(calls) == 1  # off unless asked
     monkeypatch.setattr(heap, "_mallopt", lambda p, v: False)  # not glibc
     with pytest.raises(ConfigError, match="needs glibc"):
-        Session(tiny_folder, task=None, check_budget=False, strict_memory=True)
+        Session(tiny_folder, strict_memory=True, **cpu)
 
 
 def test_strict_memory_hands_freed_activations_back_at_once():
@@ -368,3 +375,30 @@ def test_cuda_monitor_keeps_allocated_and_reserved_peaks_per_phase(monkeypatch):
     assert monitor.peaks == {"train": 100, "eval": 40}
     assert monitor.reserved_peaks == {"train": 200, "eval": 64}
     assert state["devices"] == {3} and monitor.samples
+
+
+def test_a_cuda_run_names_its_device_index_where_the_budget_cap_needs_one(monkeypatch):
+    """On a GPU every profile run caps the allocator at the budget; torch's per-device
+    calls refuse a bare torch.device("cuda") (found on an H200: every GPU-profile Session
+    failed to start). Faked here: torch's own index check is what the fake cap applies."""
+    from types import SimpleNamespace
+
+    from torch.cuda._utils import _get_device_index
+
+    from edgezo import build
+    from edgezo.profiles import load_profile
+
+    capped = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(
+        total_memory=80 * 2**30, index=_get_device_index(d)))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda f, d=None: capped.update(fraction=f, index=_get_device_index(d)))
+    profile = load_profile("8gb-gpu")
+    device = build.compute_device(profile, strict_memory=False)
+    assert device == torch.device("cuda", 0)
+    config = SimpleNamespace(runtime=SimpleNamespace(check_budget=True))
+    for d in (device, torch.device("cuda")):  # also a caller's bare device
+        build.check_live_plan(config, SimpleNamespace(fits=True), profile, d)
+        assert capped == {"fraction": profile.budget_bytes / (80 * 2**30), "index": 0}

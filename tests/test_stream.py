@@ -484,6 +484,7 @@ def test_a_streamed_model_in_another_dtype_loads_without_holding_its_weights(
 
     load_weights = session_mod.load_weights
     monkeypatch.setattr(session_mod, "load_weights", load_and_look)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # host-side loading
     kw = dict(dtype="bf16", check_budget=False, task=None)
     s = Session(wide_folder, offload="disk", offload_dir=str(tmp_path / "off"), **kw)
     assert seen["layers"] > 0 and seen["mapped"] == seen["layers"]
