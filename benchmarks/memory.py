@@ -96,7 +96,8 @@ def main() -> None:
     from edgezo.hardware import cpu_capability, preferred_dtype
 
     if args.dtype == "auto":
-        args.dtype = preferred_dtype(None, "bf16", torch.device("cpu"))[0]
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        args.dtype = preferred_dtype(None, "bf16", device)[0]
     print(f"CPU: {cpu_capability()}")
     results = {}
     for mode in ("inference", "zo-pair", "zo-two", "zo-pair-table"):

@@ -35,17 +35,19 @@ CONFIGS = {
 }
 
 
-def measure(name: str, steps: int, data_dir: str | None) -> dict:
+def measure(name: str, steps: int, data_dir: str | None, model: str | None = None,
+            profile: str = "cpu-16gb") -> dict:
     from edgezo import Session
 
-    s = Session(batch_size=16, seed=0, data_dir=data_dir, profile="cpu-16gb",
+    s = Session(model, batch_size=16, seed=0, data_dir=data_dir, profile=profile,
                 **CONFIGS[name])
     try:
         for _ in range(steps):
             s.step()
         r = s.report()
         trainable = sum(p.numel() for p in s.model.parameters() if p.requires_grad)
-        return {"config": name, "dtype": s.dtype_name, "trainable": trainable,
+        return {"config": name, "dtype": s.dtype_name, "device": str(s.device),
+                "trainable": trainable,
                 "peak_mib": r["peak_memory_bytes"] / 2**20,
                 "predicted_mib": r["predicted_peak_memory_bytes"] / 2**20,
                 "step_s": r["step_time_s"]}
@@ -58,10 +60,14 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M")
+    ap.add_argument("--profile", default="cpu-16gb",
+                    help="a GPU profile runs on the GPU when one is visible")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(measure(args.one, args.steps, args.data_dir)))
+        print("RESULT " + json.dumps(measure(args.one, args.steps, args.data_dir, args.model,
+                                             args.profile)))
         return
     from edgezo.hardware import cpu_capability
 
@@ -69,7 +75,10 @@ def main() -> None:
     print("| config | dtype | trainable values | peak MiB | predicted MiB | s/step |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for name in args.configs.split(","):
-        cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps)]
+        cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps),
+               "--profile", args.profile]
+        if args.model:
+            cmd += ["--model", args.model]
         if args.data_dir:
             cmd += ["--data-dir", args.data_dir]
         out = subprocess.run(cmd, capture_output=True, text=True)
@@ -78,8 +87,8 @@ def main() -> None:
             print(f"| {name} | failed: {out.stderr.strip().splitlines()[-1:]} |")
             continue
         r = json.loads(lines[0][7:])
-        print(f"| {name} | {r['dtype']} | {r['trainable']:,} | {r['peak_mib']:.0f} | "
-              f"{r['predicted_mib']:.0f} | {r['step_s']:.2f} |", flush=True)
+        print(f"| {name} | {r['dtype']} on {r['device']} | {r['trainable']:,} | "
+              f"{r['peak_mib']:.0f} | {r['predicted_mib']:.0f} | {r['step_s']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

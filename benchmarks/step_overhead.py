@@ -47,11 +47,17 @@ def make_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> dict:
             "gold": torch.randint(0, 2, (batch,), generator=g)}
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int, device: torch.device) -> float:
+    """Median wall time of `fn`; on CUDA the queue is drained before and after each call,
+    so a figure is the step's own time, not the time to enqueue it."""
     times = []
     for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -102,16 +108,22 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="auto: cuda when a GPU is visible, else cpu")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    name = (preferred_dtype(None, "bf16", torch.device("cpu"))[0] if args.dtype == "auto"
+    device = torch.device(args.device if args.device != "auto"
+                          else "cuda" if torch.cuda.is_available() else "cpu")
+    name = (preferred_dtype(None, "bf16", device)[0] if args.dtype == "auto"
             else args.dtype)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[name]
     if args.model.startswith("tiny:"):
-        model = tiny_model(args.model.split(":", 1)[1], dtype=dtype)
+        model = tiny_model(args.model.split(":", 1)[1], dtype=dtype).to(device)
     else:
-        model = load_model(args.model, dtype).model
-    batch = make_batch(model.config.get_text_config().vocab_size, args.batch, args.seq)
+        model = load_model(args.model, dtype, device).model
+    batch = {k: v.to(device) for k, v in
+             make_batch(model.config.get_text_config().vocab_size, args.batch,
+                        args.seq).items()}
 
     @torch.no_grad()
     def two_forwards() -> None:
@@ -124,20 +136,23 @@ def main() -> None:
         engine = engine_for(model, noise, pair)
         for _ in range(2):  # warm-up: page in the weights, first copy-on-write, caches
             engine.step(batch, lr=1e-7)
-        steps[(noise, pair)] = timed(lambda e=engine: e.step(batch, lr=1e-7), args.repeats)
+        steps[(noise, pair)] = timed(lambda e=engine: e.step(batch, lr=1e-7), args.repeats,
+                                       device)
         engine.close()
-    t_fwd = timed(two_forwards, args.repeats)
+    t_fwd = timed(two_forwards, args.repeats, device)
     mezo = MezoReference(model, eps=1e-3, lr=1e-7)
     mezo.step(batch)
-    t_mezo = timed(lambda: mezo.step(batch), args.repeats)
-    report(args, name, t_fwd, steps, t_mezo)
+    t_mezo = timed(lambda: mezo.step(batch), args.repeats, device)
+    report(args, name, device, t_fwd, steps, t_mezo)
 
 
-def report(args, dtype: str, t_fwd: float, steps: dict, t_mezo: float) -> None:
+def report(args, dtype: str, device: torch.device, t_fwd: float, steps: dict,
+           t_mezo: float) -> None:
     t_pair = steps[("generator", True)]
     result = {
         "model": args.model, "dtype": dtype, "batch": args.batch, "seq": args.seq,
         "threads": torch.get_num_threads(), "cpu": cpu_capability(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "machine": platform.processor() or platform.machine(),
         "two_forwards_s": t_fwd, "mezo_step_s": t_mezo,
         **{f"edgezo_{'pair' if pair else 'two_pass'}_{noise}_step_s": t
@@ -149,7 +164,7 @@ def report(args, dtype: str, t_fwd: float, steps: dict, t_mezo: float) -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"CPU: {result['cpu']}")
+    print(f"CPU: {result['cpu']}; computing on {result['device']}")
     print(f"{args.model} {dtype}, batch {args.batch} x {args.seq} tokens, "
           f"{result['threads']} threads, median of {args.repeats}")
     print(f"  two plain forwards               {t_fwd:8.3f} s   1.00")

