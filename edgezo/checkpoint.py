@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from edgezo.errors import CheckpointError
 
 SNAPSHOTS = "checkpoints"
+BEST = "best"  # the weights that scored best on validation (--keep-best), never pruned
 SEED_LOG = "seedlog.jsonl"
 RUN_FILE = "run.json"
 
@@ -91,8 +92,29 @@ def save_snapshot(run_dir: Path, step: int, weights: dict[str, torch.Tensor],
     """Write one snapshot atomically and drop all but the newest `keep`."""
     root = Path(run_dir) / SNAPSHOTS
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    final = _write_atomically(root / f"step-{step:08d}", step, weights, state, meta)
+    for old in snapshots(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_best(run_dir: Path, step: int, weights: dict[str, torch.Tensor],
+              state: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Replace the run's best snapshot (a crash mid-write keeps the previous best)."""
+    return _write_atomically(Path(run_dir) / BEST, step, weights, state, meta)
+
+
+def best_snapshot(run_dir: Path) -> Path | None:
+    path = Path(run_dir) / BEST
+    return path if (path / "meta.json").is_file() else None
+
+
+def _write_atomically(final: Path, step: int, weights: dict[str, torch.Tensor],
+                      state: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Write a snapshot folder beside `final`, then rename it into place: the folder at
+    `final` is always a whole snapshot, the old one until the new one is complete."""
+    root = final.parent
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -107,14 +129,12 @@ def save_snapshot(run_dir: Path, step: int, weights: dict[str, torch.Tensor],
         (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "sha256": sums},
                                                   indent=1))
         _fsync(tmp / "meta.json")
-        if final.exists():  # the same step snapshotted again (e.g. at the end)
+        if final.exists():  # the same step snapshotted again (e.g. at the end), or a new best
             shutil.rmtree(final)
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # the previous snapshots stay untouched
         raise
-    for old in snapshots(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
     return final
 
 

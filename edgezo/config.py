@@ -253,6 +253,9 @@ class TrainOptions:
                                           f"{DEFAULT_CHECKPOINT_EVERY})", min=0, resume=True)
     keep: int | None = option(None, f"Snapshots kept (default {DEFAULT_KEEP})", min=1,
                               resume=True)
+    keep_best: bool = option(False, "With --eval-every: end with the weights that scored "
+                             "best on validation (the saved model and the test score are "
+                             "theirs); the last step's stay in the snapshots", resume=True)
 
 
 SECTIONS: dict[str, type] = {

@@ -19,10 +19,12 @@ from edgezo import __version__
 from edgezo.checkpoint import (
     RUN_FILE,
     SeedLog,
+    best_snapshot,
     latest_valid,
     load_snapshot,
     read_run_file,
     read_seed_log,
+    save_best,
     save_snapshot,
     snapshot_step,
     snapshots,
@@ -86,6 +88,41 @@ def checkpoint(session: Session, keep: int = 3) -> Path:
     done = snapshots(session.run_dir)
     if done and done[-1].name == f"step-{step:08d}":
         return done[-1]  # this step is already saved
+    weights, state, meta = _snapshot_of(session)
+    return save_snapshot(session.run_dir, step, weights, state, meta, keep)
+
+
+def checkpoint_best(session: Session, validation_accuracy: float) -> Path:
+    """Keep the weights now as the run's best on validation (OUTPUT/best, replaced by
+    the next better score; the periodic snapshots may prune their step, this stays)."""
+    if session.run_dir is None:
+        raise ConfigError("call record(run_dir) before checkpoint_best()")
+    weights, state, meta = _snapshot_of(session)
+    meta["validation_accuracy"] = validation_accuracy
+    return save_best(session.run_dir, session.engine.step_index, weights, state, meta)
+
+
+def best_of(run_dir: Path | None) -> dict | None:
+    """The best snapshot's meta (step, validation_accuracy), verified; None if none."""
+    snap = best_snapshot(run_dir) if run_dir is not None else None
+    if snap is None:
+        return None
+    try:
+        return verify(snap)
+    except CheckpointError:
+        return None
+
+
+def restore_best(session: Session) -> dict:
+    """Put the best snapshot's weights and optimizer state into the session."""
+    snap = best_snapshot(session.run_dir)
+    meta = verify(snap)
+    weights, state = load_snapshot(snap)
+    restore(session, weights, state, meta)
+    return meta
+
+
+def _snapshot_of(session: Session) -> tuple[dict, dict, dict]:
     state = session.engine.state_tensors()  # flushes the pending update first
     state["torch_rng"] = torch.get_rng_state()
     weights: dict[str, torch.Tensor] = {}
@@ -93,7 +130,7 @@ def checkpoint(session: Session, keep: int = 3) -> Path:
     masks = session.engine.masks
     meta = {"edgezo_version": __version__, "mask_epoch": masks.epoch if masks else None,
             "config": session.config.to_dict()}
-    return save_snapshot(session.run_dir, step, weights, state, meta, keep)
+    return weights, state, meta
 
 
 def restore(session: Session, weights: dict, state: dict, meta: dict) -> None:

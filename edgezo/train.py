@@ -123,6 +123,8 @@ def _train_loop(session: Session, console: Console, metrics, watch: DivergenceWa
     steps, output = t.steps, t.output
     every = t.checkpoint_every if t.checkpoint_every is not None else DEFAULT_CHECKPOINT_EVERY
     start, log_every = time.perf_counter(), max(1, steps // 20)
+    keeps_best = t.keep_best and session.run_dir is not None
+    best = runs.best_of(session.run_dir) if keeps_best else None
     with _progress(console) as progress:
         bar = progress.add_task("train", total=steps, loss="-", rate="-", mem="-",
                                 completed=first)
@@ -130,10 +132,14 @@ def _train_loop(session: Session, console: Console, metrics, watch: DivergenceWa
             r = session.step()
             row = _metrics_row(session, r)
             if t.eval_every and (i + 1) % t.eval_every == 0:
-                row["validation_accuracy"] = evaluate(session, "validation",
-                                                      progress.console)["accuracy"]
-                progress.console.print(f"step {i + 1}: validation accuracy "
-                                       f"{row['validation_accuracy']:.4f}")
+                acc = row["validation_accuracy"] = evaluate(session, "validation",
+                                                            progress.console)["accuracy"]
+                note = ""
+                if keeps_best and (best is None or acc > best["validation_accuracy"]):
+                    best = {"step": i + 1, "validation_accuracy": acc}
+                    runs.checkpoint_best(session, acc)
+                    note = " (the best so far: kept)"
+                progress.console.print(f"step {i + 1}: validation accuracy {acc:.4f}{note}")
             row["wall_s"] = time.perf_counter() - t0  # evaluations included
             if metrics is not None:
                 metrics.write(json.dumps(row) + "\n")
@@ -240,6 +246,9 @@ def finetune(session: Session, steps: int | None = None, *, console: Console | N
     if session.rank != 0:  # data-parallel: rank 0 alone writes the run folder and talks
         output, console = None, Console(quiet=True)
     console = console or Console()
+    if t.keep_best and t.output is None:  # a Session may get its folder only here
+        raise ConfigError("--keep-best keeps the best weights in the run folder: add "
+                          "--output DIR (finetune(output=...))")
     first = session.engine.step_index  # > 0 when resumed
     if output is not None:
         session.record(output)
@@ -250,8 +259,11 @@ def finetune(session: Session, steps: int | None = None, *, console: Console | N
     if first:
         console.print(f"Resumed at step {first} of {t.steps}.")
     stopped = _run_steps(session, console, output, first, t0)
+    selected = _keep_best(session, output, stopped, console)
     report = _final_report(session, before, time.perf_counter() - t0, stopped, console)
-    _write_run_folder(session, report, output, console, stopped)
+    report["selected"] = selected
+    _write_run_folder(session, report, output, console, stopped,
+                      snapshot=selected is None or selected["step"] == selected["last_step"])
     if stopped is not None and not isinstance(stopped, KeyboardInterrupt):
         raise stopped  # after the model and report are safely written
     console.print(summary_table(report))
@@ -297,6 +309,30 @@ def _run_steps(session: Session, console: Console, output: Path | None, first: i
             metrics.close()
 
 
+def _keep_best(session: Session, output: Path | None, stopped, console: Console
+               ) -> dict | None:
+    """With --keep-best, go back to the weights that scored best on validation, so the
+    final evaluations and the saved model are theirs. The last step's weights are
+    snapshotted first: --resume goes on from them. None: nothing selected (off, no run
+    folder, no validation yet, or a run that stopped unsound or over budget)."""
+    sound = stopped is None or isinstance(stopped, KeyboardInterrupt)
+    if not session.config.train.keep_best or output is None or not sound:
+        return None
+    best = runs.best_of(output)
+    if best is None:
+        return None
+    last = session.engine.step_index
+    selected = {"by": "validation", "step": best["step"],
+                "validation_accuracy": best["validation_accuracy"], "last_step": last}
+    if best["step"] != last:
+        _snapshot(session, console)
+        runs.restore_best(session)
+        console.print(f"Keeping step {best['step']}'s weights, the best on validation "
+                      f"({best['validation_accuracy']:.4f}); step {last}'s are in the "
+                      "snapshots (--resume goes on from them).")
+    return selected
+
+
 def _after_divergence(session: Session, stop: Diverged, console: Console) -> TrainingError:
     """Go back to the last sound weights (snapshot + seed log) and say so."""
     if runs.rewind(session, stop.good_step):
@@ -333,12 +369,15 @@ def _final_report(session: Session, before: float | None, wall_s: float, stopped
 
 
 def _write_run_folder(session: Session, report: dict, output: Path | None, console: Console,
-                      stopped) -> None:
+                      stopped, snapshot: bool = True) -> None:
+    """`snapshot`: False when the session holds the best, not the last, weights (the last
+    ones are already snapshotted)."""
     if output is None:
         return
     t = session.config.train
     if not getattr(stopped, "unsound", False):
-        _snapshot(session, console)
+        if snapshot:
+            _snapshot(session, console)
         if t.save_model is not False:
             session.save(output / "model")
     (output / "report.json").write_text(json.dumps(report, indent=2))
@@ -363,6 +402,8 @@ def summary_table(report: dict) -> Table:
         ("profile", report["profile"] + (" (emulated on CPU)" if report["emulated_profile"]
                                          else "")),
         ("steps", str(report["steps"]) + (" (interrupted)" if report.get("interrupted") else "")),
+        *([("weights kept", f"step {report['selected']['step']}'s, the best on validation")]
+          if report.get("selected") else []),
         ("test accuracy before -> after",
          f"{_acc(report['accuracy_before'])} -> {report['test_accuracy']:.4f}"
          + _examples(report, "test")),

@@ -345,3 +345,55 @@ def test_run_folders_are_read_without_pickle(tiny_folder, data_dir, tmp_path, mo
 def test_snapshot_options_without_a_run_folder_are_refused(tiny_folder):
     proc = cli_run(["finetune", "--model", tiny_folder, "--keep", "2"], check=False)
     assert proc.returncode == 2 and "add --output DIR" in proc.stderr
+
+
+def test_keep_best_ends_with_the_best_validated_weights_and_keeps_the_last(
+        tiny_folder, data_dir, tmp_path, monkeypatch):
+    """--keep-best: the final evaluations and the saved model are those of the step that
+    scored best on validation; the last step's weights stay snapshotted for --resume.
+    Validation is scripted (a tiny model's accuracy barely moves): best at step 4 of 6."""
+    from edgezo import train
+
+    scores = {2: 0.5, 4: 0.9, 6: 0.6}
+    seen = []
+
+    def scripted(sess, split, console):
+        seen.append((split, sess.engine.step_index))
+        return {"accuracy": scores[sess.engine.step_index] if split == "validation" else 0.7}
+
+    monkeypatch.setattr(train, "evaluate", scripted)
+    ref = session(tiny_folder, data_dir)
+    for _ in range(4):
+        ref.step()
+    ref.engine.flush()
+    at_4 = trainable(ref)
+    for _ in range(2):
+        ref.step()
+    ref.engine.flush()
+    at_6 = trainable(ref)
+    ref.close()
+
+    run = tmp_path / "run"
+    s = session(tiny_folder, data_dir, eval_every=2, keep_best=True, eval_before=False)
+    try:
+        report = train.finetune(s, 6, output=str(run))
+        assert same(trainable(s), at_4) and not same(at_4, at_6)
+    finally:
+        s.close()
+    assert report["selected"] == {"by": "validation", "step": 4, "validation_accuracy": 0.9,
+                                  "last_step": 6}
+    assert report["steps"] == 6 and report["validation_accuracy"] == 0.9
+    assert seen[-2:] == [("validation", 4), ("test", 4)]  # the final evaluations: step 4's
+    saved = load_file(str(run / "model" / "model.safetensors"))
+    assert any(torch.equal(saved[n], v) for n, v in at_4.items() if n in saved)
+    assert snapshots(run)[-1].name == "step-00000006"  # the last weights, resumable
+    assert same(load_file(str(snapshots(run)[-1] / "weights.safetensors")), at_6)
+    assert json.loads((run / "best" / "meta.json").read_text())["step"] == 4
+
+
+def test_keep_best_needs_periodic_validation_and_a_run_folder(tiny_folder):
+    proc = cli_run(["finetune", "--model", tiny_folder, "--keep-best"], check=False)
+    assert proc.returncode == 2 and "add --eval-every N" in proc.stderr
+    proc = cli_run(["finetune", "--model", tiny_folder, "--keep-best", "--eval-every", "2",
+                    "--task", "sst2", "--steps", "2"], check=False)
+    assert proc.returncode == 2 and "add --output DIR" in proc.stderr
