@@ -103,6 +103,12 @@ def evaluate(ctx: typer.Context, given: dict, split: str, max_examples: int | No
 
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    trained = None if "template" in given else _trained_template(given)
+    if trained is not None:
+        given = {**given, "template": trained}
+        if not as_json:
+            print(f"template {trained}, as the model was trained (its report.json); "
+                  "--template to change")
     session = Session(**given)
     try:
         result = session.evaluate(split, max_examples=max_examples)
@@ -115,6 +121,26 @@ def evaluate(ctx: typer.Context, given: dict, split: str, max_examples: int | No
               if "exact_match" in result else "")
         print(f"{session.config.data.task} {split}: accuracy {result['accuracy']:.4f} on "
               f"{result['examples']} examples{em}")
+
+
+def _trained_template(given: dict) -> str | None:
+    """The prompt template a model saved by edgezo was trained with on this task (from
+    the report.json beside its weights): scored with another prompt, a fine-tuned model
+    can read as untrained. None for other models, or another task."""
+    from edgezo.config import RunConfig
+
+    report = Path(str(given.get("model") or "")) / "report.json"
+    try:
+        found = json.loads(report.read_text()) if report.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return None
+    task = given.get("task") or RunConfig().get("task")
+    if not isinstance(found, dict) or found.get("task") != task:
+        return None
+    # the template the run resolved (auto names the task's default at the time)
+    template = ((found.get("splits") or {}).get("template")
+                or (found.get("hyperparameters") or {}).get("template"))
+    return template if template not in (None, "auto") else None
 
 
 PLAN_FIELDS = ("model", "dtype", "quantize", "trust_remote_code", "batch_size",

@@ -121,3 +121,23 @@ def test_report_writes_markdown_json_and_a_plot(tiny_folder, data_dir, tmp_path)
     assert "| measured / predicted | reserved (CUDA) |" in md
     summary = json.loads((run / "memory.json").read_text())
     assert summary["measured_reserved_peak_by_phase"]["train"] == phases["train"] + (8 << 20)
+
+
+def test_eval_scores_a_saved_model_with_the_template_it_was_trained_with(tiny_folder, data_dir,
+                                                                        tmp_path):
+    """A model trained with one prompt and scored with another can read as untrained."""
+    run = tmp_path / "run"
+    trained = invoke("finetune", "--model", tiny_folder, "--data-dir", data_dir, "--steps", "1",
+                     "--batch-size", "4", "--template", "aligned", "--eval-examples", "8",
+                     "--no-eval-before", "--output", str(run))
+    assert trained.exit_code == 0, trained.output
+
+    def scored(*extra):
+        result = invoke("eval", "--model", str(run / "model"), "--data-dir", data_dir,
+                        "--split", "validation", "--max-examples", "8", *extra)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    assert "template aligned, as the model was trained" in scored()
+    assert "as the model was trained" not in scored("--template", "natural")
+    assert "as the model was trained" not in scored("--task", "copa")  # another task
