@@ -61,10 +61,16 @@ def run_one(name: str, options: dict, args) -> dict:
     try:
         def record(step: int) -> None:
             val = s.evaluate("validation", args.eval_examples)["accuracy"]
-            curve.append({"step": step, "forwards": forwards, "val": val,
-                          "wall_s": time.perf_counter() - start})
-            print(f"  {name} step {step} val {val:.3f} "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+            point = {"step": step, "forwards": forwards, "val": val,
+                     "wall_s": time.perf_counter() - start}
+            if args.test_every and step and step % args.test_every == 0 and step < args.steps:
+                # the test curve is reported, never selected on (the summary reads val);
+                # its evaluation time counts in the later points' wall_s, as a user's would
+                point["test"] = s.evaluate("test", args.test_examples)["accuracy"]
+            curve.append(point)
+            print(f"  {name} step {step} val {val:.3f}"
+                  + (f" test {point['test']:.3f}" if "test" in point else "")
+                  + f" ({point['wall_s']:.0f} s)", flush=True)
 
         before = s.evaluate("test", args.test_examples)["accuracy"] \
             if args.test_before else None
@@ -173,6 +179,9 @@ def main() -> None:
                     "as JSON (e.g. '{\"dtype\": \"fp32\"}')")
     ap.add_argument("--ptq", choices=["int4", "int8"], default=None,
                     help="also test each trained model quantized after training")
+    ap.add_argument("--test-every", type=int, default=0,
+                    help="also score the test set every N steps (a multiple of "
+                    "--eval-every), to read test accuracy at a time budget; 0: only at the end")
     ap.add_argument("--test-before", action="store_true",
                     help="also evaluate the test set before training (the zero-shot score)")
     ap.add_argument("--plot", action="store_true", help="only redraw the PNG and table")
