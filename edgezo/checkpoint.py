@@ -109,6 +109,11 @@ def best_snapshot(run_dir: Path) -> Path | None:
     return path if (path / "meta.json").is_file() else None
 
 
+def drop_best(run_dir: Path) -> None:
+    """A run starting from step 0 has no best yet: one left in its folder is another's."""
+    shutil.rmtree(Path(run_dir) / BEST, ignore_errors=True)
+
+
 def _write_atomically(final: Path, step: int, weights: dict[str, torch.Tensor],
                       state: dict[str, torch.Tensor], meta: dict) -> Path:
     """Write a snapshot folder beside `final`, then rename it into place: the folder at

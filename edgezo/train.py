@@ -17,6 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from edgezo import runs
+from edgezo.checkpoint import drop_best
 from edgezo.config import DEFAULT_CHECKPOINT_EVERY, DEFAULT_KEEP, SECTION_OF
 from edgezo.errors import ConfigError, OutOfBudgetError, TrainingError
 from edgezo.hardware import cpu_capability
@@ -254,6 +255,7 @@ def finetune(session: Session, steps: int | None = None, *, console: Console | N
         session.record(output)
         if first == 0:
             _snapshot(session, console)  # the start: what a diverged run goes back to
+            drop_best(output)
     _print_plan(session, console)
     before = _accuracy_before(session, output, console)
     if first:
@@ -325,7 +327,11 @@ def _keep_best(session: Session, output: Path | None, stopped, console: Console
     selected = {"by": "validation", "step": best["step"],
                 "validation_accuracy": best["validation_accuracy"], "last_step": last}
     if best["step"] != last:
-        _snapshot(session, console)
+        if not _snapshot(session, console) and not session.engine.replayable:
+            console.print("[yellow]warning:[/] keeping the last step's weights instead of "
+                          "the best: they could not be snapshotted, and this run's seed "
+                          "log cannot rebuild them")
+            return None
         runs.restore_best(session)
         console.print(f"Keeping step {best['step']}'s weights, the best on validation "
                       f"({best['validation_accuracy']:.4f}); step {last}'s are in the "

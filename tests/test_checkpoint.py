@@ -374,6 +374,8 @@ def test_keep_best_ends_with_the_best_validated_weights_and_keeps_the_last(
     ref.close()
 
     run = tmp_path / "run"
+    (run / "best").mkdir(parents=True)  # another run's best, left in the folder
+    (run / "best" / "meta.json").write_text(json.dumps({"step": 5, "validation_accuracy": 1}))
     s = session(tiny_folder, data_dir, eval_every=2, keep_best=True, eval_before=False)
     try:
         report = train.finetune(s, 6, output=str(run))
