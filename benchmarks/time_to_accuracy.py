@@ -187,6 +187,8 @@ def main() -> None:
     ap.add_argument("--plot", action="store_true", help="only redraw the PNG and table")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON of one run
     args = ap.parse_args()
+    if args.test_every and args.test_every % args.eval_every:
+        ap.error("--test-every must be a multiple of --eval-every (tests go with evaluations)")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     if args.one:

@@ -117,9 +117,12 @@ def compute_device(profile: Profile, strict_memory: bool) -> torch.device:
                               "allocator's cap holds the budget: drop it")
         if not strict_heap():
             raise ConfigError("--strict-memory needs glibc's malloc (Linux); drop it")
+    if not on_cuda:
+        return torch.device("cpu")
     # with its index: torch.device("cuda") equals no tensor's device, and the allocator's
-    # per-device calls (the budget cap) refuse it
-    return torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
+    # per-device calls (the budget cap) refuse it. Under torchrun, the rank's own GPU.
+    local = os.environ.get("LOCAL_RANK")
+    return torch.device("cuda", int(local) if local is not None else torch.cuda.current_device())
 
 
 def objective_fn(config: RunConfig, objective: Callable | None) -> Callable:

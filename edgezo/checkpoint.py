@@ -100,7 +100,7 @@ def save_snapshot(run_dir: Path, step: int, weights: dict[str, torch.Tensor],
 
 def save_best(run_dir: Path, step: int, weights: dict[str, torch.Tensor],
               state: dict[str, torch.Tensor], meta: dict) -> Path:
-    """Replace the run's best snapshot (a crash mid-write keeps the previous best)."""
+    """Replace the run's best snapshot (a crash while writing keeps the previous one)."""
     return _write_atomically(Path(run_dir) / BEST, step, weights, state, meta)
 
 
@@ -134,9 +134,11 @@ def _write_atomically(final: Path, step: int, weights: dict[str, torch.Tensor],
         (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "sha256": sums},
                                                   indent=1))
         _fsync(tmp / "meta.json")
+        old = root / f".old-{final.name}-{os.getpid()}"
         if final.exists():  # the same step snapshotted again (e.g. at the end), or a new best
-            shutil.rmtree(final)
+            os.rename(final, old)
         os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # the previous snapshots stay untouched
         raise

@@ -85,6 +85,8 @@ class Session:
         self.history: list[StepResult] = []
         self.evaluations: dict[str, dict] = {}
         self.eval_seconds = 0.0  # every evaluation's time: part of time to accuracy
+        # --keep-best: the step whose weights the session holds now, when not its last
+        self.selected: dict | None = None
 
     # -- what the session is --------------------------------------------------------------
     @property
@@ -301,6 +303,7 @@ class Session:
             "model_source": self.model_source.source,
             **{k: flat[k] for k in named[1:]},
             "steps": len(self.history),
+            "selected": self.selected,
             "hyperparameters": {k: v for k, v in flat.items() if k not in named}
             | {"pair": self.pair, "objective": "custom" if self.custom_objective
                else cfg.estimator.objective},

@@ -19,7 +19,7 @@ from rich.table import Table
 from edgezo import runs
 from edgezo.checkpoint import drop_best
 from edgezo.config import DEFAULT_CHECKPOINT_EVERY, DEFAULT_KEEP, SECTION_OF
-from edgezo.errors import ConfigError, OutOfBudgetError, TrainingError
+from edgezo.errors import CheckpointError, ConfigError, OutOfBudgetError, TrainingError
 from edgezo.hardware import cpu_capability
 from edgezo.profiles import GiB
 from edgezo.session import Session
@@ -136,9 +136,9 @@ def _train_loop(session: Session, console: Console, metrics, watch: DivergenceWa
                 acc = row["validation_accuracy"] = evaluate(session, "validation",
                                                             progress.console)["accuracy"]
                 note = ""
-                if keeps_best and (best is None or acc > best["validation_accuracy"]):
+                if keeps_best and (best is None or acc > best["validation_accuracy"]) \
+                        and _kept_as_best(session, acc, progress.console):
                     best = {"step": i + 1, "validation_accuracy": acc}
-                    runs.checkpoint_best(session, acc)
                     note = " (the best so far: kept)"
                 progress.console.print(f"step {i + 1}: validation accuracy {acc:.4f}{note}")
             row["wall_s"] = time.perf_counter() - t0  # evaluations included
@@ -154,6 +154,20 @@ def _train_loop(session: Session, console: Console, metrics, watch: DivergenceWa
                 console.print(f"step {i + 1}/{steps} loss {r.loss:.4f} {rate:.2f} steps/s "
                               f"mem {_gib(row['memory_bytes'])}")
             watch.see(r)
+
+
+def _kept_as_best(session: Session, acc: float, console: Console) -> bool:
+    """Snapshot the weights as the run's best; False (and a warning) when they are not
+    finite (a diverging step scores like the class prior) or the write failed."""
+    if not runs.weights_finite(session):
+        return False
+    try:
+        runs.checkpoint_best(session, acc)
+        return True
+    except OSError as err:
+        console.print(f"[yellow]warning:[/] could not keep step {session.engine.step_index} "
+                      f"as the best ({err.strerror or err}); the run goes on")
+        return False
 
 
 def evaluate(session: Session, split: str, console: Console) -> dict:
@@ -250,12 +264,17 @@ def finetune(session: Session, steps: int | None = None, *, console: Console | N
     if t.keep_best and t.output is None:  # a Session may get its folder only here
         raise ConfigError("--keep-best keeps the best weights in the run folder: add "
                           "--output DIR (finetune(output=...))")
+    if t.keep_best and session.world > 1:
+        raise ConfigError("--keep-best is single-process for now (the other ranks cannot "
+                          "read rank 0's best snapshot): drop it, or run one process")
     first = session.engine.step_index  # > 0 when resumed
     if output is not None:
         session.record(output)
         if first == 0:
             _snapshot(session, console)  # the start: what a diverged run goes back to
-            drop_best(output)
+        best = runs.best_of(output)
+        if best is not None and best["step"] > first:
+            drop_best(output)  # another run's, or a path this one went back from
     _print_plan(session, console)
     before = _accuracy_before(session, output, console)
     if first:
@@ -263,9 +282,13 @@ def finetune(session: Session, steps: int | None = None, *, console: Console | N
     stopped = _run_steps(session, console, output, first, t0)
     selected = _keep_best(session, output, stopped, console)
     report = _final_report(session, before, time.perf_counter() - t0, stopped, console)
-    report["selected"] = selected
     _write_run_folder(session, report, output, console, stopped,
                       snapshot=selected is None or selected["step"] == selected["last_step"])
+    # the session goes on from its last step (a later finetune() or step() continues the
+    # run, as --resume would); the best weights are the run folder's model
+    if selected is not None and selected["step"] != selected["last_step"] \
+            and runs.rewind(session, selected["last_step"]):
+        session.selected = None
     if stopped is not None and not isinstance(stopped, KeyboardInterrupt):
         raise stopped  # after the model and report are safely written
     console.print(summary_table(report))
@@ -332,10 +355,17 @@ def _keep_best(session: Session, output: Path | None, stopped, console: Console
                           "the best: they could not be snapshotted, and this run's seed "
                           "log cannot rebuild them")
             return None
-        runs.restore_best(session)
+        try:
+            runs.restore_best(session)
+        except (CheckpointError, OSError) as err:
+            runs.rewind(session, last)  # whatever restore_best had put in
+            console.print(f"[yellow]warning:[/] keeping the last step's weights: the best "
+                          f"snapshot could not be read ({err})")
+            return None
         console.print(f"Keeping step {best['step']}'s weights, the best on validation "
-                      f"({best['validation_accuracy']:.4f}); step {last}'s are in the "
-                      "snapshots (--resume goes on from them).")
+                      f"({best['validation_accuracy']:.4f}); --resume goes on from step "
+                      f"{last}.")
+    session.selected = selected
     return selected
 
 

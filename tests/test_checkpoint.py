@@ -350,8 +350,9 @@ def test_snapshot_options_without_a_run_folder_are_refused(tiny_folder):
 def test_keep_best_ends_with_the_best_validated_weights_and_keeps_the_last(
         tiny_folder, data_dir, tmp_path, monkeypatch):
     """--keep-best: the final evaluations and the saved model are those of the step that
-    scored best on validation; the last step's weights stay snapshotted for --resume.
-    Validation is scripted (a tiny model's accuracy barely moves): best at step 4 of 6."""
+    scored best on validation; the last step's weights stay snapshotted for --resume, and
+    the session itself goes on from them. Validation is scripted (a tiny model's accuracy
+    barely moves): best at step 4 of 6."""
     from edgezo import train
 
     scores = {2: 0.5, 4: 0.9, 6: 0.6}
@@ -379,7 +380,8 @@ def test_keep_best_ends_with_the_best_validated_weights_and_keeps_the_last(
     s = session(tiny_folder, data_dir, eval_every=2, keep_best=True, eval_before=False)
     try:
         report = train.finetune(s, 6, output=str(run))
-        assert same(trainable(s), at_4) and not same(at_4, at_6)
+        assert same(trainable(s), at_6) and not same(at_4, at_6)  # the session: step 6
+        assert s.engine.step_index == 6 and s.report()["selected"] is None
     finally:
         s.close()
     assert report["selected"] == {"by": "validation", "step": 4, "validation_accuracy": 0.9,
@@ -387,7 +389,9 @@ def test_keep_best_ends_with_the_best_validated_weights_and_keeps_the_last(
     assert report["steps"] == 6 and report["validation_accuracy"] == 0.9
     assert seen[-2:] == [("validation", 4), ("test", 4)]  # the final evaluations: step 4's
     saved = load_file(str(run / "model" / "model.safetensors"))
-    assert any(torch.equal(saved[n], v) for n, v in at_4.items() if n in saved)
+    shared = [n for n in at_4 if n in saved]
+    assert shared and all(torch.equal(saved[n], at_4[n]) for n in shared)  # step 4's
+    assert json.loads((run / "model" / "report.json").read_text())["selected"]["step"] == 4
     assert snapshots(run)[-1].name == "step-00000006"  # the last weights, resumable
     assert same(load_file(str(snapshots(run)[-1] / "weights.safetensors")), at_6)
     assert json.loads((run / "best" / "meta.json").read_text())["step"] == 4
@@ -399,3 +403,29 @@ def test_keep_best_needs_periodic_validation_and_a_run_folder(tiny_folder):
     proc = cli_run(["finetune", "--model", tiny_folder, "--keep-best", "--eval-every", "2",
                     "--task", "sst2", "--steps", "2"], check=False)
     assert proc.returncode == 2 and "add --output DIR" in proc.stderr
+
+
+def test_a_resumed_run_drops_a_best_from_beyond_where_it_resumes(tiny_folder, data_dir,
+                                                                 tmp_path, monkeypatch):
+    """A best from a later step than the resume point belongs to a path this run left (a
+    rewind after divergence, an older snapshot): it must not be restored at the end."""
+    from edgezo import train
+
+    monkeypatch.setattr(train, "evaluate", lambda sess, split, console: {
+        "accuracy": {2: 0.5, 4: 0.6}.get(sess.engine.step_index, 0.5)})
+    run = tmp_path / "run"
+    s = session(tiny_folder, data_dir, eval_every=2, keep_best=True, eval_before=False)
+    try:
+        train.finetune(s, 2, output=str(run))
+    finally:
+        s.close()
+    meta = json.loads((run / "best" / "meta.json").read_text())
+    assert meta["step"] == 2
+    (run / "best" / "meta.json").write_text(json.dumps({**meta, "step": 9,
+                                                        "validation_accuracy": 1.0}))
+    resumed = Session.resume(run)
+    try:
+        report = train.finetune(resumed, 4, output=str(run))
+    finally:
+        resumed.close()
+    assert report["selected"]["step"] == 4 and report["selected"]["last_step"] == 4
