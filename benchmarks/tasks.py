@@ -1,4 +1,4 @@
-"""SmolLM2 on every task: zero-shot accuracy with the aligned and the empty template, and a
+"""SmolLM2 on every task: zero-shot accuracy with each of the task's templates, and a
 short ZO-SGD LoRA run per task (validation before/after, test after).
 
 Each task runs in its own process through `edgezo.Session`. Test sets can be capped
@@ -20,9 +20,10 @@ TASKS = ("sst2", "copa", "winogrande", "multirc", "boolq", "wic", "wsc")
 
 def one(task: str, steps: int, batch: int, max_test: int, lr: float, eps: float) -> dict:
     from edgezo.session import Session
+    from edgezo.tasks import make_task
 
     row: dict = {"task": task}
-    for template in ("aligned", "empty"):
+    for template in make_task(task).templates:  # aligned, empty, and any the task adds
         sess = Session(task=task, template=template, lr=0.0, eval_batch_size=16)
         try:
             result = sess.evaluate("test", max_examples=max_test)
@@ -84,8 +85,9 @@ def main() -> None:
         lora = (f"  LoRA {r['lora_steps']} steps: val {r['lora_val_before']:.3f} -> "
                 f"{r['lora_val_after']:.3f}, test {r['lora_test_after']:.3f}, "
                 f"{r['lora_step_time_s']:.2f} s/step" if "lora_steps" in r else "")
-        print(f"{task:10s} zero-shot aligned {r['zero_shot_aligned']:.3f} empty "
-              f"{r['zero_shot_empty']:.3f} on {r['test_examples']} test examples{lora}",
+        shots = " ".join(f"{k.removeprefix('zero_shot_')} {v:.3f}" for k, v in r.items()
+                         if k.startswith("zero_shot_") and not k.endswith("_em"))
+        print(f"{task:10s} zero-shot {shots} on {r['test_examples']} test examples{lora}",
               flush=True)
     if args.json:
         print(json.dumps({"rows": rows, "wall_s": round(time.time() - start)}, indent=2))
