@@ -242,9 +242,6 @@ def _run_folder_problems(cfg: RunConfig) -> list[str]:
     if t.keep_best and not t.eval_every:
         out.append(f"{_flag('keep_best')} picks among the periodic validations: add "
                    f"{_flag('eval_every')} N")
-    if t.keep_best and cfg.runtime.distributed:
-        out.append(f"{_flag('keep_best')} is single-process for now (the other ranks "
-                   "cannot read rank 0's best snapshot): drop it or --distributed")
     if t.output is not None:
         return out
     given = [n for n in ("save_model", "checkpoint_every", "keep") if getattr(t, n) is not None]
