@@ -162,7 +162,7 @@ def _scratch_bytes(blocks: BlockMap, spec: StepSpec, rows: int) -> int:
             need = need * (copies + 1)
         elif unit.kind == "linear":
             p = params[0]
-            chunk = min(p.numel(), noise.CHUNK_ELEMENTS) * p.element_size()
+            chunk = noise.largest_chunk([p.shape], _device(spec)) * p.element_size()
             need = chunk * (copies + 1) * spec.noise_threads
         else:
             # with cheap z, a unit's linear maps compute chunk by chunk (no copy of them)
@@ -172,6 +172,11 @@ def _scratch_bytes(blocks: BlockMap, spec: StepSpec, rows: int) -> int:
                        if i not in inside) * copies
         scratch = max(scratch, need)
     return scratch
+
+
+def _device(spec: StepSpec) -> str:
+    """Where the step computes: noise buffers hold a chunk on the CPU, a span on CUDA."""
+    return "cuda" if spec.on_cuda else "cpu"
 
 
 def _fo_terms(model, spec: StepSpec, elem: int, virtual: int) -> dict[str, int]:
@@ -227,7 +232,7 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, spec: 
         + sum(_bytes(b) for b in model.buffers()),
         "perturbation_scratch": _scratch_bytes(blocks, spec, rows),
         "noise_buffers": THREAD_BUFFERS * 4 * (spec.noise_threads + 1)
-        * noise.largest_chunk(p.shape for p in blocks.params),
+        * noise.largest_chunk((p.shape for p in blocks.params), _device(spec)),
         "activations": terms.activation_bytes(model.config, rows, train.seq_len + virtual,
                                               elem, train.logit_positions,
                                               split=spec.pair and spec.split_layers),

@@ -73,34 +73,41 @@ class Direction:
         return (len(self.seeds) == 1 and self.coefs[0] == 1.0 and self.masks is None
                 and self.scale is None)
 
-    def z(self, shape: torch.Size, seed: int, index: int, k: int, device: torch.device
-          ) -> torch.Tensor:
-        """z of query `seed` on noise chunk k of parameter `index` (read-only; the thread
-        remembers it as its last z, whose low bits dither the update's rounding)."""
+    def z(self, shape: torch.Size, seed: int, index: int, k: int, device: torch.device,
+          end: int | None = None) -> torch.Tensor:
+        """z of query `seed` on noise chunk k of parameter `index` (with `end`: on chunks
+        [k, end), a span) (read-only; the thread remembers it as its last z, whose low
+        bits dither the update's rounding)."""
         pseed = noise.param_seed(seed, index)
         if self.kind not in STRUCTURED or not is_matrix(shape):
             kind = "rademacher" if self.kind == "rademacher" else "gaussian"
-            return noise.chunk(shape, pseed, k, device, kind, self.source)
-        lo, hi = noise.chunk_bounds_of(shape, k)
+            return noise.chunk(shape, pseed, k, device, kind, self.source, end)
+        lo, hi = noise.span_bounds(shape, k, end)
         rows, cols = noise.num_rows(shape), shape[1:].numel()
         out = noise.thread_buffer("z", (hi - lo) * cols, torch.float32, device)
         out = out.view(hi - lo, cols)
         left, right = noise.basis(self.kind, self.basis, index, rows, cols, self.rank, device)
-        if self.kind == "lowrank":
-            u = noise.gaussian((hi - lo) * self.rank, pseed, k, device)
-            torch.matmul(u.view(hi - lo, self.rank), right.T, out=out)
-        else:
+        if self.kind == "subspace":
             core = noise.gaussian(self.rank * self.rank, pseed, 0, device, "core")
             mixed = (core.view(self.rank, self.rank) @ right.T).mul_(
                 math.sqrt(rows * cols) / self.rank)
-            torch.matmul(left[lo:hi], mixed, out=out)
+        # chunk by chunk even in a span: a product's rounding depends on its shape
+        for c in range(k, k + 1 if end is None else end):
+            a, b = noise.chunk_bounds_of(shape, c)
+            if self.kind == "lowrank":
+                u = noise.gaussian((b - a) * self.rank, pseed, c, device)
+                torch.matmul(u.view(b - a, self.rank), right.T, out=out[a - lo:b - lo])
+            else:
+                torch.matmul(left[a:b], mixed, out=out[a - lo:b - lo])
         noise.remember(out)
         return out.view(hi - lo, *shape[1:])
 
     def chunk(self, shape: torch.Size, index: int, k: int, device: torch.device,
-              writable: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """d on noise chunk k of parameter `index`, in a thread buffer: z is drawn in fp32
-        and combined in `dtype` (fp32, or fp64 for fp64 parameters).
+              writable: bool = False, dtype: torch.dtype = torch.float32,
+              end: int | None = None) -> torch.Tensor:
+        """d on noise chunk k of parameter `index` (with `end`: on chunks [k, end), a
+        span), in a thread buffer: z is drawn in fp32 and combined in `dtype` (fp32, or
+        fp64 for fp64 parameters).
 
         Seed 0's z is drawn last, so after the call the thread's last z (noise.last_z) is
         it, unscaled: `dither_bits` reads its low mantissa bits as free rounding noise.
@@ -108,7 +115,7 @@ class Direction:
         it in place without touching those bits.
         """
         if self.kind == "coordinate":
-            lo, hi = noise.chunk_bounds_of(shape, k)
+            lo, hi = noise.span_bounds(shape, k, end)
             cols = shape[1:].numel()
             out = noise.thread_buffer("dir", (hi - lo) * cols, dtype, device).zero_()
             for coef, offset in self._coordinates(index):
@@ -116,10 +123,10 @@ class Direction:
                     out[offset - lo * cols] += coef
             return out.view(hi - lo, *shape[1:])
         if self._plain() and not writable:  # a single query's perturbation: z itself, no copy
-            return self.z(shape, self.seeds[0], index, k, device)
+            return self.z(shape, self.seeds[0], index, k, device, end)
         out = None
         for seed, coef in reversed(list(zip(self.seeds, self.coefs, strict=True))):
-            z = self.z(shape, seed, index, k, device)
+            z = self.z(shape, seed, index, k, device, end)
             if out is None:
                 out = noise.thread_buffer("dir", z.numel(), dtype, device).view(z.shape)
                 if dtype == z.dtype:
@@ -135,13 +142,24 @@ class Direction:
             out.view(out.shape[0], -1).mul_(self.scale(index, slice(lo, lo + out.shape[0])))
         return out
 
-    def dither_bits(self, numel: int, index: int, k: int, device: torch.device
-                    ) -> torch.Tensor:
+    def dither_bits(self, numel: int, index: int, k: int, device: torch.device,
+                    shape: torch.Size | None = None, end: int | None = None) -> torch.Tensor:
         """int32 values whose low 16 bits are uniform, for stochastic rounding of the
-        update of chunk k; call right after `chunk` for the same (index, k)."""
+        update of chunk k (with `end` and the parameter's `shape`: of chunks [k, end));
+        call right after `chunk` for the same chunks."""
         if self.kind not in ("rademacher", "coordinate"):
             return noise.last_z(numel).view(torch.int32)
-        return noise.random_bits(numel, noise.param_seed(self.seeds[0], index), k, device)
+        pseed = noise.param_seed(self.seeds[0], index)
+        if end is None or end == k + 1:
+            return noise.random_bits(numel, pseed, k, device)
+        out = noise.thread_buffer("bitspan", numel, torch.int32, device)
+        lo, hi = noise.span_bounds(shape, k, end)
+        cols = numel // (hi - lo)
+        for c in range(k, end):
+            a, b = noise.chunk_bounds_of(shape, c)
+            out[(a - lo) * cols:(b - lo) * cols] = noise.random_bits((b - a) * cols, pseed, c,
+                                                                     device)
+        return out
 
     def rows(self, shape: torch.Size, index: int, row_ids: torch.Tensor,
              dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -156,14 +174,25 @@ class Direction:
             return out.view(len(row_ids), *shape[1:])
         out = None  # same order and operations as chunk(): bit-identical values
         for seed, coef in reversed(list(zip(self.seeds, self.coefs, strict=True))):
-            z = noise.rows(shape, row_ids, lambda k, s=seed: self.z(
-                shape, s, index, k, row_ids.device)).to(dtype)
+            z = self._rows_z(shape, seed, index, row_ids).to(dtype)
             out = z.mul_(coef) if out is None else out.add_(z, alpha=coef)
         if self.masks is not None:
             out.mul_(self.masks.rows(index, row_ids))
         if self.scale is not None:
             out.view(out.shape[0], -1).mul_(self.scale(index, row_ids))
         return out
+
+    def _rows_z(self, shape: torch.Size, seed: int, index: int, row_ids: torch.Tensor
+                ) -> torch.Tensor:
+        """z of query `seed` at the given rows: from the table in one gather, else drawing
+        the chunks that hold them."""
+        if self.source == "table" and self.kind in ("gaussian", "rademacher"):
+            z = noise.table_rows(shape, noise.param_seed(seed, index), row_ids)
+            if self.kind == "rademacher":
+                z.sign_().masked_fill_(z == 0, 1.0)  # as noise.chunk does
+            return z
+        return noise.rows(shape, row_ids, lambda k: self.z(shape, seed, index, k,
+                                                           row_ids.device))
 
     def full(self, shape: torch.Size, index: int, device: torch.device | str = "cpu",
              dtype: torch.dtype = torch.float32) -> torch.Tensor:

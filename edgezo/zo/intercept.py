@@ -37,7 +37,8 @@ def perturbed_into(out: torch.Tensor, theta: torch.Tensor, z: torch.Tensor, scal
     Summing into a reusable fp32 buffer first avoids the temporary torch.add allocates
     when `out` has another dtype than the sum (the hot path allocates nothing).
     """
-    if out.dtype in (torch.float32, torch.float64):
+    if out.dtype in (torch.float32, torch.float64) or out.device.type == "cuda":
+        # CUDA computes a mixed-dtype add in fp32 and rounds on the store: no temporary
         torch.add(theta, z, alpha=scale, out=out)
         return
     acc = noise.thread_buffer("acc", z.numel(), torch.float32, z.device).view(z.shape)
@@ -119,11 +120,16 @@ class PerturbedLinears(TorchFunctionMode):
                 z = owner.direction.full(bias.shape, b_index, bias.device,
                                          work_dtype(bias.dtype))
                 bias = torch.add(bias, z, alpha=scale).to(bias.dtype)
-        out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
-        for k, (lo, hi) in enumerate(noise.chunk_bounds(weight.shape)):
+        bias_of = (lambda lo, hi: None) if bias is None else (lambda lo, hi: bias[lo:hi])
+        spans = noise.spans(weight.shape, weight.device)
+        out = (None if len(spans) == 1 else
+               torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device))
+        for k, end, lo, hi in spans:
             z = owner.direction.chunk(weight.shape, w_index, k, weight.device,
-                                      dtype=work_dtype(weight.dtype))
+                                      dtype=work_dtype(weight.dtype), end=end)
             w = noise.thread_buffer("w", z.numel(), weight.dtype, weight.device).view(z.shape)
             perturbed_into(w, weight[lo:hi], z, scale)
-            out[..., lo:hi] = F.linear(x, w, None if bias is None else bias[lo:hi])
+            if out is None:  # one span: the whole weight
+                return F.linear(x, w, bias_of(lo, hi))
+            out[..., lo:hi] = F.linear(x, w, bias_of(lo, hi))
         return out

@@ -11,6 +11,9 @@ consumer regenerate exactly the values it needs and no more:
 - the deferred update walks the chunks again,
 
 and chunks can be drawn in parallel threads without changing a single value.
+
+On CUDA, consumers walk spans of consecutive chunks instead (`spans`): the same values,
+fewer and larger kernels.
 """
 
 from __future__ import annotations
@@ -50,24 +53,28 @@ def param_seed(seed: int, param_index: int) -> int:
     return mix(seed, param_index)
 
 
+def _cols(shape: torch.Size) -> int:
+    return 1 if len(shape) < 2 else shape[1:].numel()
+
+
 def rows_per_chunk(shape: torch.Size) -> int:
     """Rows of a parameter (viewed as 2-D) that one noise chunk covers."""
-    cols = 1 if len(shape) < 2 else shape[1:].numel()
-    return max(1, CHUNK_ELEMENTS // max(1, cols))
+    return max(1, CHUNK_ELEMENTS // max(1, _cols(shape)))
 
 
 def num_rows(shape: torch.Size) -> int:
     return 1 if len(shape) == 0 else shape[0]
 
 
-def largest_chunk(shapes) -> int:
-    """Elements of the largest noise chunk over parameters of these shapes: what each
-    thread's reusable buffers hold (tiny adapters never fill a full CHUNK_ELEMENTS)."""
+def largest_chunk(shapes, device: torch.device | str = "cpu") -> int:
+    """Elements of the largest noise chunk (on CUDA: span) over parameters of these
+    shapes: what each thread's reusable buffers hold (tiny adapters never fill a full
+    CHUNK_ELEMENTS)."""
     out = 0
     for shape in shapes:
         shape = torch.Size(shape)
-        cols = shape.numel() // max(1, num_rows(shape))
-        out = max(out, min(num_rows(shape), rows_per_chunk(shape)) * cols)
+        rows = rows_per_chunk(shape) * chunks_per_span(shape, device)
+        out = max(out, min(num_rows(shape), rows) * _cols(shape))
     return out
 
 
@@ -75,6 +82,38 @@ def chunk_bounds(shape: torch.Size) -> list[tuple[int, int]]:
     """Row ranges [lo, hi) of the noise chunks of a parameter, in order."""
     rows, per = num_rows(shape), rows_per_chunk(shape)
     return [(lo, min(lo + per, rows)) for lo in range(0, rows, per)]
+
+
+# ---------------------------------------------------------------------------------------
+# Spans. On CUDA a 256K-value chunk is too little work for the kernels and the Python calls
+# it costs: a SmolLM2 step touches about 2000 chunks, and on an H200 the step took 4.2x
+# two forward passes, most of it launching small kernels. There, consumers walk spans of
+# consecutive chunks of one parameter: a span's z is its chunks' values laid end to end
+# (from the table, one gather), so values, replay and resume are those of the chunks. On
+# the CPU a span is one chunk: chunks fit the caches and the worker threads share them.
+# EDGEZO_CUDA_SPAN sets a span's size in values (0: chunk by chunk), for benchmarks.
+# ---------------------------------------------------------------------------------------
+SPAN_ELEMENTS = {"cuda": int(os.environ.get("EDGEZO_CUDA_SPAN", 1 << 20))}
+
+
+def chunks_per_span(shape: torch.Size, device: torch.device | str) -> int:
+    limit = SPAN_ELEMENTS.get(torch.device(device).type, 0)
+    return max(1, limit // (rows_per_chunk(shape) * _cols(shape)))
+
+
+def spans(shape: torch.Size, device: torch.device | str
+          ) -> list[tuple[int, int, int, int]]:
+    """(first chunk, end chunk, first row, end row) of each span of a parameter, in order."""
+    per, rows, n = rows_per_chunk(shape), num_rows(shape), chunks_per_span(shape, device)
+    count = -(-rows // per)
+    return [(k, min(k + n, count), k * per, min((k + n) * per, rows))
+            for k in range(0, count, n)]
+
+
+def span_bounds(shape: torch.Size, k: int, end: int | None) -> tuple[int, int]:
+    """Rows [lo, hi) of chunks [k, end) (end None: chunk k alone)."""
+    per = rows_per_chunk(shape)
+    return k * per, min((k + 1 if end is None else end) * per, num_rows(shape))
 
 
 def _generator(device: torch.device, seed: int) -> torch.Generator:
@@ -128,9 +167,77 @@ def table(device: torch.device) -> torch.Tensor:
     return found
 
 
+def _offset(numel: int, seed: int, chunk: int) -> int:
+    return mix(seed, chunk, _TABLE_SEED) % (TABLE_VALUES - numel + 1)
+
+
 def _table_slice(numel: int, seed: int, chunk: int, device: torch.device) -> torch.Tensor:
-    offset = mix(seed, chunk, _TABLE_SEED) % (TABLE_VALUES - numel + 1)
+    offset = _offset(numel, seed, chunk)
     return table(device)[offset:offset + numel]
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A small int64 tensor on `device`; to CUDA from pinned memory, without waiting for
+    the kernels already queued."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _chunk_offsets(shape: torch.Size, seed: int, chunks: Iterable[int],
+                   device: torch.device) -> torch.Tensor:
+    """Where in the table each of these chunks of a parameter starts, on `device`."""
+    per, rows, cols = rows_per_chunk(shape), num_rows(shape), _cols(shape)
+    return _to_device([_offset((min((c + 1) * per, rows) - c * per) * cols, seed, c)
+                       for c in chunks], device)
+
+
+_LAYOUTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _span_layout(shape: torch.Size, k: int, end: int, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of chunks [k, end): its chunk's position in the span, and where the row
+    starts inside its chunk (int64 on `device`; a few bytes a row, kept per span)."""
+    key = (tuple(shape), k, end, device)
+    found = _LAYOUTS.get(key)
+    if found is None:
+        per = rows_per_chunk(shape)
+        lo, hi = span_bounds(shape, k, end)
+        r = torch.arange(lo, hi)
+        c = torch.div(r, per, rounding_mode="floor")
+        found = _LAYOUTS[key] = ((c - k).to(device), ((r - c * per) * _cols(shape)).to(device))
+    return found
+
+
+def _table_rows(shape: torch.Size, starts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[i] = the table's values from starts[i], one row of the parameter each: a single
+    gather from a (values, cols) sliding-window view of the table."""
+    cols = _cols(shape)
+    windows = table(starts.device).unfold(0, cols, 1)
+    return torch.index_select(windows, 0, starts, out=out.view(starts.numel(), cols))
+
+
+def table_span(shape: torch.Size, seed: int, k: int, end: int, device: torch.device,
+               out: torch.Tensor) -> torch.Tensor:
+    """z (table source, Gaussian) on chunks [k, end) of a parameter into `out`."""
+    which, local = _span_layout(shape, k, end, device)
+    starts = _chunk_offsets(shape, seed, range(k, end), device)[which].add_(local)
+    return _table_rows(shape, starts, out)
+
+
+def table_rows(shape: torch.Size, seed: int, row_ids: torch.Tensor) -> torch.Tensor:
+    """z (table source, Gaussian) at the given rows of a parameter, fp32: one gather,
+    with no host sync (every chunk's offset is computed on the host, a hash each)."""
+    per = rows_per_chunk(shape)
+    chunk_of = torch.div(row_ids, per, rounding_mode="floor")
+    count = -(-num_rows(shape) // per)
+    starts = _chunk_offsets(shape, seed, range(count), row_ids.device)[chunk_of]
+    starts.add_((row_ids - chunk_of * per) * _cols(shape))
+    out = torch.empty(row_ids.numel(), *shape[1:], dtype=torch.float32, device=row_ids.device)
+    _table_rows(shape, starts, out)
+    return out
 
 
 _DITHER_SALT = 0xD1
@@ -161,27 +268,38 @@ def thread_buffer(name: str, numel: int, dtype: torch.dtype, device: torch.devic
 
 
 def chunk(shape: torch.Size, seed: int, index: int, device: torch.device,
-          kind: str = "gaussian", source: str = "table") -> torch.Tensor:
-    """z on noise chunk `index`, fp32, shape (hi - lo, *shape[1:]): in a thread buffer, or
-    a read-only view of the table (source "table", Gaussian). Treat it as read-only.
+          kind: str = "gaussian", source: str = "table", end: int | None = None
+          ) -> torch.Tensor:
+    """z on noise chunk `index` (with `end`: on chunks [index, end), a span), fp32, shape
+    (hi - lo, *shape[1:]): in a thread buffer, or a read-only view of the table (source
+    "table", Gaussian, one chunk). Treat it as read-only.
 
     z is fp32 whatever the parameter dtype: a perturbed or updated weight is then
     round(θ + a·z) computed in fp32 with a single rounding, and fp32 draws are faster
     than bf16 ones on the CPU. The thread remembers it (`last_z`): its low mantissa bits
     are the stochastic-rounding dither of the update that follows.
     """
-    per = rows_per_chunk(shape)
-    lo = index * per  # not chunk_bounds(shape)[index]: that list is O(chunks) per call
-    hi = min(lo + per, num_rows(shape))
+    lo, hi = span_bounds(shape, index, end)
     inner = shape[1:] if len(shape) >= 1 else ()
     numel = (hi - lo) * inner.numel() if inner else hi - lo
+    single = end is None or end == index + 1
     if source == "table":
-        z = _table_slice(numel, seed, index, device)
+        if single:
+            z = _table_slice(numel, seed, index, device)
+        else:
+            z = table_span(shape, seed, index, end, device,
+                           thread_buffer("z", numel, torch.float32, device)).view(-1)
         if kind != "gaussian":
             z = torch.sign(z, out=thread_buffer("z", numel, torch.float32, device))
-            z[z == 0] = 1.0  # a table value of exactly 0.0 (never drawn in practice)
-    else:
+            z.masked_fill_(z == 0, 1.0)  # a table value of exactly 0.0 (never drawn in practice)
+    elif single:
         z = fill_chunk(thread_buffer("z", numel, torch.float32, device), seed, index, kind)
+    else:
+        z = thread_buffer("z", numel, torch.float32, device)
+        rows = z.view(hi - lo, -1)
+        for k in range(index, end):
+            a, b = chunk_bounds_of(shape, k)
+            fill_chunk(rows[a - lo:b - lo], seed, k, kind)
     _LOCAL.last_z = z
     return z.view(hi - lo, *inner)
 

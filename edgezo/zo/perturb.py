@@ -154,13 +154,13 @@ class Perturbation:
         for index, outs in targets:
             p = self.params[index].detach()
             flats = [flat(o) for o in outs]
-            work += [(p, index, k, lo, hi, flats)
-                     for k, (lo, hi) in enumerate(noise.chunk_bounds(p.shape))]
+            work += [(p, index, k, end, lo, hi, flats)
+                     for k, end, lo, hi in noise.spans(p.shape, p.device)]
 
         def fill(i: int) -> None:
-            p, index, k, lo, hi, flats = work[i]
+            p, index, k, end, lo, hi, flats = work[i]
             z = flat(self.direction.chunk(p.shape, index, k, p.device,
-                                           dtype=work_dtype(p.dtype)))
+                                           dtype=work_dtype(p.dtype), end=end))
             flat_p = flat(p)
             for out, s in zip(flats, signs, strict=True):
                 perturbed_into(out[lo:hi], flat_p[lo:hi], z, s * self.eps)
@@ -283,12 +283,12 @@ class Perturbation:
         inputs = [xi.float() if half else xi for xi in inputs]
         outs = [torch.empty(*xi.shape[:-1], weight.shape[0], dtype=dtype, device=x.device)
                 for xi in inputs]
-        bounds = noise.chunk_bounds(weight.shape)
+        bounds = noise.spans(weight.shape, weight.device)
 
-        def block(k: int) -> None:
-            lo, hi = bounds[k]
+        def block(i: int) -> None:
+            k, end, lo, hi = bounds[i]
             z = self.direction.chunk(weight.shape, w_index, k, weight.device,
-                                     dtype=work_dtype(weight.dtype))
+                                     dtype=work_dtype(weight.dtype), end=end)
             w = noise.thread_buffer("w", z.numel(), dtype, weight.device).view(z.shape)
             for xi, out, s, b in zip(inputs, outs, self.signs, biases, strict=True):
                 torch.add(weight[lo:hi], z, alpha=s * self.eps, out=w)
@@ -341,15 +341,15 @@ class Perturbation:
         work = []
         for index in todo:
             p = self._update_target(index)
-            work += [(index, p, k, lo, hi)
-                     for k, (lo, hi) in enumerate(noise.chunk_bounds(p.shape))]
+            work += [(index, p, k, end, lo, hi)
+                     for k, end, lo, hi in noise.spans(p.shape, p.device)]
         d_of, rule = pending.direction, self.rule
 
         def update(i: int) -> None:
-            index, p, k, lo, hi = work[i]
+            index, p, k, end, lo, hi = work[i]
             d = flat(d_of.chunk(p.shape, index, k, p.device, writable=True,
-                                 dtype=work_dtype(p.dtype)))
-            bits = (d_of.dither_bits(d.numel(), index, k, p.device)
+                                 dtype=work_dtype(p.dtype), end=end))
+            bits = (d_of.dither_bits(d.numel(), index, k, p.device, p.shape, end)
                     if p.dtype == torch.bfloat16 else None)
             rule.update(flat(p)[lo:hi], d, pending.lr, pending.t, index, lo, bits,
                         pending.info)
