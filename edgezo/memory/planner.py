@@ -39,6 +39,7 @@ from edgezo.zo.blocks import (
     weight_grad_layers,
 )
 from edgezo.zo.direction import is_matrix
+from edgezo.zo.perturb import CHUNKED_LINEAR_DEVICES
 
 MAX_BATCH = 4096
 
@@ -148,7 +149,8 @@ def step_spec(config: RunConfig, priced: Priced, profile: Profile, shapes: Shape
         split_layers=pair_splits_layers(blocks, fo, est.block_wise),
         forward_grad=kind == "forward-grad", perturbs=kind != "fo", stream=stream,
         noise_table=est.noise == "table" and kind != "fo",
-        cheap_noise=est.noise == "table" or est.directions in STRUCTURED,
+        cheap_noise=(est.noise == "table" or est.directions in STRUCTURED)
+        and ("cuda" if on_cuda else "cpu") in CHUNKED_LINEAR_DEVICES,
         direction_bases=basis_bytes(blocks, est.directions, est.rank) if kind != "fo" else 0,
         qat_bytes=qat.extra_bytes(priced.model, config.scheme.scheme)
         if config.scheme.qat else 0)

@@ -45,6 +45,13 @@ from edgezo.zo.intercept import (
 )
 from edgezo.zo.optimizers import Rule, work_dtype
 
+# Where a unit's linear maps compute from z span by span (intercept.PerturbedLinears)
+# instead of from a perturbed scratch copy of the unit. On the CPU that saves the copy's
+# memory at no cost. On CUDA the torch-function mode it needs runs Python for every
+# operation of the unit, and the step is bound by that: on an H200, a SmolLM2 step took
+# 0.34 s that way and 0.19 s with scratch copies (benchmarks/step_overhead.py).
+CHUNKED_LINEAR_DEVICES = ("cpu",)
+
 
 @dataclass
 class PendingUpdate:
@@ -168,16 +175,18 @@ class Perturbation:
         if work:
             noise.parallel_map(fill, range(len(work)), work[0][0].device)
 
-    def _cheap_z(self) -> bool:
-        """z that costs a memory read to regenerate (the table, structured directions):
+    def _cheap_z(self, device: torch.device) -> bool:
+        """z that costs a memory read to regenerate (the table, structured directions),
+        on a device where computing with it beats a scratch copy (CHUNKED_LINEAR_DEVICES):
         pair mode then fills one scratch copy per half instead of holding both."""
-        return self.direction.source == "table" or self.direction.kind in STRUCTURED
+        return device.type in CHUNKED_LINEAR_DEVICES and (
+            self.direction.source == "table" or self.direction.kind in STRUCTURED)
 
     def _functional(self, unit: Unit, original, args, kwargs):
         """The unit at θ ± εz. Its nn.Linear maps compute chunk by chunk when z is cheap
         to read (intercept.PerturbedLinears); the other covered parameters (or all, with
         the generator) go to the module as perturbed scratch copies (functional_call)."""
-        cheap = self._cheap_z()
+        cheap = self._cheap_z(self.params[unit.slots[0][1]].device)
         linears = self._linear_slots(unit) if cheap else {}
         in_linears = {i for w, b in linears.values() for i in (w, b) if i is not None}
         params = [(local, i, self.params[i]) for local, i in unit.slots
