@@ -41,7 +41,7 @@ from edgezo.profiles import Profile
 from edgezo.zo import noise
 from edgezo.zo.batch import Shape
 from edgezo.zo.blocks import BlockMap
-from edgezo.zo.intercept import linear_slots
+from edgezo.zo.intercept import LINEAR_SPAN, linear_slots
 
 CUDA_CONTEXT_BYTES = 450 * 1024**2
 # Resident memory a CPU process gains on its first steps beyond the tensors it allocates:
@@ -165,13 +165,24 @@ def _scratch_bytes(blocks: BlockMap, spec: StepSpec, rows: int) -> int:
             chunk = noise.largest_chunk([p.shape], _device(spec)) * p.element_size()
             need = chunk * (copies + 1) * spec.noise_threads
         else:
-            # with cheap z, a unit's linear maps compute chunk by chunk (no copy of them)
+            # with cheap z, a unit's linear maps compute span by span (no copy of them),
+            # from a span of z (fp32) and the perturbed span of the weight
             inside = ({i for pair in linear_slots(unit).values() for i in pair
                        if i is not None} if spec.cheap_noise else set())
             need = sum(_bytes(blocks.params[i]) for _, i in unit.slots
                        if i not in inside) * copies
+            limit = LINEAR_SPAN.get(_device(spec))
+            need += max((noise.largest_chunk([blocks.params[i].shape], _device(spec), limit)
+                         * _span_bytes(blocks.params[i].element_size()) for i in inside),
+                        default=0)
         scratch = max(scratch, need)
     return scratch
+
+
+def _span_bytes(elem: int) -> int:
+    """Bytes a value of a linear map's span takes: z (fp32), the perturbed weight, and for
+    half precision the fp32 sum it is rounded from (intercept.perturbed_into)."""
+    return 4 + elem + (4 if elem < 4 else 0)
 
 
 def _device(spec: StepSpec) -> str:

@@ -3,9 +3,10 @@ intercept the functional call that uses a weight and compute with θ ± εz on t
 
 - embeddings: F.embedding on the weight looks rows up from (W ± εz)[rows] (only the
   looked-up rows are built);
-- linear maps inside a unit: F.linear on a covered weight computes its output one
-  row-chunk of W at a time, from a chunk-sized buffer, when z is cheap to read (the
-  table, structured directions): the unit then needs no layer-sized scratch copy.
+- linear maps inside a unit: F.linear on a covered weight computes its output one span
+  of rows of W at a time (LINEAR_SPAN; a whole SmolLM2 matrix on the CPU), from
+  span-sized buffers, when z is cheap to read (the table, structured directions): the
+  unit then needs no layer-sized scratch copy.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class RowPerturbedEmbedding(TorchFunctionMode):
 
 def linear_slots(unit: Unit) -> dict[int, tuple[int, int | None]]:
     """{id(weight): (weight index, bias index or None)} for the nn.Linear maps inside a
-    unit whose weight is trainable: what PerturbedLinears computes chunk by chunk."""
+    unit whose weight is trainable: what PerturbedLinears computes span by span."""
     slots = dict(unit.slots)
     out = {}
     for name, module in unit.module.named_modules():
@@ -89,9 +90,17 @@ def linear_slots(unit: Unit) -> dict[int, tuple[int, int | None]]:
     return out
 
 
+# Values a span of a linear map's weight holds at most, where the map computes from z
+# (perturb.CHUNKED_LINEAR_DEVICES): on the CPU, 1M values, so SmolLM2's matrices are one
+# span each. One matrix product per map instead of one per 256K-value chunk took a
+# SmolLM2 step from 1.23x to 1.05x two forwards (fp32, AVX2; benchmarks/step_overhead.py),
+# for two span-sized buffers (the table's z, gathered, and the perturbed weight).
+LINEAR_SPAN: dict[str, int] = {"cpu": 1 << 20}
+
+
 class PerturbedLinears(TorchFunctionMode):
     """F.linear(x, W, b) on a mapped weight, computed as x·(W + s·ε·z)ᵀ + (b + s·ε·z_b) one
-    row-chunk of W at a time (s: the half's sign)."""
+    span of rows of W at a time (s: the half's sign; LINEAR_SPAN)."""
 
     def __init__(self, owner: Perturbation, slots: dict[int, tuple[int, int | None]],
                  sign: int):
@@ -121,7 +130,8 @@ class PerturbedLinears(TorchFunctionMode):
                                          work_dtype(bias.dtype))
                 bias = torch.add(bias, z, alpha=scale).to(bias.dtype)
         bias_of = (lambda lo, hi: None) if bias is None else (lambda lo, hi: bias[lo:hi])
-        spans = noise.spans(weight.shape, weight.device)
+        device = weight.device
+        spans = noise.spans(weight.shape, device, LINEAR_SPAN.get(device.type))
         out = (None if len(spans) == 1 else
                torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device))
         for k, end, lo, hi in spans:

@@ -66,14 +66,15 @@ def num_rows(shape: torch.Size) -> int:
     return 1 if len(shape) == 0 else shape[0]
 
 
-def largest_chunk(shapes, device: torch.device | str = "cpu") -> int:
-    """Elements of the largest noise chunk (on CUDA: span) over parameters of these
-    shapes: what each thread's reusable buffers hold (tiny adapters never fill a full
-    CHUNK_ELEMENTS)."""
+def largest_chunk(shapes, device: torch.device | str = "cpu", limit: int | None = None
+                  ) -> int:
+    """Elements of the largest noise chunk (on CUDA: span; with `limit`, spans of that
+    many values) over parameters of these shapes: what each thread's reusable buffers
+    hold (tiny adapters never fill a full CHUNK_ELEMENTS)."""
     out = 0
     for shape in shapes:
         shape = torch.Size(shape)
-        rows = rows_per_chunk(shape) * chunks_per_span(shape, device)
+        rows = rows_per_chunk(shape) * chunks_per_span(shape, device, limit)
         out = max(out, min(num_rows(shape), rows) * _cols(shape))
     return out
 
@@ -96,15 +97,19 @@ def chunk_bounds(shape: torch.Size) -> list[tuple[int, int]]:
 SPAN_ELEMENTS = {"cuda": int(os.environ.get("EDGEZO_CUDA_SPAN", 1 << 20))}
 
 
-def chunks_per_span(shape: torch.Size, device: torch.device | str) -> int:
-    limit = SPAN_ELEMENTS.get(torch.device(device).type, 0)
+def chunks_per_span(shape: torch.Size, device: torch.device | str,
+                    limit: int | None = None) -> int:
+    if limit is None:
+        limit = SPAN_ELEMENTS.get(torch.device(device).type, 0)
     return max(1, limit // (rows_per_chunk(shape) * _cols(shape)))
 
 
-def spans(shape: torch.Size, device: torch.device | str
+def spans(shape: torch.Size, device: torch.device | str, limit: int | None = None
           ) -> list[tuple[int, int, int, int]]:
-    """(first chunk, end chunk, first row, end row) of each span of a parameter, in order."""
-    per, rows, n = rows_per_chunk(shape), num_rows(shape), chunks_per_span(shape, device)
+    """(first chunk, end chunk, first row, end row) of each span of a parameter, in order
+    (`limit`: values a span holds at most, instead of the device's SPAN_ELEMENTS)."""
+    per, rows = rows_per_chunk(shape), num_rows(shape)
+    n = chunks_per_span(shape, device, limit)
     count = -(-rows // per)
     return [(k, min(k + n, count), k * per, min((k + n) * per, rows))
             for k in range(0, count, n)]

@@ -4,9 +4,11 @@ Each unit (a decoder layer, or a module outside the layers that owns trainable
 parameters) gets a reversible forward wrapper. While a perturbed forward is active, the
 wrapper computes its output with perturbed copies of its parameters:
 
-- layers and small modules: a scratch copy θ_b ± εz_b filled chunk by chunk, passed to
-  the module through `torch.func.functional_call` (transient: one block, or two in pair
-  mode, plus one noise chunk);
+- layers and small modules: a scratch copy θ_b ± εz_b filled chunk by chunk (span by
+  span on CUDA: noise.spans), passed to the module through `torch.func.functional_call`
+  (transient: one block, or two in pair mode, plus one noise chunk); on the CPU, with z
+  cheap to read, the unit's linear maps compute from z instead (intercept.PerturbedLinears)
+  and only its other parameters are copied;
 - embeddings: only the rows the batch looks up, rows ± εz[rows] (no full-size scratch);
 - linear heads: the output computed one row-chunk of the weight at a time.
 
@@ -183,7 +185,7 @@ class Perturbation:
             self.direction.source == "table" or self.direction.kind in STRUCTURED)
 
     def _functional(self, unit: Unit, original, args, kwargs):
-        """The unit at θ ± εz. Its nn.Linear maps compute chunk by chunk when z is cheap
+        """The unit at θ ± εz. Its nn.Linear maps compute span by span when z is cheap
         to read (intercept.PerturbedLinears); the other covered parameters (or all, with
         the generator) go to the module as perturbed scratch copies (functional_call)."""
         cheap = self._cheap_z(self.params[unit.slots[0][1]].device)
