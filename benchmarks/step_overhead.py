@@ -6,7 +6,10 @@ ratios are comparable even on a noisy shared machine:
     edgezo ratio = edgezo ZO-SGD step / (2 × plain forward of the batch), for each noise
                    source (torch's generator, the shared table)
     MeZO ratio   = MeZO-style step   / (2 × plain forward of the batch)
-    speed-up     = MeZO-style step / edgezo step
+    speed-up     = MeZO ratio / edgezo ratio (of the first step timed)
+
+Each step is timed alternately with the two forwards, and divided by the forwards timed
+beside it: a shared machine's speed drifts by 15% or more within one run.
 
 The MeZO-style reference follows MeZO's trainer: perturb every parameter in place by +εz,
 forward, −2εz, forward, +εz, then update along z, regenerating z from the seed with the
@@ -133,6 +136,14 @@ def main() -> None:
         example_losses(model, batch).mean().item()
         example_losses(model, batch).mean().item()
 
+    def paired(fn) -> tuple[float, float]:
+        """Medians of `fn` and of the two forwards, timed alternately: each ratio divides
+        by forwards measured beside it, as the machine's speed drifts within a run."""
+        pairs = [(timed(fn, 1, device), timed(two_forwards, 1, device))
+                 for _ in range(args.repeats)]
+        return (statistics.median(a for a, _ in pairs),
+                statistics.median(b for _, b in pairs))
+
     steps = {}
     rows = {"generator": ("generator", True), "table": ("table", True),
             "two-pass": ("table", False), "lowrank": ("lowrank", True),
@@ -141,30 +152,32 @@ def main() -> None:
         engine = engine_for(model, noise, pair)
         for _ in range(2):  # warm-up: page in the weights, first copy-on-write, caches
             engine.step(batch, lr=1e-7)
-        steps[(noise, pair)] = timed(lambda e=engine: e.step(batch, lr=1e-7), args.repeats,
-                                       device)
+        steps[(noise, pair)] = paired(lambda e=engine: e.step(batch, lr=1e-7))
         engine.close()
-    t_fwd = timed(two_forwards, args.repeats, device)
     mezo = MezoReference(model, eps=1e-3, lr=1e-7)
     mezo.step(batch)
-    t_mezo = timed(lambda: mezo.step(batch), args.repeats, device)
+    t_mezo = paired(lambda: mezo.step(batch))
+    t_fwd = statistics.median(f for _, f in [*steps.values(), t_mezo])
     report(args, name, device, t_fwd, steps, t_mezo)
 
 
 def report(args, dtype: str, device: torch.device, t_fwd: float, steps: dict,
-           t_mezo: float) -> None:
-    t_pair = next(iter(steps.values()))
+           t_mezo: tuple[float, float]) -> None:
+    """Each ratio: a step's median over the median of the two forwards timed beside it."""
+    first = next(iter(steps))
+    ratio = {key: t / f for key, (t, f) in steps.items()}
+    mezo_ratio = t_mezo[0] / t_mezo[1]
     result = {
         "model": args.model, "dtype": dtype, "batch": args.batch, "seq": args.seq,
         "threads": torch.get_num_threads(), "cpu": cpu_capability(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "machine": platform.processor() or platform.machine(),
-        "two_forwards_s": t_fwd, "mezo_step_s": t_mezo,
+        "two_forwards_s": t_fwd, "mezo_step_s": t_mezo[0],
         **{f"edgezo_{'pair' if pair else 'two_pass'}_{noise}_step_s": t
-           for (noise, pair), t in steps.items()},
-        **{f"edgezo_{'pair' if pair else 'two_pass'}_{noise}_ratio": t / t_fwd
-           for (noise, pair), t in steps.items()},
-        "mezo_ratio": t_mezo / t_fwd, "speedup_vs_mezo": t_mezo / t_pair,
+           for (noise, pair), (t, _) in steps.items()},
+        **{f"edgezo_{'pair' if pair else 'two_pass'}_{noise}_ratio": r
+           for (noise, pair), r in ratio.items()},
+        "mezo_ratio": mezo_ratio, "speedup_vs_mezo": mezo_ratio / ratio[first],
         "cuda_span_values": noise_module.SPAN_ELEMENTS.get("cuda", 0),
     }
     if args.json:
@@ -172,14 +185,15 @@ def report(args, dtype: str, device: torch.device, t_fwd: float, steps: dict,
         return
     print(f"CPU: {result['cpu']}; computing on {result['device']}")
     print(f"{args.model} {dtype}, batch {args.batch} x {args.seq} tokens, "
-          f"{result['threads']} threads, median of {args.repeats}")
-    print(f"  two plain forwards               {t_fwd:8.3f} s   1.00")
-    for (noise, pair), t in steps.items():
+          f"{result['threads']} threads, median of {args.repeats}, each step timed "
+          "alternately with two plain forwards")
+    print(f"  {'':32s} {'step':>8s}   {'forwards':>8s}   ratio")
+    for (noise, pair), (t, f) in steps.items():
         label = f"edgezo step ({'pair' if pair else 'two-pass'}, {noise})"
-        print(f"  {label:32s} {t:8.3f} s   {t / t_fwd:.2f}")
-    print(f"  MeZO-style step                  {t_mezo:8.3f} s   {t_mezo / t_fwd:.2f}")
-    first = next(iter(steps))
-    print(f"  speed-up of edgezo ({first[0]}) over MeZO-style {t_mezo / t_pair:.2f}x")
+        print(f"  {label:32s} {t:8.3f} s {f:8.3f} s   {t / f:.2f}")
+    print(f"  {'MeZO-style step':32s} {t_mezo[0]:8.3f} s {t_mezo[1]:8.3f} s   {mezo_ratio:.2f}")
+    print(f"  speed-up of edgezo ({first[0]}) over MeZO-style "
+          f"{mezo_ratio / ratio[first]:.2f}x")
     if device.type == "cuda":
         print(f"  noise spans on CUDA: {result['cuda_span_values']} values "
               "(EDGEZO_CUDA_SPAN; 0: chunk by chunk)")

@@ -92,9 +92,10 @@ def linear_slots(unit: Unit) -> dict[int, tuple[int, int | None]]:
 
 # Values a span of a linear map's weight holds at most, where the map computes from z
 # (perturb.CHUNKED_LINEAR_DEVICES): on the CPU, 1M values, so SmolLM2's matrices are one
-# span each. One matrix product per map instead of one per 256K-value chunk took a
-# SmolLM2 step from 1.23x to 1.05x two forwards (fp32, AVX2; benchmarks/step_overhead.py),
-# for two span-sized buffers (the table's z, gathered, and the perturbed weight).
+# span each. One matrix product per map instead of one per 256K-value chunk took 14-21%
+# off a SmolLM2 step in every round of an interleaved A/B (fp32, AVX2: 6.44 s to 5.58 s,
+# 1.41x to 1.22x two forwards), for two span-sized buffers (the table's z, gathered, and
+# the perturbed weight).
 LINEAR_SPAN: dict[str, int] = {"cpu": 1 << 20}
 
 

@@ -49,9 +49,10 @@ from edgezo.zo.optimizers import Rule, work_dtype
 
 # Where a unit's linear maps compute from z span by span (intercept.PerturbedLinears)
 # instead of from a perturbed scratch copy of the unit. On the CPU that saves the copy's
-# memory at no cost. On CUDA the torch-function mode it needs runs Python for every
-# operation of the unit, and the step is bound by that: on an H200, a SmolLM2 step took
-# 0.34 s that way and 0.19 s with scratch copies (benchmarks/step_overhead.py).
+# memory for little time. On CUDA the torch-function mode it needs runs Python for every
+# operation of the unit, and that bounds the step: on an H200, a SmolLM2 step with the
+# table took 0.34 s through the mode, where the generator's step through scratch copies
+# took 0.19 s (benchmarks/step_overhead.py; the table through copies not yet measured).
 CHUNKED_LINEAR_DEVICES = ("cpu",)
 
 
