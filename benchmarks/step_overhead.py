@@ -6,7 +6,8 @@ ratios are comparable even on a noisy shared machine:
     edgezo ratio = edgezo ZO-SGD step / (2 × plain forward of the batch), for each noise
                    source (torch's generator, the shared table)
     MeZO ratio   = MeZO-style step   / (2 × plain forward of the batch)
-    speed-up     = MeZO ratio / edgezo ratio (of the first step timed)
+    speed-up     = MeZO ratio / edgezo ratio (of the first step timed; before the steps
+                   were timed alternately with the forwards, MeZO step / edgezo step)
 
 Each step is timed alternately with the two forwards, and divided by the forwards timed
 beside it: a shared machine's speed drifts by 15% or more within one run.
@@ -115,9 +116,14 @@ def main() -> None:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                     help="auto: cuda when a GPU is visible, else cpu")
     ap.add_argument("--rows", default="generator,table,two-pass,lowrank,subspace",
-                    help="the edgezo steps to time (comma-separated; two-pass uses the table)")
+                    type=lambda v: [r for r in v.split(",") if r],
+                    help="the edgezo steps to time (comma-separated, from generator, table, "
+                         "two-pass, lowrank, subspace; two-pass uses the table)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    known = ("generator", "table", "two-pass", "lowrank", "subspace")
+    if not args.rows or set(args.rows) - set(known):
+        ap.error(f"--rows takes one or more of {', '.join(known)}")
     device = torch.device(args.device if args.device != "auto"
                           else "cuda" if torch.cuda.is_available() else "cpu")
     name = (preferred_dtype(None, "bf16", device)[0] if args.dtype == "auto"
@@ -148,7 +154,7 @@ def main() -> None:
     rows = {"generator": ("generator", True), "table": ("table", True),
             "two-pass": ("table", False), "lowrank": ("lowrank", True),
             "subspace": ("subspace", True)}
-    for noise, pair in (rows[r] for r in args.rows.split(",")):
+    for noise, pair in (rows[r] for r in args.rows):
         engine = engine_for(model, noise, pair)
         for _ in range(2):  # warm-up: page in the weights, first copy-on-write, caches
             engine.step(batch, lr=1e-7)

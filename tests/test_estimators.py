@@ -225,19 +225,20 @@ def test_every_new_method_trains_a_tiny_model_through_the_engine():
                                                          strict=True)), name
 
 
-@pytest.mark.parametrize("spans", ["whole", "several"])
+@pytest.mark.parametrize("spans", ["one chunk", "one span of chunks", "several spans"])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "opt"])
 def test_linear_maps_perturbed_span_by_span_equal_a_scratch_copy(family, spans, monkeypatch):
     """With cheap z (the table), a layer's nn.Linear maps compute x·(W ± εz)ᵀ from z, one
-    span of rows of W at a time, instead of from a layer-sized copy. A whole matrix in
-    one span gives the same numbers bit for bit (GPT-2's Conv1D maps take the copy either
-    way). "several": chunks of 64 values and spans of two chunks, so every matrix is
-    split into several products, which may round differently from one: the losses agree
-    to a few ulps, so the estimates to 1e-4 (ulps / 2ε)."""
+    span of rows of W at a time, instead of from a layer-sized copy. A matrix in one
+    span gives the same numbers bit for bit, whether the span is one chunk or several
+    gathered from the table (GPT-2's Conv1D maps take the copy either way). With several
+    spans a matrix is split into several products, which may round differently from one:
+    the losses agree to a few ulps, so the estimates to 1e-4 (ulps / 2ε)."""
     from edgezo.zo import intercept
 
-    if spans == "several":
+    if spans != "one chunk":  # chunks of 64 values
         monkeypatch.setattr(noise, "CHUNK_ELEMENTS", 64)
+    if spans == "several spans":  # of two chunks each
         monkeypatch.setitem(intercept.LINEAR_SPAN, "cpu", 128)
     results = []
     for chunked in (True, False):
@@ -248,12 +249,15 @@ def test_linear_maps_perturbed_span_by_span_equal_a_scratch_copy(family, spans, 
         results.append([g for s in range(2)
                         for g in engine.step(lm_batch(VOCAB, seed=s), lr=1e-2).projected_grads])
         engine.close()
-    if spans == "whole":
-        assert results[0] == results[1]
-    else:
+    limit = intercept.LINEAR_SPAN["cpu"]
+    matrices = [p.shape for p in model.parameters() if p.dim() == 2]
+    if spans == "several spans":
         assert results[0] == pytest.approx(results[1], abs=1e-4)
-        assert any(len(noise.spans(p.shape, "cpu", 128)) > 1 for p in model.parameters()
-                   if p.dim() == 2)  # the products were split
+        assert any(len(noise.spans(m, "cpu", limit)) > 1 for m in matrices)
+    else:
+        assert results[0] == results[1]
+        if spans == "one span of chunks":
+            assert any(noise.spans(m, "cpu", limit)[0][1] > 1 for m in matrices)
 
 
 def test_estimates_that_round_to_nothing_are_counted(tiny_folder, data_dir):

@@ -90,6 +90,28 @@ def test_noise_buffers_follow_the_largest_chunk_and_fo_has_no_scratch(config_fil
     assert fo.components["perturbation_scratch"] == 0
 
 
+def test_on_cuda_noise_buffers_hold_a_span_and_layers_are_copied(config_file, monkeypatch):
+    """On CUDA the noise buffers hold a span (1M values: four 64-row chunks of a 7B
+    Llama's 4096-wide matrices), and a pair step perturbs two scratch copies of a layer
+    even with the table (perturb.CHUNKED_LINEAR_DEVICES); emulated on the CPU, the same
+    profile's layers keep their linear maps out of the copy."""
+    from edgezo.memory.plan import THREAD_BUFFERS
+    from edgezo.zo import noise
+
+    req = dict(model=config_file(LLAMA_7B), profile="8gb-gpu", dtype="bf16", batch_size=2,
+               seq_len=8)
+    emulated = plan_of(**req, pair=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = plan_of(**req, pair=True)
+    assert (emulated.device, gpu.device) == ("cpu", "cuda")
+    assert noise.SPAN_ELEMENTS["cuda"] == 1 << 20
+    assert gpu.components["noise_buffers"] == THREAD_BUFFERS * 4 * 2 * (1 << 20)
+    H, inter = 4096, 11008
+    layer = 4 * H * H + 3 * H * inter + 2 * H
+    assert gpu.components["perturbation_scratch"] == 2 * layer * 2  # two bf16 copies
+    assert emulated.components["perturbation_scratch"] < layer * 2 // 20  # spans, norms
+
+
 def test_config_plan_matches_the_live_session_plan(tiny_folder, data_dir):
     from edgezo.session import Session
 

@@ -148,7 +148,8 @@ class StepSpec:
 
 def _scratch_bytes(blocks: BlockMap, spec: StepSpec, rows: int) -> int:
     """The largest unit's perturbed copies (one per sign) plus the chunks being drawn;
-    embeddings copy only the looked-up rows, linear heads one chunk per thread."""
+    embeddings copy only the looked-up rows, linear heads one chunk (span, on CUDA) per
+    thread."""
     if not spec.perturbs:
         return 0
     copies = 2 if spec.pair and not spec.cheap_noise else 1
@@ -180,9 +181,10 @@ def _scratch_bytes(blocks: BlockMap, spec: StepSpec, rows: int) -> int:
 
 
 def _span_bytes(elem: int) -> int:
-    """Bytes a value of a linear map's span takes: z (fp32), the perturbed weight, and for
-    half precision the fp32 sum it is rounded from (intercept.perturbed_into)."""
-    return 4 + elem + (4 if elem < 4 else 0)
+    """Bytes a value of a linear map's span takes: z (fp32), d when the direction is not
+    z itself (masks, a preconditioner), the perturbed weight, and for half precision the
+    fp32 sum it is rounded from (intercept.perturbed_into)."""
+    return 4 + 4 + elem + (4 if elem < 4 else 0)
 
 
 def _device(spec: StepSpec) -> str:

@@ -5,8 +5,9 @@ intercept the functional call that uses a weight and compute with θ ± εz on t
   looked-up rows are built);
 - linear maps inside a unit: F.linear on a covered weight computes its output one span
   of rows of W at a time (LINEAR_SPAN; a whole SmolLM2 matrix on the CPU), from
-  span-sized buffers, when z is cheap to read (the table, structured directions): the
-  unit then needs no layer-sized scratch copy.
+  span-sized buffers, when z is cheap to read (the table, structured directions) and the
+  device is one of perturb.CHUNKED_LINEAR_DEVICES (the CPU): the unit then needs no
+  layer-sized scratch copy.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ def perturbed_into(out: torch.Tensor, theta: torch.Tensor, z: torch.Tensor, scal
         # CUDA computes a mixed-dtype add in fp32 and rounds on the store: no temporary
         torch.add(theta, z, alpha=scale, out=out)
         return
+    # On the CPU, torch.add(theta, z, out=acc) would first widen θ into a temporary of its
+    # own; copying θ into acc and adding in place gives the same sum, in acc alone.
     acc = noise.thread_buffer("acc", z.numel(), torch.float32, z.device).view(z.shape)
-    torch.add(theta, z, alpha=scale, out=acc)
+    acc.copy_(theta).add_(z, alpha=scale)
     out.copy_(acc)
 
 

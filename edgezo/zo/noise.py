@@ -12,8 +12,9 @@ consumer regenerate exactly the values it needs and no more:
 
 and chunks can be drawn in parallel threads without changing a single value.
 
-On CUDA, consumers walk spans of consecutive chunks instead (`spans`): the same values,
-fewer and larger kernels.
+Consumers may walk spans of consecutive chunks instead (`spans`): the same values, fewer
+and larger kernels. On CUDA every consumer does; on the CPU, the linear maps that compute
+from z (intercept.LINEAR_SPAN).
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def chunk_bounds(shape: torch.Size) -> list[tuple[int, int]]:
 # two forward passes, most of it launching small kernels. There, consumers walk spans of
 # consecutive chunks of one parameter: a span's z is its chunks' values laid end to end
 # (from the table, one gather), so values, replay and resume are those of the chunks. On
-# the CPU a span is one chunk: chunks fit the caches and the worker threads share them.
+# the CPU a span is one chunk (chunks fit the caches and the worker threads share them),
+# unless a caller asks for more: intercept.LINEAR_SPAN, one matrix product per map.
 # EDGEZO_CUDA_SPAN sets a span's size in values (0: chunk by chunk), for benchmarks.
 # ---------------------------------------------------------------------------------------
 SPAN_ELEMENTS = {"cuda": int(os.environ.get("EDGEZO_CUDA_SPAN", 1 << 20))}
@@ -205,7 +207,7 @@ def _span_layout(shape: torch.Size, k: int, end: int, device: torch.device
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """For each row of chunks [k, end): its chunk's position in the span, and where the row
     starts inside its chunk (int64 on `device`; a few bytes a row, kept per span)."""
-    key = (tuple(shape), k, end, device)
+    key = (tuple(shape), rows_per_chunk(shape), k, end, device)
     found = _LAYOUTS.get(key)
     if found is None:
         per = rows_per_chunk(shape)

@@ -10,7 +10,8 @@ wrapper computes its output with perturbed copies of its parameters:
   cheap to read, the unit's linear maps compute from z instead (intercept.PerturbedLinears)
   and only its other parameters are copied;
 - embeddings: only the rows the batch looks up, rows ± εz[rows] (no full-size scratch);
-- linear heads: the output computed one row-chunk of the weight at a time.
+- linear heads: the output computed one row-chunk (span, on CUDA) of the weight at a
+  time.
 
 Because the master weights are never perturbed in place, they come back bit-exactly
 after any forward (MeZO's in-place θ+εz−2εz+εz does not, in fp16/bf16).
@@ -271,7 +272,8 @@ class Perturbation:
             module.forward = wrapper
 
     def _linear(self, unit: Unit, args, kwargs):
-        """y = x (W ± εz)ᵀ + (b ± εz_b), one row-chunk of W at a time (no full scratch)."""
+        """y = x (W ± εz)ᵀ + (b ± εz_b), one row-chunk (span, on CUDA) of W at a time (no
+        full scratch)."""
         module: torch.nn.Linear = unit.module  # type: ignore[assignment]
         x = args[0] if args else kwargs["input"]
         slots = dict(unit.slots)
