@@ -43,11 +43,43 @@ def record(session: Session, run_dir: str | os.PathLike) -> None:
     if session.custom_objective:
         raise ConfigError("a run with a custom objective function cannot be recorded for "
                           "resume (run.json cannot hold a function)")
-    session.run_dir = Path(run_dir)
+    run_dir = Path(run_dir)
+    if session.run_dir is None or session.run_dir.resolve() != run_dir.resolve():
+        _refuse_another_run(session, run_dir)
+    session.run_dir = run_dir
     if not (session.run_dir / RUN_FILE).is_file():
         write_run_file(session.run_dir, session.config.to_dict())
     if session._log is None:
         session._log = SeedLog(session.run_dir)
+
+
+def _updates_of(config: RunConfig) -> dict:
+    """The settings that decide a run's updates: all but the resumable ones and the
+    folder's own path."""
+    return {k: v for k, v in config.flat().items() if k not in RESUMABLE | {"output"}}
+
+
+def _refuse_another_run(session: Session, run_dir: Path) -> None:
+    """A session that starts recording into a folder holding another run would mix the
+    two: run.json would keep the other's settings, the seed log would go on from the
+    other's steps, and the test score before training would be the other's; resume and
+    replay would then rebuild neither. Only the same settings with no step logged (a run
+    stopped before its first step, started again) may record there."""
+    if not (run_dir / RUN_FILE).is_file():
+        return
+    logged = len(read_seed_log(run_dir))
+    try:
+        same = _updates_of(_config_of(run_dir)) == _updates_of(session.config)
+    except (CheckpointError, ConfigError):  # a damaged run.json: another run's all the same
+        same = False
+    if same and logged == 0 and session.engine.step_index == 0:
+        return
+    what = f"{logged} logged step{'s' if logged != 1 else ''}"
+    if not same:
+        what += ", other settings"
+    raise ConfigError(f"{run_dir} already holds a run ({what}): continue it with "
+                      f"--resume {run_dir} (Session.resume), or give another --output "
+                      "(or delete the folder)")
 
 
 def _trainable_tensors(session: Session, fn: Callable) -> None:
@@ -202,6 +234,7 @@ def resume(cls: type[Session], run_dir: str | os.PathLike,
         elif any(e["step"] >= session.engine.step_index for e in log):
             warn("the steps after the last snapshot use backpropagated gradients and cannot "
                  "be replayed; continuing from the snapshot")
+        session.run_dir = run_dir  # its own folder: record() goes on with it
         session.record(run_dir)
     except BaseException:
         session.close()

@@ -255,6 +255,43 @@ def test_resume_refuses_changed_settings(tiny_folder, data_dir, tmp_path):
     assert proc.returncode == 2 and "not a run folder" in proc.stderr
 
 
+def test_a_new_run_into_another_runs_folder_is_refused(tiny_folder, data_dir, tmp_path):
+    """A new run recording into a used folder would keep the other's run.json and go on
+    with its seed log, so neither could be resumed or replayed: refused, naming --resume,
+    and the folder is left as it was. A run stopped before its first step may start
+    again with the same settings; a resumed run goes on in its own folder."""
+    from rich.console import Console
+
+    from edgezo import train
+
+    def quiet_run(s, steps, out):
+        try:
+            return train.finetune(s, steps, output=str(out), save_model=False,
+                                  console=Console(quiet=True))
+        finally:
+            s.close()
+
+    run = tmp_path / "run"
+    quiet_run(session(tiny_folder, data_dir, eval_before=False), 2, run)
+    files = {f: (run / f).read_bytes() for f in ("run.json", "seedlog.jsonl")}
+    for kw, what in (({}, r"2 logged steps\)"), ({"lr": 0.05}, "2 logged steps, other")):
+        with pytest.raises(ConfigError, match=f"already holds a run \\({what}.*--resume"):
+            quiet_run(session(tiny_folder, data_dir, eval_before=False, **kw), 2, run)
+    assert {f: (run / f).read_bytes() for f in files} == files
+    proc = cli_run(finetune_args(tiny_folder, data_dir, run, steps=3), check=False)
+    assert proc.returncode == 2 and "--resume" in proc.stderr
+    assert len(read_seed_log(run)) == 2
+    quiet_run(Session.resume(run), 3, run)
+    assert [e["step"] for e in read_seed_log(run)] == [0, 1, 2]
+
+    started = tmp_path / "started"
+    s = session(tiny_folder, data_dir, eval_before=False)
+    s.record(started)  # run.json written, then stopped before a step
+    s.close()
+    quiet_run(session(tiny_folder, data_dir, eval_before=False, steps=9), 1, started)
+    assert [e["step"] for e in read_seed_log(started)] == [0]
+
+
 def test_replay_and_seedlog_export_rebuild_the_final_weights(tiny_folder, data_dir, tmp_path):
     run = tmp_path / "run"
     cli_run(finetune_args(tiny_folder, data_dir, run, steps=5))
