@@ -88,8 +88,8 @@ def chunk_bounds(shape: torch.Size) -> list[tuple[int, int]]:
 
 # ---------------------------------------------------------------------------------------
 # Spans. On CUDA a 256K-value chunk is too little work for the kernels and the Python calls
-# it costs: a SmolLM2 step touches about 2000 chunks, and on an H200 the step took 4.2x
-# two forward passes, most of it launching small kernels. There, consumers walk spans of
+# it costs: a SmolLM2 step touches about 2000 chunks, and on an H200 the GPU sat idle most
+# of the step while the host issued their calls and launches. There, consumers walk spans of
 # consecutive chunks of one parameter: a span's z is its chunks' values laid end to end
 # (from the table, one gather), so values, replay and resume are those of the chunks. On
 # the CPU a span is one chunk (chunks fit the caches and the worker threads share them),
