@@ -62,6 +62,30 @@ def test_table_rows_are_the_full_direction_at_those_rows(small_chunks):
     assert torch.equal(noise.table_rows(shape, 5, rows), noise.full(shape, 5)[rows])
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("source", ["table", "generator"])
+def test_on_cuda_spans_are_their_chunks_and_the_table_is_the_cpus(monkeypatch, kind, source):
+    """On the GPU itself (where spans run in production): chunk-wise and span-wise z agree
+    bit for bit, embedding rows come from the same gather, and the table gives the CPU's
+    values, so a run replays across devices."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(noise, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setitem(noise.SPAN_ELEMENTS, "cuda", 256)
+    for shape in SHAPES:
+        z = noise.full(shape, 9, cuda, kind, source).reshape(noise.num_rows(shape), -1)
+        for k, end, lo, hi in noise.spans(shape, cuda):
+            got = noise.chunk(shape, 9, k, cuda, kind, source, end=end)
+            assert torch.equal(got.reshape(hi - lo, -1), z[lo:hi])
+        if source == "table":
+            cpu = noise.full(shape, 9, CPU, kind, source).reshape(z.shape)
+            assert torch.equal(z.cpu(), cpu)
+            if len(shape) and kind == "gaussian":
+                rows = torch.tensor([0, noise.num_rows(shape) - 1], device=cuda).unique()
+                assert torch.equal(noise.table_rows(shape, 9, rows).reshape(len(rows), -1),
+                                   z[rows])
+
+
 def _directions():
     masks = SparseMasks([torch.zeros(41, 16)], 0.5)
     masks.masks[0] = (torch.arange(41 * 16) % 3 != 0).view(41, 16)
