@@ -92,13 +92,12 @@ class Direction:
             mixed = (core.view(self.rank, self.rank) @ right.T).mul_(
                 math.sqrt(rows * cols) / self.rank)
         # chunk by chunk even in a span: a product's rounding depends on its shape
-        for c in range(k, k + 1 if end is None else end):
-            a, b = noise.chunk_bounds_of(shape, c)
+        for c, a, b in noise.chunks_of_span(shape, k, end):
             if self.kind == "lowrank":
                 u = noise.gaussian((b - a) * self.rank, pseed, c, device)
-                torch.matmul(u.view(b - a, self.rank), right.T, out=out[a - lo:b - lo])
+                torch.matmul(u.view(b - a, self.rank), right.T, out=out[a:b])
             else:
-                torch.matmul(left[a:b], mixed, out=out[a - lo:b - lo])
+                torch.matmul(left[lo + a:lo + b], mixed, out=out[a:b])
         noise.remember(out)
         return out.view(hi - lo, *shape[1:])
 
@@ -155,10 +154,8 @@ class Direction:
         out = noise.thread_buffer("bitspan", numel, torch.int32, device)
         lo, hi = noise.span_bounds(shape, k, end)
         cols = numel // (hi - lo)
-        for c in range(k, end):
-            a, b = noise.chunk_bounds_of(shape, c)
-            out[(a - lo) * cols:(b - lo) * cols] = noise.random_bits((b - a) * cols, pseed, c,
-                                                                     device)
+        for c, a, b in noise.chunks_of_span(shape, k, end):
+            out[a * cols:b * cols] = noise.random_bits((b - a) * cols, pseed, c, device)
         return out
 
     def rows(self, shape: torch.Size, index: int, row_ids: torch.Tensor,
@@ -188,9 +185,7 @@ class Direction:
         the chunks that hold them."""
         if self.source == "table" and self.kind in ("gaussian", "rademacher"):
             z = noise.table_rows(shape, noise.param_seed(seed, index), row_ids)
-            if self.kind == "rademacher":
-                z.sign_().masked_fill_(z == 0, 1.0)  # as noise.chunk does
-            return z
+            return noise.to_signs(z) if self.kind == "rademacher" else z
         return noise.rows(shape, row_ids, lambda k: self.z(shape, seed, index, k,
                                                            row_ids.device))
 

@@ -117,6 +117,23 @@ def spans(shape: torch.Size, device: torch.device | str, limit: int | None = Non
             for k in range(0, count, n)]
 
 
+def chunks_of_span(shape: torch.Size, k: int, end: int | None
+                   ) -> list[tuple[int, int, int]]:
+    """(chunk, first row, end row) of each chunk in [k, end), rows counted from the span's
+    first: for the consumers that still draw a span chunk by chunk."""
+    lo = k * rows_per_chunk(shape)
+    return [(c, a - lo, b - lo)
+            for c in range(k, k + 1 if end is None else end)
+            for a, b in [chunk_bounds_of(shape, c)]]
+
+
+def to_signs(z: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rademacher values from Gaussian ones (in place, or into `out`): their signs, with
+    an exact 0.0 (never drawn in practice) taken as +1."""
+    out = z.sign_() if out is None else torch.sign(z, out=out)
+    return out.masked_fill_(out == 0, 1.0)
+
+
 def span_bounds(shape: torch.Size, k: int, end: int | None) -> tuple[int, int]:
     """Rows [lo, hi) of chunks [k, end) (end None: chunk k alone)."""
     per = rows_per_chunk(shape)
@@ -297,16 +314,14 @@ def chunk(shape: torch.Size, seed: int, index: int, device: torch.device,
             z = table_span(shape, seed, index, end, device,
                            thread_buffer("z", numel, torch.float32, device)).view(-1)
         if kind != "gaussian":
-            z = torch.sign(z, out=thread_buffer("z", numel, torch.float32, device))
-            z.masked_fill_(z == 0, 1.0)  # a table value of exactly 0.0 (never drawn in practice)
+            z = to_signs(z, out=thread_buffer("z", numel, torch.float32, device))
     elif single:
         z = fill_chunk(thread_buffer("z", numel, torch.float32, device), seed, index, kind)
     else:
         z = thread_buffer("z", numel, torch.float32, device)
         rows = z.view(hi - lo, -1)
-        for k in range(index, end):
-            a, b = chunk_bounds_of(shape, k)
-            fill_chunk(rows[a - lo:b - lo], seed, k, kind)
+        for k, a, b in chunks_of_span(shape, index, end):
+            fill_chunk(rows[a:b], seed, k, kind)
     _LOCAL.last_z = z
     return z.view(hi - lo, *inner)
 
