@@ -139,7 +139,8 @@ def load_task(config: RunConfig) -> Task | None:
     d = config.data
     if d.task is None:
         return None
-    task = make_task(d.task, data_dir=d.data_dir, data_seed=d.data_seed, template=d.template)
+    task = make_task(d.task, data_dir=d.data_dir, data_seed=d.data_seed, template=d.template,
+                     train_examples=d.train_examples)
     for split in ("train", "validation", "test"):
         task.split(split)
     return task

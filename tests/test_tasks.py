@@ -40,6 +40,41 @@ def test_splits_are_1000_500_872_without_overlap_and_fixed(data_dir):
     assert other.split("train")[:5] != train[:5]
 
 
+def test_train_examples_grows_train_and_leaves_validation_where_it_was(data_dir):
+    """More training rows extend the default sample; fewer take its prefix; 0 takes every
+    row. Validation (and test) never move, so runs stay comparable on them."""
+    base = make_task("sst2", data_dir=data_dir)
+    base.split("train")
+    more = make_task("sst2", data_dir=data_dir, train_examples=3000)
+    fewer = make_task("sst2", data_dir=data_dir, train_examples=10)
+    every = make_task("sst2", data_dir=data_dir, train_examples=0)
+    for task in (more, fewer, every):
+        task.split("train")
+        assert task.source_rows["validation"] == base.source_rows["validation"]
+        assert not set(task.source_rows["train"]) & set(task.source_rows["validation"])
+        assert task.split("test") == base.split("test")
+    rows = {t: t.source_rows["train"] for t in (more, fewer, every)}
+    assert len(rows[more]) == len(set(rows[more])) == 3000
+    assert rows[more][:1000] == base.source_rows["train"]
+    assert rows[fewer] == base.source_rows["train"][:10]
+    n_file = len(base.train_rows())
+    assert len(set(rows[every])) == n_file - 500
+    assert rows[every][:3000] == rows[more]  # one order of the extra rows, whatever the count
+    assert more.split_info["train"] == 3000
+
+
+def test_train_examples_beyond_the_file_uses_every_row_and_says_so(tmp_path):
+    (tmp_path / "t.jsonl").write_text("".join(
+        f'{{"input": "x{i}", "candidates": ["a", "b"], "label": {i % 2}}}\n'
+        for i in range(30)))
+    task = make_task(str(tmp_path / "t.jsonl"), train_examples=100)
+    train, val, test = (task.split(s) for s in ("train", "validation", "test"))
+    assert len(train) + len(val) + len(test) == 30
+    assert any("train_examples 100" in n for n in task.split_info["notes"])
+    with pytest.raises(TaskError, match="train_examples"):
+        make_task("sst2", train_examples=-1)
+
+
 def test_missing_data_dir_names_the_expected_files(tmp_path):
     with pytest.raises(TaskError, match="sst2/train.tsv"):
         make_task("sst2", data_dir=str(tmp_path)).split("train")

@@ -19,12 +19,14 @@ USER_SUFFIXES = (".jsonl", ".yaml", ".yml")
 
 
 def make_task(name: str, data_dir: str | None = None, data_seed: int = 0,
-              template: str = "auto") -> Task:
+              template: str = "auto", train_examples: int | None = None) -> Task:
+    kw = {"data_dir": data_dir, "data_seed": data_seed, "template": template,
+          "train_examples": train_examples}
     if name not in TASKS and Path(name).suffix in USER_SUFFIXES:
-        return UserTask(name, data_dir=data_dir, data_seed=data_seed, template=template)
+        return UserTask(name, **kw)
     if name not in TASKS:
         raise unknown_choice("task", name, [*TASKS, "<file>.jsonl", "<spec>.yaml"])
-    return TASKS[name](data_dir=data_dir, data_seed=data_seed, template=template)
+    return TASKS[name](**kw)
 
 
 __all__ = ["TASKS", "TEMPLATES", "Encoder", "Example", "Task", "make_task"]

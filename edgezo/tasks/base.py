@@ -4,6 +4,7 @@ A task turns raw rows into Examples (a prompt, candidate continuations and the g
 index). The encoder turns Examples into the tensors the losses in `loss.py` read. Splits
 follow ZO-Bench: 1000 train and 500 validation examples sampled without overlap from the
 training file with a fixed data seed, and the official dev file as the test set.
+`train_examples` takes more (or fewer) training rows without moving the validation set.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class Task(ABC):
     num_test_when_split = 1000  # at most this many held out when there is no test file
 
     def __init__(self, data_dir: str | None = None, data_seed: int = 0,
-                 template: str = "auto"):
+                 template: str = "auto", train_examples: int | None = None):
         if template not in TEMPLATES:
             raise unknown_choice("template", template, TEMPLATES)
         template = self.default_template if template == "auto" else template
@@ -71,6 +72,10 @@ class Task(ABC):
         self.data_dir = data_dir
         self.data_seed = data_seed
         self.template = template
+        if train_examples is not None and train_examples < 0:
+            raise TaskError(f"train_examples must be 0 (every row) or more, got {train_examples}")
+        # None: num_train (ZO-Bench's 1000); 0: every row not held out for validation/test
+        self.train_examples = train_examples
         self._splits: dict[str, list[Example]] | None = None
         self.source_rows: dict[str, list[int]] = {}  # rows of the training file per split
         self.split_info: dict = {}
@@ -130,8 +135,8 @@ class Task(ABC):
             n_train = round(len(order) * self.num_train / want)
             notes.append(f"only {len(order)} rows for train + validation: split "
                          f"{n_train}/{len(order) - n_train}")
-        self.source_rows["train"] = picked[:n_train]
         self.source_rows["validation"] = picked[n_train:]
+        self.source_rows["train"] = self._train_rows(picked[:n_train], order, picked, notes)
         splits = {"train": self._examples(rows, self.source_rows["train"]),
                   "validation": self._examples(rows, self.source_rows["validation"]),
                   "test": test}
@@ -140,6 +145,29 @@ class Task(ABC):
                            "test": len(splits["test"]), "template": self.template,
                            "notes": notes}
         return splits
+
+    def _train_rows(self, default: list[int], order: list[int], picked: list[int],
+                    notes: list[str]) -> list[int]:
+        """The training rows: ZO-Bench's sample (`default`), a prefix of it, or it followed
+        by rows drawn from the rest of the file.
+
+        The validation rows are the default split's whatever the count, so runs with
+        different `train_examples` are scored on the same validation set, and the default
+        split stays the one every earlier run used.
+        """
+        want = self.train_examples
+        if want is None or want == len(default):
+            return default
+        if 0 < want < len(default):
+            return default[:want]
+        taken = set(picked)
+        rest = [i for i in order if i not in taken]
+        random.Random(self.data_seed ^ 0x7A1E).shuffle(rest)
+        extra = rest if want == 0 else rest[:want - len(default)]
+        if want and len(default) + len(extra) < want:
+            notes.append(f"train_examples {want}: the file has {len(default) + len(extra)} "
+                         "rows besides validation (and test), all used")
+        return default + extra
 
 
 class Encoder:

@@ -18,7 +18,8 @@ YAML spec (paths relative to the spec file):
     loss: classification                # or "lm" for multiple choice
 
 Splits follow the built-in tasks: up to 1000 train / 500 validation sampled from the
-train file, the test file as test (or a held-out third when there is none).
+train file (--train-examples takes more, or 0 for every row), the test file as test (or
+a held-out third when there is none).
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def _fields(template: str) -> list[str]:
 
 class UserTask(Task):
     def __init__(self, path: str | Path, data_dir: str | None = None, data_seed: int = 0,
-                 template: str = "auto"):
-        super().__init__(data_dir, data_seed, template)
+                 template: str = "auto", train_examples: int | None = None):
+        super().__init__(data_dir, data_seed, template, train_examples)
         path = Path(path)
         if not path.is_file():
             raise TaskError(f"task file {path} does not exist; --task takes a built-in task "
