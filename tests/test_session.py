@@ -402,3 +402,15 @@ def test_a_cuda_run_names_its_device_index_where_the_budget_cap_needs_one(monkey
     for d in (device, torch.device("cuda")):  # also a caller's bare device
         build.check_live_plan(config, SimpleNamespace(fits=True), profile, d)
         assert capped == {"fraction": profile.budget_bytes / (80 * 2**30), "index": 0}
+
+
+def test_train_examples_reaches_the_task_and_the_report(tiny_folder, data_dir):
+    """--train-examples is one config entry: the Session's task trains on that many rows
+    and the report says so."""
+    sess = Session(model=tiny_folder, data_dir=data_dir, train_examples=1500, lr=1e-2)
+    try:
+        assert len(sess.task.split("train")) == 1500
+        assert sess.report()["splits"]["train"] == 1500
+        assert sess.config.data.train_examples == 1500
+    finally:
+        sess.close()
