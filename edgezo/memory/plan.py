@@ -173,18 +173,21 @@ def _scratch_bytes(blocks: BlockMap, spec: StepSpec, rows: int) -> int:
             need = sum(_bytes(blocks.params[i]) for _, i in unit.slots
                        if i not in inside) * copies
             limit = LINEAR_SPAN.get(_device(spec))
-            need += max((noise.largest_chunk([blocks.params[i].shape], _device(spec), limit)
-                         * _span_bytes(blocks.params[i].element_size()) for i in inside),
-                        default=0)
+            need += max((_linear_span_bytes(blocks.params[i], _device(spec), limit)
+                         for i in inside), default=0)
         scratch = max(scratch, need)
     return scratch
 
 
-def _span_bytes(elem: int) -> int:
-    """Bytes a value of a linear map's span takes: z (fp32), d when the direction is not
-    z itself (masks, a preconditioner), the perturbed weight, and for half precision the
-    fp32 sum it is rounded from (intercept.perturbed_into)."""
-    return 4 + 4 + elem + (4 if elem < 4 else 0)
+def _linear_span_bytes(p: torch.Tensor, device: str, limit: int | None) -> int:
+    """A linear map computed from z (intercept.PerturbedLinears): its perturbed span of
+    the weight, built one chunk at a time from a chunk of z (fp32), of d when the direction
+    is not z itself (masks, a preconditioner), and for half precision of the fp32 sum each
+    chunk is rounded from (intercept.perturbed_into)."""
+    elem = p.element_size()
+    per_chunk = 4 + 4 + (4 if elem < 4 else 0)
+    return (noise.largest_chunk([p.shape], device, limit) * elem
+            + noise.largest_chunk([p.shape], device) * per_chunk)
 
 
 def _device(spec: StepSpec) -> str:
