@@ -313,6 +313,7 @@ def test_an_open_lr_takes_the_one_measured_for_the_method_and_scheme():
     assert lr() == MEASURED_LR["zo-sgd", "full"] == 3e-5  # the main job's default
     assert lr(optimizer="fo-adam") == 1e-5
     assert lr(scheme="lora") == DEFAULT_LR  # nothing measured there: the fallback
+    assert lr(optimizer="fo-adam", scheme="lora") == MEASURED_LR["fo-adam", "lora"] == 1e-3
     assert lr(lr=0.5) == 0.5  # asked for: kept
     # recorded resolved, so a resume is the same run whatever the defaults become
     assert RunConfig.from_dict(RunConfig.from_flat().resolved("fp32").to_dict()) \
