@@ -12,7 +12,14 @@ On CUDA the figure is torch.cuda.max_memory_allocated; on the CPU it is the proc
 peak resident set (the kernel's high-water mark, ru_maxrss) above its resident set before
 the weights were loaded. The ratio peak(ZO step) / peak(inference) is the goal (<= 1.05).
 
-    python benchmarks/memory.py [--model smollm2] [--batch 16] [--seq 64]
+On the CPU the resident set also holds what glibc's malloc keeps of freed blocks, and that
+depends on the order of allocations and on which thread made them: the same inference
+process read 626-650 MiB from one run to the next. So each mode runs in --repeat
+processes (median and range printed), and a second column counts tensors alone: the
+weights plus the highest sum of live tensor bytes during the steps (torch.profiler's
+allocation events, which see every CPU tensor allocation and free, whatever malloc keeps).
+
+    python benchmarks/memory.py [--model smollm2] [--batch 16] [--seq 64] [--repeat 3]
 
 --dtype auto (the default) computes as a run would on this CPU (fp32 where bf16 is not
 native); the CPU's instruction set is printed first.
@@ -21,9 +28,11 @@ native); the CPU's instruction set is printed first.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import resource
+import statistics
 import subprocess
 import sys
 
@@ -38,8 +47,19 @@ def lm_labels(data: dict) -> dict:
     return {"input_ids": ids, "attention_mask": data["attention_mask"], "labels": ids}
 
 
+def live_peak(prof) -> int:
+    """The highest sum of live tensor bytes over a profile, from its allocation events."""
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
 def measure(mode: str, model_name: str, dtype: str, batch: int, seq: int,
-            loss: str = "classification") -> dict:
+            loss: str = "classification", tensors: bool = False) -> dict:
     from step_overhead import make_batch
 
     from edgezo.config import EstimatorOptions
@@ -59,23 +79,32 @@ def measure(mode: str, model_name: str, dtype: str, batch: int, seq: int,
         data = lm_labels(data)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    if mode == "inference":
-        with torch.no_grad():
+    weights = sum(t.numel() * t.element_size()
+                  for t in [*model.parameters(), *model.buffers()])
+    # The profiler starts before the engine exists, so the table and every buffer a step
+    # keeps are counted as they are allocated.
+    profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                       profile_memory=True)
+                if tensors and device.type == "cpu" else contextlib.nullcontext())
+    with profiler:
+        if mode == "inference":
+            with torch.no_grad():
+                for _ in range(3):
+                    example_losses(model, data).mean().item()
+        else:
+            noise = "table" if mode.endswith("table") else "generator"
+            engine = ZOEngine(model, make_optimizer("zo-sgd"),
+                              EstimatorOptions(eps=1e-3, noise=noise), loss_fn=example_losses,
+                              seed=0, pair=mode.startswith("zo-pair"))
             for _ in range(3):
-                example_losses(model, data).mean().item()
-    else:
-        noise = "table" if mode.endswith("table") else "generator"
-        engine = ZOEngine(model, make_optimizer("zo-sgd"),
-                          EstimatorOptions(eps=1e-3, noise=noise), loss_fn=example_losses,
-                          seed=0, pair=mode.startswith("zo-pair"))
-        for _ in range(3):
-            engine.step(data, lr=1e-6)
-        engine.close()
+                engine.step(data, lr=1e-6)
+            engine.close()
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
+    elif tensors:
+        peak = weights + live_peak(profiler)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"mode": mode, "peak_bytes": peak, "weights_bytes": weights, "device": str(device)}
 
 
@@ -87,11 +116,16 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--loss", default="classification", choices=["classification", "lm"],
                     help="lm: labels on every token (logits at every position)")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="processes per mode (the resident set varies between processes)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one mode
+    ap.add_argument("--tensors", action="store_true", help=argparse.SUPPRESS)  # internal
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
     if args.one:
         print(json.dumps(measure(args.one, args.model, args.dtype, args.batch, args.seq,
-                                 args.loss)))
+                                 args.loss, args.tensors)))
         return
     from edgezo.hardware import cpu_capability, preferred_dtype
 
@@ -99,22 +133,40 @@ def main() -> None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         args.dtype = preferred_dtype(None, "bf16", device)[0]
     print(f"CPU: {cpu_capability()}")
-    results = {}
-    for mode in ("inference", "zo-pair", "zo-two", "zo-pair-table"):
-        out = subprocess.run([sys.executable, __file__, "--one", mode, "--model", args.model,
-                              "--dtype", args.dtype, "--batch", str(args.batch),
-                              "--seq", str(args.seq), "--loss", args.loss],
-                             capture_output=True, text=True, check=True)
-        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-    base = results["inference"]["peak_bytes"]
+
+    def run(mode: str, tensors: bool) -> dict:
+        cmd = [sys.executable, __file__, "--one", mode, "--model", args.model,
+               "--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq),
+               "--loss", args.loss] + (["--tensors"] if tensors else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    modes = ("inference", "zo-pair", "zo-two", "zo-pair-table", "zo-two-table")
+    # Round-robin, so a drift of the machine reaches every mode alike.
+    peaks: dict[str, list[int]] = {m: [] for m in modes}
+    for _ in range(args.repeat):
+        for mode in modes:
+            first = run(mode, False)
+            peaks[mode].append(first["peak_bytes"])
+    on_cpu = first["device"] == "cpu"
+    tensor_peaks = {m: run(m, True)["peak_bytes"] for m in modes} if on_cpu else {}
     mib = 1024**2
+    base = statistics.median(peaks["inference"])
     print(f"{args.model} {args.dtype}, batch {args.batch} x {args.seq} tokens, {args.loss} loss, "
-          f"device {results['inference']['device']}, weights "
-          f"{results['inference']['weights_bytes'] / mib:.0f} MiB")
-    for mode, r in results.items():
-        print(f"  {mode:10s} peak {r['peak_bytes'] / mib:8.1f} MiB   "
-              f"ratio {r['peak_bytes'] / base:.3f}")
-    print("  goal: zo-pair / inference <= 1.05")
+          f"device {first['device']}, weights {first['weights_bytes'] / mib:.0f} MiB, "
+          f"{args.repeat} processes a mode")
+    head = "resident set" if on_cpu else "max allocated"
+    print(f"  {'':14s} {head + ': median (range)':>34s}  ratio" +
+          ("    tensors   ratio" if on_cpu else ""))
+    for mode in modes:
+        med = statistics.median(peaks[mode])
+        line = (f"  {mode:14s} {med / mib:8.1f} MiB ({min(peaks[mode]) / mib:.1f}-"
+                f"{max(peaks[mode]) / mib:.1f})  {med / base:.3f}")
+        if on_cpu:
+            t = tensor_peaks[mode]
+            line += f"  {t / mib:7.1f} MiB  {t / tensor_peaks['inference']:.3f}"
+        print(line)
+    print("  goal: zo-pair-table (the default) / inference <= 1.05")
 
 
 if __name__ == "__main__":
