@@ -107,7 +107,9 @@ class DataOptions:
     data_seed: int = option(0, "Seed of the train/validation split")
     train_examples: int | None = option(None, "Training rows (default 1000, ZO-Bench's "
                                         "protocol; 0: every row not held out). The "
-                                        "validation rows stay the same", min=0)
+                                        "validation rows stay the same. Rows, not "
+                                        "examples: a MultiRC row (a paragraph) gives one "
+                                        "example per answer", min=0)
     template: str = option("auto", "auto (the task's best prompt measured here), aligned "
                            "(ZO-Bench's prompt), empty (bare inputs, same answers) or "
                            "natural (SST-2: 'Review: ...\\nSentiment: positive')",

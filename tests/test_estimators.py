@@ -231,7 +231,7 @@ def test_linear_maps_perturbed_span_by_span_equal_a_scratch_copy(family, spans, 
     """With cheap z (the table), a layer's nn.Linear maps compute x·(W ± εz)ᵀ from z, one
     span of rows of W at a time, instead of from a layer-sized copy. A matrix in one
     span gives the same numbers bit for bit, whether the span is one chunk or several
-    gathered from the table (GPT-2's Conv1D maps take the copy either way). With several
+    read from the table (GPT-2's Conv1D maps take the copy either way). With several
     spans a matrix is split into several products, which may round differently from one:
     the losses agree to a few ulps, so the estimates to 1e-4 (ulps / 2ε)."""
     from edgezo.zo import intercept

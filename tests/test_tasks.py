@@ -58,7 +58,7 @@ def test_train_examples_grows_train_and_leaves_validation_where_it_was(data_dir)
     assert rows[more][:1000] == base.source_rows["train"]
     assert rows[fewer] == base.source_rows["train"][:10]
     n_file = len(base.train_rows())
-    assert len(set(rows[every])) == n_file - 500
+    assert len(rows[every]) == len(set(rows[every])) == n_file - 500
     assert rows[every][:3000] == rows[more]  # one order of the extra rows, whatever the count
     assert more.split_info["train"] == 3000
 

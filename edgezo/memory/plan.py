@@ -167,7 +167,7 @@ def _scratch_bytes(blocks: BlockMap, spec: StepSpec, rows: int) -> int:
             need = chunk * (copies + 1) * spec.noise_threads
         else:
             # with cheap z, a unit's linear maps compute span by span (no copy of them),
-            # from a span of z (fp32) and the perturbed span of the weight
+            # from one perturbed span of the weight built from chunk-sized z
             inside = ({i for pair in linear_slots(unit).values() for i in pair
                        if i is not None} if spec.cheap_noise else set())
             need = sum(_bytes(blocks.params[i]) for _, i in unit.slots

@@ -4,10 +4,11 @@ intercept the functional call that uses a weight and compute with θ ± εz on t
 - embeddings: F.embedding on the weight looks rows up from (W ± εz)[rows] (only the
   looked-up rows are built);
 - linear maps inside a unit: F.linear on a covered weight computes its output one span
-  of rows of W at a time (LINEAR_SPAN; a whole SmolLM2 matrix on the CPU), from
-  span-sized buffers, when z is cheap to read (the table, structured directions) and the
-  device is one of perturb.CHUNKED_LINEAR_DEVICES (the CPU): the unit then needs no
-  layer-sized scratch copy.
+  of rows of W at a time (LINEAR_SPAN; a whole SmolLM2 matrix on the CPU), from one
+  span-sized buffer (the perturbed rows, built chunk by chunk from z), when z is cheap to
+  read (the table, structured directions) and the device is one of
+  perturb.CHUNKED_LINEAR_DEVICES (the CPU): the unit then needs no layer-sized scratch
+  copy.
 """
 
 from __future__ import annotations
