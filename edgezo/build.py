@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from edgezo.config import PEFT_SCHEMES, RunConfig
+from edgezo.config_defaults import lr_reason
 from edgezo.errors import ConfigError, OutOfBudgetError, unknown_choice
 from edgezo.hardware import preferred_dtype
 from edgezo.heap import release_freed_memory, strict_heap
@@ -65,6 +66,7 @@ class Parts:
     engine: ZOEngine
     streamer: BlockStreamer | None
     dtype_reason: str  # why the run computes in its dtype (printed and reported)
+    lr_reason: str | None  # why the run takes its learning rate, where --lr was left open
 
     @property
     def on_cuda(self) -> bool:
@@ -78,6 +80,8 @@ def build(config: RunConfig, objective: Callable | None = None) -> Parts:
     profile = load_profile(config.runtime.profile)
     device = compute_device(profile, config.runtime.strict_memory)
     dtype, why = preferred_dtype(config.model.dtype, profile.dtype, device)
+    lr_why = (lr_reason(config.optimizer.optimizer, config.scheme.scheme)
+              if config.optimizer.lr is None else None)
     loss_fn = objective_fn(config, objective)
     task = load_task(config)
     resolved = resolve_model(config.model.model, parse_dtype(dtype),
@@ -104,7 +108,7 @@ def build(config: RunConfig, objective: Callable | None = None) -> Parts:
         engine.enable_qat(config.scheme.qat, config.scheme.scheme)
     streamer = start_streaming(config, engine, plan, decision, device)
     return Parts(config, profile, device, task, resolved, encoder, shapes, monitor, model,
-                 blocks, plan, engine, streamer, why)
+                 blocks, plan, engine, streamer, why, lr_why)
 
 
 def compute_device(profile: Profile, strict_memory: bool) -> torch.device:

@@ -48,6 +48,19 @@ def default_lr(optimizer: str, scheme: str) -> float:
     return MEASURED_LR.get((optimizer, scheme), DEFAULT_LR)
 
 
+def lr_reason(optimizer: str, scheme: str) -> str:
+    """Why a run left at the default rate takes it. A fallback that was never measured can
+    leave the weights where they started (ZO adapters at 1e-5 stay at the majority class),
+    so the run says so before it spends its steps."""
+    lr = default_lr(optimizer, scheme)
+    if (optimizer, scheme) in MEASURED_LR:
+        return (f"learning rate {lr:g}, the rate measured best here for {optimizer} "
+                f"{scheme} (BENCHMARKS.md); --lr to change")
+    return (f"learning rate {lr:g}, a fallback: nothing was measured for {optimizer} "
+            f"{scheme}, and it may barely move the weights; choose --lr on validation "
+            "(a search grid in `edgezo bench`)")
+
+
 def resolve_estimator(est: EstimatorOptions, optimizer: str, dtype: str | None = None
                       ) -> EstimatorOptions:
     """The estimator options a run uses: each left open takes its method's default.

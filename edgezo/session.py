@@ -72,6 +72,7 @@ class Session:
         self._model, self._block_map = parts.model, parts.blocks
         self.engine, self.streamer = parts.engine, parts.streamer
         self.dtype_reason = parts.dtype_reason
+        self.lr_reason = parts.lr_reason
         self.optimizer = self.engine.optimizer
         o = self.config.optimizer
         self.schedule = Schedule(o.lr, o.schedule, o.total_steps, o.warmup_steps)
@@ -311,6 +312,8 @@ class Session:
             "emulated_profile": self.emulated,
             "compute": {"dtype": cfg.model.dtype, "why": self.dtype_reason,
                         "cpu": cpu_capability()},
+            "learning_rate": {"lr": cfg.optimizer.lr,
+                              "why": self.lr_reason or "given (--lr, or the resumed run's)"},
             "forward_passes_per_step": self.engine.forward_passes_per_step,
             "backward_passes_per_step": 1 if self.engine.fo_indices else 0,
             "optimizer_state_bytes_per_param": self.optimizer.state_bytes_per_param,

@@ -241,6 +241,7 @@ def test_eval_every_without_a_run_folder_prints_the_accuracy(tiny_folder, data_d
     assert result.exit_code == 0, result.output
     assert "step 1: validation accuracy" in result.output
     assert "step 2: validation accuracy" in result.output
+    assert "Learning rate 3e-05, the rate measured best here" in result.output  # open --lr
 
 
 def test_bench_takes_output_like_every_command(tmp_path):
@@ -318,3 +319,25 @@ def test_an_open_lr_takes_the_one_measured_for_the_method_and_scheme():
     # recorded resolved, so a resume is the same run whatever the defaults become
     assert RunConfig.from_dict(RunConfig.from_flat().resolved("fp32").to_dict()) \
         .optimizer.lr == 3e-5
+
+
+def test_a_run_says_why_it_takes_its_learning_rate(tiny_folder):
+    """An open --lr that falls back to the unmeasured 1e-5 (ZO adapters, where it leaves
+    the model at the majority class) is said before the steps are spent, and recorded;
+    a measured default says where it comes from; a given rate says nothing."""
+    from edgezo.session import Session
+
+    cases = [({}, "measured best here for zo-sgd full"),
+             ({"scheme": "lora"}, "a fallback: nothing was measured for zo-sgd lora"),
+             ({"lr": 1e-4}, None)]
+    for options, said in cases:
+        s = Session(tiny_folder, task=None, batch_size=2, max_length=16, **options)
+        try:
+            why = s.report()["learning_rate"]["why"]
+            if said is None:
+                assert s.lr_reason is None and why.startswith("given")
+            else:
+                assert said in s.lr_reason and why == s.lr_reason
+                assert f"{s.config.optimizer.lr:g}" in s.lr_reason
+        finally:
+            s.close()
