@@ -54,9 +54,9 @@ def lr_reason(optimizer: str, scheme: str) -> str:
     so the run says so before it spends its steps."""
     lr = default_lr(optimizer, scheme)
     if (optimizer, scheme) in MEASURED_LR:
-        return (f"learning rate {lr:g}, the rate measured best here for {optimizer} "
+        return (f"Learning rate {lr:g}, the rate measured best here for {optimizer} "
                 f"{scheme} (BENCHMARKS.md); --lr to change")
-    return (f"learning rate {lr:g}, a fallback: nothing was measured for {optimizer} "
+    return (f"Learning rate {lr:g}, a fallback: nothing was measured for {optimizer} "
             f"{scheme}, and it may barely move the weights; choose --lr on validation "
             "(a search grid in `edgezo bench`)")
 

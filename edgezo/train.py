@@ -234,7 +234,7 @@ def describe_task(session: Session) -> str | None:
 def _print_plan(session: Session, console: Console) -> None:
     console.print(describe_device(session))
     if session.lr_reason:
-        console.print(session.lr_reason[0].upper() + session.lr_reason[1:] + ".")
+        console.print(session.lr_reason + ".")
     line = describe_task(session)
     if line:
         console.print(line)
