@@ -142,6 +142,23 @@ def test_update_is_theta_minus_lr_g_z_and_is_deferred():
     engine.close()
 
 
+@pytest.mark.parametrize(("source", "pooled"), [("table", False), ("generator", True)])
+def test_only_generator_noise_goes_to_the_noise_threads(monkeypatch, source, pooled):
+    calls = []
+    real = noise.parallel_map
+
+    def spy(fn, items, device, draws=True):
+        calls.append(draws)
+        real(fn, items, device, draws)
+
+    monkeypatch.setattr(noise, "parallel_map", spy)
+    engine = zo_engine(tiny_model("llama"), make_optimizer("zo-sgd"), eps=1e-3, noise=source)
+    engine.step(lm_batch(VOCAB), lr=0.1)
+    engine.flush()
+    engine.close()
+    assert calls and set(calls) == {pooled}
+
+
 def test_deferred_update_lands_before_the_next_perturbation():
     """Flushing after every step and deferring give the same trajectory."""
     results = []

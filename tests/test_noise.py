@@ -1,9 +1,12 @@
 """z is a pure function of (seed, parameter, chunk), however it is drawn."""
 
+import threading
+
 import pytest
 import torch
 
 from edgezo.zo import noise
+from edgezo.zo.direction import Direction
 
 
 def test_mix_is_deterministic_and_order_sensitive():
@@ -59,3 +62,36 @@ def test_one_and_zero_dimensional_parameters():
 def test_directions_are_standard_normal(source):
     z = noise.full(torch.Size([2048, 512]), 5, source=source)
     assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01
+
+
+def test_work_that_draws_nothing_stays_on_the_callers_thread(monkeypatch):
+    """Table reads run on the caller's thread, whose operations use torch's own threads;
+    only generator draws go to the pool (a pool on top oversubscribed the cores)."""
+    monkeypatch.setenv("EDGEZO_NOISE_THREADS", "2")
+    barrier = threading.Barrier(2, timeout=5)
+
+    def names(draws: bool) -> set[str]:
+        seen = set()
+
+        def record(i: int) -> None:
+            seen.add(threading.current_thread().name)
+            if draws:
+                barrier.wait()  # two items at once: they ran on two pool threads
+
+        noise.parallel_map(record, range(2), torch.device("cpu"), draws=draws)
+        return seen
+
+    assert names(False) == {threading.current_thread().name}
+    assert len(names(True)) == 2
+
+
+@pytest.mark.parametrize(("direction", "bf16", "draws"), [
+    (Direction((1,), (1.0,), source="table"), False, False),
+    (Direction((1,), (1.0,), source="table"), True, False),  # bits: z's own low bits
+    (Direction((1,), (1.0,), source="generator"), False, True),
+    (Direction((1,), (1.0,), kind="rademacher", source="table"), False, False),
+    (Direction((1,), (1.0,), kind="rademacher", source="table"), True, True),  # random_bits
+    (Direction((1,), (1.0,), kind="lowrank", rank=2), True, False),
+])
+def test_which_directions_draw_from_the_generator(direction, bf16, draws):
+    assert direction.draws(bf16) is draws

@@ -73,6 +73,25 @@ class Direction:
         return (len(self.seeds) == 1 and self.coefs[0] == 1.0 and self.masks is None
                 and self.scale is None)
 
+    def draws(self, bf16_update: bool = False) -> bool:
+        """Whether regenerating d (with `bf16_update`, also the update's rounding dither)
+        draws values from torch's generator, serial on the CPU: only such work goes to the
+        noise threads (noise.parallel_map). Structured directions draw only their small
+        factors, and the table is read, not drawn."""
+        if self.kind in STRUCTURED:
+            return False
+        if bf16_update and self.kind in ("rademacher", "coordinate"):
+            return True  # dither_bits: noise.random_bits
+        return self.kind != "coordinate" and self.source != "table"
+
+    def single_coef(self) -> float | None:
+        """c when d = c·z of one query's z, with no mask or scale (an update a rule that
+        is linear in d can apply from z itself); else None."""
+        if (len(self.seeds) == 1 and self.masks is None and self.scale is None
+                and self.kind != "coordinate"):
+            return self.coefs[0]
+        return None
+
     def z(self, shape: torch.Size, seed: int, index: int, k: int, device: torch.device,
           end: int | None = None) -> torch.Tensor:
         """z of query `seed` on noise chunk k of parameter `index` (with `end`: on chunks
@@ -187,7 +206,7 @@ class Direction:
             z = noise.table_rows(shape, noise.param_seed(seed, index), row_ids)
             return noise.to_signs(z) if self.kind == "rademacher" else z
         return noise.rows(shape, row_ids, lambda k: self.z(shape, seed, index, k,
-                                                           row_ids.device))
+                                                           row_ids.device), self.draws())
 
     def full(self, shape: torch.Size, index: int, device: torch.device | str = "cpu",
              dtype: torch.dtype = torch.float32) -> torch.Tensor:

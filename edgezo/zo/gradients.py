@@ -109,5 +109,6 @@ def apply_gradients(params: list[nn.Parameter], fo_indices: set[int], rule: Rule
                 if p.dtype == torch.bfloat16 else None)
         rule.update(flat(p)[lo:hi], d, lr, t, index, lo, bits)
 
-    if work:
-        noise.parallel_map(update, range(len(work)), work[0][1].device)
+    if work:  # bf16 weights draw their rounding bits from the generator
+        noise.parallel_map(update, range(len(work)), work[0][1].device,
+                           draws=any(p.dtype == torch.bfloat16 for _, p, *_ in work))

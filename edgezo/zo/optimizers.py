@@ -88,6 +88,12 @@ class Rule(ABC):
         self.weight_decay = weight_decay  # ranges: RunConfig's fields
         self.state: dict[str, list[torch.Tensor]] = {}
 
+    def linear_in_d(self) -> bool:
+        """Whether update(p, c·z, η) equals update(p, z, η·c) (up to fp32 rounding): then
+        a caller holding d = c·z passes z and folds c into the rate, which saves the pass
+        that writes d over every trainable weight."""
+        return False
+
     def init_state(self, params: list[torch.Tensor]) -> None:  # noqa: B027 - stateless
         """Allocate the state up front, so its memory shows from the first step (stateless
         rules keep none)."""
@@ -118,6 +124,9 @@ class SGD(Rule):
     """θ ← θ − η·d   (ZO-SGD is MeZO's update; FO-SGD is torch.optim.SGD)."""
 
     name = "sgd"
+
+    def linear_in_d(self) -> bool:
+        return self.weight_decay == 0  # weight decay adds θ to d in place
 
     def update(self, p, d, lr, t, index, lo, bits, info=None):
         new = fp32_copy(p)

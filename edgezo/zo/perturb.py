@@ -177,7 +177,8 @@ class Perturbation:
                 perturbed_into(out[lo:hi], flat_p[lo:hi], z, s * self.eps)
 
         if work:
-            noise.parallel_map(fill, range(len(work)), work[0][0].device)
+            noise.parallel_map(fill, range(len(work)), work[0][0].device,
+                               self.direction.draws())
 
     def _cheap_z(self, device: torch.device) -> bool:
         """z that costs a memory read to regenerate (the table, structured directions),
@@ -308,7 +309,7 @@ class Perturbation:
                 torch.add(weight[lo:hi], z, alpha=s * self.eps, out=w)
                 out[..., lo:hi] = F.linear(xi, w, None if b is None else b[lo:hi].to(dtype))
 
-        noise.parallel_map(block, range(len(bounds)), weight.device)
+        noise.parallel_map(block, range(len(bounds)), weight.device, self.direction.draws())
         return outs[0] if len(outs) == 1 else join_pair(outs[0], outs[1], self.pair_rows // 2)
 
     # -- deferred update ------------------------------------------------------------------
@@ -358,17 +359,23 @@ class Perturbation:
             work += [(index, p, k, end, lo, hi)
                      for k, end, lo, hi in noise.spans(p.shape, p.device)]
         d_of, rule = pending.direction, self.rule
+        coef = d_of.single_coef() if rule.linear_in_d() else None
 
         def update(i: int) -> None:
             index, p, k, end, lo, hi = work[i]
-            d = flat(d_of.chunk(p.shape, index, k, p.device, writable=True,
-                                 dtype=work_dtype(p.dtype), end=end))
+            if coef is None:
+                d = flat(d_of.chunk(p.shape, index, k, p.device, writable=True,
+                                     dtype=work_dtype(p.dtype), end=end))
+                lr = pending.lr
+            else:  # d = c·z: the rule reads z, and c goes into the rate
+                d = flat(d_of.z(p.shape, d_of.seeds[0], index, k, p.device, end))
+                lr = pending.lr * coef
             bits = (d_of.dither_bits(d.numel(), index, k, p.device, p.shape, end)
                     if p.dtype == torch.bfloat16 else None)
-            rule.update(flat(p)[lo:hi], d, pending.lr, pending.t, index, lo, bits,
-                        pending.info)
+            rule.update(flat(p)[lo:hi], d, lr, pending.t, index, lo, bits, pending.info)
 
-        noise.parallel_map(update, range(len(work)), work[0][1].device)
+        bf16 = any(p.dtype == torch.bfloat16 for _, p, *_ in work)
+        noise.parallel_map(update, range(len(work)), work[0][1].device, d_of.draws(bf16))
         if self.after_update is not None:
             self.after_update(todo)
         if self.streamer is not None:
