@@ -78,9 +78,13 @@ def test_noise_buffers_follow_the_largest_chunk_and_fo_has_no_scratch(config_fil
                        seq_len=8, **kw, pair=True)
         return plan, plan.components["noise_buffers"] // (THREAD_BUFFERS * 4)
 
-    per_thread = noise.worker_threads() + 1
+    # the table's chunk work stays on the calling thread; the generator's draws go to
+    # the noise pool as well, each of its threads with its own set
+    per_thread = 1
     _, big = buffers(config_file(LLAMA_7B))
     assert big == noise.CHUNK_ELEMENTS * per_thread
+    _, drawn = buffers(config_file(LLAMA_7B), noise="generator")
+    assert drawn == noise.CHUNK_ELEMENTS * (noise.worker_threads() + 1)
     tiny = tiny_llama_file(config_file)
     _, full = buffers(tiny)
     assert full == 256 * 32 * per_thread  # the 256 x 32 embedding is one chunk

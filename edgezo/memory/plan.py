@@ -133,7 +133,7 @@ class StepSpec:
     pair: bool = True
     on_cuda: bool = False
     optimizer_state_bytes: int = 0  # in all: the rule's declaration for these parameters
-    noise_threads: int = 1
+    noise_threads: int = 1  # the noise pool's threads (0: the chunk work stays on the caller's)
     sparsity: bool = False
     fo: FOPart | None = None
     split_layers: bool = False  # pair mode computes each layer's halves in turn
@@ -164,7 +164,7 @@ def _scratch_bytes(blocks: BlockMap, spec: StepSpec, rows: int) -> int:
         elif unit.kind == "linear":
             p = params[0]
             chunk = noise.largest_chunk([p.shape], _device(spec)) * p.element_size()
-            need = chunk * (copies + 1) * spec.noise_threads
+            need = chunk * (copies + 1) * max(1, spec.noise_threads)
         else:
             # with cheap z, a unit's linear maps compute span by span (no copy of them),
             # from one perturbed span of the weight built from chunk-sized z

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from edgezo.config import RunConfig
+from edgezo.config import EstimatorOptions, RunConfig
 from edgezo.config_defaults import STRUCTURED, resolve_estimator
 from edgezo.errors import ConfigError
 from edgezo.memory.plan import FOPart, Plan, StepSpec, StreamPart, plan_step
@@ -38,7 +38,7 @@ from edgezo.zo.blocks import (
     resolve_fo_blocks,
     weight_grad_layers,
 )
-from edgezo.zo.direction import is_matrix
+from edgezo.zo.direction import Direction, is_matrix
 from edgezo.zo.perturb import CHUNKED_LINEAR_DEVICES
 
 MAX_BATCH = 4096
@@ -122,6 +122,15 @@ def live_model(model: nn.Module, blocks: BlockMap) -> Priced:
     return Priced(model, blocks)
 
 
+def pool_threads(est: EstimatorOptions, blocks: BlockMap, fo: set[int]) -> int:
+    """The noise pool's threads a CPU step uses: only work that draws from torch's
+    generator goes there (noise.parallel_map), and each thread keeps its buffers."""
+    bf16 = any(p.dtype == torch.bfloat16 for p in blocks.params)
+    draws = (fo and bf16) or Direction((0,), (1.0,), kind=est.directions,
+                                       source=est.noise).draws(bf16)
+    return noise.worker_threads() if draws else 0
+
+
 def step_spec(config: RunConfig, priced: Priced, profile: Profile, shapes: Shapes, *,
               pair: bool, streamed: int) -> StepSpec:
     """The planner's inputs for one decision: THE builder every plan goes through."""
@@ -143,7 +152,7 @@ def step_spec(config: RunConfig, priced: Priced, profile: Profile, shapes: Shape
     return StepSpec(
         train=shapes.train, eval=shapes.eval, pair=pair and kind == "zo", on_cuda=on_cuda,
         optimizer_state_bytes=method.rule.state_bytes([p.shape for p in blocks.params]),
-        noise_threads=1 if on_cuda else noise.worker_threads(), sparsity=est.sparsity > 0,
+        noise_threads=1 if on_cuda else pool_threads(est, blocks, fo), sparsity=est.sparsity > 0,
         fo=FOPart(sum(blocks.params[i].numel() for i in fo), backward_depth(blocks, fo),
                   weight_grad_layers(blocks, fo)) if fo else None,
         split_layers=pair_splits_layers(blocks, fo, est.block_wise),
