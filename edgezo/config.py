@@ -32,6 +32,7 @@ from edgezo.config_defaults import (
     DEFAULT_KEEP,
     DEFAULT_LR,
     DEFAULT_SCALES_G_CLIP,
+    HALF_EPS,
     default_lr,
     resolve_estimator,
 )
@@ -160,7 +161,8 @@ class OptimizerOptions:
 @dataclass
 class EstimatorOptions:
     eps: float | None = option(None, "Perturbation scale ε of ZO estimates (default "
-                               f"{DEFAULT_EPS:g})", above=0)
+                               f"{DEFAULT_EPS:g}; {HALF_EPS:g} for LoRA, prefix and prompt "
+                               "computed in bf16/fp16)", above=0)
     q: int | None = option(None, "ZO queries averaged per step (default 1; fzoo 8); with "
                            "coordinate directions, coordinates a step (default all)", min=1,
                            flag="--q")
@@ -396,12 +398,9 @@ class RunConfig:
         if self.optimizer.lr is None:
             out.optimizer.lr = default_lr(self.optimizer.optimizer, self.scheme.scheme)
         out.estimator = resolve_estimator(self.estimator, self.optimizer.optimizer,
-                                          out.model.dtype)
-        if self.scheme.scheme == "scales":
-            if out.estimator.g_clip is None:
-                out.estimator.g_clip = DEFAULT_SCALES_G_CLIP
-            if self.estimator.eps is None:  # scales are ~0.01-0.1: the half-precision
-                out.estimator.eps = DEFAULT_EPS  # default ε would be 10-100% of one
+                                          out.model.dtype, self.scheme.scheme)
+        if self.scheme.scheme == "scales" and out.estimator.g_clip is None:
+            out.estimator.g_clip = DEFAULT_SCALES_G_CLIP
         if self.optimizer.schedule != "constant" and self.optimizer.total_steps is None:
             out.optimizer.total_steps = self.train.steps
         return out

@@ -61,14 +61,17 @@ def lr_reason(optimizer: str, scheme: str) -> str:
             "(a search grid in `edgezo bench`)")
 
 
-def resolve_estimator(est: EstimatorOptions, optimizer: str, dtype: str | None = None
-                      ) -> EstimatorOptions:
+def resolve_estimator(est: EstimatorOptions, optimizer: str, dtype: str | None = None,
+                      scheme: str | None = None) -> EstimatorOptions:
     """The estimator options a run uses: each left open takes its method's default.
 
-    ε: 1e-3 in fp32; in bf16/fp16 1e-2, because a smaller perturbation's effect on the
-    activations rounds away (measured on SmolLM2 LoRA, 8 steps: the bf16 estimates'
-    correlation with fp32's is 0.07 at ε = 1e-3 and 0.89 at 1e-2; 0.99 for full
-    fine-tuning at both)."""
+    ε: 1e-3, except for adapters (LoRA, prefix, prompt; or a scheme not given) computed
+    in bf16/fp16: 1e-2, because there a smaller perturbation's effect on the activations
+    rounds away (measured on SmolLM2 LoRA, 8 steps: the bf16 estimates' correlation with
+    fp32's is 0.07 at ε = 1e-3 and 0.89 at 1e-2). Full fine-tuning's estimates correlate
+    at 0.99 at both, and in bf16 on SmolLM2 SST-2 (500 steps, BENCHMARKS.md) 1e-3 gave
+    validation 0.845 and test 0.837 against 0.840 and 0.813 at 1e-2. Scales (QZO) are
+    0.01-0.1, so a half-precision ε would be 10-100% of one."""
     from edgezo.zo.optimizers import OPTIMIZERS
 
     method = OPTIMIZERS[optimizer]
@@ -76,7 +79,8 @@ def resolve_estimator(est: EstimatorOptions, optimizer: str, dtype: str | None =
     if method.estimator == "fo":
         return out
     if out.eps is None and method.estimator == "zo":
-        out.eps = HALF_EPS if dtype in ("bf16", "fp16") else DEFAULT_EPS
+        half = dtype in ("bf16", "fp16") and scheme not in ("full", "scales")
+        out.eps = HALF_EPS if half else DEFAULT_EPS
     out.directions = out.directions or method.directions
     if out.q is None and out.directions != "coordinate":  # coordinate: all, as the engine counts
         out.q = method.q

@@ -321,6 +321,18 @@ def test_an_open_lr_takes_the_one_measured_for_the_method_and_scheme():
         .optimizer.lr == 3e-5
 
 
+def test_an_open_eps_is_larger_only_for_adapters_in_half_precision():
+    """An adapter's perturbation rounds away in bf16 at 1e-3; full fine-tuning's does not,
+    and a larger ε there only blurs the finite difference."""
+    def eps(dtype, **kw):
+        return RunConfig.from_flat(**kw).validate().resolved(dtype).estimator.eps
+
+    assert eps("bf16") == eps("fp32") == eps("fp32", scheme="lora") == 1e-3
+    assert eps("bf16", scheme="lora") == eps("fp16", scheme="prefix") == 1e-2
+    assert eps("bf16", scheme="scales", quantize="nf4") == 1e-3
+    assert eps("bf16", scheme="lora", eps=3e-3) == 3e-3  # asked for: kept
+
+
 def test_a_run_says_why_it_takes_its_learning_rate(tiny_folder):
     """An open --lr that falls back to the unmeasured 1e-5 (ZO adapters, where it leaves
     the model at the majority class) is said before the steps are spent, and recorded;

@@ -91,7 +91,7 @@ def test_work_that_draws_nothing_stays_on_the_callers_thread(monkeypatch):
     (Direction((1,), (1.0,), source="generator"), False, True),
     (Direction((1,), (1.0,), kind="rademacher", source="table"), False, False),
     (Direction((1,), (1.0,), kind="rademacher", source="table"), True, True),  # random_bits
-    (Direction((1,), (1.0,), kind="lowrank", rank=2), True, False),
+    (Direction((1,), (1.0,), kind="lowrank", rank=2), False, True),  # U, chunk by chunk
 ])
 def test_which_directions_draw_from_the_generator(direction, bf16, draws):
     assert direction.draws(bf16) is draws

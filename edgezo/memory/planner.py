@@ -138,7 +138,8 @@ def step_spec(config: RunConfig, priced: Priced, profile: Profile, shapes: Shape
 
     method = OPTIMIZERS[config.optimizer.optimizer]
     kind, blocks = method.estimator, priced.blocks
-    est = resolve_estimator(config.estimator, config.optimizer.optimizer, config.model.dtype)
+    est = resolve_estimator(config.estimator, config.optimizer.optimizer, config.model.dtype,
+                            config.scheme.scheme)
     fo = (set(range(len(blocks.params))) if kind == "fo"
           else resolve_fo_blocks(blocks, est.fo_blocks))
     on_cuda = profile.device == "cuda" and torch.cuda.is_available()
