@@ -56,8 +56,10 @@ def backend_scales(model) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("quantize", ["quanto-int4", "quanto-int8", "quanto-int2", "nf4"])
 def test_scales_scheme_trains_only_the_scales_and_keeps_the_codes(wide, data_dir, tmp_path,
                                                                    family, quantize):
+    # fp32 on every CPU: the reloaded model must give the very logits, and a bf16 session's
+    # head computes its logits in fp32 where the reloaded model's does not
     sess = Session(model=wide[family], data_dir=data_dir, scheme="scales", quantize=quantize,
-                   batch_size=4, lr=1e-3, seed=0)
+                   batch_size=4, lr=1e-3, seed=0, dtype="fp32")
     try:
         model = sess.model
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -87,6 +89,24 @@ def test_scales_scheme_trains_only_the_scales_and_keeps_the_codes(wide, data_dir
     torch.testing.assert_close(again.cpu(), logits.cpu(), rtol=0, atol=1e-5)
     for name, value in backend_scales(reloaded).items():
         assert torch.equal(value, after_scales[name]), name
+
+
+def test_a_reloaded_int8_model_has_aligned_weights_and_runs_in_bf16(wide, data_dir, tmp_path):
+    """safetensors may place a tensor at any byte; torch's int8 x bf16 CPU kernel, which
+    quanto int8 uses, crashed the process on AVX-512 machines on weights that did not start
+    on a 64-byte boundary (here the second layer's)."""
+    sess = Session(model=wide["qwen2"], data_dir=data_dir, scheme="scales",
+                   quantize="quanto-int8", batch_size=4, lr=1e-3, seed=0, dtype="bf16")
+    try:
+        sess.step()
+        out = sess.save(tmp_path / "run")
+    finally:
+        sess.close()
+    reloaded = load_quantized(out)
+    datas = [m.weight._data for _, m in quantized_linears(reloaded)]
+    assert datas and all(d.data_ptr() % 64 == 0 for d in datas)
+    batch = {k: v for k, v in lm_batch(VOCAB).items() if k in ("input_ids", "attention_mask")}
+    assert torch.isfinite(reloaded(**batch).logits.float()).all()
 
 
 @pytest.mark.parametrize("quantize", ["quanto-int4", "nf4"])

@@ -126,7 +126,7 @@ def pool_threads(est: EstimatorOptions, blocks: BlockMap, fo: set[int]) -> int:
     """The noise pool's threads a CPU step uses: only work that draws from torch's
     generator goes there (noise.parallel_map), and each thread keeps its buffers."""
     bf16 = any(p.dtype == torch.bfloat16 for p in blocks.params)
-    draws = (fo and bf16) or Direction((0,), (1.0,), kind=est.directions,
+    draws = (bool(fo) and bf16) or Direction((0,), (1.0,), kind=est.directions,
                                        source=est.noise).draws(bf16)
     return noise.worker_threads() if draws else 0
 

@@ -288,6 +288,19 @@ def save_quantized(model: nn.Module, folder: Path, tokenizer=None) -> Path:
     return folder
 
 
+ALIGNMENT = 64  # bytes: an AVX-512 register
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t`, copied when its data does not start on a 64-byte boundary. safetensors places
+    tensors at any offset of its buffer, and torch's CPU int8 x bf16 kernel
+    (_weight_int8pack_mm, which quanto int8 uses for bf16 activations) crashed the process
+    on AVX-512 machines with such weights; torch's own allocations are aligned."""
+    if t.device.type != "cpu" or t.data_ptr() % ALIGNMENT == 0:
+        return t
+    return t.clone()
+
+
 def load_quantized(folder: str | Path, device: str = "cpu") -> nn.Module:
     """A model saved by save_quantized, quantized as it was saved."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -302,7 +315,8 @@ def load_quantized(folder: str | Path, device: str = "cpu") -> nn.Module:
     # built on the CPU, not on meta: buffers that no state dict holds (rotary
     # frequencies) must be computed, and quanto's requantize leaves meta ones empty
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None))
-    state = load_file(folder / "model.safetensors", device=device)
+    state = {name: aligned(t) for name, t in
+             load_file(folder / "model.safetensors", device=device).items()}
     qmap = json.loads((folder / QMAP_FILE).read_text())
     requantize(model, state_dict=state, quantization_map=qmap, device=torch.device(device))
     if getattr(config, "tie_word_embeddings", False):

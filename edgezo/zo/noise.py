@@ -435,8 +435,8 @@ def parallel_map(fn: Callable[[int], None], items: Iterable[int], device: torch.
     """Run fn over chunk indices; items must touch disjoint memory.
 
     `draws`: fn draws from torch's generator, which is serial, so the chunks go to worker
-    threads. Work that only reads and combines tensors (the table, structured directions)
-    runs on the caller's thread, where each operation already uses torch's intra-op
+    threads. Work that only reads and combines tensors (the table's slices) runs on the
+    caller's thread, where each operation already uses torch's intra-op
     threads: in the pool as well, it ran two threads per worker and four on two cores
     (a SmolLM2 bf16 step on a 2-core CPU: 1.62x two forwards in the pool, 1.31x without).
     """
