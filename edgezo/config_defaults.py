@@ -23,8 +23,10 @@ DEFAULT_LR = 1e-5  # where nothing was measured for the method and scheme
 # (SST-2, ZO-Bench's prompt, 100 steps, batch 8; docs/bench/cpu-standard-tables.md), where
 # the fallback's 1e-5 barely moves an adapter that starts at zero. FO-Adam LoRA at 1e-3:
 # 81.0 validation, 86.0 test. The ZO adapter cells stayed at the majority class at every
-# rate tried there, so nothing is measured for them yet.
-MEASURED_LR = {("zo-sgd", "full"): 3e-5, ("fo-adam", "full"): 1e-5,
+# rate tried there. ZO-SGD LoRA with the natural prompt (bf16, ε 1e-2, 200 steps, batch
+# 16; BENCHMARKS.md "ZO LoRA's rate"): 1e-3 rose from 0.795 to 0.810 validation, 1e-4 to
+# 0.800, and 1e-2 fell to 0.470. Prefix and prompt are not measured yet.
+MEASURED_LR = {("zo-sgd", "full"): 3e-5, ("zo-sgd", "lora"): 1e-3, ("fo-adam", "full"): 1e-5,
                ("zo-sgd", "scales"): 3e-6,
                ("fo-adam", "lora"): 1e-3, ("fo-adam", "prefix"): 1e-3,
                ("fo-adam", "prompt"): 1e-3,

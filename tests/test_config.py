@@ -313,7 +313,8 @@ def test_an_open_lr_takes_the_one_measured_for_the_method_and_scheme():
 
     assert lr() == MEASURED_LR["zo-sgd", "full"] == 3e-5  # the main job's default
     assert lr(optimizer="fo-adam") == 1e-5
-    assert lr(scheme="lora") == DEFAULT_LR  # nothing measured there: the fallback
+    assert lr(scheme="prefix") == DEFAULT_LR  # nothing measured there: the fallback
+    assert lr(scheme="lora") == MEASURED_LR["zo-sgd", "lora"] == 1e-3
     assert lr(optimizer="fo-adam", scheme="lora") == MEASURED_LR["fo-adam", "lora"] == 1e-3
     assert lr(lr=0.5) == 0.5  # asked for: kept
     # recorded resolved, so a resume is the same run whatever the defaults become
@@ -334,13 +335,13 @@ def test_an_open_eps_is_larger_only_for_adapters_in_half_precision():
 
 
 def test_a_run_says_why_it_takes_its_learning_rate(tiny_folder):
-    """An open --lr that falls back to the unmeasured 1e-5 (ZO adapters, where it leaves
-    the model at the majority class) is said before the steps are spent, and recorded;
+    """An open --lr that falls back to the unmeasured 1e-5 (ZO prefix and prompt, where it
+    can leave the model at the majority class) is said before the steps are spent, and recorded;
     a measured default says where it comes from; a given rate says nothing."""
     from edgezo.session import Session
 
     cases = [({}, "measured best here for zo-sgd full"),
-             ({"scheme": "lora"}, "a fallback: nothing was measured for zo-sgd lora"),
+             ({"scheme": "prefix"}, "a fallback: nothing was measured for zo-sgd prefix"),
              ({"lr": 1e-4}, None)]
     for options, said in cases:
         s = Session(tiny_folder, task=None, batch_size=2, max_length=16, **options)
