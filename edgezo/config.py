@@ -161,8 +161,8 @@ class OptimizerOptions:
 @dataclass
 class EstimatorOptions:
     eps: float | None = option(None, "Perturbation scale ε of ZO estimates (default "
-                               f"{DEFAULT_EPS:g}; {HALF_EPS:g} for LoRA, prefix and prompt "
-                               "computed in bf16/fp16)", above=0)
+                               f"{DEFAULT_EPS:g}; {HALF_EPS:g} computed in bf16/fp16, except "
+                               "--scheme scales)", above=0)
     q: int | None = option(None, "ZO queries averaged per step (default 1; fzoo 8); with "
                            "coordinate directions, coordinates a step (default all)", min=1,
                            flag="--q")

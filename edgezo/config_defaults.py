@@ -67,13 +67,13 @@ def resolve_estimator(est: EstimatorOptions, optimizer: str, dtype: str | None =
                       scheme: str | None = None) -> EstimatorOptions:
     """The estimator options a run uses: each left open takes its method's default.
 
-    ε: 1e-3, except for adapters (LoRA, prefix, prompt; or a scheme not given) computed
-    in bf16/fp16: 1e-2, because there a smaller perturbation's effect on the activations
-    rounds away (measured on SmolLM2 LoRA, 8 steps: the bf16 estimates' correlation with
-    fp32's is 0.07 at ε = 1e-3 and 0.89 at 1e-2). Full fine-tuning's estimates correlate
-    at 0.99 at both, and in bf16 on SmolLM2 SST-2 (500 steps, BENCHMARKS.md) 1e-3 gave
-    validation 0.845 and test 0.837 against 0.840 and 0.813 at 1e-2. Scales (QZO) are
-    0.01-0.1, so a half-precision ε would be 10-100% of one."""
+    ε: 1e-3 in fp32; in bf16/fp16 1e-2, because a smaller perturbation's effect on the
+    activations rounds away (measured on SmolLM2 LoRA, 8 steps: the bf16 estimates'
+    correlation with fp32's is 0.07 at ε = 1e-3 and 0.89 at 1e-2). Full fine-tuning's
+    estimates correlate at 0.99 at both over 8 steps, but over 1000 (SmolLM2 SST-2, bf16,
+    BENCHMARKS.md) 1e-3 peaked at step 500 (validation 0.845) and fell to 0.780, where 1e-2
+    held 0.835-0.855. Scales (QZO) take 1e-3 in any dtype: they are 0.01-0.1, so the
+    half-precision ε would be 10-100% of one."""
     from edgezo.zo.optimizers import OPTIMIZERS
 
     method = OPTIMIZERS[optimizer]
@@ -81,7 +81,7 @@ def resolve_estimator(est: EstimatorOptions, optimizer: str, dtype: str | None =
     if method.estimator == "fo":
         return out
     if out.eps is None and method.estimator == "zo":
-        half = dtype in ("bf16", "fp16") and scheme not in ("full", "scales")
+        half = dtype in ("bf16", "fp16") and scheme != "scales"
         out.eps = HALF_EPS if half else DEFAULT_EPS
     out.directions = out.directions or method.directions
     if out.q is None and out.directions != "coordinate":  # coordinate: all, as the engine counts
