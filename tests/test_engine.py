@@ -159,6 +159,19 @@ def test_only_generator_noise_goes_to_the_noise_threads(monkeypatch, source, poo
     assert calls and set(calls) == {pooled}
 
 
+def test_an_update_from_the_table_leaves_the_table_as_it_was():
+    """ZO-SGD's update reads z as a view of the shared table (d = g·z never written): a
+    write through it would change every later direction in the process."""
+    table = noise.table(torch.device("cpu"))
+    before = table.clone()
+    engine = zo_engine(tiny_model("llama"), make_optimizer("zo-sgd"), eps=1e-3, noise="table")
+    for step in range(2):
+        engine.step(lm_batch(VOCAB, seed=step), lr=0.1)
+    engine.flush()
+    engine.close()
+    assert torch.equal(table, before)
+
+
 def test_deferred_update_lands_before_the_next_perturbation():
     """Flushing after every step and deferring give the same trajectory."""
     results = []

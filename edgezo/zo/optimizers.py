@@ -77,8 +77,10 @@ def store(param: torch.Tensor, new: torch.Tensor, bits: torch.Tensor | None) -> 
 
 class Rule(ABC):
     """Base of the update rules. `update` gets one chunk: the parameter rows (model
-    dtype), d on those rows (fp32, may be modified in place), the step's lr, the step
-    number t (1-based), the parameter index and first row, and the rounding bits."""
+    dtype), d on those rows (fp32, may be modified in place, except by a rule whose
+    `linear_in_d` is True: its d may be a view of the shared noise table), the step's lr,
+    the step number t (1-based), the parameter index and first row, and the rounding
+    bits."""
 
     name = "rule"
     state_bytes_per_param = 0
