@@ -66,7 +66,8 @@ def test_components_by_hand(config_file):
             < plan_of(**drawn, pair=True).components["perturbation_scratch"])
 
 
-def test_noise_buffers_follow_the_largest_chunk_and_fo_has_no_scratch(config_file):
+def test_noise_buffers_follow_the_largest_chunk_and_fo_has_no_scratch(config_file,
+                                                                       monkeypatch):
     """Each noise thread's buffers hold one chunk of the largest trainable tensor: a full
     2^18 values for a 7B Llama's matrices, one embedding row-block for a tiny model, a
     LoRA matrix for LoRA. A pure FO run perturbs nothing: no scratch."""
@@ -80,11 +81,14 @@ def test_noise_buffers_follow_the_largest_chunk_and_fo_has_no_scratch(config_fil
 
     # the table's chunk work stays on the calling thread; the generator's draws go to
     # the noise pool as well, each of its threads with its own set
+    monkeypatch.setenv("EDGEZO_NOISE_THREADS", "2")
     per_thread = 1
     _, big = buffers(config_file(LLAMA_7B))
     assert big == noise.CHUNK_ELEMENTS * per_thread
     _, drawn = buffers(config_file(LLAMA_7B), noise="generator")
-    assert drawn == noise.CHUNK_ELEMENTS * (noise.worker_threads() + 1)
+    assert drawn == noise.CHUNK_ELEMENTS * 3  # the caller and two pool threads
+    monkeypatch.setenv("EDGEZO_NOISE_THREADS", "1")  # no pool: the caller's set alone
+    assert buffers(config_file(LLAMA_7B), noise="generator")[1] == noise.CHUNK_ELEMENTS
     tiny = tiny_llama_file(config_file)
     _, full = buffers(tiny)
     assert full == 256 * 32 * per_thread  # the 256 x 32 embedding is one chunk

@@ -128,7 +128,7 @@ def pool_threads(est: EstimatorOptions, blocks: BlockMap, fo: set[int]) -> int:
     bf16 = any(p.dtype == torch.bfloat16 for p in blocks.params)
     draws = (bool(fo) and bf16) or Direction((0,), (1.0,), kind=est.directions,
                                        source=est.noise).draws(bf16)
-    return noise.worker_threads() if draws else 0
+    return noise.pool_threads(draws)
 
 
 def step_spec(config: RunConfig, priced: Priced, profile: Profile, shapes: Shapes, *,

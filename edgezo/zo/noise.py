@@ -430,6 +430,13 @@ def worker_threads() -> int:
     return int(os.environ.get("EDGEZO_NOISE_THREADS", torch.get_num_threads()))
 
 
+def pool_threads(draws: bool) -> int:
+    """The noise pool's threads that CPU work of this kind uses (parallel_map): none
+    when it stays on the caller's thread. The planner prices a set of buffers for each."""
+    n = worker_threads()
+    return n if draws and n >= 2 else 0
+
+
 def parallel_map(fn: Callable[[int], None], items: Iterable[int], device: torch.device,
                  draws: bool = True) -> None:
     """Run fn over chunk indices; items must touch disjoint memory.
@@ -442,11 +449,12 @@ def parallel_map(fn: Callable[[int], None], items: Iterable[int], device: torch.
     """
     global _POOL
     items = list(items)
-    if device.type != "cpu" or not draws or len(items) < 2 or worker_threads() < 2:
+    threads = pool_threads(draws)
+    if device.type != "cpu" or not threads or len(items) < 2:
         for item in items:
             fn(item)
         return
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=worker_threads(), thread_name_prefix="edgezo-noise")
+        _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="edgezo-noise")
     for future in [_POOL.submit(fn, item) for item in items]:
         future.result()
