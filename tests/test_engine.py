@@ -289,3 +289,27 @@ def test_wrappers_are_removed_on_close():
     engine = zo_engine(model, make_optimizer("zo-sgd"), eps=1e-3, seed=0)
     engine.close()
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_on_the_cpu_a_bf16_layer_is_perturbed_by_one_bf16_add_of_the_tables_twin(family):
+    """A bf16 layer's perturbed weights are round(θ ± ε·z16), z16 the table's z rounded
+    to bf16 and summed by torch's bf16 add (which rounds ε too): linear maps, their biases
+    (qwen2) and the norms (and GPT-2's Conv1D maps, through scratch copies). The loss
+    moves by about 1e-4 when the fp32 z is used instead, far beyond the 1e-6 here."""
+    model = tiny_model(family, dtype=torch.bfloat16)
+    for module in [*model.modules(), model.get_output_embeddings()]:
+        if isinstance(module, torch.nn.Embedding) or module is model.get_output_embeddings():
+            module.weight.requires_grad_(False)  # looked-up rows and the head: fp32 z
+    batch, eps, seed = lm_batch(VOCAB), 1e-2, 7
+    engine = zo_engine(model, make_optimizer("zo-sgd"), eps=eps, seed=0, pair=False)
+    plus, minus = engine.losses(batch, seed)
+    engine.close()
+    for got, scale in ((plus, eps), (minus, -eps)):
+        ref = copy.deepcopy(model)
+        with torch.no_grad():
+            for i, p in enumerate(build_block_map(ref).params):
+                z16 = noise.full(p.shape, noise.param_seed(seed, i)).to(torch.bfloat16)
+                p.copy_(torch.add(p, z16, alpha=scale))
+            want = example_losses(ref, batch).mean().item()
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-6)

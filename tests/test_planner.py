@@ -98,6 +98,27 @@ def test_noise_buffers_follow_the_largest_chunk_and_fo_has_no_scratch(config_fil
     assert fo.components["perturbation_scratch"] == 0
 
 
+def test_the_noise_table_and_its_bf16_twin_are_priced_where_a_step_reads_them(config_file):
+    """fp32 table values: 4 bytes each; bf16 weights on the CPU also read the bf16 twin
+    (2 bytes a value); the generator, FO and LoRA's fp32 adapters read neither twin."""
+    from edgezo.zo import noise
+
+    def table(**kw):
+        plan = plan_of(model=tiny_llama_file(config_file), profile="cpu-16gb", batch_size=2,
+                       seq_len=8, pair=True, **kw)
+        return plan.components.get("noise_table", 0)
+
+    assert table(dtype="fp32") == noise.TABLE_VALUES * 4
+    assert table(dtype="bf16") == noise.TABLE_VALUES * 6
+    assert table(dtype="bf16", directions="lowrank") == noise.TABLE_VALUES * 6  # the norms
+    assert table(dtype="bf16", directions="rademacher") == noise.TABLE_VALUES * 4
+    assert table(dtype="bf16", sparsity=0.5) == noise.TABLE_VALUES * 4  # d = mask ⊙ z
+    assert table(dtype="bf16", optimizer="hizoo") == noise.TABLE_VALUES * 4  # d = Σ^½ z
+    assert table(dtype="bf16", scheme="lora") == noise.TABLE_VALUES * 4
+    assert table(dtype="bf16", noise="generator") == 0
+    assert table(dtype="bf16", optimizer="fo-adam") == 0
+
+
 def test_on_cuda_noise_buffers_hold_a_span_and_layers_are_copied(config_file, monkeypatch):
     """On CUDA the noise buffers hold a span (1M values: four 64-row chunks of a 7B
     Llama's 4096-wide matrices), and a pair step perturbs two scratch copies of a layer

@@ -203,9 +203,10 @@ def test_the_ledger_prices_a_batch_bigger_than_the_plan_before_it_runs(tiny_fold
                 "host_memory_gb: 1\nhost_device_bandwidth_gbps: 10\ndtype: fp32\n"
                 "headroom: 0\n")
         return Session(tiny_folder, task=None, batch_size=2, max_length=16, profile=profile,
-                       eval_batch_size=2, offload="off")
+                       eval_batch_size=2, offload="off", dtype="fp32")
 
-    probe = session()
+    probe = session()  # fp32 as the tight profile: on a CPU with native bf16, cpu-16gb
+    # would plan bf16 and its table's bf16 twin
     need = max(probe.plan.phases.values())
     probe.close()
     s = session(need + 256 * 1024)  # the plan fits, with 256 KiB to spare

@@ -56,6 +56,26 @@ def test_a_span_is_its_chunks_end_to_end(small_chunks, shape, kind, source):
         assert torch.equal(noise.last_z(got.numel()), z[lo:hi].reshape(-1))
 
 
+@pytest.mark.parametrize("spans_on", [False, True], ids=["chunks", "spans"])
+def test_the_tables_bf16_twin_is_z_rounded_to_bf16_wherever_it_is_read(small_chunks,
+                                                                       spans_on):
+    """The twin a bf16 perturbed copy reads on the CPU holds the table's own z rounded to
+    nearest bf16, chunk by chunk and span by span, and reading it leaves the update's
+    dither (the last fp32 z) alone."""
+    small_chunks(spans_on)
+    assert torch.equal(noise.table_bf16(CPU), noise.table(CPU).to(torch.bfloat16))
+    for shape in SHAPES:
+        z = noise.full(shape, noise.param_seed(9, 0)).reshape(noise.num_rows(shape), -1)
+        for k, end, lo, hi in noise.spans(shape, CPU):
+            marker = noise.chunk(shape, 1, 0, CPU)
+            got = Direction((9,), (1.0,)).chunk_bf16(shape, 0, k, CPU, end)
+            assert got.dtype == torch.bfloat16
+            assert torch.equal(got.reshape(hi - lo, -1), z[lo:hi].to(torch.bfloat16))
+            assert noise.last_z(marker.numel()).data_ptr() == marker.data_ptr()
+    assert Direction((9,), (2.0,)).chunk_bf16(SHAPES[0], 0, 0, CPU) is None  # d = 2z
+    assert Direction((9,), (1.0,), source="generator").chunk_bf16(SHAPES[0], 0, 0, CPU) is None
+
+
 def test_table_rows_are_the_full_direction_at_those_rows(small_chunks):
     shape = torch.Size([41, 16])
     rows = torch.tensor([0, 3, 4, 17, 40])

@@ -141,6 +141,7 @@ class StepSpec:
     perturbs: bool = True  # False: a pure FO step builds no perturbed copy
     stream: StreamPart | None = None
     noise_table: bool = False  # z comes from the shared table (noise.table), resident
+    noise_table_bf16: bool = False  # bf16 weights' perturbed copies read its twin (CPU)
     direction_bases: int = 0  # bytes of the lowrank/subspace bases kept (noise.basis)
     cheap_noise: bool = False  # z re-read per pair half: one scratch copy (perturb._cheap_z)
     qat_bytes: int = 0  # QAT's fp32 masters (full) or quantized merged weights (lora)
@@ -280,7 +281,7 @@ def _step_terms(model, blocks: BlockMap, spec: StepSpec, components: dict[str, i
     if spec.sparsity:
         out["sparsity_masks"] = blocks.numel()
     if spec.noise_table:
-        out["noise_table"] = noise.TABLE_VALUES * 4
+        out["noise_table"] = noise.TABLE_VALUES * (4 + (2 if spec.noise_table_bf16 else 0))
     if spec.direction_bases:
         out["direction_bases"] = spec.direction_bases
     if spec.qat_bytes:

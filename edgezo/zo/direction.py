@@ -162,6 +162,19 @@ class Direction:
             out.view(out.shape[0], -1).mul_(self.scale(index, slice(lo, lo + out.shape[0])))
         return out
 
+    def chunk_bf16(self, shape: torch.Size, index: int, k: int, device: torch.device,
+                   end: int | None = None) -> torch.Tensor | None:
+        """d on chunk k of parameter `index` (with `end`: chunks [k, end)) rounded to
+        bf16, from the table's twin (noise.table_bf16), where d is one query's plain
+        Gaussian z from the table on the CPU: a bf16 weight's perturbed copy is then one
+        bf16 add. Else None, and the caller uses `chunk`."""
+        if (device.type != "cpu" or self.source != "table" or not self._plain()
+                or (self.kind != "gaussian"
+                    and not (self.kind in STRUCTURED and not is_matrix(shape)))):
+            return None
+        return noise.chunk_bf16(shape, noise.param_seed(self.seeds[0], index), k, device,
+                                end)
+
     def dither_bits(self, numel: int, index: int, k: int, device: torch.device,
                     shape: torch.Size | None = None, end: int | None = None) -> torch.Tensor:
         """int32 values whose low 16 bits are uniform, for stochastic rounding of the

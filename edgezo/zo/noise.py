@@ -191,6 +191,45 @@ def table(device: torch.device) -> torch.Tensor:
     return found
 
 
+# The table's bf16 twin: every value rounded to the nearest bf16, built on first use (half
+# the table's bytes). A bf16 weight's perturbed copy round(θ + s·ε·z) from the fp32 table
+# costs three passes on the CPU (widen θ into an fp32 buffer, add, round back: torch's CPU
+# add of an fp32 tensor into a bf16 one makes a temporary first) and one from the twin: a
+# bf16 add, which torch sums in fp32 and rounds once. Only perturbed copies read it; the
+# update reads the fp32 table, whose low bits also dither its rounding.
+_TWINS: dict[torch.device, torch.Tensor] = {}
+
+
+def table_bf16(device: torch.device) -> torch.Tensor:
+    """The table rounded to bf16 on `device` (built once per process and device)."""
+    device = torch.device(device)
+    found = _TWINS.get(device)
+    if found is None:
+        full_table = table(device)
+        with _TABLE_LOCK:
+            if device not in _TWINS:
+                _TWINS[device] = full_table.to(torch.bfloat16)
+            found = _TWINS[device]
+    return found
+
+
+def chunk_bf16(shape: torch.Size, seed: int, index: int, device: torch.device,
+               end: int | None = None) -> torch.Tensor:
+    """The twin's values where the table source reads the Gaussian z of chunk `index`
+    (with `end`: of chunks [index, end), into a thread buffer), shape (rows, *shape[1:]):
+    that z, each value rounded to bf16. Read-only."""
+    lo, hi = span_bounds(shape, index, end)
+    inner = shape[1:] if len(shape) >= 1 else ()
+    numel = (hi - lo) * inner.numel() if inner else hi - lo
+    if end is None or end == index + 1:
+        offset = _offset(numel, seed, index)
+        z = table_bf16(device)[offset:offset + numel]
+    else:
+        z = table_span(shape, seed, index, end, device,
+                       thread_buffer("z16", numel, torch.bfloat16, device), table_bf16)
+    return z.view(hi - lo, *inner)
+
+
 def _offset(numel: int, seed: int, chunk: int) -> int:
     return mix(seed, chunk, _TABLE_SEED) % (TABLE_VALUES - numel + 1)
 
@@ -235,20 +274,23 @@ def _span_layout(shape: torch.Size, k: int, end: int, device: torch.device
     return found
 
 
-def _table_rows(shape: torch.Size, starts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out[i] = the table's values from starts[i], one row of the parameter each: a single
-    gather from a (values, cols) sliding-window view of the table."""
+def _table_rows(shape: torch.Size, starts: torch.Tensor, out: torch.Tensor,
+                values: Callable[[torch.device], torch.Tensor] = table) -> torch.Tensor:
+    """out[i] = the table's values (`values`: or its twin's) from starts[i], one row of
+    the parameter each: a single gather from a (values, cols) sliding-window view."""
     cols = _cols(shape)
-    windows = table(starts.device).unfold(0, cols, 1)
+    windows = values(starts.device).unfold(0, cols, 1)
     return torch.index_select(windows, 0, starts, out=out.view(starts.numel(), cols))
 
 
 def table_span(shape: torch.Size, seed: int, k: int, end: int, device: torch.device,
-               out: torch.Tensor) -> torch.Tensor:
-    """z (table source, Gaussian) on chunks [k, end) of a parameter into `out`."""
+               out: torch.Tensor, values: Callable[[torch.device], torch.Tensor] = table
+               ) -> torch.Tensor:
+    """z (table source, Gaussian) on chunks [k, end) of a parameter into `out` (`values`:
+    table, or table_bf16 for the twin's)."""
     which, local = _span_layout(shape, k, end, device)
     starts = _chunk_offsets(shape, seed, range(k, end), device)[which].add_(local)
-    return _table_rows(shape, starts, out)
+    return _table_rows(shape, starts, out, values)
 
 
 def table_rows(shape: torch.Size, seed: int, row_ids: torch.Tensor) -> torch.Tensor:
