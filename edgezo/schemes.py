@@ -26,7 +26,16 @@ from torch import nn
 from edgezo.config import SchemeOptions
 from edgezo.errors import ConfigError
 
-HEAD_CHUNK_ROWS = 8192  # vocabulary rows of the head cast to fp32 at a time
+# Values of a half-precision head cast to fp32 at a time (4 MiB): SmolLM2's head is 27
+# chunks of 1820 rows, a 7B Llama's 125 of 256. At 8192 rows, the chunk was 18 MiB for
+# SmolLM2 (and 128 MiB for a 7B model), unpriced: an evaluation's measured peak
+# exceeded the plan by about that much.
+HEAD_CHUNK_VALUES = 1 << 20
+
+
+def head_chunk_rows(hidden: int) -> int:
+    """Vocabulary rows of a half-precision head that _fp32_logits casts to fp32 at once."""
+    return max(1, HEAD_CHUNK_VALUES // hidden)
 
 
 def _fp32_logits(head: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -41,8 +50,9 @@ def _fp32_logits(head: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     weight, bias = head.weight, head.bias
     x = x.contiguous().float()
     out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32, device=x.device)
-    for lo in range(0, weight.shape[0], HEAD_CHUNK_ROWS):
-        hi = min(lo + HEAD_CHUNK_ROWS, weight.shape[0])
+    step = head_chunk_rows(weight.shape[1])
+    for lo in range(0, weight.shape[0], step):
+        hi = min(lo + step, weight.shape[0])
         out[..., lo:hi] = F.linear(x, weight[lo:hi].float(),
                                    None if bias is None else bias[lo:hi].float())
     return out

@@ -281,25 +281,28 @@ def test_a_cpu_without_native_bf16_computes_in_fp32_and_says_why(tiny_folder, mo
 
 def test_fp32_gives_way_to_the_profiles_dtype_when_only_that_fits(tiny_folder, tmp_path,
                                                                   monkeypatch):
-    from planning import plan_of
-
     from edgezo import hardware
     from edgezo.session import Session
 
     monkeypatch.setattr(hardware, "native_on_cpu", lambda dtype: dtype == "fp32")
-    # the generator: on a model this small the table's 4 MiB bf16 twin outweighs the
-    # bytes bf16 weights save
-    kw = dict(model=tiny_folder, batch_size=2, seq_len=16, pair=True, noise="generator")
-    fp32 = plan_of(profile="cpu-16gb", dtype="fp32", **kw).total_bytes
-    bf16 = plan_of(profile="cpu-16gb", dtype="bf16", **kw).total_bytes
-    assert bf16 < fp32
     profile = tmp_path / "tight.yaml"
-    budget = (fp32 + bf16) / 2 / 2**30  # bf16 fits, fp32 does not
-    profile.write_text(f"name: tight\ndevice: cpu\ndevice_memory_gb: {budget}\n"
-                       "host_memory_gb: 1\nhost_device_bandwidth_gbps: 1\ndtype: bf16\n"
-                       "headroom: 0\n")
-    s = Session(tiny_folder, task=None, profile=str(profile), batch_size=2, max_length=16,
-                offload="off", noise="generator")
+
+    def session(budget_gb: float, **kw) -> Session:
+        profile.write_text(f"name: tight\ndevice: cpu\ndevice_memory_gb: {budget_gb}\n"
+                           "host_memory_gb: 1\nhost_device_bandwidth_gbps: 1\ndtype: bf16\n"
+                           "headroom: 0\n")
+        # the generator: on a model this small the table's 4 MiB bf16 twin outweighs the
+        # bytes bf16 weights save
+        return Session(tiny_folder, task=None, profile=str(profile), batch_size=2,
+                       max_length=16, offload="off", noise="generator", **kw)
+
+    need = {}
+    for dtype in ("fp32", "bf16"):
+        probe = session(1.0, dtype=dtype)
+        need[dtype] = probe.plan.total_bytes
+        probe.close()
+    assert need["bf16"] < need["fp32"]
+    s = session((need["bf16"] + 1024) / 2**30)  # bf16 fits, fp32 does not
     try:
         assert s.dtype_name == "bf16" and "fp32 (faster on this CPU) would need" in \
             s.dtype_reason
