@@ -195,3 +195,32 @@ def test_lm_head_gets_a_contiguous_input_for_every_scheme():
         with torch.no_grad():
             model(input_ids=torch.randint(3, VOCAB, (3, 9)), logits_to_keep=1, use_cache=False)
         assert seen == [True], scheme
+
+
+def test_a_half_precision_head_computes_fp32_logits_a_4_mib_chunk_at_a_time(monkeypatch):
+    """The bf16 head's logits are the fp32 product of its weight (the whole matrix cast
+    at once gives the same values), cast a chunk of rows at a time: at most
+    HEAD_CHUNK_VALUES values of fp32 weight live, and the plan counts that chunk."""
+    from edgezo import schemes
+    from edgezo.memory import terms
+
+    model = schemes.apply_scheme(tiny_model("qwen2", dtype=torch.bfloat16), "full")
+    head = model.get_output_embeddings()
+    monkeypatch.setattr(schemes, "HEAD_CHUNK_VALUES", 40 * 32)  # 40 rows of 32: 7 chunks
+    casts = []
+    real_float = torch.Tensor.float
+    monkeypatch.setattr(torch.Tensor, "float",
+                        lambda t: casts.append(t.shape) or real_float(t))
+    x = torch.randn(3, 2, 32).to(torch.bfloat16)
+    got = head(x)
+    monkeypatch.setattr(torch.Tensor, "float", real_float)
+    want = torch.nn.functional.linear(x.float(), head.weight.float())
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    weight_casts = [s for s in casts if s[-1] == 32 and s[0] != 3]
+    assert [s[0] for s in weight_casts] == [40] * 6 + [16]  # 256 rows
+    config = model.config
+    small = terms.activation_bytes(config, 4, 8, 2)  # bf16: a 40-row fp32 chunk
+    fp32 = terms.activation_bytes(config, 4, 8, 4)
+    monkeypatch.setattr(schemes, "HEAD_CHUNK_VALUES", 1 << 20)  # all 256 rows at once
+    assert terms.activation_bytes(config, 4, 8, 2) - small == (256 - 40) * 32 * 4
+    assert terms.activation_bytes(config, 4, 8, 4) == fp32  # an fp32 head casts nothing
