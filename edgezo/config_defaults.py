@@ -25,8 +25,12 @@ DEFAULT_LR = 1e-5  # where nothing was measured for the method and scheme
 # 81.0 validation, 86.0 test. The ZO adapter cells stayed at the majority class at every
 # rate tried there. ZO-SGD LoRA with the natural prompt (bf16, ε 1e-2, 200 steps, batch
 # 16; BENCHMARKS.md "ZO LoRA's rate"): 1e-3 rose from 0.795 to 0.810 validation, 1e-4 to
-# 0.800, and 1e-2 fell to 0.470. Prefix and prompt are not measured yet.
+# 0.800, and 1e-2 fell to 0.470. ZO-SGD prefix and prompt, the same setup (BENCHMARKS.md
+# "ZO prefix and prompt rates"): prefix at 1e-3 held 0.870 validation over 200 steps
+# (from 0.880 at its initialisation) where 1e-2 fell to 0.790; prompt at 1e-2 rose from
+# 0.845 to 0.865-0.870, at 1e-3 to 0.850-0.855.
 MEASURED_LR = {("zo-sgd", "full"): 3e-5, ("zo-sgd", "lora"): 1e-3, ("fo-adam", "full"): 1e-5,
+               ("zo-sgd", "prefix"): 1e-3, ("zo-sgd", "prompt"): 1e-2,
                ("zo-sgd", "scales"): 3e-6,
                ("fo-adam", "lora"): 1e-3, ("fo-adam", "prefix"): 1e-3,
                ("fo-adam", "prompt"): 1e-3,

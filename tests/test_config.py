@@ -318,7 +318,9 @@ def test_an_open_lr_takes_the_one_measured_for_the_method_and_scheme():
 
     assert lr() == MEASURED_LR["zo-sgd", "full"] == 3e-5  # the main job's default
     assert lr(optimizer="fo-adam") == 1e-5
-    assert lr(scheme="prefix") == DEFAULT_LR  # nothing measured there: the fallback
+    assert lr(scheme="prefix") == MEASURED_LR["zo-sgd", "prefix"] == 1e-3
+    assert lr(scheme="prompt") == MEASURED_LR["zo-sgd", "prompt"] == 1e-2
+    assert lr(optimizer="zo-adam", scheme="prefix") == DEFAULT_LR  # not measured: fallback
     assert lr(scheme="lora") == MEASURED_LR["zo-sgd", "lora"] == 1e-3
     assert lr(optimizer="fo-adam", scheme="lora") == MEASURED_LR["fo-adam", "lora"] == 1e-3
     assert lr(lr=0.5) == 0.5  # asked for: kept
@@ -340,13 +342,15 @@ def test_an_open_eps_is_larger_in_half_precision_except_for_scales():
 
 
 def test_a_run_says_why_it_takes_its_learning_rate(tiny_folder):
-    """An open --lr that falls back to the unmeasured 1e-5 (ZO prefix and prompt, where it
-    can leave the model at the majority class) is said before the steps are spent, and recorded;
-    a measured default says where it comes from; a given rate says nothing."""
+    """An open --lr that falls back to the unmeasured 1e-5 (ZO-Adam prefix, where it can
+    leave the model where it started) is said before the steps are spent, and recorded; a
+    measured default says where it comes from; a given rate says nothing."""
     from edgezo.session import Session
 
     cases = [({}, "measured best here for zo-sgd full"),
-             ({"scheme": "prefix"}, "a fallback: nothing was measured for zo-sgd prefix"),
+             ({"scheme": "prefix"}, "measured best here for zo-sgd prefix"),
+             ({"scheme": "prefix", "optimizer": "zo-adam"},
+              "a fallback: nothing was measured for zo-adam prefix"),
              ({"lr": 1e-4}, None)]
     for options, said in cases:
         s = Session(tiny_folder, task=None, batch_size=2, max_length=16, **options)
