@@ -68,12 +68,18 @@ def test_the_tables_bf16_twin_is_z_rounded_to_bf16_wherever_it_is_read(small_chu
         z = noise.full(shape, noise.param_seed(9, 0)).reshape(noise.num_rows(shape), -1)
         for k, end, lo, hi in noise.spans(shape, CPU):
             marker = noise.chunk(shape, 1, 0, CPU)
-            got = Direction((9,), (1.0,)).chunk_bf16(shape, 0, k, CPU, end)
+            got = Direction((9,), (1.0,)).perturbation_chunk(shape, 0, k, CPU,
+                                                             torch.bfloat16, end)
             assert got.dtype == torch.bfloat16
             assert torch.equal(got.reshape(hi - lo, -1), z[lo:hi].to(torch.bfloat16))
             assert noise.last_z(marker.numel()).data_ptr() == marker.data_ptr()
-    assert Direction((9,), (2.0,)).chunk_bf16(SHAPES[0], 0, 0, CPU) is None  # d = 2z
-    assert Direction((9,), (1.0,), source="generator").chunk_bf16(SHAPES[0], 0, 0, CPU) is None
+    # elsewhere the fp32 d of `chunk`: d = 2z, the generator, an fp32 weight
+    for direction, dtype in [(Direction((9,), (2.0,)), torch.bfloat16),
+                             (Direction((9,), (1.0,), source="generator"), torch.bfloat16),
+                             (Direction((9,), (1.0,)), torch.float32)]:
+        got = direction.perturbation_chunk(SHAPES[0], 0, 0, CPU, dtype)
+        assert got.dtype == torch.float32
+        assert torch.equal(got, direction.chunk(SHAPES[0], 0, 0, CPU))
 
 
 def test_table_rows_are_the_full_direction_at_those_rows(small_chunks):

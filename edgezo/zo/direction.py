@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from edgezo.zo import noise
+from edgezo.zo.optimizers import work_dtype
 from edgezo.zo.sparsity import SparseMasks
 
 STRUCTURED = ("lowrank", "subspace")
@@ -162,18 +163,21 @@ class Direction:
             out.view(out.shape[0], -1).mul_(self.scale(index, slice(lo, lo + out.shape[0])))
         return out
 
-    def chunk_bf16(self, shape: torch.Size, index: int, k: int, device: torch.device,
-                   end: int | None = None) -> torch.Tensor | None:
-        """d on chunk k of parameter `index` (with `end`: chunks [k, end)) rounded to
-        bf16, from the table's twin (noise.table_bf16), where d is one query's plain
-        Gaussian z from the table on the CPU: a bf16 weight's perturbed copy is then one
-        bf16 add. Else None, and the caller uses `chunk`."""
-        if (device.type != "cpu" or self.source != "table" or not self._plain()
-                or (self.kind != "gaussian"
-                    and not (self.kind in STRUCTURED and not is_matrix(shape)))):
-            return None
-        return noise.chunk_bf16(shape, noise.param_seed(self.seeds[0], index), k, device,
-                                end)
+    def perturbation_chunk(self, shape: torch.Size, index: int, k: int,
+                           device: torch.device, param_dtype: torch.dtype,
+                           end: int | None = None) -> torch.Tensor:
+        """d on chunk k of parameter `index` (with `end`: chunks [k, end)) for a perturbed
+        copy of a `param_dtype` weight: for a bf16 weight on the CPU, where d is one
+        query's plain Gaussian z from the table, z rounded to bf16 from the table's twin
+        (noise.table_bf16; the copy is then one bf16 add, intercept.perturbed_into); else
+        `chunk` in the weight's work dtype."""
+        if (param_dtype == torch.bfloat16 and device.type == "cpu"
+                and self.source == "table" and self._plain()
+                and (self.kind == "gaussian"
+                     or (self.kind in STRUCTURED and not is_matrix(shape)))):
+            return noise.chunk_bf16(shape, noise.param_seed(self.seeds[0], index), k,
+                                    device, end)
+        return self.chunk(shape, index, k, device, dtype=work_dtype(param_dtype), end=end)
 
     def dither_bits(self, numel: int, index: int, k: int, device: torch.device,
                     shape: torch.Size | None = None, end: int | None = None) -> torch.Tensor:

@@ -33,22 +33,22 @@ def flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(noise.num_rows(t.shape), -1)
 
 
-def perturbed_into(out: torch.Tensor, theta: torch.Tensor, z: torch.Tensor | None,
-                   scale: float, z_bf16: torch.Tensor | None = None) -> None:
+def perturbed_into(out: torch.Tensor, theta: torch.Tensor, z: torch.Tensor, scale: float
+                   ) -> None:
     """out = round(θ + scale·z): summed in fp32, rounded once to out's dtype.
 
-    `z_bf16` (z rounded to bf16, Direction.chunk_bf16), for bf16 θ and out: one bf16 add,
-    where torch also rounds `scale` to bf16. The perturbation is then s·ε'·z' with ε' and
-    z' within 2^-9 of ε and z, a smaller change than the rounding of θ ± εz itself; the
-    estimate still divides by ε, and the update still reads the fp32 z.
+    A bf16 z (the table's twin: Direction.perturbation_chunk) with bf16 θ and out is one
+    bf16 add, where torch also rounds `scale` to bf16. The perturbation is then s·ε'·z'
+    with ε' and z' within 2^-9 of ε and z, a smaller change than the rounding of θ ± εz
+    itself; the estimate still divides by ε, and the update still reads the fp32 z.
     Otherwise summing into a reusable fp32 buffer first avoids the temporary torch.add
     allocates when `out` has another dtype than the sum (the hot path allocates nothing).
     """
-    if z_bf16 is not None:
+    if z.dtype == torch.bfloat16:
         if out.dtype == theta.dtype == torch.bfloat16:
-            torch.add(theta, z_bf16, alpha=scale, out=out)
+            torch.add(theta, z, alpha=scale, out=out)
             return
-        z = z_bf16.float()  # a unit whose copies hold other dtypes: its z' all the same
+        z = z.float()  # a unit whose copies hold other dtypes: its z' all the same
     if out.dtype in (torch.float32, torch.float64) or out.device.type == "cuda":
         # CUDA computes a mixed-dtype add in fp32 and rounds on the store: no temporary
         torch.add(theta, z, alpha=scale, out=out)
@@ -140,15 +140,10 @@ class PerturbedLinears(TorchFunctionMode):
         if bias is not None:
             bias = bias.detach()
             if b_index is not None and owner.direction.covers(b_index):
-                count = len(noise.chunk_bounds(bias.shape))
-                twin = (owner.direction.chunk_bf16(bias.shape, b_index, 0, bias.device, count)
-                        if bias.dtype == torch.bfloat16 else None)
-                if twin is not None:  # as the weight: one bf16 add
-                    bias = torch.add(bias, twin.view(bias.shape), alpha=scale)
-                else:
-                    z = owner.direction.full(bias.shape, b_index, bias.device,
-                                             work_dtype(bias.dtype))
-                    bias = torch.add(bias, z, alpha=scale).to(bias.dtype)
+                z = owner.direction.perturbation_chunk(  # every chunk: a span
+                    bias.shape, b_index, 0, bias.device, bias.dtype,
+                    len(noise.chunk_bounds(bias.shape)))
+                bias = torch.add(bias, z.view(bias.shape), alpha=scale).to(bias.dtype)
         bias_of = (lambda lo, hi: None) if bias is None else (lambda lo, hi: bias[lo:hi])
         device = weight.device
         spans = noise.spans(weight.shape, device, LINEAR_SPAN.get(device.type))
@@ -161,11 +156,9 @@ class PerturbedLinears(TorchFunctionMode):
             # chunks are read in place, where gathering the span's z into a buffer first
             # cost an extra pass over it (index_select: ~4% of a SmolLM2 step).
             for c, a, b in noise.chunks_of_span(weight.shape, k, end):
-                twin = (owner.direction.chunk_bf16(weight.shape, w_index, c, device)
-                        if weight.dtype == torch.bfloat16 else None)
-                z = None if twin is not None else owner.direction.chunk(
-                    weight.shape, w_index, c, device, dtype=work_dtype(weight.dtype))
-                perturbed_into(w[a:b], weight[lo + a:lo + b], z, scale, twin)
+                z = owner.direction.perturbation_chunk(weight.shape, w_index, c, device,
+                                                       weight.dtype)
+                perturbed_into(w[a:b], weight[lo + a:lo + b], z, scale)
             if out is None:  # one span: the whole weight
                 return F.linear(x, w, bias_of(lo, hi))
             out[..., lo:hi] = F.linear(x, w, bias_of(lo, hi))

@@ -170,14 +170,11 @@ class Perturbation:
 
         def fill(i: int) -> None:
             p, index, k, end, lo, hi, flats = work[i]
-            twin = (self.direction.chunk_bf16(p.shape, index, k, p.device, end)
-                    if p.dtype == torch.bfloat16 else None)
-            z = None if twin is not None else flat(self.direction.chunk(
-                p.shape, index, k, p.device, dtype=work_dtype(p.dtype), end=end))
-            twin = None if twin is None else flat(twin)
+            z = flat(self.direction.perturbation_chunk(p.shape, index, k, p.device,
+                                                       p.dtype, end))
             flat_p = flat(p)
             for out, s in zip(flats, signs, strict=True):
-                perturbed_into(out[lo:hi], flat_p[lo:hi], z, s * self.eps, twin)
+                perturbed_into(out[lo:hi], flat_p[lo:hi], z, s * self.eps)
 
         if work:
             noise.parallel_map(fill, range(len(work)), work[0][0].device,
