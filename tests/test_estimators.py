@@ -48,7 +48,7 @@ def test_fzoo_divides_the_step_by_the_spread_of_its_queries():
     us = [z_of("rademacher", s, theta.shape) for s in r.seeds]
     grads = [(loss_at(problem, theta + EPS * u) - base) / EPS for u in us]
     assert r.projected_grads == pytest.approx(grads, rel=1e-9)
-    assert r.forward_passes == 6 and set(us[0].unique().tolist()) == {-1.0, 1.0}
+    assert r.forward_passes == r.batch_forwards == 6 and set(us[0].unique().tolist()) == {-1.0, 1.0}
     spread = statistics.pstdev(grads)
     expected = theta - 0.01 * sum(g * u for g, u in zip(grads, us, strict=True)) / (5 * spread)
     torch.testing.assert_close(problem.theta.detach(), expected, rtol=1e-9, atol=1e-12)
@@ -96,6 +96,7 @@ def test_hizoo_steps_by_hand(name):
         torch.testing.assert_close(problem.theta.detach(), theta - lr * g * z / h.sqrt(),
                                    rtol=1e-9, atol=1e-12)
     assert r.forward_passes == 2  # L(θ) and the pair
+    assert r.batch_forwards == 3  # the pair's doubled forward counts two
 
 
 def test_hizoo_l_keeps_one_number_per_row():

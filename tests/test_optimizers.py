@@ -198,6 +198,7 @@ def test_conservative_keeps_the_lowest_of_three_points(lr):
     assert r.move == [best]
     torch.testing.assert_close(problem.theta.detach(), candidates[best], rtol=1e-8, atol=0)
     assert r.forward_passes == 3  # estimate (pair), L(θ), L(θ ± η·d) (pair)
+    assert r.batch_forwards == 5  # the doubled forwards count two
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)

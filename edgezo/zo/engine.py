@@ -99,7 +99,9 @@ class ZOEngine:
         self.perturbation = Perturbation(self.blocks, optimizer.rule)
         self.perturbation.install()
         self.step_index = 0
-        self._passes = [0, 0]  # forward, backward in the current step
+        # forward, backward, and forwards over the batch alone (a doubled forward counts
+        # two: the compute it costs) in the current step
+        self._passes = [0, 0, 0]
         self.streamer: BlockStreamer | None = None
         self.world = 1  # data-parallel ranks (set by data_parallel())
         self.qat = None  # edgezo.zo.qat.QAT when forwards see quantized weights
@@ -176,9 +178,13 @@ class ZOEngine:
                                  pair=self.pair, groups=len(self.groups),
                                  fo=bool(self.fo_indices))
 
+    def _count_forward(self, doubled: bool = False) -> None:
+        self._passes[0] += 1
+        self._passes[2] += 2 if doubled else 1
+
     # -- the loss at one point ------------------------------------------------------------
     def _mean(self, batch: dict) -> float:
-        self._passes[0] += 1
+        self._count_forward()
         return self._global_means(self.loss_fn(self.model, batch), 1)[0]
 
     def _global_means(self, per_example: torch.Tensor, parts: int) -> list[float]:
@@ -205,7 +211,7 @@ class ZOEngine:
             doubled = double(batch)
             with p.perturbed(direction, scale, None, pair_rows=batch_rows(doubled)):
                 per_example = self.loss_fn(self.model, doubled)
-                self._passes[0] += 1
+                self._count_forward(doubled=True)
             # One host sync per query, here: g is needed as a Python scalar.
             plus, minus = self._global_means(per_example, 2)
         else:
@@ -225,7 +231,7 @@ class ZOEngine:
     # -- the other gradient sources --------------------------------------------------
     def _forward_gradient(self, batch: dict, direction: Direction) -> tuple[float, float]:
         self.perturbation.flush()
-        self._passes[0] += 1
+        self._count_forward()
         return gradients.forward_gradient(self.model, self.loss_fn, self.blocks, batch,
                                           direction)
 
@@ -233,7 +239,7 @@ class ZOEngine:
         self.perturbation.flush()
         loss, ran = gradients.backward(self.model, self.loss_fn, self.blocks.params,
                                        self.fo_indices, batch)
-        self._passes[0] += 1
+        self._count_forward()
         self._passes[1] += ran
         return loss
 
@@ -241,7 +247,7 @@ class ZOEngine:
     def step(self, batch: dict, lr: float) -> StepResult:
         start = time.perf_counter()
         t = self.step_index
-        self._passes = [0, 0]
+        self._passes = [0, 0, 0]
         result = StepResult(t, math.nan, lr, 0.0)
         if self.masks is not None and self.masks.due(t):
             self.perturbation.flush()  # the pending update belongs to the old masks
@@ -262,7 +268,7 @@ class ZOEngine:
                                           self.optimizer.rule, lr, t + 1, self.seed)
             for p in self.blocks.params:
                 p.grad = None
-        result.forward_passes, result.backward_passes = self._passes
+        result.forward_passes, result.backward_passes, result.batch_forwards = self._passes
         result.time_s = time.perf_counter() - start
         self.step_index += 1
         return result

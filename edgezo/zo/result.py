@@ -20,6 +20,10 @@ class StepResult:
     loss_minus: float = math.nan
     forward_passes: int = 0
     backward_passes: int = 0
+    # forward passes over the batch alone: pair mode's doubled forward counts two, so
+    # methods that query differently (FZOO's one-sided queries, HiZOO's L(θ)) compare
+    # by the compute their forwards cost
+    batch_forwards: int = 0
     # zo-sgd-cons, per group: m of the move θ ← θ − m·η·d kept (1: the usual step,
     # 0: stay, −1: the opposite step)
     move: list[int] = field(default_factory=list)
