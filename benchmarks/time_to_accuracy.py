@@ -85,6 +85,8 @@ def run_one(name: str, options: dict, args) -> dict:
             if step % args.eval_every == 0 or step == args.steps:
                 record(step)
         test = s.evaluate("test", args.test_examples)
+        averaged = [averaged_scores(s, int(k), args) for k in args.average_last.split(",")
+                    if k] if args.average_last else []
         report = s.report()
         extra = {"peak_memory_bytes": report["peak_memory_bytes"],
                  "predicted_peak_memory_bytes": report["predicted_peak_memory_bytes"]}
@@ -97,12 +99,36 @@ def run_one(name: str, options: dict, args) -> dict:
         return {**extra, "method": name, "options": options, "task": args.task,
                 "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
                 "curve": curve, "test": test["accuracy"], "test_examples": test["examples"],
+                "averaged": averaged,
                 "test_before": before, "template": s.task.template if s.task else None,
                 "dtype": s.dtype_name, "cpu": cpu_capability(),
                 "step_time_s": report["step_time_s"],
                 "wall_s": time.perf_counter() - start, "date": time.strftime("%Y-%m-%d")}
     finally:
         s.close()
+
+
+def averaged_scores(s, steps: int, args) -> dict:
+    """Validation and test accuracy of the mean of the weights after each of the last
+    `steps` steps (Session.average_last); the last weights come back afterwards."""
+    import torch
+
+    params = s.engine.blocks.params
+    s.engine.flush()
+    last = [p.detach().clone() for p in params]
+    start = time.perf_counter()
+    count = s.average_last(steps)
+    seconds = time.perf_counter() - start
+    out = {"steps": count, "seconds": seconds,
+           "val": s.evaluate("validation", args.eval_examples)["accuracy"],
+           "test": s.evaluate("test", args.test_examples)["accuracy"]}
+    with torch.no_grad():
+        for p, kept in zip(params, last, strict=True):
+            p.copy_(kept)
+    s.selected = None  # the last step's weights again: the session may go on
+    print(f"  averaged over the last {count} steps ({seconds:.1f} s): val {out['val']:.3f} "
+          f"test {out['test']:.3f}", flush=True)
+    return out
 
 
 def post_training_quantized(s, fmt: str, test_examples: int | None) -> float:
@@ -192,6 +218,8 @@ def main() -> None:
                     "--eval-every), to read test accuracy at a time budget; 0: only at the end")
     ap.add_argument("--test-before", action="store_true",
                     help="also evaluate the test set before training (the zero-shot score)")
+    ap.add_argument("--average-last", default="", help="also score the mean of the weights "
+                    "after each of the last N steps, at the end (comma-separated Ns)")
     ap.add_argument("--plot", action="store_true", help="only redraw the PNG and table")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: JSON of one run
     args = ap.parse_args()

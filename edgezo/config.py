@@ -263,6 +263,11 @@ class TrainOptions:
     keep_best: bool = option(False, "With --eval-every: end with the weights that scored "
                              "best on validation (the saved model and the test score are "
                              "theirs); the last step's stay in the snapshots", resume=True)
+    average_last: int = option(0, "End with the mean of the weights after each of the last "
+                               "N steps, rebuilt from the seed log (no copy kept; zo-sgd, "
+                               "fzoo, forward-grad); the saved model and the test score are "
+                               "theirs, the last step's stay in the snapshots (0: off)",
+                               min=0, resume=True)
 
 
 SECTIONS: dict[str, type] = {

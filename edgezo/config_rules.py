@@ -242,6 +242,9 @@ def _run_folder_problems(cfg: RunConfig) -> list[str]:
     if t.keep_best and not t.eval_every:
         out.append(f"{_flag('keep_best')} picks among the periodic validations: add "
                    f"{_flag('eval_every')} N")
+    if t.keep_best and t.average_last:
+        out.append(f"{_flag('keep_best')} and {_flag('average_last')} each choose the final "
+                   "weights: keep one")
     if t.output is not None:
         return out
     given = [n for n in ("save_model", "checkpoint_every", "keep") if getattr(t, n) is not None]

@@ -187,6 +187,7 @@ def restore(session: Session, weights: dict, state: dict, meta: dict) -> None:
         _trainable_tensors(session, put)
     session.engine.load_state_tensors(state, meta["step"], meta.get("mask_epoch"))
     torch.set_rng_state(state["torch_rng"])
+    session.selected = None  # the snapshot's own step, neither a best nor an average
 
 
 def _config_of(run_dir: Path) -> RunConfig:

@@ -25,6 +25,7 @@ import torch
 
 from edgezo import __version__, guard, runs
 from edgezo.build import build, join_process_group
+from edgezo.checkpoint import read_seed_log
 from edgezo.config import RunConfig
 from edgezo.errors import ConfigError, OutOfBudgetError
 from edgezo.hardware import cpu_capability
@@ -86,7 +87,8 @@ class Session:
         self.history: list[StepResult] = []
         self.evaluations: dict[str, dict] = {}
         self.eval_seconds = 0.0  # every evaluation's time: part of time to accuracy
-        # --keep-best: the step whose weights the session holds now, when not its last
+        # --keep-best, --average-last: which weights the session holds, when not its last
+        # step's
         self.selected: dict | None = None
 
     # -- what the session is --------------------------------------------------------------
@@ -150,6 +152,11 @@ class Session:
 
     def step(self, batch: dict | None = None) -> StepResult:
         """One ZO step on the next training batch, or on the given dict of tensors."""
+        if self.selected is not None and self.selected["by"] == "average":
+            raise ConfigError("the weights are the mean of the last steps' (average_last), "
+                              "which the seed log does not hold, so a step from them could "
+                              "not be replayed: evaluate or save them, and resume the run "
+                              "folder (its snapshot holds the last step) to train on")
         if batch is None:
             batch = self.next_batch()
         else:
@@ -170,6 +177,24 @@ class Session:
             self._log.append(result.log_entry())
         guard.after_step(self)
         return result
+
+    def average_last(self, steps: int) -> int:
+        """Move the weights to the mean of those after each of the last `steps` steps (all
+        of them in a shorter run), rebuilt from the seed log (ZOEngine.average_tail), and
+        return how many were averaged. A constant-rate ZO run jitters around where it has
+        got to, and the mean sits closer to it. The session takes no step after this; a
+        run folder's snapshot of the last step is what training goes on from."""
+        if steps < 1:
+            raise ConfigError("average_last needs at least one step")
+        last = self.engine.step_index
+        count = min(steps, last)
+        wanted = range(last - count, last)
+        logged = (read_seed_log(self.run_dir) if self.run_dir is not None
+                  else [r.log_entry() for r in self.history])
+        entries = {e["step"]: e for e in logged if e["step"] in wanted}  # the latest of each
+        self.engine.average_tail([entries[t] for t in wanted if t in entries])
+        self.selected = {"by": "average", "steps": count, "last_step": last}
+        return count
 
     # -- on-device personalisation ----------------------------------------------------------
     def learn(self, examples: Example | list[Example]) -> StepResult:

@@ -269,6 +269,8 @@ def finetune(session: Session, steps: int | None = None, *, console: Console | N
     if t.keep_best and session.world > 1:
         raise ConfigError("--keep-best is single-process for now (the other ranks cannot "
                           "read rank 0's best snapshot): drop it, or run one process")
+    if t.average_last and (why := session.engine.averaging_problem()) is not None:
+        raise ConfigError(f"--average-last cannot average this run's weights: {why}")
     first = session.engine.step_index  # > 0 when resumed
     if output is not None:
         session.record(output)
@@ -282,15 +284,15 @@ def finetune(session: Session, steps: int | None = None, *, console: Console | N
     if first:
         console.print(f"Resumed at step {first} of {t.steps}.")
     stopped = _run_steps(session, console, output, first, t0)
-    selected = _keep_best(session, output, stopped, console)
+    selected = (_keep_best(session, output, stopped, console)
+                or _average_last(session, output, stopped, console))
     report = _final_report(session, before, time.perf_counter() - t0, stopped, console)
-    _write_run_folder(session, report, output, console, stopped,
-                      snapshot=selected is None or selected["step"] == selected["last_step"])
+    moved = selected is not None and selected.get("step") != selected["last_step"]
+    _write_run_folder(session, report, output, console, stopped, snapshot=not moved)
     # the session goes on from its last step (a later finetune() or step() continues the
-    # run, as --resume would); the best weights are the run folder's model
-    if selected is not None and selected["step"] != selected["last_step"] \
-            and runs.rewind(session, selected["last_step"]):
-        session.selected = None
+    # run, as --resume would); the kept weights are the run folder's model
+    if moved:
+        runs.rewind(session, selected["last_step"])
     if stopped is not None and not isinstance(stopped, KeyboardInterrupt):
         raise stopped  # after the model and report are safely written
     console.print(summary_table(report))
@@ -371,6 +373,27 @@ def _keep_best(session: Session, output: Path | None, stopped, console: Console
     return selected
 
 
+def _average_last(session: Session, output: Path | None, stopped, console: Console
+                  ) -> dict | None:
+    """With --average-last N, move to the mean of the weights after each of the last N
+    steps, so the final evaluations and the saved model are theirs. The last step's
+    weights are snapshotted first: --resume goes on from them. None: off, or a run that
+    stopped unsound or over budget."""
+    n = session.config.train.average_last
+    sound = stopped is None or isinstance(stopped, KeyboardInterrupt)
+    if not n or not sound or session.engine.step_index == 0:
+        return None
+    last = session.engine.step_index
+    if output is not None:
+        _snapshot(session, console)
+    start = time.perf_counter()
+    count = session.average_last(n)
+    console.print(f"Averaged the weights after each of steps {last - count + 1}-{last} "
+                  f"({time.perf_counter() - start:.1f} s)"
+                  + (f"; --resume goes on from step {last}." if output is not None else "."))
+    return session.selected
+
+
 def _after_divergence(session: Session, stop: Diverged, console: Console) -> TrainingError:
     """Go back to the last sound weights (snapshot + seed log) and say so."""
     if runs.rewind(session, stop.good_step):
@@ -408,8 +431,8 @@ def _final_report(session: Session, before: float | None, wall_s: float, stopped
 
 def _write_run_folder(session: Session, report: dict, output: Path | None, console: Console,
                       stopped, snapshot: bool = True) -> None:
-    """`snapshot`: False when the session holds the best, not the last, weights (the last
-    ones are already snapshotted)."""
+    """`snapshot`: False when the session holds other weights than the last step's (the
+    best, or the average; the last ones are already snapshotted)."""
     if output is None:
         return
     t = session.config.train
@@ -432,6 +455,12 @@ def _examples(report: dict, split: str) -> str:
     return f" ({ev['examples']} of {ev['of']})" if ev.get("examples") != ev.get("of") else ""
 
 
+def _kept(selected: dict) -> str:
+    if selected["by"] == "average":
+        return f"the mean of the last {selected['steps']} steps'"
+    return f"step {selected['step']}'s, the best on validation"
+
+
 def summary_table(report: dict) -> Table:
     table = Table(title="edgezo finetune", show_header=False)
     rows = [
@@ -440,8 +469,7 @@ def summary_table(report: dict) -> Table:
         ("profile", report["profile"] + (" (emulated on CPU)" if report["emulated_profile"]
                                          else "")),
         ("steps", str(report["steps"]) + (" (interrupted)" if report.get("interrupted") else "")),
-        *([("weights kept", f"step {report['selected']['step']}'s, the best on validation")]
-          if report.get("selected") else []),
+        *([("weights kept", _kept(report["selected"]))] if report.get("selected") else []),
         ("test accuracy before -> after",
          f"{_acc(report['accuracy_before'])} -> {report['test_accuracy']:.4f}"
          + _examples(report, "test")),

@@ -466,3 +466,75 @@ def test_a_resumed_run_drops_a_best_from_beyond_where_it_resumes(tiny_folder, da
     finally:
         resumed.close()
     assert report["selected"]["step"] == 4 and report["selected"]["last_step"] == 4
+
+
+def test_average_last_ends_with_the_mean_of_the_last_weights_and_keeps_the_last(
+        tiny_folder, data_dir, tmp_path, monkeypatch):
+    """--average-last 3: the final evaluations and the saved model are the mean of the
+    weights after steps 4, 5 and 6; the last step's weights stay snapshotted for --resume,
+    and the session itself goes on from them. In fp32: in bf16 the weights after each
+    step carry that step's rounding, which the mean of the logged updates does not (the
+    engine's tests check the bf16 mean is rounded once)."""
+    from edgezo import train
+
+    seen = []
+
+    def scripted(sess, split, console):
+        seen.append((split, sess.report()["selected"]))
+        return {"accuracy": 0.5}
+
+    monkeypatch.setattr(train, "evaluate", scripted)
+    ref = session(tiny_folder, data_dir, dtype="fp32")
+    kept = []
+    for _ in range(6):
+        ref.step()
+        ref.engine.flush()
+        kept.append(trainable(ref))
+    ref.close()
+    mean = {n: torch.stack([k[n].double() for k in kept[3:]]).mean(0) for n in kept[0]}
+
+    run = tmp_path / "run"
+    s = session(tiny_folder, data_dir, dtype="fp32", average_last=3, eval_before=False)
+    try:
+        report = train.finetune(s, 6, output=str(run))
+        assert same(trainable(s), kept[5])  # the session: step 6, resumable
+        assert s.report()["selected"] is None
+        s.step()  # and it trains on
+    finally:
+        s.close()
+    assert report["selected"] == {"by": "average", "steps": 3, "last_step": 6}
+    assert seen[-1] == ("test", report["selected"])  # evaluated: the average
+    saved = load_file(str(run / "model" / "model.safetensors"))
+    shared = [n for n in mean if n in saved]
+    assert shared
+    for n in shared:
+        torch.testing.assert_close(saved[n].double(), mean[n], rtol=1e-6, atol=1e-6)
+    assert not all(torch.equal(saved[n], kept[5][n]) for n in shared)
+    assert snapshots(run)[-1].name == "step-00000006"  # the last weights, resumable
+    assert same(load_file(str(snapshots(run)[-1] / "weights.safetensors")), kept[5])
+
+
+def test_an_averaged_session_takes_no_step_and_average_last_refuses_what_it_cannot_do(
+        tiny_folder, data_dir):
+    from edgezo import train
+
+    s = session(tiny_folder, data_dir, eval_before=False)
+    try:
+        for _ in range(3):
+            s.step()
+        assert s.average_last(10) == 3  # a shorter run: all of its steps
+        assert s.report()["selected"] == {"by": "average", "steps": 3, "last_step": 3}
+        with pytest.raises(ConfigError, match="resume the run folder"):
+            s.step()
+    finally:
+        s.close()
+    s = session(tiny_folder, data_dir, optimizer="zo-adam", lr=1e-3, eval_before=False)
+    try:
+        with pytest.raises(ConfigError, match="--average-last cannot average"):
+            train.finetune(s, 2, average_last=2)
+        assert s.engine.step_index == 0  # refused before any step
+    finally:
+        s.close()
+    proc = cli_run(["finetune", "--model", tiny_folder, "--keep-best", "--eval-every", "2",
+                    "--average-last", "2", "--output", "x"], check=False)
+    assert proc.returncode == 2 and "keep one" in proc.stderr

@@ -39,7 +39,7 @@ from edgezo.zo.batch import batch_rows, double, global_means
 from edgezo.zo.blocks import BlockMap, build_block_map, estimation_groups, resolve_fo_blocks
 from edgezo.zo.direction import STRUCTURED, Direction
 from edgezo.zo.gradients import LossFn
-from edgezo.zo.optimizers import Optimizer, forwards_per_step
+from edgezo.zo.optimizers import SGD, Optimizer, forwards_per_step
 from edgezo.zo.perturb import PendingUpdate, Perturbation
 from edgezo.zo.result import StepResult
 from edgezo.zo.sparsity import SparseMasks
@@ -376,6 +376,16 @@ class ZOEngine:
         self.perturbation.flush()
         if self.masks is not None and self.masks.due(t):
             self.masks.resample(t)
+        for _, d, info, lr in self._logged_updates(entry):
+            self.perturbation.set_pending(PendingUpdate(d, lr, t + 1, info))
+            self.perturbation.flush()
+        self.step_index = t + 1
+
+    def _logged_updates(self, entry: dict) -> Iterator[tuple[int, Direction, dict | None,
+                                                              float]]:
+        """(group, direction, the rule's scalars, lr) of each update a seed-log step
+        applied, rebuilt from its seeds."""
+        t = entry["step"]
         if len(entry["groups"]) != len(self._active):
             raise ConfigError(f"seed log step {t} has {len(entry['groups'])} groups; this "
                               f"run has {len(self._active)} (different options?)")
@@ -388,10 +398,60 @@ class ZOEngine:
                 raise ConfigError(f"seed log step {t} was drawn with other seeds than this "
                                   "run's (a different --seed or --q?)")
             d, info = self._update_direction(group, seeds, active, t)
-            lr = entry["lr"] * (group["move"] if group["move"] is not None else 1)
-            self.perturbation.set_pending(PendingUpdate(d, lr, t + 1, info))
+            yield gi, d, info, entry["lr"] * (group["move"] if group["move"] is not None
+                                              else 1)
+
+    # -- tail averaging -------------------------------------------------------------------
+    def averaging_problem(self) -> str | None:
+        """Why this run's last weights cannot be averaged from its seed log (None: they
+        can). An update must be a fixed multiple of directions that depend on the step
+        only through their seeds and bases."""
+        rule = self.optimizer.rule
+        if not self.replayable:
+            return "its backpropagated updates are not in the seed log"
+        if not isinstance(rule, SGD) or not rule.linear_in_d():
+            why = "weight decay" if isinstance(rule, SGD) else "its state or sign"
+            return (f"{self.optimizer.name}'s update is not a multiple of its direction "
+                    f"({why}); averaging takes zo-sgd, fzoo, forward-grad or rank steps")
+        if self.masks is not None or self._coords is not None:
+            return ("its directions depend on per-step masks or coordinates the seed log "
+                    "does not hold (--sparsity, --directions coordinate)")
+        return None
+
+    @torch.no_grad()
+    def average_tail(self, entries: list[dict]) -> None:
+        """Move θ to the mean of the weights after each of `entries`, the seed-log lines
+        of this run's last steps (Polyak-Ruppert tail averaging: a constant-rate ZO run
+        jitters around its optimum, and the mean sits closer to it). The weights after
+        step m are θ_T plus the undone updates of the steps after m, so the mean is θ_T
+        plus each logged update undone in the share of the averaged weights it precedes:
+        one update along the logged directions, summed in fp32 and rounded once, with no
+        copy of θ kept. The seed log does not record it: the caller keeps the last
+        weights recoverable (a snapshot) if the run is to go on."""
+        problem = self.averaging_problem()
+        if problem is not None:
+            raise ConfigError(f"cannot average this run's last weights: {problem}")
+        last, count = self.step_index, len(entries)
+        if [e["step"] for e in entries] != list(range(last - count, last)):
+            raise ConfigError(f"averaging needs the seed log of steps {last - count} to "
+                              f"{last - 1}, in order")
+        self.perturbation.flush()
+        # one sum per group and basis: a direction shares its bases across its seeds
+        sums: dict[tuple[int, int], tuple[list[int], list[float], int]] = {}
+        for entry in entries:
+            t = entry["step"]
+            share = (t - last + count) / count  # of the averaged weights, those after t
+            if share == 0:  # the first step's update is in every averaged weight
+                continue
+            for gi, d, _, lr in self._logged_updates(entry):
+                key = (gi, t // self.basis_every if self.rank else 0)
+                seeds, coefs, _ = sums.setdefault(key, ([], [], t))
+                seeds += d.seeds
+                coefs += [-share * lr * c for c in d.coefs]  # θ − 1·(−share·η·d)
+        for (gi, _), (seeds, coefs, t) in sums.items():
+            d = self._direction(tuple(seeds), tuple(coefs), self._active[gi], t)
+            self.perturbation.set_pending(PendingUpdate(d, 1.0, last + 1))
             self.perturbation.flush()
-        self.step_index = t + 1
 
     # -- steps from feedback other than a loss -------------------------------------------
     @contextmanager
