@@ -181,13 +181,16 @@ class Session:
     def average_last(self, steps: int) -> int:
         """Move the weights to the mean of those after each of the last `steps` steps (all
         of them in a shorter run), rebuilt from the seed log (ZOEngine.average_tail), and
-        return how many were averaged. A constant-rate ZO run jitters around where it has
-        got to, and the mean sits closer to it. The session takes no step after this; a
-        run folder's snapshot of the last step is what training goes on from."""
+        return how many were averaged: Polyak averaging, for weights that jitter around
+        where a run has got to (on SmolLM2 SST-2 it measured no gain; BENCHMARKS.md). The
+        session takes no step after this; a run folder's snapshot of the last step is
+        what training goes on from."""
         if steps < 1:
             raise ConfigError("average_last needs at least one step")
         last = self.engine.step_index
         count = min(steps, last)
+        if count == 0:  # nothing trained: the weights are their own mean
+            return 0
         wanted = range(last - count, last)
         logged = (read_seed_log(self.run_dir) if self.run_dir is not None
                   else [r.log_entry() for r in self.history])

@@ -421,8 +421,8 @@ class ZOEngine:
     @torch.no_grad()
     def average_tail(self, entries: list[dict]) -> None:
         """Move θ to the mean of the weights after each of `entries`, the seed-log lines
-        of this run's last steps (Polyak-Ruppert tail averaging: a constant-rate ZO run
-        jitters around its optimum, and the mean sits closer to it). The weights after
+        of this run's last steps (Polyak-Ruppert tail averaging: the mean of weights that
+        jitter around a point sits closer to it). The weights after
         step m are θ_T plus the undone updates of the steps after m, so the mean is θ_T
         plus each logged update undone in the share of the averaged weights it precedes:
         one update along the logged directions, summed in fp32 and rounded once, with no
