@@ -85,9 +85,9 @@ def run_one(name: str, options: dict, args) -> dict:
             if step % args.eval_every == 0 or step == args.steps:
                 record(step)
         test = s.evaluate("test", args.test_examples)
+        report = s.report()  # before scoring means: their copy of the weights is the script's
         averaged = [averaged_scores(s, int(k), args) for k in args.average_last.split(",")
-                    if k] if args.average_last else []
-        report = s.report()
+                    if k] if args.average_last and can_average(s, name) else []
         extra = {"peak_memory_bytes": report["peak_memory_bytes"],
                  "predicted_peak_memory_bytes": report["predicted_peak_memory_bytes"]}
         plain_full = options.get("scheme", "full") == "full" and not options.get("quantize") \
@@ -106,6 +106,15 @@ def run_one(name: str, options: dict, args) -> dict:
                 "wall_s": time.perf_counter() - start, "date": time.strftime("%Y-%m-%d")}
     finally:
         s.close()
+
+
+def can_average(s, name: str) -> bool:
+    """Whether --average-last applies to this run (the script restores the weights alone,
+    so QAT's masters rule it out here)."""
+    why = s.engine.averaging_problem() or ("QAT" if s.engine.qat is not None else None)
+    if why is not None:
+        print(f"  {name}: no averaged scores ({why})", flush=True)
+    return why is None
 
 
 def averaged_scores(s, steps: int, args) -> dict:

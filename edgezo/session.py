@@ -152,11 +152,7 @@ class Session:
 
     def step(self, batch: dict | None = None) -> StepResult:
         """One ZO step on the next training batch, or on the given dict of tensors."""
-        if self.selected is not None and self.selected["by"] == "average":
-            raise ConfigError("the weights are the mean of the last steps' (average_last), "
-                              "which the seed log does not hold, so a step from them could "
-                              "not be replayed: evaluate or save them, and resume the run "
-                              "folder (its snapshot holds the last step) to train on")
+        self._check_not_averaged("step")
         if batch is None:
             batch = self.next_batch()
         else:
@@ -177,6 +173,13 @@ class Session:
             self._log.append(result.log_entry())
         guard.after_step(self)
         return result
+
+    def _check_not_averaged(self, what: str) -> None:
+        if self.selected is not None and self.selected["by"] == "average":
+            raise ConfigError(f"the weights are the mean of the last steps' (average_last), "
+                              f"which the seed log does not hold, so a {what} from them "
+                              "could not be replayed: evaluate or save them, and resume the "
+                              "run folder (its snapshot holds the last step) to train on")
 
     def average_last(self, steps: int) -> int:
         """Move the weights to the mean of those after each of the last `steps` steps (all
@@ -226,6 +229,8 @@ class Session:
         place; unlisted ones rank last; empty or None: no preference), and θ moves
         towards the preferred ones at the run's learning rate."""
         from edgezo import rank as ranking  # `rank` is the caller's function here
+
+        self._check_not_averaged("step")
 
         if candidates < 2:
             raise ConfigError("rank_step compares candidates: candidates must be >= 2")
@@ -305,6 +310,7 @@ class Session:
     def checkpoint(self, keep: int = 3) -> Path:
         """Snapshot weights, optimizer state, masks and RNG into the run folder
         (atomically), keeping the newest `keep` snapshots."""
+        self._check_not_averaged("snapshot")
         return runs.checkpoint(self, keep)
 
     @classmethod

@@ -271,6 +271,9 @@ def finetune(session: Session, steps: int | None = None, *, console: Console | N
                           "read rank 0's best snapshot): drop it, or run one process")
     if t.average_last and (why := session.engine.averaging_problem()) is not None:
         raise ConfigError(f"--average-last cannot average this run's weights: {why}")
+    if t.average_last and session.world > 1:
+        raise ConfigError("--average-last is single-process for now: drop it, or run one "
+                          "process")
     first = session.engine.step_index  # > 0 when resumed
     if output is not None:
         session.record(output)
@@ -289,8 +292,9 @@ def finetune(session: Session, steps: int | None = None, *, console: Console | N
     report = _final_report(session, before, time.perf_counter() - t0, stopped, console)
     moved = selected is not None and selected.get("step") != selected["last_step"]
     _write_run_folder(session, report, output, console, stopped, snapshot=not moved)
-    # the session goes on from its last step (a later finetune() or step() continues the
-    # run, as --resume would); the kept weights are the run folder's model
+    # with a run folder, the session goes on from its last step (a later finetune() or
+    # step() continues the run, as --resume would); the kept weights are its model.
+    # Without one, an averaged session keeps the mean and refuses further steps.
     if moved:
         runs.rewind(session, selected["last_step"])
     if stopped is not None and not isinstance(stopped, KeyboardInterrupt):
@@ -387,7 +391,11 @@ def _average_last(session: Session, output: Path | None, stopped, console: Conso
     if output is not None:
         _snapshot(session, console)
     start = time.perf_counter()
-    count = session.average_last(n)
+    try:
+        count = session.average_last(n)
+    except ConfigError as err:  # a seed log that cannot rebuild the steps: keep the last
+        console.print(f"[yellow]warning:[/] keeping the last step's weights: {err}")
+        return None
     console.print(f"Averaged the weights after each of steps {last - count + 1}-{last} "
                   f"({time.perf_counter() - start:.1f} s)"
                   + (f"; --resume goes on from step {last}." if output is not None else "."))

@@ -41,6 +41,7 @@ def assert_mean_of_last(params, after, count: int, tol: float = 1e-6):
     ("fzoo", {"q": 4}),  # each step's scale is the spread of its queries
     ("zo-sgd", {"directions": "lowrank", "rank": 1, "basis_every": 3}),  # bases change
     ("forward-grad", {"eps": None}),
+    ("zo-sgd-cons", {}),  # each step's move (1, 0 or -1) is in its logged rate
 ])
 def test_the_tail_average_is_the_mean_of_the_last_weights(name, kw, count):
     problem = matrix_quadratic()

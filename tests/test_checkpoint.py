@@ -526,6 +526,10 @@ def test_an_averaged_session_takes_no_step_and_average_last_refuses_what_it_cann
         assert s.report()["selected"] == {"by": "average", "steps": 3, "last_step": 3}
         with pytest.raises(ConfigError, match="resume the run folder"):
             s.step()
+        with pytest.raises(ConfigError, match="a step from them"):
+            s.rank_step(["Review: fine"], lambda outputs: [0])
+        with pytest.raises(ConfigError, match="a snapshot from them"):
+            s.checkpoint()
     finally:
         s.close()
     s = session(tiny_folder, data_dir, optimizer="zo-adam", lr=1e-3, eval_before=False)

@@ -39,7 +39,7 @@ from edgezo.zo.batch import batch_rows, double, global_means
 from edgezo.zo.blocks import BlockMap, build_block_map, estimation_groups, resolve_fo_blocks
 from edgezo.zo.direction import STRUCTURED, Direction
 from edgezo.zo.gradients import LossFn
-from edgezo.zo.optimizers import SGD, Optimizer, forwards_per_step
+from edgezo.zo.optimizers import SGD, ExactMove, Optimizer, forwards_per_step
 from edgezo.zo.perturb import PendingUpdate, Perturbation
 from edgezo.zo.result import StepResult
 from edgezo.zo.sparsity import SparseMasks
@@ -409,10 +409,13 @@ class ZOEngine:
         rule = self.optimizer.rule
         if not self.replayable:
             return "its backpropagated updates are not in the seed log"
-        if not isinstance(rule, SGD) or not rule.linear_in_d():
+        if isinstance(rule, ExactMove):  # the conservative move m is in the logged lr
+            pass
+        elif not isinstance(rule, SGD) or not rule.linear_in_d():
             why = "weight decay" if isinstance(rule, SGD) else "its state or sign"
             return (f"{self.optimizer.name}'s update is not a multiple of its direction "
-                    f"({why}); averaging takes zo-sgd, fzoo, forward-grad or rank steps")
+                    f"({why}); averaging takes zo-sgd, zo-sgd-cons, fzoo, forward-grad or "
+                    "rank steps")
         if self.masks is not None or self._coords is not None:
             return ("its directions depend on per-step masks or coordinates the seed log "
                     "does not hold (--sparsity, --directions coordinate)")
