@@ -265,9 +265,9 @@ class TrainOptions:
                              "theirs); the last step's stay in the snapshots", resume=True)
     average_last: int = option(0, "End with the mean of the weights after each of the last "
                                "N steps, rebuilt from the seed log (no copy kept; zo-sgd, "
-                               "fzoo, forward-grad); the saved model and the test score are "
-                               "theirs, the last step's stay in the snapshots (0: off)",
-                               min=0, resume=True)
+                               "zo-sgd-cons, fzoo, forward-grad; one process); the saved "
+                               "model and the test score are theirs, the last step's stay "
+                               "in the snapshots (0: off)", min=0, resume=True)
 
 
 SECTIONS: dict[str, type] = {
