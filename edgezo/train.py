@@ -269,11 +269,12 @@ def finetune(session: Session, steps: int | None = None, *, console: Console | N
     if t.keep_best and session.world > 1:
         raise ConfigError("--keep-best is single-process for now (the other ranks cannot "
                           "read rank 0's best snapshot): drop it, or run one process")
-    if t.average_last and (why := session.engine.averaging_problem()) is not None:
-        raise ConfigError(f"--average-last cannot average this run's weights: {why}")
-    if t.average_last and session.world > 1:
-        raise ConfigError("--average-last is single-process for now: drop it, or run one "
-                          "process")
+    if t.average_last:
+        if (why := session.engine.averaging_problem()) is not None:
+            raise ConfigError(f"--average-last cannot average this run's weights: {why}")
+        if session.world > 1:
+            raise ConfigError("--average-last is single-process for now: drop it, or run "
+                              "one process")
     first = session.engine.step_index  # > 0 when resumed
     if output is not None:
         session.record(output)
@@ -290,7 +291,8 @@ def finetune(session: Session, steps: int | None = None, *, console: Console | N
     selected = (_keep_best(session, output, stopped, console)
                 or _average_last(session, output, stopped, console))
     report = _final_report(session, before, time.perf_counter() - t0, stopped, console)
-    moved = selected is not None and selected.get("step") != selected["last_step"]
+    moved = selected is not None and (selected["by"] == "average"
+                                      or selected["step"] != selected["last_step"])
     _write_run_folder(session, report, output, console, stopped, snapshot=not moved)
     # with a run folder, the session goes on from its last step (a later finetune() or
     # step() continues the run, as --resume would); the kept weights are its model.

@@ -409,9 +409,8 @@ class ZOEngine:
         rule = self.optimizer.rule
         if not self.replayable:
             return "its backpropagated updates are not in the seed log"
-        if isinstance(rule, ExactMove):  # the conservative move m is in the logged lr
-            pass
-        elif not isinstance(rule, SGD) or not rule.linear_in_d():
+        # θ − η·d: SGD without weight decay, or the conservative move (m is in the logged lr)
+        if not (isinstance(rule, ExactMove) or (isinstance(rule, SGD) and rule.linear_in_d())):
             why = "weight decay" if isinstance(rule, SGD) else "its state or sign"
             return (f"{self.optimizer.name}'s update is not a multiple of its direction "
                     f"({why}); averaging takes zo-sgd, zo-sgd-cons, fzoo, forward-grad or "
