@@ -37,7 +37,7 @@ from edgezo.errors import ConfigError
 from edgezo.zo import coordinates, gradients, noise, state
 from edgezo.zo.batch import batch_rows, double, global_means
 from edgezo.zo.blocks import BlockMap, build_block_map, estimation_groups, resolve_fo_blocks
-from edgezo.zo.direction import STRUCTURED, Direction
+from edgezo.zo.direction import STRUCTURED, Direction, is_matrix
 from edgezo.zo.gradients import LossFn
 from edgezo.zo.optimizers import SGD, ExactMove, Optimizer, forwards_per_step
 from edgezo.zo.perturb import PendingUpdate, Perturbation
@@ -118,6 +118,8 @@ class ZOEngine:
         scale = (self.optimizer.rule.preconditioner
                  if perturb and self.optimizer.method.curvature else None)
         basis = noise.mix(self.seed, t // self.basis_every, _BASIS_SALT) if self.rank else 0
+        if self.rank and self.streamer is None:
+            self._prepare_bases(basis)
         if self._coords is not None:  # CGE: each seed's unit vector, on its parameter only
             coords = self._coords.of(seeds, t, self.q)
             return Direction(seeds, coefs, "coordinate", None,
@@ -125,6 +127,19 @@ class ZOEngine:
                              starts=self._coords.starts)
         return Direction(seeds, coefs, self.directions, self.masks, active, self.noise,
                          self.rank, basis, scale)
+
+    def _prepare_bases(self, basis: int) -> None:
+        """Every ZO matrix's factors for this basis seed, built together before a forward
+        asks for them one by one (noise.prepare_bases says why). A streamed run draws
+        them on the device a layer computes on, so it keeps building them as asked."""
+        by_device: dict[torch.device, list[tuple[int, int, int]]] = {}
+        for i in sorted(self.zo_indices):
+            shape = self.blocks.params[i].shape
+            if is_matrix(shape):
+                by_device.setdefault(self.blocks.params[i].device, []).append(
+                    (i, noise.num_rows(shape), shape[1:].numel()))
+        for device, matrices in by_device.items():
+            noise.prepare_bases(self.directions, basis, matrices, self.rank, device)
 
     @property
     def zo_only(self) -> bool:
