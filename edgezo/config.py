@@ -52,7 +52,7 @@ QUANTIZATIONS = ("nf4", "int8", "quanto-int8", "quanto-int4", "quanto-int2")
 SCHEMES = ("full", "lora", "prefix", "prompt", "head", "scales")
 QAT_FORMATS = ("int4", "int8")
 PEFT_SCHEMES = ("lora", "prefix", "prompt")
-TEMPLATES = ("auto", "aligned", "empty", "natural")
+TEMPLATES = ("auto", "aligned", "empty", "natural", "movie")
 SCHEDULES = ("constant", "linear", "cosine")
 ESTIMATES = ("two-sided", "one-sided")
 DIRECTIONS = ("gaussian", "rademacher", "lowrank", "subspace", "coordinate")
@@ -112,8 +112,10 @@ class DataOptions:
                                         "examples: a MultiRC row (a paragraph) gives one "
                                         "example per answer", min=0)
     template: str = option("auto", "auto (the task's best prompt measured here), aligned "
-                           "(ZO-Bench's prompt), empty (bare inputs, same answers) or "
-                           "natural (SST-2: 'Review: ...\\nSentiment: positive')",
+                           "(ZO-Bench's prompt), empty (bare inputs, same answers), "
+                           "natural (SST-2: 'Review: ...\\nSentiment: positive') or "
+                           "movie (SST-2: 'Movie review: ...\\nThe sentiment of this review "
+                           "is positive')",
                            choices=TEMPLATES)
     max_length: int = option(256, "Longest tokenized example (tokens)", min=8)
     batch_size: int = option(16, "Examples per step", min=1)

@@ -50,9 +50,9 @@ def test_finetune_writes_report_and_metrics(tiny_folder, data_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "emulating profile 8gb-gpu" in result.output or "Running on cuda" in result.output
     # the header names the prompt the run took, since the default is chosen per task
-    assert "Task sst2: template natural (the task's default" in " ".join(result.output.split())
+    assert "Task sst2: template movie (the task's default" in " ".join(result.output.split())
     report = json.loads((out / "report.json").read_text())
-    assert report["splits"]["template"] == "natural"
+    assert report["splits"]["template"] == "movie"
     for key in ("model", "task", "optimizer", "scheme", "profile", "steps", "seed",
                 "hyperparameters", "accuracy_before", "test_accuracy", "validation_accuracy",
                 "peak_memory_bytes", "predicted_peak_memory_bytes", "step_time_s",

@@ -18,11 +18,19 @@ def test_template_renders_the_zo_bench_prompt(data_dir):
     assert first.gold == 1
 
 
-def test_the_default_template_is_the_natural_prompt(data_dir):
+def test_the_default_template_is_the_movie_review_prompt(data_dir):
     """auto resolves to the task's own default, and the task records the resolved name."""
     task = make_task("sst2", data_dir=data_dir)
     first = task.example(task.test_rows()[0])
-    assert task.template == "natural"
+    assert task.template == "movie"
+    assert first.prompt == ("Movie review: it 's a charming and often affecting journey .\n"
+                            "The sentiment of this review is")
+    assert first.candidates == (" negative", " positive") and first.gold == 1
+
+
+def test_the_natural_template_asks_for_the_sentiment(data_dir):
+    task = make_task("sst2", data_dir=data_dir, template="natural")
+    first = task.example(task.test_rows()[0])
     assert first.prompt == "Review: it 's a charming and often affecting journey .\nSentiment:"
     assert first.candidates == (" negative", " positive") and first.gold == 1
 

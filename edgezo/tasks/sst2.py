@@ -1,10 +1,13 @@
-"""SST-2 (GLUE). Templates: natural (the default) "Review: <sentence>\nSentiment:
+"""SST-2 (GLUE). Templates: movie (the default) "Movie review: <sentence>\nThe sentiment of
+this review is {negative|positive}"; natural "Review: <sentence>\nSentiment:
 {negative|positive}"; aligned, ZO-Bench's (MeZO's) "<sentence> It was {terrible|great}";
 empty "<sentence> {terrible|great}".
 
-Why natural is the default: on SmolLM2-135M-Instruct it starts a run at 0.80 validation
-accuracy zero-shot against 0.65 (the majority class) for ZO-Bench's prompt, and a ZO run
-climbs from where it starts (BENCHMARKS.md, "Time to accuracy")."""
+Why movie is the default: of 14 prompts scored zero-shot on the 500 validation rows with
+SmolLM2-135M-Instruct it scored best (0.840, against 0.792 for natural and 0.65 for
+ZO-Bench's on 200 rows), and a ZO run climbs from where it starts: 86.0% test after the
+default 1000 steps, where natural ended at 81.9-83.3% (BENCHMARKS.md, "Time to
+accuracy")."""
 
 from __future__ import annotations
 
@@ -19,8 +22,8 @@ class SST2(Task):
     name = "sst2"
     verbalizer = (" terrible", " great")  # label 0 = negative, 1 = positive
     natural_verbalizer = (" negative", " positive")
-    templates = ("aligned", "empty", "natural")
-    default_template = "natural"
+    templates = ("aligned", "empty", "natural", "movie")
+    default_template = "movie"
 
     def _read_tsv(self, filename: str) -> list[dict] | None:
         folder = find_task_dir("sst2", ["train.tsv", "dev.tsv"], self.data_dir)
@@ -60,5 +63,8 @@ class SST2(Task):
         if self.template == "natural":
             return Example(f"Review: {sentence}\nSentiment:", self.natural_verbalizer,
                            int(row["label"]))
+        if self.template == "movie":
+            return Example(f"Movie review: {sentence}\nThe sentiment of this review is",
+                           self.natural_verbalizer, int(row["label"]))
         prompt = sentence if self.template == "empty" else f"{sentence} It was"
         return Example(prompt, self.verbalizer, int(row["label"]))
