@@ -450,7 +450,7 @@ def prepare_bases(kind: str, seed: int, matrices: Iterable[tuple[int, int, int]]
 
     Made one by one as the layers ask, each small factor that outlives the step landed
     between a layer's freed activations and kept glibc from reusing their space: a LOZO
-    step on SmolLM2 grew the heap by 3-7 MiB a layer, 140-220 MiB in all, most of it free
+    step on SmolLM2 grew the heap by 3-7 MiB a layer, 137-218 MiB in all, most of it free
     but resident (the measured peak 490-555 MiB against 371 planned)."""
     device = torch.device(device)
     todo = [(i, r, c) for i, r, c in matrices
