@@ -17,7 +17,7 @@ DEFAULT_LR = 1e-5  # where nothing was measured for the method and scheme
 # with ZO-Bench's prompt 3e-5 rose to 0.75 validation by step 750 and 1e-4 diverged
 # within 150 steps; with the natural prompt (the default then) 3e-5 gave 0.830 validation
 # at step 100 against 0.805 for 1e-5, and 0.850 (test 0.830) at step 500. The movie prompt
-# (the default since) kept 3e-5 without a new grid: 86.0% test at step 1000.
+# (the default since) kept 3e-5 without a new grid: 82.1-86.0% test at step 1000.
 # ZO-SGD scales (QZO, quanto int4, 100 steps): 3e-6 rose to 0.66 validation, 3e-5 fell
 # to 0.49-0.56.
 # First-order adapters and FO-SGD: the rates the cpu-standard suite selected on validation

@@ -5,9 +5,9 @@ empty "<sentence> {terrible|great}".
 
 Why movie is the default: of 14 prompts scored zero-shot on the 500 validation rows with
 SmolLM2-135M-Instruct it scored best (0.840, against 0.792 for natural and 0.65 for
-ZO-Bench's on 200 rows), and a ZO run climbs from where it starts: 86.0% test after the
-default 1000 steps, where natural ended at 81.9-83.3% (BENCHMARKS.md, "Time to
-accuracy")."""
+ZO-Bench's on 200 rows), and a ZO run starts from there: 83.7% test zero-shot, and
+after the default 1000 steps 82.1% to 86.0% over three seeds, where natural ended at
+81.9-83.3% (BENCHMARKS.md, "Time to accuracy")."""
 
 from __future__ import annotations
 
