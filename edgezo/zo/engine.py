@@ -110,6 +110,9 @@ class ZOEngine:
             raise ConfigError(coordinates.too_many(self.forward_passes_per_step,
                                                    est.max_forwards, self.q))
         self.bytes_communicated = 0
+        # the basis seed whose factors were last built in one block (structured directions):
+        # every query and update of its steps asks again, and need not walk the parameters
+        self._bases_built: int | None = None
 
     def _direction(self, seeds: tuple[int, ...], coefs: tuple[float, ...],
                    active: frozenset[int] | None, t: int, perturb: bool = False) -> Direction:
@@ -118,8 +121,9 @@ class ZOEngine:
         scale = (self.optimizer.rule.preconditioner
                  if perturb and self.optimizer.method.curvature else None)
         basis = noise.mix(self.seed, t // self.basis_every, _BASIS_SALT) if self.rank else 0
-        if self.rank and self.streamer is None:
+        if self.rank and self.streamer is None and basis != self._bases_built:
             self._prepare_bases(basis)
+            self._bases_built = basis
         if self._coords is not None:  # CGE: each seed's unit vector, on its parameter only
             coords = self._coords.of(seeds, t, self.q)
             return Direction(seeds, coefs, "coordinate", None,
