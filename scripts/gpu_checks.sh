@@ -32,6 +32,17 @@ part() {  # part NAME SECONDS COMMAND...: run one check, keep its log, show its 
     tail -n 30 "$out/$name.log"
 }
 
+# Install what the checks run where the machine can (the dev extra: pytest, its timeout
+# and xdist plugins); a machine with no package index keeps its own torch and may lack
+# the plugins, so the suite is then run without them rather than not at all.
+if [[ ${GPU_CHECKS_INSTALL:-1} == 1 ]]; then
+    python3 -m pip install --quiet -e ".[dev]" || echo "could not install .[dev]: using what is here"
+fi
+plugins=()
+python3 -c "import xdist" 2>/dev/null && plugins+=(-n "${TEST_WORKERS:-10}") \
+    || echo "pytest-xdist is missing: the suite runs in one process"
+python3 -c "import pytest_timeout" 2>/dev/null && plugins+=(--timeout 240) \
+    || echo "pytest-timeout is missing: no per-test time limit"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda,
 torch.cuda.get_device_name(0), 'CPU', torch.backends.cpu.get_cpu_capability())"
@@ -45,8 +56,8 @@ python3 -c "import importlib.util as u; raise SystemExit(u.find_spec('llm_smollm
     || ignore=(--ignore tests/test_real_model.py)
 left=$(( budget - ($(date +%s) - started) - 5 ))
 (( left >= 60 )) || left=60  # the suite needs a minute to start its workers at all
-part tests "$left" python3 -m pytest -v -rfE -p no:cacheprovider -n "${TEST_WORKERS:-10}" \
-    --timeout 240 "${ignore[@]}" &
+part tests "$left" python3 -m pytest -v -rfE -p no:cacheprovider "${plugins[@]}" \
+    "${ignore[@]}" &
 suite=$!
 # A random Llama too large for the 4 GB profile (about 4.2 GB of bf16 weights), streamed.
 part gpu_budget 150 python3 benchmarks/gpu_budget.py --profile 4gb-gpu --width 2048 \

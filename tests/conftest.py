@@ -1,22 +1,24 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from edgezo.models.tiny import save_tiny
+from edgezo.tasks.data import ENV_VAR
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    skips = {"cuda": None if torch.cuda.is_available() else "needs a CUDA GPU",
+             "full_data": None if FULL_DATA else NO_FULL_DATA}
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        for marker, reason in skips.items():
+            if reason and marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")
@@ -27,15 +29,27 @@ def tiny_folder(tmp_path_factory) -> str:
     return str(folder)
 
 
+FIXTURE_DATA = Path(__file__).parent / "fixtures" / "data"
+# The full staged data, where the environment points at it (CI does). Taken out of the
+# environment, so every other test reads the same files on every machine: the fixtures,
+# or the SST-2 sample shipped with edgezo.
+FULL_DATA = os.environ.pop(ENV_VAR, None)
+NO_FULL_DATA = (f"needs the tasks' whole files: set {ENV_VAR} to the staged data folder "
+                "(CI does)")
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> str:
-    """The staged benchmark data (../shared/data or $EDGEZO_DATA_DIR)."""
-    from edgezo.tasks.data import candidate_dirs
+    """A few dozen real rows of each task, in each task's format (tests/fixtures/data)."""
+    return str(FIXTURE_DATA)
 
-    for d in candidate_dirs(None):
-        if (d / "sst2" / "dev.tsv").is_file():
-            return str(d)
-    pytest.fail("no staged data found: set EDGEZO_DATA_DIR to the shared data folder")
+
+@pytest.fixture(scope="session")
+def full_data_dir() -> str:
+    """The tasks' whole files; tests that use it are marked full_data."""
+    if FULL_DATA is None:
+        pytest.skip(NO_FULL_DATA)
+    return FULL_DATA
 
 
 def lm_batch(vocab: int, rows: int = 4, seq: int = 7, seed: int = 0) -> dict:

@@ -10,8 +10,9 @@ pytestmark = pytest.mark.real_model
 
 
 @pytest.fixture(scope="module")
-def session(data_dir):
-    sess = Session(profile="8gb-gpu", batch_size=4, lr=1e-5, data_dir=data_dir, seed=0)
+def session():
+    # SST-2 from the sample shipped with edgezo: what the README's main job reads
+    sess = Session(profile="8gb-gpu", batch_size=4, lr=1e-5, seed=0)
     yield sess
     sess.close()
 
@@ -66,9 +67,9 @@ def test_a_few_real_steps_update_the_model(session):
     assert acc["accuracy"] == sum(hits) / 32  # evaluation scores as predict() chooses
 
 
-def test_hybrid_last_layer_fo_on_smollm2(data_dir):
+def test_hybrid_last_layer_fo_on_smollm2():
     """Backprop through the last layer only: planned as one layer of kept activations."""
-    sess = Session(profile="8gb-gpu", batch_size=4, lr=1e-5, data_dir=data_dir, seed=0,
+    sess = Session(profile="8gb-gpu", batch_size=4, lr=1e-5, seed=0,
                    optimizer="zo-adam", fo_blocks=[-1])
     try:
         fo = sess.plan.components

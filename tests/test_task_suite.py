@@ -4,15 +4,15 @@ import json
 
 import pytest
 import torch
+from conftest import FIXTURE_DATA
 from torch import nn
 
 from edgezo.errors import TaskError
 from edgezo.tasks import TASKS, Encoder, Example, make_task
-from edgezo.tasks.data import candidate_dirs
 from edgezo.tasks.loss import candidate_scores, example_losses
 
-# The staged data folder (as the data_dir fixture finds it); tests fail if there is none.
-DATA = next((str(d) for d in candidate_dirs(None) if (d / "sst2" / "dev.tsv").is_file()), None)
+# A few real rows of each task (the data_dir fixture's folder).
+DATA = str(FIXTURE_DATA)
 
 
 def first(task, template="aligned"):
@@ -75,15 +75,23 @@ def test_sst2_empty_template():
     assert ex.prompt == "a fine film" and ex.candidates == (" terrible", " great")
 
 
-@pytest.mark.parametrize("task, sizes", [
+FULL_SIZES = [
     ("copa", (267, 133, 100)),         # 400 train rows: 2:1, the 100 val rows as test
     ("winogrande", (563, 282, 422)),   # dev only: a third held out as test
     ("boolq", (1000, 500, 1000)),      # val only: 1000 held out as test
     ("wic", (1000, 500, 638)),
     ("sst2", (1000, 500, 872)),
-])
-def test_splits_are_disjoint_and_recorded(task, sizes):
-    t = make_task(task, data_dir=DATA)
+]
+FIXTURE_SIZES = [  # the fixtures' few rows: the same rules at a smaller scale
+    ("copa", (27, 13, 16)),            # 40 train rows: 2:1, the 16 val rows as test
+    ("winogrande", (21, 11, 16)),      # 48 dev rows: a third held out as test
+    ("boolq", (16, 8, 12)),
+    ("wic", (27, 13, 16)),
+    ("sst2", (40, 20, 24)),
+]
+
+
+def check_splits(t, sizes) -> None:
     got = tuple(len(t.split(s)) for s in ("train", "validation", "test"))
     assert got == sizes
     rows = t.source_rows
@@ -94,8 +102,27 @@ def test_splits_are_disjoint_and_recorded(task, sizes):
     assert t.split_info["train"] == sizes[0]
 
 
+@pytest.mark.parametrize("task, sizes", FIXTURE_SIZES)
+def test_splits_are_disjoint_and_recorded(task, sizes):
+    check_splits(make_task(task, data_dir=DATA), sizes)
+
+
+@pytest.mark.full_data  # ZO-Bench's sizes come from the whole files
+@pytest.mark.parametrize("task, sizes", FULL_SIZES)
+def test_splits_of_the_whole_files(task, sizes, full_data_dir):
+    check_splits(make_task(task, data_dir=full_data_dir), sizes)
+
+
 def test_multirc_splits_keep_questions_whole():
     t = make_task("multirc", data_dir=DATA)
+    train, val = t.split("train"), t.split("validation")
+    assert not {e.group for e in train} & {e.group for e in val}
+    assert (len({e.group for e in train}), len({e.group for e in val})) == (23, 11)
+
+
+@pytest.mark.full_data  # the answer counts of ZO-Bench's 200/100 questions
+def test_multirc_whole_file_gives_about_1000_and_500_answers(full_data_dir):
+    t = make_task("multirc", data_dir=full_data_dir)
     train, val = t.split("train"), t.split("validation")
     assert not {e.group for e in train} & {e.group for e in val}
     assert 800 < len(train) < 1300 and 350 < len(val) < 700
@@ -247,6 +274,6 @@ def test_multirc_reports_exact_match_per_question(tiny_folder):
         assert result["groups"] == len(right)
         assert result["exact_match"] == sum(all(v) for v in right.values()) / len(right)
         assert result["accuracy"] == sum(sum(v) for v in right.values()) / 12
-        assert sess.report()["splits"]["test"] == 4848
+        assert sess.report()["splits"]["test"] == 87  # every answer of the 2 passages
     finally:
         sess.close()

@@ -35,22 +35,68 @@ def test_the_natural_template_asks_for_the_sentiment(data_dir):
     assert first.candidates == (" negative", " positive") and first.gold == 1
 
 
-def test_splits_are_1000_500_872_without_overlap_and_fixed(data_dir):
-    task = make_task("sst2", data_dir=data_dir)
+def test_the_shipped_sample_is_1000_500_872_without_overlap_and_fixed():
+    """With no data folder, SST-2 comes from the sample shipped inside the package."""
+    task = make_task("sst2")
     train, val, test = (task.split(s) for s in ("train", "validation", "test"))
     assert (len(train), len(val), len(test)) == (1000, 500, 872)
     # Disjoint rows of the training file (SST-2 repeats some sentences, so compare rows).
     rows = task.source_rows
     assert len(set(rows["train"])) == 1000 and not set(rows["train"]) & set(rows["validation"])
-    again = make_task("sst2", data_dir=data_dir)
-    assert again.split("train")[:5] == train[:5]
-    other = make_task("sst2", data_dir=data_dir, data_seed=1)
-    assert other.split("train")[:5] != train[:5]
+    assert make_task("sst2").split("train")[:5] == train[:5]
+    assert make_task("sst2", train_examples=10).split("train") == train[:10]
+    assert "shipped with edgezo" in task.split_info["notes"][0]
 
 
-def test_train_examples_grows_train_and_leaves_validation_where_it_was(data_dir):
+@pytest.mark.full_data  # the sample must be exactly what the whole train file gives
+def test_the_shipped_sample_is_what_the_whole_file_draws(full_data_dir):
+    shipped, full = make_task("sst2"), make_task("sst2", data_dir=full_data_dir)
+    for split in ("train", "validation", "test"):
+        assert shipped.split(split) == full.split(split)
+    assert shipped.source_rows == full.source_rows
+    other = make_task("sst2", data_dir=full_data_dir, data_seed=1)
+    assert other.split("train")[:5] != full.split("train")[:5]
+
+
+def test_the_shipped_sample_refuses_what_it_does_not_hold(monkeypatch):
+    """Another data seed or more rows need the whole file: said, naming the ways to get it
+    (the hub is tried first, so hide `datasets` where it is installed)."""
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)
+    for kw, why in (({"data_seed": 1}, "data seed 1"), ({"train_examples": 2000}, "2000"),
+                    ({"train_examples": 0}, "train_examples 0")):
+        with pytest.raises(TaskError, match=f"{why}.*--data-dir.*edgezo\\[hub\\]"):
+            make_task("sst2", **kw).split("train")
+
+
+def test_lookup_order_is_data_dir_then_environment_then_shipped(tmp_path, monkeypatch,
+                                                                 data_dir):
+    """No walk up the folders: a shared/data beside the working directory is not read."""
+    from edgezo.tasks.data import ENV_VAR
+
+    decoy = tmp_path / "shared" / "data" / "sst2"
+    decoy.mkdir(parents=True)
+    for f in ("train.tsv", "dev.tsv"):
+        (decoy / f).write_text("sentence\tlabel\ndecoy \t0\n")
+    monkeypatch.chdir(tmp_path / "shared")
+    assert len(make_task("sst2").split("test")) == 872  # the shipped sample
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "shared" / "data"))
+    assert make_task("sst2").split("test")[0].prompt.startswith("Movie review: decoy")
+    # --data-dir beats the environment
+    assert len(make_task("sst2", data_dir=data_dir).split("test")) == 24
+    # an environment folder without the task is passed over; a partial one is an error
+    monkeypatch.setenv(ENV_VAR, str(tmp_path))
+    assert len(make_task("sst2").split("test")) == 872
+    (decoy / "dev.tsv").unlink()
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "shared" / "data"))
+    with pytest.raises(TaskError, match="sst2/dev.tsv"):
+        make_task("sst2").split("test")
+
+
+@pytest.mark.full_data  # draws beyond the sample, from the whole train file
+def test_train_examples_grows_train_and_leaves_validation_where_it_was(full_data_dir):
     """More training rows extend the default sample; fewer take its prefix; 0 takes every
     row. Validation (and test) never move, so runs stay comparable on them."""
+    data_dir = full_data_dir
     base = make_task("sst2", data_dir=data_dir)
     base.split("train")
     more = make_task("sst2", data_dir=data_dir, train_examples=3000)

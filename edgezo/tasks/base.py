@@ -79,6 +79,7 @@ class Task(ABC):
         self._splits: dict[str, list[Example]] | None = None
         self.source_rows: dict[str, list[int]] = {}  # rows of the training file per split
         self.split_info: dict = {}
+        self.sample_gap: str | None = None  # why the shipped sample could not serve
 
     @abstractmethod
     def train_rows(self) -> list[dict]:
@@ -107,7 +108,30 @@ class Task(ABC):
             self._splits = self._make_splits()
         return self._splits[name]
 
+    def sample_rows(self) -> dict[str, list[tuple[int, dict]]] | None:
+        """The train and validation rows shipped inside the package (data seed 0's
+        sample, in order), each with its row number in the task's training file; None
+        when the task ships none, or a data folder was given."""
+        return None
+
+    def _sample_gap(self) -> str | None:
+        """Why the shipped sample cannot serve this task's settings, or None when it can:
+        it holds data seed 0's draw and no training rows beyond it."""
+        if self.data_seed != 0:
+            return (f"the {self.name} data shipped with edgezo is data seed 0's sample; "
+                    f"data seed {self.data_seed} draws from the whole training file")
+        if self.train_examples == 0 or (self.train_examples or 0) > self.num_train:
+            return (f"the {self.name} data shipped with edgezo holds {self.num_train} "
+                    f"training rows; train_examples {self.train_examples} needs the whole "
+                    "training file")
+        return None
+
     def _make_splits(self) -> dict[str, list[Example]]:
+        sample = self.sample_rows()
+        if sample is not None:
+            self.sample_gap = self._sample_gap()
+            if self.sample_gap is None:
+                return self._splits_of_sample(sample)
         rows = self.train_rows()
         test_rows = self.test_rows()
         order = list(range(len(rows)))
@@ -144,6 +168,26 @@ class Task(ABC):
                            "validation": len(splits["validation"]),
                            "test": len(splits["test"]), "template": self.template,
                            "notes": notes}
+        return splits
+
+    def _splits_of_sample(self, sample: dict[str, list[tuple[int, dict]]]
+                          ) -> dict[str, list[Example]]:
+        """The splits from the shipped sample: the same examples, in the same order, as
+        the whole training file gives with data seed 0 (a test with the full data checks
+        it)."""
+        train = sample["train"][:self.train_examples or None]
+        self.source_rows = {"train": [i for i, _ in train],
+                            "validation": [i for i, _ in sample["validation"]]}
+        test_rows = self.test_rows() or []
+        splits = {"train": [e for _, r in train for e in self._examples([r], [0])],
+                  "validation": [e for _, r in sample["validation"]
+                                 for e in self._examples([r], [0])],
+                  "test": [e for r in test_rows for e in self._examples([r], [0])]}
+        self.split_info = {**{k: len(v) for k, v in splits.items()},
+                           "template": self.template,
+                           "notes": [f"the {self.name} sample shipped with edgezo (data "
+                                     "seed 0); --data-dir or $EDGEZO_DATA_DIR reads other "
+                                     "files"]}
         return splits
 
     def _train_rows(self, default: list[int], order: list[int], picked: list[int],

@@ -1,9 +1,9 @@
-"""Where task data comes from: a local folder first, the Hugging Face hub as a fallback.
+"""Where task data comes from, in this order: the explicit --data-dir (data_dir argument),
+then $EDGEZO_DATA_DIR, then the sample shipped inside the package (the default task's,
+see `embedded/`), then the Hugging Face hub (`pip install 'edgezo[hub]'` and a network).
 
-Order: the explicit --data-dir / data_dir argument, then $EDGEZO_DATA_DIR, then a
-`shared/data` folder beside or above the working directory (how the project's machines
-stage it). Only if none holds the task's files is the hub tried (needs `datasets` and a
-network); the error then says how to point edgezo at local files.
+The order is explicit on purpose: nothing is looked up by walking the folders around the
+working directory, so a run reads the same data wherever it is started.
 """
 
 from __future__ import annotations
@@ -14,43 +14,55 @@ from pathlib import Path
 from edgezo.errors import TaskError
 
 ENV_VAR = "EDGEZO_DATA_DIR"
+EMBEDDED_DIR = Path(__file__).parent / "embedded"
 
 
 def candidate_dirs(data_dir: str | os.PathLike | None) -> list[Path]:
+    """The folders to read task files from: the explicit one alone, else $EDGEZO_DATA_DIR."""
     if data_dir is not None:
         return [Path(data_dir)]
-    dirs = []
-    if os.environ.get(ENV_VAR):
-        dirs.append(Path(os.environ[ENV_VAR]))
-    here = Path.cwd().resolve()
-    for parent in (here, *here.parents):
-        dirs.append(parent / "shared" / "data")
-    return dirs
+    env = os.environ.get(ENV_VAR)
+    return [Path(env)] if env else []
 
 
 def find_task_dir(task: str, files: list[str], data_dir: str | os.PathLike | None) -> Path | None:
-    """The first candidate folder holding <task>/<file> for every file, or None."""
+    """The folder <base>/<task> holding every file, or None to look further (embedded
+    sample, hub).
+
+    --data-dir must hold the task: falling through to other data would train on
+    something the user did not point at. $EDGEZO_DATA_DIR is a general setting, so a
+    folder without the task is passed over, but one with a partial task folder is an
+    error naming the missing file.
+    """
     for base in candidate_dirs(data_dir):
-        if all((base / task / f).is_file() for f in files):
+        if data_dir is None and not (base / task).is_dir():
+            return None
+        missing = [f for f in files if not (base / task / f).is_file()]
+        if not missing:
             return base / task
-    if data_dir is not None:
-        missing = [f for f in files if not (Path(data_dir) / task / f).is_file()]
-        raise TaskError(
-            f"--data-dir {data_dir} has no {task}/{missing[0]}; expected the files "
-            f"{', '.join(f'{task}/{f}' for f in files)} under it"
-        )
+        where = f"--data-dir {base}" if data_dir is not None else f"${ENV_VAR}={base}"
+        raise TaskError(f"{where} has no {task}/{missing[0]}; expected the files "
+                        f"{', '.join(f'{task}/{f}' for f in files)} under it")
     return None
 
 
-def load_from_hub(path: str, name: str | None, split: str) -> list[dict]:
-    """Rows of a hub dataset split, for users who are online and have no local copy."""
+def embedded_dir(task: str) -> Path | None:
+    """The task's sample shipped inside the package, or None when it has none."""
+    folder = EMBEDDED_DIR / task
+    return folder if folder.is_dir() else None
+
+
+def load_from_hub(path: str, name: str | None, split: str, why: str = "") -> list[dict]:
+    """Rows of a hub dataset split, for users who are online and have no local copy.
+    `why`: why the local sources could not serve the request, for the error."""
     try:
         import datasets  # optional: pip install 'edgezo[hub]'
     except ImportError:
         raise TaskError(
-            "no local copy of the task data was found and the `datasets` package is not "
-            f"installed; pass --data-dir DIR (or set {ENV_VAR}) pointing at the staged data, "
-            "or `pip install datasets` to download it from the Hugging Face hub"
+            f"{why or 'no local copy of the task data was found'}, and the `datasets` "
+            f"package is not installed; pass --data-dir DIR (or set {ENV_VAR}) pointing at "
+            "the task's files, or `pip install 'edgezo[hub]'` to download them from the "
+            "Hugging Face hub"
         ) from None
     try:
         return list(datasets.load_dataset(path, name, split=split))

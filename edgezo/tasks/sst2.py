@@ -12,10 +12,11 @@ after the default 1000 steps 82.1% to 86.0% over three seeds, where natural ende
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 from edgezo.errors import TaskError
 from edgezo.tasks.base import Example, Task
-from edgezo.tasks.data import find_task_dir, load_from_hub
+from edgezo.tasks.data import embedded_dir, find_task_dir, load_from_hub
 
 
 class SST2(Task):
@@ -25,38 +26,53 @@ class SST2(Task):
     templates = ("aligned", "empty", "natural", "movie")
     default_template = "movie"
 
-    def _read_tsv(self, filename: str) -> list[dict] | None:
-        folder = find_task_dir("sst2", ["train.tsv", "dev.tsv"], self.data_dir)
-        if folder is None:
+    files = ["train.tsv", "dev.tsv"]
+
+    def _folder(self) -> Path | None:
+        return find_task_dir(self.name, self.files, self.data_dir)
+
+    def sample_rows(self) -> dict[str, list[tuple[int, dict]]] | None:
+        shipped = embedded_dir(self.name)
+        if shipped is None or self._folder() is not None:
             return None
-        path = folder / filename
-        try:
-            return self._parse_tsv(path)
-        except UnicodeDecodeError:
-            raise TaskError(f"{path}: not UTF-8 text; save the file as UTF-8") from None
+        return {split: [(row.pop("row"), row) for row in self._parse_tsv(shipped / f"{split}.tsv")]
+                for split in ("train", "validation")}
 
     @staticmethod
-    def _parse_tsv(path) -> list[dict]:
+    def _parse_tsv(path: Path) -> list[dict]:
+        """GLUE's `sentence<TAB>label` rows, or the shipped sample's `row<TAB>sentence<TAB>
+        label` (the row's number in GLUE's train file)."""
         rows = []
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            header = next(reader, None)
-            if header is None or [h.strip() for h in header[:2]] != ["sentence", "label"]:
-                raise TaskError(f"{path}: expected a header 'sentence<TAB>label', got {header}")
-            for line, fields in enumerate(reader, start=2):
-                if len(fields) != 2 or fields[1].strip() not in ("0", "1"):
-                    raise TaskError(f"{path}, line {line}: expected 'sentence<TAB>0|1', "
-                                    f"got {fields!r}")
-                rows.append({"sentence": fields[0], "label": int(fields[1])})
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+                header = [h.strip() for h in next(reader, None) or []]
+                if header not in (["sentence", "label"], ["row", "sentence", "label"]):
+                    raise TaskError(f"{path}: expected a header 'sentence<TAB>label', got "
+                                    f"{header}")
+                for line, fields in enumerate(reader, start=2):
+                    if len(fields) != len(header) or fields[-1].strip() not in ("0", "1"):
+                        raise TaskError(f"{path}, line {line}: expected "
+                                        f"'{'<TAB>'.join(header[:-1])}<TAB>0|1', got {fields!r}")
+                    row = {"sentence": fields[-2], "label": int(fields[-1])}
+                    if len(header) == 3:
+                        row["row"] = int(fields[0])
+                    rows.append(row)
+        except UnicodeDecodeError:
+            raise TaskError(f"{path}: not UTF-8 text; save the file as UTF-8") from None
         return rows
 
     def train_rows(self) -> list[dict]:
-        rows = self._read_tsv("train.tsv")
-        return rows if rows is not None else load_from_hub("glue", "sst2", "train")
+        folder = self._folder()
+        if folder is not None:
+            return self._parse_tsv(folder / "train.tsv")
+        return load_from_hub("glue", "sst2", "train", self.sample_gap or "")
 
     def test_rows(self) -> list[dict]:
-        rows = self._read_tsv("dev.tsv")
-        return rows if rows is not None else load_from_hub("glue", "sst2", "validation")
+        folder = self._folder() or embedded_dir(self.name)
+        if folder is not None:
+            return self._parse_tsv(folder / "dev.tsv")
+        return load_from_hub("glue", "sst2", "validation")
 
     def example(self, row: dict) -> Example:
         sentence = row["sentence"].strip()
