@@ -127,19 +127,76 @@ def test_projected_gradient_is_the_directional_derivative():
     assert g == pytest.approx(exact.item(), rel=1e-4)
 
 
-def test_update_is_theta_minus_lr_g_z_and_is_deferred():
-    model = tiny_model("llama")
+@pytest.mark.parametrize("pair", [True, False], ids=["pair", "two-pass"])
+def test_update_is_theta_minus_lr_g_z_and_is_deferred(pair):
+    """g = (L(θ + εz) − L(θ − εz)) / 2ε with L evaluated here, on copies of the model
+    moved by ±εz (z regenerated from the step's seed), not read from the engine; the
+    update is θ − η·g·z. float64, so both agree to rounding: a flipped sign, or a
+    division by ε instead of 2ε, is off by the whole of g."""
+    model = tiny_model("llama", dtype=torch.float64)
+    batch, eps, lr = lm_batch(VOCAB), 1e-3, 0.1
+    seed = noise.step_seed(3, 0, 0)  # the first query of step 0 of a run with seed 3
+    with torch.no_grad():  # before the engine wraps the model: the copies compute alone
+        plus = example_losses(perturbed_copy(model, seed, eps)[0], batch).mean().item()
+        minus = example_losses(perturbed_copy(model, seed, -eps)[0], batch).mean().item()
+    g = (plus - minus) / (2 * eps)
+    assert abs(g) > 0.1  # a step that moves the weights by a measurable amount
     before = snapshot(model)
-    engine = zo_engine(model, make_optimizer("zo-sgd"), eps=1e-3, seed=3)
-    r = engine.step(lm_batch(VOCAB), lr=0.1)
+    engine = zo_engine(model, make_optimizer("zo-sgd"), eps=eps, seed=3, pair=pair)
+    r = engine.step(batch, lr=lr)
     assert same_weights(model, before)  # deferred: nothing written yet
+    assert r.seed == seed and (r.loss_plus, r.loss_minus) == pytest.approx((plus, minus),
+                                                                           rel=1e-10)
+    assert r.projected_grad == pytest.approx(g, rel=1e-7)
     engine.flush()
     for i, p in enumerate(engine.blocks.params):
         name = engine.blocks.names[i]
-        z = noise.full(p.shape, noise.param_seed(r.seed, i))
-        expected = before[name] - 0.1 * r.projected_grad * z
-        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-6)
+        z = noise.full(p.shape, noise.param_seed(seed, i)).double()
+        torch.testing.assert_close(p.detach(), before[name] - lr * g * z, rtol=0, atol=1e-6)
     engine.close()
+
+
+def test_bf16_updates_round_stochastically_in_the_engine():
+    """An update far below a bf16 ulp still moves a weight, with probability equal to
+    the fraction of the ulp it asks for: round-to-nearest would keep every such weight.
+
+    One engine step θ ← θ − η·z (step_along: no forward, so nothing here depends on the
+    CPU's bf16 arithmetic) at η = 1e-5, about a tenth of the ulp of the 0.02-sized
+    weights. For each weight, t = θ − η·z in fp32 (as the rule computes it) lies between
+    two neighbouring bf16 values; the result must be one of them, and the weight changes
+    with probability p (t's distance from θ in units of that gap). Over the ~20k weights
+    whose p < 1/4, the count of changed weights (= the sum of the rounded updates in
+    ulps, signed by the update) must match Σp within 5 standard deviations; Σp is ~1600,
+    some 40 standard deviations from round-to-nearest's 0."""
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    engine = zo_engine(model, make_optimizer("zo-sgd"), eps=1e-2, seed=0)
+    params = engine.blocks.params
+    before = [p.detach().clone() for p in params]
+    lr = 1e-5
+    r = engine.step_along([1.0], lr)
+    engine.flush()
+    probs, changed = [], []
+    for i, p in enumerate(params):
+        z = noise.full(p.shape, noise.param_seed(r.seed, i))
+        target = before[i].float().sub_(z, alpha=lr).view(-1).view(torch.int32)
+        lo = target & ~0xFFFF  # the bf16 value below |t| (toward zero), as fp32 bits
+        hi = lo + 0x10000  # the next one up in magnitude
+        frac = (target & 0xFFFF).double() / 0x10000
+        got = p.detach().float().view(-1).view(torch.int32)
+        theta = before[i].float().view(-1).view(torch.int32)
+        assert ((got == lo) | (got == hi)).all(), engine.blocks.names[i]
+        # P(the weight changes): θ is the lower neighbour, the upper one, or (an update
+        # bigger than an ulp) neither, when it changes surely
+        probs.append(torch.where(theta == lo, frac,
+                                 torch.where(theta == hi, 1 - frac, torch.ones_like(frac))))
+        changed.append((got != theta).double())
+    engine.close()
+    p, moved = torch.cat(probs), torch.cat(changed)
+    tiny = (p > 0) & (p < 0.25)
+    expected = p[tiny].sum().item()
+    sd = (p[tiny] * (1 - p[tiny])).sum().sqrt().item()
+    assert tiny.sum() > 0.5 * p.numel() and expected > 30 * sd
+    assert abs(moved[tiny].sum().item() - expected) < 5 * sd
 
 
 @pytest.mark.parametrize(("source", "pooled"), [("table", False), ("generator", True)])
@@ -272,16 +329,40 @@ def test_non_finite_loss_skips_the_update():
     assert r.skipped and same_weights(model, before)
 
 
+def label_nll(model, batch: dict) -> float:
+    """The language-modelling loss by hand, from the whole logits: each row's mean
+    negative log-likelihood of its labelled next tokens (-100: none), averaged over
+    rows; positions count a row's real tokens (left padding)."""
+    mask = batch["attention_mask"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=mask,
+                   position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits.double()
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    logp = logits[:, :-1].log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None])
+    return (-(logp.squeeze(-1) * keep).sum(1) / keep.sum(1)).mean().item()
+
+
 def test_language_modelling_batches_with_labels():
+    """The step's two losses are the labelled tokens' loss at θ ± εz, computed here;
+    the first 4 positions, labelled -100, count for nothing."""
     model = tiny_model("mistral")
     batch = lm_batch(VOCAB)
     labels = batch["input_ids"].clone()
     labels[:, :4] = -100
-    engine = zo_engine(model, make_optimizer("zo-sgd"), eps=1e-3, seed=0)
-    r = engine.step({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                     "labels": labels}, lr=0.01)
+    batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+             "labels": labels}
+    eps, seed = 1e-3, noise.step_seed(0, 0, 0)
+    with torch.no_grad():
+        plus = label_nll(perturbed_copy(model, seed, eps)[0], batch)
+        minus = label_nll(perturbed_copy(model, seed, -eps)[0], batch)
+        unlabelled = {**batch, "labels": batch["input_ids"]}
+        assert abs(label_nll(model, unlabelled) - label_nll(model, batch)) > 1e-3
+    engine = zo_engine(model, make_optimizer("zo-sgd"), eps=eps, seed=0)
+    r = engine.step(batch, lr=0.01)
     engine.close()
-    assert r.loss > 0 and not r.skipped
+    assert not r.skipped and r.seed == seed
+    assert (r.loss_plus, r.loss_minus) == pytest.approx((plus, minus), rel=1e-5)
+    assert r.loss == pytest.approx((plus + minus) / 2, rel=1e-5)
 
 
 def test_wrappers_are_removed_on_close():

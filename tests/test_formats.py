@@ -6,6 +6,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from step_checks import assert_step_applied, trainable
 
 from edgezo.errors import ModelLoadError
 from edgezo.models.loading import resolve_model
@@ -57,7 +58,9 @@ def test_remote_code_runs_only_when_asked(tmp_path, data_dir):
         Session(folder, **kw)
     s = Session(folder, trust_remote_code=True, **kw)
     assert type(s.model).__name__ == "CustomForCausalLM"
-    s.step()
+    before = trainable(s.engine)
+    r = s.step()
+    assert_step_applied(s.engine, before, r)  # the folder's own class trains
     s.close()
 
 

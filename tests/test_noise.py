@@ -9,10 +9,44 @@ from edgezo.zo import noise
 from edgezo.zo.direction import Direction
 
 
-def test_mix_is_deterministic_and_order_sensitive():
-    assert noise.mix(1, 2, 3) == noise.mix(1, 2, 3)
+def test_mix_is_splitmix64_with_pinned_values_and_order_sensitive():
+    """Seeds are hashes a seed log stores: the same integers must name the same
+    directions in every version and on every machine."""
+    # SplitMix64's reference outputs from state 0 (Vigna's splitmix64.c): its first two
+    assert noise._splitmix64(0) == 0xE220A8397B1DCDAF
+    assert noise._splitmix64(0x9E3779B97F4A7C15) == 0x6E789E6AA1B965F4
+    assert noise.mix(1, 2, 3) == 7405809139744024400
+    assert noise.step_seed(0, 0, 0) == 8435702009653986085
     assert noise.mix(1, 2, 3) != noise.mix(3, 2, 1)
     assert 0 <= noise.mix(2**70, -5) < 2**63
+
+
+_TABLE_SALT = 0x7AB1E  # the table offset's salt: part of what a seed means, never changed
+
+
+def _table_slice(seed: int, chunk: int, numel: int) -> torch.Tensor:
+    """The table's values where a chunk of `numel` values with this seed starts reading:
+    the offset mix(seed, chunk, salt) mod (T − numel + 1), computed here."""
+    offset = noise.mix(seed, chunk, _TABLE_SALT) % (noise.TABLE_VALUES - numel + 1)
+    return noise.table(torch.device("cpu"))[offset:offset + numel]
+
+
+def test_each_chunk_of_a_tensor_reads_the_table_at_its_own_offset():
+    """Chunk k's z is the table's slice at the offset hashed from (seed, k): two chunks
+    of one tensor, of equal size too, read different slices (an offset ignoring k would
+    give every full chunk the same values: z one slice repeated). The span path (one
+    gather over several chunks, as on CUDA) and the row gather read the same slices."""
+    shape = torch.Size([3000, 200])  # 1310 rows a chunk: two full chunks, one partial
+    seed, cpu = 11, torch.device("cpu")
+    z = noise.full(shape, seed)
+    for k, (lo, hi) in enumerate(noise.chunk_bounds(shape)):
+        want = _table_slice(seed, k, (hi - lo) * 200).view(hi - lo, 200)
+        assert torch.equal(noise.chunk(shape, seed, k, cpu), want), k
+        assert torch.equal(z[lo:hi], want), k
+    assert not torch.equal(z[:1310], z[1310:2620])
+    assert torch.equal(noise.chunk(shape, seed, 0, cpu, end=3), z)
+    rows = torch.tensor([0, 1309, 1310, 2619, 2620, 2999])
+    assert torch.equal(noise.table_rows(shape, seed, rows), z[rows])
 
 
 SOURCES = pytest.mark.parametrize("source", ["table", "generator"])
@@ -53,9 +87,12 @@ def test_parallel_and_serial_draws_agree(monkeypatch, source):
 
 
 def test_one_and_zero_dimensional_parameters():
-    assert noise.full(torch.Size([5]), 1).shape == (5,)
-    assert noise.full(torch.Size([]), 1).shape == ()
-    assert torch.equal(noise.full(torch.Size([5]), 1), noise.full(torch.Size([5]), 1))
+    """A vector is one chunk of one-value rows, a scalar a chunk of one value: each is
+    the table's slice at its chunk's offset, and another seed gives other values."""
+    vector, scalar = noise.full(torch.Size([5]), 1), noise.full(torch.Size([]), 1)
+    assert vector.shape == (5,) and torch.equal(vector, _table_slice(1, 0, 5))
+    assert scalar.shape == () and torch.equal(scalar.view(1), _table_slice(1, 0, 1))
+    assert not torch.equal(vector, noise.full(torch.Size([5]), 2))
 
 
 @SOURCES

@@ -184,6 +184,33 @@ def test_adam_matches_hand_computed_steps():
         bf.close()
 
 
+def test_zo_sgd_with_weight_decay_is_exact_and_leaves_the_noise_table_alone():
+    """θ ← θ − η·(g·z + λθ), against an fp32 reference, step after step. Without weight
+    decay ZO-SGD's update reads z as a view of the shared table and folds g into the
+    rate; with it, the rule adds λθ to d in place, so that shortcut would scale λθ by g
+    and write θ into the table (every later direction of the process would change)."""
+    table = noise.table(torch.device("cpu"))
+    saved = table.clone()
+    model = tiny_model("llama")
+    wd, lr = 0.1, 0.05
+    engine = zo_engine(model, make_optimizer("zo-sgd", weight_decay=wd), eps=1e-3, seed=1)
+    params = engine.blocks.params
+    for step in range(2):
+        before = [p.detach().clone() for p in params]
+        zs = [noise.full(p.shape, noise.param_seed(noise.step_seed(1, step, 0), i))
+              for i, p in enumerate(params)]  # drawn before the step reads the table
+        r = engine.step(lm_batch(VOCAB, seed=step), lr=lr)
+        engine.flush()
+        assert torch.equal(table, saved), f"step {step} wrote into the noise table"
+        g = r.projected_grad
+        assert abs(g - 1) > 0.5  # λθ scaled by g would be off by λθ·|g − 1|
+        for i, p in enumerate(params):
+            expected = before[i] - lr * (g * zs[i] + wd * before[i])
+            torch.testing.assert_close(p.detach(), expected, rtol=0, atol=2e-6,
+                                       msg=f"step {step} {engine.blocks.names[i]}")
+    engine.close()
+
+
 @pytest.mark.parametrize("lr", [0.05, 3.0])  # a small lr takes the step; a huge one must not
 def test_conservative_keeps_the_lowest_of_three_points(lr):
     problem, engine = hand_setup("zo-sgd-cons")

@@ -4,10 +4,13 @@ import json
 
 import pytest
 import torch
+from conftest import on_device_of
+from step_checks import assert_step_applied, trainable
 from transformers import AutoModelForCausalLM
 
 from edgezo.errors import ConfigError
 from edgezo.session import OutOfBudgetError, Session
+from edgezo.tasks.loss import example_losses
 
 
 @pytest.fixture()
@@ -26,12 +29,14 @@ def test_emulates_a_gpu_profile_without_cuda(session):
 
 
 def test_step_evaluate_report(session):
+    before = trainable(session.engine)
     r = session.step()
-    assert r.seed and r.loss > 0 and r.projected_grad == r.projected_grad
-    acc = session.evaluate("validation", max_examples=40)
-    examples = session.task.split("validation")[:40]
+    assert r.seed and r.lr == session.lr
+    assert_step_applied(session.engine, before, r)  # its seed, g and lr moved the weights
+    acc = session.evaluate("validation", max_examples=16)
+    examples = session.task.split("validation")[:16]
     hits = [p == ex.gold for p, ex in zip(session.predict(examples), examples, strict=True)]
-    assert acc["examples"] == 40 and acc["accuracy"] == sum(hits) / 40
+    assert acc["examples"] == 16 and acc["accuracy"] == sum(hits) / 16
     rep = session.report()
     for key in ("model", "task", "optimizer", "scheme", "profile", "steps", "seed",
                 "hyperparameters", "peak_memory_bytes", "predicted_peak_memory_bytes",
@@ -52,9 +57,16 @@ def test_step_on_a_user_batch(session):
                             padding=True)
     labels = ids.input_ids.clone()
     labels[ids.attention_mask == 0] = -100
-    r = session.step({"input_ids": ids.input_ids, "attention_mask": ids.attention_mask,
-                      "labels": labels})
-    assert r.loss > 0
+    batch = {"input_ids": ids.input_ids, "attention_mask": ids.attention_mask,
+             "labels": labels}
+    with torch.no_grad():
+        loss = example_losses(session.model, on_device_of(session.model, batch)).mean()
+    before = trainable(session.engine)
+    r = session.step(batch)
+    # r.loss is (L(θ + εz) + L(θ − εz))/2: L(θ) of this batch, plus ε²·zᵀHz/2 (measured
+    # 0.008 in bf16, 0.016 in fp32)
+    assert r.loss == pytest.approx(loss.item(), abs=0.05)
+    assert_step_applied(session.engine, before, r)
     with pytest.raises(ConfigError, match="labels"):
         session.step({"input_ids": ids.input_ids})
 
@@ -137,9 +149,14 @@ def test_a_session_without_a_task_trains_on_given_batches(tiny_folder):
     sess = Session(model=tiny_folder, task=None, lr=1e-2)
     try:
         enc = sess.tokenizer(["a great film"], return_tensors="pt")
-        r = sess.step({"input_ids": enc.input_ids, "attention_mask": enc.attention_mask,
-                       "labels": enc.input_ids})
-        assert r.loss > 0
+        batch = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask,
+                 "labels": enc.input_ids}
+        with torch.no_grad():
+            loss = example_losses(sess.model, on_device_of(sess.model, batch)).mean()
+        before = trainable(sess.engine)
+        r = sess.step(batch)
+        assert r.loss == pytest.approx(loss.item(), abs=0.05)  # L(θ) + ε²·zᵀHz/2
+        assert_step_applied(sess.engine, before, r)
         with pytest.raises(ConfigError, match="no task"):
             sess.evaluate()
     finally:
@@ -408,10 +425,10 @@ def test_a_cuda_run_names_its_device_index_where_the_budget_cap_needs_one(monkey
 def test_train_examples_reaches_the_task_and_the_report(tiny_folder, data_dir):
     """--train-examples is one config entry: the Session's task trains on that many rows
     and the report says so."""
-    sess = Session(model=tiny_folder, data_dir=data_dir, train_examples=1500, lr=1e-2)
+    sess = Session(model=tiny_folder, data_dir=data_dir, train_examples=30, lr=1e-2)
     try:
-        assert len(sess.task.split("train")) == 1500
-        assert sess.report()["splits"]["train"] == 1500
-        assert sess.config.data.train_examples == 1500
+        assert len(sess.task.split("train")) == 30  # of the fixture's 40
+        assert sess.report()["splits"]["train"] == 30
+        assert sess.config.data.train_examples == 30
     finally:
         sess.close()
