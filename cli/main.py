@@ -6,15 +6,17 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 from pathlib import Path
 
 import typer
 from edgezo.cli.options import build_config, cli_fields, config_command
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edgezo.config import FIELDS, RESUMABLE, SECTION_OF
-from edgezo.errors import ConfigError, EdgezoError
+from edgezo.errors import ConfigError, EdgezoError, RunInterrupted, check_writable_folder
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Forward-only (zeroth-order) fine-tuning of LLMs on small machines.")
@@ -24,15 +26,21 @@ err_console = Console(stderr=True)
 
 
 def user_errors(fn):
-    """Print an EdgezoError as `error: ...` and exit 2."""
+    """Print an EdgezoError as `error: ...` and exit 2; a Ctrl-C exits 130, the shell's
+    code for SIGINT (a run has said where it stopped first)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except EdgezoError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
             raise typer.Exit(2) from None
+        except RunInterrupted:
+            raise typer.Exit(130) from None
+        except KeyboardInterrupt:
+            err_console.print("Stopped (Ctrl-C).")
+            raise typer.Exit(130) from None
 
     return wrapper
 
@@ -65,22 +73,24 @@ def finetune(ctx: typer.Context, given: dict, config: str | None, print_config: 
         if refused:
             raise EdgezoError(f"--resume keeps the run's own settings; drop "
                               f"{', '.join('--' + g.replace('_', '-') for g in refused)}")
+        check_writable_folder(resume, "--resume")
         train = {k: v for k, v in given.items() if SECTION_OF[k] == "train"}
         session = Session.resume(resume, **{k: v for k, v in given.items() if k not in train})
-        try:
-            run(session, **{**train, "output": str(resume)})
-        finally:
-            session.close()
-        return
-    cfg = build_config(given, config)
-    if print_config:
-        print(cfg.to_yaml())
-        return
-    session = Session(cfg)
+        train["output"] = str(resume)
+    else:
+        cfg = build_config(given, config)
+        if print_config:
+            print(cfg.to_yaml())
+            return
+        if cfg.train.output is not None:  # before the data and the model load, not after
+            check_writable_folder(cfg.train.output, "--output")
+        session, train = Session(cfg), {}
     try:
-        run(session)
+        report = run(session, **train)
     finally:
         session.close()
+    if report.get("interrupted"):
+        raise RunInterrupted  # the run said where it stopped
 
 
 EVAL_FIELDS = ("model", "dtype", "trust_remote_code", "task", "data_dir", "template",
@@ -91,27 +101,32 @@ EVAL_FIELDS = ("model", "dtype", "trust_remote_code", "task", "data_dir", "templ
 @user_errors
 @config_command(cli_fields(names=EVAL_FIELDS), {
     "split": (str, typer.Option("test", help="train, validation or test")),
-    "max_examples": (int | None, typer.Option(None, min=1, help="Evaluate the first N "
-                                              "only")),
+    "eval_examples": (int | None, typer.Option(
+        None, "--eval-examples", min=1, help="Evaluate at most the first N examples of the "
+        "split (default: all), as finetune --eval-examples")),
+    # the former name, kept working (and out of --help) for scripts that use it
+    "max_examples": (int | None, typer.Option(None, "--max-examples", min=1, hidden=True)),
     "as_json": (bool, typer.Option(False, "--json", help="Print the result as JSON")),
 })
-def evaluate(ctx: typer.Context, given: dict, split: str, max_examples: int | None,
-             as_json: bool) -> None:
-    """Accuracy of a model on a task split (by candidate log-likelihood)."""
-    from edgezo.session import Session
+def evaluate(ctx: typer.Context, given: dict, split: str, eval_examples: int | None,
+             max_examples: int | None, as_json: bool) -> None:
+    """Accuracy of a model on a task split (by candidate log-likelihood). --model takes a
+    model, or what finetune saved: a run folder, its model/ (a LoRA, prefix or prompt
+    run's adapter is put on its base), with the prompt it was trained on."""
     from edgezo.tasks.base import SPLITS
 
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
-    trained = None if "template" in given else _trained_template(given)
-    if trained is not None:
-        given = {**given, "template": trained}
-        if not as_json:
-            print(f"template {trained}, as the model was trained (its report.json); "
-                  "--template to change")
-    session = Session(**given)
+    if max_examples is not None:
+        if eval_examples is not None and eval_examples != max_examples:
+            raise ConfigError("--max-examples is the former name of --eval-examples: give "
+                              "one of them")
+        err_console.print("note: --max-examples is deprecated: use --eval-examples (as "
+                          "finetune does)", highlight=False, markup=False)
+        eval_examples = max_examples
+    session, _ = open_eval_session(given, say=None if as_json else print)
     try:
-        result = session.evaluate(split, max_examples=max_examples)
+        result = session.evaluate(split, max_examples=eval_examples)
     finally:
         session.close()
     if as_json:
@@ -123,24 +138,75 @@ def evaluate(ctx: typer.Context, given: dict, split: str, max_examples: int | No
               f"{result['examples']} examples{em}")
 
 
-def _trained_template(given: dict) -> str | None:
-    """The prompt template a model saved by edgezo was trained with on this task (from
-    the report.json beside its weights): scored with another prompt, a fine-tuned model
-    can read as untrained. None for other models, or another task."""
-    from edgezo.config import RunConfig
+def open_eval_session(given: dict, say=None):
+    """A Session on the model `given` names, and what it was found to be (a dict, empty
+    for a model edgezo did not save). --model may be what finetune saved: a run folder
+    reads as its model/; an adapter folder (a lora, prefix or prompt run's, or a --format
+    peft export) is put on the base it trained on, quantized as it was; a saved model is
+    scored with the prompt its run trained with unless --template is given. `say(line)`
+    hears what was chosen."""
+    from edgezo.export import saved_model
+    from edgezo.session import Session
 
-    report = Path(str(given.get("model") or "")) / "report.json"
+    say = say or (lambda _line: None)
+    saved = saved_model(given.get("model"))
+    if saved is None:
+        return Session(**given), {}
+    given = {**given, "model": str(saved.folder)}
+    info = {"folder": str(saved.folder), "scheme": saved.scheme}
+    trained = None if "template" in given else _trained_template(saved.report, given)
+    if trained is not None:
+        given["template"] = info["template"] = trained
+        say(f"template {trained}, as the model was trained (its report.json); "
+            "--template to change")
+    if saved.adapter is None:
+        return Session(**given), info
+    options = saved.base_options()
+    info["base"] = options["model"]
+    say(f"{saved.scheme} adapter {saved.folder} on base {options['model']}")
+    # resident, so that the saved weights are written into the parameters that compute
+    session = Session(**{**given, **options, "offload": "off"})
     try:
-        found = json.loads(report.read_text()) if report.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        return None
-    task = given.get("task") or RunConfig().get("task")
-    if not isinstance(found, dict) or found.get("task") != task:
-        return None
-    # the template the run resolved (auto names the task's default at the time)
-    template = ((found.get("splits") or {}).get("template")
-                or (found.get("hyperparameters") or {}).get("template"))
-    return template if template not in (None, "auto") else None
+        _load_adapter(session, saved.folder)
+    except BaseException:
+        session.close()
+        raise
+    return session, info
+
+
+def _load_adapter(session, folder: Path) -> None:
+    """The saved adapter's weights into the session's (fresh) adapter of the same shape."""
+    import peft
+    from safetensors.torch import load_file
+
+    from edgezo.export import ADAPTER_FILES
+
+    weights_file = folder / ADAPTER_FILES[1]
+    if not weights_file.is_file():
+        raise ConfigError(f"{folder} has {ADAPTER_FILES[0]} but no {ADAPTER_FILES[1]}")
+    weights = load_file(weights_file)
+    try:
+        peft.set_peft_model_state_dict(session.model, weights)
+    except RuntimeError as err:  # a tensor of another shape
+        raise ConfigError(f"the adapter in {folder} does not fit its base "
+                          f"{session.config.model.model}: {str(err).splitlines()[-1]}"
+                          ) from None
+    # peft names the saved and the session's adapter tensors alike (a prompt-learning
+    # adapter's are loaded into its prompt encoder, outside the model's state dict)
+    unmatched = sorted(set(peft.get_peft_model_state_dict(session.model)) ^ set(weights))
+    if unmatched:
+        raise ConfigError(f"the adapter in {folder} does not fit its base "
+                          f"{session.config.model.model} ({unmatched[0]} has no match)")
+
+
+def _trained_template(report: dict, given: dict) -> str | None:
+    """The prompt template a model saved by edgezo was trained with on the evaluated task
+    (from its run's report.json): scored with another prompt, a fine-tuned model can read
+    as untrained. None for other models, or another task."""
+    from edgezo.config import RunConfig
+    from edgezo.export import trained_template
+
+    return trained_template(report, given.get("task") or RunConfig().get("task"))
 
 
 PLAN_FIELDS = ("model", "dtype", "quantize", "trust_remote_code", "batch_size",
@@ -170,16 +236,21 @@ def plan(ctx: typer.Context, given: dict, config: str | None, seq_len: int | Non
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        Console().print(_plan_table(result))
+        Console().print(_plan_table(result, seq_len is not None))
     if not result.plan.fits:
         raise typer.Exit(1)
 
 
-def _plan_table(result) -> Table:
+def _plan_table(result, seq_len_given: bool = True) -> Table:
+    from edgezo.memory.plan import peak_summary
+
     gib = 1024**3
     p = result.plan
     name = result.config.model.model or "smollm2"
-    table = Table("component", "GiB", title=f"edgezo plan: {name} on {p.profile}",
+    # finetune prints the peak of the tensors alone (what it measures); the total adds
+    # the CUDA context, which an emulating CPU counts but has not got
+    table = Table("component", "GiB", title=f"edgezo plan: {escape(name)} on {p.profile}",
+                  caption=escape(f"predicted peak {peak_summary(p)}"),
                   show_footer=False)
     evals = p.eval_components or {}
     for name, size in p.components.items():
@@ -188,11 +259,19 @@ def _plan_table(result) -> Table:
     if evals:
         table.add_row("peak by phase", ", ".join(f"{k} {v / gib:.3f}"
                                                  for k, v in p.phases.items()))
+    table.add_row("tensors' peak", f"{p.peak_bytes / gib:.3f} (finetune's 'predicted "
+                  "peak', what it measures)")
     if p.runtime_overhead_bytes:
-        table.add_row("runtime (CUDA context)", f"{p.runtime_overhead_bytes / gib:.3f}")
+        where = ("; not measured on this CPU, which emulates the profile" if p.emulated
+                 else "")
+        table.add_row("runtime (CUDA context)", f"{p.runtime_overhead_bytes / gib:.3f} "
+                      f"(counted on a GPU profile{where})")
     verdict = "[green]fits[/]" if p.fits else "[red]does not fit[/]"
     table.add_row("[bold]total[/]", f"[bold]{p.total_bytes / gib:.3f}[/] of "
                   f"{p.budget_bytes / gib:.3f} budget: {verdict}")
+    table.add_row("tokens per example", f"{p.seq_len} (--seq-len)" if seq_len_given else
+                  f"{p.seq_len} (--max-length; finetune measures its task's longest rows, "
+                  "often far fewer tokens: --seq-len N prices those)")
     table.add_row("mode", "pair (one doubled forward)" if p.pair else "two forward passes")
     table.add_row("largest batch that fits", str(result.max_batch_size or "none"))
     st = p.streaming
@@ -244,8 +323,11 @@ def export(
     or an ONNX graph."""
     from edgezo.export import export_run
 
-    out = export_run(run_dir, fmt, output, gguf_type=gguf_type)
-    print(f"wrote {fmt} export of {run_dir} to {out}")
+    started = time.perf_counter()
+    out = export_run(run_dir, fmt, output, gguf_type=gguf_type,
+                     progress=lambda line: print(line, flush=True))
+    print(f"wrote {fmt} export of {run_dir} to {out} in "
+          f"{time.perf_counter() - started:.1f} s")
 
 
 @app.command()
@@ -257,6 +339,7 @@ def replay(
     """Rebuild a run's weights from the base model and its seed log alone."""
     from edgezo.session import Session
 
+    check_writable_folder(output, "--output")  # before the replay, not after it
     session = Session.replay_run(run_dir)
     try:
         steps = session.engine.step_index
@@ -377,7 +460,7 @@ def main() -> None:
     try:
         app()
     except EdgezoError as err:  # raised outside a command body
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
         sys.exit(2)
 
 

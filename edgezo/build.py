@@ -1,12 +1,13 @@
 """How a Session comes to be, one stage a function, in the order a run needs them:
 
-    profile → device → data → tokenizer → plan (refused before loading) → load + scheme
-           → blocks → live plan → engine → streaming
+    profile → device → data → tokenizer → plan (refused before loading) → GGUF conversion
+           → load + scheme → blocks → live plan → engine → streaming
 
 `build(config)` runs them and returns the `Parts` a Session holds. Data comes before the
 weights (a bad data folder fails in a second, not after a model load), and the plan
 before the weights too (a model too big for the profile is refused in seconds, with the
-changes that would make it fit).
+changes that would make it fit; a GGUF's config and tokenizer come from its metadata, so
+it is converted only for a run that fits).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from edgezo.memory.streaming import layer_bytes, streamed_layers
 from edgezo.models.convert import streamable_folder
 from edgezo.models.loading import (
     ResolvedModel,
+    converted,
     load_config,
     load_weights,
     parse_dtype,
@@ -84,15 +86,16 @@ def build(config: RunConfig, objective: Callable | None = None) -> Parts:
               if config.optimizer.lr is None else None)
     loss_fn = objective_fn(config, objective)
     task = load_task(config)
+    # a GGUF is not converted yet: its metadata and tokenizer are enough to plan with
     resolved = resolve_model(config.model.model, parse_dtype(dtype),
-                             config.model.trust_remote_code)
+                             config.model.trust_remote_code, convert=False)
     encoder = Encoder(resolved.tokenizer, max_length=config.data.max_length,
                       loss=task.loss if task is not None else "classification")
     shapes = measure_shapes(task, encoder, config)
     config, decision, why = plan_before_loading(config, resolved, profile, shapes, dtype, why)
-    if config.model.dtype != dtype:  # fp32 did not fit: the model in the profile's dtype
-        resolved = resolve_model(config.model.model, parse_dtype(config.model.dtype),
-                                 config.model.trust_remote_code)
+    # the plan fits: a GGUF is converted now, once, in the dtype the plan settled on (the
+    # profile's where fp32 did not fit)
+    resolved = converted(resolved, parse_dtype(config.model.dtype))
     monitor, model = load(config, resolved, decision, device)
     blocks = build_block_map(model)
     plan = planner.price(config, planner.live_model(model, blocks), profile, shapes,
@@ -166,7 +169,8 @@ def plan_before_loading(config: RunConfig, resolved: ResolvedModel, profile: Pro
     config alone. A run over budget is refused here, with the changes that would make it
     fit; fp32 chosen for a CPU without native half precision gives way to the profile's
     dtype when only that fits. Returns (config, decision, why the dtype)."""
-    model_config = load_config(resolved.folder, config.model.trust_remote_code)
+    model_config = (resolved.config if resolved.config is not None
+                    else load_config(resolved.folder, config.model.trust_remote_code))
     budget = config.runtime.check_budget
     cfg = config.resolved(dtype)
     result = planner.plan_run(cfg, shapes, model_config, profile, budget=budget)

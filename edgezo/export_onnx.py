@@ -44,7 +44,8 @@ class LogitsGraph(nn.Module):
                           position_ids=positions, use_cache=False).logits
 
 
-def _require_exporter() -> None:
+def require_exporter() -> None:
+    """ConfigError naming the extra to install unless onnx and onnxscript import."""
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
@@ -78,7 +79,7 @@ def _quiet():
 
 def write_onnx(model: nn.Module, path: str | Path) -> Path:
     """Write the trained model (LoRA merged, fp32) as an ONNX graph at `path`."""
-    _require_exporter()
+    require_exporter()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     plain = plain_model(model, torch.float32, "cpu")  # traced on the CPU, whatever trained

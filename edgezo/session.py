@@ -27,7 +27,7 @@ from edgezo import __version__, guard, runs
 from edgezo.build import build, join_process_group
 from edgezo.checkpoint import read_seed_log
 from edgezo.config import RunConfig
-from edgezo.errors import ConfigError, OutOfBudgetError
+from edgezo.errors import CheckpointError, ConfigError, OutOfBudgetError
 from edgezo.hardware import cpu_capability
 from edgezo.heap import release_freed_memory
 from edgezo.profiles import human_bytes
@@ -83,6 +83,7 @@ class Session:
                                                        self.batch_size)
         self.run_dir: Path | None = None
         self._log = None
+        self._lock = None  # the run folder's RunLock while recording (runs.record)
         self._batches = None
         self.history: list[StepResult] = []
         self.evaluations: dict[str, dict] = {}
@@ -90,6 +91,9 @@ class Session:
         # --keep-best, --average-last: which weights the session holds, when not its last
         # step's
         self.selected: dict | None = None
+        # the step a KeyboardInterrupt cut short, when there was no run folder to go back
+        # from: its weights are between two steps, so nothing may train on or keep them
+        self.torn_step: int | None = None
 
     # -- what the session is --------------------------------------------------------------
     @property
@@ -151,8 +155,11 @@ class Session:
         return self._to_device(batch)
 
     def step(self, batch: dict | None = None) -> StepResult:
-        """One ZO step on the next training batch, or on the given dict of tensors."""
+        """One ZO step on the next training batch, or on the given dict of tensors. A
+        KeyboardInterrupt during it leaves the session at the last completed step (see
+        _after_torn_step)."""
         self._check_not_averaged("step")
+        self._check_not_torn("step")
         if batch is None:
             batch = self.next_batch()
         else:
@@ -162,6 +169,9 @@ class Session:
         try:
             with self.monitor.phase("train"):
                 result = self.engine.step(batch, self.schedule(self.engine.step_index))
+        except KeyboardInterrupt as stop:
+            stop.recovered = self._after_torn_step()
+            raise
         except torch.cuda.OutOfMemoryError:
             self.engine.flush()  # the weights of the last completed step, all applied
             raise OutOfBudgetError(
@@ -173,6 +183,27 @@ class Session:
             self._log.append(result.log_entry())
         guard.after_step(self)
         return result
+
+    def _after_torn_step(self) -> bool:
+        """A KeyboardInterrupt inside a step leaves the blocks it had updated a step ahead
+        of the rest: go back to the last completed step (the run folder's snapshot and
+        seed log), or mark the weights torn, so that no step, snapshot or save uses them.
+        True when the session is back at a completed step."""
+        step = self.engine.step_index
+        try:
+            back = runs.rewind(self, step)
+        except (CheckpointError, OSError):
+            back = False
+        self.torn_step = None if back else step
+        return back
+
+    def _check_not_torn(self, what: str) -> None:
+        if self.torn_step is not None:
+            raise CheckpointError(
+                f"step {self.torn_step + 1} was interrupted half-way, so the weights are "
+                f"between two steps and a {what} of them would match no run; with no run "
+                "folder to go back to, start a new Session (record() a run folder to make "
+                "interrupted steps recoverable)")
 
     def _check_not_averaged(self, what: str) -> None:
         if self.selected is not None and self.selected["by"] == "average":
@@ -231,7 +262,7 @@ class Session:
         from edgezo import rank as ranking  # `rank` is the caller's function here
 
         self._check_not_averaged("step")
-
+        self._check_not_torn("step")
         if candidates < 2:
             raise ConfigError("rank_step compares candidates: candidates must be >= 2")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -243,8 +274,12 @@ class Session:
         order = rank(outputs)
         coefs = ranking.coefficients(order, candidates)
         # the engine's rule steps against its direction: −ĝ moves towards the preferred
-        result = self.engine.step_along([-c for c in coefs],
-                                        self.schedule(self.engine.step_index))
+        try:
+            result = self.engine.step_along([-c for c in coefs],
+                                            self.schedule(self.engine.step_index))
+        except KeyboardInterrupt as stop:
+            stop.recovered = self._after_torn_step()
+            raise
         self.history.append(result)
         if self._log is not None:
             self._log.append(result.log_entry())
@@ -307,10 +342,22 @@ class Session:
         snapshotted, resumed and replayed."""
         runs.record(self, run_dir)
 
+    def stop_recording(self) -> None:
+        """Stop logging to the run folder (before it is removed: a run stopped before its
+        first step); the session itself goes on."""
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._lock is not None:  # the folder is no longer this session's to write
+            self._lock.release()
+            self._lock = None
+        self.run_dir = None
+
     def checkpoint(self, keep: int = 3) -> Path:
         """Snapshot weights, optimizer state, masks and RNG into the run folder
         (atomically), keeping the newest `keep` snapshots."""
         self._check_not_averaged("snapshot")
+        self._check_not_torn("snapshot")
         return runs.checkpoint(self, keep)
 
     @classmethod
@@ -337,7 +384,9 @@ class Session:
             "model": cfg.model.model or "smollm2",
             "model_source": self.model_source.source,
             **{k: flat[k] for k in named[1:]},
-            "steps": len(self.history),
+            # the run's steps, a resumed run's earlier ones included, whichever step's
+            # weights were kept (--keep-best, --average-last)
+            "steps": self.selected["last_step"] if self.selected else self.engine.step_index,
             "selected": self.selected,
             "hyperparameters": {k: v for k, v in flat.items() if k not in named}
             | {"pair": self.pair, "objective": "custom" if self.custom_objective
@@ -383,6 +432,7 @@ class Session:
         format only (edgezo.export.export_model), e.g. `save("out", "gguf")` for
         llama.cpp, in the base GGUF's own types unless `gguf_type` names one. Returns the
         folder, or the file written for gguf and onnx."""
+        self._check_not_torn("save")
         out = Path(directory)
         self.engine.flush()
         self.engine.perturbation.remove()  # write the plain HF module
@@ -417,15 +467,24 @@ class Session:
 
             return save_quantized(self._model, out, self.tokenizer)
         base = base_gguf(self.config.model.model) if fmt == "gguf" else None
+        meta = {"task": self.config.data.task, "model": self.config.model.model,
+                "template": self.task.template if self.task is not None else None}
         return export_model(self._model, self.tokenizer, fmt, out, gguf_type=gguf_type,
-                            base_gguf=base)
+                            base_gguf=base, meta=meta)
 
     def close(self) -> None:
-        self.engine.close()
-        self.monitor.close()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        """Release what the session holds; its run folder's lock last (after the log's
+        last line), so that a resume may take the folder over at once."""
+        try:
+            self.engine.close()
+            self.monitor.close()
+        finally:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     # -- helpers ----------------------------------------------------------------------------
     def _to_device(self, batch: dict) -> dict:

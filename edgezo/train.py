@@ -9,7 +9,12 @@ summary. Everything it does is set by the session's RunConfig (`train` section).
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
@@ -19,8 +24,15 @@ from rich.table import Table
 from edgezo import runs
 from edgezo.checkpoint import drop_best
 from edgezo.config import DEFAULT_CHECKPOINT_EVERY, DEFAULT_KEEP, SECTION_OF
-from edgezo.errors import CheckpointError, ConfigError, OutOfBudgetError, TrainingError
+from edgezo.errors import (
+    CheckpointError,
+    ConfigError,
+    OutOfBudgetError,
+    RunInterrupted,
+    TrainingError,
+)
 from edgezo.hardware import cpu_capability
+from edgezo.memory.plan import peak_summary
 from edgezo.profiles import GiB
 from edgezo.session import Session
 from edgezo.zo.result import StepResult
@@ -64,6 +76,53 @@ def _snapshot(session: Session, console: Console) -> bool:
                       f"failed ({err.strerror or err}); the previous snapshot is intact and the "
                       "seed log keeps every step")
         return False
+
+
+class CtrlC:
+    """Lands a Ctrl-C between steps, where the weights are those of a completed step.
+
+    A step updates the weights block by block as its forward visits them, so a
+    KeyboardInterrupt raised inside it would leave some blocks a step ahead of the others
+    (and a bf16 run a rounding apart): a snapshot of that would resume into another run.
+    So a first SIGINT during a step is held and raised when the step ends (a second or
+    so); outside a step it is raised at once. A second SIGINT during the step raises at
+    once, and `torn` then says the loop must go back to the last completed step.
+    """
+
+    def __init__(self) -> None:
+        self.in_step = self.requested = self.torn = False
+        self._previous = None
+
+    def __enter__(self) -> CtrlC:
+        # only the main thread may set handlers; a job started with SIGINT ignored
+        # (nohup, a shell's background job) keeps it ignored
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None):
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if not self.in_step or self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        """Around whatever moves the weights: a step, and a flush of its update."""
+        self.in_step = True
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.torn = True
+            raise
+        finally:
+            self.in_step = False
+        if self.requested:
+            raise KeyboardInterrupt
 
 
 class Diverged(TrainingError):
@@ -116,7 +175,7 @@ class DivergenceWatch:
 
 
 def _train_loop(session: Session, console: Console, metrics, watch: DivergenceWatch,
-                first: int, t0: float) -> None:
+                first: int, t0: float, ctrl_c: CtrlC) -> None:
     """The steps from `first` to the configured number, each logged, snapshotted and
     watched; periodic validation printed and logged. `t0`: when the run started (a
     row's wall_s counts from it, evaluations included: time to accuracy)."""
@@ -130,9 +189,13 @@ def _train_loop(session: Session, console: Console, metrics, watch: DivergenceWa
         bar = progress.add_task("train", total=steps, loss="-", rate="-", mem="-",
                                 completed=first)
         for i in range(first, steps):
-            r = session.step()
+            evaluates = bool(t.eval_every) and (i + 1) % t.eval_every == 0
+            with ctrl_c.step():
+                r = session.step()
+                if evaluates:  # evaluation applies the step's update first: not torn
+                    session.engine.flush()
             row = _metrics_row(session, r)
-            if t.eval_every and (i + 1) % t.eval_every == 0:
+            if evaluates:
                 acc = row["validation_accuracy"] = evaluate(session, "validation",
                                                             progress.console)["accuracy"]
                 note = ""
@@ -146,7 +209,8 @@ def _train_loop(session: Session, console: Console, metrics, watch: DivergenceWa
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
             if output is not None and every and (i + 1) % every == 0:
-                _snapshot(session, console)
+                with ctrl_c.step():  # a snapshot applies the pending update first
+                    _snapshot(session, console)
             rate = (i + 1 - first) / (time.perf_counter() - start)
             progress.update(bar, advance=1, loss=f"{r.loss:.4f}", rate=f"{rate:.2f}",
                             mem=_gib(row["memory_bytes"]))
@@ -239,8 +303,8 @@ def _print_plan(session: Session, console: Console) -> None:
     if line:
         console.print(line)
     plan = session.plan
-    console.print(f"Plan: predicted peak {_gib(plan.peak_bytes)} of "
-                  f"{_gib(plan.budget_bytes)} budget, "
+    console.print(f"Plan: predicted peak {peak_summary(plan)}, budget "
+                  f"{_gib(plan.budget_bytes)}, "
                   f"{'pair mode (one doubled forward)' if session.pair else 'two forwards'} "
                   f"per step, {session.engine.blocks.numel() / 1e6:.1f}M trainable parameters.")
     if "fo_gradients" in plan.components:
@@ -276,21 +340,26 @@ def finetune(session: Session, steps: int | None = None, *, console: Console | N
             raise ConfigError("--average-last is single-process for now: drop it, or run "
                               "one process")
     first = session.engine.step_index  # > 0 when resumed
-    if output is not None:
-        session.record(output)
-        if first == 0:
-            _snapshot(session, console)  # the start: what a diverged run goes back to
-        best = runs.best_of(output)
-        if best is not None and best["step"] > first:
-            drop_best(output)  # another run's, or a path this one went back from
-    _print_plan(session, console)
-    before = _accuracy_before(session, output, console)
+    fresh = output is not None and not output.exists()
+    try:
+        if output is not None:
+            session.record(output)
+            if first == 0:
+                _snapshot(session, console)  # the start: what a diverged run goes back to
+            best = runs.best_of(output)
+            if best is not None and best["step"] > first:
+                drop_best(output)  # another run's, or a path this one went back from
+        _print_plan(session, console)
+        before = _accuracy_before(session, output, console)
+    except KeyboardInterrupt:
+        _interrupted_before_training(session, output if fresh else None, first, console)
+        raise RunInterrupted from None
     if first:
         console.print(f"Resumed at step {first} of {t.steps}.")
     stopped = _run_steps(session, console, output, first, t0)
     selected = (_keep_best(session, output, stopped, console)
                 or _average_last(session, output, stopped, console))
-    report = _final_report(session, before, time.perf_counter() - t0, stopped, console)
+    report = _final_report(session, before, t0, stopped, console)
     moved = selected is not None and (selected["by"] == "average"
                                       or selected["step"] != selected["last_step"])
     _write_run_folder(session, report, output, console, stopped, snapshot=not moved)
@@ -299,10 +368,40 @@ def finetune(session: Session, steps: int | None = None, *, console: Console | N
     # Without one, an averaged session keeps the mean and refuses further steps.
     if moved:
         runs.rewind(session, selected["last_step"])
-    if stopped is not None and not isinstance(stopped, KeyboardInterrupt):
+    if isinstance(stopped, KeyboardInterrupt):
+        console.print(_stopped_line(session, output))
+        return report
+    if stopped is not None:
         raise stopped  # after the model and report are safely written
     console.print(summary_table(report))
     return report
+
+
+def _stopped_line(session: Session, output: Path | None) -> str:
+    """Where a Ctrl-C stopped the run and how to go on, in one line."""
+    t = session.config.train
+    done = session.engine.step_index
+    if output is None:
+        return f"Stopped at step {done} of {t.steps} (Ctrl-C); no --output, so nothing was kept."
+    return (f"Stopped at step {done} of {t.steps} (Ctrl-C); every completed step is in "
+            f"{output}. Resume with: edgezo finetune --resume {output} --steps {t.steps}")
+
+
+def _interrupted_before_training(session: Session, created: Path | None, first: int,
+                                 console: Console) -> None:
+    """Ctrl-C before a step ran (in the evaluation before training): a folder this call
+    created holds nothing to resume, so it goes, and the same command starts afresh."""
+    if first:
+        where = f"; resume with: edgezo finetune --resume {session.run_dir}" \
+            if session.run_dir is not None else ""
+        console.print(f"Stopped at step {first} (Ctrl-C) before training went on{where}")
+        return
+    if created is not None:
+        session.stop_recording()
+        shutil.rmtree(created, ignore_errors=True)
+    console.print("Stopped before the first step (Ctrl-C); nothing was trained"
+                  + (f", and {created} was removed" if created is not None else "")
+                  + ". Run the same command to start again.")
 
 
 def _set_train_options(session: Session, train: dict) -> None:
@@ -322,12 +421,14 @@ def _run_steps(session: Session, console: Console, output: Path | None, first: i
         output.mkdir(parents=True, exist_ok=True)
         # metrics.jsonl: appended on resume; rows of replayed steps are already in it
         metrics = open(output / "metrics.jsonl", "a" if first else "w")  # noqa: SIM115
+    ctrl_c = CtrlC()
     try:
-        _train_loop(session, console, metrics, DivergenceWatch(session), first, t0)
+        with ctrl_c:
+            _train_loop(session, console, metrics, DivergenceWatch(session), first, t0,
+                        ctrl_c)
         return None
     except KeyboardInterrupt as stop:
-        console.print(f"Interrupted at step {session.engine.step_index}; evaluating and saving.")
-        return stop
+        return _after_ctrl_c(session, stop, ctrl_c.torn, console)
     except Diverged as stop:
         return _after_divergence(session, stop, console)
     except TrainingError as stop:
@@ -350,8 +451,7 @@ def _keep_best(session: Session, output: Path | None, stopped, console: Console
     final evaluations and the saved model are theirs. The last step's weights are
     snapshotted first: --resume goes on from them. None: nothing selected (off, no run
     folder, no validation yet, or a run that stopped unsound or over budget)."""
-    sound = stopped is None or isinstance(stopped, KeyboardInterrupt)
-    if not session.config.train.keep_best or output is None or not sound:
+    if not session.config.train.keep_best or output is None or stopped is not None:
         return None
     best = runs.best_of(output)
     if best is None:
@@ -386,8 +486,7 @@ def _average_last(session: Session, output: Path | None, stopped, console: Conso
     weights are snapshotted first: --resume goes on from them. None: off, or a run that
     stopped unsound or over budget."""
     n = session.config.train.average_last
-    sound = stopped is None or isinstance(stopped, KeyboardInterrupt)
-    if not n or not sound or session.engine.step_index == 0:
+    if not n or stopped is not None or session.engine.step_index == 0:
         return None
     last = session.engine.step_index
     if output is not None:
@@ -404,6 +503,28 @@ def _average_last(session: Session, output: Path | None, stopped, console: Conso
     return session.selected
 
 
+def _after_ctrl_c(session: Session, stop: KeyboardInterrupt, torn: bool, console: Console
+                  ) -> KeyboardInterrupt:
+    """A Ctrl-C that cut a step short (a second one, during it) leaves blocks a step
+    apart: go back to the last completed step (snapshot + seed log), or save nothing."""
+    if not torn:
+        return stop
+    step = session.engine.step_index
+    back = getattr(stop, "recovered", None)  # Session.step went back itself
+    if back is None:  # cut short in a flush (before an evaluation or a snapshot)
+        try:
+            back = runs.rewind(session, step)
+        except (CheckpointError, OSError):
+            back = False
+    if back:
+        return stop
+    stop.unsound = True  # the snapshot and seed log on disk hold every completed step
+    console.print(f"The interrupted step {step + 1} left the weights half-updated, and they "
+                  "could not be rebuilt here; nothing was saved over the run's last "
+                  "snapshot.")
+    return stop
+
+
 def _after_divergence(session: Session, stop: Diverged, console: Console) -> TrainingError:
     """Go back to the last sound weights (snapshot + seed log) and say so."""
     if runs.rewind(session, stop.good_step):
@@ -418,21 +539,26 @@ def _after_divergence(session: Session, stop: Diverged, console: Console) -> Tra
     return err
 
 
-def _final_report(session: Session, before: float | None, wall_s: float, stopped,
+def _final_report(session: Session, before: float | None, t0: float, stopped,
                   console: Console) -> dict:
-    sound = stopped is None or isinstance(stopped, KeyboardInterrupt)
+    """The report, after the final evaluations: its wall time counts them, as its
+    evaluation time does."""
+    # a run stopped by Ctrl-C is not evaluated: the user asked it to stop, and --resume
+    # evaluates when the run ends
     results = ({split: evaluate(session, split, console) for split in ("validation", "test")}
-               if sound else {})
+               if stopped is None else {})
     report = session.report()
-    if sound:
+    if stopped is None:
         report["validation_accuracy"] = results["validation"]["accuracy"]
         report["test_accuracy"] = results["test"]["accuracy"]
+    elif isinstance(stopped, KeyboardInterrupt):
+        report["stopped"] = f"interrupted (Ctrl-C) after step {session.engine.step_index}"
     else:
         report["stopped"] = (f"over budget: {stopped}" if isinstance(stopped, OutOfBudgetError)
                              else str(stopped))
     report["accuracy_before"] = before
     report["interrupted"] = isinstance(stopped, KeyboardInterrupt)
-    report["wall_time_s"] = wall_s
+    report["wall_time_s"] = time.perf_counter() - t0
     report["peak_memory_bytes"] = session.monitor.run_peak_bytes  # includes the final evals
     report["peak_memory_by_phase"] = dict(session.monitor.peaks)
     report["reserved_peak_memory_by_phase"] = dict(session.monitor.reserved_peaks) or None
@@ -452,7 +578,7 @@ def _write_run_folder(session: Session, report: dict, output: Path | None, conso
         if t.save_model is not False:
             session.save(output / "model")
     (output / "report.json").write_text(json.dumps(report, indent=2))
-    if isinstance(stopped, (KeyboardInterrupt, OutOfBudgetError)):
+    if isinstance(stopped, OutOfBudgetError):
         console.print(f"Resume with: edgezo finetune --resume {output} --steps {t.steps}")
 
 

@@ -1,26 +1,31 @@
-"""Score a task's candidates with an `edgezo export --format onnx` folder and onnxruntime
-alone: no torch and no edgezo at inference, only onnxruntime, numpy and `tokenizers`.
+"""Score a task's candidates with an `edgezo export --format onnx` folder: the graph runs
+on onnxruntime, numpy and `tokenizers` alone (no torch at inference), while edgezo reads
+the task, so the rows and their prompt are exactly those `edgezo eval` scores.
 
     edgezo export RUN --format onnx --output /tmp/onnx
-    python examples/onnx_predict.py /tmp/onnx --task sst2 --data-dir ../shared/data
-    python examples/onnx_predict.py /tmp/onnx --task mine.jsonl --max-examples 100
+    python examples/onnx_predict.py /tmp/onnx                 # sst2, with the run's prompt
+    python examples/onnx_predict.py /tmp/onnx --task mine.jsonl --eval-examples 100
+
+Data is found as edgezo finds it: --data-dir, else $EDGEZO_DATA_DIR, else a shared/data
+folder at or above the working directory, else the copy edgezo ships or the hub
+(edgezo.tasks.data). A task is a built-in name (sst2, copa, ...) or a .jsonl / .yaml
+file of your own; the test split is scored, as `edgezo eval` does by default.
+
+The prompt is the one the model was trained with: --template if given, else the
+template the run resolved (edgezo.json, which `edgezo export` writes beside model.onnx
+from the run's report.json), else the task's default (sst2: "movie"). Scored with
+another prompt, a fine-tuned model can read as untrained.
 
 The rule is edgezo's own: each candidate's score is the mean log-probability of its
 tokens after the prompt (what follows the longest common prefix of the tokenized prompt
 and prompt + candidate), and the prediction is the best-scoring candidate. The graph
 takes left-padded ids and a mask and works out the positions itself, so a row scores the
 same in any batch.
-
-Tasks: `sst2` (the GLUE dev set, edgezo's test split, with edgezo's default prompt for it:
-"Review: <sentence>\nSentiment:" + " negative" / " positive") or a .jsonl file of rows
-{"input": ..., "candidates": [...], "label": <index or candidate>}, edgezo's user-task
-format.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
@@ -29,6 +34,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
+
+from edgezo.tasks import make_task
+
+META_FILE = "edgezo.json"  # edgezo.export.ONNX_META_FILE
+
+# (prompt, or one prompt per candidate; candidates; gold index)
+Row = tuple[str | tuple[str, ...], list[str], int]
 
 
 def load(folder: str | Path) -> tuple[ort.InferenceSession, Tokenizer]:
@@ -42,33 +54,44 @@ def load(folder: str | Path) -> tuple[ort.InferenceSession, Tokenizer]:
     return session, tokenizer
 
 
-def read_task(task: str, data_dir: str | None = None, max_examples: int | None = None
-              ) -> list[tuple[str, list[str], int]]:
-    """(prompt, candidates, gold index) rows of the task's test set."""
-    if task == "sst2":
-        path = Path(data_dir or ".") / "sst2" / "dev.tsv"
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-        out = [(f"Review: {r['sentence'].strip()}\nSentiment:", [" negative", " positive"],
-                int(r["label"])) for r in rows]
-    else:
-        out = []
-        for line in Path(task).read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                label = row["label"]
-                gold = row["candidates"].index(label) if isinstance(label, str) else label
-                out.append((row["input"], list(row["candidates"]), int(gold)))
-    return out[:max_examples]
+def _same_task(a: str | None, b: str) -> bool:
+    if a == b:
+        return True
+    return a is not None and Path(a).is_file() and Path(b).is_file() and \
+        Path(a).resolve() == Path(b).resolve()
 
 
-def _rows(tokenizer: Tokenizer, prompt: str, candidates: list[str]
+def trained_template(folder: str | Path, task: str) -> str | None:
+    """The template the exported model was trained with on `task` (its edgezo.json), or
+    None: no metadata, or a model trained on another task."""
+    try:
+        meta = json.loads((Path(folder) / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(meta, dict) or not _same_task(meta.get("task"), task):
+        return None
+    return meta.get("template")
+
+
+def read_task(task: str, data_dir: str | None = None, max_examples: int | None = None,
+              template: str = "auto", split: str = "test") -> list[Row]:
+    """(prompt, candidates, gold index) rows of the task's split, by edgezo's task code:
+    the data found as edgezo finds it (data_dir None: $EDGEZO_DATA_DIR and the rest),
+    with the given prompt template ("auto": the task's default). A row whose candidates
+    each have their own prompt (WinoGrande) carries a tuple of prompts."""
+    examples = make_task(task, data_dir=data_dir, template=template).split(split)
+    return [(ex.prompt if ex.prompts is None else tuple(ex.prompts), list(ex.candidates),
+             ex.gold) for ex in examples[:max_examples]]
+
+
+def _rows(tokenizer: Tokenizer, prompt: str | tuple[str, ...], candidates: list[str]
           ) -> list[tuple[list[int], int]]:
     """Each candidate's (prompt + candidate ids, number of candidate tokens at the end)."""
-    head = tokenizer.encode(prompt).ids
+    prompts = [prompt] * len(candidates) if isinstance(prompt, str) else list(prompt)
     rows = []
-    for c in candidates:
-        full = tokenizer.encode(prompt + c).ids
+    for p, c in zip(prompts, candidates, strict=True):
+        head = tokenizer.encode(p).ids
+        full = tokenizer.encode(p + c).ids
         common = 0
         while common < min(len(head), len(full)) and head[common] == full[common]:
             common += 1
@@ -98,8 +121,8 @@ def score_rows(session: ort.InferenceSession, rows: list[tuple[list[int], int]]
     return scores
 
 
-def predict(session: ort.InferenceSession, tokenizer: Tokenizer,
-            examples: list[tuple[str, list[str], int]], batch_size: int = 8) -> list[int]:
+def predict(session: ort.InferenceSession, tokenizer: Tokenizer, examples: list[Row],
+            batch_size: int = 8) -> list[int]:
     """The best-scoring candidate of each example."""
     out: list[int] = []
     for start in range(0, len(examples), batch_size):
@@ -115,13 +138,26 @@ def predict(session: ort.InferenceSession, tokenizer: Tokenizer,
 def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", help="an `edgezo export --format onnx` output folder")
-    parser.add_argument("--task", default="sst2", help="sst2 or a .jsonl file")
-    parser.add_argument("--data-dir", default=None, help="folder holding sst2/dev.tsv")
-    parser.add_argument("--max-examples", type=int, default=None)
+    parser.add_argument("--task", default="sst2", help="a task name (sst2, copa, ...) or a "
+                        ".jsonl / .yaml file")
+    parser.add_argument("--data-dir", default=None, help="the folder of the staged task "
+                        "data (default: $EDGEZO_DATA_DIR, then where edgezo looks)")
+    parser.add_argument("--template", default=None, help="the prompt template (default: "
+                        "the one the run trained with, from edgezo.json; else the task's)")
+    parser.add_argument("--eval-examples", "--max-examples", dest="max_examples", type=int,
+                        default=None, help="score at most the first N test examples")
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args(argv)
     session, tokenizer = load(args.folder)
-    examples = read_task(args.task, args.data_dir, args.max_examples)
+    template, why = args.template, "--template"
+    if template is None:
+        template, why = trained_template(args.folder, args.task), "as the run trained, " \
+            f"{META_FILE}"
+    if template is None:
+        template, why = "auto", "the task's default"
+    examples = read_task(args.task, args.data_dir, args.max_examples, template)
+    shown = make_task(args.task, data_dir=args.data_dir, template=template).template
+    print(f"template {shown} ({why})")
     started = time.perf_counter()
     hits = [p == gold for p, (_, _, gold) in
             zip(predict(session, tokenizer, examples, args.batch_size), examples, strict=True)]
@@ -132,4 +168,9 @@ def main(argv: list[str] | None = None) -> float:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from edgezo.errors import EdgezoError
+
+    try:
+        main(sys.argv[1:])
+    except EdgezoError as err:  # no data found, an unknown task or template: one line
+        sys.exit(f"error: {err}")

@@ -226,9 +226,11 @@ def test_sigkill_mid_run_then_resume_equals_the_uninterrupted_run(tiny_folder, d
     assert proc.returncode == -9
     assert [p.name for p in snapshots(killed)][-1] == "step-00000004"
     assert len(read_seed_log(killed)) == 5  # steps 0-4 logged; step 5 lost in flight
+    assert (killed / ".lock").read_text().strip().isdigit()  # the dead run's: stale
     out = cli_run(["finetune", "--resume", str(killed), "--steps", "6", "--data-dir",
                    data_dir, "--no-save-model"])
     assert "Resumed at step 5" in out.stdout
+    assert not (killed / ".lock").exists()  # taken over, and released at the end
     assert same(final_weights(killed), final_weights(ref))
     rows = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -238,11 +240,12 @@ def test_ctrl_c_saves_a_snapshot_and_says_how_to_resume(tiny_folder, data_dir, t
     out = tmp_path / "run"
     proc = cli_run(finetune_args(tiny_folder, data_dir, out, steps=8),
                    {"KILL_AT": "3", "KILL_SIG": "SIGINT"}, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 130, proc.stderr[-2000:]
     said = " ".join(proc.stdout.split())
-    assert "Interrupted at step 3" in said, proc.stdout[-3000:]
+    # the Ctrl-C came during step 3 (0-based), which finished first
+    assert "Stopped at step 4 of 8 (Ctrl-C)" in said, proc.stdout[-3000:]
     assert f"edgezo finetune --resume {out}" in said
-    assert snapshots(out)[-1].name == "step-00000003"
+    assert snapshots(out)[-1].name == "step-00000004"
     assert json.loads((out / "report.json").read_text())["interrupted"] is True
 
 

