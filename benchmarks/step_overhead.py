@@ -27,6 +27,7 @@ one run on one machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -39,6 +40,7 @@ from edgezo.hardware import cpu_capability, preferred_dtype
 from edgezo.models.loading import load_model
 from edgezo.models.tiny import tiny_model
 from edgezo.tasks.loss import example_losses
+from edgezo.zo import fused, perturb
 from edgezo.zo import noise as noise_module
 from edgezo.zo.engine import ZOEngine
 from edgezo.zo.optimizers import make_optimizer
@@ -98,6 +100,24 @@ class MezoReference:
         return g
 
 
+@contextlib.contextmanager
+def cuda_path():
+    """The GPU's code path, on whatever device: perturbed scratch copies (no linear maps
+    computed from z), a unit's parameters fused (zo/fused.py), spans of CUDA's size."""
+    linear, span = perturb.CHUNKED_LINEAR_DEVICES, dict(noise_module.SPAN_ELEMENTS)
+    fuses = fused.FUSED_DEVICES
+    perturb.CHUNKED_LINEAR_DEVICES = ()
+    fused.FUSED_DEVICES = (*fuses, "cpu")
+    noise_module.SPAN_ELEMENTS["cpu"] = noise_module.SPAN_ELEMENTS["cuda"]
+    try:
+        yield
+    finally:
+        perturb.CHUNKED_LINEAR_DEVICES = linear
+        fused.FUSED_DEVICES = fuses
+        noise_module.SPAN_ELEMENTS.clear()
+        noise_module.SPAN_ELEMENTS.update(span)
+
+
 def engine_for(model, noise: str, pair: bool = True) -> ZOEngine:
     """`noise`: generator, table, or a structured direction (lowrank, subspace)."""
     est = (EstimatorOptions(eps=1e-3, directions=noise) if noise in ("lowrank", "subspace")
@@ -118,10 +138,12 @@ def main() -> None:
     ap.add_argument("--rows", default="generator,table,two-pass,lowrank,subspace",
                     type=lambda v: [r for r in v.split(",") if r],
                     help="the edgezo steps to time (comma-separated, from generator, table, "
-                         "two-pass, lowrank, subspace; two-pass uses the table)")
+                         "two-pass, lowrank, subspace, fused; two-pass uses the table; "
+                         "fused is the table through the GPU's path (cuda_path) on this "
+                         "device)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    known = ("generator", "table", "two-pass", "lowrank", "subspace")
+    known = ("generator", "table", "two-pass", "lowrank", "subspace", "fused")
     if not args.rows or set(args.rows) - set(known):
         ap.error(f"--rows takes one or more of {', '.join(known)}")
     device = torch.device(args.device if args.device != "auto"
@@ -153,13 +175,14 @@ def main() -> None:
     steps = {}
     rows = {"generator": ("generator", True), "table": ("table", True),
             "two-pass": ("table", False), "lowrank": ("lowrank", True),
-            "subspace": ("subspace", True)}
+            "subspace": ("subspace", True), "fused": ("fused", True)}
     for noise, pair in (rows[r] for r in args.rows):
-        engine = engine_for(model, noise, pair)
-        for _ in range(2):  # warm-up: page in the weights, first copy-on-write, caches
-            engine.step(batch, lr=1e-7)
-        steps[(noise, pair)] = paired(lambda e=engine: e.step(batch, lr=1e-7))
-        engine.close()
+        with cuda_path() if noise == "fused" else contextlib.nullcontext():
+            engine = engine_for(model, "table" if noise == "fused" else noise, pair)
+            for _ in range(2):  # warm-up: page in the weights, first copy-on-write, caches
+                engine.step(batch, lr=1e-7)
+            steps[(noise, pair)] = paired(lambda e=engine: e.step(batch, lr=1e-7))
+            engine.close()
     mezo = MezoReference(model, eps=1e-3, lr=1e-7)
     mezo.step(batch)
     t_mezo = paired(lambda: mezo.step(batch))

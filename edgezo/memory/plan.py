@@ -38,7 +38,7 @@ from edgezo.memory import terms
 from edgezo.memory.streaming import streaming_terms
 from edgezo.models.quantized import tensor_bytes
 from edgezo.profiles import Profile
-from edgezo.zo import noise
+from edgezo.zo import fused, noise
 from edgezo.zo.batch import Shape
 from edgezo.zo.blocks import BlockMap
 from edgezo.zo.intercept import LINEAR_SPAN, linear_slots
@@ -209,6 +209,16 @@ def _linear_span_bytes(p: torch.Tensor, device: str, limit: int | None) -> int:
             + noise.largest_chunk([p.shape], device) * per_chunk)
 
 
+def _fused_bytes(blocks: BlockMap, spec: StepSpec) -> int:
+    """The fused path's buffers (zo/fused.py: a piece's z, its fp32 copy for the update
+    and the rounding dither, 4 bytes a value each), where it runs: on a fused device, with
+    the table's z. A piece holds at most FUSED_VALUES values, of parameters no larger."""
+    if not (spec.perturbs and spec.noise_table and _device(spec) in fused.FUSED_DEVICES):
+        return 0
+    small = sum(p.numel() for p in blocks.params if p.numel() <= fused.FUSED_VALUES)
+    return 3 * 4 * min(fused.FUSED_VALUES, small)
+
+
 def _device(spec: StepSpec) -> str:
     """Where the step computes: noise buffers hold a chunk on the CPU, a span on CUDA."""
     return "cuda" if spec.on_cuda else "cpu"
@@ -267,7 +277,8 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, spec: 
         + sum(_bytes(b) for b in model.buffers()),
         "perturbation_scratch": _scratch_bytes(blocks, spec, rows),
         "noise_buffers": THREAD_BUFFERS * 4 * (spec.noise_threads + 1)
-        * noise.largest_chunk((p.shape for p in blocks.params), _device(spec)),
+        * noise.largest_chunk((p.shape for p in blocks.params), _device(spec))
+        + _fused_bytes(blocks, spec),
         "activations": terms.activation_bytes(model.config, rows, train.seq_len + virtual,
                                               elem, train.logit_positions,
                                               split=spec.pair and spec.split_layers),

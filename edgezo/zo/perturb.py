@@ -4,8 +4,9 @@ Each unit (a decoder layer, or a module outside the layers that owns trainable
 parameters) gets a reversible forward wrapper. While a perturbed forward is active, the
 wrapper computes its output with perturbed copies of its parameters:
 
-- layers and small modules: a scratch copy θ_b ± εz_b filled chunk by chunk (span by
-  span on CUDA: noise.spans), passed to the module through `torch.func.functional_call`
+- layers and small modules: a scratch copy θ_b ± εz_b filled chunk by chunk (on CUDA:
+  a piece of parameters at a time with the table, fused.py; span by span otherwise,
+  noise.spans), passed to the module through `torch.func.functional_call`
   (transient: one block, or two in pair mode, plus one noise chunk); on the CPU, with z
   cheap to read, the unit's linear maps compute from z instead (intercept.PerturbedLinears)
   and only its other parameters are copied;
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from edgezo.zo import noise
+from edgezo.zo import fused, noise
 from edgezo.zo.batch import join_pair, split_pair
 from edgezo.zo.blocks import BlockMap, Unit
 from edgezo.zo.direction import STRUCTURED, Direction
@@ -46,14 +47,13 @@ from edgezo.zo.intercept import (
     linear_slots,
     perturbed_into,
 )
-from edgezo.zo.optimizers import Rule, work_dtype
+from edgezo.zo.optimizers import SGD, Rule, work_dtype
 
 # Where a unit's linear maps compute from z span by span (intercept.PerturbedLinears)
 # instead of from a perturbed scratch copy of the unit. On the CPU that saves the copy's
 # memory for little time. On CUDA the torch-function mode it needs runs Python for every
-# operation of the unit, and that bounds the step: on an H200, a SmolLM2 step with the
-# table took 0.34 s through the mode, where the generator's step through scratch copies
-# took 0.19 s (benchmarks/step_overhead.py; the table through copies not yet measured).
+# operation of the unit, which bounds a small model's step (BENCHMARKS.md, "On a GPU"):
+# there units take scratch copies, filled and updated a piece at a time (fused.py).
 CHUNKED_LINEAR_DEVICES = ("cpu",)
 
 
@@ -84,11 +84,13 @@ class Perturbation:
         self._updated: set[int] = set()
         self._installed: dict[int, tuple[Unit, Any]] = {}
         self._buffers: dict[tuple, torch.Tensor] = {}
+        self._views: dict[tuple, tuple] = {}  # _scratch's views of the workspace
         self._linears: dict[int, dict[int, tuple[int, int | None]]] = {}
         self._workspace_busy = False
         self.streamer = None  # a BlockStreamer when some layers live off the device
         # called with the indices of the parameters an update just wrote (QAT)
         self.after_update = None
+        self.fused = fused.Fused(self.params)
         for p, name in zip(self.params, block_map.names, strict=True):
             if not p.is_contiguous():
                 raise ValueError(f"parameter {name} is not contiguous; edgezo needs contiguous "
@@ -108,6 +110,8 @@ class Perturbation:
             self._installed[id(module)] = (unit, previous)
 
     def remove(self) -> None:
+        self.fused = fused.Fused(self.params)  # its views would keep the weights alive
+        self._views.clear()
         for unit, previous in self._installed.values():
             if previous is None:
                 del unit.module.forward
@@ -180,6 +184,39 @@ class Perturbation:
             noise.parallel_map(fill, range(len(work)), work[0][0].device,
                                self.direction.draws())
 
+    def _fuses(self, device: torch.device, direction: Direction) -> bool:
+        """Whether parameters on `device` take the fused path (fused.py) for this
+        direction: one query's plain Gaussian z from the table, resident weights."""
+        return (device.type in fused.FUSED_DEVICES and self.streamer is None
+                and direction.source == "table" and direction.kind == "gaussian")
+
+    def _fill_fused(self, targets: list[tuple[int, list[torch.Tensor]]],
+                    buffers: list[torch.Tensor]) -> list[tuple[int, list[torch.Tensor]]]:
+        """Fill the scratch copies of the fused pieces among `targets` (laid end to end
+        in `buffers`, one per sign); returns the targets left to `_fill`."""
+        if not targets or not self.direction._plain():
+            return targets
+        first = self.params[targets[0][0]]
+        if not self._fuses(first.device, self.direction):
+            return targets
+        where, offset = {}, 0
+        for i, _ in targets:
+            where[i] = offset
+            offset += self.params[i].numel()
+        pieces, rest = self.fused.pieces([i for i, _ in targets])
+        for piece in pieces:
+            p = self.params[piece.indices[0]]
+            twin = p.dtype == torch.bfloat16 and p.device.type == "cpu"  # as perturbation_chunk
+            z = noise.thread_buffer("fused_z16" if twin else "fused_z", piece.numel,
+                                    torch.bfloat16 if twin else work_dtype(p.dtype), p.device)
+            self.fused.z(piece, self.direction.seeds[0], z,
+                         noise.table_bf16 if twin else noise.table)
+            lo = where[piece.indices[0]]
+            self.fused.perturb(piece, [b[lo:lo + piece.numel] for b in buffers], z,
+                               [s * self.eps for s in self.signs])
+        left = set(rest)
+        return [t for t in targets if t[0] in left]
+
     def _cheap_z(self, device: torch.device) -> bool:
         """z that costs a memory read to regenerate (the table, structured directions),
         on a device where computing with it beats a scratch copy (CHUNKED_LINEAR_DEVICES):
@@ -202,7 +239,9 @@ class Perturbation:
         nested = self._workspace_busy  # a unit running inside another: use fresh memory
         self._workspace_busy = True
         try:
-            scratch, targets = self._scratch(params, fixed, slots, nested)
+            scratch, targets, buffers = self._scratch(params, fixed, slots, nested)
+            if slots == len(self.signs):  # each sign its own copy, all filled at once
+                targets = self._fill_fused(targets, buffers)
             halves = ([(args, kwargs)] if len(self.signs) == 1
                       else list(split_pair((args, kwargs), self.pair_rows)))
             outs = []
@@ -227,20 +266,30 @@ class Perturbation:
 
     def _scratch(self, params, fixed, slots: int, nested: bool):
         """Scratch copies (one per slot) of the covered parameters, as views of the
-        reusable workspace, and the fill targets."""
-        scratch: dict[str, list[torch.Tensor]] = {k: [v] * slots for k, v in fixed.items()}
+        reusable workspace (laid end to end in the order of `params`), the fill targets
+        and the workspace buffers. The views are kept while the workspace and the
+        parameters are the same: a unit makes none after its first step."""
         if not params:
-            return scratch, []
+            return {k: [v] * slots for k, v in fixed.items()}, [], []
         numel = sum(p.numel() for _, _, p in params)
         dtype, device = params[0][2].dtype, params[0][2].device
         buffers = [self._workspace(s, numel, dtype, device, fresh=nested) for s in range(slots)]
+        key = (tuple((local, i) for local, i, _ in params), tuple(fixed), slots)
+        memory = (tuple(b.data_ptr() for b in buffers),
+                  tuple(v.data_ptr() for v in fixed.values()))
+        found = None if nested else self._views.get(key)
+        if found is not None and found[2] == memory:
+            return found[0], found[1], buffers
+        scratch: dict[str, list[torch.Tensor]] = {k: [v] * slots for k, v in fixed.items()}
         targets, offset = [], 0
         for local, i, p in params:
             views = [b[offset:offset + p.numel()].view(p.shape) for b in buffers]
             targets.append((i, views))
             scratch[local] = views
             offset += p.numel()
-        return scratch, targets
+        if not nested:  # replaces views of other memory: none keeps a freed buffer alive
+            self._views[key] = (scratch, targets, memory)
+        return scratch, targets, buffers
 
     def _workspace(self, sign_slot: int, numel: int, dtype: torch.dtype, device: torch.device,
                    fresh: bool) -> torch.Tensor:
@@ -260,6 +309,7 @@ class Perturbation:
         if self.active:
             raise RuntimeError("the workspace is in use by a perturbed forward")
         self._buffers.clear()
+        self._views.clear()  # its views would keep the workspace alive
 
     def _call(self, module, original, tensors, args, kwargs):
         # functional_call goes through module.__call__ -> our wrapper; bypass it by
@@ -335,6 +385,24 @@ class Perturbation:
         self.pending = None
         self._updated = set()
 
+    def _update_fused(self, todo: list[int]) -> list[int]:
+        """Apply the pending ZO-SGD update to the fused pieces among `todo` (fused.py);
+        returns the indices left to the span path."""
+        pending, d_of = self.pending, self.pending.direction
+        coef = d_of.single_coef()
+        if (coef is None or type(self.rule) is not SGD or not self.rule.linear_in_d()
+                or self.after_update is not None
+                or not self._fuses(self.params[todo[0]].device, d_of)):
+            return todo
+        pieces, rest = self.fused.pieces(todo)
+        for piece in pieces:
+            device = self.params[piece.indices[0]].device
+            z = self.fused.z(piece, d_of.seeds[0], noise.thread_buffer(
+                "fused_z", piece.numel, torch.float32, device))
+            self.fused.sgd_update(piece, z, pending.lr * coef, noise.thread_buffer(
+                "fused_new", piece.numel, torch.float32, device))
+        return rest
+
     def _update_target(self, index: int) -> torch.Tensor:
         """The tensor an update writes: a streamed parameter's fp32 master when it has one
         (the compute copy is re-rounded from it in mark_updated), else the parameter."""
@@ -351,6 +419,9 @@ class Perturbation:
         todo = [i for i in indices if i not in self._updated]
         self._updated.update(todo)
         todo = [i for i in todo if pending.direction.covers(i)]
+        if not todo:
+            return
+        todo = self._update_fused(todo)
         if not todo:
             return
         work = []

@@ -1,0 +1,199 @@
+"""A step's host cost by the unit, not by the chunk: the perturbed copies and the deferred
+update of several parameters at once, for the table source.
+
+On a GPU each dispatched operation costs host time (Python, the dispatcher, a kernel
+launch), and a small model's step is bound by that, not by the GPU
+(benchmarks/step_ops.py counts them). Walking a layer's parameters span by span costs
+about twenty operations a parameter. Here a *piece* (consecutive parameters of a unit,
+at most FUSED_VALUES values in all) is handled as one flat run of values:
+
+- z: one gather from the table per run of parameters with the same row width, with
+  every chunk's table offset computed on the host and sent in one copy;
+- the perturbed copies: the piece's weights concatenated into the scratch copy, then one
+  add per sign;
+- the deferred update (ZO-SGD): the weights concatenated into an fp32 buffer, one
+  subtraction, the stochastic rounding's three integer operations, and one multi-tensor
+  copy back.
+
+The values are the chunks' own (z is the table slice each chunk reads, row by row), and
+every elementwise operation is the one the span path applies, so a fused step's weights
+equal the span path's bit for bit on the same device (tests/test_fused.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from edgezo.zo import noise
+
+# Where units take the fused path. The CPU keeps its own (perturb.CHUNKED_LINEAR_DEVICES:
+# linear maps computed from z, no scratch copy), where a chunk's work is large next to
+# its dispatch cost.
+FUSED_DEVICES = ("cuda",)
+# Values a piece holds at most: its z and, for an update, its fp32 copy are buffers of
+# this size (the planner's noise_buffers); a larger parameter goes span by span.
+FUSED_VALUES = 1 << 22
+
+_LOW16 = 0xFFFF
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Consecutive parameters laid end to end, with what a gather of their z needs."""
+
+    indices: tuple[int, ...]
+    sizes: tuple[int, ...]
+    shapes: tuple[torch.Size, ...]
+    numel: int
+    chunks: tuple[tuple[int, int, int], ...]  # (parameter index, chunk, values) in order
+    runs: tuple[tuple[int, int, int, int, int], ...]  # (cols, first row, end row, lo, hi)
+    row_chunk: torch.Tensor  # for each row: its chunk's place in `chunks` (device)
+    row_local: torch.Tensor  # for each row: where it starts inside its chunk (device)
+
+
+def _layout(params: Sequence[torch.Tensor], indices: tuple[int, ...], device: torch.device
+            ) -> Piece:
+    chunks, runs, row_chunk, row_local = [], [], [], []
+    sizes, shapes, row, value = [], [], 0, 0
+    for i in indices:
+        shape = params[i].shape
+        cols, rows = noise._cols(shape), noise.num_rows(shape)
+        for c, (lo, hi) in enumerate(noise.chunk_bounds(shape)):
+            row_chunk += [len(chunks)] * (hi - lo)
+            row_local += [(r - lo) * cols for r in range(lo, hi)]
+            chunks.append((i, c, (hi - lo) * cols))
+        if runs and runs[-1][0] == cols:
+            c0, r0, _, v0, _ = runs[-1]
+            runs[-1] = (c0, r0, row + rows, v0, value + rows * cols)
+        else:
+            runs.append((cols, row, row + rows, value, value + rows * cols))
+        sizes.append(rows * cols)
+        shapes.append(shape)
+        row += rows
+        value += rows * cols
+    as_long = dict(dtype=torch.int64)
+    return Piece(indices, tuple(sizes), tuple(shapes), value, tuple(chunks), tuple(runs),
+                 torch.tensor(row_chunk, **as_long).to(device),
+                 torch.tensor(row_local, **as_long).to(device))
+
+
+class Fused:
+    """The pieces of a model's trainable parameters, built once per set of indices."""
+
+    def __init__(self, params: Sequence[torch.Tensor]):
+        self.params = params
+        self._pieces: dict[tuple, tuple[list[Piece], list[int]]] = {}
+        self._windows: dict[tuple, torch.Tensor] = {}
+        self._views: dict[tuple, tuple[tuple, list[torch.Tensor]]] = {}
+
+    def pieces(self, indices: Sequence[int]) -> tuple[list[Piece], list[int]]:
+        """The pieces covering `indices` in order, and the indices left to the span path
+        (a parameter larger than a piece, or of a dtype fused updates do not handle)."""
+        key = tuple(indices)
+        found = self._pieces.get(key)
+        if found is not None:
+            return found
+        pieces, rest, current, size = [], [], [], 0
+        device = None
+
+        def close() -> None:
+            if current:
+                pieces.append(_layout(self.params, tuple(current), device))
+                current.clear()
+
+        for i in key:
+            p = self.params[i]
+            fits = p.numel() <= FUSED_VALUES and p.dtype in (torch.float32, torch.bfloat16,
+                                                             torch.float16)
+            if not fits:  # a piece's parameters lie end to end: this one ends it
+                close()
+                size = 0
+                rest.append(i)
+                continue
+            if current and (size + p.numel() > FUSED_VALUES or p.device != device
+                            or p.dtype != self.params[current[0]].dtype):
+                close()
+                size = 0
+            device = p.device
+            current.append(i)
+            size += p.numel()
+        close()
+        self._pieces[key] = found = (pieces, rest)
+        return found
+
+    def _window(self, values: torch.Tensor, cols: int) -> torch.Tensor:
+        key = (values.data_ptr(), values.dtype, cols)
+        found = self._windows.get(key)
+        if found is None:
+            found = self._windows[key] = values.unfold(0, cols, 1)
+        return found
+
+    def _kept(self, role: str, piece: Piece, memory: tuple, make: Callable[[], list]
+              ) -> list[torch.Tensor]:
+        """Views of `role` for a piece, made once and kept while the memory they view is
+        the same (`memory`: data pointers); a view made of other memory replaces them,
+        so no stale view keeps a freed buffer alive."""
+        key = (role, piece.indices)
+        found = self._views.get(key)
+        if found is None or found[0] != memory:
+            found = self._views[key] = (memory, make())
+        return found[1]
+
+    def views(self, flat: torch.Tensor, piece: Piece) -> list[torch.Tensor]:
+        """`flat` (a piece's values) cut into its parameters' flat runs."""
+        return self._kept(f"split-{flat.dtype}", piece, (flat.data_ptr(),),
+                          lambda: list(flat.split(piece.sizes)))
+
+    def weights(self, piece: Piece) -> list[torch.Tensor]:
+        """The piece's parameters as flat views of their storage (an update writes
+        through them in place)."""
+        params = [self.params[i] for i in piece.indices]
+        return self._kept("weights", piece, tuple(p.data_ptr() for p in params),
+                          lambda: [p.detach().view(-1) for p in params])
+
+    def _runs_of(self, out: torch.Tensor, piece: Piece) -> list[torch.Tensor]:
+        """`out` cut into the (rows, cols) blocks each gather of the piece fills."""
+        return self._kept(f"runs-{out.dtype}", piece, (out.data_ptr(),),
+                          lambda: [out[lo:hi].view(r1 - r0, cols)
+                                   for cols, r0, r1, lo, hi in piece.runs])
+
+    def z(self, piece: Piece, seed: int, out: torch.Tensor,
+          values: Callable[[torch.device], torch.Tensor] = noise.table) -> torch.Tensor:
+        """The piece's z for query `seed` (each parameter's chunks as the table source
+        defines them) into `out` (`values`: the table, or its bf16 twin)."""
+        device = out.device
+        offsets = noise._to_device(
+            [noise._offset(n, noise.param_seed(seed, i), c) for i, c, n in piece.chunks],
+            device)
+        starts = offsets[piece.row_chunk].add_(piece.row_local)
+        table = values(device)
+        for (cols, r0, r1, _, _), part in zip(piece.runs, self._runs_of(out, piece),
+                                             strict=True):
+            torch.index_select(self._window(table, cols), 0, starts[r0:r1], out=part)
+        return out
+
+    def perturb(self, piece: Piece, outs: list[torch.Tensor], z: torch.Tensor,
+                scales: Sequence[float]) -> None:
+        """outs[i] (a piece-sized run of scratch) = round(θ + scales[i]·z): the piece's
+        weights copied into the first, each sign one add, summed in fp32 and rounded
+        once (as intercept.perturbed_into)."""
+        first = outs[0]
+        torch.cat(self.weights(piece), out=first)
+        for out, scale in reversed(list(zip(outs, scales, strict=True))):
+            torch.add(first, z, alpha=scale, out=out)  # the first last: it is θ until then
+
+    def sgd_update(self, piece: Piece, z: torch.Tensor, lr: float, new: torch.Tensor) -> None:
+        """θ ← θ − lr·z (optimizers.SGD with d = z), through the fp32 buffer `new`, bf16
+        weights rounded stochastically with z's low bits (optimizers.store)."""
+        weights = self.weights(piece)
+        torch.cat(weights, out=new)
+        new.sub_(z, alpha=lr)
+        if weights[0].dtype == torch.bfloat16:
+            word = new.view(torch.int32)
+            dither = noise.thread_buffer("fused_dither", z.numel(), torch.int32, z.device)
+            torch.bitwise_and(z.view(torch.int32), _LOW16, out=dither)
+            word.add_(dither).bitwise_and_(~_LOW16)
+        torch._foreach_copy_(weights, self.views(new, piece))

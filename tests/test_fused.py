@@ -1,0 +1,203 @@
+"""The GPU's fused path (fused.py), run on the CPU: a step's weights and losses equal the
+span path's bit for bit, and its host cost is a few operations a parameter."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import lm_batch, zo_engine
+
+from edgezo.models.tiny import VOCAB, tiny_model
+from edgezo.zo import fused, noise, perturb
+from edgezo.zo.optimizers import make_optimizer
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+from step_ops import measure  # noqa: E402
+
+
+@pytest.fixture
+def gpu_path(monkeypatch):
+    """The CUDA path on the CPU (scratch copies, spans of CUDA's size), with the fused
+    pieces on or off: `fuse(True)`."""
+    monkeypatch.setattr(perturb, "CHUNKED_LINEAR_DEVICES", ())
+    monkeypatch.setitem(noise.SPAN_ELEMENTS, "cpu", noise.SPAN_ELEMENTS["cuda"])
+
+    def fuse(on: bool) -> None:
+        monkeypatch.setattr(fused, "FUSED_DEVICES", ("cuda", "cpu") if on else ("cuda",))
+
+    return fuse
+
+
+def run(family, dtype, optimizer="zo-sgd", steps=4, **kw):
+    model = tiny_model(family, dtype=dtype)
+    engine = zo_engine(model, make_optimizer(optimizer), seed=7, eps=1e-2, **kw)
+    losses = [engine.step(lm_batch(VOCAB, seed=s), lr=2e-2).projected_grads
+              for s in range(steps)]
+    engine.close()
+    return model.state_dict(), losses
+
+
+def fused_calls(monkeypatch) -> dict[str, int]:
+    """How often the fused perturbation and update ran."""
+    calls = {"perturb": 0, "sgd_update": 0}
+    for name in calls:
+        original = getattr(fused.Fused, name)
+
+        def counted(self, *a, __name=name, __original=original):
+            calls[__name] += 1
+            return __original(self, *a)
+
+        monkeypatch.setattr(fused.Fused, name, counted)
+    return calls
+
+
+@pytest.fixture
+def small_pieces(monkeypatch):
+    """Small pieces and chunks: a unit splits into several pieces, a parameter into
+    several chunks, and some parameters go span by span (larger than a piece)."""
+    monkeypatch.setattr(noise, "CHUNK_ELEMENTS", 512)
+    monkeypatch.setattr(fused, "FUSED_VALUES", 3000)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("kw", [{}, {"pair": False}, {"q": 2}, {"block_wise": True}],
+                         ids=["pair", "two-pass", "q2", "block-wise"])
+def test_fused_fp32_steps_equal_the_span_path_bit_for_bit(gpu_path, small_pieces,
+                                                          monkeypatch, family, kw):
+    gpu_path(False)
+    want, want_g = run(family, torch.float32, **kw)
+    gpu_path(True)
+    calls = fused_calls(monkeypatch)
+    got, got_g = run(family, torch.float32, **kw)
+    assert calls["perturb"] and (calls["sgd_update"] or "q" in kw)  # q > 1: d is no z
+    assert got_g == want_g
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+def test_fused_bf16_updates_equal_the_span_path_bit_for_bit(gpu_path, small_pieces,
+                                                           monkeypatch, family):
+    """The update, stochastic rounding included, replayed from one run's log through
+    both paths. (A bf16 perturbed copy is one add, but torch's CPU kernel rounds a
+    tensor's vectorized body and its tail differently in the last bit, so on the CPU a
+    fused piece's copies can differ from the span path's at the ends of tensors; on a GPU
+    every element takes the same arithmetic.)"""
+    gpu_path(False)
+    model = tiny_model(family, dtype=torch.bfloat16)
+    engine = zo_engine(model, make_optimizer("zo-sgd"), seed=7, eps=1e-2)
+    log = [engine.step(lm_batch(VOCAB, seed=s), lr=2e-3).log_entry() for s in range(4)]
+    engine.close()
+    weights = {}
+    for on in (False, True):
+        gpu_path(on)
+        calls = fused_calls(monkeypatch)
+        fresh = tiny_model(family, dtype=torch.bfloat16)
+        engine = zo_engine(fresh, make_optimizer("zo-sgd"), seed=7, eps=1e-2)
+        for entry in log:
+            engine.replay(entry)
+        engine.close()
+        assert bool(calls["sgd_update"]) == on
+        weights[on] = fresh.state_dict()
+    assert all(torch.equal(weights[True][n], t) for n, t in weights[False].items())
+    assert all(torch.equal(model.state_dict()[n], t) for n, t in weights[True].items())
+
+
+def test_fused_bf16_steps_equal_the_span_path_where_no_tensor_has_a_tail(gpu_path,
+                                                                         small_pieces):
+    """Llama's tiny tensors are whole multiples of the CPU's vector width: there the
+    whole bf16 step, perturbed copies included, is bit-identical."""
+    gpu_path(False)
+    want, want_g = run("llama", torch.bfloat16)
+    gpu_path(True)
+    got, got_g = run("llama", torch.bfloat16)
+    assert got_g == want_g
+    assert all(torch.equal(got[n], t) for n, t in want.items())
+
+
+def test_fused_path_leaves_other_optimizers_and_the_generator_to_the_span_path(gpu_path):
+    """ZO-Adam (stateful) and the generator's z are not fused, and still equal."""
+    for optimizer, kw in (("zo-adam", {}), ("zo-sgd", {"noise": "generator"})):
+        gpu_path(False)
+        want, _ = run("llama", torch.bfloat16, optimizer, **kw)
+        gpu_path(True)
+        got, _ = run("llama", torch.bfloat16, optimizer, **kw)
+        assert all(torch.equal(got[n], t) for n, t in want.items()), optimizer
+
+
+def test_the_cuda_paths_host_cost_is_a_few_ops_a_parameter(monkeypatch):
+    """Counted, not timed: one ZO-SGD step with the table on the CUDA path dispatches at
+    most 10 operations a trainable tensor beyond its two forwards' own, and fewer in all
+    than a MeZO-style step (benchmarks/step_ops.py)."""
+    monkeypatch.setenv("EDGEZO_NOISE_THREADS", "1")  # every op on the counting thread
+    torch.manual_seed(0)
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    batch = lm_batch(VOCAB, rows=4, seq=32)
+    result = measure(model, batch, rows=("table",))
+    extra = (result["cuda_path"]["table"] - result["two_forwards"]) / result["tensors"]
+    assert extra <= 10, result
+    assert result["cuda_path"]["table"] < result["mezo"], result
+
+
+def test_the_plan_prices_the_fused_buffers_where_they_run():
+    """A piece's z, fp32 copy and dither (4 bytes a value each), at most FUSED_VALUES
+    values of parameters no larger: on a GPU with the table's z, and nowhere else."""
+    from types import SimpleNamespace
+
+    from edgezo.memory.plan import _fused_bytes
+
+    small, big = torch.zeros(1000), torch.zeros(fused.FUSED_VALUES + 1)
+    blocks = SimpleNamespace(params=[small, small, big])
+    spec = SimpleNamespace(perturbs=True, noise_table=True, on_cuda=True)
+    assert _fused_bytes(blocks, spec) == 12 * 2000
+    blocks.params = [big] + [torch.zeros(fused.FUSED_VALUES // 2)] * 3
+    assert _fused_bytes(blocks, spec) == 12 * fused.FUSED_VALUES
+    for off in ({"on_cuda": False}, {"noise_table": False}, {"perturbs": False}):
+        assert _fused_bytes(blocks, SimpleNamespace(**{**vars(spec), **off})) == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_on_a_gpu_fused_steps_equal_the_span_path_bit_for_bit(monkeypatch, dtype):
+    """On CUDA every element of an add takes the same arithmetic wherever it lies in its
+    tensor, so the fused path equals the span path bit for bit in bf16 too (on the CPU
+    only the update does: see the bf16 tests above)."""
+    def run_on_gpu(fuse: bool):
+        monkeypatch.setattr(fused, "FUSED_DEVICES", ("cuda",) if fuse else ())
+        model = tiny_model("qwen2", dtype=dtype).cuda()
+        engine = zo_engine(model, make_optimizer("zo-sgd"), seed=7, eps=1e-2)
+        gs = [engine.step({k: v.cuda() for k, v in lm_batch(VOCAB, seed=s).items()},
+                          lr=2e-2).projected_grads for s in range(4)]
+        engine.close()
+        return {k: v.cpu() for k, v in model.state_dict().items()}, gs
+
+    want, want_g = run_on_gpu(False)
+    got, got_g = run_on_gpu(True)
+    assert got_g == want_g
+    assert all(torch.equal(got[n], t) for n, t in want.items())
+
+
+@pytest.mark.cuda
+def test_a_gpu_runs_log_replays_on_the_cpu(monkeypatch):
+    """A seed log written on a GPU (fused updates) replayed on the CPU (span path): the
+    updates are fp32 θ − η·g·z and integer rounding, so the weights agree to the last bit
+    unless a kernel contracts θ − η·z into one fused multiply-add on one device and not
+    the other; this test says which (the bound: one bf16 ulp)."""
+    model = tiny_model("llama", dtype=torch.bfloat16).cuda()
+    engine = zo_engine(model, make_optimizer("zo-sgd"), seed=7, eps=1e-2)
+    log = [engine.step({k: v.cuda() for k, v in lm_batch(VOCAB, seed=s).items()},
+                       lr=2e-2).log_entry() for s in range(4)]
+    engine.close()
+    cpu = tiny_model("llama", dtype=torch.bfloat16)
+    engine = zo_engine(cpu, make_optimizer("zo-sgd"), seed=7, eps=1e-2)
+    for entry in log:
+        engine.replay(entry)
+    engine.close()
+    differ = 0
+    for name, tensor in cpu.state_dict().items():
+        gpu = model.state_dict()[name].cpu()
+        differ += int((gpu != tensor).sum())
+        ulp = torch.finfo(torch.bfloat16).eps * tensor.float().abs().clamp_min(1e-30)
+        assert ((gpu.float() - tensor.float()).abs() <= ulp).all(), name
+    print(f"GPU vs CPU replay: {differ} weights differ in the last bit")
