@@ -1,6 +1,14 @@
 """edgezo: forward-only (zeroth-order) fine-tuning of LLMs on machines with little memory."""
 
+from edgezo.threads import limit_openmp_spin
+
 __version__ = "0.1.0"
+
+# Before torch's import loads the OpenMP runtime, which reads it then: idle OpenMP threads
+# spin briefly, not for milliseconds, on cores that other processes may need
+# (edgezo.threads). The CLI and `import edgezo` both come here first; the user's own
+# settings are kept.
+limit_openmp_spin()
 
 
 def __getattr__(name: str):

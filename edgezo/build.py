@@ -43,6 +43,7 @@ from edgezo.schemes import apply_scheme
 from edgezo.tasks import Encoder, Task, make_task
 from edgezo.tasks.loss import OBJECTIVES
 from edgezo.tasks.shape import measure_shape
+from edgezo.threads import ThreadChoice, set_compute_threads
 from edgezo.zo.batch import Shape
 from edgezo.zo.blocks import BlockMap, build_block_map
 from edgezo.zo.engine import ZOEngine
@@ -69,6 +70,7 @@ class Parts:
     streamer: BlockStreamer | None
     dtype_reason: str  # why the run computes in its dtype (printed and reported)
     lr_reason: str | None  # why the run takes its learning rate, where --lr was left open
+    threads: ThreadChoice  # the CPU threads it computes with, and why
 
     @property
     def on_cuda(self) -> bool:
@@ -81,6 +83,8 @@ def build(config: RunConfig, objective: Callable | None = None) -> Parts:
     config.validate()
     profile = load_profile(config.runtime.profile)
     device = compute_device(profile, config.runtime.strict_memory)
+    # before the plan: it prices a noise buffer for each of the pool's threads
+    threads = set_compute_threads(config.runtime.threads, device.type == "cpu")
     dtype, why = preferred_dtype(config.model.dtype, profile.dtype, device)
     lr_why = (lr_reason(config.optimizer.optimizer, config.scheme.scheme)
               if config.optimizer.lr is None else None)
@@ -111,7 +115,7 @@ def build(config: RunConfig, objective: Callable | None = None) -> Parts:
         engine.enable_qat(config.scheme.qat, config.scheme.scheme)
     streamer = start_streaming(config, engine, plan, decision, device)
     return Parts(config, profile, device, task, resolved, encoder, shapes, monitor, model,
-                 blocks, plan, engine, streamer, why, lr_why)
+                 blocks, plan, engine, streamer, why, lr_why, threads)
 
 
 def compute_device(profile: Profile, strict_memory: bool) -> torch.device:

@@ -238,6 +238,13 @@ class RuntimeOptions:
     strict_memory: bool = option(False, "CPU: return every freed allocation of 256 KiB or "
                                  "more to the OS at once, so resident memory follows the "
                                  "plan (slower: page faults)", resume=True)
+    threads: int | None = option(None, "CPU threads that compute (default: the CPUs this "
+                                 "process may use, less those other processes keep busy "
+                                 "at start; the run's header says why). Updates came out "
+                                 "bit-identical across thread counts in edgezo's checks, "
+                                 "so --resume may change it; torch does not promise that "
+                                 "for every kernel",
+                                 min=1, resume=True)
     distributed: bool = option(False, "Data-parallel ZO over torch.distributed (under "
                                "torchrun; also implied by its WORLD_SIZE)")
 

@@ -74,6 +74,7 @@ class Session:
         self.engine, self.streamer = parts.engine, parts.streamer
         self.dtype_reason = parts.dtype_reason
         self.lr_reason = parts.lr_reason
+        self.threads = parts.threads
         self.optimizer = self.engine.optimizer
         o = self.config.optimizer
         self.schedule = Schedule(o.lr, o.schedule, o.total_steps, o.warmup_steps)
@@ -394,7 +395,7 @@ class Session:
             "device": str(self.device),
             "emulated_profile": self.emulated,
             "compute": {"dtype": cfg.model.dtype, "why": self.dtype_reason,
-                        "cpu": cpu_capability()},
+                        "cpu": cpu_capability(), "threads": self.threads.to_dict()},
             "learning_rate": {"lr": cfg.optimizer.lr,
                               "why": self.lr_reason or "given (--lr, or the resumed run's)"},
             "forward_passes_per_step": self.engine.forward_passes_per_step,

@@ -46,7 +46,8 @@ def _gib(n: int | float | None) -> str:
 
 
 def describe_device(session: Session) -> str:
-    dtype = f"Computing in {session.dtype_name}: {session.dtype_reason}."
+    dtype = (f"Computing in {session.dtype_name}: {session.dtype_reason}. "
+             f"CPU: {session.threads.reason}.")
     if session.emulated:
         return (f"No CUDA device: emulating profile {session.profile.name} on the CPU, "
                 f"{cpu_capability()} (same plan and budget, "

@@ -10,6 +10,9 @@ from edgezo.models.tiny import save_tiny
 from edgezo.tasks.data import ENV_VAR
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# Sessions keep that count (edgezo.threads takes OMP_NUM_THREADS as the user's choice), so
+# the suite computes alike whatever else loads the machine; tests of the choice unset it.
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 
 def pytest_collection_modifyitems(config, items):
