@@ -23,7 +23,6 @@ Only JSON and safetensors are ever read back from a run folder (never pickle).
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import fcntl
 import hashlib
@@ -31,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import weakref
 from pathlib import Path
 
 import torch
@@ -190,8 +190,8 @@ class RunLock:
     message: the OS drops the lock when the process dies however it dies (SIGKILL,
     power loss), so a lock file left behind is stale by construction and simply taken
     over. The lock is per open file, so a second RunLock on the same folder in the
-    same process is refused too. Released by `release()` (Session.close), or at
-    interpreter exit."""
+    same process is refused too. Released by `release()` (Session.close), when it is collected,
+    or at interpreter exit."""
 
     def __init__(self, run_dir: str | os.PathLike) -> None:
         self.run_dir = Path(run_dir)
@@ -222,22 +222,23 @@ class RunLock:
             os.close(fd)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd: int | None = fd
-        self._owner = os.getpid()
-        atexit.register(self.release)
+        # released by release(), when the lock is collected (a Session dropped without
+        # close()), or at interpreter exit, whichever comes first
+        self._release = weakref.finalize(self, _release_lock, fd, self.path, os.getpid())
 
     def release(self) -> None:
-        """Unlink the lock file, then drop the lock (in that order: a run that opened the
-        old file finds it gone and locks a new one). Idempotent. In a forked child, which
-        shares the parent's lock, only the child's descriptor is closed."""
-        if self._fd is None:
-            return
-        atexit.unregister(self.release)
-        if os.getpid() == self._owner:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-        os.close(self._fd)
-        self._fd = None
+        """Drop the lock. Idempotent."""
+        self._release()
+
+
+def _release_lock(fd: int, path: Path, owner: int) -> None:
+    """Unlink the lock file, then drop the lock (in that order: a run that opened the old
+    file finds it gone and locks a new one). In a forked child, which shares the parent's
+    lock, only the child's descriptor is closed."""
+    if os.getpid() == owner:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    os.close(fd)
 
 
 def _in_use(run_dir: Path, holder: str) -> str:
@@ -308,14 +309,20 @@ def _write_atomically(final: Path, step: int, weights: dict[str, torch.Tensor],
         (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "sha256": sums},
                                                   indent=1))
         _fsync(tmp / "meta.json")
-        old = root / f".old-{final.name}-{os.getpid()}"
-        if final.exists():  # the same step snapshotted again (e.g. at the end), or a new best
-            os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # the previous snapshots stay untouched
         raise
+    old = root / f".old-{final.name}-{os.getpid()}"
+    if final.exists():  # the same step snapshotted again (e.g. at the end), or a new best
+        os.rename(final, old)
+    try:
+        os.rename(tmp, final)
+    except BaseException:  # put the previous one back: `final` is never missing
+        if old.exists() and not final.exists():
+            os.rename(old, final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     return final
 
 

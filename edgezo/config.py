@@ -102,8 +102,9 @@ class ModelOptions:
 class DataOptions:
     task: str | None = option("sst2", "sst2, copa, winogrande, multirc, boolq, wic, wsc, or "
                               "your own task.jsonl / spec.yaml (None: batches given to step())")
-    data_dir: str | None = option(None, "Folder with the task data (default: "
-                                  "$EDGEZO_DATA_DIR, then ./shared/data or ../shared/data)",
+    data_dir: str | None = option(None, "Folder with the task data, <task>/<files> "
+                                  "(default: $EDGEZO_DATA_DIR, then the SST-2 sample shipped "
+                                  "with edgezo, then the hub with edgezo[hub])",
                                   resume=True)
     data_seed: int = option(0, "Seed of the train/validation split")
     train_examples: int | None = option(None, "Training rows (default 1000, ZO-Bench's "

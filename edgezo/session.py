@@ -158,7 +158,7 @@ class Session:
     def step(self, batch: dict | None = None) -> StepResult:
         """One ZO step on the next training batch, or on the given dict of tensors. A
         KeyboardInterrupt during it leaves the session at the last completed step (see
-        _after_torn_step)."""
+        recover_torn_step)."""
         self._check_not_averaged("step")
         self._check_not_torn("step")
         if batch is None:
@@ -171,7 +171,7 @@ class Session:
             with self.monitor.phase("train"):
                 result = self.engine.step(batch, self.schedule(self.engine.step_index))
         except KeyboardInterrupt as stop:
-            stop.recovered = self._after_torn_step()
+            stop.recovered = self.recover_torn_step()
             raise
         except torch.cuda.OutOfMemoryError:
             self.engine.flush()  # the weights of the last completed step, all applied
@@ -185,11 +185,11 @@ class Session:
         guard.after_step(self)
         return result
 
-    def _after_torn_step(self) -> bool:
-        """A KeyboardInterrupt inside a step leaves the blocks it had updated a step ahead
-        of the rest: go back to the last completed step (the run folder's snapshot and
-        seed log), or mark the weights torn, so that no step, snapshot or save uses them.
-        True when the session is back at a completed step."""
+    def recover_torn_step(self) -> bool:
+        """A KeyboardInterrupt inside a step (or a flush of its update) leaves the blocks
+        it had updated a step ahead of the rest: go back to the last completed step (the
+        run folder's snapshot and seed log), or mark the weights torn, so that no step,
+        snapshot or save uses them. True when the session is back at a completed step."""
         step = self.engine.step_index
         try:
             back = runs.rewind(self, step)
@@ -279,7 +279,7 @@ class Session:
             result = self.engine.step_along([-c for c in coefs],
                                             self.schedule(self.engine.step_index))
         except KeyboardInterrupt as stop:
-            stop.recovered = self._after_torn_step()
+            stop.recovered = self.recover_torn_step()
             raise
         self.history.append(result)
         if self._log is not None:

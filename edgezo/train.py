@@ -85,9 +85,10 @@ class CtrlC:
     A step updates the weights block by block as its forward visits them, so a
     KeyboardInterrupt raised inside it would leave some blocks a step ahead of the others
     (and a bf16 run a rounding apart): a snapshot of that would resume into another run.
-    So a first SIGINT during a step is held and raised when the step ends (a second or
-    so); outside a step it is raised at once. A second SIGINT during the step raises at
-    once, and `torn` then says the loop must go back to the last completed step.
+    So a first SIGINT inside `held()` (a step, a flush, a snapshot, the step's rows) is
+    noted, and `stop_if_asked()` raises it once the step's work is done; outside (an
+    evaluation) it is raised at once. A second SIGINT inside raises at once, and `torn`
+    then says the loop must go back to the last completed step.
     """
 
     def __init__(self) -> None:
@@ -112,8 +113,8 @@ class CtrlC:
         self.requested = True
 
     @contextmanager
-    def step(self) -> Iterator[None]:
-        """Around whatever moves the weights: a step, and a flush of its update."""
+    def held(self) -> Iterator[None]:
+        """Around whatever moves the weights or records a step: a first Ctrl-C waits."""
         self.in_step = True
         try:
             yield
@@ -122,6 +123,8 @@ class CtrlC:
             raise
         finally:
             self.in_step = False
+
+    def stop_if_asked(self) -> None:
         if self.requested:
             raise KeyboardInterrupt
 
@@ -191,34 +194,37 @@ def _train_loop(session: Session, console: Console, metrics, watch: DivergenceWa
                                 completed=first)
         for i in range(first, steps):
             evaluates = bool(t.eval_every) and (i + 1) % t.eval_every == 0
-            with ctrl_c.step():
+            with ctrl_c.held():
                 r = session.step()
                 if evaluates:  # evaluation applies the step's update first: not torn
                     session.engine.flush()
             row = _metrics_row(session, r)
-            if evaluates:
+            if evaluates:  # a Ctrl-C here stops at once: the weights are a completed step's
                 acc = row["validation_accuracy"] = evaluate(session, "validation",
                                                             progress.console)["accuracy"]
                 note = ""
-                if keeps_best and (best is None or acc > best["validation_accuracy"]) \
-                        and _kept_as_best(session, acc, progress.console):
-                    best = {"step": i + 1, "validation_accuracy": acc}
-                    note = " (the best so far: kept)"
+                if keeps_best and (best is None or acc > best["validation_accuracy"]):
+                    with ctrl_c.held():
+                        kept = _kept_as_best(session, acc, progress.console)
+                    if kept:
+                        best = {"step": i + 1, "validation_accuracy": acc}
+                        note = " (the best so far: kept)"
                 progress.console.print(f"step {i + 1}: validation accuracy {acc:.4f}{note}")
             row["wall_s"] = time.perf_counter() - t0  # evaluations included
-            if metrics is not None:
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-            if output is not None and every and (i + 1) % every == 0:
-                with ctrl_c.step():  # a snapshot applies the pending update first
-                    _snapshot(session, console)
-            rate = (i + 1 - first) / (time.perf_counter() - start)
-            progress.update(bar, advance=1, loss=f"{r.loss:.4f}", rate=f"{rate:.2f}",
-                            mem=_gib(row["memory_bytes"]))
-            if not console.is_terminal and ((i + 1) % log_every == 0 or i + 1 == steps):
-                console.print(f"step {i + 1}/{steps} loss {r.loss:.4f} {rate:.2f} steps/s "
-                              f"mem {_gib(row['memory_bytes'])}")
-            watch.see(r)
+            with ctrl_c.held():  # the step's row, snapshot and checks, whole
+                if metrics is not None:
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                if output is not None and every and (i + 1) % every == 0:
+                    _snapshot(session, console)  # applies the pending update first
+                rate = (i + 1 - first) / (time.perf_counter() - start)
+                progress.update(bar, advance=1, loss=f"{r.loss:.4f}", rate=f"{rate:.2f}",
+                                mem=_gib(row["memory_bytes"]))
+                if not console.is_terminal and ((i + 1) % log_every == 0 or i + 1 == steps):
+                    console.print(f"step {i + 1}/{steps} loss {r.loss:.4f} {rate:.2f} "
+                                  f"steps/s mem {_gib(row['memory_bytes'])}")
+                watch.see(r)
+            ctrl_c.stop_if_asked()
 
 
 def _kept_as_best(session: Session, acc: float, console: Console) -> bool:
@@ -320,7 +326,9 @@ def finetune(session: Session, steps: int | None = None, *, console: Console | N
     """Run the fine-tune up to `steps` steps in all (default: the config's) and return the
     report dict (also written to the run folder). `train`: other options of the config's
     train section to change first (output, eval_every, ...). A session resumed from its
-    folder continues where it stopped."""
+    folder continues where it stopped. A Ctrl-C during training returns the report
+    (`interrupted` true, no final evaluation); one before the first step raises
+    RunInterrupted (a KeyboardInterrupt), as there is no report to return."""
     t0 = time.perf_counter()
     _set_train_options(session, train if steps is None else {**train, "steps": steps})
     t = session.config.train
@@ -506,22 +514,19 @@ def _average_last(session: Session, output: Path | None, stopped, console: Conso
 
 def _after_ctrl_c(session: Session, stop: KeyboardInterrupt, torn: bool, console: Console
                   ) -> KeyboardInterrupt:
-    """A Ctrl-C that cut a step short (a second one, during it) leaves blocks a step
-    apart: go back to the last completed step (snapshot + seed log), or save nothing."""
+    """A Ctrl-C that cut a step, a flush or a snapshot short (a second one, inside
+    `CtrlC.held`) may leave the weights part-way through an update: go back to the last
+    completed step (snapshot + seed log), or mark the session torn and save nothing."""
     if not torn:
         return stop
-    step = session.engine.step_index
-    back = getattr(stop, "recovered", None)  # Session.step went back itself
-    if back is None:  # cut short in a flush (before an evaluation or a snapshot)
-        try:
-            back = runs.rewind(session, step)
-        except (CheckpointError, OSError):
-            back = False
+    back = getattr(stop, "recovered", None)  # Session.step went back, or tried, itself
+    if back is None:
+        back = session.recover_torn_step()
     if back:
         return stop
     stop.unsound = True  # the snapshot and seed log on disk hold every completed step
-    console.print(f"The interrupted step {step + 1} left the weights half-updated, and they "
-                  "could not be rebuilt here; nothing was saved over the run's last "
+    console.print("The second Ctrl-C caught the weights part-way through an update, and "
+                  "they could not be rebuilt here: nothing was saved over the run's last "
                   "snapshot.")
     return stop
 

@@ -6,10 +6,10 @@ the task, so the rows and their prompt are exactly those `edgezo eval` scores.
     python examples/onnx_predict.py /tmp/onnx                 # sst2, with the run's prompt
     python examples/onnx_predict.py /tmp/onnx --task mine.jsonl --eval-examples 100
 
-Data is found as edgezo finds it: --data-dir, else $EDGEZO_DATA_DIR, else a shared/data
-folder at or above the working directory, else the copy edgezo ships or the hub
-(edgezo.tasks.data). A task is a built-in name (sst2, copa, ...) or a .jsonl / .yaml
-file of your own; the test split is scored, as `edgezo eval` does by default.
+Data is found as edgezo finds it: --data-dir, else $EDGEZO_DATA_DIR, else the SST-2
+sample edgezo ships, else the hub (edgezo.tasks.data). A task is a built-in name (sst2,
+copa, ...) or a .jsonl / .yaml file of your own; the test split is scored, as `edgezo
+eval` does by default.
 
 The prompt is the one the model was trained with: --template if given, else the
 template the run resolved (edgezo.json, which `edgezo export` writes beside model.onnx

@@ -135,6 +135,8 @@ def test_ctrl_c_inside_a_step_then_resume_equals_the_straight_run(tiny_folder, d
     assert report["steps"] == stopped_at and "test_accuracy" not in report
     assert snapshots(out)[-1].name == f"step-{stopped_at:08d}"
     assert len(read_seed_log(out)) == stopped_at
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, stopped_at + 1))  # the last one too
     finetune(Session.resume(out), out)
     assert same(last_weights(out), last_weights(ref))
     replayed = Session.replay_run(out)
@@ -200,9 +202,12 @@ def test_cli_ctrl_c_in_the_first_evaluation_leaves_no_folder(tiny_folder, data_d
 
 
 def test_a_session_step_cut_short_goes_back_to_the_last_completed_step(tiny_folder,
-                                                                       data_dir, tmp_path):
+                                                                       data_dir, tmp_path,
+                                                                       monkeypatch):
     """The API, not only finetune: a KeyboardInterrupt inside Session.step leaves a
     recorded session at the last completed step; an unrecorded one refuses to go on."""
+    from edgezo.errors import CheckpointError
+
     ref = session(tiny_folder, data_dir, "bf16")
     for _ in range(STOP_AT + 1):
         ref.step()
@@ -215,14 +220,13 @@ def test_a_session_step_cut_short_goes_back_to_the_last_completed_step(tiny_fold
         if recorded:
             s.record(tmp_path / "run")
             s.checkpoint()
-        ctrl_c_inside_a_block_update(s, hard_stop, pytest.MonkeyPatch())
-        for _ in range(STOP_AT):
-            s.step()
-        with pytest.raises(KeyboardInterrupt):
-            s.step()
+        with monkeypatch.context() as patch:
+            ctrl_c_inside_a_block_update(s, hard_stop, patch)
+            for _ in range(STOP_AT):
+                s.step()
+            with pytest.raises(KeyboardInterrupt):
+                s.step()
         if not recorded:
-            from edgezo.errors import CheckpointError
-
             for act in (s.step, s.checkpoint, lambda s=s: s.save(tmp_path / "m")):
                 with pytest.raises(CheckpointError, match=f"step {STOP_AT + 1} was "
                                                           "interrupted half-way"):
@@ -235,4 +239,20 @@ def test_a_session_step_cut_short_goes_back_to_the_last_completed_step(tiny_fold
         got = {n: p.detach() for n, p in zip(s.engine.blocks.names, s.engine.blocks.params,
                                              strict=True)}
         assert same(got, want)
+        s.close()
+
+
+def test_finetune_without_a_folder_marks_a_torn_step(tiny_folder, data_dir, monkeypatch):
+    """No run folder to go back to: the session is marked torn, so nothing saves or
+    trains on weights part-way through an update."""
+    from edgezo.errors import CheckpointError
+
+    s = session(tiny_folder, data_dir, "bf16")
+    ctrl_c_inside_a_block_update(s, hard_stop, monkeypatch)
+    try:
+        report = train.finetune(s, STEPS, console=Console(quiet=True))
+        assert report["interrupted"] is True and s.torn_step == STOP_AT
+        with pytest.raises(CheckpointError, match="interrupted half-way"):
+            s.step()
+    finally:
         s.close()

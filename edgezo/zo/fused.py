@@ -16,8 +16,11 @@ at most FUSED_VALUES values in all) is handled as one flat run of values:
   copy back.
 
 The values are the chunks' own (z is the table slice each chunk reads, row by row), and
-every elementwise operation is the one the span path applies, so a fused step's weights
-equal the span path's bit for bit on the same device (tests/test_fused.py).
+every elementwise operation is the one the span path applies. fp32 steps and every
+update equal the span path's bit for bit (tests/test_fused.py, on the CPU); a bf16
+perturbed copy does on a GPU, where each element takes the same arithmetic, but not
+always on the CPU, whose add rounds a tensor's vectorized body and its tail apart (the
+CPU keeps its own path, so that only matters to the tests that force this one there).
 """
 
 from __future__ import annotations
@@ -134,8 +137,9 @@ class Fused:
     def _kept(self, role: str, piece: Piece, memory: tuple, make: Callable[[], list]
               ) -> list[torch.Tensor]:
         """Views of `role` for a piece, made once and kept while the memory they view is
-        the same (`memory`: data pointers); a view made of other memory replaces them,
-        so no stale view keeps a freed buffer alive."""
+        the same (`memory`: data pointers). A kept view holds its storage, so an equal
+        pointer is the same live memory; views of memory that moved are replaced the next
+        time the piece asks, and until then keep that memory alive."""
         key = (role, piece.indices)
         found = self._views.get(key)
         if found is None or found[0] != memory:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
@@ -540,5 +540,14 @@ def parallel_map(fn: Callable[[int], None], items: Iterable[int], device: torch.
         return
     if _POOL is None:
         _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="edgezo-noise")
-    for future in [_POOL.submit(fn, item) for item in items]:
-        future.result()
+    futures = [_POOL.submit(fn, item) for item in items]
+    try:
+        for future in futures:
+            future.result()
+    except BaseException:
+        # a Ctrl-C (or an error) here must not leave workers writing into tensors the
+        # caller goes on to restore or read: stop what has not started, wait for the rest
+        for future in futures:
+            future.cancel()
+        wait(futures)
+        raise

@@ -204,9 +204,14 @@ class Perturbation:
             where[i] = offset
             offset += self.params[i].numel()
         pieces, rest = self.fused.pieces([i for i, _ in targets])
+        left = set(rest)
         for piece in pieces:
             p = self.params[piece.indices[0]]
-            twin = p.dtype == torch.bfloat16 and p.device.type == "cpu"  # as perturbation_chunk
+            if p.dtype != buffers[0].dtype:  # a copy in another dtype: rounded once, by _fill
+                left.update(piece.indices)
+                continue
+            # as perturbation_chunk: the bf16 twin on the CPU (where only tests fuse)
+            twin = p.dtype == torch.bfloat16 and p.device.type == "cpu"
             z = noise.thread_buffer("fused_z16" if twin else "fused_z", piece.numel,
                                     torch.bfloat16 if twin else work_dtype(p.dtype), p.device)
             self.fused.z(piece, self.direction.seeds[0], z,
@@ -214,7 +219,6 @@ class Perturbation:
             lo = where[piece.indices[0]]
             self.fused.perturb(piece, [b[lo:lo + piece.numel] for b in buffers], z,
                                [s * self.eps for s in self.signs])
-        left = set(rest)
         return [t for t in targets if t[0] in left]
 
     def _cheap_z(self, device: torch.device) -> bool:
@@ -287,7 +291,7 @@ class Perturbation:
             targets.append((i, views))
             scratch[local] = views
             offset += p.numel()
-        if not nested:  # replaces views of other memory: none keeps a freed buffer alive
+        if not nested:  # a kept view holds its memory: an equal pointer is the same buffer
             self._views[key] = (scratch, targets, memory)
         return scratch, targets, buffers
 
