@@ -201,3 +201,14 @@ def test_a_gpu_runs_log_replays_on_the_cpu(monkeypatch):
         ulp = torch.finfo(torch.bfloat16).eps * tensor.float().abs().clamp_min(1e-30)
         assert ((gpu.float() - tensor.float()).abs() <= ulp).all(), name
     print(f"GPU vs CPU replay: {differ} weights differ in the last bit")
+
+
+def test_edgezo_fused_0_keeps_the_span_path_everywhere():
+    import os
+    import subprocess
+
+    code = "from edgezo.zo import fused; print(fused.FUSED_DEVICES)"
+    for value, want in (("0", "()"), ("1", "('cuda',)")):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, "EDGEZO_FUSED": value}, check=True)
+        assert out.stdout.strip() == want

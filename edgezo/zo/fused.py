@@ -25,6 +25,7 @@ CPU keeps its own path, so that only matters to the tests that force this one th
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -34,8 +35,8 @@ from edgezo.zo import noise
 
 # Where units take the fused path. The CPU keeps its own (perturb.CHUNKED_LINEAR_DEVICES:
 # linear maps computed from z, no scratch copy), where a chunk's work is large next to
-# its dispatch cost.
-FUSED_DEVICES = ("cuda",)
+# its dispatch cost. EDGEZO_FUSED=0 keeps the span path everywhere (the same values).
+FUSED_DEVICES = () if os.environ.get("EDGEZO_FUSED") == "0" else ("cuda",)
 # Values a piece holds at most: its z and, for an update, its fp32 copy are buffers of
 # this size (the planner's noise_buffers); a larger parameter goes span by span.
 FUSED_VALUES = 1 << 22
