@@ -142,16 +142,16 @@ def test_the_cuda_paths_host_cost_is_a_few_ops_a_parameter(monkeypatch):
 
 def test_the_plan_prices_the_fused_buffers_where_they_run():
     """A piece's z, fp32 copy and dither (4 bytes a value each), at most FUSED_VALUES
-    values of parameters no larger: on a GPU with the table's z, and nowhere else."""
+    values: on a GPU with the table's z, and nowhere else."""
     from types import SimpleNamespace
 
     from edgezo.memory.plan import _fused_bytes
 
-    small, big = torch.zeros(1000), torch.zeros(fused.FUSED_VALUES + 1)
-    blocks = SimpleNamespace(params=[small, small, big])
+    small = torch.zeros(1000)
+    blocks = SimpleNamespace(params=[small, small])
     spec = SimpleNamespace(perturbs=True, noise_table=True, on_cuda=True)
     assert _fused_bytes(blocks, spec) == 12 * 2000
-    blocks.params = [big] + [torch.zeros(fused.FUSED_VALUES // 2)] * 3
+    blocks.params = [small, torch.zeros(fused.FUSED_VALUES + 1)]
     assert _fused_bytes(blocks, spec) == 12 * fused.FUSED_VALUES
     for off in ({"on_cuda": False}, {"noise_table": False}, {"perturbs": False}):
         assert _fused_bytes(blocks, SimpleNamespace(**{**vars(spec), **off})) == 0
@@ -212,3 +212,15 @@ def test_edgezo_fused_0_keeps_the_span_path_everywhere():
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              env={**os.environ, "EDGEZO_FUSED": value}, check=True)
         assert out.stdout.strip() == want
+
+
+def test_a_parameter_larger_than_a_piece_is_cut_at_chunk_boundaries(monkeypatch):
+    monkeypatch.setattr(noise, "CHUNK_ELEMENTS", 512)
+    monkeypatch.setattr(fused, "FUSED_VALUES", 3000)
+    params = [torch.zeros(256, 32), torch.zeros(100), torch.zeros(40, 32)]
+    pieces, rest = fused.Fused(params).pieces([0, 1, 2])
+    assert not rest and all(p.numel <= 3000 for p in pieces)
+    segments = [s for p in pieces for s in p.segments]
+    assert [s for s in segments if s[0] == 0] == [(0, 0, 80), (0, 80, 160), (0, 160, 240),
+                                                 (0, 240, 256)]  # 80 rows: 5 chunks of 16
+    assert sum(p.numel for p in pieces) == sum(t.numel() for t in params)

@@ -212,11 +212,10 @@ def _linear_span_bytes(p: torch.Tensor, device: str, limit: int | None) -> int:
 def _fused_bytes(blocks: BlockMap, spec: StepSpec) -> int:
     """The fused path's buffers (zo/fused.py: a piece's z, its fp32 copy for the update
     and the rounding dither, 4 bytes a value each), where it runs: on a fused device, with
-    the table's z. A piece holds at most FUSED_VALUES values, of parameters no larger."""
+    the table's z. A piece holds at most FUSED_VALUES values."""
     if not (spec.perturbs and spec.noise_table and _device(spec) in fused.FUSED_DEVICES):
         return 0
-    small = sum(p.numel() for p in blocks.params if p.numel() <= fused.FUSED_VALUES)
-    return 3 * 4 * min(fused.FUSED_VALUES, small)
+    return 3 * 4 * min(fused.FUSED_VALUES, sum(p.numel() for p in blocks.params))
 
 
 def _device(spec: StepSpec) -> str:

@@ -46,42 +46,55 @@ _LOW16 = 0xFFFF
 
 @dataclass(frozen=True)
 class Piece:
-    """Consecutive parameters laid end to end, with what a gather of their z needs."""
+    """Segments of parameters laid end to end (each a run of whole chunks of one
+    parameter's rows), with what a gather of their z needs."""
 
-    indices: tuple[int, ...]
-    sizes: tuple[int, ...]
-    shapes: tuple[torch.Size, ...]
+    segments: tuple[tuple[int, int, int], ...]  # (parameter index, first row, end row)
+    sizes: tuple[int, ...]  # values in each segment
     numel: int
     chunks: tuple[tuple[int, int, int], ...]  # (parameter index, chunk, values) in order
     runs: tuple[tuple[int, int, int, int, int], ...]  # (cols, first row, end row, lo, hi)
     row_chunk: torch.Tensor  # for each row: its chunk's place in `chunks` (device)
     row_local: torch.Tensor  # for each row: where it starts inside its chunk (device)
 
+    @property
+    def indices(self) -> tuple[int, ...]:
+        """The parameters the piece holds rows of, in order."""
+        return tuple(dict.fromkeys(i for i, _, _ in self.segments))
 
-def _layout(params: Sequence[torch.Tensor], indices: tuple[int, ...], device: torch.device
-            ) -> Piece:
-    chunks, runs, row_chunk, row_local = [], [], [], []
-    sizes, shapes, row, value = [], [], 0, 0
-    for i in indices:
+
+def _layout(params: Sequence[torch.Tensor], segments: tuple[tuple[int, int, int], ...],
+            device: torch.device) -> Piece:
+    chunks, runs, row_chunk, row_local, sizes = [], [], [], [], []
+    row = value = 0
+    for i, first, end in segments:
         shape = params[i].shape
-        cols, rows = noise._cols(shape), noise.num_rows(shape)
-        for c, (lo, hi) in enumerate(noise.chunk_bounds(shape)):
+        cols, per = noise._cols(shape), noise.rows_per_chunk(shape)
+        for c in range(first // per, -(-end // per)):
+            lo, hi = noise.chunk_bounds_of(shape, c)
             row_chunk += [len(chunks)] * (hi - lo)
             row_local += [(r - lo) * cols for r in range(lo, hi)]
             chunks.append((i, c, (hi - lo) * cols))
+        rows = end - first
         if runs and runs[-1][0] == cols:
             c0, r0, _, v0, _ = runs[-1]
             runs[-1] = (c0, r0, row + rows, v0, value + rows * cols)
         else:
             runs.append((cols, row, row + rows, value, value + rows * cols))
         sizes.append(rows * cols)
-        shapes.append(shape)
         row += rows
         value += rows * cols
     as_long = dict(dtype=torch.int64)
-    return Piece(indices, tuple(sizes), tuple(shapes), value, tuple(chunks), tuple(runs),
+    return Piece(segments, tuple(sizes), value, tuple(chunks), tuple(runs),
                  torch.tensor(row_chunk, **as_long).to(device),
                  torch.tensor(row_local, **as_long).to(device))
+
+
+def _segments(shape: torch.Size, index: int) -> list[tuple[int, int, int]]:
+    """A parameter's rows cut into runs of whole chunks of at most FUSED_VALUES values."""
+    rows, cols, per = noise.num_rows(shape), noise._cols(shape), noise.rows_per_chunk(shape)
+    step = max(per, FUSED_VALUES // cols // per * per)  # whole chunks (one at least)
+    return [(index, lo, min(lo + step, rows)) for lo in range(0, rows, step)]
 
 
 class Fused:
@@ -94,14 +107,15 @@ class Fused:
         self._views: dict[tuple, tuple[tuple, list[torch.Tensor]]] = {}
 
     def pieces(self, indices: Sequence[int]) -> tuple[list[Piece], list[int]]:
-        """The pieces covering `indices` in order, and the indices left to the span path
-        (a parameter larger than a piece, or of a dtype fused updates do not handle)."""
+        """The pieces covering `indices` in order (a parameter larger than a piece is
+        cut at chunk boundaries), and the indices left to the span path (dtypes the
+        fused update does not handle)."""
         key = tuple(indices)
         found = self._pieces.get(key)
         if found is not None:
             return found
         pieces, rest, current, size = [], [], [], 0
-        device = None
+        device = dtype = None
 
         def close() -> None:
             if current:
@@ -110,20 +124,20 @@ class Fused:
 
         for i in key:
             p = self.params[i]
-            fits = p.numel() <= FUSED_VALUES and p.dtype in (torch.float32, torch.bfloat16,
-                                                             torch.float16)
-            if not fits:  # a piece's parameters lie end to end: this one ends it
-                close()
+            if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                close()  # a piece's segments lie end to end: this parameter ends it
                 size = 0
                 rest.append(i)
                 continue
-            if current and (size + p.numel() > FUSED_VALUES or p.device != device
-                            or p.dtype != self.params[current[0]].dtype):
-                close()
-                size = 0
-            device = p.device
-            current.append(i)
-            size += p.numel()
+            for segment in _segments(p.shape, i):
+                values = (segment[2] - segment[1]) * noise._cols(p.shape)
+                if current and (size + values > FUSED_VALUES or p.device != device
+                                or p.dtype != dtype):
+                    close()
+                    size = 0
+                device, dtype = p.device, p.dtype
+                current.append(segment)
+                size += values
         close()
         self._pieces[key] = found = (pieces, rest)
         return found
@@ -141,7 +155,7 @@ class Fused:
         the same (`memory`: data pointers). A kept view holds its storage, so an equal
         pointer is the same live memory; views of memory that moved are replaced the next
         time the piece asks, and until then keep that memory alive."""
-        key = (role, piece.indices)
+        key = (role, piece.segments)
         found = self._views.get(key)
         if found is None or found[0] != memory:
             found = self._views[key] = (memory, make())
@@ -153,11 +167,14 @@ class Fused:
                           lambda: list(flat.split(piece.sizes)))
 
     def weights(self, piece: Piece) -> list[torch.Tensor]:
-        """The piece's parameters as flat views of their storage (an update writes
-        through them in place)."""
-        params = [self.params[i] for i in piece.indices]
+        """The piece's segments as flat views of their parameters' storage (an update
+        writes through them in place)."""
+        params = [self.params[i] for i, _, _ in piece.segments]
         return self._kept("weights", piece, tuple(p.data_ptr() for p in params),
-                          lambda: [p.detach().view(-1) for p in params])
+                          lambda: [p.detach().reshape(noise.num_rows(p.shape), -1)[a:b]
+                                   .view(-1)
+                                   for p, (_, a, b) in zip(params, piece.segments,
+                                                           strict=True)])
 
     def _runs_of(self, out: torch.Tensor, piece: Piece) -> list[torch.Tensor]:
         """`out` cut into the (rows, cols) blocks each gather of the piece fills."""

@@ -216,7 +216,8 @@ class Perturbation:
                                     torch.bfloat16 if twin else work_dtype(p.dtype), p.device)
             self.fused.z(piece, self.direction.seeds[0], z,
                          noise.table_bf16 if twin else noise.table)
-            lo = where[piece.indices[0]]
+            first, row, _ = piece.segments[0]  # where the piece starts in the copies
+            lo = where[first] + row * noise._cols(self.params[first].shape)
             self.fused.perturb(piece, [b[lo:lo + piece.numel] for b in buffers], z,
                                [s * self.eps for s in self.signs])
         return [t for t in targets if t[0] in left]
