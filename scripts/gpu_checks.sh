@@ -14,7 +14,7 @@
 set -u
 out=${1:-gpu-results}
 model=${2:-smollm2}
-parts=" ${PARTS:-step_overhead memory gpu_budget quantized streaming tests} "
+parts=" ${PARTS:-step_overhead step_overhead_span memory gpu_budget quantized streaming tests} "
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 started=$(date +%s)
@@ -48,6 +48,9 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 torch.cuda.get_device_name(0), 'CPU', torch.backends.cpu.get_cpu_capability())"
 
 part step_overhead 90 python3 benchmarks/step_overhead.py --model "$model" --dtype bf16
+# the table's step on the span path, for the fused path's gain (zo/fused.py)
+part step_overhead_span 60 env EDGEZO_FUSED=0 python3 benchmarks/step_overhead.py \
+    --model "$model" --dtype bf16 --rows table
 part memory 90 python3 benchmarks/memory.py --model "$model" --dtype bf16
 
 # The real-model tests need the embedded model's wheel.
