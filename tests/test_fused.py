@@ -142,17 +142,19 @@ def test_the_cuda_paths_host_cost_is_a_few_ops_a_parameter(monkeypatch):
 
 def test_the_plan_prices_the_fused_buffers_where_they_run():
     """A piece's z, fp32 copy and dither (4 bytes a value each), at most FUSED_VALUES
-    values: on a GPU with the table's z, and nowhere else."""
+    values, and the row layouts: on a GPU with the table's z, and nowhere else."""
     from types import SimpleNamespace
 
     from edgezo.memory.plan import _fused_bytes
 
-    small = torch.zeros(1000)
+    small = torch.zeros(10, 100)
+    layouts = 32  # two int64 a row, for a unit's pieces and a flush's
     blocks = SimpleNamespace(params=[small, small])
     spec = SimpleNamespace(perturbs=True, noise_table=True, on_cuda=True)
-    assert _fused_bytes(blocks, spec) == 12 * 2000
+    assert _fused_bytes(blocks, spec) == 12 * 2000 + layouts * 20
     blocks.params = [small, torch.zeros(fused.FUSED_VALUES + 1)]
-    assert _fused_bytes(blocks, spec) == 12 * fused.FUSED_VALUES
+    assert _fused_bytes(blocks, spec) == 12 * fused.FUSED_VALUES \
+        + layouts * (10 + fused.FUSED_VALUES + 1)
     for off in ({"on_cuda": False}, {"noise_table": False}, {"perturbs": False}):
         assert _fused_bytes(blocks, SimpleNamespace(**{**vars(spec), **off})) == 0
 

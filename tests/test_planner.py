@@ -135,9 +135,12 @@ def test_on_cuda_noise_buffers_hold_a_span_and_layers_are_copied(config_file, mo
     assert (emulated.device, gpu.device) == ("cpu", "cuda")
     assert noise.SPAN_ELEMENTS["cuda"] == 1 << 20
     H, inter = 4096, 11008
-    # plus the fused pieces' z, fp32 copy and dither (zo/fused.py), 4M values at most
+    # plus the fused pieces' z, fp32 copy and dither (zo/fused.py), 4M values at most, and
+    # their row layouts (two int64 a row, twice): 32 layers' rows, the embedding's and
+    # the head's, and the norms' (a 1-D tensor's values are its rows)
+    rows = 32 * (4 * H + 2 * inter + H + 2 * H) + 2 * 32000 + H
     assert gpu.components["noise_buffers"] == THREAD_BUFFERS * 4 * 2 * (1 << 20) \
-        + 12 * (1 << 22)
+        + 12 * (1 << 22) + 32 * rows
     layer = 4 * H * H + 3 * H * inter + 2 * H
     assert gpu.components["perturbation_scratch"] == 2 * layer * 2  # two bf16 copies
     assert emulated.components["perturbation_scratch"] < layer * 2 // 20  # spans, norms

@@ -211,11 +211,14 @@ def _linear_span_bytes(p: torch.Tensor, device: str, limit: int | None) -> int:
 
 def _fused_bytes(blocks: BlockMap, spec: StepSpec) -> int:
     """The fused path's buffers (zo/fused.py: a piece's z, its fp32 copy for the update
-    and the rounding dither, 4 bytes a value each), where it runs: on a fused device, with
-    the table's z. A piece holds at most FUSED_VALUES values."""
+    and the rounding dither, 4 bytes a value each; a piece holds at most FUSED_VALUES
+    values), and its pieces' row layouts (two int64 a row, kept for the units' pieces and
+    for a flush's), where it runs: on a fused device, with the table's z."""
     if not (spec.perturbs and spec.noise_table and _device(spec) in fused.FUSED_DEVICES):
         return 0
-    return 3 * 4 * min(fused.FUSED_VALUES, sum(p.numel() for p in blocks.params))
+    values = sum(p.numel() for p in blocks.params)
+    rows = sum(noise.num_rows(p.shape) for p in blocks.params)
+    return 3 * 4 * min(fused.FUSED_VALUES, values) + 2 * 2 * 8 * rows
 
 
 def _device(spec: StepSpec) -> str:
