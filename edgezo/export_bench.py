@@ -3,7 +3,7 @@ it: file size, time to export, and test accuracy through torch, transformers' GG
 and onnxruntime, side by side, with the base model's and how many predictions each reader
 shares with the trained torch model (the table in BENCHMARKS.md).
 
-    python -m edgezo.export_bench RUN --data-dir ../shared/data --max-examples 200 \\
+    python -m edgezo.export_bench RUN --data-dir DATA --max-examples 200 \\
         --output /tmp/exports
 
 Accuracy is edgezo's own (candidate log-likelihood, `tasks.loss.candidate_scores`) on the

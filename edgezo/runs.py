@@ -502,21 +502,14 @@ def replay(cls: type[Session], run_dir: str | os.PathLike, **overrides) -> Sessi
 def rewind(session: Session, step: int) -> bool:
     """Bring a recorded session back to the weights it had before `step` ran (the newest
     intact snapshot at or before it, then the log up to it); False when it cannot (no
-    run folder, no such snapshot, or steps a seed log cannot redo). For a diverged run."""
-    if session.run_dir is None:
+    run folder, no such snapshot, or steps a seed log cannot redo). For a diverged run,
+    and a step a Ctrl-C cut short."""
+    found = None if session.run_dir is None else _intact_at_or_before(session.run_dir, step)
+    if found is None:
         return False
-    for snap in reversed(snapshots(session.run_dir)):
-        if snapshot_step(snap) > step:
-            continue
-        try:
-            meta = verify(snap)
-        except CheckpointError:
-            continue
-        weights, state = load_snapshot(snap)
-        restore(session, weights, state, meta)
-        if session.engine.step_index < step:
-            if not session.engine.replayable:
-                return False
-            _replay_log(session, read_seed_log(session.run_dir), upto=step)
-        return session.engine.step_index == step
-    return False
+    restore(session, *load_snapshot(found[0]), found[1])
+    if session.engine.step_index < step:
+        if not session.engine.replayable:
+            return False
+        _replay_log(session, read_seed_log(session.run_dir), upto=step)
+    return session.engine.step_index == step

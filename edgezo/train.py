@@ -9,12 +9,7 @@ summary. Everything it does is set by the session's RunConfig (`train` section).
 from __future__ import annotations
 
 import json
-import shutil
-import signal
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
@@ -32,6 +27,12 @@ from edgezo.errors import (
     TrainingError,
 )
 from edgezo.hardware import cpu_capability
+from edgezo.interrupt import (
+    CtrlC,
+    after_ctrl_c,
+    interrupted_before_training,
+    stopped_line,
+)
 from edgezo.memory.plan import peak_summary
 from edgezo.profiles import GiB
 from edgezo.session import Session
@@ -77,56 +78,6 @@ def _snapshot(session: Session, console: Console) -> bool:
                       f"failed ({err.strerror or err}); the previous snapshot is intact and the "
                       "seed log keeps every step")
         return False
-
-
-class CtrlC:
-    """Lands a Ctrl-C between steps, where the weights are those of a completed step.
-
-    A step updates the weights block by block as its forward visits them, so a
-    KeyboardInterrupt raised inside it would leave some blocks a step ahead of the others
-    (and a bf16 run a rounding apart): a snapshot of that would resume into another run.
-    So a first SIGINT inside `held()` (a step, a flush, a snapshot, the step's rows) is
-    noted, and `stop_if_asked()` raises it once the step's work is done; outside (an
-    evaluation) it is raised at once. A second SIGINT inside raises at once, and `torn`
-    then says the loop must go back to the last completed step.
-    """
-
-    def __init__(self) -> None:
-        self.in_step = self.requested = self.torn = False
-        self._previous = None
-
-    def __enter__(self) -> CtrlC:
-        # only the main thread may set handlers; a job started with SIGINT ignored
-        # (nohup, a shell's background job) keeps it ignored
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, None):
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-    def _on_sigint(self, signum, frame) -> None:
-        if not self.in_step or self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    @contextmanager
-    def held(self) -> Iterator[None]:
-        """Around whatever moves the weights or records a step: a first Ctrl-C waits."""
-        self.in_step = True
-        try:
-            yield
-        except KeyboardInterrupt:
-            self.torn = True
-            raise
-        finally:
-            self.in_step = False
-
-    def stop_if_asked(self) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
 
 
 class Diverged(TrainingError):
@@ -336,33 +287,9 @@ def finetune(session: Session, steps: int | None = None, *, console: Console | N
     if session.rank != 0:  # data-parallel: rank 0 alone writes the run folder and talks
         output, console = None, Console(quiet=True)
     console = console or Console()
-    if t.keep_best and t.output is None:  # a Session may get its folder only here
-        raise ConfigError("--keep-best keeps the best weights in the run folder: add "
-                          "--output DIR (finetune(output=...))")
-    if t.keep_best and session.world > 1:
-        raise ConfigError("--keep-best is single-process for now (the other ranks cannot "
-                          "read rank 0's best snapshot): drop it, or run one process")
-    if t.average_last:
-        if (why := session.engine.averaging_problem()) is not None:
-            raise ConfigError(f"--average-last cannot average this run's weights: {why}")
-        if session.world > 1:
-            raise ConfigError("--average-last is single-process for now: drop it, or run "
-                              "one process")
+    _check_selection(session)
     first = session.engine.step_index  # > 0 when resumed
-    fresh = output is not None and not output.exists()
-    try:
-        if output is not None:
-            session.record(output)
-            if first == 0:
-                _snapshot(session, console)  # the start: what a diverged run goes back to
-            best = runs.best_of(output)
-            if best is not None and best["step"] > first:
-                drop_best(output)  # another run's, or a path this one went back from
-        _print_plan(session, console)
-        before = _accuracy_before(session, output, console)
-    except KeyboardInterrupt:
-        _interrupted_before_training(session, output if fresh else None, first, console)
-        raise RunInterrupted from None
+    before = _start(session, output, first, console)
     if first:
         console.print(f"Resumed at step {first} of {t.steps}.")
     stopped = _run_steps(session, console, output, first, t0)
@@ -378,7 +305,7 @@ def finetune(session: Session, steps: int | None = None, *, console: Console | N
     if moved:
         runs.rewind(session, selected["last_step"])
     if isinstance(stopped, KeyboardInterrupt):
-        console.print(_stopped_line(session, output))
+        console.print(stopped_line(session, output))
         return report
     if stopped is not None:
         raise stopped  # after the model and report are safely written
@@ -386,31 +313,43 @@ def finetune(session: Session, steps: int | None = None, *, console: Console | N
     return report
 
 
-def _stopped_line(session: Session, output: Path | None) -> str:
-    """Where a Ctrl-C stopped the run and how to go on, in one line."""
+def _check_selection(session: Session) -> None:
+    """Refuse --keep-best and --average-last where they cannot act (checked again here:
+    a Session may get its run folder only from finetune())."""
     t = session.config.train
-    done = session.engine.step_index
-    if output is None:
-        return f"Stopped at step {done} of {t.steps} (Ctrl-C); no --output, so nothing was kept."
-    return (f"Stopped at step {done} of {t.steps} (Ctrl-C); every completed step is in "
-            f"{output}. Resume with: edgezo finetune --resume {output} --steps {t.steps}")
+    if t.keep_best and t.output is None:
+        raise ConfigError("--keep-best keeps the best weights in the run folder: add "
+                          "--output DIR (finetune(output=...))")
+    if t.keep_best and session.world > 1:
+        raise ConfigError("--keep-best is single-process for now (the other ranks cannot "
+                          "read rank 0's best snapshot): drop it, or run one process")
+    if t.average_last:
+        if (why := session.engine.averaging_problem()) is not None:
+            raise ConfigError(f"--average-last cannot average this run's weights: {why}")
+        if session.world > 1:
+            raise ConfigError("--average-last is single-process for now: drop it, or run "
+                              "one process")
 
 
-def _interrupted_before_training(session: Session, created: Path | None, first: int,
-                                 console: Console) -> None:
-    """Ctrl-C before a step ran (in the evaluation before training): a folder this call
-    created holds nothing to resume, so it goes, and the same command starts afresh."""
-    if first:
-        where = f"; resume with: edgezo finetune --resume {session.run_dir}" \
-            if session.run_dir is not None else ""
-        console.print(f"Stopped at step {first} (Ctrl-C) before training went on{where}")
-        return
-    if created is not None:
-        session.stop_recording()
-        shutil.rmtree(created, ignore_errors=True)
-    console.print("Stopped before the first step (Ctrl-C); nothing was trained"
-                  + (f", and {created} was removed" if created is not None else "")
-                  + ". Run the same command to start again.")
+def _start(session: Session, output: Path | None, first: int, console: Console
+           ) -> float | None:
+    """Record into the run folder (its first snapshot when the run is new), print the
+    plan and score the test set before training; returns that score. A Ctrl-C here
+    stops before any step: RunInterrupted, with no stray folder."""
+    fresh = output is not None and not output.exists()
+    try:
+        if output is not None:
+            session.record(output)
+            if first == 0:
+                _snapshot(session, console)  # the start: what a diverged run goes back to
+            best = runs.best_of(output)
+            if best is not None and best["step"] > first:
+                drop_best(output)  # another run's, or a path this one went back from
+        _print_plan(session, console)
+        return _accuracy_before(session, output, console)
+    except KeyboardInterrupt:
+        interrupted_before_training(session, output if fresh else None, first, console)
+        raise RunInterrupted from None
 
 
 def _set_train_options(session: Session, train: dict) -> None:
@@ -437,7 +376,7 @@ def _run_steps(session: Session, console: Console, output: Path | None, first: i
                         ctrl_c)
         return None
     except KeyboardInterrupt as stop:
-        return _after_ctrl_c(session, stop, ctrl_c.torn, console)
+        return after_ctrl_c(session, stop, ctrl_c.torn, console)
     except Diverged as stop:
         return _after_divergence(session, stop, console)
     except TrainingError as stop:
@@ -510,25 +449,6 @@ def _average_last(session: Session, output: Path | None, stopped, console: Conso
                   f"({time.perf_counter() - start:.1f} s)"
                   + (f"; --resume goes on from step {last}." if output is not None else "."))
     return session.selected
-
-
-def _after_ctrl_c(session: Session, stop: KeyboardInterrupt, torn: bool, console: Console
-                  ) -> KeyboardInterrupt:
-    """A Ctrl-C that cut a step, a flush or a snapshot short (a second one, inside
-    `CtrlC.held`) may leave the weights part-way through an update: go back to the last
-    completed step (snapshot + seed log), or mark the session torn and save nothing."""
-    if not torn:
-        return stop
-    back = getattr(stop, "recovered", None)  # Session.step went back, or tried, itself
-    if back is None:
-        back = session.recover_torn_step()
-    if back:
-        return stop
-    stop.unsound = True  # the snapshot and seed log on disk hold every completed step
-    console.print("The second Ctrl-C caught the weights part-way through an update, and "
-                  "they could not be rebuilt here: nothing was saved over the run's last "
-                  "snapshot.")
-    return stop
 
 
 def _after_divergence(session: Session, stop: Diverged, console: Console) -> TrainingError:

@@ -146,6 +146,30 @@ def test_replay_refuses_a_torn_last_line_no_snapshot_holds(tiny_folder, data_dir
 
 # -- resume: the torn line is repaired before anything is appended ---------------------------
 
+def resume_to_step_7(run, at: int) -> tuple[list[str], dict]:
+    """Resume `run` (it must come back at step `at`) and step to 7; returns what resume
+    warned and the weights at step 7."""
+    said: list[str] = []
+    resumed = Session.resume(run, warn=said.append)
+    try:
+        assert resumed.engine.step_index == at
+        while resumed.engine.step_index < 7:
+            resumed.step()
+        resumed.engine.flush()
+        return said, trainable(resumed)
+    finally:
+        resumed.close()
+
+
+def check_log_rebuilt(run, whole: bytes, expected: dict) -> None:
+    """The log holds steps 0-6 whole, step 5's line as it was before the tear, and
+    replays to the resumed run's weights bit for bit."""
+    lines = whole_lines(run)
+    assert [json.loads(x)["step"] for x in lines] == list(range(7))
+    assert lines[5] == whole
+    assert same(replayed(run), expected)
+
+
 def test_resume_cuts_a_torn_line_and_redoes_its_step(tiny_folder, data_dir, tmp_path):
     """A crash while step 5's line was written (the snapshot is at step 4): resume cuts
     the torn line before appending, redoes step 5 (the same line as before, bit for
@@ -153,21 +177,9 @@ def test_resume_cuts_a_torn_line_and_redoes_its_step(tiny_folder, data_dir, tmp_
     run = tmp_path / "run"
     recorded(tiny_folder, data_dir, run, 6, {4})
     whole = tear(run)
-    said = []
-    resumed = Session.resume(run, warn=said.append)
-    try:
-        assert resumed.engine.step_index == 5
-        assert any("step 5" in w and "torn" in w for w in said), said
-        resumed.step()
-        resumed.step()
-        resumed.engine.flush()
-        expected = trainable(resumed)
-    finally:
-        resumed.close()
-    lines = whole_lines(run)
-    assert [json.loads(x)["step"] for x in lines] == list(range(7))
-    assert lines[5] == whole
-    assert same(replayed(run), expected)
+    said, expected = resume_to_step_7(run, at=5)
+    assert any("step 5" in w and "torn" in w for w in said), said
+    check_log_rebuilt(run, whole, expected)
 
 
 def test_resume_recomputes_a_torn_step_that_a_later_snapshot_holds(tiny_folder, data_dir,
@@ -180,20 +192,9 @@ def test_resume_recomputes_a_torn_step_that_a_later_snapshot_holds(tiny_folder, 
     run = tmp_path / "run"
     recorded(tiny_folder, data_dir, run, 6, {4, 6})
     whole = tear(run)
-    said = []
-    resumed = Session.resume(run, warn=said.append)
-    try:
-        assert resumed.engine.step_index == 6
-        assert any("recomputed step 5" in w for w in said), said
-        resumed.step()
-        resumed.engine.flush()
-        expected = trainable(resumed)
-    finally:
-        resumed.close()
-    lines = whole_lines(run)
-    assert [json.loads(x)["step"] for x in lines] == list(range(7))
-    assert lines[5] == whole
-    assert same(replayed(run), expected)
+    said, expected = resume_to_step_7(run, at=6)
+    assert any("recomputed step 5" in w for w in said), said
+    check_log_rebuilt(run, whole, expected)
 
 
 def test_resume_leaves_out_a_torn_step_it_cannot_recompute(tiny_folder, data_dir, tmp_path):

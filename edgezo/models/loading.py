@@ -238,7 +238,7 @@ def resolve_model(spec: str | None, dtype: torch.dtype,
     that a run can be planned, and refused, before seconds of dequantizing and hundreds
     of MB written; `converted` converts it once the run's dtype is settled.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
     from transformers.utils import logging as hf_logging
 
@@ -259,22 +259,7 @@ def resolve_model(spec: str | None, dtype: torch.dtype,
             pending, folder = True, str(others[0]) if others else None
             if folder is None:
                 check_cache_writable()  # the conversion to come needs it
-    try:
-        if folder is None:
-            config, tokenizer = _gguf_metadata(path)
-        else:
-            config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-            tokenizer = AutoTokenizer.from_pretrained(folder,
-                                                      trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        remote = _remote_code_error(spec, err)
-        if remote is not None:
-            raise remote from None
-        if isinstance(err, ValueError):
-            raise
-        hint = (" (no network? pass a local folder or .gguf file to --model)"
-                if kind == "hub" else "")
-        raise ModelLoadError(f"could not load model {spec!r}: {err}{hint}") from None
+    config, tokenizer = _config_and_tokenizer(spec, kind, path, folder, trust_remote_code)
     source = str(path) if kind != "hub" else spec
     if pending:  # loadable only once converted
         folder = str(path)
@@ -288,6 +273,28 @@ def resolve_model(spec: str | None, dtype: torch.dtype,
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # imports its modeling code
     return ResolvedModel(folder, source, kind, tokenizer, model_class, config=config,
                          gguf_tokenizer=copy.deepcopy(tokenizer) if pending else None)
+
+
+def _config_and_tokenizer(spec: str, kind: str, path: Path, folder: str | None,
+                          trust_remote_code: bool) -> tuple[object, object]:
+    """The model's config and tokenizer, from its folder (None: a GGUF not converted
+    yet, from the file's metadata); a failure a user can fix becomes ModelLoadError."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        if folder is None:
+            return _gguf_metadata(path)
+        return (AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code),
+                AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code))
+    except (OSError, ValueError) as err:
+        remote = _remote_code_error(spec, err)
+        if remote is not None:
+            raise remote from None
+        if isinstance(err, ValueError):
+            raise
+        hint = (" (no network? pass a local folder or .gguf file to --model)"
+                if kind == "hub" else "")
+        raise ModelLoadError(f"could not load model {spec!r}: {err}{hint}") from None
 
 
 def _gguf_metadata(path: Path) -> tuple[object, object]:
