@@ -76,6 +76,57 @@ def test_fused_fp32_steps_equal_the_span_path_bit_for_bit(gpu_path, small_pieces
         assert torch.equal(got[name], tensor), name
 
 
+KINDS = {"table-rademacher": {"directions": "rademacher"},
+         "generator": {"noise": "generator"},
+         "generator-rademacher": {"noise": "generator", "directions": "rademacher"},
+         "lowrank": {"directions": "lowrank"}, "subspace": {"directions": "subspace"},
+         "subspace-generator": {"directions": "subspace", "noise": "generator"}}
+
+
+@pytest.mark.parametrize("kw", KINDS.values(), ids=KINDS)
+def test_every_direction_kind_and_source_fuses_with_the_same_values(gpu_path, small_pieces,
+                                                                    monkeypatch, kw):
+    """Each kind writes its chunks' own z into the piece (Direction.chunk_into): the
+    same fp32 steps as the span path, bit for bit, for every noise source."""
+    gpu_path(False)
+    want, want_g = run("llama", torch.float32, **kw)
+    gpu_path(True)
+    calls = fused_calls(monkeypatch)
+    got, got_g = run("llama", torch.float32, **kw)
+    assert calls["perturb"] and calls["sgd_update"]
+    assert got_g == want_g
+    assert all(torch.equal(got[n], t) for n, t in want.items())
+
+
+@pytest.mark.parametrize("kw", KINDS.values(), ids=KINDS)
+def test_every_kinds_bf16_update_rounds_as_the_span_path(gpu_path, small_pieces,
+                                                         monkeypatch, kw):
+    """bf16 updates replayed through both paths: the stochastic rounding's dither is z's
+    low bits, or a Rademacher direction's seeded bits, chunk by chunk as the span path
+    draws them."""
+    weights = {}
+    log = None
+    for on in (False, True):
+        gpu_path(on)
+        calls = fused_calls(monkeypatch)
+        model = tiny_model("llama", dtype=torch.bfloat16)
+        engine = zo_engine(model, make_optimizer("zo-sgd"), seed=7, eps=1e-2, **kw)
+        if log is None:
+            log = [engine.step(lm_batch(VOCAB, seed=s), lr=2e-3).log_entry()
+                   for s in range(3)]
+            engine.close()
+            model = tiny_model("llama", dtype=torch.bfloat16)
+            engine = zo_engine(model, make_optimizer("zo-sgd"), seed=7, eps=1e-2, **kw)
+        for entry in log:
+            engine.replay(entry)
+        engine.close()
+        assert bool(calls["sgd_update"]) == on
+        weights[on] = model.state_dict()
+    assert all(torch.equal(weights[True][n], t) for n, t in weights[False].items())
+    moved = tiny_model("llama", dtype=torch.bfloat16).state_dict()
+    assert any(not torch.equal(moved[n], t) for n, t in weights[True].items())
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
 def test_fused_bf16_updates_equal_the_span_path_bit_for_bit(gpu_path, small_pieces,
                                                            monkeypatch, family):
@@ -116,9 +167,10 @@ def test_fused_bf16_steps_equal_the_span_path_where_no_tensor_has_a_tail(gpu_pat
     assert all(torch.equal(got[n], t) for n, t in want.items())
 
 
-def test_fused_path_leaves_other_optimizers_and_the_generator_to_the_span_path(gpu_path):
-    """ZO-Adam (stateful) and the generator's z are not fused, and still equal."""
-    for optimizer, kw in (("zo-adam", {}), ("zo-sgd", {"noise": "generator"})):
+def test_fused_path_leaves_other_optimizers_and_coordinates_to_the_span_path(gpu_path):
+    """ZO-Adam's update (stateful) and coordinate directions are not fused, and equal."""
+    for optimizer, kw in (("zo-adam", {}), ("zo-sgd", {"directions": "coordinate",
+                                                      "q": 3})):
         gpu_path(False)
         want, _ = run("llama", torch.bfloat16, optimizer, **kw)
         gpu_path(True)

@@ -160,7 +160,7 @@ def step_spec(config: RunConfig, priced: Priced, profile: Profile, shapes: Shape
         forward_grad=kind == "forward-grad", perturbs=kind != "fo", stream=stream,
         noise_table=est.noise == "table" and kind != "fo",
         noise_table_bf16=not on_cuda and any(p.dtype == torch.bfloat16 for p in blocks.params)
-        and (est.directions or "gaussian") in ("gaussian", *STRUCTURED)
+        and (est.directions or "gaussian") == "gaussian"
         and not est.sparsity and not method.curvature,  # Direction.perturbation_chunk
         cheap_noise=(est.noise == "table" or est.directions in STRUCTURED)
         and ("cuda" if on_cuda else "cpu") in CHUNKED_LINEAR_DEVICES,

@@ -105,23 +105,56 @@ class Direction:
             kind = "rademacher" if self.kind == "rademacher" else "gaussian"
             return noise.chunk(shape, pseed, k, device, kind, self.source, end)
         lo, hi = noise.span_bounds(shape, k, end)
-        rows, cols = noise.num_rows(shape), shape[1:].numel()
-        out = noise.thread_buffer("z", (hi - lo) * cols, torch.float32, device)
-        out = out.view(hi - lo, cols)
-        left, right = noise.basis(self.kind, self.basis, index, rows, cols, self.rank, device)
-        if self.kind == "subspace":
-            core = noise.gaussian(self.rank * self.rank, pseed, 0, device, "core")
-            mixed = (core.view(self.rank, self.rank) @ right.T).mul_(
-                math.sqrt(rows * cols) / self.rank)
+        out = noise.thread_buffer("z", (hi - lo) * shape[1:].numel(), torch.float32, device)
+        out = out.view(hi - lo, -1)
+        factors = self.factors(shape, seed, index, device)
         # chunk by chunk even in a span: a product's rounding depends on its shape
         for c, a, b in noise.chunks_of_span(shape, k, end):
-            if self.kind == "lowrank":
-                u = noise.gaussian((b - a) * self.rank, pseed, c, device)
-                torch.matmul(u.view(b - a, self.rank), right.T, out=out[a:b])
-            else:
-                torch.matmul(left[lo + a:lo + b], mixed, out=out[a:b])
+            self.chunk_into(out[a:b], shape, seed, index, c, factors)
         noise.remember(out)
         return out.view(hi - lo, *shape[1:])
+
+    def factors(self, shape: torch.Size, seed: int, index: int, device: torch.device
+                ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+        """What every chunk of a matrix's structured z is a product with, worked out once
+        per query and parameter: lowrank, (None, Vᵀ); subspace, (P, √(mn)/r · S·Qᵀ).
+        None where z is i.i.d. (other kinds, and tensors that are not matrices)."""
+        if self.kind not in STRUCTURED or not is_matrix(shape):
+            return None
+        rows, cols = noise.num_rows(shape), shape[1:].numel()
+        left, right = noise.basis(self.kind, self.basis, index, rows, cols, self.rank, device)
+        if self.kind == "lowrank":
+            return None, right.T
+        core = noise.gaussian(self.rank * self.rank, noise.param_seed(seed, index), 0, device,
+                              "core")
+        return left, (core.view(self.rank, self.rank) @ right.T).mul_(
+            math.sqrt(rows * cols) / self.rank)
+
+    def chunk_into(self, out: torch.Tensor, shape: torch.Size, seed: int, index: int,
+                   c: int, factors: tuple | None) -> None:
+        """Write z of query `seed` on noise chunk c of parameter `index` into `out` (that
+        chunk's rows, viewed as (rows, cols)); `factors`: self.factors(...) for it. Every
+        consumer that writes a chunk's z into a buffer of its own goes through here, so
+        they all hold the same values."""
+        pseed = noise.param_seed(seed, index)
+        if factors is None:
+            kind = "rademacher" if self.kind == "rademacher" else "gaussian"
+            if self.source != "table":
+                noise.fill_chunk(out, pseed, c, kind)
+                return
+            z = noise.chunk(shape, pseed, c, out.device, "gaussian", "table").view(out.shape)
+            if kind == "rademacher":
+                noise.to_signs(z, out=out)
+            else:
+                out.copy_(z)
+            return
+        left, right = factors
+        lo, hi = noise.chunk_bounds_of(shape, c)
+        if self.kind == "lowrank":
+            u = noise.gaussian((hi - lo) * self.rank, pseed, c, out.device)
+            torch.matmul(u.view(hi - lo, self.rank), right, out=out)
+        else:
+            torch.matmul(left[lo:hi], right, out=out)
 
     def chunk(self, shape: torch.Size, index: int, k: int, device: torch.device,
               writable: bool = False, dtype: torch.dtype = torch.float32,
@@ -170,11 +203,11 @@ class Direction:
         copy of a `param_dtype` weight: for a bf16 weight on the CPU, where d is one
         query's plain Gaussian z from the table, z rounded to bf16 from the table's twin
         (noise.table_bf16; the copy is then one bf16 add, intercept.perturbed_into); else
-        `chunk` in the weight's work dtype."""
+        `chunk` in the weight's work dtype. (A structured direction's vectors, norms and
+        biases, are too small for the twin to matter: they take fp32 z as its matrices
+        do, so one unit's z has one dtype, as the fused path needs.)"""
         if (param_dtype == torch.bfloat16 and device.type == "cpu"
-                and self.source == "table" and self._plain()
-                and (self.kind == "gaussian"
-                     or (self.kind in STRUCTURED and not is_matrix(shape)))):
+                and self.source == "table" and self._plain() and self.kind == "gaussian"):
             return noise.chunk_bf16(shape, noise.param_seed(self.seeds[0], index), k,
                                     device, end)
         return self.chunk(shape, index, k, device, dtype=work_dtype(param_dtype), end=end)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from edgezo.zo import noise
+from edgezo.zo.direction import Direction
 
 # Where units take the fused path. The CPU keeps its own (perturb.CHUNKED_LINEAR_DEVICES:
 # linear maps computed from z, no scratch copy), where a chunk's work is large next to
@@ -104,6 +105,7 @@ class Fused:
         self.params = params
         self._pieces: dict[tuple, tuple[list[Piece], list[int]]] = {}
         self._windows: dict[tuple, torch.Tensor] = {}
+        self._slices: dict[tuple, tuple[int, torch.Tensor]] = {}
         self._views: dict[tuple, tuple[tuple, list[torch.Tensor]]] = {}
 
     def pieces(self, indices: Sequence[int]) -> tuple[list[Piece], list[int]]:
@@ -141,6 +143,11 @@ class Fused:
         close()
         self._pieces[key] = found = (pieces, rest)
         return found
+
+    def release(self) -> None:
+        """Drop the kept slices and views of buffers (they would keep them alive)."""
+        self._slices.clear()
+        self._views = {k: v for k, v in self._views.items() if k[0] == "weights"}
 
     def _window(self, values: torch.Tensor, cols: int) -> torch.Tensor:
         key = (values.data_ptr(), values.dtype, cols)
@@ -182,19 +189,78 @@ class Fused:
                           lambda: [out[lo:hi].view(r1 - r0, cols)
                                    for cols, r0, r1, lo, hi in piece.runs])
 
-    def z(self, piece: Piece, seed: int, out: torch.Tensor,
+    def _chunks_of(self, out: torch.Tensor, piece: Piece) -> list[torch.Tensor]:
+        """`out` cut into each chunk's (rows, cols) block, in the piece's order."""
+        def make() -> list[torch.Tensor]:
+            views, offset = [], 0
+            for i, _, n in piece.chunks:
+                views.append(out[offset:offset + n].view(-1, noise._cols(self.params[i].shape)))
+                offset += n
+            return views
+        return self._kept(f"chunks-{out.dtype}", piece, (out.data_ptr(),), make)
+
+    def window(self, buffer: torch.Tensor, lo: int, numel: int, role: object) -> torch.Tensor:
+        """buffer[lo:lo + numel], kept while `role`'s buffer is the same memory (a new
+        buffer replaces the views of the old one, which then goes)."""
+        key = ("window", role, buffer.dtype, lo, numel)
+        found = self._slices.get(key)
+        if found is None or found[0] != buffer.data_ptr():
+            found = self._slices[key] = (buffer.data_ptr(), buffer[lo:lo + numel])
+        return found[1]
+
+    def z(self, piece: Piece, direction: Direction, seed: int, out: torch.Tensor,
           values: Callable[[torch.device], torch.Tensor] = noise.table) -> torch.Tensor:
-        """The piece's z for query `seed` (each parameter's chunks as the table source
-        defines them) into `out` (`values`: the table, or its bf16 twin)."""
+        """The piece's z for query `seed` of `direction` (each parameter's chunks as the
+        direction defines them) into `out` (`values`: the table, or its bf16 twin).
+
+        From the table, i.i.d. z is one gather per run of rows of one width; otherwise
+        each chunk is written in place (one generator call, or one small product, a
+        chunk), with a structured direction's factors worked out once a parameter."""
+        if direction.source == "table" and direction.kind in ("gaussian", "rademacher"):
+            self._gather(piece, seed, out, values)
+            return noise.to_signs(out) if direction.kind == "rademacher" else out
+        last, factors = None, None
+        for (i, c, _), view in zip(piece.chunks, self._chunks_of(out, piece), strict=True):
+            shape = self.params[i].shape
+            if i != last:
+                last, factors = i, direction.factors(shape, seed, i, out.device)
+            direction.chunk_into(view, shape, seed, i, c, factors)
+        return out
+
+    def _gather(self, piece: Piece, seed: int, out: torch.Tensor,
+                values: Callable[[torch.device], torch.Tensor]) -> None:
         device = out.device
         offsets = noise._to_device(
             [noise._offset(n, noise.param_seed(seed, i), c) for i, c, n in piece.chunks],
             device)
-        starts = offsets[piece.row_chunk].add_(piece.row_local)
+        starts = self._starts(len(piece.row_chunk), device)
+        torch.index_select(offsets, 0, piece.row_chunk, out=starts).add_(piece.row_local)
         table = values(device)
-        for (cols, r0, r1, _, _), part in zip(piece.runs, self._runs_of(out, piece),
-                                             strict=True):
-            torch.index_select(self._window(table, cols), 0, starts[r0:r1], out=part)
+        for (cols, _, _, _, _), part, rows in zip(piece.runs, self._runs_of(out, piece),
+                                                  self._rows_of(starts, piece), strict=True):
+            torch.index_select(self._window(table, cols), 0, rows, out=part)
+
+    def _starts(self, rows: int, device: torch.device) -> torch.Tensor:
+        """Where each row of a piece starts in the table: one int64 a row, for the
+        largest piece (the planner's row layouts)."""
+        key = ("starts", device)
+        found = self._windows.get(key)
+        if found is None or found.numel() < rows:
+            largest = max(len(p.row_chunk) for pieces, _ in self._pieces.values() for p in pieces)
+            found = self._windows[key] = torch.empty(max(rows, largest), dtype=torch.int64,
+                                                     device=device)
+        return self.window(found, 0, rows, "starts")
+
+    def _rows_of(self, starts: torch.Tensor, piece: Piece) -> list[torch.Tensor]:
+        return self._kept("rows", piece, (starts.data_ptr(),),
+                          lambda: [starts[r0:r1] for _, r0, r1, _, _ in piece.runs])
+
+    def bits(self, piece: Piece, direction: Direction, seed: int, out: torch.Tensor
+             ) -> torch.Tensor:
+        """The update's rounding dither where z has no random low bits (Rademacher):
+        each chunk's noise.random_bits, written in place into `out` (int32)."""
+        for (i, c, _), view in zip(piece.chunks, self._chunks_of(out, piece), strict=True):
+            noise.fill_bits(view, noise.param_seed(seed, i), c)
         return out
 
     def perturb(self, piece: Piece, outs: list[torch.Tensor], z: torch.Tensor,
@@ -207,15 +273,18 @@ class Fused:
         for out, scale in reversed(list(zip(outs, scales, strict=True))):
             torch.add(first, z, alpha=scale, out=out)  # the first last: it is θ until then
 
-    def sgd_update(self, piece: Piece, z: torch.Tensor, lr: float, new: torch.Tensor) -> None:
+    def sgd_update(self, piece: Piece, z: torch.Tensor, lr: float, new: torch.Tensor,
+                   bits: torch.Tensor | None = None) -> None:
         """θ ← θ − lr·z (optimizers.SGD with d = z), through the fp32 buffer `new`, bf16
-        weights rounded stochastically with z's low bits (optimizers.store)."""
+        weights rounded stochastically with the low bits of `bits` (int32), by default
+        z's own (optimizers.store, Direction.dither_bits)."""
         weights = self.weights(piece)
         torch.cat(weights, out=new)
         new.sub_(z, alpha=lr)
         if weights[0].dtype == torch.bfloat16:
             word = new.view(torch.int32)
-            dither = noise.thread_buffer("fused_dither", z.numel(), torch.int32, z.device)
-            torch.bitwise_and(z.view(torch.int32), _LOW16, out=dither)
-            word.add_(dither).bitwise_and_(~_LOW16)
+            if bits is None:
+                bits = noise.thread_buffer("fused_dither", z.numel(), torch.int32, z.device)
+                torch.bitwise_and(z.view(torch.int32), _LOW16, out=bits)
+            word.add_(bits).bitwise_and_(~_LOW16)  # rademacher's bits are below 2^16
         torch._foreach_copy_(weights, self.views(new, piece))

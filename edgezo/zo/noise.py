@@ -312,8 +312,12 @@ _DITHER_SALT = 0xD1
 def random_bits(numel: int, seed: int, chunk: int, device: torch.device) -> torch.Tensor:
     """int32 values with 16 uniform low bits: the stochastic-rounding dither where no
     Gaussian z is at hand (Rademacher directions, first-order gradients)."""
-    out = thread_buffer("bits", numel, torch.int32, device)
-    return out.random_(0, 1 << 16, generator=_generator(device, mix(seed, chunk, _DITHER_SALT)))
+    return fill_bits(thread_buffer("bits", numel, torch.int32, device), seed, chunk)
+
+
+def fill_bits(out: torch.Tensor, seed: int, chunk: int) -> torch.Tensor:
+    """random_bits of chunk `chunk` written into `out` (int32, that chunk's size)."""
+    return out.random_(0, 1 << 16, generator=_generator(out.device, mix(seed, chunk, _DITHER_SALT)))
 
 
 _LOCAL = threading.local()
@@ -327,10 +331,15 @@ def thread_buffer(name: str, numel: int, dtype: torch.dtype, device: torch.devic
     """
     buffers = _LOCAL.__dict__.setdefault("buffers", {})
     key = (name, dtype, device)
-    buf = buffers.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = buffers[key] = torch.empty(max(numel, CHUNK_ELEMENTS), dtype=dtype, device=device)
-    return buf[:numel]
+    found = buffers.get(key)
+    if found is None or found[0].numel() < numel:
+        buf = torch.empty(max(numel, CHUNK_ELEMENTS), dtype=dtype, device=device)
+        found = buffers[key] = (buf, {})
+    buf, views = found
+    view = views.get(numel)
+    if view is None:  # kept: on a GPU a slice is host time each step (benchmarks/step_ops.py)
+        view = views[numel] = buf[:numel]
+    return view
 
 
 def chunk(shape: torch.Size, seed: int, index: int, device: torch.device,

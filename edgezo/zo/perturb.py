@@ -186,9 +186,10 @@ class Perturbation:
 
     def _fuses(self, device: torch.device, direction: Direction) -> bool:
         """Whether parameters on `device` take the fused path (fused.py) for this
-        direction: one query's plain Gaussian z from the table, resident weights."""
+        direction: resident weights, and z with values (a coordinate direction's has
+        none: its few entries go straight into the span path's copies)."""
         return (device.type in fused.FUSED_DEVICES and self.streamer is None
-                and direction.source == "table" and direction.kind == "gaussian")
+                and direction.kind != "coordinate")
 
     def _fill_fused(self, targets: list[tuple[int, list[torch.Tensor]]],
                     buffers: list[torch.Tensor]) -> list[tuple[int, list[torch.Tensor]]]:
@@ -205,20 +206,24 @@ class Perturbation:
             offset += self.params[i].numel()
         pieces, rest = self.fused.pieces([i for i, _ in targets])
         left = set(rest)
+        direction = self.direction
         for piece in pieces:
             p = self.params[piece.indices[0]]
+            # as perturbation_chunk: bf16 weights on the CPU (where only tests fuse) read
+            # the table's bf16 twin where z is Gaussian
+            twin = (p.dtype == torch.bfloat16 and p.device.type == "cpu"
+                    and direction.kind == "gaussian" and direction.source == "table")
             if p.dtype != buffers[0].dtype:  # a copy in another dtype: rounded once, by _fill
                 left.update(piece.indices)
                 continue
-            # as perturbation_chunk: the bf16 twin on the CPU (where only tests fuse)
-            twin = p.dtype == torch.bfloat16 and p.device.type == "cpu"
             z = noise.thread_buffer("fused_z16" if twin else "fused_z", piece.numel,
                                     torch.bfloat16 if twin else work_dtype(p.dtype), p.device)
-            self.fused.z(piece, self.direction.seeds[0], z,
+            self.fused.z(piece, direction, direction.seeds[0], z,
                          noise.table_bf16 if twin else noise.table)
             first, row, _ = piece.segments[0]  # where the piece starts in the copies
             lo = where[first] + row * noise._cols(self.params[first].shape)
-            self.fused.perturb(piece, [b[lo:lo + piece.numel] for b in buffers], z,
+            self.fused.perturb(piece, [self.fused.window(b, lo, piece.numel, s)
+                                       for s, b in enumerate(buffers)], z,
                                [s * self.eps for s in self.signs])
         return [t for t in targets if t[0] in left]
 
@@ -308,13 +313,14 @@ class Perturbation:
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel:
             buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
-        return buf[:numel]
+        return self.fused.window(buf, 0, numel, ("workspace", sign_slot))
 
     def release_workspace(self) -> None:
         if self.active:
             raise RuntimeError("the workspace is in use by a perturbed forward")
         self._buffers.clear()
         self._views.clear()  # its views would keep the workspace alive
+        self.fused.release()
 
     def _call(self, module, original, tensors, args, kwargs):
         # functional_call goes through module.__call__ -> our wrapper; bypass it by
@@ -401,11 +407,16 @@ class Perturbation:
             return todo
         pieces, rest = self.fused.pieces(todo)
         for piece in pieces:
-            device = self.params[piece.indices[0]].device
-            z = self.fused.z(piece, d_of.seeds[0], noise.thread_buffer(
+            p = self.params[piece.indices[0]]
+            seed, device = d_of.seeds[0], p.device
+            z = self.fused.z(piece, d_of, seed, noise.thread_buffer(
                 "fused_z", piece.numel, torch.float32, device))
+            bits = None
+            if d_of.kind == "rademacher" and p.dtype == torch.bfloat16:  # z's bits are ±1's
+                bits = self.fused.bits(piece, d_of, seed, noise.thread_buffer(
+                    "fused_dither", piece.numel, torch.int32, device))
             self.fused.sgd_update(piece, z, pending.lr * coef, noise.thread_buffer(
-                "fused_new", piece.numel, torch.float32, device))
+                "fused_new", piece.numel, torch.float32, device), bits)
         return rest
 
     def _update_target(self, index: int) -> torch.Tensor:
