@@ -136,14 +136,28 @@ def test_on_cuda_noise_buffers_hold_a_span_and_layers_are_copied(config_file, mo
     assert noise.SPAN_ELEMENTS["cuda"] == 1 << 20
     H, inter = 4096, 11008
     # plus the fused pieces' z, fp32 copy and dither (zo/fused.py), 4M values at most, and
-    # their row layouts (two int64 a row, twice): 32 layers' rows, the embedding's and
-    # the head's, and the norms' (a 1-D tensor's values are its rows)
+    # their row layouts (two int64 a row, twice, and the table offsets once): 32 layers'
+    # rows, the embedding's and the head's, and the norms' (a 1-D tensor's values are its
+    # rows)
     rows = 32 * (4 * H + 2 * inter + H + 2 * H) + 2 * 32000 + H
     assert gpu.components["noise_buffers"] == THREAD_BUFFERS * 4 * 2 * (1 << 20) \
-        + 12 * (1 << 22) + 32 * rows
+        + 12 * (1 << 22) + 40 * rows
     layer = 4 * H * H + 3 * H * inter + 2 * H
     assert gpu.components["perturbation_scratch"] == 2 * layer * 2  # two bf16 copies
     assert emulated.components["perturbation_scratch"] < layer * 2 // 20  # spans, norms
+
+
+def test_the_planner_prices_the_fused_path_for_the_generator_but_not_coordinates(
+        config_file, monkeypatch):
+    from edgezo.zo import fused
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    req = dict(model=config_file(LLAMA_7B), profile="8gb-gpu", dtype="bf16", batch_size=2,
+               seq_len=64, pair=True)
+    table = plan_of(**req).components["noise_buffers"]
+    assert plan_of(**req, noise="generator").components["noise_buffers"] == table
+    coords = plan_of(**req, directions="coordinate", q=4).components["noise_buffers"]
+    assert coords < table - 12 * fused.FUSED_VALUES
 
 
 def test_config_plan_matches_the_live_session_plan(tiny_folder, data_dir):

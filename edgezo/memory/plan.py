@@ -162,6 +162,7 @@ class StepSpec:
     noise_table_bf16: bool = False  # bf16 weights' perturbed copies read its twin (CPU)
     direction_bases: int = 0  # bytes of the lowrank/subspace bases kept (noise.basis)
     cheap_noise: bool = False  # z re-read per pair half: one scratch copy (perturb._cheap_z)
+    fuses: bool = False  # z has values (not coordinates): the fused path may run (fused.py)
     qat_bytes: int = 0  # QAT's fp32 masters (full) or quantized merged weights (lora)
 
 
@@ -213,12 +214,14 @@ def _fused_bytes(blocks: BlockMap, spec: StepSpec) -> int:
     """The fused path's buffers (zo/fused.py: a piece's z, its fp32 copy for the update
     and the rounding dither, 4 bytes a value each; a piece holds at most FUSED_VALUES
     values), and its pieces' row layouts (two int64 a row, kept for the units' pieces and
-    for a flush's), where it runs: on a fused device, with the table's z."""
-    if not (spec.perturbs and spec.noise_table and _device(spec) in fused.FUSED_DEVICES):
+    for a flush's, and the table offsets of the largest piece's rows), where it runs: on
+    a fused device, for directions with values."""
+    if not (spec.perturbs and spec.fuses and _device(spec) in fused.FUSED_DEVICES):
         return 0
     values = sum(p.numel() for p in blocks.params)
     rows = sum(noise.num_rows(p.shape) for p in blocks.params)
-    return 3 * 4 * min(fused.FUSED_VALUES, values) + 2 * 2 * 8 * rows
+    return (3 * 4 * min(fused.FUSED_VALUES, values) + 2 * 2 * 8 * rows
+            + 8 * min(rows, fused.FUSED_VALUES))
 
 
 def _device(spec: StepSpec) -> str:

@@ -159,6 +159,7 @@ def step_spec(config: RunConfig, priced: Priced, profile: Profile, shapes: Shape
         split_layers=pair_splits_layers(blocks, fo, est.block_wise),
         forward_grad=kind == "forward-grad", perturbs=kind != "fo", stream=stream,
         noise_table=est.noise == "table" and kind != "fo",
+        fuses=kind != "fo" and est.directions != "coordinate",
         noise_table_bf16=not on_cuda and any(p.dtype == torch.bfloat16 for p in blocks.params)
         and (est.directions or "gaussian") == "gaussian"
         and not est.sparsity and not method.curvature,  # Direction.perturbation_chunk

@@ -1,5 +1,5 @@
 """A step's host cost by the unit, not by the chunk: the perturbed copies and the deferred
-update of several parameters at once, for the table source.
+update of several parameters at once.
 
 On a GPU each dispatched operation costs host time (Python, the dispatcher, a kernel
 launch), and a small model's step is bound by that, not by the GPU
@@ -7,20 +7,24 @@ launch), and a small model's step is bound by that, not by the GPU
 about twenty operations a parameter. Here a *piece* (consecutive parameters of a unit,
 at most FUSED_VALUES values in all) is handled as one flat run of values:
 
-- z: one gather from the table per run of parameters with the same row width, with
-  every chunk's table offset computed on the host and sent in one copy;
+- z: from the table (Gaussian or Rademacher), one gather per run of parameters with the
+  same row width, every chunk's table offset computed on the host and sent in one copy;
+  otherwise each chunk's values written in place (one generator call a chunk, as the
+  generator source defines z; a structured direction's small product a chunk);
 - the perturbed copies: the piece's weights concatenated into the scratch copy, then one
   add per sign;
 - the deferred update (ZO-SGD): the weights concatenated into an fp32 buffer, one
-  subtraction, the stochastic rounding's three integer operations, and one multi-tensor
-  copy back.
+  subtraction, the stochastic rounding's integer operations, and one multi-tensor copy
+  back.
 
-The values are the chunks' own (z is the table slice each chunk reads, row by row), and
+The values are the chunks' own (Direction.chunk_into writes them for both paths), and
 every elementwise operation is the one the span path applies. fp32 steps and every
 update equal the span path's bit for bit (tests/test_fused.py, on the CPU); a bf16
 perturbed copy does on a GPU, where each element takes the same arithmetic, but not
 always on the CPU, whose add rounds a tensor's vectorized body and its tail apart (the
 CPU keeps its own path, so that only matters to the tests that force this one there).
+Coordinate directions (a few entries, no values drawn), stateful rules' updates, masks,
+preconditioners and streamed layers keep the span path.
 """
 
 from __future__ import annotations

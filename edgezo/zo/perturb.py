@@ -5,7 +5,7 @@ parameters) gets a reversible forward wrapper. While a perturbed forward is acti
 wrapper computes its output with perturbed copies of its parameters:
 
 - layers and small modules: a scratch copy θ_b ± εz_b filled chunk by chunk (on CUDA:
-  a piece of parameters at a time with the table, fused.py; span by span otherwise,
+  a piece of parameters at a time, fused.py; span by span otherwise,
   noise.spans), passed to the module through `torch.func.functional_call`
   (transient: one block, or two in pair mode, plus one noise chunk); on the CPU, with z
   cheap to read, the unit's linear maps compute from z instead (intercept.PerturbedLinears)
