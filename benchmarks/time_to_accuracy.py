@@ -62,20 +62,20 @@ def run_one(name: str, options: dict, args) -> dict:
     curve, forwards, batch_forwards = [], 0, 0
     try:
         def record(step: int) -> None:
-            val = s.evaluate("validation", args.eval_examples)["accuracy"]
+            val = s.evaluate("validation", args.eval_examples)["score"]
             point = {"step": step, "forwards": forwards, "batch_forwards": batch_forwards,
                      "val": val,
                      "wall_s": time.perf_counter() - start}
             if args.test_every and step and step % args.test_every == 0 and step < args.steps:
                 # the test curve is reported, never selected on (the summary reads val);
                 # its evaluation time counts in the later points' wall_s, as a user's would
-                point["test"] = s.evaluate("test", args.test_examples)["accuracy"]
+                point["test"] = s.evaluate("test", args.test_examples)["score"]
             curve.append(point)
             print(f"  {name} step {step} val {val:.3f}"
                   + (f" test {point['test']:.3f}" if "test" in point else "")
                   + f" ({point['wall_s']:.0f} s)", flush=True)
 
-        before = s.evaluate("test", args.test_examples)["accuracy"] \
+        before = s.evaluate("test", args.test_examples)["score"] \
             if args.test_before else None
         record(0)
         for step in range(1, args.steps + 1):
@@ -98,7 +98,7 @@ def run_one(name: str, options: dict, args) -> dict:
                   f"{extra['test_ptq']:.3f}", flush=True)
         return {**extra, "method": name, "options": options, "task": args.task,
                 "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
-                "curve": curve, "test": test["accuracy"], "test_examples": test["examples"],
+                "curve": curve, "test": test["score"], "test_examples": test["examples"],
                 "averaged": averaged,
                 "test_before": before, "template": s.task.template if s.task else None,
                 "dtype": s.dtype_name, "cpu": cpu_capability(),
@@ -129,8 +129,8 @@ def averaged_scores(s, steps: int, args) -> dict:
     count = s.average_last(steps)
     seconds = time.perf_counter() - start
     out = {"steps": count, "seconds": seconds,
-           "val": s.evaluate("validation", args.eval_examples)["accuracy"],
-           "test": s.evaluate("test", args.test_examples)["accuracy"]}
+           "val": s.evaluate("validation", args.eval_examples)["score"],
+           "test": s.evaluate("test", args.test_examples)["score"]}
     with torch.no_grad():
         for p, kept in zip(params, last, strict=True):
             p.copy_(kept)
@@ -152,7 +152,7 @@ def post_training_quantized(s, fmt: str, test_examples: int | None) -> float:
     with torch.no_grad():
         for tensor, tfmt in quantized_tensors(model, fmt, s.config.scheme.scheme):
             tensor.copy_(fake_quant(tensor, tfmt).to(tensor.dtype))
-    return s.evaluate("test", test_examples)["accuracy"]
+    return s.evaluate("test", test_examples)["score"]
 
 
 def plot(rows: list[dict], out: Path) -> Path:

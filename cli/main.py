@@ -132,9 +132,11 @@ def evaluate(ctx: typer.Context, given: dict, split: str, eval_examples: int | N
     if as_json:
         print(json.dumps(result))
     else:
-        em = (f", exact match {result['exact_match']:.4f} on {result['groups']} questions"
-              if "exact_match" in result else "")
-        print(f"{session.config.data.task} {split}: accuracy {result['accuracy']:.4f} on "
+        em = ("" if "exact_match" not in result else
+              f", exact match {result['exact_match']:.4f}" + (
+                  f" on {result['groups']} questions" if "groups" in result else ""))
+        metric = "F1" if result["metric"] == "f1" else result["metric"]
+        print(f"{session.config.data.task} {split}: {metric} {result['score']:.4f} on "
               f"{result['examples']} examples{em}")
 
 
@@ -230,7 +232,7 @@ def plan(ctx: typer.Context, given: dict, config: str | None, seq_len: int | Non
     from edgezo.zo.batch import Shape
 
     cfg = build_config(given, config).validate()
-    width = seq_len or cfg.data.max_length
+    width = seq_len or cfg.resolved("bf16").data.max_length
     result = plan_run(cfg, Shapes(Shape(cfg.data.batch_size, width),
                                   Shape(cfg.data.eval_batch_size, width)))
     if as_json:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from edgezo.config import PEFT_SCHEMES, RunConfig
-from edgezo.config_defaults import lr_reason
+from edgezo.config_defaults import default_max_length, lr_reason
 from edgezo.errors import ConfigError, OutOfBudgetError, unknown_choice
 from edgezo.hardware import preferred_dtype
 from edgezo.heap import release_freed_memory, strict_heap
@@ -42,7 +42,7 @@ from edgezo.profiles import Profile, human_bytes, load_profile
 from edgezo.schemes import apply_scheme
 from edgezo.tasks import Encoder, Task, make_task
 from edgezo.tasks.loss import OBJECTIVES
-from edgezo.tasks.shape import measure_shape
+from edgezo.tasks.shape import generation_shape, measure_shape
 from edgezo.threads import ThreadChoice, set_compute_threads
 from edgezo.zo.batch import Shape
 from edgezo.zo.blocks import BlockMap, build_block_map
@@ -81,6 +81,8 @@ def build(config: RunConfig, objective: Callable | None = None) -> Parts:
     """All stages, in order. `objective`: a loss function `(model, batch) -> per-example
     losses` instead of the configured one (the API's `objective=fn`)."""
     config.validate()
+    if config.data.max_length is None:  # the task's own, before anything encodes
+        config = config.override(max_length=default_max_length(config.data.task))
     profile = load_profile(config.runtime.profile)
     device = compute_device(profile, config.runtime.strict_memory)
     # before the plan: it prices a noise buffer for each of the pool's threads
@@ -163,6 +165,9 @@ def measure_shapes(task: Task | None, encoder: Encoder, config: RunConfig) -> Sh
         return Shapes(Shape(d.batch_size, d.max_length), None)
     train = measure_shape(task.split("train"), encoder, d.batch_size)
     evaluated = task.split("validation") + task.split("test")
+    if task.generative:
+        return Shapes(train, generation_shape(evaluated, encoder, d.eval_batch_size,
+                                              task.max_new_tokens))
     return Shapes(train, measure_shape(evaluated, encoder, d.eval_batch_size))
 
 

@@ -34,6 +34,7 @@ from edgezo.config_defaults import (
     DEFAULT_SCALES_G_CLIP,
     HALF_EPS,
     default_lr,
+    default_max_length,
     resolve_estimator,
 )
 from edgezo.config_values import (
@@ -100,8 +101,9 @@ class ModelOptions:
 
 @dataclass
 class DataOptions:
-    task: str | None = option("sst2", "sst2, copa, winogrande, multirc, boolq, wic, wsc, or "
-                              "your own task.jsonl / spec.yaml (None: batches given to step())")
+    task: str | None = option("sst2", "sst2, copa, winogrande, multirc, boolq, wic, wsc, "
+                              "squad, or your own task.jsonl / spec.yaml (None: batches "
+                              "given to step())")
     data_dir: str | None = option(None, "Folder with the task data, <task>/<files> "
                                   "(default: $EDGEZO_DATA_DIR, then the SST-2 sample shipped "
                                   "with edgezo, then the hub with edgezo[hub])",
@@ -118,7 +120,8 @@ class DataOptions:
                            "movie (SST-2: 'Movie review: ...\\nThe sentiment of this review "
                            "is positive')",
                            choices=TEMPLATES)
-    max_length: int = option(256, "Longest tokenized example (tokens)", min=8)
+    max_length: int | None = option(None, "Longest tokenized example (tokens; default "
+                                    "256, 512 for squad)", min=8)
     batch_size: int = option(16, "Examples per step", min=1)
     eval_batch_size: int = option(32, "Examples per evaluation batch", min=1, resume=True)
 
@@ -410,6 +413,7 @@ class RunConfig:
         config leaves it open): what it records, so a resume is the same run."""
         out = self.override()
         out.model.dtype = self.model.dtype or dtype
+        out.data.max_length = self.data.max_length or default_max_length(self.data.task)
         if self.optimizer.lr is None:
             out.optimizer.lr = default_lr(self.optimizer.optimizer, self.scheme.scheme)
         out.estimator = resolve_estimator(self.estimator, self.optimizer.optimizer,

@@ -37,6 +37,17 @@ MEASURED_LR = {("zo-sgd", "full"): 3e-5, ("zo-sgd", "lora"): 1e-3, ("fo-adam", "
                ("fo-adam", "prompt"): 1e-3,
                ("fo-sgd", "full"): 1e-3, ("fo-sgd", "lora"): 1e-2,
                ("fo-sgd", "prefix"): 1e-1, ("fo-sgd", "prompt"): 1e-1}
+# Longest tokenized example: 256 tokens, or a task's own where its prompts are longer
+# (SQuAD: a paragraph and a question, 192 tokens at the median with SmolLM2's tokenizer,
+# 20% of them over 256 and 1% over 512; truncating cuts the paragraph's start).
+DEFAULT_MAX_LENGTH = 256
+TASK_MAX_LENGTH = {"squad": 512}
+
+
+def default_max_length(task: str | None) -> int:
+    return TASK_MAX_LENGTH.get(task or "", DEFAULT_MAX_LENGTH)
+
+
 DEFAULT_EPS = 1e-3  # fp32 compute; half precision needs a larger one (default_eps)
 HALF_EPS = 1e-2
 DEFAULT_RANK = {"lowrank": 2, "subspace": 8}

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 from edgezo.errors import OutOfBudgetError
 from edgezo.memory import planner
 from edgezo.profiles import human_bytes
-from edgezo.tasks.shape import batch_shape
+from edgezo.tasks.shape import batch_shape, prompts_shape
+from edgezo.zo.batch import Shape
 
 if TYPE_CHECKING:
     from edgezo.session import Session
@@ -22,13 +23,25 @@ def admit(session: Session, batch: dict, phase: str) -> None:
 
     Raised before any weight moves, so the session stays usable with smaller batches.
     """
-    if not session.config.runtime.check_budget:
-        return
-    shape = batch_shape(batch)
+    if session.config.runtime.check_budget:
+        _admit_shape(session, batch_shape(batch), phase)
+
+
+def admit_generation(session: Session, prompts: list[str], new_tokens: int) -> None:
+    """`admit` for a batch of prompts to write `new_tokens` after (a generative
+    evaluation): priced with its KV cache."""
+    if session.config.runtime.check_budget:
+        shape = prompts_shape(session.tokenizer, prompts, session.encoder.max_length,
+                              new_tokens)
+        _admit_shape(session, shape, "eval")
+
+
+def _admit_shape(session: Session, shape: Shape, phase: str) -> None:
     shapes = session.shapes
     planned = shapes.train if phase == "train" else shapes.eval
     if planned is not None and (shape.rows <= planned.rows and shape.seq_len <= planned.seq_len
-                                and shape.logit_positions <= planned.logit_positions):
+                                and shape.logit_positions <= planned.logit_positions
+                                and shape.new_tokens <= planned.new_tokens):
         return
     asked = replace(shapes, train=shape) if phase == "train" else replace(shapes, eval=shape)
     plan = planner.price(session.config, planner.live_model(session._model, session._block_map),

@@ -19,8 +19,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
-
 from edgezo.errors import ConfigError
 from edgezo.zo.result import StepResult
 
@@ -53,24 +51,6 @@ def coefficients(order: Ranking, m: int) -> list[float]:
             for j in q:
                 wins[j] -= len(place)
     return [w / edges for w in wins] if edges else [0.0] * m
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int,
-             device: torch.device) -> list[str]:
-    """Greedy continuations of the prompts (left-padded into one batch)."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-    finally:
-        tokenizer.padding_side = side
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
-        else tokenizer.eos_token_id
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=pad)
-    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
-                                  skip_special_tokens=True)
 
 
 @dataclass

@@ -32,8 +32,9 @@ from edgezo.hardware import cpu_capability
 from edgezo.heap import release_freed_memory
 from edgezo.profiles import human_bytes
 from edgezo.rank import RankFn, RankResult
-from edgezo.tasks import Example
+from edgezo.tasks import Example, answers
 from edgezo.tasks.base import batches
+from edgezo.tasks.generate import generate
 from edgezo.tasks.loss import candidate_scores, shard_batch
 from edgezo.zo.result import StepResult
 from edgezo.zo.schedule import Schedule
@@ -246,8 +247,6 @@ class Session:
     @torch.no_grad()
     def generate(self, prompts: str | list[str], max_new_tokens: int = 16) -> list[str]:
         """The model's greedy answers to the prompts, with every completed step applied."""
-        from edgezo.rank import generate
-
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         self.engine.flush()
         self.engine.release_scratch()
@@ -270,8 +269,8 @@ class Session:
         outputs = []
         for k in range(candidates):
             with self.engine.perturbed_query(k, mu if mu is not None else self.engine.eps):
-                outputs.append(ranking.generate(self._model, self.tokenizer, prompts,
-                                                max_new_tokens, self.device))
+                outputs.append(generate(self._model, self.tokenizer, prompts,
+                                        max_new_tokens, self.device))
         order = rank(outputs)
         coefs = ranking.coefficients(order, candidates)
         # the engine's rule steps against its direction: −ĝ moves towards the preferred
@@ -303,13 +302,19 @@ class Session:
     @torch.no_grad()
     def evaluate(self, split: str = "test", max_examples: int | None = None,
                  progress: Callable[[int, int], None] | None = None) -> dict:
-        """Accuracy by candidate log-likelihood on a task split, batched; `progress(done,
-        total)` is called after each batch (examples)."""
+        """The task's score on a split, batched: accuracy by candidate log-likelihood, or
+        for a generative task F1 and exact match of the answers the model writes.
+        `result["score"]` is the task's metric (`result["metric"]` names it);
+        `progress(done, total)` is called after each batch (examples)."""
         self._require_task()
         self.engine.flush()
         self.engine.release_scratch()
         start = time.perf_counter()
         examples = self.task.split(split)[:max_examples]
+        if self.task.generative:
+            with self.monitor.phase("eval"):
+                result = self._written_scores(examples, progress)
+            return self._evaluated(split, result, start)
         hits: list[bool] = []
         groups: dict[str, list[bool]] = {}
         with self.monitor.phase("eval"):
@@ -326,14 +331,41 @@ class Session:
                         groups.setdefault(ex.group, []).append(ok)
                 if progress is not None:
                     progress(len(hits), len(examples))
-        release_freed_memory()  # eval batches differ in shape; return their freed heap
-        elapsed = time.perf_counter() - start
-        self.eval_seconds += elapsed
-        result = {"accuracy": sum(hits) / max(1, len(hits)), "examples": len(hits),
-                  "split": split, "of": len(self.task.split(split)), "time_s": elapsed}
+        accuracy = sum(hits) / max(1, len(hits))
+        result = {"metric": "accuracy", "score": accuracy, "accuracy": accuracy,
+                  "examples": len(hits)}
         if groups:  # MultiRC: a question counts when every answer option is right
             result["exact_match"] = sum(all(v) for v in groups.values()) / len(groups)
             result["groups"] = len(groups)
+        return self._evaluated(split, result, start)
+
+    def _written_scores(self, examples: list[Example],
+                        progress: Callable[[int, int], None] | None) -> dict:
+        """F1 and exact match of the model's greedy answers (tasks/generate.py), a batch
+        at a time."""
+        f1s: list[float] = []
+        ems: list[float] = []
+        for i in range(0, len(examples), self.eval_batch_size):
+            part = examples[i:i + self.eval_batch_size]
+            guard.admit_generation(self, [ex.prompt for ex in part],
+                                   self.task.max_new_tokens)
+            written = generate(self._model, self.tokenizer, [ex.prompt for ex in part],
+                               self.task.max_new_tokens, self.device, first_line=True,
+                               max_length=self.encoder.max_length)
+            for ex, text in zip(part, written, strict=True):
+                f1s.append(answers.f1(text, ex.references))
+                ems.append(answers.exact_match(text, ex.references))
+            if progress is not None:
+                progress(len(f1s), len(examples))
+        n = max(1, len(f1s))
+        return {"metric": "f1", "score": sum(f1s) / n, "f1": sum(f1s) / n,
+                "exact_match": sum(ems) / n, "examples": len(f1s)}
+
+    def _evaluated(self, split: str, result: dict, start: float) -> dict:
+        release_freed_memory()  # eval batches differ in shape; return their freed heap
+        elapsed = time.perf_counter() - start
+        self.eval_seconds += elapsed
+        result.update(split=split, of=len(self.task.split(split)), time_s=elapsed)
         self.evaluations[split] = result
         return result
 

@@ -152,7 +152,7 @@ def _train_loop(session: Session, console: Console, metrics, watch: DivergenceWa
             row = _metrics_row(session, r)
             if evaluates:  # a Ctrl-C here stops at once: the weights are a completed step's
                 acc = row["validation_accuracy"] = evaluate(session, "validation",
-                                                            progress.console)["accuracy"]
+                                                            progress.console)["score"]
                 note = ""
                 if keeps_best and (best is None or acc > best["validation_accuracy"]):
                     with ctrl_c.held():
@@ -160,7 +160,8 @@ def _train_loop(session: Session, console: Console, metrics, watch: DivergenceWa
                     if kept:
                         best = {"step": i + 1, "validation_accuracy": acc}
                         note = " (the best so far: kept)"
-                progress.console.print(f"step {i + 1}: validation accuracy {acc:.4f}{note}")
+                progress.console.print(f"step {i + 1}: validation {metric_name(session)} "
+                                       f"{acc:.4f}{note}")
             row["wall_s"] = time.perf_counter() - t0  # evaluations included
             with ctrl_c.held():  # the step's row, snapshot and checks, whole
                 if metrics is not None:
@@ -222,7 +223,7 @@ def _metrics_row(session: Session, r: StepResult) -> dict:
 
 def _accuracy_before(session: Session, output: Path | None, console: Console
                      ) -> float | None:
-    """Test accuracy before training (kept in the run folder, so a resume reuses it);
+    """The test score before training (kept in the run folder, so a resume reuses it);
     None when the config skips it."""
     before_file = output / "accuracy_before.json" if output is not None else None
     if before_file is not None and before_file.is_file():
@@ -230,8 +231,8 @@ def _accuracy_before(session: Session, output: Path | None, console: Console
     if not session.config.train.eval_before:
         return None
     console.print("Evaluating the test set before training...")
-    before = evaluate(session, "test", console)["accuracy"]
-    console.print(f"Test accuracy before: {before:.4f}")
+    before = evaluate(session, "test", console)["score"]
+    console.print(f"Test {metric_name(session)} before: {before:.4f}")
     if before_file is not None:
         before_file.write_text(json.dumps({"accuracy": before}))
     return before
@@ -421,7 +422,8 @@ def _keep_best(session: Session, output: Path | None, stopped, console: Console
                           f"snapshot could not be read ({err})")
             return None
         console.print(f"Keeping step {best['step']}'s weights, the best on validation "
-                      f"({best['validation_accuracy']:.4f}); --resume goes on from step "
+                      f"({metric_name(session)} {best['validation_accuracy']:.4f}); --resume "
+                      "goes on from step "
                       f"{last}.")
     session.selected = selected
     return selected
@@ -475,14 +477,15 @@ def _final_report(session: Session, before: float | None, t0: float, stopped,
                if stopped is None else {})
     report = session.report()
     if stopped is None:
-        report["validation_accuracy"] = results["validation"]["accuracy"]
-        report["test_accuracy"] = results["test"]["accuracy"]
+        report["validation_accuracy"] = results["validation"]["score"]
+        report["test_accuracy"] = results["test"]["score"]
     elif isinstance(stopped, KeyboardInterrupt):
         report["stopped"] = f"interrupted (Ctrl-C) after step {session.engine.step_index}"
     else:
         report["stopped"] = (f"over budget: {stopped}" if isinstance(stopped, OutOfBudgetError)
                              else str(stopped))
     report["accuracy_before"] = before
+    report["metric"] = session.task.metric  # what the *_accuracy values score
     report["interrupted"] = isinstance(stopped, KeyboardInterrupt)
     report["wall_time_s"] = time.perf_counter() - t0
     report["peak_memory_bytes"] = session.monitor.run_peak_bytes  # includes the final evals
@@ -506,6 +509,15 @@ def _write_run_folder(session: Session, report: dict, output: Path | None, conso
     (output / "report.json").write_text(json.dumps(report, indent=2))
     if isinstance(stopped, OutOfBudgetError):
         console.print(f"Resume with: edgezo finetune --resume {output} --steps {t.steps}")
+
+
+def metric_name(session: Session) -> str:
+    """How the task's score reads in a sentence: accuracy, or F1 (a generative task)."""
+    return "F1" if session.task.metric == "f1" else session.task.metric
+
+
+def _metric_text(report: dict) -> str:
+    return "F1" if report.get("metric") == "f1" else "accuracy"
 
 
 def _acc(value: float | None) -> str:
@@ -532,10 +544,10 @@ def summary_table(report: dict) -> Table:
                                          else "")),
         ("steps", str(report["steps"]) + (" (interrupted)" if report.get("interrupted") else "")),
         *([("weights kept", _kept(report["selected"]))] if report.get("selected") else []),
-        ("test accuracy before -> after",
+        (f"test {_metric_text(report)} before -> after",
          f"{_acc(report['accuracy_before'])} -> {report['test_accuracy']:.4f}"
          + _examples(report, "test")),
-        ("validation accuracy", f"{report['validation_accuracy']:.4f}"
+        (f"validation {_metric_text(report)}", f"{report['validation_accuracy']:.4f}"
          + _examples(report, "validation")),
         ("peak memory measured / predicted",
          f"{_gib(report['peak_memory_bytes'])} / {_gib(report['predicted_peak_memory_bytes'])}"),

@@ -6,7 +6,8 @@
   (data seed 0): the 1000 training and 500 validation rows of GLUE's SST-2 train file,
   each with its row number in that file, and GLUE's 872-row dev file, the test set.
 - tests/fixtures/data/<task>/: the first rows of each task's files, in the task's own
-  format, so the test suite reads real rows without the full data beside it.
+  format, so the test suite reads real rows without the full data beside it (SQuAD: the
+  first questions of the first paragraphs of the first articles, SQUAD_FIXTURE).
 
 The sample is what `make_task("sst2", data_dir=SHARED_DATA_DIR)` picks; a test with the
 full data checks the two stay equal.
@@ -14,6 +15,7 @@ full data checks the two stay equal.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -27,6 +29,8 @@ FIXTURE_ROWS = {  # file: leading rows kept (a multirc row is a passage of sever
     "boolq/val.jsonl": 36, "wic/train.jsonl": 40, "wic/val.jsonl": 16,
     "wsc/train.jsonl": 40, "wsc/val.jsonl": 16,
 }
+
+SQUAD_FIXTURE = (8, 2, 3)  # articles, paragraphs of each, questions of each paragraph
 
 
 def write_sst2_sample(data: Path, out: Path) -> None:
@@ -49,6 +53,17 @@ def write_fixtures(data: Path, out: Path) -> None:
         with open(data / name, encoding="utf-8", newline="") as f:
             lines = [line for _, line in zip(range(n), f, strict=False)]
         target.write_text("".join(lines), encoding="utf-8", newline="")
+    write_squad_fixture(data / "squad" / "dev-v1.1.json", out / "squad" / "dev-v1.1.json")
+
+
+def write_squad_fixture(source: Path, target: Path) -> None:
+    articles, paragraphs, questions = SQUAD_FIXTURE
+    full = json.loads(source.read_text(encoding="utf-8"))
+    data = [{**a, "paragraphs": [{**p, "qas": p["qas"][:questions]}
+                                 for p in a["paragraphs"][:paragraphs]]}
+            for a in full["data"][:articles]]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps({"version": full["version"], "data": data}), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -400,7 +400,7 @@ def test_keep_best_ends_with_the_best_validated_weights_and_keeps_the_last(
 
     def scripted(sess, split, console):
         seen.append((split, sess.engine.step_index))
-        return {"accuracy": scores[sess.engine.step_index] if split == "validation" else 0.7}
+        return {"score": scores[sess.engine.step_index] if split == "validation" else 0.7}
 
     monkeypatch.setattr(train, "evaluate", scripted)
     ref = session(tiny_folder, data_dir)
@@ -452,7 +452,7 @@ def test_a_resumed_run_drops_a_best_from_beyond_where_it_resumes(tiny_folder, da
     from edgezo import train
 
     monkeypatch.setattr(train, "evaluate", lambda sess, split, console: {
-        "accuracy": {2: 0.5, 4: 0.6}.get(sess.engine.step_index, 0.5)})
+        "score": {2: 0.5, 4: 0.6}.get(sess.engine.step_index, 0.5)})
     run = tmp_path / "run"
     s = session(tiny_folder, data_dir, eval_every=2, keep_best=True, eval_before=False)
     try:
@@ -484,7 +484,7 @@ def test_average_last_ends_with_the_mean_of_the_last_weights_and_keeps_the_last(
 
     def scripted(sess, split, console):
         seen.append((split, sess.report()["selected"]))
-        return {"accuracy": 0.5}
+        return {"score": 0.5}
 
     monkeypatch.setattr(train, "evaluate", scripted)
     ref = session(tiny_folder, data_dir, dtype="fp32")

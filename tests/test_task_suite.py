@@ -166,7 +166,7 @@ class Oracle(nn.Module):
         return type("Out", (), {"logits": logits})()
 
 
-@pytest.mark.parametrize("task", list(TASKS))
+@pytest.mark.parametrize("task", [t for t in TASKS if not TASKS[t].generative])
 def test_the_loss_ranks_the_gold_answer_first(task):
     """With a model that prefers the gold answer (or, for WinoGrande, continues the gold
     option's prompt), the gold candidate scores highest and the training loss is lower

@@ -74,14 +74,14 @@ def execute(run: Run, suite: str, data_dir: str | None = None) -> dict:
     except EdgezoError as err:  # a setting this model or task cannot take: recorded
         return {**row, "status": "failed", "error": str(err)}
     try:
-        row["val_before"] = s.evaluate("validation", n_eval)["accuracy"]
+        row["val_before"] = s.evaluate("validation", n_eval)["score"]
         losses = [s.step().loss for _ in range(steps)]
         val = s.evaluate("validation", n_eval)
         test = s.evaluate("test", n_eval)
         report = s.report()
         times = [r.time_s for r in s.history[1:]] or [r.time_s for r in s.history]
         row.update(
-            status="ok", val_accuracy=val["accuracy"], test_accuracy=test["accuracy"],
+            status="ok", val_accuracy=val["score"], test_accuracy=test["score"],
             peak_bytes=report["peak_memory_bytes"],
             predicted_bytes=report["predicted_peak_memory_bytes"],
             step_s=statistics.mean(times) if times else None,

@@ -256,6 +256,9 @@ def _eval_terms(model, components: dict[str, int], spec: StepSpec, elem: int,
     cache = terms.prefix_cache_bytes(model, ev.rows, ev.seq_len, elem)
     if cache:
         out["prefix_kv_cache"] = cache
+    if ev.new_tokens:  # a generative evaluation: every layer's keys and values, all tokens
+        out["generation_kv_cache"] = terms.kv_cache_bytes(model, ev.rows,
+                                                          ev.seq_len + virtual, elem)
     return out
 
 

@@ -64,11 +64,15 @@ def prefix_cache_bytes(model, rows: int, seq_len: int, elem: int) -> int:
     kind = getattr(getattr(cfg, "peft_type", None), "value", None)
     if kind != "PREFIX_TUNING":
         return 0
+    return kv_cache_bytes(model, rows, cfg.num_virtual_tokens + seq_len, elem)
+
+
+def kv_cache_bytes(model, rows: int, tokens: int, elem: int) -> int:
+    """Every layer's keys and values over `tokens` positions of `rows` rows."""
     text = model.config.get_text_config()
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    tokens = cfg.num_virtual_tokens + seq_len
     return rows * text.num_hidden_layers * 2 * kv_heads * tokens * head_dim * elem
 
 

@@ -9,12 +9,14 @@ from pathlib import Path
 
 from edgezo.errors import unknown_choice
 from edgezo.tasks.base import TEMPLATES, Encoder, Example, Task
+from edgezo.tasks.squad import SQuAD
 from edgezo.tasks.sst2 import SST2
 from edgezo.tasks.superglue import COPA, WSC, BoolQ, MultiRC, WiC, WinoGrande
 from edgezo.tasks.user import UserTask
 
 TASKS: dict[str, type[Task]] = {"sst2": SST2, "copa": COPA, "winogrande": WinoGrande,
-                                "multirc": MultiRC, "boolq": BoolQ, "wic": WiC, "wsc": WSC}
+                                "multirc": MultiRC, "boolq": BoolQ, "wic": WiC, "wsc": WSC,
+                                "squad": SQuAD}
 USER_SUFFIXES = (".jsonl", ".yaml", ".yml")
 
 

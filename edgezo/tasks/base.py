@@ -28,7 +28,8 @@ class Example:
 
     `prompts` gives each candidate its own prompt (WinoGrande puts the option before a
     shared continuation); `group` ties examples scored together (a MultiRC question's
-    answer options, for exact match).
+    answer options, for exact match). A generative task's example has one candidate, the
+    answer it trains on, and the `references` a written answer is scored against.
     """
 
     prompt: str
@@ -36,6 +37,7 @@ class Example:
     gold: int
     prompts: tuple[str, ...] | None = None
     group: str | None = None
+    references: tuple[str, ...] = ()
 
     def prompt_for(self, i: int) -> str:
         return self.prompt if self.prompts is None else self.prompts[i]
@@ -55,6 +57,12 @@ class Task(ABC):
 
     name = ""
     loss = "classification"
+    # A generative task is scored on what the model writes (greedy, at most
+    # max_new_tokens, up to the first line break) by `metric` (answers.py), not by
+    # ranking candidates: then "f1", with exact match beside it.
+    generative = False
+    max_new_tokens = 0
+    metric = "accuracy"
     templates: tuple[str, ...] = ("aligned", "empty")
     default_template = "aligned"
     num_train = 1000

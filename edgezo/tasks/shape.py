@@ -43,3 +43,20 @@ def batch_shape(batch: dict) -> Shape:
     """The geometry of one given batch (an app's learn() or step(batch))."""
     rows, width = (int(n) for n in batch["input_ids"].shape)
     return Shape(rows, width, 1, logit_positions(batch))
+
+
+def generation_shape(examples: list[Example], encoder: Encoder, batch_size: int,
+                     new_tokens: int) -> Shape:
+    """A generative evaluation's geometry: its longest prompt (cut to the encoder's
+    max_length) and the tokens it writes after it."""
+    if not examples:
+        return Shape(batch_size, 0)
+    lengths = encoder.tok([e.prompt for e in examples]).input_ids
+    longest = min(max(len(ids) for ids in lengths), encoder.max_length)
+    return Shape(batch_size, longest + new_tokens, 1, 1, new_tokens)
+
+
+def prompts_shape(tokenizer, prompts: list[str], max_length: int, new_tokens: int) -> Shape:
+    """The geometry of one batch of prompts to write `new_tokens` after."""
+    longest = max((len(ids) for ids in tokenizer(prompts).input_ids), default=0)
+    return Shape(len(prompts), min(longest, max_length) + new_tokens, 1, 1, new_tokens)

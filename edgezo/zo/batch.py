@@ -15,13 +15,16 @@ class Shape:
 
     `rows_per_example`: a task whose candidates are scored as separate rows (COPA's two
     sentences) multiplies the batch; `logit_positions`: how many positions the loss reads
-    logits at (1 for a one-token answer, the answer's length otherwise).
+    logits at (1 for a one-token answer, the answer's length otherwise); `new_tokens`:
+    tokens a generative evaluation writes after the prompt (counted in `seq_len`), whose
+    keys and values its KV cache holds.
     """
 
     batch_size: int
     seq_len: int
     rows_per_example: int = 1
     logit_positions: int = 1
+    new_tokens: int = 0
 
     @property
     def rows(self) -> int:

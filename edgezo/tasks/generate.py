@@ -1,0 +1,70 @@
+"""Greedy answers, batched, with a KV cache and stop rules: what a generative task is
+scored on, and what `Session.generate` returns.
+
+Prompts are left-padded into one batch (their positions count real tokens only, as the
+losses' do) and decoded by transformers' `generate` with its KV cache, so each new token
+costs one position's forward, not the whole sequence's. A row stops at the tokenizer's
+end of sequence or end of turn, or, with `first_line`, at any token whose text holds a
+line break (the answer of a task like SQuAD is one line); the batch stops when every row
+has. Greedy decoding is deterministic: no sampling settings of the model's own
+generation config are inherited.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from edgezo.tasks.answers import first_line as first_line_of
+
+# End-of-turn markers of the chat templates edgezo meets (ChatML, Llama 3, Phi-3, Gemma).
+TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+
+
+def stop_ids(tokenizer, first_line: bool) -> list[int]:
+    """The token ids that end a row: end of sequence, end of turn, and with `first_line`
+    every token whose text holds a line break."""
+    return list(_stop_ids(tokenizer, first_line))
+
+
+@functools.lru_cache(maxsize=8)
+def _stop_ids(tokenizer, first_line: bool) -> tuple[int, ...]:
+    vocab = tokenizer.get_vocab()
+    ids = {tokenizer.eos_token_id} | {vocab[t] for t in TURN_ENDS if t in vocab}
+    if first_line:
+        size = len(tokenizer)
+        texts = tokenizer.batch_decode([[i] for i in range(size)])
+        ids |= {i for i, text in enumerate(texts) if "\n" in text}
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int,
+             device: torch.device, *, first_line: bool = False,
+             max_length: int | None = None) -> list[str]:
+    """Each prompt's greedy continuation, at most `max_new_tokens` tokens (`first_line`:
+    up to its first line break, stripped). `max_length`: prompts longer than this many
+    tokens keep their last ones (the question and the cue at the end)."""
+    from transformers import GenerationConfig
+
+    if not prompts:
+        return []
+    side, cut = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side = tokenizer.truncation_side = "left"
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True,
+                        truncation=max_length is not None, max_length=max_length)
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = side, cut
+    stops = stop_ids(tokenizer, first_line)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    settings = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+                                num_beams=1, pad_token_id=pad, eos_token_id=stops,
+                                use_cache=True)
+    width = enc.input_ids.shape[1]
+    out = model.generate(input_ids=enc.input_ids.to(device),
+                         attention_mask=enc.attention_mask.to(device),
+                         generation_config=settings)
+    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return [first_line_of(t) for t in texts] if first_line else texts
