@@ -110,8 +110,9 @@ EVAL_FIELDS = ("model", "dtype", "trust_remote_code", "task", "data_dir", "templ
 })
 def evaluate(ctx: typer.Context, given: dict, split: str, eval_examples: int | None,
              max_examples: int | None, as_json: bool) -> None:
-    """Accuracy of a model on a task split (by candidate log-likelihood). --model takes a
-    model, or what finetune saved: a run folder, its model/ (a LoRA, prefix or prompt
+    """A model's score on a task split: accuracy by candidate log-likelihood, or F1 and
+    exact match of the answers it writes (squad). --model takes a model, or what
+    finetune saved: a run folder, its model/ (a LoRA, prefix or prompt
     run's adapter is put on its base), with the prompt it was trained on."""
     from edgezo.tasks.base import SPLITS
 
@@ -138,6 +139,52 @@ def evaluate(ctx: typer.Context, given: dict, split: str, eval_examples: int | N
         metric = "F1" if result["metric"] == "f1" else result["metric"]
         print(f"{session.config.data.task} {split}: {metric} {result['score']:.4f} on "
               f"{result['examples']} examples{em}")
+
+
+CHAT_FIELDS = ("model", "dtype", "trust_remote_code", "profile")
+
+
+@app.command()
+@user_errors
+@config_command(cli_fields(names=CHAT_FIELDS), {
+    "run_dir": (str | None, typer.Argument(
+        None, help="A finetune --output folder (or a saved model); default: --model")),
+    "system": (str | None, typer.Option(None, "--system", help="A system message the "
+                                        "conversation starts with")),
+    "max_new_tokens": (int, typer.Option(256, "--max-new-tokens", min=1,
+                                         help="Longest answer, in tokens")),
+})
+def chat(ctx: typer.Context, given: dict, run_dir: str | None, system: str | None,
+         max_new_tokens: int) -> None:
+    """Talk with a model in the terminal, its answers streamed as they are written
+    (greedy, through the model's chat template). /reset starts over, /exit or Ctrl-D
+    ends."""
+    from transformers import TextStreamer
+
+    if run_dir is not None:
+        given = {**given, "model": run_dir}
+    session, _ = open_eval_session({**given, "task": None},
+                                   say=lambda line: err_console.print(line, markup=False))
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    streamer = TextStreamer(session.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    try:
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                break
+            if line.strip() in ("/exit", "/quit"):
+                break
+            if line.strip() == "/reset" or not line.strip():
+                messages = list(start) if line.strip() else messages
+                continue
+            messages.append({"role": "user", "content": line})
+            print("model> ", end="", flush=True)
+            answer = session.generate(messages, max_new_tokens, streamer=streamer)[0]
+            messages.append({"role": "assistant", "content": answer.strip()})
+    finally:
+        session.close()
 
 
 def open_eval_session(given: dict, say=None):

@@ -96,7 +96,8 @@ def build(config: RunConfig, objective: Callable | None = None) -> Parts:
     resolved = resolve_model(config.model.model, parse_dtype(dtype),
                              config.model.trust_remote_code, convert=False)
     encoder = Encoder(resolved.tokenizer, max_length=config.data.max_length,
-                      loss=task.loss if task is not None else "classification")
+                      loss=task.loss if task is not None else "classification",
+                      train_on=config.data.train_on)
     shapes = measure_shapes(task, encoder, config)
     config, decision, why = plan_before_loading(config, resolved, profile, shapes, dtype, why)
     # the plan fits: a GGUF is converted now, once, in the dtype the plan settled on (the

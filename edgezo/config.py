@@ -122,6 +122,10 @@ class DataOptions:
                            choices=TEMPLATES)
     max_length: int | None = option(None, "Longest tokenized example (tokens; default "
                                     "256, 512 for squad)", min=8)
+    train_on: str = option("assistant", "What a conversation's loss covers (a chat task: "
+                           "JSONL rows of messages, or prompt and completion): assistant "
+                           "(every assistant turn), last (the last one) or all (every "
+                           "token)", choices=("assistant", "last", "all"))
     batch_size: int = option(16, "Examples per step", min=1)
     eval_batch_size: int = option(32, "Examples per evaluation batch", min=1, resume=True)
 

@@ -32,7 +32,7 @@ from edgezo.hardware import cpu_capability
 from edgezo.heap import release_freed_memory
 from edgezo.profiles import human_bytes
 from edgezo.rank import RankFn, RankResult
-from edgezo.tasks import Example, answers
+from edgezo.tasks import Example, chat_format, scoring
 from edgezo.tasks.base import batches
 from edgezo.tasks.generate import generate
 from edgezo.tasks.loss import candidate_scores, shard_batch
@@ -245,12 +245,20 @@ class Session:
         return self.step(self.encoder.encode(examples))
 
     @torch.no_grad()
-    def generate(self, prompts: str | list[str], max_new_tokens: int = 16) -> list[str]:
-        """The model's greedy answers to the prompts, with every completed step applied."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    def generate(self, prompts: str | list[str] | list[dict] | list[list[dict]],
+                 max_new_tokens: int = 16, streamer=None) -> list[str]:
+        """The model's greedy answers, with every completed step applied. A prompt is a
+        string, or a conversation ({"role", "content"} messages) that the model's chat
+        template renders, the answer then ending at the end of the assistant's turn.
+        `streamer`: a transformers streamer that hears each token (one prompt)."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
+            prompts = [prompts]
+        texts = [p if isinstance(p, str) else chat_format.cue(self.tokenizer, p)
+                 for p in prompts]
         self.engine.flush()
         self.engine.release_scratch()
-        return generate(self._model, self.tokenizer, prompts, max_new_tokens, self.device)
+        return generate(self._model, self.tokenizer, texts, max_new_tokens, self.device,
+                        streamer=streamer)
 
     def rank_step(self, prompts: str | list[str], rank: RankFn, candidates: int = 2,
                   max_new_tokens: int = 16, mu: float | None = None) -> RankResult:
@@ -311,9 +319,9 @@ class Session:
         self.engine.release_scratch()
         start = time.perf_counter()
         examples = self.task.split(split)[:max_examples]
-        if self.task.generative:
+        if self.task.generative or self.task.metric == "log_likelihood":
             with self.monitor.phase("eval"):
-                result = self._written_scores(examples, progress)
+                result = self._scorer().score(examples, progress)
             return self._evaluated(split, result, start)
         hits: list[bool] = []
         groups: dict[str, list[bool]] = {}
@@ -339,27 +347,12 @@ class Session:
             result["groups"] = len(groups)
         return self._evaluated(split, result, start)
 
-    def _written_scores(self, examples: list[Example],
-                        progress: Callable[[int, int], None] | None) -> dict:
-        """F1 and exact match of the model's greedy answers (tasks/generate.py), a batch
-        at a time."""
-        f1s: list[float] = []
-        ems: list[float] = []
-        for i in range(0, len(examples), self.eval_batch_size):
-            part = examples[i:i + self.eval_batch_size]
-            guard.admit_generation(self, [ex.prompt for ex in part],
-                                   self.task.max_new_tokens)
-            written = generate(self._model, self.tokenizer, [ex.prompt for ex in part],
-                               self.task.max_new_tokens, self.device, first_line=True,
-                               max_length=self.encoder.max_length)
-            for ex, text in zip(part, written, strict=True):
-                f1s.append(answers.f1(text, ex.references))
-                ems.append(answers.exact_match(text, ex.references))
-            if progress is not None:
-                progress(len(f1s), len(examples))
-        n = max(1, len(f1s))
-        return {"metric": "f1", "score": sum(f1s) / n, "f1": sum(f1s) / n,
-                "exact_match": sum(ems) / n, "examples": len(f1s)}
+    def _scorer(self) -> scoring.Scorer:
+        return scoring.Scorer(
+            self._model, self.encoder, self.task, self.device, self.eval_batch_size,
+            admit=lambda batch: guard.admit(self, batch, "eval"),
+            admit_prompts=lambda prompts: guard.admit_generation(
+                self, prompts, self.task.max_new_tokens))
 
     def _evaluated(self, split: str, result: dict, start: float) -> dict:
         release_freed_memory()  # eval batches differ in shape; return their freed heap

@@ -512,12 +512,14 @@ def _write_run_folder(session: Session, report: dict, output: Path | None, conso
 
 
 def metric_name(session: Session) -> str:
-    """How the task's score reads in a sentence: accuracy, or F1 (a generative task)."""
-    return "F1" if session.task.metric == "f1" else session.task.metric
+    """How the task's score reads in a sentence: accuracy, F1 (written answers) or log
+    likelihood (texts)."""
+    return _metric_text({"metric": session.task.metric})
 
 
 def _metric_text(report: dict) -> str:
-    return "F1" if report.get("metric") == "f1" else "accuracy"
+    metric = report.get("metric") or "accuracy"
+    return "F1" if metric == "f1" else metric.replace("_", " ")
 
 
 def _acc(value: float | None) -> str:

@@ -18,6 +18,7 @@ import torch
 
 from edgezo.config import TEMPLATES
 from edgezo.errors import TaskError, unknown_choice
+from edgezo.tasks import chat_format
 
 SPLITS = ("train", "validation", "test")
 
@@ -29,7 +30,9 @@ class Example:
     `prompts` gives each candidate its own prompt (WinoGrande puts the option before a
     shared continuation); `group` ties examples scored together (a MultiRC question's
     answer options, for exact match). A generative task's example has one candidate, the
-    answer it trains on, and the `references` a written answer is scored against.
+    answer it trains on, and the `references` a written answer is scored against. A
+    conversation's example holds its `messages` ((role, content) pairs; chat_format.py),
+    which the model's chat template renders: its prompt is then empty.
     """
 
     prompt: str
@@ -38,6 +41,7 @@ class Example:
     prompts: tuple[str, ...] | None = None
     group: str | None = None
     references: tuple[str, ...] = ()
+    messages: tuple[tuple[str, str], ...] = ()
 
     def prompt_for(self, i: int) -> str:
         return self.prompt if self.prompts is None else self.prompts[i]
@@ -62,6 +66,7 @@ class Task(ABC):
     # ranking candidates: then "f1", with exact match beside it.
     generative = False
     max_new_tokens = 0
+    first_line = True
     metric = "accuracy"
     templates: tuple[str, ...] = ("aligned", "empty")
     default_template = "aligned"
@@ -231,7 +236,7 @@ class Encoder:
     """
 
     def __init__(self, tokenizer, max_length: int = 256, loss: str = "classification",
-                 pad_to_multiple_of: int = 8):
+                 pad_to_multiple_of: int = 8, train_on: str = "assistant"):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
@@ -244,6 +249,12 @@ class Encoder:
         # process by ~100 MiB over a run; 8 also suits GPU tensor cores.
         self.multiple = pad_to_multiple_of
         self._single: dict[tuple[str, ...], list[int] | None] = {}
+        self.train_on = train_on  # what a conversation's loss covers (chat_format.TRAIN_ON)
+
+    def prompt_of(self, ex: Example) -> str:
+        """The text a generative evaluation continues: the prompt, or a conversation
+        rendered up to its last assistant turn by the chat template."""
+        return chat_format.prompt_text(self.tok, ex.messages) if ex.messages else ex.prompt
 
     def _single_token_ids(self, ex: Example) -> list[int] | None:
         if ex.prompts is not None:
@@ -267,6 +278,8 @@ class Encoder:
         return self._single[key]
 
     def encode(self, examples: list[Example]) -> dict:
+        if examples and examples[0].messages:
+            return chat_format.encode(self, examples, self.train_on)
         singles = [self._single_token_ids(ex) for ex in examples]
         gold = torch.tensor([ex.gold for ex in examples])
         if all(s is not None for s in singles):

@@ -42,10 +42,11 @@ def _stop_ids(tokenizer, first_line: bool) -> tuple[int, ...]:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int,
              device: torch.device, *, first_line: bool = False,
-             max_length: int | None = None) -> list[str]:
+             max_length: int | None = None, streamer=None) -> list[str]:
     """Each prompt's greedy continuation, at most `max_new_tokens` tokens (`first_line`:
     up to its first line break, stripped). `max_length`: prompts longer than this many
-    tokens keep their last ones (the question and the cue at the end)."""
+    tokens keep their last ones (the question and the cue at the end). `streamer`: a
+    transformers streamer that hears each token as it is written (one prompt)."""
     from transformers import GenerationConfig
 
     if not prompts:
@@ -65,6 +66,6 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int,
     width = enc.input_ids.shape[1]
     out = model.generate(input_ids=enc.input_ids.to(device),
                          attention_mask=enc.attention_mask.to(device),
-                         generation_config=settings)
+                         generation_config=settings, streamer=streamer)
     texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return [first_line_of(t) for t in texts] if first_line else texts

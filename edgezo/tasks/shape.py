@@ -10,6 +10,9 @@ def measure_shape(examples: list[Example], encoder: Encoder, batch_size: int) ->
     """The longest example's tokens, the rows each example becomes and the positions the
     loss reads logits at, over `examples` (an empty list plans no width)."""
     tokenizer = encoder.tok
+    if examples and examples[0].messages:  # conversations: each one rendered and encoded
+        widths = [encoder.encode([e])["input_ids"].shape[1] for e in examples]
+        return Shape(batch_size, max(widths), 1, max(widths))
     # Token counts of every (prompt + candidate) and candidate, in two batched calls of
     # the fast tokenizer; the longest of each is then encoded as a run would.
     pairs = [(k, e.prompt_for(i), c) for k, e in enumerate(examples)
@@ -51,7 +54,7 @@ def generation_shape(examples: list[Example], encoder: Encoder, batch_size: int,
     max_length) and the tokens it writes after it."""
     if not examples:
         return Shape(batch_size, 0)
-    lengths = encoder.tok([e.prompt for e in examples]).input_ids
+    lengths = encoder.tok([encoder.prompt_of(e) for e in examples]).input_ids
     longest = min(max(len(ids) for ids in lengths), encoder.max_length)
     return Shape(batch_size, longest + new_tokens, 1, 1, new_tokens)
 

@@ -48,7 +48,7 @@ class UserTask(Task):
         if not path.is_file():
             raise TaskError(f"task file {path} does not exist; --task takes a built-in task "
                             "name or a .jsonl / .yaml file")
-        spec = self._spec(path) if path.suffix in (".yaml", ".yml") else {"train": path.name}
+        spec = self.spec(path) if path.suffix in (".yaml", ".yml") else {"train": path.name}
         base = path.parent
         self.name = str(spec.get("name") or path.stem)
         self.train_path = base / spec["train"]
@@ -72,7 +72,8 @@ class UserTask(Task):
                 raise TaskError(f"{path}: data file {p} does not exist")
 
     @staticmethod
-    def _spec(path: Path) -> dict:
+    def spec(path: Path) -> dict:
+        """The YAML spec, checked field by field."""
         try:
             spec = yaml.safe_load(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError:
