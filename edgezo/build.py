@@ -97,7 +97,9 @@ def build(config: RunConfig, objective: Callable | None = None) -> Parts:
                              config.model.trust_remote_code, convert=False)
     encoder = Encoder(resolved.tokenizer, max_length=config.data.max_length,
                       loss=task.loss if task is not None else "classification",
-                      train_on=config.data.train_on)
+                      train_on=config.data.train_on,
+                      writes=(task.max_new_tokens, task.first_line)
+                      if task is not None and task.generative else None)
     shapes = measure_shapes(task, encoder, config)
     config, decision, why = plan_before_loading(config, resolved, profile, shapes, dtype, why)
     # the plan fits: a GGUF is converted now, once, in the dtype the plan settled on (the
@@ -155,6 +157,10 @@ def load_task(config: RunConfig) -> Task | None:
         return None
     task = make_task(d.task, data_dir=d.data_dir, data_seed=d.data_seed, template=d.template,
                      train_examples=d.train_examples)
+    if config.estimator.objective == "f1" and not task.generative:
+        raise ConfigError(f"the f1 objective scores answers the model writes; {d.task} "
+                          "scores a choice among candidates: use --task squad or a "
+                          "conversation file, or --objective ce / accuracy")
     for split in ("train", "validation", "test"):
         task.split(split)
     return task
@@ -164,7 +170,11 @@ def measure_shapes(task: Task | None, encoder: Encoder, config: RunConfig) -> Sh
     d = config.data
     if task is None:
         return Shapes(Shape(d.batch_size, d.max_length), None)
-    train = measure_shape(task.split("train"), encoder, d.batch_size)
+    if config.estimator.objective == "f1":  # a step writes its answers, twice
+        train = generation_shape(task.split("train"), encoder, d.batch_size,
+                                 task.max_new_tokens)
+    else:
+        train = measure_shape(task.split("train"), encoder, d.batch_size)
     evaluated = task.split("validation") + task.split("test")
     if task.generative:
         return Shapes(train, generation_shape(evaluated, encoder, d.eval_batch_size,

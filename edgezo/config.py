@@ -218,8 +218,9 @@ class EstimatorOptions:
     fo_blocks: list[str] = option(None, "Blocks trained by backprop in a hybrid step, "
                                   "comma-separated: pre, head, or layer numbers (-1 = last)",
                                   factory=list)
-    objective: str = option("ce", "ce (verbalizer cross-entropy) or accuracy "
-                            "(non-differentiable; ZO optimizers only)")
+    objective: str = option("ce", "ce (the task's loss), accuracy, or f1 (of the answers "
+                            "a generative task's model writes; two passes a step); the last "
+                            "two are not differentiable: ZO optimizers only")
 
 
 @dataclass

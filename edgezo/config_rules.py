@@ -201,6 +201,9 @@ def _objective_problems(cfg: RunConfig) -> list[str]:
     if objective != "ce" and cfg.estimator_kind != "zo":
         return [f"{cfg.optimizer.optimizer} differentiates the loss; the {objective} "
                 "objective needs a ZO optimizer (it is not differentiable)"]
+    if objective == "f1" and cfg.estimator.pair:
+        return ["the f1 objective writes answers with a KV cache, which pair mode's doubled "
+                "batch cannot share: drop --pair (it runs in two passes)"]
     return []
 
 

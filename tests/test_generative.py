@@ -183,3 +183,40 @@ def test_squad_on_the_whole_dev_file_is_mezos_1000_500_1000(full_data_dir):
     train, val, test = (_articles(task, s) for s in ("train", "validation", "test"))
     assert not (train & val or train & test or val & test)
     assert len(train | val | test) == 48
+
+
+# -- F1 as the objective ----------------------------------------------------------------------
+def test_the_f1_objective_steps_on_written_answers_in_two_passes(tiny_folder, data_dir):
+    """ZO can follow a score it cannot differentiate: each pass writes the answers at
+    θ ± εz, and the loss is −F1 (MeZO's SQuAD F1 objective)."""
+    from edgezo.session import Session
+    from edgezo.tasks.loss import negative_f1
+
+    sess = Session(tiny_folder, task="squad", data_dir=data_dir, batch_size=2,
+                   eval_batch_size=4, lr=1e-2, eps=1e-2, max_length=96, objective="f1")
+    try:
+        assert not sess.pair  # a KV cache per sign
+        assert sess.shapes.train.new_tokens == sess.task.max_new_tokens
+        assert sess.plan.components["generation_kv_cache"] > 0
+        batch = sess.next_batch()
+        spec = batch["written"]
+        written = sess.generate(spec.prompts, spec.max_new_tokens)
+        want = [-answers.f1(answers.first_line(w), r)
+                for w, r in zip(written, spec.references, strict=True)]
+        assert negative_f1(sess.model, batch).tolist() == pytest.approx(want)
+        r = sess.step(batch)
+        assert r.forward_passes == 2 and -1 <= r.loss <= 0
+    finally:
+        sess.close()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"task": "sst2", "objective": "f1"}, "scores a choice among candidates"),
+    ({"task": "squad", "objective": "f1", "pair": True}, "drop --pair"),
+])
+def test_the_f1_objective_refuses_what_it_cannot_do(tiny_folder, data_dir, options, message):
+    from edgezo.errors import ConfigError
+    from edgezo.session import Session
+
+    with pytest.raises(ConfigError, match=message):
+        Session(tiny_folder, data_dir=data_dir, batch_size=2, **options)

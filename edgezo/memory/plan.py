@@ -292,6 +292,9 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, spec: 
                                               split=spec.pair and spec.split_layers),
         "optimizer_state": spec.optimizer_state_bytes,
     }
+    if train.new_tokens:  # the step writes answers (the f1 objective): their KV cache
+        components["generation_kv_cache"] = terms.kv_cache_bytes(
+            model, rows, train.seq_len + virtual, elem)
     components.update(_step_terms(model, blocks, spec, components, elem, virtual))
     streaming = _stream_terms(model, blocks, profile, spec, components, rows)
     eval_components = (None if spec.eval is None

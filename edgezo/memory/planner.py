@@ -242,7 +242,8 @@ def decide(config: RunConfig, priced: Priced, profile: Profile, shapes: Shapes,
     """Pair mode or two passes, and what streams: the first mode that fits, streaming as
     few layers as it needs. Without a budget: pair mode, and only forced streaming."""
     estimate = resolve_estimator(config.estimator, config.optimizer.optimizer).estimate
-    zo_pair = config.estimator_kind == "zo" and estimate == "two-sided"
+    zo_pair = (config.estimator_kind == "zo" and estimate == "two-sided"
+               and config.estimator.objective != "f1")  # f1 writes: one sign at a time
     modes = ([config.estimator.pair] if config.estimator.pair is not None
              else [True, False] if zo_pair else [False])
     for pair in modes:

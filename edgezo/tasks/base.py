@@ -19,6 +19,7 @@ import torch
 from edgezo.config import TEMPLATES
 from edgezo.errors import TaskError, unknown_choice
 from edgezo.tasks import chat_format
+from edgezo.tasks.generate import Writing
 
 SPLITS = ("train", "validation", "test")
 
@@ -236,7 +237,8 @@ class Encoder:
     """
 
     def __init__(self, tokenizer, max_length: int = 256, loss: str = "classification",
-                 pad_to_multiple_of: int = 8, train_on: str = "assistant"):
+                 pad_to_multiple_of: int = 8, train_on: str = "assistant",
+                 writes: tuple[int, bool] | None = None):
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
@@ -250,6 +252,9 @@ class Encoder:
         self.multiple = pad_to_multiple_of
         self._single: dict[tuple[str, ...], list[int] | None] = {}
         self.train_on = train_on  # what a conversation's loss covers (chat_format.TRAIN_ON)
+        # a generative task's (max_new_tokens, first_line): its batches also carry their
+        # prompts and references ("written"), for the f1 objective
+        self.writes = writes
 
     def prompt_of(self, ex: Example) -> str:
         """The text a generative evaluation continues: the prompt, or a conversation
@@ -278,6 +283,14 @@ class Encoder:
         return self._single[key]
 
     def encode(self, examples: list[Example]) -> dict:
+        batch = self._encode(examples)
+        if self.writes is not None and examples and examples[0].references:
+            batch["written"] = Writing(
+                [self.prompt_of(ex) for ex in examples], [ex.references for ex in examples],
+                self.tok, self.writes[0], self.writes[1], self.max_length)
+        return batch
+
+    def _encode(self, examples: list[Example]) -> dict:
         if examples and examples[0].messages:
             return chat_format.encode(self, examples, self.train_on)
         singles = [self._single_token_ids(ex) for ex in examples]

@@ -13,10 +13,25 @@ generation config are inherited.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
 from edgezo.tasks.answers import first_line as first_line_of
+
+
+@dataclass(frozen=True)
+class Writing:
+    """What a batch of a generative task needs for the model to write its answers (the
+    f1 objective): the prompts, their references and how to write."""
+
+    prompts: list[str]
+    references: list[tuple[str, ...]]
+    tokenizer: object
+    max_new_tokens: int
+    first_line: bool
+    max_length: int
+
 
 # End-of-turn markers of the chat templates edgezo meets (ChatML, Llama 3, Phi-3, Gemma).
 TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")

@@ -24,6 +24,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from edgezo.tasks.answers import f1
+from edgezo.tasks.generate import generate
 from edgezo.zo.batch import batch_rows
 
 
@@ -190,4 +192,20 @@ def negative_accuracy(model, batch: dict) -> torch.Tensor:
     return -hits.to(torch.float32)
 
 
-OBJECTIVES = {"ce": example_losses, "accuracy": negative_accuracy}
+def negative_f1(model, batch: dict) -> torch.Tensor:
+    """−F1 of the answer the model writes to each prompt (greedy; a generative task's
+    batch carries its prompts and references under "written"): SQuAD's score itself,
+    which only a ZO estimate can follow. It writes with a KV cache, so it runs in two
+    passes, one sign at a time (pair mode's doubled batch cannot share a cache)."""
+    spec = batch.get("written")
+    if spec is None:
+        raise ValueError("the f1 objective needs a generative task's batch (prompts and "
+                         "references): --task squad or a conversation file")
+    device = next(model.parameters()).device
+    texts = generate(model, spec.tokenizer, spec.prompts, spec.max_new_tokens, device,
+                     first_line=spec.first_line, max_length=spec.max_length)
+    return -torch.tensor([f1(t, refs) for t, refs in zip(texts, spec.references,
+                                                         strict=True)])
+
+
+OBJECTIVES = {"ce": example_losses, "accuracy": negative_accuracy, "f1": negative_f1}
