@@ -98,3 +98,18 @@ def test_personalization_example_learns_and_resumes(tmp_path):
     resumed = Session.resume(run)
     assert resumed.engine.step_index == 24 and resumed.task is None
     resumed.close()
+
+
+def test_assistant_example_runs_and_reports_before_and_after():
+    """examples/assistant.py: conversations learned through the chat template, held-out
+    questions scored before and after."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "assistant.py"
+    proc = subprocess.run([sys.executable, str(script), "--steps", "2"], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "before: answer log-likelihood" in proc.stdout
+    assert "after 2 steps: answer log-likelihood" in proc.stdout

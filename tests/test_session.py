@@ -107,7 +107,7 @@ def test_over_budget_refuses_with_advice(tiny_folder, data_dir, tmp_path, monkey
     ({"optimizer": "fo-sgd", "sparsity": 0.5}, "sparsity does not apply"),
     ({"optimizer": "forward-grad", "estimate": "one-sided"}, "estimate does not apply"),
     ({"optimizer": "fo-adam", "objective": "accuracy"}, "needs a ZO optimizer"),
-    ({"objective": "f1"}, "valid objectives: accuracy, ce"),
+    ({"objective": "bleu"}, "valid objectives: accuracy, ce, f1"),
     ({"q": 0}, "q must be >= 1"),
     ({"estimate": "central"}, "valid estimates: one-sided, two-sided"),
     ({"directions": "uniform"},
