@@ -46,11 +46,16 @@ from edgezo.zo.engine import ZOEngine
 from edgezo.zo.optimizers import make_optimizer
 
 
-def make_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> dict:
+def make_batch(vocab: int, batch: int, seq: int, seed: int = 0, labels: str = "last"
+               ) -> dict:
+    """Random tokens; `labels` "last": a two-way choice read at the last position (the
+    classification loss), "all": a language-modelling loss on every token."""
     g = torch.Generator().manual_seed(seed)
-    return {"input_ids": torch.randint(3, vocab, (batch, seq), generator=g),
-            "attention_mask": torch.ones(batch, seq, dtype=torch.long),
-            "candidate_ids": torch.randint(3, vocab, (batch, 2), generator=g),
+    ids = torch.randint(3, vocab, (batch, seq), generator=g)
+    out = {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    if labels == "all":
+        return {**out, "labels": ids.clone()}
+    return {**out, "candidate_ids": torch.randint(3, vocab, (batch, 2), generator=g),
             "gold": torch.randint(0, 2, (batch,), generator=g)}
 
 
@@ -141,6 +146,10 @@ def main() -> None:
                          "two-pass, lowrank, subspace, fused; two-pass uses the table; "
                          "fused is the table through the GPU's path (cuda_path) on this "
                          "device)")
+    ap.add_argument("--labels", default="last", choices=["last", "all"],
+                    help="last: a classification loss at the last position; all: a "
+                         "language-modelling loss on every token (the head at every "
+                         "position)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     known = ("generator", "table", "two-pass", "lowrank", "subspace", "fused")
@@ -157,7 +166,7 @@ def main() -> None:
         model = load_model(args.model, dtype, device).model
     batch = {k: v.to(device) for k, v in
              make_batch(model.config.get_text_config().vocab_size, args.batch,
-                        args.seq).items()}
+                        args.seq, labels=args.labels).items()}
 
     @torch.no_grad()
     def two_forwards() -> None:
@@ -198,6 +207,7 @@ def report(args, dtype: str, device: torch.device, t_fwd: float, steps: dict,
     mezo_ratio = t_mezo[0] / t_mezo[1]
     result = {
         "model": args.model, "dtype": dtype, "batch": args.batch, "seq": args.seq,
+        "labels": args.labels,
         "threads": torch.get_num_threads(), "cpu": cpu_capability(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "machine": platform.processor() or platform.machine(),
@@ -213,7 +223,8 @@ def report(args, dtype: str, device: torch.device, t_fwd: float, steps: dict,
         print(json.dumps(result))
         return
     print(f"CPU: {result['cpu']}; computing on {result['device']}")
-    print(f"{args.model} {dtype}, batch {args.batch} x {args.seq} tokens, "
+    print(f"{args.model} {dtype}, batch {args.batch} x {args.seq} tokens, labels "
+          f"{args.labels}, "
           f"{result['threads']} threads, median of {args.repeats}, each step timed "
           "alternately with two plain forwards")
     print(f"  {'':32s} {'step':>8s}   {'forwards':>8s}   ratio")

@@ -49,33 +49,40 @@ def test_pair_mode_equals_two_sequential_passes(family):
     assert p == t
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_a_language_modelling_loss_reads_its_logits_a_few_positions_at_a_time(family,
-                                                                             monkeypatch):
-    """Labels on every token: the head and the log-softmax run a chunk of positions at a
-    time (here 3), in pair mode too, and give the losses of the whole-logits path."""
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+def test_a_language_modelling_loss_streams_the_perturbed_head_span_by_span(family,
+                                                                           monkeypatch):
+    """Labels on every token, in a ZO step: the perturbed head builds each span of
+    W ± εz once and keeps a running log-softmax over the spans (no position's full logits
+    at once, no span rebuilt per chunk of positions), in pair mode too, and gives the
+    losses of the whole-logits path. Outside a step the head runs a chunk of positions at
+    a time (here 3)."""
     from edgezo.tasks import loss
 
+    monkeypatch.setattr(noise, "CHUNK_ELEMENTS", 512)  # several spans of the head
     model = tiny_model(family)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, VOCAB, (4, 12), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    sizes = []
+    logits = []
     head = model.get_output_embeddings()
-    head.register_forward_hook(  # logits of the doubled batch (not the identity's hidden)
-        lambda m, a, out: sizes.append(out.shape[1]) if out.shape[-1] == VOCAB
-        and out.shape[0] == 8 else None)
+    head.register_forward_hook(  # full logits (not the identity's hidden states)
+        lambda m, a, out: logits.append(out.shape[1]) if out.shape[-1] == VOCAB else None)
+    monkeypatch.setattr(loss, "LOGIT_CHUNK_VALUES", 3 * 4 * VOCAB)
     results = {}
-    for chunked in (True, False):
-        monkeypatch.setattr(loss, "LOGIT_CHUNK_VALUES", 3 * 8 * VOCAB)  # 8 rows: pair mode
-        if not chunked:
+    for streamed in (True, False):
+        if not streamed:
             monkeypatch.setattr(loss, "_chunkable_head", lambda m: None)
         for pair in (True, False):
             engine = zo_engine(model, make_optimizer("zo-sgd"), eps=1e-3, seed=5, pair=pair,
                                noise="generator")
-            results[chunked, pair] = engine.losses(batch, 123)
+            logits.clear()  # the engine's own probe of the model at set-up
+            results[streamed, pair] = engine.losses(batch, 123)
+            if streamed and pair:
+                assert logits == []  # the step never computed a whole row of logits
+                engine.loss(batch)  # unperturbed: a chunk of positions at a time
+                assert logits == [3, 3, 3, 2]
             engine.close()
-    assert sizes[:4] == [3, 3, 3, 2]  # chunked pair run: 11 positions, 3 at a time
     for pair in (True, False):
         assert results[True, pair] == pytest.approx(results[False, pair], abs=1e-5)
     assert results[True, True] == pytest.approx(results[True, False], abs=1e-6)

@@ -92,10 +92,14 @@ def token_logprob_means(model, batch: dict) -> torch.Tensor:
     else:
         with _head_as_identity(head):
             hidden = _forward(model, batch, keep).logits[:, :-1]  # the head's inputs
-        per = max(1, LOGIT_CHUNK_VALUES // (hidden.shape[0] * head.weight.shape[0]))
-        total = sum(_label_logprob_sums(_promote(head(hidden[:, lo:lo + per].contiguous())),
-                                        targets[:, lo:lo + per], mask[:, lo:lo + per])
-                    for lo in range(0, hidden.shape[1], per))
+        perturbed = getattr(head, "label_logprob_sums", None)  # a ZO step's (perturb.py)
+        total = None if perturbed is None else perturbed(hidden, targets, mask)
+        if total is None:
+            per = max(1, LOGIT_CHUNK_VALUES // (hidden.shape[0] * head.weight.shape[0]))
+            total = sum(_label_logprob_sums(
+                _promote(head(hidden[:, lo:lo + per].contiguous())),
+                targets[:, lo:lo + per], mask[:, lo:lo + per])
+                for lo in range(0, hidden.shape[1], per))
     return total / mask.sum(1).clamp(min=1)
 
 

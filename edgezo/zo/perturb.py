@@ -27,6 +27,7 @@ parameter's weights are then read and written once per step.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -107,6 +108,8 @@ class Perturbation:
                 return self._forward(__unit, __orig, args, kwargs)
 
             module.forward = wrapped
+            if unit.kind == "linear":  # a token-level loss asks the head for log p (loss.py)
+                module.label_logprob_sums = functools.partial(self.label_logprob_sums, module)
             self._installed[id(module)] = (unit, previous)
 
     def remove(self) -> None:
@@ -117,6 +120,7 @@ class Perturbation:
                 del unit.module.forward
             else:
                 unit.module.forward = previous
+            unit.module.__dict__.pop("label_logprob_sums", None)
         self._installed.clear()
 
     # -- one perturbed forward ----------------------------------------------------------
@@ -373,6 +377,43 @@ class Perturbation:
         noise.parallel_map(block, range(len(bounds)), weight.device, self.direction.draws())
         return outs[0] if len(outs) == 1 else join_pair(outs[0], outs[1], self.pair_rows // 2)
 
+    def label_logprob_sums(self, head: torch.nn.Module, hidden: torch.Tensor,
+                           targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """Σ over each row's labelled positions of log p(target), for a linear head under
+        the perturbed forward (None when it is not perturbed now: the loss applies it).
+
+        A token-level loss reads the head at every position; applied a chunk of positions
+        at a time, it would rebuild every span of W ± εz once per chunk. Here each span
+        is built once, its logits computed for every position, and the log-softmax kept
+        as a running log-sum-exp over the spans: no full logits, no repeated span."""
+        unit = self._installed.get(id(head), (None,))[0]
+        if (not self.active or unit is None or unit.kind != "linear"
+                or not self.direction.covers(dict(unit.slots)["weight"])):
+            return None
+        self._apply_pending([i for _, i in unit.slots])
+        slots = dict(unit.slots)
+        weight, w_index = head.weight.detach(), slots["weight"]
+        if "bias" in slots and self.direction.covers(slots["bias"]):
+            biases = [torch.empty_like(head.bias) for _ in self.signs]
+            self._fill([(slots["bias"], biases)])
+        else:
+            biases = [None if head.bias is None else head.bias.detach()] * len(self.signs)
+        parts = ([(hidden, targets)] if len(self.signs) == 1 else
+                 list(zip(split_pair(hidden, self.pair_rows),
+                          split_pair(targets, self.pair_rows), strict=True)))
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else hidden.dtype
+        states = [_LogSumExp(x.to(dtype), t) for x, t in parts]
+        for k, end, lo, hi in noise.spans(weight.shape, weight.device):
+            z = self.direction.chunk(weight.shape, w_index, k, weight.device,
+                                     dtype=work_dtype(weight.dtype), end=end)
+            w = noise.thread_buffer("w", z.numel(), dtype, weight.device).view(z.shape)
+            for state, s, b in zip(states, self.signs, biases, strict=True):
+                torch.add(weight[lo:hi], z, alpha=s * self.eps, out=w)
+                state.add(F.linear(state.x, w, None if b is None else b[lo:hi].to(dtype)),
+                          lo, hi)
+        logp = torch.cat([state.logprobs() for state in states])
+        return (logp * mask).sum(1)
+
     # -- deferred update ------------------------------------------------------------------
     def set_pending(self, update: PendingUpdate | None) -> None:
         """Queue a step's update; call flush() first so the previous one is applied."""
@@ -468,3 +509,27 @@ class Perturbation:
         if self.streamer is not None:
             for index in todo:
                 self.streamer.mark_updated(self.params[index])
+
+
+class _LogSumExp:
+    """A running log-softmax over the head's output spans, at every position of `x`,
+    with the logit of each position's target kept when its span comes by."""
+
+    def __init__(self, x: torch.Tensor, targets: torch.Tensor):
+        self.x, self.targets = x, targets.clamp(min=0)
+        shape = targets.shape
+        self.top = torch.full(shape, float("-inf"), dtype=x.dtype, device=x.device)
+        self.total = torch.zeros(shape, dtype=x.dtype, device=x.device)
+        self.picked = torch.zeros(shape, dtype=x.dtype, device=x.device)
+
+    def add(self, logits: torch.Tensor, lo: int, hi: int) -> None:
+        top = torch.maximum(self.top, logits.amax(-1))
+        self.total.mul_(torch.exp(self.top - top)).add_(
+            torch.exp(logits - top.unsqueeze(-1)).sum(-1))
+        self.top = top
+        inside = (self.targets >= lo) & (self.targets < hi)
+        local = (self.targets - lo).clamp(0, hi - lo - 1).unsqueeze(-1)
+        self.picked = torch.where(inside, logits.gather(-1, local).squeeze(-1), self.picked)
+
+    def logprobs(self) -> torch.Tensor:
+        return self.picked - self.top - torch.log(self.total)
