@@ -77,7 +77,7 @@ def row(cell, lr, val, test, grp="cell", **kw):
             "optimizer": cell.split("/")[2], "scheme": cell.split("/")[3], "lr": lr,
             "eps": 1e-3, "status": "ok", "val_accuracy": val, "test_accuracy": test,
             "peak_bytes": 2**20, "step_s": 0.1, "forward_passes": 1, "losses": [1.0],
-            "code_version": "t", **kw}
+            "code_version": "t"} | kw
 
 
 def test_selection_uses_validation_never_test():
@@ -174,3 +174,11 @@ def test_tables_only_refuses_run_options():
     result = CliRunner().invoke(app, ["bench", "--suite", "smoke", "--tables-only",
                                       "--max-runs", "1"])
     assert result.exit_code == 2 and "runs nothing" in result.output
+
+
+def test_a_generative_tasks_tables_name_its_metric():
+    rows = [row("squad/m/zo-sgd/full", 1e-3, 0.3, 0.25, task="squad"),
+            row("sst2/m/zo-sgd/full", 1e-3, 0.7, 0.7)]
+    squad, sst2 = markdown(rows).split("### sst2")
+    assert "**Test F1 (%)" in squad and "**Validation F1 (%)" in squad
+    assert "**Test accuracy (%)" in sst2 and "F1" not in sst2

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from edgezo.tasks import TASKS
+
 MiB = 1024**2
 
 
@@ -39,7 +41,14 @@ def _table(title: str, rows_by: list[str], cols_by: list[str], cell) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _metric(task: str) -> str:
+    """The name a task's score takes in a table: accuracy, or F1 (squad)."""
+    from_registry = TASKS.get(task)
+    return "F1" if from_registry is not None and from_registry.metric == "f1" else "accuracy"
+
+
 def _task_tables(mine: list[dict], order: dict) -> list[str]:
+    metric = _metric(mine[0]["task"])
     opts = _order({r["optimizer"] for r in mine}, order.get("optimizers", []))
     schemes = _order({r["scheme"] for r in mine}, order.get("schemes", []))
     by = {(r["optimizer"], r["scheme"]): r for r in mine}
@@ -48,9 +57,9 @@ def _task_tables(mine: list[dict], order: dict) -> list[str]:
         return lambda o, s: render(by[(o, s)]) if (o, s) in by else "–"
 
     return [
-        _table("Test accuracy (%), learning rate and ε selected on validation", opts,
+        _table(f"Test {metric} (%), learning rate and ε selected on validation", opts,
                schemes, fmt(lambda r: f"{100 * r['test_accuracy']:.1f}")),
-        _table("Validation accuracy (%) of the selected setting", opts, schemes,
+        _table(f"Validation {metric} (%) of the selected setting", opts, schemes,
                fmt(lambda r: f"{100 * r['val_accuracy']:.1f}")),
         _table("Peak memory (MiB, measured)", opts, schemes,
                fmt(lambda r: f"{r['peak_bytes'] / MiB:.0f}")),
