@@ -53,7 +53,7 @@ QUANTIZATIONS = ("nf4", "int8", "quanto-int8", "quanto-int4", "quanto-int2")
 SCHEMES = ("full", "lora", "prefix", "prompt", "head", "scales")
 QAT_FORMATS = ("int4", "int8")
 PEFT_SCHEMES = ("lora", "prefix", "prompt")
-TEMPLATES = ("auto", "aligned", "empty", "natural", "movie")
+TEMPLATES = ("auto", "aligned", "empty", "natural", "movie", "chat")
 SCHEDULES = ("constant", "linear", "cosine")
 ESTIMATES = ("two-sided", "one-sided")
 DIRECTIONS = ("gaussian", "rademacher", "lowrank", "subspace", "coordinate")
@@ -116,9 +116,10 @@ class DataOptions:
                                         "example per answer", min=0)
     template: str = option("auto", "auto (the task's best prompt measured here), aligned "
                            "(ZO-Bench's prompt), empty (bare inputs, same answers), "
-                           "natural (SST-2: 'Review: ...\\nSentiment: positive') or "
+                           "natural (SST-2: 'Review: ...\\nSentiment: positive'), "
                            "movie (SST-2: 'Movie review: ...\\nThe sentiment of this review "
-                           "is positive')",
+                           "is positive') or chat (squad: the question as a user turn, in "
+                           "the model's chat template)",
                            choices=TEMPLATES)
     max_length: int | None = option(None, "Longest tokenized example (tokens; default "
                                     "256, 512 for squad)", min=8)

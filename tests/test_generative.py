@@ -220,3 +220,18 @@ def test_the_f1_objective_refuses_what_it_cannot_do(tiny_folder, data_dir, optio
 
     with pytest.raises(ConfigError, match=message):
         Session(tiny_folder, data_dir=data_dir, batch_size=2, **options)
+
+
+def test_squads_chat_template_asks_as_a_user_turn(data_dir):
+    from edgezo.models.tiny import tiny_tokenizer
+    from edgezo.tasks import Encoder
+
+    task = make_task("squad", data_dir=data_dir, template="chat")
+    ex = task.split("test")[0]
+    assert ex.prompt == "" and [r for r, _ in ex.messages] == ["user", "assistant"]
+    assert ex.messages[1][1] == ex.references[0] and "Question: " in ex.messages[0][1]
+    tok = tiny_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<s> {{ m['content'] }} </s> {% endfor %}"
+                         "{% if add_generation_prompt %}<s> {% endif %}")
+    prompt = Encoder(tok, max_length=512).prompt_of(ex)
+    assert prompt.startswith("<s> Title: ") and prompt.endswith("</s> <s> ")

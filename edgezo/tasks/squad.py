@@ -4,7 +4,8 @@ MeZO's protocol: 1000 training, 500 validation and 1000 test questions sampled w
 fixed seed, the prompt "Title: <title>\\nContext: <paragraph>\\nQuestion: <question>\\n
 Answer:", trained on the first reference answer's tokens (teacher forced), scored on what
 the model writes (greedy, up to the first line break) by exact match and token F1
-against every reference (answers.py).
+against every reference (answers.py). The "chat" template asks the same as a user turn
+through the model's chat template, and trains on the assistant's answer.
 
 Only the official dev file is used (SQuAD's train file is not staged here): its articles
 are shuffled with the data seed and dealt into three groups, test first (about 30% of
@@ -70,6 +71,7 @@ class SQuAD(Task):
     name = "squad"
     loss = "lm"
     generative = True
+    templates = ("aligned", "empty", "chat")
     max_new_tokens = 24  # MeZO's SQuAD answers are short spans; the first line is kept
     metric = "f1"
 
@@ -86,6 +88,11 @@ class SQuAD(Task):
     def example(self, row: dict) -> Example:
         references = tuple(dict.fromkeys(a.strip() for a in row["answers"]))
         context, question = row["context"].strip(), row["question"].strip()
+        if self.template == "chat":  # the model's chat template renders the turns
+            ask = (f"Title: {row['title'].replace('_', ' ')}\nContext: {context}\n"
+                   f"Question: {question}\nAnswer with a few words from the context.")
+            return Example("", (references[0],), 0, references=references,
+                           messages=(("user", ask), ("assistant", references[0])))
         if self.template == "empty":
             prompt = f"{context}\n{question}\n"
             answer = references[0]
