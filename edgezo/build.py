@@ -157,13 +157,27 @@ def load_task(config: RunConfig) -> Task | None:
         return None
     task = make_task(d.task, data_dir=d.data_dir, data_seed=d.data_seed, template=d.template,
                      train_examples=d.train_examples)
-    if config.estimator.objective == "f1" and not task.generative:
-        raise ConfigError(f"the f1 objective scores answers the model writes; {d.task} "
-                          "scores a choice among candidates: use --task squad or a "
-                          "conversation file, or --objective ce / accuracy")
+    check_task_options(config, task)
     for split in ("train", "validation", "test"):
         task.split(split)
     return task
+
+
+def check_task_options(config: RunConfig, task: Task) -> None:
+    """Options that only some tasks can take: refused where the task would ignore them."""
+    d, objective = config.data, config.estimator.objective
+    if objective == "f1" and not task.generative:
+        raise ConfigError(f"the f1 objective scores answers the model writes; {d.task} "
+                          "scores a choice among candidates (or texts): use --task squad "
+                          "or a conversation file, or --objective ce")
+    if objective == "accuracy" and task.metric != "accuracy":
+        raise ConfigError(f"the accuracy objective counts right choices among candidates; "
+                          f"{d.task} is scored by {task.metric}: use --objective "
+                          f"{'f1' if task.generative else 'ce'}")
+    if d.train_on != "assistant" and not any(ex.messages and ex.messages[0][0] != "text"
+                                             for ex in task.split("train")[:1]):
+        raise ConfigError(f"--train-on chooses which turns of a conversation train; {d.task} "
+                          "has no conversations: drop it")
 
 
 def measure_shapes(task: Task | None, encoder: Encoder, config: RunConfig) -> Shapes:

@@ -204,6 +204,9 @@ def _objective_problems(cfg: RunConfig) -> list[str]:
     if objective == "f1" and cfg.estimator.pair:
         return ["the f1 objective writes answers with a KV cache, which pair mode's doubled "
                 "batch cannot share: drop --pair (it runs in two passes)"]
+    if objective == "f1" and cfg.runtime.distributed:
+        return ["the f1 objective writes every answer of a batch in one process; drop "
+                "--distributed, or train on the answer tokens (--objective ce)"]
     return []
 
 

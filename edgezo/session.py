@@ -253,12 +253,19 @@ class Session:
         `streamer`: a transformers streamer that hears each token (one prompt)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
             prompts = [prompts]
+        rendered = [not isinstance(p, str) for p in prompts]
+        if len(set(rendered)) > 1:
+            raise ConfigError("generate() takes strings or conversations, not both at once")
         texts = [p if isinstance(p, str) else chat_format.cue(self.tokenizer, p)
                  for p in prompts]
         self.engine.flush()
         self.engine.release_scratch()
+        # the model's context, less the answer: a long conversation keeps its latest turns
+        context = getattr(self._model.config.get_text_config(), "max_position_embeddings",
+                          None)
         return generate(self._model, self.tokenizer, texts, max_new_tokens, self.device,
-                        streamer=streamer)
+                        streamer=streamer, rendered=bool(rendered and rendered[0]),
+                        max_length=context - max_new_tokens if context else None)
 
     def rank_step(self, prompts: str | list[str], rank: RankFn, candidates: int = 2,
                   max_new_tokens: int = 16, mu: float | None = None) -> RankResult:

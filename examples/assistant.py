@@ -8,10 +8,14 @@ turns only). Before and after, it asks held-out paraphrases of the questions and
 the answers: the log-likelihood of the right answer (a smooth score that moves before the
 greedy answer does) and whether the greedy answer contains it.
 
-    python examples/assistant.py [--steps 300] [--lr 1e-3] [--scheme lora]
+    python examples/assistant.py [--steps 800] [--lr 1e-3] [--scheme lora]
 
-Runs on a CPU with the embedded SmolLM2-135M-Instruct. BENCHMARKS.md ("Generative
-tasks") has the figures of the run the defaults were chosen by.
+Runs on a CPU with the embedded SmolLM2-135M-Instruct in under 5 minutes. Measured on
+the project's 2-core machine (2026-12-07, defaults: ZO-SGD LoRA, rate 1e-3 with a cosine
+decay, 800 steps of 4 conversations): the held-out answers' log-likelihood rose from
+-2.63 to -1.20 a token (probability 0.07 to 0.30), but no greedy answer named the fact
+yet. A constant 1e-3 diverged after about 500 steps, 3e-3 within 120. BENCHMARKS.md,
+"Generative tasks".
 """
 
 from __future__ import annotations
@@ -64,15 +68,19 @@ def score(session: Session) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--scheme", default="lora", choices=["lora", "full"])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--schedule", default="cosine", choices=["constant", "linear", "cosine"],
+                    help="the rate's decay over the steps (a constant 1e-3 diverged after "
+                         "about 500 steps)")
     args = ap.parse_args()
     train = [conversation(q, a) for a, (qs, _) in FACTS.items() for q in qs]
     session = Session(task=None, scheme=args.scheme, lr=args.lr, batch_size=args.batch,
-                      max_length=128, seed=args.seed)
+                      max_length=128, seed=args.seed, schedule=args.schedule,
+                      total_steps=args.steps if args.schedule != "constant" else None)
     try:
         before = score(session)
         print(f"before: answer log-likelihood {before[0]:.3f} (a token's probability "

@@ -91,6 +91,9 @@ def test_a_yaml_spec_may_name_conversation_files(tmp_path):
      "line 2: expected a messages row"),
     ([{"text": " "}], "line 1: field 'text' must be a non-empty string"),
     ([{"prompt": "hi", "completion": 3}], "line 1: field 'completion' must be a string"),
+    ([{"messages": [{"role": "system", "content": "be brief"},
+                    {"role": "assistant", "content": "hi"}]}],
+     "line 1: the conversation must start with a user message"),
 ])
 def test_a_malformed_row_names_its_line_and_field(tmp_path, rows, message):
     with pytest.raises(TaskError, match=message):
@@ -120,8 +123,30 @@ def test_the_loss_covers_the_assistants_turns_by_default():
     assert _trained_words("assistant") == ["no", ",", "it", "was", "great", "</s>",
                                            "fresh", "and", "original", "</s>"]
     assert _trained_words("last") == ["fresh", "and", "original", "</s>"]
-    everything = _trained_words("all")
-    assert everything[:2] == ["<s>", "<unk>"] and len(everything) > 20
+    everything = _trained_words("all")  # every token but the first, which has no context
+    assert everything[:2] == ["<unk>", "a"] and len(everything) > 20
+
+
+def test_no_row_trains_its_first_token_whatever_its_padding():
+    """A text's first token follows only padding: it is never labelled, so a row's loss
+    does not depend on which rows share its batch."""
+    enc = Encoder(chat_tokenizer(), max_length=64)
+    texts = [ChatTask.example(None, {"_messages": (("text", t),)})
+             for t in ("a great film", "a very very long and boring film")]
+    batch = enc.encode(texts)
+    first = batch["attention_mask"].argmax(1)
+    assert (batch["labels"][torch.arange(2), first] == -100).all()
+    assert ((batch["labels"] != -100).sum(1) == batch["attention_mask"].sum(1) - 1).all()
+
+
+def test_a_classification_file_with_a_text_field_stays_a_classification_task(tmp_path):
+    rows = [{"text": "a great film", "label": 1}, {"text": "boring", "label": 0}] * 4
+    write(tmp_path / "reviews.jsonl", rows)
+    (tmp_path / "spec.yaml").write_text("train: reviews.jsonl\ntemplate: 'Review: {text}'\n"
+                                        "candidates: [' bad', ' good']\n")
+    assert isinstance(make_task(str(tmp_path / "spec.yaml")), UserTask)
+    rows = [{"text": "a film", "candidates": ["bad", "good"], "label": 1}] * 6
+    assert isinstance(make_task(write(tmp_path / "mine.jsonl", rows)), UserTask)
 
 
 # -- a session ---------------------------------------------------------------------------------
@@ -186,3 +211,43 @@ def test_edgezo_chat_streams_answers_until_exit(chat_folder, tiny_folder):
     assert out.output.count("model> ") == 2 and out.output.count("you> ") == 4
     out = runner.invoke(app, ["chat", tiny_folder], input="hi\n")
     assert out.exit_code == 2 and "no chat template" in out.output
+
+
+def test_a_template_that_writes_its_own_bos_gets_no_second_one(chat_folder, monkeypatch):
+    """Prompts a chat template rendered are tokenized as training tokenizes them: no
+    special tokens added (a template with {{ bos_token }} would otherwise start with two)."""
+    from edgezo.session import Session
+    from edgezo.tasks import generate as generate_module
+
+    seen = []
+    real = generate_module.generate
+
+    def spy(model, tok, prompts, *args, **kwargs):
+        seen.append(kwargs.get("rendered"))
+        return real(model, tok, prompts, *args, **kwargs)
+
+    monkeypatch.setattr("edgezo.session.generate", spy)
+    sess = Session(chat_folder, task=None, batch_size=2, max_length=64)
+    try:
+        sess.generate([{"role": "user", "content": "hi"}], 2)
+        sess.generate("a great film", 2)
+        with pytest.raises(Exception, match="not both"):
+            sess.generate(["a film", [{"role": "user", "content": "hi"}]], 2)
+    finally:
+        sess.close()
+    assert seen == [True, False]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"objective": "accuracy"}, "scored by f1: use --objective f1"),
+    ({"train_on": "last", "task": "sst2"}, "has no conversations"),
+])
+def test_options_a_task_would_ignore_are_refused(chat_folder, tmp_path, data_dir, options,
+                                                 message):
+    from edgezo.errors import ConfigError
+    from edgezo.session import Session
+
+    task = write(tmp_path / "talk.jsonl", conversations(12))
+    with pytest.raises(ConfigError, match=message):
+        Session(chat_folder, **{"task": task, "data_dir": data_dir, "batch_size": 2,
+                                **options})

@@ -8,7 +8,7 @@ from conftest import lm_batch, zo_engine
 
 from edgezo.models.tiny import FAMILIES, VOCAB, tiny_model
 from edgezo.tasks.loss import example_losses
-from edgezo.zo import noise
+from edgezo.zo import noise, perturb
 from edgezo.zo.blocks import build_block_map
 from edgezo.zo.optimizers import make_optimizer
 
@@ -69,6 +69,8 @@ def test_a_language_modelling_loss_streams_the_perturbed_head_span_by_span(famil
     head.register_forward_hook(  # full logits (not the identity's hidden states)
         lambda m, a, out: logits.append(out.shape[1]) if out.shape[-1] == VOCAB else None)
     monkeypatch.setattr(loss, "LOGIT_CHUNK_VALUES", 3 * 4 * VOCAB)
+    # and inside a span too, at most 3 positions' logits of 4 rows at once
+    monkeypatch.setattr(perturb, "LOGIT_CHUNK_VALUES", 3 * 4 * (512 // 32))
     results = {}
     for streamed in (True, False):
         if not streamed:

@@ -121,9 +121,14 @@ def test_writing_stops_at_a_stop_token(monkeypatch):
     assert all(s == f or words[1] in s.split() for s, f in zip(stopped, free, strict=True))
 
 
-def test_stop_ids_hold_end_of_sequence_and_line_breaks():
+def test_stop_ids_hold_end_of_sequence_end_of_turn_and_line_breaks():
     tok = tiny_tokenizer()
     assert generate_module.stop_ids(tok, first_line=True) == [tok.eos_token_id]
+    tok = tiny_tokenizer()
+    tok.add_tokens(["\n", "<|im_end|>"])
+    newline, turn = tok.convert_tokens_to_ids(["\n", "<|im_end|>"])
+    assert generate_module.stop_ids(tok, first_line=False) == [tok.eos_token_id, turn]
+    assert generate_module.stop_ids(tok, first_line=True) == [tok.eos_token_id, newline, turn]
 
 
 # -- a session on a generative task -----------------------------------------------------------
@@ -235,3 +240,21 @@ def test_squads_chat_template_asks_as_a_user_turn(data_dir):
                          "{% if add_generation_prompt %}<s> {% endif %}")
     prompt = Encoder(tok, max_length=512).prompt_of(ex)
     assert prompt.startswith("<s> Title: ") and prompt.endswith("</s> <s> ")
+
+
+def test_a_rendered_prompt_is_tokenized_without_added_special_tokens():
+    """A chat template writes its own BOS: `rendered` prompts get none added, so they
+    start as training tokenizes them (chat_format.encode), with one BOS, not two."""
+    from tokenizers import processors
+
+    model = tiny_model("qwen2").eval()
+    tok = tiny_tokenizer()
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    seen = []
+    real = model.generate
+    model.generate = lambda **kw: seen.append(kw["input_ids"][0, :2].tolist()) or real(**kw)
+    bos = tok.bos_token_id
+    generate(model, tok, ["<s> a great film"], 2, torch.device("cpu"), rendered=True)
+    generate(model, tok, ["a great film"], 2, torch.device("cpu"))
+    assert seen[0][0] == bos and seen[0][1] != bos and seen[1][0] == bos

@@ -251,7 +251,8 @@ def test_bad_task_names_and_specs(tmp_path):
         make_task(str(tmp_path / "s.yaml"))
     from edgezo.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="valid templates: aligned, auto, empty, movie, natural"):
+    with pytest.raises(ConfigError,
+                       match="valid templates: aligned, auto, chat, empty, movie, natural"):
         make_task("sst2", template="plain")
     # a template another task defines is refused, naming the ones this task has
     with pytest.raises(TaskError, match="copa has no 'natural' template; it has: auto, "

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from edgezo.zo.batch import LOGIT_CHUNK_VALUES
+
 
 def _inter(text) -> int:
     """The MLP width, whatever the family calls it."""
@@ -33,8 +35,6 @@ def activation_bytes(config, rows: int, seq_len: int, elem: int, positions: int 
     kept = rows * seq_len * hidden * elem if split else 0
     vocab = text.vocab_size
     if positions > 1:  # the loss applies the head a chunk of positions at a time
-        from edgezo.tasks.loss import LOGIT_CHUNK_VALUES
-
         positions = min(positions, max(1, LOGIT_CHUNK_VALUES // (rows * vocab)))
     logits = rows * positions * vocab * (elem + 3 * 4)  # logits, fp32 copy, log-softmax
     if elem < 4:  # a half-precision head computes in fp32, a chunk of its rows at a time

@@ -42,7 +42,9 @@ def _user_task(path: Path, kw: dict) -> Task:
         return UserTask(path, **kw) if fmt is None else ChatTask(path, fmt, **kw)
     spec = UserTask.spec(path) if path.is_file() else None
     train = path.parent / spec["train"] if spec else None
-    fmt = _first_row_format(train) if train is not None else None
+    classifies = spec is not None and any(  # what only a classification spec names
+        k in spec for k in ("template", "candidates", "label_field", "loss"))
+    fmt = None if train is None or classifies else _first_row_format(train)
     if fmt is None:
         return UserTask(path, **kw)
     test = path.parent / spec["test"] if spec.get("test") else None

@@ -287,7 +287,8 @@ class Encoder:
         if self.writes is not None and examples and examples[0].references:
             batch["written"] = Writing(
                 [self.prompt_of(ex) for ex in examples], [ex.references for ex in examples],
-                self.tok, self.writes[0], self.writes[1], self.max_length)
+                self.tok, self.writes[0], self.writes[1], self.max_length,
+                bool(examples[0].messages))
         return batch
 
     def _encode(self, examples: list[Example]) -> dict:

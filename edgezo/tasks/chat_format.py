@@ -31,7 +31,10 @@ FORMATS = {"messages": ("messages",), "prompt-completion": ("prompt", "completio
 
 
 def row_format(row: dict) -> str | None:
-    """Which chat format a JSONL row is in, or None (a classification row)."""
+    """Which chat format a JSONL row is in, or None (a classification row: one with a
+    label or candidates, whatever else it holds, e.g. a "text" field its template reads)."""
+    if "label" in row or "candidates" in row:
+        return None
     for name, fields in FORMATS.items():
         if all(f in row for f in fields):
             return name
@@ -71,6 +74,10 @@ def parse_row(row: dict, fmt: str, where: str) -> tuple[tuple[str, str], ...]:
     if messages[-1][0] != "assistant":
         raise TaskError(f"{where}: the conversation must end with an assistant message "
                         "(the answer it teaches)")
+    first = next(r for r, _ in messages if r != "system")
+    if first != "user":
+        raise TaskError(f"{where}: the conversation must start with a user message (after "
+                        "any system message): an assistant answers something")
     return tuple(messages)
 
 
@@ -137,6 +144,7 @@ def encode(encoder, examples: list, train_on: str) -> dict:
         labels = [t if any(a <= start < b for a, b in spans) else -100
                   for t, (start, _) in zip(ids, enc.offset_mapping, strict=True)]
         ids, labels = ids[-encoder.max_length:], labels[-encoder.max_length:]
+        labels[0] = -100  # nothing before it to predict it from (left padding comes first)
         if all(x == -100 for x in labels[1:]):
             raise TaskError(f"an example has no trained tokens within max_length "
                             f"{encoder.max_length} ({len(enc.input_ids)} tokens): raise "

@@ -31,6 +31,7 @@ class Writing:
     max_new_tokens: int
     first_line: bool
     max_length: int
+    rendered: bool  # prompts from a chat template (generate's `rendered`)
 
 
 # End-of-turn markers of the chat templates edgezo meets (ChatML, Llama 3, Phi-3, Gemma).
@@ -57,11 +58,14 @@ def _stop_ids(tokenizer, first_line: bool) -> tuple[int, ...]:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int,
              device: torch.device, *, first_line: bool = False,
-             max_length: int | None = None, streamer=None) -> list[str]:
+             max_length: int | None = None, streamer=None,
+             rendered: bool = False) -> list[str]:
     """Each prompt's greedy continuation, at most `max_new_tokens` tokens (`first_line`:
     up to its first line break, stripped). `max_length`: prompts longer than this many
     tokens keep their last ones (the question and the cue at the end). `streamer`: a
-    transformers streamer that hears each token as it is written (one prompt)."""
+    transformers streamer that hears each token as it is written (one prompt).
+    `rendered`: the prompts come from a chat template, which writes the special tokens
+    (BOS) itself, so the tokenizer adds none (as chat_format.encode trains them)."""
     from transformers import GenerationConfig
 
     if not prompts:
@@ -70,7 +74,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int,
     tokenizer.padding_side = tokenizer.truncation_side = "left"
     try:
         enc = tokenizer(prompts, return_tensors="pt", padding=True,
-                        truncation=max_length is not None, max_length=max_length)
+                        truncation=max_length is not None, max_length=max_length,
+                        add_special_tokens=not rendered)
     finally:
         tokenizer.padding_side, tokenizer.truncation_side = side, cut
     stops = stop_ids(tokenizer, first_line)

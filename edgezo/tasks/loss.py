@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from edgezo.tasks.answers import f1
 from edgezo.tasks.generate import generate
-from edgezo.zo.batch import batch_rows
+from edgezo.zo.batch import LOGIT_CHUNK_VALUES, batch_rows
 
 
 def _position_ids(model, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -68,12 +68,6 @@ def _promote(logits: torch.Tensor) -> torch.Tensor:
 def _logits(model, batch: dict, keep: int) -> torch.Tensor:
     return _promote(_forward(model, batch, keep).logits)
 
-
-# Logit values computed at once when a loss reads many positions: the head and the
-# log-softmax run a chunk of positions at a time (32 MiB of fp32 logits), so a batch whose
-# labels cover every token (an app's language-modelling batch) never holds its rows x
-# positions x vocabulary logits, nor their doubled pair-mode copy.
-LOGIT_CHUNK_VALUES = 1 << 23
 
 
 def token_logprob_means(model, batch: dict) -> torch.Tensor:
@@ -207,9 +201,10 @@ def negative_f1(model, batch: dict) -> torch.Tensor:
                          "references): --task squad or a conversation file")
     device = next(model.parameters()).device
     texts = generate(model, spec.tokenizer, spec.prompts, spec.max_new_tokens, device,
-                     first_line=spec.first_line, max_length=spec.max_length)
+                     first_line=spec.first_line, max_length=spec.max_length,
+                     rendered=spec.rendered)
     return -torch.tensor([f1(t, refs) for t, refs in zip(texts, spec.references,
-                                                         strict=True)])
+                                                         strict=True)], device=device)
 
 
 OBJECTIVES = {"ce": example_losses, "accuracy": negative_accuracy, "f1": negative_f1}

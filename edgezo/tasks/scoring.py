@@ -45,7 +45,8 @@ class Scorer:
             written = generate(self.model, self.encoder.tok, prompts,
                                self.task.max_new_tokens, self.device,
                                first_line=self.task.first_line,
-                               max_length=self.encoder.max_length)
+                               max_length=self.encoder.max_length,
+                               rendered=bool(part[0].messages))
             for ex, text in zip(part, written, strict=True):
                 f1s.append(answers.f1(text, ex.references))
                 ems.append(answers.exact_match(text, ex.references))

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from edgezo.zo import fused, noise
-from edgezo.zo.batch import join_pair, split_pair
+from edgezo.zo.batch import LOGIT_CHUNK_VALUES, join_pair, split_pair
 from edgezo.zo.blocks import BlockMap, Unit
 from edgezo.zo.direction import STRUCTURED, Direction
 from edgezo.zo.intercept import (
@@ -196,9 +196,12 @@ class Perturbation:
                 and direction.kind != "coordinate")
 
     def _fill_fused(self, targets: list[tuple[int, list[torch.Tensor]]],
-                    buffers: list[torch.Tensor]) -> list[tuple[int, list[torch.Tensor]]]:
+                    buffers: list[torch.Tensor], keep: bool = True
+                    ) -> list[tuple[int, list[torch.Tensor]]]:
         """Fill the scratch copies of the fused pieces among `targets` (laid end to end
-        in `buffers`, one per sign); returns the targets left to `_fill`."""
+        in `buffers`, one per sign); returns the targets left to `_fill`. `keep`: the
+        buffers are the reused workspace, whose slices are kept (not a nested unit's
+        fresh ones, which must go when it ends)."""
         if not targets or not self.direction._plain():
             return targets
         first = self.params[targets[0][0]]
@@ -226,9 +229,9 @@ class Perturbation:
                          noise.table_bf16 if twin else noise.table)
             first, row, _ = piece.segments[0]  # where the piece starts in the copies
             lo = where[first] + row * noise._cols(self.params[first].shape)
-            self.fused.perturb(piece, [self.fused.window(b, lo, piece.numel, s)
-                                       for s, b in enumerate(buffers)], z,
-                               [s * self.eps for s in self.signs])
+            outs = [self.fused.window(b, lo, piece.numel, s) if keep
+                    else b[lo:lo + piece.numel] for s, b in enumerate(buffers)]
+            self.fused.perturb(piece, outs, z, [s * self.eps for s in self.signs])
         return [t for t in targets if t[0] in left]
 
     def _cheap_z(self, device: torch.device) -> bool:
@@ -255,7 +258,7 @@ class Perturbation:
         try:
             scratch, targets, buffers = self._scratch(params, fixed, slots, nested)
             if slots == len(self.signs):  # each sign its own copy, all filled at once
-                targets = self._fill_fused(targets, buffers)
+                targets = self._fill_fused(targets, buffers, keep=not nested)
             halves = ([(args, kwargs)] if len(self.signs) == 1
                       else list(split_pair((args, kwargs), self.pair_rows)))
             outs = []
@@ -409,8 +412,12 @@ class Perturbation:
             w = noise.thread_buffer("w", z.numel(), dtype, weight.device).view(z.shape)
             for state, s, b in zip(states, self.signs, biases, strict=True):
                 torch.add(weight[lo:hi], z, alpha=s * self.eps, out=w)
-                state.add(F.linear(state.x, w, None if b is None else b[lo:hi].to(dtype)),
-                          lo, hi)
+                bias = None if b is None else b[lo:hi].to(dtype)
+                # at most LOGIT_CHUNK_VALUES logits at once, as the unperturbed loss
+                per = max(1, LOGIT_CHUNK_VALUES // (state.x.shape[0] * (hi - lo)))
+                for p0 in range(0, state.x.shape[1], per):
+                    block = slice(p0, p0 + per)
+                    state.add(F.linear(state.x[:, block], w, bias), lo, hi, block)
         logp = torch.cat([state.logprobs() for state in states])
         return (logp * mask).sum(1)
 
@@ -522,14 +529,17 @@ class _LogSumExp:
         self.total = torch.zeros(shape, dtype=x.dtype, device=x.device)
         self.picked = torch.zeros(shape, dtype=x.dtype, device=x.device)
 
-    def add(self, logits: torch.Tensor, lo: int, hi: int) -> None:
-        top = torch.maximum(self.top, logits.amax(-1))
-        self.total.mul_(torch.exp(self.top - top)).add_(
+    def add(self, logits: torch.Tensor, lo: int, hi: int, block: slice) -> None:
+        """Fold in the logits of output rows [lo, hi) at the positions `block`."""
+        old, targets = self.top[:, block], self.targets[:, block]
+        top = torch.maximum(old, logits.amax(-1))
+        self.total[:, block].mul_(torch.exp(old - top)).add_(
             torch.exp(logits - top.unsqueeze(-1)).sum(-1))
-        self.top = top
-        inside = (self.targets >= lo) & (self.targets < hi)
-        local = (self.targets - lo).clamp(0, hi - lo - 1).unsqueeze(-1)
-        self.picked = torch.where(inside, logits.gather(-1, local).squeeze(-1), self.picked)
+        self.top[:, block] = top
+        inside = (targets >= lo) & (targets < hi)
+        local = (targets - lo).clamp(0, hi - lo - 1).unsqueeze(-1)
+        picked = self.picked[:, block]
+        picked.copy_(torch.where(inside, logits.gather(-1, local).squeeze(-1), picked))
 
     def logprobs(self) -> torch.Tensor:
         return self.picked - self.top - torch.log(self.total)
