@@ -265,7 +265,7 @@ class Session:
                           None)
         return generate(self._model, self.tokenizer, texts, max_new_tokens, self.device,
                         streamer=streamer, rendered=bool(rendered and rendered[0]),
-                        max_length=context - max_new_tokens if context else None)
+                        max_length=max(8, context - max_new_tokens) if context else None)
 
     def rank_step(self, prompts: str | list[str], rank: RankFn, candidates: int = 2,
                   max_new_tokens: int = 16, mu: float | None = None) -> RankResult:
