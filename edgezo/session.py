@@ -324,6 +324,7 @@ class Session:
         self._require_task()
         self.engine.flush()
         self.engine.release_scratch()
+        release_freed_memory()  # the training phase's freed heap, before evaluation peaks
         start = time.perf_counter()
         examples = self.task.split(split)[:max_examples]
         if self.task.generative or self.task.metric == "log_likelihood":
