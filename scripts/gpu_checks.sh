@@ -14,7 +14,7 @@
 set -u
 out=${1:-gpu-results}
 model=${2:-smollm2}
-parts=" ${PARTS:-step_overhead step_overhead_span memory gpu_budget quantized streaming tests} "
+parts=" ${PARTS:-step_overhead step_overhead_span token_loss memory squad_eval gpu_budget quantized streaming tests} "
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 started=$(date +%s)
@@ -51,7 +51,13 @@ part step_overhead 90 python3 benchmarks/step_overhead.py --model "$model" --dty
 # the table's step on the span path, for the fused path's gain (zo/fused.py)
 part step_overhead_span 60 env EDGEZO_FUSED=0 python3 benchmarks/step_overhead.py \
     --model "$model" --dtype bf16 --rows table
+# a token-level loss's step (the perturbed head streamed span by span), beside two forwards
+part token_loss 60 python3 benchmarks/step_overhead.py --model "$model" --dtype bf16 \
+    --rows table --labels all --repeats 3
 part memory 90 python3 benchmarks/memory.py --model "$model" --dtype bf16
+# written answers on the GPU (batched greedy with a KV cache), on the fixture's questions
+part squad_eval 60 python3 -m edgezo.cli eval --model "$model" --task squad \
+    --data-dir tests/fixtures/data --profile 8gb-gpu --json
 
 # The real-model tests need the embedded model's wheel.
 ignore=()
