@@ -98,30 +98,37 @@ def test_every_direction_kind_and_source_fuses_with_the_same_values(gpu_path, sm
     assert all(torch.equal(got[n], t) for n, t in want.items())
 
 
+def replayed(gpu_path, monkeypatch, family, log, on, **kw) -> dict:
+    """A fresh bf16 model's weights after `log` replayed on the fused path or not."""
+    gpu_path(on)
+    calls = fused_calls(monkeypatch)
+    fresh = tiny_model(family, dtype=torch.bfloat16)
+    engine = zo_engine(fresh, make_optimizer("zo-sgd"), seed=7, eps=1e-2, **kw)
+    for entry in log:
+        engine.replay(entry)
+    engine.close()
+    assert bool(calls["sgd_update"]) == on
+    return fresh.state_dict()
+
+
+def bf16_log(family, steps, lr, **kw) -> tuple[dict, list]:
+    model = tiny_model(family, dtype=torch.bfloat16)
+    engine = zo_engine(model, make_optimizer("zo-sgd"), seed=7, eps=1e-2, **kw)
+    log = [engine.step(lm_batch(VOCAB, seed=s), lr=lr).log_entry() for s in range(steps)]
+    engine.close()
+    return model.state_dict(), log
+
+
 @pytest.mark.parametrize("kw", KINDS.values(), ids=KINDS)
 def test_every_kinds_bf16_update_rounds_as_the_span_path(gpu_path, small_pieces,
                                                          monkeypatch, kw):
     """bf16 updates replayed through both paths: the stochastic rounding's dither is z's
     low bits, or a Rademacher direction's seeded bits, chunk by chunk as the span path
     draws them."""
-    weights = {}
-    log = None
-    for on in (False, True):
-        gpu_path(on)
-        calls = fused_calls(monkeypatch)
-        model = tiny_model("llama", dtype=torch.bfloat16)
-        engine = zo_engine(model, make_optimizer("zo-sgd"), seed=7, eps=1e-2, **kw)
-        if log is None:
-            log = [engine.step(lm_batch(VOCAB, seed=s), lr=2e-3).log_entry()
-                   for s in range(3)]
-            engine.close()
-            model = tiny_model("llama", dtype=torch.bfloat16)
-            engine = zo_engine(model, make_optimizer("zo-sgd"), seed=7, eps=1e-2, **kw)
-        for entry in log:
-            engine.replay(entry)
-        engine.close()
-        assert bool(calls["sgd_update"]) == on
-        weights[on] = model.state_dict()
+    gpu_path(False)
+    _, log = bf16_log("llama", 3, 2e-3, **kw)
+    weights = {on: replayed(gpu_path, monkeypatch, "llama", log, on, **kw)
+               for on in (False, True)}
     assert all(torch.equal(weights[True][n], t) for n, t in weights[False].items())
     moved = tiny_model("llama", dtype=torch.bfloat16).state_dict()
     assert any(not torch.equal(moved[n], t) for n, t in weights[True].items())
@@ -136,23 +143,10 @@ def test_fused_bf16_updates_equal_the_span_path_bit_for_bit(gpu_path, small_piec
     fused piece's copies can differ from the span path's at the ends of tensors; on a GPU
     every element takes the same arithmetic.)"""
     gpu_path(False)
-    model = tiny_model(family, dtype=torch.bfloat16)
-    engine = zo_engine(model, make_optimizer("zo-sgd"), seed=7, eps=1e-2)
-    log = [engine.step(lm_batch(VOCAB, seed=s), lr=2e-3).log_entry() for s in range(4)]
-    engine.close()
-    weights = {}
-    for on in (False, True):
-        gpu_path(on)
-        calls = fused_calls(monkeypatch)
-        fresh = tiny_model(family, dtype=torch.bfloat16)
-        engine = zo_engine(fresh, make_optimizer("zo-sgd"), seed=7, eps=1e-2)
-        for entry in log:
-            engine.replay(entry)
-        engine.close()
-        assert bool(calls["sgd_update"]) == on
-        weights[on] = fresh.state_dict()
+    want, log = bf16_log(family, 4, 2e-3)
+    weights = {on: replayed(gpu_path, monkeypatch, family, log, on) for on in (False, True)}
     assert all(torch.equal(weights[True][n], t) for n, t in weights[False].items())
-    assert all(torch.equal(model.state_dict()[n], t) for n, t in weights[True].items())
+    assert all(torch.equal(want[n], t) for n, t in weights[True].items())
 
 
 def test_fused_bf16_steps_equal_the_span_path_where_no_tensor_has_a_tail(gpu_path,

@@ -41,6 +41,7 @@ from edgezo.zo import fused, noise
 from edgezo.zo.batch import LOGIT_CHUNK_VALUES, join_pair, split_pair
 from edgezo.zo.blocks import BlockMap, Unit
 from edgezo.zo.direction import STRUCTURED, Direction
+from edgezo.zo.head import LogSumExp
 from edgezo.zo.intercept import (
     PerturbedLinears,
     RowPerturbedEmbedding,
@@ -405,7 +406,7 @@ class Perturbation:
                  list(zip(split_pair(hidden, self.pair_rows),
                           split_pair(targets, self.pair_rows), strict=True)))
         dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else hidden.dtype
-        states = [_LogSumExp(x.to(dtype), t) for x, t in parts]
+        states = [LogSumExp(x.to(dtype), t) for x, t in parts]
         for k, end, lo, hi in noise.spans(weight.shape, weight.device):
             z = self.direction.chunk(weight.shape, w_index, k, weight.device,
                                      dtype=work_dtype(weight.dtype), end=end)
@@ -517,29 +518,3 @@ class Perturbation:
             for index in todo:
                 self.streamer.mark_updated(self.params[index])
 
-
-class _LogSumExp:
-    """A running log-softmax over the head's output spans, at every position of `x`,
-    with the logit of each position's target kept when its span comes by."""
-
-    def __init__(self, x: torch.Tensor, targets: torch.Tensor):
-        self.x, self.targets = x, targets.clamp(min=0)
-        shape = targets.shape
-        self.top = torch.full(shape, float("-inf"), dtype=x.dtype, device=x.device)
-        self.total = torch.zeros(shape, dtype=x.dtype, device=x.device)
-        self.picked = torch.zeros(shape, dtype=x.dtype, device=x.device)
-
-    def add(self, logits: torch.Tensor, lo: int, hi: int, block: slice) -> None:
-        """Fold in the logits of output rows [lo, hi) at the positions `block`."""
-        old, targets = self.top[:, block], self.targets[:, block]
-        top = torch.maximum(old, logits.amax(-1))
-        self.total[:, block].mul_(torch.exp(old - top)).add_(
-            torch.exp(logits - top.unsqueeze(-1)).sum(-1))
-        self.top[:, block] = top
-        inside = (targets >= lo) & (targets < hi)
-        local = (targets - lo).clamp(0, hi - lo - 1).unsqueeze(-1)
-        picked = self.picked[:, block]
-        picked.copy_(torch.where(inside, logits.gather(-1, local).squeeze(-1), picked))
-
-    def logprobs(self) -> torch.Tensor:
-        return self.picked - self.top - torch.log(self.total)
