@@ -47,7 +47,11 @@ def _fp32_logits(head: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     (measured: g = 0.0 exactly on a LoRA step in bf16, 0.34 in fp32). The loss reads
     logits at a few positions only, so fp32 there costs little.
     """
-    weight, bias = head.weight, head.bias
+    return _HalfHeadLogits.apply(x, head.weight, head.bias)
+
+
+def _chunked_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                    ) -> torch.Tensor:
     x = x.contiguous().float()
     out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32, device=x.device)
     step = head_chunk_rows(weight.shape[1])
@@ -56,6 +60,52 @@ def _fp32_logits(head: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         out[..., lo:hi] = F.linear(x, weight[lo:hi].float(),
                                    None if bias is None else bias[lo:hi].float())
     return out
+
+
+class _HalfHeadLogits(torch.autograd.Function):
+    """fp32 logits of a half-precision head whose backward keeps no fp32 weight.
+
+    Plain autograd would save every chunk's fp32 cast for the backward: the whole head
+    in fp32 (113 MiB for SmolLM2) once per call, and a token-level loss calls the head
+    once per chunk of positions. Here the backward casts each chunk again."""
+
+    @staticmethod
+    def forward(x, weight, bias):
+        return _chunked_logits(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias = inputs
+        ctx.save_for_backward(x, weight, bias)
+        ctx.primals = inputs  # forward-mode AD (the forward gradient's jvp) reads them
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        flat = grad.reshape(-1, weight.shape[0])
+        xf = x.reshape(-1, x.shape[-1]).float() if need_w else None
+        gx = torch.zeros(flat.shape[0], weight.shape[1], device=x.device) if need_x else None
+        gw = torch.empty_like(weight) if need_w else None
+        step = head_chunk_rows(weight.shape[1])
+        for lo in range(0, weight.shape[0], step):
+            g = flat[:, lo:lo + step]
+            if need_x:
+                gx.addmm_(g, weight[lo:lo + step].float())
+            if need_w:
+                gw[lo:lo + step] = (g.t() @ xf).to(weight.dtype)
+        return (None if gx is None else gx.reshape(x.shape).to(x.dtype), gw,
+                flat.sum(0).to(bias.dtype) if need_b else None)
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t):
+        x, weight, _ = ctx.primals
+        out = None if x_t is None else _chunked_logits(x_t, weight, None)
+        if weight_t is not None or bias_t is not None:
+            part = (_chunked_logits(x, weight_t, bias_t) if weight_t is not None
+                    else bias_t.float().expand(*x.shape[:-1], -1))
+            out = part if out is None else out + part
+        return out
 
 
 def _prepare_head(model: nn.Module) -> None:

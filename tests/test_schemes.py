@@ -207,6 +207,39 @@ def test_lm_head_gets_a_contiguous_input_for_every_scheme():
         assert seen == [True], scheme
 
 
+def test_a_half_precision_heads_backward_keeps_no_fp32_weight(monkeypatch):
+    """A backward through the bf16 head saves only its bf16 inputs (plain autograd saved
+    every chunk's fp32 cast: the whole head in fp32, once per call), and its gradients
+    and forward-mode tangents are those of the fp32 product."""
+    from torch.func import jvp
+
+    from edgezo import schemes
+
+    monkeypatch.setattr(schemes, "HEAD_CHUNK_VALUES", 40 * 32)  # 7 chunks of rows
+    head = torch.nn.Linear(32, 256).to(torch.bfloat16)
+    x = torch.randn(3, 2, 32).to(torch.bfloat16).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                  lambda t: t):
+        out = schemes._fp32_logits(head, x)
+    assert saved and all(t.dtype == torch.bfloat16 for t in saved)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref = [t.detach().clone().requires_grad_() for t in (x, head.weight, head.bias)]
+    want = torch.nn.functional.linear(*(t.float() for t in ref))
+    want.backward(grad)
+    assert torch.equal(out, want)
+    for got, exp in zip((x, head.weight, head.bias), ref, strict=True):
+        assert got.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(got.grad, exp.grad)
+    primals = (x.detach(), head.weight.detach(), head.bias.detach())
+    tangents = tuple(torch.randn_like(t) for t in primals)
+    tangent = jvp(lambda *a: schemes._HalfHeadLogits.apply(*a), primals, tangents)[1]
+    expected = jvp(lambda *a: torch.nn.functional.linear(*(t.float() for t in a)),
+                   primals, tangents)[1]
+    torch.testing.assert_close(tangent, expected)
+
+
 def test_a_half_precision_head_computes_fp32_logits_a_4_mib_chunk_at_a_time(monkeypatch):
     """The bf16 head's logits are the fp32 product of its weight (the whole matrix cast
     at once gives the same values), cast a chunk of rows at a time: at most

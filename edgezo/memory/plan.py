@@ -331,10 +331,9 @@ def _step_terms(model, blocks: BlockMap, spec: StepSpec, components: dict[str, i
         out.update(_fo_terms(model, spec, elem, virtual))
         if not spec.perturbs:
             # a pure FO step's forward is the one that saves: its transients are among
-            # the saved activations (dispatch-level peaks on a width-1024 Llama, batch 16:
-            # 107.6 MiB new in a full step against 106.5 planned without this term, 89.4
-            # against 84.3 for LoRA)
-            del components["activations"]
+            # the saved activations; the backward adds one layer's gradients to them
+            components["activations"] = terms.backward_transient_bytes(
+                model.config, spec.train.rows, spec.train.seq_len + virtual, elem)
     if spec.forward_grad:
         out["forward_grad_tangents"] = blocks.numel() * elem
         components["activations"] *= 2  # every activation carries its tangent
