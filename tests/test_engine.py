@@ -90,6 +90,44 @@ def test_a_language_modelling_loss_streams_the_perturbed_head_span_by_span(famil
     assert results[True, True] == pytest.approx(results[True, False], abs=1e-6)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_bf16_heads_streamed_loss_keeps_the_targets_logits_exact(family, monkeypatch):
+    """In bf16 the streamed head takes the log-softmax's normaliser from bf16 products
+    but each target's logit from θ ± εz in fp32: the losses stay within bf16 rounding
+    of the fp32 head's (the whole-logits path), and far closer than a target logit with
+    the wrong sign of εz."""
+    from edgezo.tasks import loss
+
+    monkeypatch.setattr(noise, "CHUNK_ELEMENTS", 512)  # several spans of the head
+    model = tiny_model(family, dtype=torch.bfloat16)
+    with torch.no_grad():  # logits of a few units, where bf16's ulp is 1/64-1/128
+        model.get_output_embeddings().weight.mul_(20)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (4, 12), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def losses() -> list[float]:
+        engine = zo_engine(model, make_optimizer("zo-sgd"), eps=0.05, seed=5, pair=True,
+                           noise="generator")
+        out = engine.losses(batch, 123)
+        engine.close()
+        return out
+
+    streamed = losses()
+    exact = perturb.Perturbation._exact_targets
+
+    def flipped(self, logits, state, block, weight, z, sign, *rest):
+        exact(self, logits, state, block, weight, z, -sign, *rest)
+
+    monkeypatch.setattr(perturb.Perturbation, "_exact_targets", flipped)
+    wrong = losses()
+    monkeypatch.setattr(loss, "_chunkable_head", lambda m: None)
+    whole = losses()  # the head perturbed in fp32 with every logit unrounded
+    error = max(abs(a - b) for a, b in zip(streamed, whole, strict=True))
+    assert error < 5e-3  # losses of about 12, L+ − L− of 0.2-0.5
+    assert max(abs(a - b) for a, b in zip(wrong, whole, strict=True)) > 10 * error
+
+
 def perturbed_copy(model, seed: int, scale: float):
     """A reference: the whole model moved by scale·z, z drawn in full per parameter."""
     ref = copy.deepcopy(model)

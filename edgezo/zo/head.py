@@ -13,10 +13,10 @@ class LogSumExp:
 
     def __init__(self, x: torch.Tensor, targets: torch.Tensor):
         self.x, self.targets = x, targets.clamp(min=0)
-        shape = targets.shape
-        self.top = torch.full(shape, float("-inf"), dtype=x.dtype, device=x.device)
-        self.total = torch.zeros(shape, dtype=x.dtype, device=x.device)
-        self.picked = torch.zeros(shape, dtype=x.dtype, device=x.device)
+        shape, dtype = targets.shape, torch.promote_types(x.dtype, torch.float32)
+        self.top = torch.full(shape, float("-inf"), dtype=dtype, device=x.device)
+        self.total = torch.zeros(shape, dtype=dtype, device=x.device)
+        self.picked = torch.zeros(shape, dtype=dtype, device=x.device)
 
     def add(self, logits: torch.Tensor, lo: int, hi: int, block: slice) -> None:
         """Fold in the logits of output rows [lo, hi) at the positions `block`."""

@@ -405,22 +405,45 @@ class Perturbation:
         parts = ([(hidden, targets)] if len(self.signs) == 1 else
                  list(zip(split_pair(hidden, self.pair_rows),
                           split_pair(targets, self.pair_rows), strict=True)))
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else hidden.dtype
-        states = [LogSumExp(x.to(dtype), t) for x, t in parts]
+        states = [LogSumExp(x, t) for x, t in parts]
         for k, end, lo, hi in noise.spans(weight.shape, weight.device):
             z = self.direction.chunk(weight.shape, w_index, k, weight.device,
                                      dtype=work_dtype(weight.dtype), end=end)
-            w = noise.thread_buffer("w", z.numel(), dtype, weight.device).view(z.shape)
+            w = noise.thread_buffer("w", z.numel(), weight.dtype, weight.device).view(z.shape)
             for state, s, b in zip(states, self.signs, biases, strict=True):
                 torch.add(weight[lo:hi], z, alpha=s * self.eps, out=w)
-                bias = None if b is None else b[lo:hi].to(dtype)
+                bias = None if b is None else b[lo:hi]
                 # at most LOGIT_CHUNK_VALUES logits at once, as the unperturbed loss
                 per = max(1, LOGIT_CHUNK_VALUES // (state.x.shape[0] * (hi - lo)))
                 for p0 in range(0, state.x.shape[1], per):
                     block = slice(p0, p0 + per)
-                    state.add(F.linear(state.x[:, block], w, bias), lo, hi, block)
+                    logits = F.linear(state.x[:, block], w, bias).float()
+                    if w.dtype != torch.float32:
+                        self._exact_targets(logits, state, block, weight, z, s, bias, lo, hi)
+                    state.add(logits, lo, hi, block)
         logp = torch.cat([state.logprobs() for state in states])
         return (logp * mask).sum(1)
+
+    def _exact_targets(self, logits: torch.Tensor, state: LogSumExp, block: slice,
+                       weight: torch.Tensor, z: torch.Tensor, sign: float,
+                       bias: torch.Tensor | None, lo: int, hi: int) -> None:
+        """Recompute, in fp32 from θ ± εz unrounded, the logits of the targets among rows
+        [lo, hi) (in place in `logits`, which a half-precision product rounded).
+
+        Why: the head at every position in fp32 is what made a token-level loss's step
+        slow; the normaliser averages the products' rounding over the vocabulary, while
+        the target's own logit carries L(θ+εz) − L(θ−εz) at full precision (the projected
+        gradients' difference from an fp32 head: BENCHMARKS.md, "A token-level loss")."""
+        targets = state.targets[:, block]
+        rows, cols = ((targets >= lo) & (targets < hi)).nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            return
+        local = targets[rows, cols] - lo
+        w = weight[lo + local].float().add_(z[local].float(), alpha=sign * self.eps)
+        exact = (state.x[:, block][rows, cols].float() * w).sum(-1)
+        if bias is not None:
+            exact += bias[local].float()
+        logits[rows, cols, local] = exact
 
     # -- deferred update ------------------------------------------------------------------
     def set_pending(self, update: PendingUpdate | None) -> None:
