@@ -452,6 +452,8 @@ class Session:
                               "bytes_communicated": self.engine.bytes_communicated}
             if self.world > 1 else None,
             "evaluations": self.evaluations,
+            # what the evaluations' scores (and a finetune's *_accuracy keys) measure
+            "metric": self.task.metric if self.task is not None else None,
             "memory_samples": list(self.monitor.samples),
             "splits": self.task.split_info if self.task is not None else None,
         }

@@ -485,7 +485,6 @@ def _final_report(session: Session, before: float | None, t0: float, stopped,
         report["stopped"] = (f"over budget: {stopped}" if isinstance(stopped, OutOfBudgetError)
                              else str(stopped))
     report["accuracy_before"] = before
-    report["metric"] = session.task.metric  # what the *_accuracy values score
     report["interrupted"] = isinstance(stopped, KeyboardInterrupt)
     report["wall_time_s"] = time.perf_counter() - t0
     report["peak_memory_bytes"] = session.monitor.run_peak_bytes  # includes the final evals

@@ -182,3 +182,22 @@ def test_a_generative_tasks_tables_name_its_metric():
     squad, sst2 = markdown(rows).split("### sst2")
     assert "**Test F1 (%)" in squad and "**Validation F1 (%)" in squad
     assert "**Test accuracy (%)" in sst2 and "F1" not in sst2
+
+
+def test_a_suite_runs_a_generative_task_and_selects_on_its_f1(tmp_path, data_dir, monkeypatch):
+    """SQuAD in a suite: each run writes answers, scores them by F1, and the selection
+    reads that score (the shipped `squad` suite is this at full size)."""
+    monkeypatch.setenv("EDGEZO_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "gen.yaml"
+    path.write_text("name: gen\ndefaults: {model: 'tiny:llama', profile: cpu-16gb, steps: 1,\n"
+                    "  batch_size: 2, eval_examples: 3}\n"
+                    "search: {lr: {default: [0.01, 0.001]}, eps: [0.01]}\n"
+                    "cells:\n  - {tasks: [squad], optimizers: [zo-sgd], schemes: [lora]}\n")
+    store = Store(tmp_path / "runs.db")
+    assert run_suite(load_suite(str(path)), store, data_dir=data_dir) == (2, 0)
+    rows = store.rows()
+    store.close()
+    assert all(r["status"] == "ok" and r["report"]["metric"] == "f1" for r in rows)
+    (chosen,) = select(rows).values()
+    assert chosen["val_accuracy"] == max(r["val_accuracy"] for r in rows)
+    assert "squad" in load_suite("squad").runs()[0].cell
