@@ -50,6 +50,18 @@ def lm_labels(data: dict) -> dict:
     return {"input_ids": ids, "attention_mask": data["attention_mask"], "labels": ids}
 
 
+ANSWER_TOKENS = 8
+
+
+def answer_labels(data: dict) -> dict:
+    """A generative task's teacher-forced loss: labels on the last ANSWER_TOKENS tokens
+    of each row (SQuAD's answers), so logits are needed at those positions only."""
+    ids = data["input_ids"]
+    labels = torch.full_like(ids, -100)
+    labels[:, -ANSWER_TOKENS:] = ids[:, -ANSWER_TOKENS:]
+    return {"input_ids": ids, "attention_mask": data["attention_mask"], "labels": labels}
+
+
 def live_peak(prof) -> int:
     """The highest sum of live tensor bytes over a profile, from its allocation events."""
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
@@ -80,6 +92,8 @@ def measure(mode: str, model_name: str, dtype: str, batch: int, seq: int,
             make_batch(model.config.get_text_config().vocab_size, batch, seq).items()}
     if loss == "lm":
         data = lm_labels(data)
+    elif loss == "answer":
+        data = answer_labels(data)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     weights = sum(t.numel() * t.element_size()
@@ -117,8 +131,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32", "fp16"])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--loss", default="classification", choices=["classification", "lm"],
-                    help="lm: labels on every token (logits at every position)")
+    ap.add_argument("--loss", default="classification",
+                    choices=["classification", "lm", "answer"],
+                    help="lm: labels on every token (logits at every position); answer: "
+                         f"on the last {ANSWER_TOKENS} tokens (a generative task's answer)")
     ap.add_argument("--repeat", type=int, default=3,
                     help="processes per mode (the resident set varies between processes)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one mode

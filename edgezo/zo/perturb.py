@@ -405,20 +405,24 @@ class Perturbation:
         parts = ([(hidden, targets)] if len(self.signs) == 1 else
                  list(zip(split_pair(hidden, self.pair_rows),
                           split_pair(targets, self.pair_rows), strict=True)))
-        states = [LogSumExp(x, t) for x, t in parts]
+        # fp16 products are slow on most CPUs: there the head computes in fp32, unrounded
+        dtype = (torch.float32 if weight.dtype == torch.float16 and weight.device.type == "cpu"
+                 else weight.dtype)
+        rounded = dtype in (torch.float16, torch.bfloat16)
+        states = [LogSumExp(x.to(dtype), t) for x, t in parts]
         for k, end, lo, hi in noise.spans(weight.shape, weight.device):
             z = self.direction.chunk(weight.shape, w_index, k, weight.device,
                                      dtype=work_dtype(weight.dtype), end=end)
-            w = noise.thread_buffer("w", z.numel(), weight.dtype, weight.device).view(z.shape)
+            w = noise.thread_buffer("w", z.numel(), dtype, weight.device).view(z.shape)
             for state, s, b in zip(states, self.signs, biases, strict=True):
                 torch.add(weight[lo:hi], z, alpha=s * self.eps, out=w)
-                bias = None if b is None else b[lo:hi]
+                bias = None if b is None else b[lo:hi].to(dtype)
                 # at most LOGIT_CHUNK_VALUES logits at once, as the unperturbed loss
                 per = max(1, LOGIT_CHUNK_VALUES // (state.x.shape[0] * (hi - lo)))
                 for p0 in range(0, state.x.shape[1], per):
                     block = slice(p0, p0 + per)
                     logits = F.linear(state.x[:, block], w, bias).float()
-                    if w.dtype != torch.float32:
+                    if rounded:
                         self._exact_targets(logits, state, block, weight, z, s, bias, lo, hi)
                     state.add(logits, lo, hi, block)
         logp = torch.cat([state.logprobs() for state in states])
