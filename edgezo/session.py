@@ -71,6 +71,7 @@ class Session:
         self.model_source, self.encoder = parts.resolved, parts.encoder
         self.tokenizer = parts.resolved.tokenizer
         self.shapes, self.monitor, self.plan = parts.shapes, parts.monitor, parts.plan
+        self.monitor.limits = dict(self.plan.phases)
         self._model, self._block_map = parts.model, parts.blocks
         self.engine, self.streamer = parts.engine, parts.streamer
         self.dtype_reason = parts.dtype_reason
@@ -445,6 +446,7 @@ class Session:
             "peak_memory_by_phase": dict(self.monitor.peaks),
             "reserved_peak_memory_by_phase": dict(self.monitor.reserved_peaks) or None,
             "predicted_peak_memory_bytes": self.plan.peak_bytes,
+            "heap_trims": self.monitor.trims,  # CPU: the heap handed back above the plan
             "streaming": self.streamer.stats() if self.streamer else None,
             "plan": self.plan.to_dict(),
             "trainable_parameters": self.engine.blocks.numel(),

@@ -1,6 +1,7 @@
 """The embedding API on a tiny model folder."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -258,6 +259,43 @@ def test_cpu_monitor_returns_freed_heap_when_the_phase_changes_only(monkeypatch)
         monitor.close()
     assert len(trims) == 3  # idle -> train, train -> eval, eval -> train
     assert set(monitor.peaks) == {"train", "eval"}
+
+
+def test_cpu_monitor_returns_freed_heap_when_a_phase_goes_over_its_plan(monkeypatch):
+    """glibc keeps freed heap resident after batches of changing shapes (an FO run on
+    SQuAD read 1.3x its live bytes); above the phase's planned bytes the sampler
+    trims, at most every TRIM_EVERY_S, and never below the plan or in an unplanned phase."""
+    from edgezo.memory import measure
+
+    trims = []
+    monkeypatch.setattr(measure, "release_freed_memory", lambda: trims.append(1))
+    monkeypatch.setattr(measure, "TRIM_EVERY_S", 60.0)
+    resident = {"bytes": 100}
+    monkeypatch.setattr(measure.MemoryMonitor, "current", lambda self: resident["bytes"])
+    monitor = measure.MemoryMonitor("cpu", interval_s=0.001)
+    monitor.limits = {"train": 150}
+    try:
+        with monitor.phase("eval"):  # no limit: never trimmed
+            resident["bytes"] = 500
+            time.sleep(0.05)
+        with monitor.phase("train"):
+            deadline = time.monotonic() + 5  # 500 > 150: one trim, then none within 60 s
+            while monitor.trims == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.05)
+        phase_changes = 2  # idle -> eval -> train
+        assert len(trims) == phase_changes + 1 and monitor.trims == 1
+    finally:
+        monitor.close()
+    monitor = measure.MemoryMonitor("cpu", interval_s=0.001)
+    monitor.limits = {"train": 1000}
+    trims.clear()
+    try:
+        with monitor.phase("train"):
+            time.sleep(0.05)
+    finally:
+        monitor.close()
+    assert len(trims) == 1 and monitor.trims == 0  # the phase change's only
 
 
 def test_an_empty_split_plans_no_evaluation_width(tiny_folder, data_dir):

@@ -19,6 +19,8 @@ import torch
 
 from edgezo.heap import release_freed_memory
 
+TRIM_EVERY_S = 0.25
+
 
 class MemoryMonitor:
     def __init__(self, device: torch.device, interval_s: float = 0.01):
@@ -31,6 +33,11 @@ class MemoryMonitor:
         # CUDA only: the caching allocator's reserved peak per phase (allocated plus the
         # cached blocks it holds), what the per-process cap is checked against
         self.reserved_peaks: dict[str, int] = {}
+        # CPU: each phase's planned bytes; above them the sampler hands glibc's freed heap
+        # back to the OS (at most every TRIM_EVERY_S), so that heap it holds after
+        # batches of changing shapes does not take the process over its plan
+        self.limits: dict[str, int] = {}
+        self.trims = 0
         self._phase = self._last = "idle"
         self._phase_peak = 0
         self._t0 = time.perf_counter()
@@ -52,13 +59,19 @@ class MemoryMonitor:
         return max(0, self._proc.memory_info().rss - self.baseline_rss)
 
     def _sample_loop(self) -> None:
-        last_record = 0.0
+        last_record, last_trim = 0.0, float("-inf")
         while not self._stop.wait(self.interval_s):
             if self.device.type == "cuda" and self._cuda_index is None:
                 continue  # no phase has started: CUDA may not be initialised yet
             value = self.current()
             self._phase_peak = max(self._phase_peak, value)
             now = time.perf_counter() - self._t0
+            limit = self.limits.get(self._phase)
+            if (self.device.type == "cpu" and limit and value > limit
+                    and now - last_trim >= TRIM_EVERY_S):
+                release_freed_memory()
+                self.trims += 1
+                last_trim = now
             if now - last_record >= 0.25:  # keep the time series small
                 self.samples.append((now, self._phase, value))
                 last_record = now
