@@ -57,6 +57,10 @@ from edgezo.zo.optimizers import SGD, Rule, work_dtype
 # operation of the unit, which bounds a small model's step (BENCHMARKS.md, "On a GPU"):
 # there units take scratch copies, filled and updated a piece at a time (fused.py).
 CHUNKED_LINEAR_DEVICES = ("cpu",)
+# Devices where the streamed head finds its targets' positions with nonzero(): a host
+# sync, free on the CPU, where it saves a gather of every position's target row per span.
+# Elsewhere every position's target row is gathered and masked, with no sync.
+TARGETS_BY_INDEX_DEVICES = ("cpu",)
 
 
 @dataclass
@@ -438,16 +442,22 @@ class Perturbation:
         slow; the normaliser averages the products' rounding over the vocabulary, while
         the target's own logit carries L(θ+εz) − L(θ−εz) at full precision (the projected
         gradients' difference from an fp32 head: BENCHMARKS.md, "A token-level loss")."""
-        targets = state.targets[:, block]
-        rows, cols = ((targets >= lo) & (targets < hi)).nonzero(as_tuple=True)
-        if rows.numel() == 0:
-            return
-        local = targets[rows, cols] - lo
+        targets, x = state.targets[:, block], state.x[:, block]
+        inside = (targets >= lo) & (targets < hi)
+        local = (targets - lo).clamp(0, hi - lo - 1)
+        if logits.device.type in TARGETS_BY_INDEX_DEVICES:
+            rows, cols = inside.nonzero(as_tuple=True)
+            inside, local, x = None, local[rows, cols], x[rows, cols]
         w = weight[lo + local].float().add_(z[local].float(), alpha=sign * self.eps)
-        exact = (state.x[:, block][rows, cols].float() * w).sum(-1)
+        exact = (x.float() * w).sum(-1)
         if bias is not None:
             exact += bias[local].float()
-        logits[rows, cols, local] = exact
+        if inside is None:
+            logits[rows, cols, local] = exact
+        else:
+            at = local.unsqueeze(-1)
+            rounded = logits.gather(-1, at).squeeze(-1)
+            logits.scatter_(-1, at, torch.where(inside, exact, rounded).unsqueeze(-1))
 
     # -- deferred update ------------------------------------------------------------------
     def set_pending(self, update: PendingUpdate | None) -> None:
