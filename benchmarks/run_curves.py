@@ -1,6 +1,5 @@
 """Validation score against steps and wall-clock time for `edgezo finetune` run folders
-(their metrics.jsonl), one line per run, with zero-shot drawn where a run scored the
-test set before training. Resumed runs read as one curve.
+(their metrics.jsonl), one line per run. Resumed runs read as one curve.
 
     python benchmarks/run_curves.py RUN [RUN ...] --out curves.png [--title TEXT]
 
@@ -34,11 +33,11 @@ def label(run: Path) -> str:
     opt, scheme = config["optimizer"], config["scheme"]
     text = f"{opt['optimizer']} {scheme['scheme']} lr={opt['lr']:g}"
     report = run / "report.json"
-    if report.is_file():
-        r = json.loads(report.read_text())
-        before = r.get("accuracy_before")
-        text += (f": test {before:.3f} -> {r['test_accuracy']:.3f}" if before is not None
-                 else f": test {r['test_accuracy']:.3f}")
+    r = json.loads(report.read_text()) if report.is_file() else {}
+    before, after = r.get("accuracy_before"), r.get("test_accuracy")
+    if after is not None:  # a stopped run's report has no test score
+        text += (f": test {before:.3f} -> {after:.3f}" if before is not None
+                 else f": test {after:.3f}")
     return text
 
 
@@ -59,6 +58,9 @@ def main() -> None:
     for run in args.runs:
         points = curve(run)
         name = label(run)
+        if not points:
+            print(f"{run}: {name}; no evaluations, not drawn")
+            continue
         by_step.plot([p[0] for p in points], [p[2] for p in points], marker=".", label=name)
         by_time.plot([p[1] / 60 for p in points], [p[2] for p in points], marker=".")
         print(f"{run}: {name}; best {max(p[2] for p in points):.3f} at step "

@@ -77,7 +77,7 @@ class _HalfHeadLogits(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, weight, bias = inputs
         ctx.save_for_backward(x, weight, bias)
-        ctx.primals = inputs  # forward-mode AD (the forward gradient's jvp) reads them
+        ctx.save_for_forward(x, weight, bias)  # forward-mode AD (the forward gradient)
 
     @staticmethod
     def backward(ctx, grad):
@@ -99,7 +99,7 @@ class _HalfHeadLogits(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, x_t, weight_t, bias_t):
-        x, weight, _ = ctx.primals
+        x, weight, _ = ctx.saved_tensors
         out = None if x_t is None else _chunked_logits(x_t, weight, None)
         if weight_t is not None or bias_t is not None:
             part = (_chunked_logits(x, weight_t, bias_t) if weight_t is not None

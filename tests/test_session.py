@@ -298,6 +298,18 @@ def test_cpu_monitor_returns_freed_heap_when_a_phase_goes_over_its_plan(monkeypa
     assert len(trims) == 1 and monitor.trims == 0  # the phase change's only
 
 
+def test_trims_that_free_little_come_less_often():
+    from edgezo.memory.measure import TRIM_EVERY_S, TRIM_MAX_WAIT_S, next_trim_wait
+
+    wait, waits = TRIM_EVERY_S, []
+    for _ in range(8):  # 500 against a plan of 150; each trim frees 10
+        wait = next_trim_wait(wait, 500, 490, 150)
+        waits.append(wait)
+    assert waits[0] == 2 * TRIM_EVERY_S and waits[-1] == TRIM_MAX_WAIT_S
+    assert waits == sorted(waits)
+    assert next_trim_wait(TRIM_MAX_WAIT_S, 500, 300, 150) == TRIM_EVERY_S  # freed 200
+
+
 def test_an_empty_split_plans_no_evaluation_width(tiny_folder, data_dir):
     """A small user task can leave a split empty: planning must not fail on it."""
     from edgezo.tasks.shape import measure_shape

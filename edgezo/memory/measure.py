@@ -20,6 +20,16 @@ import torch
 from edgezo.heap import release_freed_memory
 
 TRIM_EVERY_S = 0.25
+TRIM_MAX_WAIT_S = 8.0  # the longest wait between trims that free little
+
+
+def next_trim_wait(wait: float, before: int, after: int, limit: int) -> float:
+    """Seconds until the next trim of a phase over its plan: the shortest again when the
+    last trim freed at least half the excess, else twice as long (up to TRIM_MAX_WAIT_S):
+    memory truly over the plan frees little, and must not be trimmed in a loop."""
+    if before - after >= (before - limit) / 2:
+        return TRIM_EVERY_S
+    return max(wait, min(2 * wait, TRIM_MAX_WAIT_S))
 
 
 class MemoryMonitor:
@@ -59,7 +69,7 @@ class MemoryMonitor:
         return max(0, self._proc.memory_info().rss - self.baseline_rss)
 
     def _sample_loop(self) -> None:
-        last_record, last_trim = 0.0, float("-inf")
+        last_record, last_trim, wait = 0.0, float("-inf"), TRIM_EVERY_S
         while not self._stop.wait(self.interval_s):
             if self.device.type == "cuda" and self._cuda_index is None:
                 continue  # no phase has started: CUDA may not be initialised yet
@@ -68,10 +78,11 @@ class MemoryMonitor:
             now = time.perf_counter() - self._t0
             limit = self.limits.get(self._phase)
             if (self.device.type == "cpu" and limit and value > limit
-                    and now - last_trim >= TRIM_EVERY_S):
+                    and now - last_trim >= wait):
                 release_freed_memory()
                 self.trims += 1
                 last_trim = now
+                wait = next_trim_wait(wait, value, self.current(), limit)
             if now - last_record >= 0.25:  # keep the time series small
                 self.samples.append((now, self._phase, value))
                 last_record = now

@@ -113,6 +113,7 @@ def saved_activation_bytes(config, rows: int, seq_len: int, elem: int, layers: i
     # keeps each linear's input for its weight's gradient: 4H + I more (12H + 4I).
     # With padded rows, SDPA also saves each layer's own copy of the additive mask
     # (rows x T x T in the compute dtype): 4.4% of a SmolLM2 layer at 8 x 512 tokens.
+    # Counted always: a batch of rows of one length saves none, but a plan is a bound.
     frozen = tokens * (8 * hidden + 3 * inter) * elem + rows * seq_len * seq_len * elem
     weights = tokens * (4 * hidden + inter) * elem
     return (layers * frozen + min(weight_layers, layers) * weights

@@ -57,10 +57,6 @@ from edgezo.zo.optimizers import SGD, Rule, work_dtype
 # operation of the unit, which bounds a small model's step (BENCHMARKS.md, "On a GPU"):
 # there units take scratch copies, filled and updated a piece at a time (fused.py).
 CHUNKED_LINEAR_DEVICES = ("cpu",)
-# Devices where the streamed head finds its targets' positions with nonzero(): a host
-# sync, free on the CPU, where it saves a gather of every position's target row per span.
-# Elsewhere every position's target row is gathered and masked, with no sync.
-TARGETS_BY_INDEX_DEVICES = ("cpu",)
 
 
 @dataclass
@@ -414,50 +410,45 @@ class Perturbation:
                  else weight.dtype)
         rounded = dtype in (torch.float16, torch.bfloat16)
         states = [LogSumExp(x.to(dtype), t) for x, t in parts]
-        for k, end, lo, hi in noise.spans(weight.shape, weight.device):
+        spans = noise.spans(weight.shape, weight.device)
+        starts = [lo for _, _, lo, _ in spans]
+        for span, (k, end, lo, hi) in enumerate(spans):
             z = self.direction.chunk(weight.shape, w_index, k, weight.device,
                                      dtype=work_dtype(weight.dtype), end=end)
             w = noise.thread_buffer("w", z.numel(), dtype, weight.device).view(z.shape)
             for state, s, b in zip(states, self.signs, biases, strict=True):
                 torch.add(weight[lo:hi], z, alpha=s * self.eps, out=w)
                 bias = None if b is None else b[lo:hi].to(dtype)
+                if rounded:
+                    self._exact_targets(state, state.targets_in(starts, span), weight, z, s,
+                                        bias, lo)
                 # at most LOGIT_CHUNK_VALUES logits at once, as the unperturbed loss
                 per = max(1, LOGIT_CHUNK_VALUES // (state.x.shape[0] * (hi - lo)))
                 for p0 in range(0, state.x.shape[1], per):
                     block = slice(p0, p0 + per)
-                    logits = F.linear(state.x[:, block], w, bias).float()
-                    if rounded:
-                        self._exact_targets(logits, state, block, weight, z, s, bias, lo, hi)
+                    logits = F.linear(state.x[:, block], w, bias).to(state.top.dtype)
                     state.add(logits, lo, hi, block)
         logp = torch.cat([state.logprobs() for state in states])
         return (logp * mask).sum(1)
 
-    def _exact_targets(self, logits: torch.Tensor, state: LogSumExp, block: slice,
+    def _exact_targets(self, state: LogSumExp, positions: torch.Tensor,
                        weight: torch.Tensor, z: torch.Tensor, sign: float,
-                       bias: torch.Tensor | None, lo: int, hi: int) -> None:
-        """Recompute, in fp32 from θ ± εz unrounded, the logits of the targets among rows
-        [lo, hi) (in place in `logits`, which a half-precision product rounded).
+                       bias: torch.Tensor | None, lo: int) -> None:
+        """The logits of the targets in a span's rows (at flat `positions`) in fp32 from
+        θ ± εz unrounded, for `state` to use in place of the half-precision products'.
 
         Why: the head at every position in fp32 is what made a token-level loss's step
         slow; the normaliser averages the products' rounding over the vocabulary, while
         the target's own logit carries L(θ+εz) − L(θ−εz) at full precision (the projected
-        gradients' difference from an fp32 head: BENCHMARKS.md, "A token-level loss")."""
-        targets, x = state.targets[:, block], state.x[:, block]
-        inside = (targets >= lo) & (targets < hi)
-        local = (targets - lo).clamp(0, hi - lo - 1)
-        if logits.device.type in TARGETS_BY_INDEX_DEVICES:
-            rows, cols = inside.nonzero(as_tuple=True)
-            inside, local, x = None, local[rows, cols], x[rows, cols]
+        gradients' difference from an fp32 head: BENCHMARKS.md, "A token-level loss").
+        Each position's target lies in one span, so the whole head costs one row a
+        position."""
+        local = state.targets.reshape(-1)[positions] - lo
         w = weight[lo + local].float().add_(z[local].float(), alpha=sign * self.eps)
-        exact = (x.float() * w).sum(-1)
+        exact = (state.x.reshape(-1, state.x.shape[-1])[positions].float() * w).sum(-1)
         if bias is not None:
             exact += bias[local].float()
-        if inside is None:
-            logits[rows, cols, local] = exact
-        else:
-            at = local.unsqueeze(-1)
-            rounded = logits.gather(-1, at).squeeze(-1)
-            logits.scatter_(-1, at, torch.where(inside, exact, rounded).unsqueeze(-1))
+        state.set_exact(positions, exact)
 
     # -- deferred update ------------------------------------------------------------------
     def set_pending(self, update: PendingUpdate | None) -> None:
