@@ -97,6 +97,7 @@ def test_a_bf16_heads_streamed_loss_keeps_the_targets_logits_exact(family, monke
     of the fp32 head's (the whole-logits path), and far closer than a target logit with
     the wrong sign of εz."""
     from edgezo.tasks import loss
+    from edgezo.zo.head import LogSumExp
 
     monkeypatch.setattr(noise, "CHUNK_ELEMENTS", 512)  # several spans of the head
     monkeypatch.setattr(perturb, "LOGIT_CHUNK_VALUES", 3 * 4 * (512 // 32))  # and blocks
@@ -115,12 +116,12 @@ def test_a_bf16_heads_streamed_loss_keeps_the_targets_logits_exact(family, monke
         return out
 
     streamed = losses()
-    exact = perturb.Perturbation._exact_targets
+    exact = LogSumExp.exact_targets
 
-    def flipped(self, state, positions, weight, z, sign, *rest):
-        exact(self, state, positions, weight, z, -sign, *rest)
+    def flipped(self, starts, k, weight, z, scale, bias):
+        exact(self, starts, k, weight, z, -scale, bias)
 
-    monkeypatch.setattr(perturb.Perturbation, "_exact_targets", flipped)
+    monkeypatch.setattr(LogSumExp, "exact_targets", flipped)
     wrong = losses()
     monkeypatch.setattr(loss, "_chunkable_head", lambda m: None)
     whole = losses()  # the head perturbed in fp32 with every logit unrounded

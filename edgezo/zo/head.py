@@ -18,7 +18,7 @@ class LogSumExp:
         self.top = torch.full(shape, float("-inf"), dtype=dtype, device=x.device)
         self.total = torch.zeros(shape, dtype=dtype, device=x.device)
         self.picked = torch.zeros(shape, dtype=dtype, device=x.device)
-        self.exact: torch.Tensor | None = None  # target logits computed apart (set_exact)
+        self.exact: torch.Tensor | None = None  # target logits computed apart
         self._by_span: tuple[torch.Tensor, list[int]] | None = None
 
     def targets_in(self, starts: list[int], k: int) -> torch.Tensor:
@@ -33,9 +33,24 @@ class LogSumExp:
         order, ends = self._by_span
         return order[ends[k]:ends[k + 1]]
 
-    def set_exact(self, positions: torch.Tensor, values: torch.Tensor) -> None:
-        """The target logits at flat `positions`, computed apart from the span's products:
-        add() puts them in place of the products' own values."""
+    def exact_targets(self, starts: list[int], k: int, weight: torch.Tensor,
+                      z: torch.Tensor, scale: float, bias: torch.Tensor | None) -> None:
+        """Compute in fp32, from weight + scale·z unrounded, the logits of the targets in
+        span k (rows from starts[k], z its noise): add() then uses them in place of the
+        half-precision products' own values.
+
+        Why: the head at every position in fp32 is what made a token-level loss's step
+        slow; the normaliser averages the products' rounding over the vocabulary, while
+        the target's own logit carries L(θ+εz) − L(θ−εz) at full precision (the projected
+        gradients' difference from an fp32 head: BENCHMARKS.md, "A token-level loss").
+        Each position's target lies in one span, so the whole head costs one row a
+        position."""
+        positions, lo = self.targets_in(starts, k), starts[k]
+        local = self.targets.reshape(-1)[positions] - lo
+        w = weight[lo + local].float().add_(z[local].float(), alpha=scale)
+        values = (self.x.reshape(-1, self.x.shape[-1])[positions].float() * w).sum(-1)
+        if bias is not None:
+            values += bias[local].float()
         if self.exact is None:
             self.exact = torch.zeros(self.targets.shape, dtype=self.top.dtype,
                                      device=self.top.device)

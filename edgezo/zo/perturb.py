@@ -419,9 +419,8 @@ class Perturbation:
             for state, s, b in zip(states, self.signs, biases, strict=True):
                 torch.add(weight[lo:hi], z, alpha=s * self.eps, out=w)
                 bias = None if b is None else b[lo:hi].to(dtype)
-                if rounded:
-                    self._exact_targets(state, state.targets_in(starts, span), weight, z, s,
-                                        bias, lo)
+                if rounded:  # the targets' own logits in fp32, θ ± εz unrounded
+                    state.exact_targets(starts, span, weight, z, s * self.eps, bias)
                 # at most LOGIT_CHUNK_VALUES logits at once, as the unperturbed loss
                 per = max(1, LOGIT_CHUNK_VALUES // (state.x.shape[0] * (hi - lo)))
                 for p0 in range(0, state.x.shape[1], per):
@@ -430,25 +429,6 @@ class Perturbation:
                     state.add(logits, lo, hi, block)
         logp = torch.cat([state.logprobs() for state in states])
         return (logp * mask).sum(1)
-
-    def _exact_targets(self, state: LogSumExp, positions: torch.Tensor,
-                       weight: torch.Tensor, z: torch.Tensor, sign: float,
-                       bias: torch.Tensor | None, lo: int) -> None:
-        """The logits of the targets in a span's rows (at flat `positions`) in fp32 from
-        θ ± εz unrounded, for `state` to use in place of the half-precision products'.
-
-        Why: the head at every position in fp32 is what made a token-level loss's step
-        slow; the normaliser averages the products' rounding over the vocabulary, while
-        the target's own logit carries L(θ+εz) − L(θ−εz) at full precision (the projected
-        gradients' difference from an fp32 head: BENCHMARKS.md, "A token-level loss").
-        Each position's target lies in one span, so the whole head costs one row a
-        position."""
-        local = state.targets.reshape(-1)[positions] - lo
-        w = weight[lo + local].float().add_(z[local].float(), alpha=sign * self.eps)
-        exact = (state.x.reshape(-1, state.x.shape[-1])[positions].float() * w).sum(-1)
-        if bias is not None:
-            exact += bias[local].float()
-        state.set_exact(positions, exact)
 
     # -- deferred update ------------------------------------------------------------------
     def set_pending(self, update: PendingUpdate | None) -> None:
