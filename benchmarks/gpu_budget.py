@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true",
                     help="run without CUDA, the profile emulated (plumbing only)")
     args = ap.parse_args()
-    from edgezo.hardware import cpu_capability
+    from edgezo.device.hardware import cpu_capability
 
     print(f"CPU: {cpu_capability()}", flush=True)  # bf16 speed differs 4x+ by instruction set
     import torch

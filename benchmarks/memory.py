@@ -77,7 +77,7 @@ def measure(mode: str, model_name: str, dtype: str, batch: int, seq: int,
             loss: str = "classification", tensors: bool = False) -> dict:
     from step_overhead import make_batch
 
-    from edgezo.config import EstimatorOptions
+    from edgezo.config.options import EstimatorOptions
     from edgezo.models.loading import load_model, parse_dtype
     from edgezo.tasks.loss import example_losses
     from edgezo.zo.engine import ZOEngine
@@ -146,7 +146,7 @@ def main() -> None:
         print(json.dumps(measure(args.one, args.model, args.dtype, args.batch, args.seq,
                                  args.loss, args.tensors)))
         return
-    from edgezo.hardware import cpu_capability, preferred_dtype
+    from edgezo.device.hardware import cpu_capability, preferred_dtype
 
     if args.dtype == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -26,7 +26,7 @@ LR = {"zo-sgd": 3e-5, "zo-sgd-sign": 1e-6, "zo-sgd-mmt": 3e-6, "zo-sgd-cons": 3e
 
 
 def one(name: str, steps: int, batch: int, val_examples: int) -> dict:
-    from edgezo.session import Session
+    from edgezo.run.session import Session
 
     sess = Session(profile="8gb-gpu", optimizer=name, lr=LR[name], batch_size=batch, seed=0)
     try:
@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    from edgezo.hardware import cpu_capability
+    from edgezo.device.hardware import cpu_capability
 
     print(f"CPU: {cpu_capability()}", flush=True)  # bf16 speed differs 4x+ by instruction set
     if args.one:

@@ -120,7 +120,7 @@ def main() -> None:
                     help="run the sessions with strict_memory (glibc's fixed mmap threshold)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one configuration as JSON
     args = ap.parse_args()
-    from edgezo.hardware import cpu_capability
+    from edgezo.device.hardware import cpu_capability
 
     print(f"CPU: {cpu_capability()}", flush=True)  # bf16 speed differs 4x+ by instruction set
     if args.calibrate:

@@ -46,8 +46,8 @@ PROMPTS: dict[str, tuple[str, tuple[str, str]]] = {
 
 
 def main() -> None:
-    from edgezo.hardware import cpu_capability
-    from edgezo.session import Session
+    from edgezo.device.hardware import cpu_capability
+    from edgezo.run.session import Session
     from edgezo.tasks.base import Example
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

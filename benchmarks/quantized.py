@@ -69,7 +69,7 @@ def main() -> None:
         print("RESULT " + json.dumps(measure(args.one, args.steps, args.data_dir, args.model,
                                              args.profile)))
         return
-    from edgezo.hardware import cpu_capability
+    from edgezo.device.hardware import cpu_capability
 
     print(f"CPU: {cpu_capability()}")
     print("| config | dtype | trainable values | peak MiB | predicted MiB | s/step |")

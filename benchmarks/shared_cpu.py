@@ -50,7 +50,7 @@ def measure(mode: str, model: str | None, batch: int, steps: int) -> dict:
     import torch
 
     from edgezo import Session
-    from edgezo.hardware import cpu_capability
+    from edgezo.device.hardware import cpu_capability
 
     default = torch.get_num_threads()
     s = Session(model, profile="8gb-gpu", batch_size=batch, lr=1e-6,

@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).parent))
 from step_overhead import MezoReference, cuda_path, engine_for, make_batch  # noqa: E402
 
-from edgezo.hardware import cpu_capability  # noqa: E402
+from edgezo.device.hardware import cpu_capability  # noqa: E402
 from edgezo.models.loading import load_model  # noqa: E402
 from edgezo.models.tiny import tiny_model  # noqa: E402
 from edgezo.tasks.loss import example_losses  # noqa: E402

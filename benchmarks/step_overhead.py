@@ -35,8 +35,8 @@ import time
 
 import torch
 
-from edgezo.config import EstimatorOptions
-from edgezo.hardware import cpu_capability, preferred_dtype
+from edgezo.config.options import EstimatorOptions
+from edgezo.device.hardware import cpu_capability, preferred_dtype
 from edgezo.models.loading import load_model
 from edgezo.models.tiny import tiny_model
 from edgezo.tasks.loss import example_losses

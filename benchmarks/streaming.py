@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--stream-layers", type=int, default=None)
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from edgezo.hardware import cpu_capability
+    from edgezo.device.hardware import cpu_capability
 
     print(f"CPU: {cpu_capability()}", flush=True)  # bf16 speed differs 4x+ by instruction set
     if args.one:

@@ -19,7 +19,7 @@ TASKS = ("sst2", "copa", "winogrande", "multirc", "boolq", "wic", "wsc")
 
 
 def one(task: str, steps: int, batch: int, max_test: int, lr: float, eps: float) -> dict:
-    from edgezo.session import Session
+    from edgezo.run.session import Session
     from edgezo.tasks import make_task
 
     row: dict = {"task": task}
@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    from edgezo.hardware import cpu_capability
+    from edgezo.device.hardware import cpu_capability
 
     print(f"CPU: {cpu_capability()}", flush=True)  # bf16 speed differs 4x+ by instruction set
     if args.one:

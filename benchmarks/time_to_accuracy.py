@@ -53,8 +53,8 @@ METHODS: dict[str, dict] = {
 
 def run_one(name: str, options: dict, args) -> dict:
     """One run, in this process: the curve and the final test accuracy."""
-    from edgezo.hardware import cpu_capability
-    from edgezo.session import Session
+    from edgezo.device.hardware import cpu_capability
+    from edgezo.run.session import Session
 
     start = time.perf_counter()
     s = Session(task=args.task, batch_size=args.batch_size, seed=args.seed,
@@ -248,7 +248,7 @@ def main() -> None:
 
 
 def run_all(args, out: Path) -> None:
-    from edgezo.hardware import cpu_capability
+    from edgezo.device.hardware import cpu_capability
 
     print(f"CPU: {cpu_capability()}", flush=True)
     extra = json.loads(args.set) if args.set else {}

@@ -1,1 +1,2 @@
-"""The `edgezo` command line (installed as the package edgezo.cli)."""
+"""The `edgezo` command line: this folder installs as the package edgezo.cli
+(pyproject.toml), so its modules import each other relatively."""

@@ -1,5 +1,5 @@
 """`python -m edgezo.cli` (what `torchrun ... -m edgezo.cli finetune` runs)."""
 
-from edgezo.cli.main import main
+from .main import main
 
 main()

@@ -10,13 +10,16 @@ import time
 from pathlib import Path
 
 import typer
-from edgezo.cli.options import build_config, cli_fields, config_command
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from edgezo.config import FIELDS, RESUMABLE, SECTION_OF
+from edgezo.config.options import FIELDS, RESUMABLE, SECTION_OF
 from edgezo.errors import ConfigError, EdgezoError, RunInterrupted, check_writable_folder
+
+# cli/ installs as edgezo.cli (pyproject.toml's package-dir), so its own modules are named
+# relatively: the import reads the same in the source tree and in site-packages.
+from .options import build_config, cli_fields, config_command
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Forward-only (zeroth-order) fine-tuning of LLMs on small machines.")
@@ -65,8 +68,8 @@ FINETUNE_EXTRA = {
 def finetune(ctx: typer.Context, given: dict, config: str | None, print_config: bool,
              resume: Path | None) -> None:
     """Fine-tune a model on a task with ZO under a device profile's memory budget."""
-    from edgezo.session import Session
-    from edgezo.train import finetune as run
+    from edgezo.run.session import Session
+    from edgezo.run.train import finetune as run
 
     if resume is not None:
         refused = sorted(set(given) - RESUMABLE) + (["config"] if config else [])
@@ -194,8 +197,8 @@ def open_eval_session(given: dict, say=None):
     peft export) is put on the base it trained on, quantized as it was; a saved model is
     scored with the prompt its run trained with unless --template is given. `say(line)`
     hears what was chosen."""
-    from edgezo.export import saved_model
-    from edgezo.session import Session
+    from edgezo.export.run import saved_model
+    from edgezo.run.session import Session
 
     say = say or (lambda _line: None)
     saved = saved_model(given.get("model"))
@@ -228,7 +231,7 @@ def _load_adapter(session, folder: Path) -> None:
     import peft
     from safetensors.torch import load_file
 
-    from edgezo.export import ADAPTER_FILES
+    from edgezo.export.run import ADAPTER_FILES
 
     weights_file = folder / ADAPTER_FILES[1]
     if not weights_file.is_file():
@@ -252,8 +255,8 @@ def _trained_template(report: dict, given: dict) -> str | None:
     """The prompt template a model saved by edgezo was trained with on the evaluated task
     (from its run's report.json): scored with another prompt, a fine-tuned model can read
     as untrained. None for other models, or another task."""
-    from edgezo.config import RunConfig
-    from edgezo.export import trained_template
+    from edgezo.config.options import RunConfig
+    from edgezo.export.run import trained_template
 
     return trained_template(report, given.get("task") or RunConfig().get("task"))
 
@@ -291,7 +294,7 @@ def plan(ctx: typer.Context, given: dict, config: str | None, seq_len: int | Non
 
 
 def _plan_table(result, seq_len_given: bool = True) -> Table:
-    from edgezo.memory.plan import peak_summary
+    from edgezo.memory.peak import peak_summary
 
     gib = 1024**3
     p = result.plan
@@ -370,7 +373,7 @@ def export(
 ) -> None:
     """Write a fine-tuned run as a PEFT adapter, a merged transformers model, a GGUF file
     or an ONNX graph."""
-    from edgezo.export import export_run
+    from edgezo.export.run import export_run
 
     started = time.perf_counter()
     out = export_run(run_dir, fmt, output, gguf_type=gguf_type,
@@ -386,7 +389,7 @@ def replay(
     output: Path = typer.Option(..., "--output", help="Folder for the rebuilt model"),
 ) -> None:
     """Rebuild a run's weights from the base model and its seed log alone."""
-    from edgezo.session import Session
+    from edgezo.run.session import Session
 
     check_writable_folder(output, "--output")  # before the replay, not after it
     session = Session.replay_run(run_dir)
@@ -419,7 +422,7 @@ def optimizers_list() -> None:
 @user_errors
 def profiles_list() -> None:
     """The shipped device profiles."""
-    from edgezo.profiles import list_profiles, load_profile
+    from edgezo.device.profiles import list_profiles, load_profile
 
     table = Table("name", "device", "memory", "dtype", "description")
     for name in list_profiles():
@@ -433,7 +436,7 @@ def profiles_list() -> None:
 @user_errors
 def profiles_show(name: str = typer.Argument(..., help="Profile name or YAML path")) -> None:
     """One profile's fields and the budget it gives a run."""
-    from edgezo.profiles import load_profile, profile_path
+    from edgezo.device.profiles import load_profile, profile_path
 
     p = load_profile(name)
     print(profile_path(name).read_text().rstrip())

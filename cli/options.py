@@ -16,7 +16,7 @@ from typing import Any
 
 import typer
 
-from edgezo.config import FIELDS, SECTION_OF, RunConfig, coerce
+from edgezo.config.options import FIELDS, SECTION_OF, RunConfig, coerce
 
 _KW = inspect.Parameter.KEYWORD_ONLY
 
@@ -39,7 +39,7 @@ def _cli_type(name: str) -> type:
 
 
 def _owner(name: str) -> type:
-    from edgezo.config import SECTIONS
+    from edgezo.config.options import SECTIONS
 
     return SECTIONS[SECTION_OF[name]]
 

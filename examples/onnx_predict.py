@@ -37,7 +37,7 @@ from tokenizers import Tokenizer
 
 from edgezo.tasks import make_task
 
-META_FILE = "edgezo.json"  # edgezo.export.ONNX_META_FILE
+META_FILE = "edgezo.json"  # edgezo.export.run.ONNX_META_FILE
 
 # (prompt, or one prompt per candidate; candidates; gold index)
 Row = tuple[str | tuple[str, ...], list[str], int]

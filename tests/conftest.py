@@ -10,7 +10,7 @@ from edgezo.models.tiny import save_tiny
 from edgezo.tasks.data import ENV_VAR
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
-# Sessions keep that count (edgezo.threads takes OMP_NUM_THREADS as the user's choice), so
+# Sessions keep that count (edgezo.device.threads takes OMP_NUM_THREADS as the user's choice), so
 # the suite computes alike whatever else loads the machine; tests of the choice unset it.
 os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
@@ -81,7 +81,7 @@ def zo_engine(model, optimizer, *, seed: int = 0, pair: bool = True, loss_fn=Non
               blocks=None, **estimator):
     """A ZOEngine with the estimator options as keywords (eps, q, block_wise, ...) and the
     tasks' per-example loss unless another is given."""
-    from edgezo.config import EstimatorOptions
+    from edgezo.config.options import EstimatorOptions
     from edgezo.tasks.loss import example_losses
     from edgezo.zo.engine import ZOEngine
 

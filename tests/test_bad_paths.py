@@ -14,10 +14,10 @@ import torch
 from edgezo.cli.main import app
 from typer.testing import CliRunner
 
-import edgezo.build
-import edgezo.export
+import edgezo.export.run
 import edgezo.models.loading
-import edgezo.session
+import edgezo.run.build
+import edgezo.run.session
 from edgezo.models.loading import default_gguf, resolve_model
 
 runner = CliRunner()
@@ -48,14 +48,14 @@ def _fail(what: str):
 @pytest.fixture
 def no_session(monkeypatch):
     """The command must refuse before it builds a session (data, tokenizer, weights)."""
-    monkeypatch.setattr(edgezo.session, "build", _fail("the session was built"))
+    monkeypatch.setattr(edgezo.run.session, "build", _fail("the session was built"))
 
 
 @pytest.fixture
 def no_conversion(monkeypatch):
     """The command must refuse before a GGUF is converted or any weight loads."""
     monkeypatch.setattr(edgezo.models.loading, "convert_gguf", _fail("the GGUF was converted"))
-    monkeypatch.setattr(edgezo.build, "load", _fail("the weights were loaded"))
+    monkeypatch.setattr(edgezo.run.build, "load", _fail("the weights were loaded"))
 
 
 @pytest.fixture
@@ -143,7 +143,7 @@ def run_folder(tmp_path) -> Path:
 @pytest.mark.parametrize("case", CASES)
 def test_export_output_that_cannot_be_written_is_refused_before_the_model_loads(
         case, fmt, bad_output, run_folder, monkeypatch):
-    monkeypatch.setattr(edgezo.export, "load_run", _fail("the run's model was loaded"))
+    monkeypatch.setattr(edgezo.export.run, "load_run", _fail("the run's model was loaded"))
     out, needle, asked = bad_output(case)
     code, text = invoke("export", run_folder, "--format", fmt, "--output", out)
     refused(code, text, "--output", str(out), needle)
@@ -154,7 +154,7 @@ def test_export_output_that_cannot_be_written_is_refused_before_the_model_loads(
 
 def test_export_to_a_gguf_file_name_checks_its_folder(run_folder, tmp_path, monkeypatch):
     """`--output x/model.gguf` names the file: its folder is what must be writable."""
-    monkeypatch.setattr(edgezo.export, "load_run", _fail("the run's model was loaded"))
+    monkeypatch.setattr(edgezo.export.run, "load_run", _fail("the run's model was loaded"))
     (tmp_path / "afile").write_text("")
     out = tmp_path / "afile" / "model.gguf"
     code, text = invoke("export", run_folder, "--format", "gguf", "--output", out)
@@ -195,7 +195,7 @@ def tiny_gguf(tmp_path_factory) -> Path:
     """A tiny Qwen2 with its tokenizer as one f32 .gguf file (~100 KB)."""
     from transformers import AutoModelForCausalLM
 
-    from edgezo.export import export_model
+    from edgezo.export.run import export_model
     from edgezo.models.tiny import tiny_config
 
     config = tiny_config("qwen2")
@@ -313,7 +313,7 @@ def test_over_budget_gguf_run_is_refused_before_its_conversion(tiny_gguf, tmp_pa
 def test_over_budget_gguf_session_is_refused_before_its_conversion(tiny_gguf, tmp_path,
                                                                    data_dir, monkeypatch):
     from edgezo.errors import OutOfBudgetError
-    from edgezo.session import Session
+    from edgezo.run.session import Session
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("EDGEZO_CACHE", str(cache))

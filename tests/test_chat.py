@@ -151,7 +151,7 @@ def test_a_classification_file_with_a_text_field_stays_a_classification_task(tmp
 
 # -- a session ---------------------------------------------------------------------------------
 def test_a_session_trains_on_conversations_and_scores_written_answers(chat_folder, tmp_path):
-    from edgezo.session import Session
+    from edgezo.run.session import Session
 
     task = write(tmp_path / "talk.jsonl", conversations(30))
     sess = Session(chat_folder, task=task, batch_size=2, eval_batch_size=4, lr=1e-2,
@@ -169,7 +169,7 @@ def test_a_session_trains_on_conversations_and_scores_written_answers(chat_folde
 
 
 def test_a_text_task_is_scored_by_its_tokens_log_likelihood(chat_folder, tmp_path):
-    from edgezo.session import Session
+    from edgezo.run.session import Session
 
     rows = [{"text": f"a {w} film , really {w}"} for w in ["fresh", "great", "flat"] * 8]
     sess = Session(chat_folder, task=write(tmp_path / "notes.jsonl", rows), batch_size=2,
@@ -187,7 +187,7 @@ def test_a_text_task_is_scored_by_its_tokens_log_likelihood(chat_folder, tmp_pat
 
 # -- talking to a model ----------------------------------------------------------------------
 def test_session_generate_takes_a_conversation(chat_folder):
-    from edgezo.session import Session
+    from edgezo.run.session import Session
 
     sess = Session(chat_folder, task=None, batch_size=2, max_length=64)
     try:
@@ -216,7 +216,7 @@ def test_edgezo_chat_streams_answers_until_exit(chat_folder, tiny_folder):
 def test_a_template_that_writes_its_own_bos_gets_no_second_one(chat_folder, monkeypatch):
     """Prompts a chat template rendered are tokenized as training tokenizes them: no
     special tokens added (a template with {{ bos_token }} would otherwise start with two)."""
-    from edgezo.session import Session
+    from edgezo.run.session import Session
     from edgezo.tasks import generate as generate_module
 
     seen = []
@@ -226,7 +226,7 @@ def test_a_template_that_writes_its_own_bos_gets_no_second_one(chat_folder, monk
         seen.append(kwargs.get("rendered"))
         return real(model, tok, prompts, *args, **kwargs)
 
-    monkeypatch.setattr("edgezo.session.generate", spy)
+    monkeypatch.setattr("edgezo.run.session.generate", spy)
     sess = Session(chat_folder, task=None, batch_size=2, max_length=64)
     try:
         sess.generate([{"role": "user", "content": "hi"}], 2)
@@ -245,7 +245,7 @@ def test_a_template_that_writes_its_own_bos_gets_no_second_one(chat_folder, monk
 def test_options_a_task_would_ignore_are_refused(chat_folder, tmp_path, data_dir, options,
                                                  message):
     from edgezo.errors import ConfigError
-    from edgezo.session import Session
+    from edgezo.run.session import Session
 
     task = write(tmp_path / "talk.jsonl", conversations(12))
     with pytest.raises(ConfigError, match=message):

@@ -73,8 +73,8 @@ import sys  # noqa: E402
 
 from safetensors.torch import load_file  # noqa: E402
 
-from edgezo.checkpoint import read_seed_log, snapshots  # noqa: E402
-from edgezo.session import Session  # noqa: E402
+from edgezo.run.session import Session  # noqa: E402
+from edgezo.run.snapshots import read_seed_log, snapshots  # noqa: E402
 
 
 def session(tiny_folder, data_dir, **kw):
@@ -149,8 +149,8 @@ def test_a_full_disk_fails_the_snapshot_and_keeps_the_previous(tiny_folder, data
                                                                tmp_path, monkeypatch):
     from rich.console import Console
 
-    import edgezo.checkpoint as ck
-    from edgezo.train import _snapshot
+    import edgezo.run.snapshots as ck
+    from edgezo.run.train import _snapshot
 
     run = tmp_path / "run"
     s = session(tiny_folder, data_dir)
@@ -175,7 +175,7 @@ def test_a_full_disk_fails_the_snapshot_and_keeps_the_previous(tiny_folder, data
 
 KILLER = """
 import os, signal, sys
-from edgezo.session import Session
+from edgezo.run.session import Session
 from edgezo.cli.main import main
 at, sig = int(os.environ["KILL_AT"]), getattr(signal, os.environ["KILL_SIG"])
 # a shell's background job starts with SIGINT ignored, and Python then keeps it ignored:
@@ -265,7 +265,7 @@ def test_a_new_run_into_another_runs_folder_is_refused(tiny_folder, data_dir, tm
     again with the same settings; a resumed run goes on in its own folder."""
     from rich.console import Console
 
-    from edgezo import train
+    from edgezo.run import train
 
     def quiet_run(s, steps, out):
         try:
@@ -341,7 +341,7 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tiny_folder, data
     from rich.console import Console
 
     from edgezo.errors import TrainingError
-    from edgezo.train import MAX_NONFINITE_IN_A_ROW, finetune
+    from edgezo.run.train import MAX_NONFINITE_IN_A_ROW, finetune
 
     s = session(tiny_folder, data_dir)
     nan_at(s, {1, 2})
@@ -393,7 +393,7 @@ def test_keep_best_ends_with_the_best_validated_weights_and_keeps_the_last(
     scored best on validation; the last step's weights stay snapshotted for --resume, and
     the session itself goes on from them. Validation is scripted (a tiny model's accuracy
     barely moves): best at step 4 of 6."""
-    from edgezo import train
+    from edgezo.run import train
 
     scores = {2: 0.5, 4: 0.9, 6: 0.6}
     seen = []
@@ -449,7 +449,7 @@ def test_a_resumed_run_drops_a_best_from_beyond_where_it_resumes(tiny_folder, da
                                                                  tmp_path, monkeypatch):
     """A best from a later step than the resume point belongs to a path this run left (a
     rewind after divergence, an older snapshot): it must not be restored at the end."""
-    from edgezo import train
+    from edgezo.run import train
 
     monkeypatch.setattr(train, "evaluate", lambda sess, split, console: {
         "score": {2: 0.5, 4: 0.6}.get(sess.engine.step_index, 0.5)})
@@ -478,7 +478,7 @@ def test_average_last_ends_with_the_mean_of_the_last_weights_and_keeps_the_last(
     and the session itself goes on from them. In fp32: in bf16 the weights after each
     step carry that step's rounding, which the mean of the logged updates does not (the
     engine's tests check the bf16 mean is rounded once)."""
-    from edgezo import train
+    from edgezo.run import train
 
     seen = []
 
@@ -519,7 +519,7 @@ def test_average_last_ends_with_the_mean_of_the_last_weights_and_keeps_the_last(
 
 def test_an_averaged_session_takes_no_step_and_average_last_refuses_what_it_cannot_do(
         tiny_folder, data_dir):
-    from edgezo import train
+    from edgezo.run import train
 
     s = session(tiny_folder, data_dir, eval_before=False)
     try:

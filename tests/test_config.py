@@ -10,7 +10,7 @@ import yaml
 from edgezo.cli.main import app
 from typer.testing import CliRunner
 
-from edgezo.config import FIELDS, RESUMABLE, SECTION_OF, RunConfig
+from edgezo.config.options import FIELDS, RESUMABLE, SECTION_OF, RunConfig
 from edgezo.errors import CheckpointError, ConfigError, EdgezoError, ProfileError, TaskError
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
@@ -97,7 +97,7 @@ def test_a_bad_recipe_is_a_message(tmp_path):
 
 @pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
 def test_non_finite_profile_values_name_the_field(tmp_path, value):
-    from edgezo.profiles import load_profile
+    from edgezo.device.profiles import load_profile
 
     path = tmp_path / "p.yaml"
     path.write_text(f"name: p\ndevice: cpu\ndevice_memory_gb: {value}\nhost_memory_gb: 4\n"
@@ -107,7 +107,7 @@ def test_non_finite_profile_values_name_the_field(tmp_path, value):
 
 
 def test_files_that_are_not_utf8_are_named(tmp_path):
-    from edgezo.profiles import load_profile
+    from edgezo.device.profiles import load_profile
     from edgezo.tasks.user import UserTask
 
     profile = tmp_path / "p.yaml"
@@ -135,7 +135,7 @@ def test_a_task_spec_with_a_list_of_train_files_is_a_message(tmp_path):
 
 
 def _session(tiny_folder, data_dir, **kw):
-    from edgezo.session import Session
+    from edgezo.run.session import Session
 
     base = dict(profile="cpu-16gb", batch_size=2, lr=0.02, eps=1e-2, max_length=48,
                 data_dir=data_dir, check_budget=False)
@@ -143,8 +143,8 @@ def _session(tiny_folder, data_dir, **kw):
 
 
 def test_a_snapshot_of_another_model_is_a_message(tiny_folder, data_dir, tmp_path):
-    from edgezo import runs
-    from edgezo.checkpoint import load_snapshot, snapshots
+    from edgezo.run import folder as runs
+    from edgezo.run.snapshots import load_snapshot, snapshots
 
     s = _session(tiny_folder, data_dir)
     s.record(tmp_path / "run")
@@ -174,7 +174,7 @@ def test_a_snapshot_of_another_model_is_a_message(tiny_folder, data_dir, tmp_pat
 
 def test_a_damaged_log_line_that_a_snapshot_covers_does_not_block_resume(
         tiny_folder, data_dir, tmp_path):
-    from edgezo.session import Session
+    from edgezo.run.session import Session
 
     run = tmp_path / "run"
     s = _session(tiny_folder, data_dir)
@@ -209,8 +209,8 @@ def test_a_diverging_run_stops_and_goes_back_to_its_last_sound_weights(
     """--lr 1e30: the first update saturates the model; every later estimate is exactly
     0 and the loss sits at ln 2. The run stops, goes back to the start (its step-0
     snapshot), saves that, and says to lower --lr."""
-    from edgezo.checkpoint import snapshots
-    from edgezo.train import finetune
+    from edgezo.run.snapshots import snapshots
+    from edgezo.run.train import finetune
 
     s = _session(tiny_folder, data_dir, lr=1e30)
     start = [p.detach().clone() for p in s.engine.blocks.params]
@@ -252,9 +252,9 @@ def test_bench_takes_output_like_every_command(tmp_path):
 
 # -- the compute dtype the hardware really has ---------------------------------------------
 def test_a_cpu_without_native_bf16_computes_in_fp32_and_says_why(tiny_folder, monkeypatch):
-    from edgezo import hardware
-    from edgezo.profiles import load_profile
-    from edgezo.session import Session
+    from edgezo.device import hardware
+    from edgezo.device.profiles import load_profile
+    from edgezo.run.session import Session
 
     monkeypatch.setattr(hardware, "native_on_cpu", lambda dtype: dtype == "fp32")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU's choice
@@ -281,8 +281,8 @@ def test_a_cpu_without_native_bf16_computes_in_fp32_and_says_why(tiny_folder, mo
 
 def test_fp32_gives_way_to_the_profiles_dtype_when_only_that_fits(tiny_folder, tmp_path,
                                                                   monkeypatch):
-    from edgezo import hardware
-    from edgezo.session import Session
+    from edgezo.device import hardware
+    from edgezo.run.session import Session
 
     monkeypatch.setattr(hardware, "native_on_cpu", lambda dtype: dtype == "fp32")
     profile = tmp_path / "tight.yaml"
@@ -311,7 +311,7 @@ def test_fp32_gives_way_to_the_profiles_dtype_when_only_that_fits(tiny_folder, t
 
 
 def test_an_open_lr_takes_the_one_measured_for_the_method_and_scheme():
-    from edgezo.config_defaults import DEFAULT_LR, MEASURED_LR
+    from edgezo.config.defaults import DEFAULT_LR, MEASURED_LR
 
     def lr(**kw):
         return RunConfig.from_flat(**kw).validate().resolved("fp32").optimizer.lr
@@ -345,7 +345,7 @@ def test_a_run_says_why_it_takes_its_learning_rate(tiny_folder):
     """An open --lr that falls back to the unmeasured 1e-5 (ZO-Adam prefix, where it can
     leave the model where it started) is said before the steps are spent, and recorded; a
     measured default says where it comes from; a given rate says nothing."""
-    from edgezo.session import Session
+    from edgezo.run.session import Session
 
     cases = [({}, "measured best here for zo-sgd full"),
              ({"scheme": "prefix"}, "measured best here for zo-sgd prefix"),

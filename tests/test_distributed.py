@@ -16,14 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from edgezo.checkpoint import read_seed_log
+from edgezo.run.snapshots import read_seed_log
 
 WORKER = """
 import sys
 import torch.distributed as dist
 from safetensors.torch import save_file
-from edgezo.session import Session
-from edgezo.train import finetune
+from edgezo.run.session import Session
+from edgezo.run.train import finetune
 
 model, data_dir, out, task = sys.argv[1:5]
 s = Session(model, data_dir=data_dir, profile="cpu-16gb", task=task, batch_size=4, lr=0.02,
@@ -53,7 +53,7 @@ def _env():
 @pytest.mark.parametrize("task", ["sst2", "copa"])
 def test_two_gloo_ranks_keep_identical_replicas_that_replay_exactly(tiny_folder, data_dir,
                                                                      tmp_path, task):
-    from edgezo.session import Session
+    from edgezo.run.session import Session
 
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)

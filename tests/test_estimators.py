@@ -246,7 +246,7 @@ def test_table_estimates_are_unbiased():
     ({"optimizer": "fzoo", "pair": True}, "one-sided estimate has no L"),
 ])
 def test_estimator_options_that_would_do_nothing_are_refused(kwargs, needle):
-    from edgezo.config import RunConfig
+    from edgezo.config.options import RunConfig
 
     with pytest.raises(ConfigError, match=needle):
         RunConfig.from_flat(**kwargs).validate()
@@ -305,7 +305,7 @@ def test_linear_maps_perturbed_span_by_span_equal_a_scratch_copy(family, spans, 
 def test_estimates_that_round_to_nothing_are_counted(tiny_folder, data_dir):
     """ε far below the loss's rounding: L₊ = L₋ bit for bit, g = 0; the step says so and
     the report counts it (a pair of forwards that told nothing)."""
-    from edgezo.session import Session
+    from edgezo.run.session import Session
 
     s = Session(tiny_folder, data_dir=data_dir, batch_size=4, eps=1e-30, lr=1e-2)
     try:
@@ -323,7 +323,7 @@ def test_a_bf16_lora_step_measures_signal_not_rounding(tiny_folder, data_dir):
     """The issue's case on the tiny model: a LoRA step in bf16 with the default ε gives
     the estimate the fp32 run gives, to within its rounding (fp32 logits, ε = 1e-2):
     correlation 0.9997 over 6 steps, against 0.97 with ε = 1e-3 (measured)."""
-    from edgezo.session import Session
+    from edgezo.run.session import Session
 
     grads = {}
     for dtype in ("fp32", "bf16"):

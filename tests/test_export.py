@@ -17,8 +17,8 @@ from conftest import on_device_of
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from edgezo.errors import ConfigError
-from edgezo.export import export_model, export_run
-from edgezo.export_weights import plain_model, trained_state
+from edgezo.export.run import export_model, export_run
+from edgezo.export.weights import plain_model, trained_state
 from edgezo.models.tiny import tiny_config, tiny_model, tiny_tokenizer
 from edgezo.tasks import Encoder, make_task
 from edgezo.tasks.loss import candidate_scores
@@ -141,7 +141,7 @@ def test_a_tokenizer_gguf_cannot_hold_is_left_out_with_a_note(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def runs(tiny_folder, data_dir, tmp_path_factory):
     """Run folders (Session.save) after two ZO steps of each scheme, on the tiny Llama."""
-    from edgezo.session import Session
+    from edgezo.run.session import Session
 
     out = {}
     for scheme in ("full", "lora", "head"):
@@ -187,7 +187,7 @@ def test_trained_weights_go_out_and_nothing_else(scheme, runs, tiny_folder, tmp_
 def test_session_saves_gguf_and_keeps_training(tiny_folder, data_dir, tmp_path):
     """Session.save(dir, "gguf") writes the model as it is now, perturbation hooks out,
     and the session trains on after it exactly as one that never saved."""
-    from edgezo.session import Session
+    from edgezo.run.session import Session
 
     def session():
         return Session(model=tiny_folder, scheme="lora", lr=5e-2, batch_size=4,
@@ -267,7 +267,7 @@ def onnx_export(runs, tmp_path_factory):
 
 
 def test_onnxruntime_logits_equal_torch(onnx_export, runs, tiny_folder):
-    from edgezo.export_onnx import OnnxLogits
+    from edgezo.export.onnx import OnnxLogits
 
     assert (onnx_export / "model.onnx").is_file() and (onnx_export / "tokenizer.json").is_file()
     graph, model = OnnxLogits(onnx_export / "model.onnx"), trained(runs["lora"], tiny_folder)
@@ -301,7 +301,7 @@ def test_onnx_example_scores_a_task_as_torch_does(onnx_export, runs, tiny_folder
 
 
 def test_tensor_types_follow_the_ask_the_base_and_llama_cpp_rules():
-    from edgezo.export_gguf import Q, tensor_type, writable_type
+    from edgezo.export.gguf import Q, tensor_type, writable_type
 
     assert [writable_type(Q[t]).name for t in ("Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")] == \
         ["Q4_1", "Q8_0", "Q4_0", "Q5_0", "Q8_0"]
@@ -397,7 +397,7 @@ def test_smollm2_export_is_the_base_file_except_where_trained(tmp_path):
 @pytest.mark.real_model
 def test_the_default_model_names_its_base_gguf():
     """Session.save(dir, "gguf") of the default model (model=None) finds SmolLM2's file."""
-    from edgezo.export import base_gguf
+    from edgezo.export.run import base_gguf
     from edgezo.models.loading import default_gguf
 
     assert base_gguf(None) == base_gguf("smollm2") == default_gguf()

@@ -50,7 +50,7 @@ def _remote_code_folder(tmp_path):
 
 def test_remote_code_runs_only_when_asked(tmp_path, data_dir):
     from edgezo.errors import ModelLoadError
-    from edgezo.session import Session
+    from edgezo.run.session import Session
 
     folder = _remote_code_folder(tmp_path)
     kw = dict(profile="cpu-16gb", data_dir=data_dir, batch_size=2, max_length=48)

@@ -194,7 +194,7 @@ def test_the_plan_prices_the_fused_buffers_where_they_run():
     direction with values, and nowhere else."""
     from types import SimpleNamespace
 
-    from edgezo.memory.plan import _fused_bytes
+    from edgezo.memory.peak import _fused_bytes
 
     small = torch.zeros(10, 100)
     layouts = 32  # two int64 a row, for a unit's pieces and a flush's

@@ -134,7 +134,7 @@ def test_stop_ids_hold_end_of_sequence_end_of_turn_and_line_breaks():
 # -- a session on a generative task -----------------------------------------------------------
 @pytest.fixture(scope="module")
 def squad_session(tiny_folder, data_dir):
-    from edgezo.session import Session
+    from edgezo.run.session import Session
 
     sess = Session(tiny_folder, task="squad", data_dir=data_dir, batch_size=2,
                    eval_batch_size=4, lr=1e-2, eps=1e-2, max_length=96)
@@ -194,7 +194,7 @@ def test_squad_on_the_whole_dev_file_is_mezos_1000_500_1000(full_data_dir):
 def test_the_f1_objective_steps_on_written_answers_in_two_passes(tiny_folder, data_dir):
     """ZO can follow a score it cannot differentiate: each pass writes the answers at
     θ ± εz, and the loss is −F1 (MeZO's SQuAD F1 objective)."""
-    from edgezo.session import Session
+    from edgezo.run.session import Session
     from edgezo.tasks.loss import negative_f1
 
     sess = Session(tiny_folder, task="squad", data_dir=data_dir, batch_size=2,
@@ -221,7 +221,7 @@ def test_the_f1_objective_steps_on_written_answers_in_two_passes(tiny_folder, da
 ])
 def test_the_f1_objective_refuses_what_it_cannot_do(tiny_folder, data_dir, options, message):
     from edgezo.errors import ConfigError
-    from edgezo.session import Session
+    from edgezo.run.session import Session
 
     with pytest.raises(ConfigError, match=message):
         Session(tiny_folder, data_dir=data_dir, batch_size=2, **options)

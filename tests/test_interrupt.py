@@ -13,9 +13,9 @@ import torch
 from rich.console import Console
 from safetensors.torch import load_file
 
-from edgezo import train
-from edgezo.checkpoint import read_seed_log, snapshots
-from edgezo.session import Session
+from edgezo.run import train
+from edgezo.run.session import Session
+from edgezo.run.snapshots import read_seed_log, snapshots
 
 STEPS = 6
 STOP_AT = 3  # the step (0-based) a Ctrl-C arrives in; snapshots after steps 2 and 4
@@ -151,7 +151,7 @@ def test_ctrl_c_inside_a_step_then_resume_equals_the_straight_run(tiny_folder, d
 
 STOPPER = """
 import os, signal, sys
-from edgezo.session import Session
+from edgezo.run.session import Session
 from edgezo.cli.main import main
 signal.signal(signal.SIGINT, signal.default_int_handler)
 where, at = os.environ["STOP_IN"], int(os.environ.get("STOP_AT", "0"))

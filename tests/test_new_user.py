@@ -95,7 +95,7 @@ def test_the_eval_session_holds_the_saved_adapter(lora_run, data_dir):
     the model computes what export's load_run (peft's own loader) computes."""
     from edgezo.cli.main import open_eval_session
 
-    from edgezo.export import load_run
+    from edgezo.export.run import load_run
 
     saved = load_file(lora_run / "model" / "adapter_model.safetensors")
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in saved.items())

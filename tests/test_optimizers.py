@@ -402,7 +402,7 @@ def test_hybrid_gives_fo_blocks_the_exact_backprop_gradient():
 
 
 def test_hybrid_memory_cost_is_planned(tiny_folder, data_dir):
-    from edgezo.session import Session
+    from edgezo.run.session import Session
 
     plain = Session(model=tiny_folder, data_dir=data_dir, batch_size=4)
     hybrid = Session(model=tiny_folder, data_dir=data_dir, batch_size=4, fo_blocks=["head"])

@@ -7,7 +7,7 @@ import torch
 from edgezo.cli import main as cli
 from typer.testing import CliRunner
 
-from edgezo.session import Session
+from edgezo.run.session import Session
 
 # A non-default value for every estimator/optimizer option, with the optimizer it needs.
 CHANGES = [
@@ -114,7 +114,7 @@ def test_the_schedule_sets_each_steps_lr(tiny_folder, data_dir):
 def _other_value(name: str):
     """A value of option `name`'s type that differs from its default, as typed on the
     command line."""
-    from edgezo.config import FIELDS, RunConfig
+    from edgezo.config.options import FIELDS, RunConfig
 
     meta, default = FIELDS[name].metadata, RunConfig().get(name)
     if meta["choices"]:
@@ -139,7 +139,7 @@ def test_the_cli_and_the_run_config_cannot_drift_apart(monkeypatch):
     import typer.main
     from edgezo.cli.options import flag_of
 
-    from edgezo.config import FIELDS, RunConfig, coerce
+    from edgezo.config.options import FIELDS, RunConfig, coerce
 
     command = typer.main.get_command(cli.app).commands["finetune"]
     names = {p.name for p in command.params}
@@ -152,7 +152,7 @@ def test_the_cli_and_the_run_config_cannot_drift_apart(monkeypatch):
             seen["config"] = config
             raise SystemExit(0)
 
-    monkeypatch.setattr("edgezo.session.Session", Recorder)
+    monkeypatch.setattr("edgezo.run.session.Session", Recorder)
     for name in sorted(set(FIELDS) - api_only):
         value = _other_value(name)
         flags = flag_of(name).split("/")

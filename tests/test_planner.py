@@ -8,8 +8,8 @@ from edgezo.cli.main import app
 from planning import plan_of, run_plan
 from typer.testing import CliRunner
 
+from edgezo.device.profiles import load_profile
 from edgezo.models.tiny import tiny_config
-from edgezo.profiles import load_profile
 
 LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
@@ -71,7 +71,7 @@ def test_noise_buffers_follow_the_largest_chunk_and_fo_has_no_scratch(config_fil
     """Each noise thread's buffers hold one chunk of the largest trainable tensor: a full
     2^18 values for a 7B Llama's matrices, one embedding row-block for a tiny model, a
     LoRA matrix for LoRA. A pure FO run perturbs nothing: no scratch."""
-    from edgezo.memory.plan import THREAD_BUFFERS
+    from edgezo.memory.peak import THREAD_BUFFERS
     from edgezo.zo import noise
 
     def buffers(path, **kw):
@@ -124,7 +124,7 @@ def test_on_cuda_noise_buffers_hold_a_span_and_layers_are_copied(config_file, mo
     Llama's 4096-wide matrices), and a pair step perturbs two scratch copies of a layer
     even with the table (perturb.CHUNKED_LINEAR_DEVICES); emulated on the CPU, the same
     profile's layers keep their linear maps out of the copy."""
-    from edgezo.memory.plan import THREAD_BUFFERS
+    from edgezo.memory.peak import THREAD_BUFFERS
     from edgezo.zo import noise
 
     req = dict(model=config_file(LLAMA_7B), profile="8gb-gpu", dtype="bf16", batch_size=2,
@@ -161,7 +161,7 @@ def test_the_planner_prices_the_fused_path_for_the_generator_but_not_coordinates
 
 
 def test_config_plan_matches_the_live_session_plan(tiny_folder, data_dir):
-    from edgezo.session import Session
+    from edgezo.run.session import Session
 
     for scheme, optimizer in (("full", "zo-sgd"), ("lora", "zo-adam"), ("prompt", "zo-sgd")):
         sess = Session(model=tiny_folder, data_dir=data_dir, scheme=scheme,
@@ -260,8 +260,8 @@ def test_options_the_optimizer_would_not_use_are_refused(config_file):
 def test_meta_block_map_matches_the_live_one_for_prompt_learning(scheme):
     """peft registers the prompt encoder after the base model but runs it first; a
     backward for it crosses every layer (the FO plan counted none before)."""
+    from edgezo.models.schemes import apply_scheme
     from edgezo.models.tiny import tiny_config, tiny_model
-    from edgezo.schemes import apply_scheme
     from edgezo.zo.blocks import backward_depth, build_block_map
 
     live = build_block_map(apply_scheme(tiny_model("llama"), scheme))
@@ -280,7 +280,7 @@ def test_meta_block_map_matches_the_live_one_for_prompt_learning(scheme):
 def test_candidate_rows_answer_positions_and_the_eval_phase(config_file):
     """COPA-like batches: 2 rows per example and logits read at 5 positions; evaluation
     at its own batch and length, without the step's scratch; the peak is the larger."""
-    from edgezo.memory.plan import CPU_RUNTIME_BYTES
+    from edgezo.memory.peak import CPU_RUNTIME_BYTES
     from edgezo.zo.batch import Shape
 
     path = tiny_llama_file(config_file)
@@ -326,7 +326,7 @@ def test_candidate_rows_answer_positions_and_the_eval_phase(config_file):
 
 
 def test_session_plans_the_task_geometry(tiny_folder, data_dir):
-    from edgezo.session import Session
+    from edgezo.run.session import Session
 
     sst2 = Session(model=tiny_folder, data_dir=data_dir, batch_size=4, eval_batch_size=8)
     copa = Session(model=tiny_folder, data_dir=data_dir, task="copa", batch_size=4,

@@ -2,8 +2,8 @@
 
 import pytest
 
+from edgezo.device.profiles import GiB, list_profiles, load_profile
 from edgezo.errors import ProfileError
-from edgezo.profiles import GiB, list_profiles, load_profile
 
 REQUIRED = {"4gb-gpu", "8gb-gpu", "12gb-gpu", "16gb-gpu", "24gb-gpu", "jetson-orin-8gb",
             "rtx4090-24gb", "a100-80gb", "h100-80gb", "cpu-16gb"}

@@ -8,7 +8,7 @@ import torch
 from conftest import lm_batch, on_device_of, zo_engine
 
 from edgezo import Session
-from edgezo.config import RunConfig
+from edgezo.config.options import RunConfig
 from edgezo.errors import ConfigError
 from edgezo.models.quantized import (
     load_quantized,
@@ -143,9 +143,9 @@ def test_quanto_weights_are_priced_by_their_real_bytes():
 def test_plan_of_the_scales_scheme_prices_the_scales(wide):
     """The planner's meta model (no weights loaded) trains exactly as many scales as the
     loaded quantized model, and prices the weights as the backend stores them."""
+    from edgezo.device.profiles import load_profile
     from edgezo.memory.planner import meta_model, price
     from edgezo.models.loading import load_config
-    from edgezo.profiles import load_profile
     from edgezo.zo.batch import Shape
 
     for quantize in ("quanto-int4", "nf4"):

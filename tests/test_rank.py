@@ -7,9 +7,9 @@ from toy_problems import ONE_ROW_X, quadratic, toy_engine
 
 from edgezo import Session
 from edgezo.errors import ConfigError
-from edgezo.rank import coefficients
 from edgezo.zo import noise
 from edgezo.zo.direction import Direction
+from edgezo.zo.rank import coefficients
 
 
 @pytest.mark.parametrize("order, m, expected", [

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from edgezo.session import Session
+from edgezo.run.session import Session
 from edgezo.tasks import Encoder
 
 pytestmark = pytest.mark.real_model

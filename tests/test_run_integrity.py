@@ -22,9 +22,9 @@ from test_checkpoint import (
     trainable,
 )
 
-from edgezo.checkpoint import LOCK, SEED_LOG, read_seed_log, snapshots
 from edgezo.errors import CheckpointError
-from edgezo.session import Session
+from edgezo.run.session import Session
+from edgezo.run.snapshots import LOCK, SEED_LOG, read_seed_log, snapshots
 
 
 def tear(run, keep: float = 0.5) -> bytes:
@@ -76,7 +76,7 @@ def test_the_log_reader_and_its_repair_on_hand_written_logs(tmp_path):
     append; a whole last entry that lacks only its newline is kept and given one; a
     whole entry written onto a torn line (what resume did before it cut torn lines) is
     read back."""
-    from edgezo.checkpoint import SeedLog, repair_seed_log, torn_line, torn_step
+    from edgezo.run.snapshots import SeedLog, repair_seed_log, torn_line, torn_step
 
     def entry(step):
         return json.dumps({"step": step, "lr": 0.02, "seeds": [step]})
@@ -119,7 +119,7 @@ def test_replay_refuses_a_log_that_lacks_steps_the_run_took(tiny_folder, data_di
                                               ".*--resume"):
         Session.replay_run(run)
     # nor is it shipped as a seed log that would replay to a shorter model
-    from edgezo.export import export_run
+    from edgezo.export.run import export_run
 
     with pytest.raises(CheckpointError, match=f"(?s){said}.*--resume"):
         export_run(run, "seedlog", tmp_path / "shipped")
@@ -278,7 +278,7 @@ def test_a_run_folder_is_locked_while_a_session_records_it(tiny_folder, data_dir
 
 HOLDER = """
 import sys
-from edgezo.checkpoint import RunLock
+from edgezo.run.snapshots import RunLock
 lock = RunLock(sys.argv[1])
 print("held", flush=True)
 if sys.argv[2] == "wait":

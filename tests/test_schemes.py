@@ -8,12 +8,12 @@ import torch
 from conftest import lm_batch, on_device_of, zo_engine
 from transformers import AutoModelForCausalLM
 
-from edgezo.config import SCHEMES
+from edgezo.config.options import SCHEMES
 from edgezo.errors import ConfigError
-from edgezo.export import export_run
+from edgezo.export.run import export_run
+from edgezo.models.schemes import apply_scheme
 from edgezo.models.tiny import FAMILIES, VOCAB, save_tiny, tiny_model
-from edgezo.schemes import apply_scheme
-from edgezo.session import Session
+from edgezo.run.session import Session
 from edgezo.zo.optimizers import OPTIMIZERS, make_optimizer
 
 
@@ -100,7 +100,7 @@ def test_lora_defaults_and_options():
     assert {n.split(".")[-4] for n in names} == {"q_proj", "v_proj"}  # r=8 on q and v
     a = dict(model.named_parameters())[names[0]]
     assert 8 in a.shape and model.peft_config["default"].lora_alpha == 16
-    from edgezo.config import SchemeOptions
+    from edgezo.config.options import SchemeOptions
 
     custom = apply_scheme(tiny_model("llama"),
                           SchemeOptions("lora", lora_r=2, lora_targets=["o_proj"]))
@@ -194,8 +194,8 @@ def test_full_fine_tuning_of_a_quantized_base_is_refused(wide_folder, data_dir):
 def test_lm_head_gets_a_contiguous_input_for_every_scheme():
     """A strided head input made torch expand the head weight per row (864 MiB on
     SmolLM2 at 16 rows); edgezo hands the head a contiguous copy instead."""
+    from edgezo.models.schemes import apply_scheme
     from edgezo.models.tiny import VOCAB, tiny_model
-    from edgezo.schemes import apply_scheme
 
     for scheme in ("full", "lora", "prefix", "prompt", "head"):
         model = apply_scheme(tiny_model("llama"), scheme)
@@ -213,7 +213,7 @@ def test_a_half_precision_heads_backward_keeps_no_fp32_weight(monkeypatch):
     and forward-mode tangents are those of the fp32 product."""
     from torch.func import jvp
 
-    from edgezo import schemes
+    from edgezo.models import schemes
 
     monkeypatch.setattr(schemes, "HEAD_CHUNK_VALUES", 40 * 32)  # 7 chunks of rows
     head = torch.nn.Linear(32, 256).to(torch.bfloat16)
@@ -244,8 +244,8 @@ def test_a_half_precision_head_computes_fp32_logits_a_4_mib_chunk_at_a_time(monk
     """The bf16 head's logits are the fp32 product of its weight (the whole matrix cast
     at once gives the same values), cast a chunk of rows at a time: at most
     HEAD_CHUNK_VALUES values of fp32 weight live, and the plan counts that chunk."""
-    from edgezo import schemes
     from edgezo.memory import terms
+    from edgezo.models import schemes
 
     model = schemes.apply_scheme(tiny_model("qwen2", dtype=torch.bfloat16), "full")
     head = model.get_output_embeddings()

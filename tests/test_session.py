@@ -10,7 +10,7 @@ from step_checks import assert_step_applied, trainable
 from transformers import AutoModelForCausalLM
 
 from edgezo.errors import ConfigError
-from edgezo.session import OutOfBudgetError, Session
+from edgezo.run.session import OutOfBudgetError, Session
 from edgezo.tasks.loss import example_losses
 
 
@@ -87,7 +87,7 @@ def test_over_budget_refuses_with_advice(tiny_folder, data_dir, tmp_path, monkey
     profile.write_text("name: tiny\ndevice: cpu\ndevice_memory_gb: 0.0001\nhost_memory_gb: 1\n"
                        "host_device_bandwidth_gbps: 0\ndtype: fp32\nheadroom: 0.1\n")
     loads = []
-    monkeypatch.setattr("edgezo.build.load_weights", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr("edgezo.run.build.load_weights", lambda *a, **k: loads.append(a))
     with pytest.raises(OutOfBudgetError, match="What would fit: .*--scheme lora -> "
                        ".*MiB .still too big.*--profile cpu-16gb -> "):
         Session(model=tiny_folder, profile=str(profile), data_dir=data_dir)
@@ -169,7 +169,7 @@ def test_the_guard_stops_an_over_budget_run_and_keeps_the_model(tiny_folder, dat
     """A step whose measured memory crosses the budget ends the run with a clear error,
     after the model and the report are written. On the CPU the measured peak crosses it
     after the step; on a GPU the capped allocator refuses the step itself."""
-    from edgezo.train import finetune
+    from edgezo.run.train import finetune
 
     task = tmp_path / "small.jsonl"  # a 30-row task keeps the evaluations short
     task.write_text("\n".join(json.dumps({"input": f"a great film {i}", "label": i % 2,
@@ -202,7 +202,7 @@ def test_the_guard_stops_an_over_budget_run_and_keeps_the_model(tiny_folder, dat
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "model")  # the checkpoint is intact
-    from edgezo.checkpoint import snapshots
+    from edgezo.run.snapshots import snapshots
 
     assert snapshots(out)[-1].name == f"step-{kept:08d}"  # and resumable from there
 
@@ -325,7 +325,7 @@ def test_an_empty_split_plans_no_evaluation_width(tiny_folder, data_dir):
 
 def test_strict_memory_sets_the_heap_once_and_is_refused_where_it_cannot_work(
         tiny_folder, monkeypatch):
-    from edgezo import heap
+    from edgezo.memory import heap
 
     calls = []
     monkeypatch.setattr(heap, "_mallopt", lambda p, v: calls.append((p, v)) or True)
@@ -349,7 +349,7 @@ def test_strict_memory_hands_freed_activations_back_at_once():
 
     code = """
 import ctypes, sys, psutil, torch
-from edgezo.heap import strict_heap
+from edgezo.memory.heap import strict_heap
 if sys.argv[1] == "strict":
     assert strict_heap()
 rss = lambda: psutil.Process().memory_info().rss
@@ -383,7 +383,7 @@ def test_strict_memory_keeps_a_backwards_small_tensors_out_of_later_large_ones()
 
     code = """
 import ctypes, sys, psutil, torch
-from edgezo.heap import M_MMAP_THRESHOLD, strict_heap
+from edgezo.memory.heap import M_MMAP_THRESHOLD, strict_heap
 libc = ctypes.CDLL("libc.so.6")
 if sys.argv[1] == "strict":
     assert strict_heap()
@@ -453,8 +453,8 @@ def test_a_cuda_run_names_its_device_index_where_the_budget_cap_needs_one(monkey
 
     from torch.cuda._utils import _get_device_index
 
-    from edgezo import build
-    from edgezo.profiles import load_profile
+    from edgezo.device.profiles import load_profile
+    from edgezo.run import build
 
     capped = {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

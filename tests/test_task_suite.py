@@ -262,7 +262,7 @@ def test_bad_task_names_and_specs(tmp_path):
 
 
 def test_multirc_reports_exact_match_per_question(tiny_folder):
-    from edgezo.session import Session
+    from edgezo.run.session import Session
 
     sess = Session(model=tiny_folder, task="multirc", data_dir=DATA, eval_batch_size=8)
     try:

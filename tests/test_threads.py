@@ -11,10 +11,10 @@ from conftest import lm_batch
 from edgezo.cli.main import app
 from typer.testing import CliRunner
 
-from edgezo import threads
-from edgezo.config import RESUMABLE
-from edgezo.session import Session
-from edgezo.threads import busy_cpus, cgroup_quota, choose_threads, limit_openmp_spin
+from edgezo.config.options import RESUMABLE
+from edgezo.device import threads
+from edgezo.device.threads import busy_cpus, cgroup_quota, choose_threads, limit_openmp_spin
+from edgezo.run.session import Session
 
 
 @pytest.mark.parametrize("cpus, quota, busy, ceiling, expected", [

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgezo.config import EstimatorOptions
+from edgezo.config.options import EstimatorOptions
 from edgezo.zo.blocks import Block, BlockMap, Unit
 from edgezo.zo.engine import ZOEngine
 from edgezo.zo.optimizers import make_optimizer

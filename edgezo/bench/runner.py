@@ -57,7 +57,7 @@ def shard_runs(runs: list[Run], shard: tuple[int, int]) -> list[Run]:
 
 def execute(run: Run, suite: str, data_dir: str | None = None) -> dict:
     """One run: train, evaluate validation and test, and the row to store."""
-    from edgezo.session import Session
+    from edgezo.run.session import Session
 
     kw = run.session_kwargs
     model = bench_model(kw.pop("model", None))

@@ -18,15 +18,15 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from edgezo.config import EstimatorOptions, RunConfig
-from edgezo.config_defaults import STRUCTURED, resolve_estimator
+from edgezo.config.defaults import STRUCTURED, resolve_estimator
+from edgezo.config.options import EstimatorOptions, RunConfig
+from edgezo.device.profiles import Profile, list_profiles, load_profile
 from edgezo.errors import ConfigError
-from edgezo.memory.plan import FOPart, Plan, StepSpec, StreamPart, plan_step
+from edgezo.memory.peak import FOPart, Plan, StepSpec, StreamPart, plan_step
 from edgezo.memory.streaming import layer_bytes, stream_tier, streamed_layers
 from edgezo.models.loading import load_config, parse_dtype
 from edgezo.models.quantized import stored_bytes
-from edgezo.profiles import Profile, list_profiles, load_profile
-from edgezo.schemes import apply_scheme
+from edgezo.models.schemes import apply_scheme
 from edgezo.zo import noise, qat
 from edgezo.zo.batch import Shape
 from edgezo.zo.blocks import (

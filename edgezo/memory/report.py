@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from edgezo.device.profiles import human_bytes
 from edgezo.errors import ConfigError
-from edgezo.profiles import human_bytes
 
 MiB = 1024**2
 

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from edgezo.profiles import Profile
+from edgezo.device.profiles import Profile
 from edgezo.zo.blocks import BlockMap
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from edgezo.config import QUANTIZATIONS, normalize_dtype
+from edgezo.config.options import QUANTIZATIONS, normalize_dtype
 from edgezo.errors import ModelLoadError, check_writable_folder, unknown_choice
 from edgezo.models.gguf_file import check_gguf
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgezo.config import QUANTIZATIONS
+from edgezo.config.options import QUANTIZATIONS
 from edgezo.errors import ConfigError, ModelLoadError
 
 QUANTO = tuple(q for q in QUANTIZATIONS if q.startswith("quanto-"))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from edgezo.config import TEMPLATES
+from edgezo.config.options import TEMPLATES
 from edgezo.errors import TaskError, unknown_choice
 from edgezo.tasks import chat_format
 from edgezo.tasks.generate import Writing

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from edgezo.config import GRANULARITIES
+from edgezo.config.options import GRANULARITIES
 from edgezo.errors import ConfigError, ModelLoadError, unknown_choice
 
 

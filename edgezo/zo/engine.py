@@ -30,9 +30,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from edgezo.config import DEFAULT_EPS, EstimatorOptions
-from edgezo.config_defaults import resolve_estimator
-from edgezo.config_rules import estimator_problems
+from edgezo.config.defaults import resolve_estimator
+from edgezo.config.options import DEFAULT_EPS, EstimatorOptions
+from edgezo.config.rules import estimator_problems
 from edgezo.errors import ConfigError
 from edgezo.zo import coordinates, gradients, noise, state
 from edgezo.zo.batch import batch_rows, double, global_means

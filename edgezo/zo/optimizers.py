@@ -378,7 +378,7 @@ def make_optimizer(name: str, *, weight_decay: float = 0.0, momentum: float | No
     silently ignored."""
     if name not in OPTIMIZERS:
         raise unknown_choice("optimizer", name, list(OPTIMIZERS))
-    from edgezo.config_rules import optimizer_problems
+    from edgezo.config.rules import optimizer_problems
 
     problems = optimizer_problems(name, weight_decay=weight_decay, momentum=momentum,
                                   betas=betas, adam_eps=adam_eps)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from edgezo.tensorfile import read_header
+from edgezo.models.tensorfile import read_header
 from edgezo.zo.stream.base import BlockStreamer, StreamedLayer
 
 

@@ -9,7 +9,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from edgezo.config import EstimatorOptions
+    from edgezo.config.options import EstimatorOptions
 
 DEFAULT_LR = 1e-5  # where nothing was measured for the method and scheme
 # (optimizer, scheme) -> the learning rate that measured best on SmolLM2-135M SST-2 here,

@@ -6,9 +6,9 @@
         sess.step()                 # one ZO step on the next training batch
     sess.save("my-model")
 
-A Session is built by `edgezo.build` (profile → data → plan → load → engine) from a
-`RunConfig`; run folders (record, checkpoint, resume, replay) live in `edgezo.runs`, the
-memory budget's guard in `edgezo.guard`. This module only wires them to the API.
+A Session is built by `edgezo.run.build` (profile → data → plan → load → engine) from a
+`RunConfig`; run folders (record, checkpoint, resume, replay) live in `edgezo.run.folder`, the
+memory budget's guard in `edgezo.run.guard`. This module only wires them to the API.
 """
 
 from __future__ import annotations
@@ -23,19 +23,21 @@ from pathlib import Path
 
 import torch
 
-from edgezo import __version__, guard, runs
-from edgezo.build import build, join_process_group
-from edgezo.checkpoint import read_seed_log
-from edgezo.config import RunConfig
+from edgezo import __version__
+from edgezo.config.options import RunConfig
+from edgezo.device.hardware import cpu_capability
+from edgezo.device.profiles import human_bytes
 from edgezo.errors import CheckpointError, ConfigError, OutOfBudgetError
-from edgezo.hardware import cpu_capability
-from edgezo.heap import release_freed_memory
-from edgezo.profiles import human_bytes
-from edgezo.rank import RankFn, RankResult
+from edgezo.memory.heap import release_freed_memory
+from edgezo.run import folder as runs
+from edgezo.run import guard
+from edgezo.run.build import build, join_process_group
+from edgezo.run.snapshots import read_seed_log
 from edgezo.tasks import Example, chat_format, scoring
 from edgezo.tasks.base import batches
 from edgezo.tasks.generate import generate
 from edgezo.tasks.loss import candidate_scores, shard_batch
+from edgezo.zo.rank import RankFn, RankResult
 from edgezo.zo.result import StepResult
 from edgezo.zo.schedule import Schedule
 
@@ -270,12 +272,12 @@ class Session:
 
     def rank_step(self, prompts: str | list[str], rank: RankFn, candidates: int = 2,
                   max_new_tokens: int = 16, mu: float | None = None) -> RankResult:
-        """One step from an ordering, not a loss (ZO-RankSGD; see edgezo.rank): each of
+        """One step from an ordering, not a loss (ZO-RankSGD; see edgezo.zo.rank): each of
         `candidates` perturbed models θ + μ·z_k answers the prompts; `rank(outputs)`
         returns the candidates' indices best first (a group of tied indices may take one
         place; unlisted ones rank last; empty or None: no preference), and θ moves
         towards the preferred ones at the run's learning rate."""
-        from edgezo import rank as ranking  # `rank` is the caller's function here
+        from edgezo.zo import rank as ranking  # `rank` is the caller's function here
 
         self._check_not_averaged("step")
         self._check_not_torn("step")
@@ -467,7 +469,7 @@ class Session:
         No `format`: a run folder (safetensors, or a peft adapter folder for the lora,
         prefix and prompt schemes; the tokenizer; report.json), which `edgezo export`
         reads. `format` gguf, onnx, merged or peft: that
-        format only (edgezo.export.export_model), e.g. `save("out", "gguf")` for
+        format only (edgezo.export.run.export_model), e.g. `save("out", "gguf")` for
         llama.cpp, in the base GGUF's own types unless `gguf_type` names one. Returns the
         folder, or the file written for gguf and onnx."""
         self._check_not_torn("save")
@@ -494,7 +496,7 @@ class Session:
         return out
 
     def _export(self, out: Path, fmt: str, gguf_type: str | None) -> Path:
-        from edgezo.export import base_gguf, export_model
+        from edgezo.export.run import base_gguf, export_model
 
         if self.config.scheme.scheme == "scales":
             if fmt != "merged":

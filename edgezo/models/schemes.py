@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgezo.config import SchemeOptions
+from edgezo.config.options import SchemeOptions
 from edgezo.errors import ConfigError
 
 # Values of a half-precision head cast to fp32 at a time (4 MiB): SmolLM2's head is 27

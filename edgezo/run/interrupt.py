@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from edgezo.session import Session
+from edgezo.run.session import Session
 
 
 class CtrlC:

@@ -7,14 +7,14 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from edgezo.device.profiles import human_bytes
 from edgezo.errors import OutOfBudgetError
 from edgezo.memory import planner
-from edgezo.profiles import human_bytes
 from edgezo.tasks.shape import batch_shape, prompts_shape
 from edgezo.zo.batch import Shape
 
 if TYPE_CHECKING:
-    from edgezo.session import Session
+    from edgezo.run.session import Session
 
 
 def admit(session: Session, batch: dict, phase: str) -> None:

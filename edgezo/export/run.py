@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edgezo.config import PEFT_SCHEMES
+from edgezo.config.options import PEFT_SCHEMES
 from edgezo.errors import ConfigError, PathError, check_writable_folder, unknown_choice
 
 if TYPE_CHECKING:
@@ -202,7 +202,7 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path, *,
     if gguf_type is not None and fmt != "gguf":
         raise ConfigError(f"--gguf-type applies to --format gguf, not {fmt}")
     if fmt == "onnx":  # the missing extra is said at once, not after the model loads
-        from edgezo.export_onnx import require_exporter
+        from edgezo.export.onnx import require_exporter
 
         require_exporter()
     check_output(fmt, out, "--output")
@@ -349,14 +349,14 @@ def export_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, fmt: str,
     out = Path(path)
     check_output(fmt, out, "the export path")
     if fmt == "gguf":
-        from edgezo.export_gguf import write_gguf
-        from edgezo.export_weights import trained_state
+        from edgezo.export.gguf import write_gguf
+        from edgezo.export.weights import trained_state
 
         base, state = trained_state(model)
         return write_gguf(state, base.config, tokenizer, out, gguf_type=gguf_type,
                           base_gguf=base_gguf)
     if fmt == "onnx":
-        from edgezo.export_onnx import ONNX_FILE, write_onnx
+        from edgezo.export.onnx import ONNX_FILE, write_onnx
 
         written = write_onnx(model, out / ONNX_FILE)
         tokenizer.save_pretrained(out)
@@ -372,7 +372,7 @@ def export_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, fmt: str,
                               "merged, gguf or onnx")
         model.save_pretrained(out)
     else:
-        from edgezo.export_weights import plain_model
+        from edgezo.export.weights import plain_model
 
         plain_model(model).save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -380,14 +380,14 @@ def export_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, fmt: str,
 
 
 def _export_seedlog(run_dir: Path, out: Path) -> Path:
-    from edgezo.checkpoint import RUN_FILE, SEED_LOG, read_run_file, read_seed_log
-    from edgezo.config import RunConfig
+    from edgezo.config.options import RunConfig
+    from edgezo.run.snapshots import RUN_FILE, SEED_LOG, read_run_file, read_seed_log
 
     config = RunConfig.from_dict(read_run_file(run_dir), str(run_dir / RUN_FILE))
     if not config.zo_only:
         raise ConfigError(f"{config.optimizer.optimizer} steps use backpropagated gradients, "
                           "which a seed log cannot hold; use --format peft or merged")
-    from edgezo.runs import check_log_is_whole
+    from edgezo.run.folder import check_log_is_whole
 
     entries = read_seed_log(run_dir)
     if not entries:

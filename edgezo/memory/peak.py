@@ -34,10 +34,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from edgezo.device.profiles import Profile
 from edgezo.memory import terms
 from edgezo.memory.streaming import streaming_terms
 from edgezo.models.quantized import tensor_bytes
-from edgezo.profiles import Profile
 from edgezo.zo import fused, noise
 from edgezo.zo.batch import Shape
 from edgezo.zo.blocks import BlockMap

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from edgezo.errors import ConfigError
-from edgezo.export_weights import plain_model
+from edgezo.export.weights import plain_model
 
 ONNX_FILE = "model.onnx"
 SINGLE_FILE_BYTES = 1 << 30  # larger graphs keep their weights in model.onnx.data

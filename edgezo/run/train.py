@@ -16,9 +16,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from edgezo import runs
-from edgezo.checkpoint import drop_best
-from edgezo.config import DEFAULT_CHECKPOINT_EVERY, DEFAULT_KEEP, SECTION_OF
+from edgezo.config.options import DEFAULT_CHECKPOINT_EVERY, DEFAULT_KEEP, SECTION_OF
+from edgezo.device.hardware import cpu_capability
+from edgezo.device.profiles import GiB
 from edgezo.errors import (
     CheckpointError,
     ConfigError,
@@ -26,16 +26,16 @@ from edgezo.errors import (
     RunInterrupted,
     TrainingError,
 )
-from edgezo.hardware import cpu_capability
-from edgezo.interrupt import (
+from edgezo.memory.peak import peak_summary
+from edgezo.run import folder as runs
+from edgezo.run.interrupt import (
     CtrlC,
     after_ctrl_c,
     interrupted_before_training,
     stopped_line,
 )
-from edgezo.memory.plan import peak_summary
-from edgezo.profiles import GiB
-from edgezo.session import Session
+from edgezo.run.session import Session
+from edgezo.run.snapshots import drop_best
 from edgezo.zo.result import StepResult
 
 MAX_NONFINITE_IN_A_ROW = 5

@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from edgezo import __version__
-from edgezo.checkpoint import (
+from edgezo.config.options import RESUMABLE, RunConfig
+from edgezo.errors import CheckpointError, ConfigError, EdgezoError
+from edgezo.run.snapshots import (
     RUN_FILE,
     SEED_LOG,
     SNAPSHOTS,
@@ -42,11 +44,9 @@ from edgezo.checkpoint import (
     verify,
     write_run_file,
 )
-from edgezo.config import RESUMABLE, RunConfig
-from edgezo.errors import CheckpointError, ConfigError, EdgezoError
 
 if TYPE_CHECKING:
-    from edgezo.session import Session
+    from edgezo.run.session import Session
 
 
 def record(session: Session, run_dir: str | os.PathLike) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from edgezo.errors import ConfigError, unknown_choice
-from edgezo.export_gguf_meta import add_config_metadata, add_tokenizer, copy_base_metadata
+from edgezo.export.gguf_meta import add_config_metadata, add_tokenizer, copy_base_metadata
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase

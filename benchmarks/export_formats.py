@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from edgezo.export import export_run, load_run
+from edgezo.export.run import export_run, load_run
 from edgezo.models.loading import load_model
 from edgezo.tasks import Encoder, make_task
 from edgezo.tasks.loss import candidate_scores
@@ -56,7 +56,7 @@ def _row(fmt: str, kind: str, reader: str, predicted: list[int], examples: list,
 def _reader(path: Path):
     """The export as its runtime's reader loads it."""
     if path.suffix == ".onnx":
-        from edgezo.export_onnx import OnnxLogits
+        from edgezo.export.onnx import OnnxLogits
 
         return OnnxLogits(path)
     from transformers import AutoModelForCausalLM

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from edgezo.config_defaults import (
+from edgezo.config.defaults import (
     DEFAULT_CHECKPOINT_EVERY,
     DEFAULT_EPS,
     DEFAULT_KEEP,
@@ -37,7 +37,7 @@ from edgezo.config_defaults import (
     default_max_length,
     resolve_estimator,
 )
-from edgezo.config_values import (
+from edgezo.config.values import (
     coerce_value,
     field_problems,
     normalize_dtype,
@@ -435,7 +435,7 @@ class RunConfig:
         problems = [p for name in SECTION_OF
                     for p in field_problems(name, self.get(name), FIELDS[name].metadata)]
         if not problems:  # cross-option rules read valid single values
-            from edgezo.config_rules import rules
+            from edgezo.config.rules import rules
 
             problems = rules(self)
         if len(problems) == 1:

@@ -19,14 +19,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from edgezo.config import PEFT_SCHEMES, RunConfig
-from edgezo.config_defaults import default_max_length, lr_reason
+from edgezo.config.defaults import default_max_length, lr_reason
+from edgezo.config.options import PEFT_SCHEMES, RunConfig
+from edgezo.device.hardware import preferred_dtype
+from edgezo.device.profiles import Profile, human_bytes, load_profile
+from edgezo.device.threads import ThreadChoice, set_compute_threads
 from edgezo.errors import ConfigError, OutOfBudgetError, unknown_choice
-from edgezo.hardware import preferred_dtype
-from edgezo.heap import release_freed_memory, strict_heap
 from edgezo.memory import planner
+from edgezo.memory.heap import release_freed_memory, strict_heap
 from edgezo.memory.measure import MemoryMonitor
-from edgezo.memory.plan import Plan
+from edgezo.memory.peak import Plan
 from edgezo.memory.planner import Decision, Shapes
 from edgezo.memory.streaming import layer_bytes, streamed_layers
 from edgezo.models.convert import streamable_folder
@@ -38,12 +40,10 @@ from edgezo.models.loading import (
     parse_dtype,
     resolve_model,
 )
-from edgezo.profiles import Profile, human_bytes, load_profile
-from edgezo.schemes import apply_scheme
+from edgezo.models.schemes import apply_scheme
 from edgezo.tasks import Encoder, Task, make_task
 from edgezo.tasks.loss import OBJECTIVES
 from edgezo.tasks.shape import generation_shape, measure_shape
-from edgezo.threads import ThreadChoice, set_compute_threads
 from edgezo.zo.batch import Shape
 from edgezo.zo.blocks import BlockMap, build_block_map
 from edgezo.zo.engine import ZOEngine

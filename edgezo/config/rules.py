@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from edgezo.config import EstimatorOptions, RunConfig
+    from edgezo.config.options import EstimatorOptions, RunConfig
 
 _SCHEME_OPTIONS = {"lora_r": "lora", "lora_alpha": "lora", "lora_targets": "lora",
                    "prefix_tokens": "prefix", "prompt_tokens": "prompt"}
@@ -36,7 +36,7 @@ def rules(cfg: RunConfig) -> list[str]:
 
 
 def _scheme_problems(cfg: RunConfig) -> list[str]:
-    from edgezo.config import SchemeOptions
+    from edgezo.config.options import SchemeOptions
 
     out = []
     scheme, defaults = cfg.scheme.scheme, SchemeOptions()
@@ -118,7 +118,7 @@ def estimator_problems(est: EstimatorOptions, optimizer: str) -> list[str]:
 
 def _unused_estimator_options(est: EstimatorOptions, optimizer: str) -> list[str]:
     """Options an FO or forward-gradient method has no use for."""
-    from edgezo.config import EstimatorOptions
+    from edgezo.config.options import EstimatorOptions
     from edgezo.zo.optimizers import OPTIMIZERS
 
     method = OPTIMIZERS[optimizer]
@@ -144,8 +144,8 @@ def _unused_estimator_options(est: EstimatorOptions, optimizer: str) -> list[str
 
 def _zo_estimator_problems(est: EstimatorOptions, optimizer: str) -> list[str]:
     """Contradictions among the options of a ZO or forward-gradient estimate."""
-    from edgezo.config import EstimatorOptions
-    from edgezo.config_defaults import STRUCTURED, resolve_estimator
+    from edgezo.config.defaults import STRUCTURED, resolve_estimator
+    from edgezo.config.options import EstimatorOptions
     from edgezo.zo.optimizers import OPTIMIZERS
 
     method = OPTIMIZERS[optimizer]
