@@ -3,7 +3,7 @@ it: file size, time to export, and test accuracy through torch, transformers' GG
 and onnxruntime, side by side, with the base model's and how many predictions each reader
 shares with the trained torch model (the table in BENCHMARKS.md).
 
-    python -m edgezo.export_bench RUN --data-dir DATA --max-examples 200 \\
+    python benchmarks/export_formats.py RUN --data-dir DATA --max-examples 200 \\
         --output /tmp/exports
 
 Accuracy is edgezo's own (candidate log-likelihood, `tasks.loss.candidate_scores`) on the
@@ -23,8 +23,9 @@ import torch
 
 from edgezo.export.run import export_run, load_run
 from edgezo.models.loading import load_model
-from edgezo.tasks import Encoder, make_task
+from edgezo.tasks.base import Encoder
 from edgezo.tasks.loss import candidate_scores
+from edgezo.tasks.make import make_task
 
 # (format, --gguf-type); None: the default (the base GGUF's own types, or f16)
 EXPORTS = (("gguf", None), ("gguf", "q8_0"), ("gguf", "q4_0"), ("gguf", "bf16"),

@@ -78,7 +78,8 @@ def measure(mode: str, model_name: str, dtype: str, batch: int, seq: int,
     from step_overhead import make_batch
 
     from edgezo.config.options import EstimatorOptions
-    from edgezo.models.loading import load_model, parse_dtype
+    from edgezo.config.rules import estimate_of
+    from edgezo.models.loading import compute_dtype, load_model, parse_dtype
     from edgezo.tasks.loss import example_losses
     from edgezo.zo.engine import ZOEngine
     from edgezo.zo.optimizers import make_optimizer
@@ -110,9 +111,10 @@ def measure(mode: str, model_name: str, dtype: str, batch: int, seq: int,
                     example_losses(model, data).mean().item()
         else:
             noise = "table" if mode.endswith("table") else "generator"
-            engine = ZOEngine(model, make_optimizer("zo-sgd"),
-                              EstimatorOptions(eps=1e-3, noise=noise), loss_fn=example_losses,
-                              seed=0, pair=mode.startswith("zo-pair"))
+            estimate = estimate_of(EstimatorOptions(eps=1e-3, noise=noise), "zo-sgd",
+                                   compute_dtype(model))
+            engine = ZOEngine(model, make_optimizer("zo-sgd"), estimate,
+                              loss_fn=example_losses, seed=0, pair=mode.startswith("zo-pair"))
             for _ in range(3):
                 engine.step(data, lr=1e-6)
             engine.close()

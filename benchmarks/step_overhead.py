@@ -36,8 +36,9 @@ import time
 import torch
 
 from edgezo.config.options import EstimatorOptions
+from edgezo.config.rules import estimate_of
 from edgezo.device.hardware import cpu_capability, preferred_dtype
-from edgezo.models.loading import load_model
+from edgezo.models.loading import compute_dtype, load_model
 from edgezo.models.tiny import tiny_model
 from edgezo.tasks.loss import example_losses
 from edgezo.zo import fused, perturb
@@ -127,8 +128,9 @@ def engine_for(model, noise: str, pair: bool = True) -> ZOEngine:
     """`noise`: generator, table, or a structured direction (lowrank, subspace)."""
     est = (EstimatorOptions(eps=1e-3, directions=noise) if noise in ("lowrank", "subspace")
            else EstimatorOptions(eps=1e-3, noise=noise))
-    return ZOEngine(model, make_optimizer("zo-sgd"), est, loss_fn=example_losses, seed=0,
-                    pair=pair)
+    return ZOEngine(model, make_optimizer("zo-sgd"),
+                    estimate_of(est, "zo-sgd", compute_dtype(model)), loss_fn=example_losses,
+                    seed=0, pair=pair)
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ TASKS = ("sst2", "copa", "winogrande", "multirc", "boolq", "wic", "wsc")
 
 def one(task: str, steps: int, batch: int, max_test: int, lr: float, eps: float) -> dict:
     from edgezo.run.session import Session
-    from edgezo.tasks import make_task
+    from edgezo.tasks.make import make_task
 
     row: dict = {"task": task}
     for template in make_task(task).templates:  # aligned, empty, and any the task adds

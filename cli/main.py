@@ -404,14 +404,14 @@ def replay(
 @app.command("optimizers")
 def optimizers_list() -> None:
     """The optimizers, their gradient source and their state memory."""
-    from edgezo.zo.optimizers import OPTIMIZERS, forwards_per_step
+    from edgezo.zo.methods import OPTIMIZERS
 
     table = Table("name", "gradient", "state bytes/param", "forwards/step (pair)",
                   "update")
     for name, m in OPTIMIZERS.items():
         state = ("4 per matrix row" if m.rule.state_bytes([(2, 2)]) == 8
                  else str(m.rule.state_bytes_per_param))
-        n = forwards_per_step(m, q=m.q, one_sided=m.estimate == "one-sided", pair=True)
+        n = m.forwards_per_step(q=m.q, one_sided=m.estimate == "one-sided", pair=True)
         forwards = (f"{n} + backward" if m.estimator == "fo" else f"{n} (jvp)"
                     if m.estimator == "forward-grad" else f"{n}")
         table.add_row(name, m.estimator, state, forwards, m.description)

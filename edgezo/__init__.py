@@ -1,8 +1,7 @@
 """edgezo: forward-only (zeroth-order) fine-tuning of LLMs on machines with little memory."""
 
 from edgezo.device.threads import limit_openmp_spin
-
-__version__ = "0.1.0"
+from edgezo.version import __version__
 
 # Before torch's import loads the OpenMP runtime, which reads it then: idle OpenMP threads
 # spin briefly, not for milliseconds, on cores that other processes may need

@@ -27,7 +27,7 @@ import random
 import torch
 
 from edgezo import Session
-from edgezo.tasks import Example
+from edgezo.tasks.base import Example
 
 FACTS = {  # answer: (training questions, held-out questions)
     "Biscuit": (["What is my dog called?", "What's the name of my dog?",

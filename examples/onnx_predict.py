@@ -35,7 +35,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from edgezo.tasks import make_task
+from edgezo.tasks.make import make_task
 
 META_FILE = "edgezo.json"  # edgezo.export.run.ONNX_META_FILE
 

@@ -21,7 +21,7 @@ import argparse
 import random
 
 from edgezo import Session
-from edgezo.tasks import Example
+from edgezo.tasks.base import Example
 
 WORK = ["send the quarterly report to Anna", "prepare slides for the client meeting",
         "review the pull request before the release", "book a room for the team retro",

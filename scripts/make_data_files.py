@@ -20,7 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from edgezo.tasks import make_task
+from edgezo.tasks.make import make_task
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE_ROWS = {  # file: leading rows kept (a multirc row is a passage of several questions)

@@ -6,8 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from edgezo.config.options import EstimatorOptions
+from edgezo.config.rules import estimate_of
+from edgezo.models.loading import compute_dtype
 from edgezo.models.tiny import save_tiny
 from edgezo.tasks.data import ENV_VAR
+from edgezo.tasks.loss import example_losses
+from edgezo.zo.engine import ZOEngine
+from edgezo.zo.methods import Estimate
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 # Sessions keep that count (edgezo.device.threads takes OMP_NUM_THREADS as the user's choice), so
@@ -81,9 +87,11 @@ def zo_engine(model, optimizer, *, seed: int = 0, pair: bool = True, loss_fn=Non
               blocks=None, **estimator):
     """A ZOEngine with the estimator options as keywords (eps, q, block_wise, ...) and the
     tasks' per-example loss unless another is given."""
-    from edgezo.config.options import EstimatorOptions
-    from edgezo.tasks.loss import example_losses
-    from edgezo.zo.engine import ZOEngine
-
-    return ZOEngine(model, optimizer, EstimatorOptions(**estimator),
+    return ZOEngine(model, optimizer, estimate(model, optimizer.name, **estimator),
                     loss_fn=loss_fn or example_losses, seed=seed, pair=pair, blocks=blocks)
+
+
+def estimate(model, optimizer: str, **options) -> Estimate:
+    """The engine's settings from estimator options given as keywords, resolved and checked
+    as a run's are."""
+    return estimate_of(EstimatorOptions(**options), optimizer, compute_dtype(model))

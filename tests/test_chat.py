@@ -9,8 +9,9 @@ import torch
 
 from edgezo.errors import TaskError
 from edgezo.models.tiny import save_tiny, tiny_tokenizer
-from edgezo.tasks import Encoder, make_task
+from edgezo.tasks.base import Encoder
 from edgezo.tasks.chat import ChatTask
+from edgezo.tasks.make import make_task
 from edgezo.tasks.user import UserTask
 
 # A ChatML-like template in the tiny tokenizer's words (its vocabulary has no roles:

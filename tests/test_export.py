@@ -20,8 +20,9 @@ from edgezo.errors import ConfigError
 from edgezo.export.run import export_model, export_run
 from edgezo.export.weights import plain_model, trained_state
 from edgezo.models.tiny import tiny_config, tiny_model, tiny_tokenizer
-from edgezo.tasks import Encoder, make_task
+from edgezo.tasks.base import Encoder
 from edgezo.tasks.loss import candidate_scores
+from edgezo.tasks.make import make_task
 
 ROOT = Path(__file__).resolve().parents[1]
 

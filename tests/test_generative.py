@@ -9,9 +9,10 @@ import torch
 
 from edgezo.errors import TaskError
 from edgezo.models.tiny import tiny_model, tiny_tokenizer
-from edgezo.tasks import answers, make_task
+from edgezo.tasks import answers
 from edgezo.tasks import generate as generate_module
 from edgezo.tasks.generate import generate
+from edgezo.tasks.make import make_task
 
 
 # -- answer scores ---------------------------------------------------------------------------
@@ -229,7 +230,7 @@ def test_the_f1_objective_refuses_what_it_cannot_do(tiny_folder, data_dir, optio
 
 def test_squads_chat_template_asks_as_a_user_turn(data_dir):
     from edgezo.models.tiny import tiny_tokenizer
-    from edgezo.tasks import Encoder
+    from edgezo.tasks.base import Encoder
 
     task = make_task("squad", data_dir=data_dir, template="chat")
     ex = task.split("test")[0]

@@ -18,7 +18,7 @@ from edgezo.cli.main import app
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from edgezo.tasks import make_task
+from edgezo.tasks.make import make_task
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

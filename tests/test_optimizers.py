@@ -479,11 +479,11 @@ def test_stochastic_rounding_keeps_the_mean_of_many_tiny_updates(name):
 
 def test_forwards_per_step_counts_each_methods_passes():
     """One rule for the engine's report and `edgezo optimizers`."""
-    from edgezo.zo.optimizers import OPTIMIZERS, forwards_per_step
+    from edgezo.zo.methods import OPTIMIZERS
 
     def n(name, **kw):
         m = OPTIMIZERS[name]
-        return forwards_per_step(m, **{"q": m.q, "one_sided": m.estimate == "one-sided",
+        return m.forwards_per_step(**{"q": m.q, "one_sided": m.estimate == "one-sided",
                                        "pair": True, **kw})
 
     assert n("zo-sgd") == 1 and n("zo-sgd", pair=False) == 2

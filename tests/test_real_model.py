@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from edgezo.run.session import Session
-from edgezo.tasks import Encoder
+from edgezo.tasks.base import Encoder
 
 pytestmark = pytest.mark.real_model
 

@@ -8,8 +8,9 @@ from conftest import FIXTURE_DATA
 from torch import nn
 
 from edgezo.errors import TaskError
-from edgezo.tasks import TASKS, Encoder, Example, make_task
+from edgezo.tasks.base import Encoder, Example
 from edgezo.tasks.loss import candidate_scores, example_losses
+from edgezo.tasks.make import TASKS, make_task
 
 # A few real rows of each task (the data_dir fixture's folder).
 DATA = str(FIXTURE_DATA)

@@ -5,9 +5,9 @@ import torch
 
 from edgezo.errors import TaskError
 from edgezo.models.tiny import tiny_model, tiny_tokenizer
-from edgezo.tasks import Encoder, Example, make_task
-from edgezo.tasks.base import batches
+from edgezo.tasks.base import Encoder, Example, batches
 from edgezo.tasks.loss import candidate_scores
+from edgezo.tasks.make import make_task
 
 
 def test_template_renders_the_zo_bench_prompt(data_dir):

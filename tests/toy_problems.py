@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from edgezo.config.options import EstimatorOptions
+from edgezo.config.rules import estimate_of
+from edgezo.models.loading import compute_dtype
 from edgezo.zo.blocks import Block, BlockMap, Unit
 from edgezo.zo.engine import ZOEngine
 from edgezo.zo.optimizers import make_optimizer
@@ -67,8 +69,8 @@ def toy_engine(problem: nn.Module, optimizer: str, *, opt_kwargs: dict | None = 
     """An engine on a toy problem; `estimator`: eps, q, ... (EstimatorOptions)."""
     model = Toy(problem)
     return ZOEngine(model, make_optimizer(optimizer, **(opt_kwargs or {})),
-                    EstimatorOptions(**estimator), loss_fn=toy_loss, seed=seed, pair=pair,
-                    blocks=toy_blocks(model))
+                    estimate_of(EstimatorOptions(**estimator), optimizer, compute_dtype(model)),
+                    loss_fn=toy_loss, seed=seed, pair=pair, blocks=toy_blocks(model))
 
 
 def quadratic(dim: int = 3, dtype=torch.float64, seed: int = 0) -> Quadratic:

@@ -11,10 +11,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from edgezo import __version__
 from edgezo.bench.store import Store
 from edgezo.bench.suite import Run, Suite
 from edgezo.errors import EdgezoError
+from edgezo.models.tiny import save_tiny
+from edgezo.run.session import Session
+from edgezo.version import __version__
 
 
 @functools.cache
@@ -38,8 +40,6 @@ def bench_model(spec: str | None) -> str | None:
     """`tiny:<family>`: the test suite's tiny random model, written once to the cache."""
     if not spec or not spec.startswith("tiny:"):
         return spec
-    from edgezo.models.tiny import save_tiny
-
     family = spec.split(":", 1)[1]
     cache = Path(os.environ.get("EDGEZO_CACHE", Path.home() / ".cache" / "edgezo"))
     folder = cache / "tiny" / family
@@ -57,8 +57,6 @@ def shard_runs(runs: list[Run], shard: tuple[int, int]) -> list[Run]:
 
 def execute(run: Run, suite: str, data_dir: str | None = None) -> dict:
     """One run: train, evaluate validation and test, and the row to store."""
-    from edgezo.run.session import Session
-
     kw = run.session_kwargs
     model = bench_model(kw.pop("model", None))
     steps = int(run.settings.get("steps", 100))

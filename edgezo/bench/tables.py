@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edgezo.tasks import TASKS
+from edgezo.tasks.make import TASKS
 
 MiB = 1024**2
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
+from edgezo.zo.methods import OPTIMIZERS, STRUCTURED
+
 if TYPE_CHECKING:
     from edgezo.config.options import EstimatorOptions
 
@@ -57,7 +59,6 @@ DEFAULT_HESSIAN_SMOOTHING = 1e-6
 DEFAULT_SCALES_G_CLIP = 100.0
 DEFAULT_CHECKPOINT_EVERY = 100
 DEFAULT_KEEP = 3
-STRUCTURED = ("lowrank", "subspace")  # directions built from per-matrix bases
 
 
 def default_lr(optimizer: str, scheme: str) -> float:
@@ -90,8 +91,6 @@ def resolve_estimator(est: EstimatorOptions, optimizer: str, dtype: str | None =
     BENCHMARKS.md) 1e-3 peaked at step 500 (validation 0.845) and fell to 0.780, where 1e-2
     held 0.835-0.855. Scales (QZO) take 1e-3 in any dtype: they are 0.01-0.1, so the
     half-precision ε would be 10-100% of one."""
-    from edgezo.zo.optimizers import OPTIMIZERS
-
     method = OPTIMIZERS[optimizer]
     out = dataclasses.replace(est)
     if method.estimator == "fo":

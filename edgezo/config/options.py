@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from edgezo.config import rules
 from edgezo.config.defaults import (
     DEFAULT_CHECKPOINT_EVERY,
     DEFAULT_EPS,
@@ -45,20 +46,21 @@ from edgezo.config.values import (
     yaml_value,
 )
 from edgezo.errors import ConfigError
+from edgezo.models.catalog import QUANTIZATIONS, SCHEMES
+from edgezo.tasks.catalog import TEMPLATES
+from edgezo.zo.methods import (
+    DIRECTIONS,
+    ESTIMATES,
+    GRANULARITIES,
+    NOISE_SOURCES,
+    OPTIMIZERS,
+)
 
-# -- the choices of every enumerated option (the modules that use them import these) ----
+# -- the choices of the options no implementing module owns (the registries hold the
+# others: optimizers, schemes, quantizations, templates) ----
 DTYPES = ("fp32", "bf16", "fp16")
-# bitsandbytes' nf4 and int8, then optimum-quanto's (see edgezo.models.quantized)
-QUANTIZATIONS = ("nf4", "int8", "quanto-int8", "quanto-int4", "quanto-int2")
-SCHEMES = ("full", "lora", "prefix", "prompt", "head", "scales")
 QAT_FORMATS = ("int4", "int8")
-PEFT_SCHEMES = ("lora", "prefix", "prompt")
-TEMPLATES = ("auto", "aligned", "empty", "natural", "movie", "chat")
 SCHEDULES = ("constant", "linear", "cosine")
-ESTIMATES = ("two-sided", "one-sided")
-DIRECTIONS = ("gaussian", "rademacher", "lowrank", "subspace", "coordinate")
-NOISE_SOURCES = ("generator", "table")
-GRANULARITIES = ("layer", "half")
 MASK_MODES = ("random", "magnitude")
 OFFLOAD = ("auto", "off", "host", "disk")
 MASTERS = ("auto", "fp32", "model")
@@ -150,9 +152,8 @@ class SchemeOptions:
 
 @dataclass
 class OptimizerOptions:
-    optimizer: str = option("zo-sgd", "zo-sgd, zo-sgd-sign, zo-sgd-mmt, zo-sgd-cons, "
-                            "zo-adam, forward-grad[-mmt|-adam], fo-sgd, fo-adam (`edgezo "
-                            "optimizers` describes them)")
+    optimizer: str = option("zo-sgd", f"{', '.join(OPTIMIZERS)} (`edgezo optimizers` "
+                            "describes them)", choices=OPTIMIZERS)
     lr: float | None = option(None, "Peak learning rate (default: the one measured best for the "
                               f"optimizer and scheme, else {DEFAULT_LR:g}; see README)", min=0)
     weight_decay: float = option(0.0, "Weight decay (L2)", min=0)
@@ -394,8 +395,6 @@ class RunConfig:
     @property
     def estimator_kind(self) -> str:
         """zo, forward-grad or fo: where the optimizer's gradient comes from."""
-        from edgezo.zo.optimizers import OPTIMIZERS
-
         return OPTIMIZERS[self.optimizer.optimizer].estimator
 
     @property
@@ -435,9 +434,7 @@ class RunConfig:
         problems = [p for name in SECTION_OF
                     for p in field_problems(name, self.get(name), FIELDS[name].metadata)]
         if not problems:  # cross-option rules read valid single values
-            from edgezo.config.rules import rules
-
-            problems = rules(self)
+            problems = rules.rules(self)
         if len(problems) == 1:
             raise ConfigError(problems[0])
         if problems:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from edgezo.config.defaults import DEFAULT_EPS, resolve_estimator
+from edgezo.errors import ConfigError
+from edgezo.models.catalog import SCHEMES, scale_backends
+from edgezo.tasks.catalog import CUSTOM_OBJECTIVE, OBJECTIVES
+from edgezo.zo.methods import OPTIMIZERS, STRUCTURED, Estimate
+
 if TYPE_CHECKING:
     from edgezo.config.options import EstimatorOptions, RunConfig
-
-_SCHEME_OPTIONS = {"lora_r": "lora", "lora_alpha": "lora", "lora_targets": "lora",
-                   "prefix_tokens": "prefix", "prompt_tokens": "prompt"}
-_RULE_OPTIONS = {"momentum": "Momentum", "betas": "Adam", "adam_eps": "Adam"}
 
 
 def _flag(name: str) -> str:
@@ -22,46 +24,38 @@ def _flag(name: str) -> str:
 
 
 def rules(cfg: RunConfig) -> list[str]:
-    """Every problem of a configuration whose single values are each valid."""
-    from edgezo.zo.optimizers import OPTIMIZERS
-
+    """Every problem of a configuration whose single values are each valid (the optimizer
+    is a registered one)."""
     name = cfg.optimizer.optimizer
-    if name not in OPTIMIZERS:
-        from edgezo.errors import unknown_choice
-
-        return [str(unknown_choice("optimizer", name, list(OPTIMIZERS)))]
     return (_scheme_problems(cfg) + _optimizer_problems(cfg)
             + estimator_problems(cfg.estimator, name) + _objective_problems(cfg)
             + _schedule_problems(cfg) + streaming_problems(cfg) + _run_folder_problems(cfg))
 
 
 def _scheme_problems(cfg: RunConfig) -> list[str]:
-    from edgezo.config.options import SchemeOptions
-
     out = []
-    scheme, defaults = cfg.scheme.scheme, SchemeOptions()
-    for option, owner in _SCHEME_OPTIONS.items():
-        if owner != scheme and cfg.get(option) != getattr(defaults, option):
-            out.append(f"{option} applies to the {owner} scheme, not {scheme}; drop it or "
-                       f"use --scheme {owner}")
+    scheme, defaults = cfg.scheme.scheme, type(cfg.scheme)()
+    for owner in SCHEMES.values():
+        for option in owner.options if owner.name != scheme else ():
+            if cfg.get(option) != getattr(defaults, option):
+                out.append(f"{option} applies to the {owner.name} scheme, not {scheme}; drop "
+                           f"it or use --scheme {owner.name}")
     quantize = cfg.model.quantize
-    if quantize is not None and scheme == "full":
+    if quantize is not None and not SCHEMES[scheme].on_quantized:
         out.append(f"{quantize} weights cannot take ZO updates; train adapters on the "
                    "quantized base with --scheme lora (or prefix, prompt, head), or its "
                    "scales with --scheme scales")
     if scheme == "scales":
-        from edgezo.models.quantized import SCALE_BACKENDS
-
-        if quantize not in SCALE_BACKENDS:
+        if quantize not in scale_backends():
             out.append("--scheme scales trains the per-group scales of a quantized base: add "
-                       f"--quantize {' or '.join(SCALE_BACKENDS)}"
+                       f"--quantize {' or '.join(scale_backends())}"
                        + (" (LLM.int8 keeps no group scales)" if quantize == "int8" else ""))
         if cfg.estimator_kind != "zo":
             out.append(f"--scheme scales trains by ZO estimates; {cfg.optimizer.optimizer} "
                        "would backpropagate through the quantized weights: pick a ZO "
                        "optimizer")
     if cfg.scheme.qat is not None:
-        if scheme not in ("full", "lora"):
+        if not SCHEMES[scheme].qat:
             out.append(f"--qat trains full weights or LoRA for the quantized forward; "
                        f"--scheme {scheme} has none to quantize: use full or lora")
         if quantize is not None:
@@ -85,31 +79,12 @@ def _scheme_problems(cfg: RunConfig) -> list[str]:
 
 def _optimizer_problems(cfg: RunConfig) -> list[str]:
     o = cfg.optimizer
-    return optimizer_problems(o.optimizer, weight_decay=o.weight_decay, momentum=o.momentum,
-                              betas=o.betas, adam_eps=o.adam_eps)
-
-
-def optimizer_problems(name: str, **options) -> list[str]:
-    """Options of an update rule given to an optimizer whose rule has none of them."""
-    from edgezo.zo.optimizers import OPTIMIZERS
-
-    rule, conservative = OPTIMIZERS[name].rule, OPTIMIZERS[name].conservative
-    out = []
-    for option, rule_name in _RULE_OPTIONS.items():
-        if options.get(option) is not None and rule.__name__ != rule_name:
-            users = [n for n, m in OPTIMIZERS.items() if m.rule.__name__ == rule_name]
-            out.append(f"optimizer {name} has no {option} option; it applies to "
-                       f"{', '.join(users)}")
-    if conservative and options.get("weight_decay"):
-        out.append(f"{name} makes exact moves along the estimate and takes no weight_decay; "
-                   "drop --weight-decay or use zo-sgd")
-    return out
+    return OPTIMIZERS[o.optimizer].option_problems(
+        weight_decay=o.weight_decay, momentum=o.momentum, betas=o.betas, adam_eps=o.adam_eps)
 
 
 def estimator_problems(est: EstimatorOptions, optimizer: str) -> list[str]:
     """Estimator options the optimizer would not use, and contradictions among them."""
-    from edgezo.zo.optimizers import OPTIMIZERS
-
     out = _unused_estimator_options(est, optimizer)
     if OPTIMIZERS[optimizer].estimator == "fo":
         return out
@@ -118,11 +93,8 @@ def estimator_problems(est: EstimatorOptions, optimizer: str) -> list[str]:
 
 def _unused_estimator_options(est: EstimatorOptions, optimizer: str) -> list[str]:
     """Options an FO or forward-gradient method has no use for."""
-    from edgezo.config.options import EstimatorOptions
-    from edgezo.zo.optimizers import OPTIMIZERS
-
     method = OPTIMIZERS[optimizer]
-    kind, default = method.estimator, EstimatorOptions()
+    kind, default = method.estimator, type(est)()
     unused = []
     if kind == "fo":
         unused = [o for o in ("q", "estimate", "directions", "noise", "block_wise",
@@ -144,12 +116,8 @@ def _unused_estimator_options(est: EstimatorOptions, optimizer: str) -> list[str
 
 def _zo_estimator_problems(est: EstimatorOptions, optimizer: str) -> list[str]:
     """Contradictions among the options of a ZO or forward-gradient estimate."""
-    from edgezo.config.defaults import STRUCTURED, resolve_estimator
-    from edgezo.config.options import EstimatorOptions
-    from edgezo.zo.optimizers import OPTIMIZERS
-
     method = OPTIMIZERS[optimizer]
-    kind, default = method.estimator, EstimatorOptions()
+    kind, default = method.estimator, type(est)()
     r = resolve_estimator(est, optimizer)
     out = []
     if est.pair and r.estimate == "one-sided":
@@ -191,21 +159,20 @@ def _zo_estimator_problems(est: EstimatorOptions, optimizer: str) -> list[str]:
 
 
 def _objective_problems(cfg: RunConfig) -> list[str]:
-    from edgezo.tasks.loss import OBJECTIVES
-
-    objective = cfg.estimator.objective
-    if objective not in OBJECTIVES and objective != "custom":
-        from edgezo.errors import unknown_choice
-
-        return [str(unknown_choice("objective", objective, list(OBJECTIVES)))]
-    if objective != "ce" and cfg.estimator_kind != "zo":
-        return [f"{cfg.optimizer.optimizer} differentiates the loss; the {objective} "
+    name = cfg.estimator.objective
+    if name == CUSTOM_OBJECTIVE:
+        return []
+    if name not in OBJECTIVES:
+        return [str(OBJECTIVES.unknown(name))]
+    objective = OBJECTIVES[name]
+    if not objective.differentiable and cfg.estimator_kind != "zo":
+        return [f"{cfg.optimizer.optimizer} differentiates the loss; the {name} "
                 "objective needs a ZO optimizer (it is not differentiable)"]
-    if objective == "f1" and cfg.estimator.pair:
-        return ["the f1 objective writes answers with a KV cache, which pair mode's doubled "
-                "batch cannot share: drop --pair (it runs in two passes)"]
-    if objective == "f1" and cfg.runtime.distributed:
-        return ["the f1 objective writes every answer of a batch in one process; drop "
+    if objective.writes and cfg.estimator.pair:
+        return [f"the {name} objective writes answers with a KV cache, which pair mode's "
+                "doubled batch cannot share: drop --pair (it runs in two passes)"]
+    if objective.writes and cfg.runtime.distributed:
+        return [f"the {name} objective writes every answer of a batch in one process; drop "
                 "--distributed, or train on the answer tokens (--objective ce)"]
     return []
 
@@ -258,3 +225,22 @@ def _run_folder_problems(cfg: RunConfig) -> list[str]:
         out.append(f"{' and '.join(_flag(n) for n in given)} set what goes into a run "
                    "folder; add --output DIR or drop them")
     return out
+
+
+def estimate_of(est: EstimatorOptions, optimizer: str, dtype: str,
+                scheme: str | None = None) -> Estimate:
+    """The engine's settings from a run's estimator options: refused with the first problem
+    the rules find, then every open value decided (`dtype`: the one the model computes
+    in)."""
+    problems = estimator_problems(est, optimizer)
+    if problems:
+        raise ConfigError(problems[0])
+    r = resolve_estimator(est, optimizer, dtype, scheme)
+    structured = r.directions in STRUCTURED
+    return Estimate(
+        eps=DEFAULT_EPS if r.eps is None else r.eps, q=r.q,
+        one_sided=r.estimate == "one-sided", directions=r.directions, noise=r.noise,
+        rank=r.rank if structured else 0, basis_every=r.basis_every or 1, g_clip=r.g_clip,
+        block_wise=r.block_wise, granularity=r.granularity, sparsity=r.sparsity,
+        sparsity_mask=r.sparsity_mask, sparsity_every=r.sparsity_every,
+        fo_blocks=tuple(r.fo_blocks), max_forwards=r.max_forwards)

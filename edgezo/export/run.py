@@ -33,8 +33,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edgezo.config.options import PEFT_SCHEMES
-from edgezo.errors import ConfigError, PathError, check_writable_folder, unknown_choice
+from edgezo.config.options import RunConfig
+from edgezo.errors import ConfigError, EdgezoError, PathError, check_writable_folder, unknown_choice
+from edgezo.export.gguf import write_gguf
+from edgezo.export.onnx import ONNX_FILE, require_exporter, write_onnx
+from edgezo.export.weights import plain_model, trained_state
+from edgezo.models.catalog import PEFT_SCHEMES, SCHEMES
+from edgezo.models.loading import (
+    DEFAULT_MODEL,
+    load_weights,
+    locate_model,
+    parse_dtype,
+    resolve_model,
+)
+from edgezo.models.quantized import load_quantized
+from edgezo.run.folder import check_log_is_whole
+from edgezo.run.snapshots import RUN_FILE, SEED_LOG, read_run_file, read_seed_log
 
 if TYPE_CHECKING:
     from torch import nn
@@ -202,8 +216,6 @@ def export_run(run_dir: str | Path, fmt: str, output: str | Path, *,
     if gguf_type is not None and fmt != "gguf":
         raise ConfigError(f"--gguf-type applies to --format gguf, not {fmt}")
     if fmt == "onnx":  # the missing extra is said at once, not after the model loads
-        from edgezo.export.onnx import require_exporter
-
         require_exporter()
     check_output(fmt, out, "--output")
     if fmt == "seedlog":
@@ -250,7 +262,7 @@ def check_output(fmt: str, out: Path, name: str) -> None:
 
 
 def _refuse_prompt_learning(scheme: str, instead: str) -> None:
-    if scheme in ("prefix", "prompt"):
+    if not SCHEMES[scheme].merges:
         raise ConfigError(f"{scheme} tuning adds virtual tokens that cannot be merged into the "
                           f"weights; use {instead}")
 
@@ -295,15 +307,11 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, PreTrainedTokenizerBase, d
     model_dir, report = _locate(Path(run_dir))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if report.get("scheme") == "scales":
-        from edgezo.models.quantized import load_quantized
-
         return load_quantized(model_dir), tokenizer, report
     if report.get("scheme", "full") not in PEFT_SCHEMES:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
         return model.eval(), tokenizer, report
     import peft
-
-    from edgezo.models.loading import load_weights, parse_dtype, resolve_model
 
     dtype = parse_dtype(report.get("hyperparameters", {}).get("dtype", "fp32"))
     base = load_weights(resolve_model(report.get("model"), dtype), dtype, "cpu")
@@ -313,9 +321,6 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, PreTrainedTokenizerBase, d
 def base_gguf(spec: str | None) -> Path | None:
     """The GGUF file the run's base came from, if it did (and is still there); None as
     `spec` is the default model, as everywhere a model is named."""
-    from edgezo.errors import EdgezoError
-    from edgezo.models.loading import DEFAULT_MODEL, locate_model
-
     spec = spec or DEFAULT_MODEL
     try:
         path, kind = locate_model(spec)
@@ -349,15 +354,10 @@ def export_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, fmt: str,
     out = Path(path)
     check_output(fmt, out, "the export path")
     if fmt == "gguf":
-        from edgezo.export.gguf import write_gguf
-        from edgezo.export.weights import trained_state
-
         base, state = trained_state(model)
         return write_gguf(state, base.config, tokenizer, out, gguf_type=gguf_type,
                           base_gguf=base_gguf)
     if fmt == "onnx":
-        from edgezo.export.onnx import ONNX_FILE, write_onnx
-
         written = write_onnx(model, out / ONNX_FILE)
         tokenizer.save_pretrained(out)
         if meta:
@@ -372,23 +372,16 @@ def export_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, fmt: str,
                               "merged, gguf or onnx")
         model.save_pretrained(out)
     else:
-        from edgezo.export.weights import plain_model
-
         plain_model(model).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
 
 def _export_seedlog(run_dir: Path, out: Path) -> Path:
-    from edgezo.config.options import RunConfig
-    from edgezo.run.snapshots import RUN_FILE, SEED_LOG, read_run_file, read_seed_log
-
     config = RunConfig.from_dict(read_run_file(run_dir), str(run_dir / RUN_FILE))
     if not config.zo_only:
         raise ConfigError(f"{config.optimizer.optimizer} steps use backpropagated gradients, "
                           "which a seed log cannot hold; use --format peft or merged")
-    from edgezo.run.folder import check_log_is_whole
-
     entries = read_seed_log(run_dir)
     if not entries:
         raise ConfigError(f"{run_dir} has no seed log (finetune --output writes one)")

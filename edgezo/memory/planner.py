@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import nn
 
-from edgezo.config.defaults import STRUCTURED, resolve_estimator
+from edgezo.config.defaults import resolve_estimator
 from edgezo.config.options import EstimatorOptions, RunConfig
 from edgezo.device.profiles import Profile, list_profiles, load_profile
 from edgezo.errors import ConfigError
@@ -39,6 +39,8 @@ from edgezo.zo.blocks import (
     weight_grad_layers,
 )
 from edgezo.zo.direction import Direction, is_matrix
+from edgezo.zo.methods import STRUCTURED
+from edgezo.zo.optimizers import OPTIMIZERS, RULES
 from edgezo.zo.perturb import CHUNKED_LINEAR_DEVICES
 
 MAX_BATCH = 4096
@@ -134,8 +136,6 @@ def pool_threads(est: EstimatorOptions, blocks: BlockMap, fo: set[int]) -> int:
 def step_spec(config: RunConfig, priced: Priced, profile: Profile, shapes: Shapes, *,
               pair: bool, streamed: int) -> StepSpec:
     """The planner's inputs for one decision: THE builder every plan goes through."""
-    from edgezo.zo.optimizers import OPTIMIZERS
-
     method = OPTIMIZERS[config.optimizer.optimizer]
     kind, blocks = method.estimator, priced.blocks
     est = resolve_estimator(config.estimator, config.optimizer.optimizer, config.model.dtype,
@@ -152,7 +152,7 @@ def step_spec(config: RunConfig, priced: Priced, profile: Profile, shapes: Shape
         stream = StreamPart(tuple(layers), tier, config.streaming.stream_masters)
     return StepSpec(
         train=shapes.train, eval=shapes.eval, pair=pair and kind == "zo", on_cuda=on_cuda,
-        optimizer_state_bytes=method.rule.state_bytes([p.shape for p in blocks.params]),
+        optimizer_state_bytes=RULES[method.rule].state_bytes([p.shape for p in blocks.params]),
         noise_threads=1 if on_cuda else pool_threads(est, blocks, fo), sparsity=est.sparsity > 0,
         fo=FOPart(sum(blocks.params[i].numel() for i in fo), backward_depth(blocks, fo),
                   weight_grad_layers(blocks, fo)) if fo else None,

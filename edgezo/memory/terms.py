@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from edgezo.models.schemes import head_chunk_rows
 from edgezo.zo.batch import LOGIT_CHUNK_VALUES
 
 
@@ -38,8 +39,6 @@ def activation_bytes(config, rows: int, seq_len: int, elem: int, positions: int 
         positions = min(positions, max(1, LOGIT_CHUNK_VALUES // (rows * vocab)))
     logits = rows * positions * vocab * (elem + 3 * 4)  # logits, fp32 copy, log-softmax
     if elem < 4:  # a half-precision head computes in fp32, a chunk of its rows at a time
-        from edgezo.models.schemes import head_chunk_rows
-
         logits += min(vocab, head_chunk_rows(hidden)) * hidden * 4
     return layer + scores + kept + logits
 

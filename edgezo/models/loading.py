@@ -22,9 +22,11 @@ from pathlib import Path
 
 import torch
 
-from edgezo.config.options import QUANTIZATIONS, normalize_dtype
-from edgezo.errors import ModelLoadError, check_writable_folder, unknown_choice
+from edgezo.config.values import normalize_dtype
+from edgezo.errors import ModelLoadError, check_writable_folder
+from edgezo.models.catalog import QUANTIZATIONS
 from edgezo.models.gguf_file import check_gguf
+from edgezo.models.quantized import quantize_layers
 
 DEFAULT_MODEL = "smollm2"
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -333,6 +335,13 @@ def quantization_config(quantize: str, dtype: torch.dtype, double_quant: bool = 
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def compute_dtype(model: torch.nn.Module) -> str:
+    """"bf16" when the model's parameters are half precision (fp16 included: ε is chosen
+    by precision), else "fp32"."""
+    half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+    return "bf16" if half else "fp32"
+
+
 def load_weights(resolved: ResolvedModel, dtype: torch.dtype,
                  device: torch.device | str = "cpu", quantize: str | None = None,
                  train_scales: bool = False) -> torch.nn.Module:
@@ -342,10 +351,8 @@ def load_weights(resolved: ResolvedModel, dtype: torch.dtype,
     device = torch.device(device)
     kwargs = {}
     if quantize is not None and quantize not in QUANTIZATIONS:
-        raise unknown_choice("quantization", quantize, QUANTIZATIONS)
+        raise QUANTIZATIONS.unknown(quantize)
     if quantize is not None and quantize.startswith("quanto-"):
-        from edgezo.models.quantized import quantize_layers
-
         # quantized on the host, then moved: the device never holds the dense weights
         model = load_weights(resolved, dtype, "cpu")
         try:

@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgezo.config.options import QUANTIZATIONS
 from edgezo.errors import ConfigError, ModelLoadError
+from edgezo.models.catalog import QUANTIZATIONS, scale_backends
+from edgezo.zo.blocks import find_layers
 
-QUANTO = tuple(q for q in QUANTIZATIONS if q.startswith("quanto-"))
-SCALE_BACKENDS = ("nf4", *QUANTO)  # formats whose scales QZO can train
+QUANTO = tuple(n for n, q in QUANTIZATIONS.items() if q.backend == "quanto")
 NF4_BLOCK = 64
 QUANTO_MAX_GROUP = 128
 QUANTO_BITS = {"quanto-int8": 8, "quanto-int4": 4, "quanto-int2": 2}
@@ -48,7 +48,7 @@ def backend(quantize: str | None) -> str | None:
     """'bitsandbytes', 'quanto' or None."""
     if quantize is None:
         return None
-    return "quanto" if quantize in QUANTO else "bitsandbytes"
+    return QUANTIZATIONS[quantize].backend
 
 
 def _quanto_type(quantize: str):
@@ -70,8 +70,6 @@ def quantize_layers(model: nn.Module, quantize: str, plain: bool = False) -> nn.
     """
     from optimum.quanto import freeze
     from optimum.quanto import quantize as quanto_quantize
-
-    from edgezo.zo.blocks import find_layers
 
     qtype = _quanto_type(quantize)
     _, layers = find_layers(model)
@@ -207,7 +205,7 @@ def train_scales(model: nn.Module) -> nn.Module:
     linears = quantized_linears(model)
     if not linears:
         raise ConfigError("--scheme scales trains the scales of a quantized base: add "
-                          f"--quantize with one of {', '.join(SCALE_BACKENDS)}")
+                          f"--quantize with one of {', '.join(scale_backends())}")
     for p in model.parameters():
         p.requires_grad_(False)
     for _, module in linears:
@@ -232,8 +230,6 @@ def add_scale_placeholders(model: nn.Module, quantize: str) -> nn.Module:
     """On a meta model (planning from a config): freeze it and give each decoder-layer
     linear a `zo_scale` of the size its backend's format has, so the planner prices
     exactly the trainable scales."""
-    from edgezo.zo.blocks import find_layers
-
     for p in model.parameters():
         p.requires_grad_(False)
     _, layers = find_layers(model)

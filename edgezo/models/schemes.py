@@ -25,6 +25,7 @@ from torch import nn
 
 from edgezo.config.options import SchemeOptions
 from edgezo.errors import ConfigError
+from edgezo.models import quantized
 
 # Values of a half-precision head cast to fp32 at a time (4 MiB): SmolLM2's head is 27
 # chunks of 1820 rows, a 7B Llama's 125 of 256. At 8192 rows, the chunk was 18 MiB for
@@ -143,8 +144,6 @@ def apply_scheme(model: nn.Module, options: SchemeOptions | str, seed: int = 0,
     if scheme == "full":
         return model
     if scheme == "scales":
-        from edgezo.models import quantized
-
         if _on_meta(model) and quantize is not None:
             return quantized.add_scale_placeholders(model, quantize)
         return quantized.train_scales(model)

@@ -20,20 +20,23 @@ import torch
 from torch import nn
 
 from edgezo.config.defaults import default_max_length, lr_reason
-from edgezo.config.options import PEFT_SCHEMES, RunConfig
+from edgezo.config.options import RunConfig
+from edgezo.config.rules import estimate_of
 from edgezo.device.hardware import preferred_dtype
 from edgezo.device.profiles import Profile, human_bytes, load_profile
 from edgezo.device.threads import ThreadChoice, set_compute_threads
-from edgezo.errors import ConfigError, OutOfBudgetError, unknown_choice
+from edgezo.errors import ConfigError, OutOfBudgetError
 from edgezo.memory import planner
 from edgezo.memory.heap import release_freed_memory, strict_heap
 from edgezo.memory.measure import MemoryMonitor
 from edgezo.memory.peak import Plan
 from edgezo.memory.planner import Decision, Shapes
 from edgezo.memory.streaming import layer_bytes, streamed_layers
+from edgezo.models.catalog import PEFT_SCHEMES
 from edgezo.models.convert import streamable_folder
 from edgezo.models.loading import (
     ResolvedModel,
+    compute_dtype,
     converted,
     load_config,
     load_weights,
@@ -41,8 +44,10 @@ from edgezo.models.loading import (
     resolve_model,
 )
 from edgezo.models.schemes import apply_scheme
-from edgezo.tasks import Encoder, Task, make_task
-from edgezo.tasks.loss import OBJECTIVES
+from edgezo.tasks.base import Encoder, Task
+from edgezo.tasks.catalog import OBJECTIVES
+from edgezo.tasks.loss import LOSSES
+from edgezo.tasks.make import make_task
 from edgezo.tasks.shape import generation_shape, measure_shape
 from edgezo.zo.batch import Shape
 from edgezo.zo.blocks import BlockMap, build_block_map
@@ -111,10 +116,12 @@ def build(config: RunConfig, objective: Callable | None = None) -> Parts:
                          pair=decision.pair, streamed=decision.streamed)
     check_live_plan(config, plan, profile, device)
     o = config.optimizer
+    estimate = estimate_of(config.estimator, o.optimizer, compute_dtype(model),
+                           config.scheme.scheme)
     engine = ZOEngine(model, make_optimizer(
         o.optimizer, weight_decay=o.weight_decay, momentum=o.momentum, betas=o.betas,
         adam_eps=o.adam_eps, hessian_smoothing=config.estimator.hessian_smoothing),
-        config.estimator, loss_fn=loss_fn, seed=config.runtime.seed, pair=decision.pair,
+        estimate, loss_fn=loss_fn, seed=config.runtime.seed, pair=decision.pair,
         blocks=blocks)
     if config.scheme.qat is not None:
         engine.enable_qat(config.scheme.qat, config.scheme.scheme)
@@ -144,10 +151,8 @@ def compute_device(profile: Profile, strict_memory: bool) -> torch.device:
 def objective_fn(config: RunConfig, objective: Callable | None) -> Callable:
     if objective is not None:
         return objective
-    name = config.estimator.objective
-    if name not in OBJECTIVES:  # "custom" in a config: the function itself is not in it
-        raise unknown_choice("objective", name, list(OBJECTIVES))
-    return OBJECTIVES[name]
+    # "custom" in a config: the function itself is not in it, so the registry refuses it
+    return LOSSES[OBJECTIVES[config.estimator.objective].name]
 
 
 def load_task(config: RunConfig) -> Task | None:

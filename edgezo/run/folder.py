@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from edgezo import __version__
 from edgezo.config.options import RESUMABLE, RunConfig
 from edgezo.errors import CheckpointError, ConfigError, EdgezoError
 from edgezo.run.snapshots import (
@@ -44,6 +43,7 @@ from edgezo.run.snapshots import (
     verify,
     write_run_file,
 )
+from edgezo.version import __version__
 
 if TYPE_CHECKING:
     from edgezo.run.session import Session

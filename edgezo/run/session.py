@@ -23,20 +23,23 @@ from pathlib import Path
 
 import torch
 
-from edgezo import __version__
 from edgezo.config.options import RunConfig
 from edgezo.device.hardware import cpu_capability
 from edgezo.device.profiles import human_bytes
 from edgezo.errors import CheckpointError, ConfigError, OutOfBudgetError
+from edgezo.export.run import base_gguf, export_model
 from edgezo.memory.heap import release_freed_memory
+from edgezo.models.quantized import save_quantized
 from edgezo.run import folder as runs
 from edgezo.run import guard
 from edgezo.run.build import build, join_process_group
 from edgezo.run.snapshots import read_seed_log
-from edgezo.tasks import Example, chat_format, scoring
-from edgezo.tasks.base import batches
+from edgezo.tasks import chat_format, scoring
+from edgezo.tasks.base import Example, batches
 from edgezo.tasks.generate import generate
 from edgezo.tasks.loss import candidate_scores, shard_batch
+from edgezo.version import __version__
+from edgezo.zo import rank as ranking
 from edgezo.zo.rank import RankFn, RankResult
 from edgezo.zo.result import StepResult
 from edgezo.zo.schedule import Schedule
@@ -277,8 +280,6 @@ class Session:
         returns the candidates' indices best first (a group of tied indices may take one
         place; unlisted ones rank last; empty or None: no preference), and θ moves
         towards the preferred ones at the run's learning rate."""
-        from edgezo.zo import rank as ranking  # `rank` is the caller's function here
-
         self._check_not_averaged("step")
         self._check_not_torn("step")
         if candidates < 2:
@@ -484,8 +485,6 @@ class Session:
                     raise ConfigError("gguf_type applies to format='gguf'")
                 out.mkdir(parents=True, exist_ok=True)
                 if self.config.scheme.scheme == "scales":  # the quantized model itself
-                    from edgezo.models.quantized import save_quantized
-
                     save_quantized(self._model, out)
                 else:
                     self._model.save_pretrained(out)
@@ -496,15 +495,11 @@ class Session:
         return out
 
     def _export(self, out: Path, fmt: str, gguf_type: str | None) -> Path:
-        from edgezo.export.run import base_gguf, export_model
-
         if self.config.scheme.scheme == "scales":
             if fmt != "merged":
                 raise ConfigError(f"a scales run is its quantized base with trained scales; "
                                   f"{fmt} export reads dense weights: save it with "
                                   "format='merged' (the quantized model)")
-            from edgezo.models.quantized import save_quantized
-
             return save_quantized(self._model, out, self.tokenizer)
         base = base_gguf(self.config.model.model) if fmt == "gguf" else None
         meta = {"task": self.config.data.task, "model": self.config.model.model,

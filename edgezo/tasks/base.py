@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from edgezo.config.options import TEMPLATES
-from edgezo.errors import TaskError, unknown_choice
+from edgezo.errors import TaskError
 from edgezo.tasks import chat_format
+from edgezo.tasks.catalog import TEMPLATES
 from edgezo.tasks.generate import Writing
 
 SPLITS = ("train", "validation", "test")
@@ -78,7 +78,7 @@ class Task(ABC):
     def __init__(self, data_dir: str | None = None, data_seed: int = 0,
                  template: str = "auto", train_examples: int | None = None):
         if template not in TEMPLATES:
-            raise unknown_choice("template", template, TEMPLATES)
+            raise TEMPLATES.unknown(template)
         template = self.default_template if template == "auto" else template
         if template not in self.templates:
             raise TaskError(f"{self.name or 'this task'} has no {template!r} "

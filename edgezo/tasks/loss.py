@@ -207,4 +207,5 @@ def negative_f1(model, batch: dict) -> torch.Tensor:
                                                          strict=True)], device=device)
 
 
-OBJECTIVES = {"ce": example_losses, "accuracy": negative_accuracy, "f1": negative_f1}
+# The loss function of each objective in edgezo.tasks.catalog's registry.
+LOSSES = {"ce": example_losses, "accuracy": negative_accuracy, "f1": negative_f1}

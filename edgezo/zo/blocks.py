@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from edgezo.config.options import GRANULARITIES
 from edgezo.errors import ConfigError, ModelLoadError, unknown_choice
+from edgezo.zo.methods import GRANULARITIES
 
 
 @dataclass

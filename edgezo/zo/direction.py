@@ -35,10 +35,9 @@ from dataclasses import dataclass
 import torch
 
 from edgezo.zo import noise
+from edgezo.zo.methods import STRUCTURED
 from edgezo.zo.optimizers import work_dtype
 from edgezo.zo.sparsity import SparseMasks
-
-STRUCTURED = ("lowrank", "subspace")
 
 
 def is_matrix(shape: torch.Size) -> bool:

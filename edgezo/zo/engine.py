@@ -30,17 +30,16 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from edgezo.config.defaults import resolve_estimator
-from edgezo.config.options import DEFAULT_EPS, EstimatorOptions
-from edgezo.config.rules import estimator_problems
 from edgezo.errors import ConfigError
 from edgezo.zo import coordinates, gradients, noise, state
 from edgezo.zo.batch import batch_rows, double, global_means
 from edgezo.zo.blocks import BlockMap, build_block_map, estimation_groups, resolve_fo_blocks
-from edgezo.zo.direction import STRUCTURED, Direction, is_matrix
+from edgezo.zo.direction import Direction, is_matrix
 from edgezo.zo.gradients import LossFn
-from edgezo.zo.optimizers import SGD, ExactMove, Optimizer, forwards_per_step
+from edgezo.zo.methods import Estimate
+from edgezo.zo.optimizers import SGD, ExactMove, Optimizer
 from edgezo.zo.perturb import PendingUpdate, Perturbation
+from edgezo.zo.qat import QAT
 from edgezo.zo.result import StepResult
 from edgezo.zo.sparsity import SparseMasks
 from edgezo.zo.stream import BlockStreamer, make_streamer
@@ -51,44 +50,22 @@ _BASIS_SALT = 0xBA515  # the seed of structured directions' bases: mix(seed, epo
 class ZOEngine:
     """Runs optimisation steps on a model in place."""
 
-    def __init__(self, model: nn.Module, optimizer: Optimizer,
-                 estimator: EstimatorOptions | None = None, *, loss_fn: LossFn, seed: int = 0,
-                 pair: bool = True, blocks: BlockMap | None = None):
-        """`estimator`: q, one- or two-sided, directions, block-wise, sparsity, hybrid FO
-        blocks and ε (RunConfig's estimator section; defaults when None). `pair`: evaluate
-        L(θ ± εz) as one doubled forward (ZO only)."""
-        est = estimator or EstimatorOptions()
-        problems = estimator_problems(est, optimizer.name)
-        if problems:
-            raise ConfigError(problems[0])
-        half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
-        est = resolve_estimator(est, optimizer.name, "bf16" if half else "fp32")
-        kind = optimizer.estimator
+    def __init__(self, model: nn.Module, optimizer: Optimizer, estimate: Estimate, *,
+                 loss_fn: LossFn, seed: int = 0, pair: bool = True,
+                 blocks: BlockMap | None = None):
+        """`estimate`: q, one- or two-sided, directions, block-wise, sparsity, hybrid FO
+        blocks and ε, every value decided (edgezo.config.rules.estimate_of). `pair`:
+        evaluate L(θ ± εz) as one doubled forward (ZO only)."""
+        est = estimate
         self.model = model.eval()  # the same function at every query: no dropout
         self.optimizer, self.seed, self.loss_fn = optimizer, seed, loss_fn
-        self.eps = DEFAULT_EPS if est.eps is None else est.eps
-        self.q, self.one_sided, self.directions = est.q, est.estimate == "one-sided", \
-            est.directions
-        self.noise = est.noise
-        self.g_clip = est.g_clip
-        self.rank = est.rank if self.directions in STRUCTURED else 0
-        self.basis_every = est.basis_every or 1
-        self.pair = pair and kind == "zo" and not self.one_sided
+        self.eps, self.q, self.one_sided = est.eps, est.q, est.one_sided
+        self.directions, self.noise, self.g_clip = est.directions, est.noise, est.g_clip
+        self.rank, self.basis_every = est.rank, est.basis_every
+        self.pair = pair and optimizer.method.perturbs and not self.one_sided
         self.blocks: BlockMap = blocks if blocks is not None else build_block_map(model)
         params = self.blocks.params
-        everything = set(range(len(params)))
-        self.fo_indices = (everything if kind == "fo"
-                           else resolve_fo_blocks(self.blocks, est.fo_blocks))
-        self.zo_indices = everything - self.fo_indices
-        if kind != "fo" and not self.zo_indices:
-            raise ConfigError("--fo-blocks covers every trainable parameter: nothing is left "
-                              "for ZO; use fo-sgd or fo-adam for a first-order run")
-        groups = (estimation_groups(model, self.blocks, est.granularity) if est.block_wise
-                  else [sorted(everything)])
-        self.groups = [frozenset(i for i in g if i in self.zo_indices) for g in groups]
-        self.groups = [g for g in self.groups if g]
-        # A group of every parameter is "all": d needs no per-parameter lookups then.
-        self._active = [None if len(g) == len(params) else g for g in self.groups]
+        self._split_groups(est)
         self.masks = (SparseMasks(list(params), est.sparsity, est.sparsity_mask,
                                   est.sparsity_every, seed) if est.sparsity > 0 else None)
         if self.directions == "coordinate":
@@ -113,6 +90,25 @@ class ZOEngine:
         # the basis seed whose factors were last built in one block (structured directions):
         # every query and update of its steps asks again, and need not walk the parameters
         self._bases_built: int | None = None
+
+    def _split_groups(self, est: Estimate) -> None:
+        """Which parameters take backpropagated gradients (FO), and the groups the rest
+        are estimated in: one, or one per block with --block-wise."""
+        params = self.blocks.params
+        everything = set(range(len(params)))
+        fo_only = self.optimizer.estimator == "fo"
+        self.fo_indices = (everything if fo_only
+                           else resolve_fo_blocks(self.blocks, list(est.fo_blocks)))
+        self.zo_indices = everything - self.fo_indices
+        if not fo_only and not self.zo_indices:
+            raise ConfigError("--fo-blocks covers every trainable parameter: nothing is left "
+                              "for ZO; use fo-sgd or fo-adam for a first-order run")
+        groups = (estimation_groups(self.model, self.blocks, est.granularity)
+                  if est.block_wise else [sorted(everything)])
+        self.groups = [frozenset(i for i in g if i in self.zo_indices) for g in groups]
+        self.groups = [g for g in self.groups if g]
+        # A group of every parameter is "all": d needs no per-parameter lookups then.
+        self._active = [None if len(g) == len(params) else g for g in self.groups]
 
     def _direction(self, seeds: tuple[int, ...], coefs: tuple[float, ...],
                    active: frozenset[int] | None, t: int, perturb: bool = False) -> Direction:
@@ -193,9 +189,9 @@ class ZOEngine:
         """Forward passes one step makes (each over the batch, or the doubled batch)."""
         if self.optimizer.estimator == "fo":
             return 1 if self.fo_indices else 0
-        return forwards_per_step(self.optimizer.method, q=self.q, one_sided=self.one_sided,
-                                 pair=self.pair, groups=len(self.groups),
-                                 fo=bool(self.fo_indices))
+        return self.optimizer.method.forwards_per_step(
+            q=self.q, one_sided=self.one_sided, pair=self.pair, groups=len(self.groups),
+            fo=bool(self.fo_indices))
 
     def _count_forward(self, doubled: bool = False) -> None:
         self._passes[0] += 1
@@ -514,8 +510,6 @@ class ZOEngine:
     def enable_qat(self, fmt: str, scheme: str) -> None:
         """Quantization-aware ZO: forwards see the weights quantized to `fmt` (see
         edgezo.zo.qat); each update goes to the higher-precision master."""
-        from edgezo.zo.qat import QAT
-
         self.flush()
         self.qat = QAT(self.model, self.blocks, fmt, scheme)
         self.perturbation.after_update = self.qat.after_update

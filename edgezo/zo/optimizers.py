@@ -17,7 +17,8 @@ whatever the model dtype), which the memory planner counts.
 Weight decay is L2 (λ·θ added to d before the rule), as torch.optim.SGD and Adam do, so
 fo-sgd and fo-adam are exactly torch's SGD and Adam (tested against them).
 
-Adding an optimizer: a Rule subclass (if the update is new) and a line in OPTIMIZERS.
+Adding an optimizer: a line in edgezo.zo.methods, and a Rule subclass here (in RULES) if
+its update is new.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from dataclasses import dataclass
 
 import torch
 
-from edgezo.errors import ConfigError, unknown_choice
+from edgezo.errors import ConfigError
+from edgezo.registry import OPTIMIZERS
 from edgezo.zo import noise
+from edgezo.zo.methods import Method
 
 _LOW16 = 0xFFFF
-ESTIMATORS = ("zo", "forward-grad", "fo")
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -289,61 +291,9 @@ class RowHessianSGD(HessianSGD):
         h.mul_(stat.mean(dim=1, keepdim=True).add_(1.0 - self.smoothing))
 
 
-@dataclass(frozen=True)
-class Method:
-    """A named optimizer: where d comes from, how it moves θ, and the estimator options
-    it takes by default."""
-
-    estimator: str  # one of ESTIMATORS
-    rule: type[Rule]
-    description: str
-    conservative: bool = False  # zo-sgd-cons: keep the best of θ, θ − η·d, θ + η·d
-    normalized: bool = False  # fzoo: the step divided by the spread of the queries' g
-    curvature: bool = False  # hizoo: L(θ) every step; the rule keeps a Hessian estimate
-    q: int = 1
-    estimate: str = "two-sided"
-    directions: str = "gaussian"
-
-
-def forwards_per_step(method: Method, *, q: int, one_sided: bool, pair: bool,
-                      groups: int = 1, fo: bool = False) -> int:
-    """Forward passes one step makes (each over the batch, or the doubled batch in pair
-    mode): the engine reports it, `edgezo optimizers` lists it; one rule for both."""
-    kind = method.estimator
-    if kind == "fo":
-        return 1
-    per_query = 1 if (pair or one_sided or kind == "forward-grad") else 2
-    per_group = q * per_query
-    needs_base = one_sided or method.conservative or method.curvature
-    if kind == "zo" and needs_base:
-        per_group += 1  # L(θ)
-    if method.conservative:
-        per_group += 1 if pair else 2  # L(θ ± η·d)
-    shared = 1 if fo and needs_base else 0  # the FO pass's forward is that L(θ)
-    return groups * per_group + (1 if fo else 0) - shared
-
-
-OPTIMIZERS: dict[str, Method] = {
-    "zo-sgd": Method("zo", SGD, "ZO-SGD (MeZO): θ ← θ − η·g·z"),
-    "zo-sgd-sign": Method("zo", Sign, "ZO-SGD-Sign: θ ← θ − η·sign(g·z)"),
-    "zo-sgd-mmt": Method("zo", Momentum, "ZO-SGD with heavy-ball momentum β"),
-    "zo-sgd-cons": Method("zo", ExactMove, "conservative ZO-SGD: keep the lowest loss of "
-                          "θ, θ − η·ĝ, θ + η·ĝ", conservative=True),
-    "zo-adam": Method("zo", Adam, "Adam on the ZO estimate (fp32 moments)"),
-    "fzoo": Method("zo", SGD, "FZOO: q one-sided Rademacher queries, the step divided by "
-                   "the spread of their estimates (scale-free)", normalized=True, q=8,
-                   estimate="one-sided", directions="rademacher"),
-    "hizoo": Method("zo", HessianSGD, "HiZOO: perturb along Σ^½z, a diagonal Hessian "
-                    "estimate Σ⁻¹ from L(θ) and L(θ ± ε·Σ^½z)", curvature=True),
-    "hizoo-l": Method("zo", RowHessianSGD, "HiZOO with one curvature per matrix row "
-                      "(memory-light)", curvature=True),
-    "forward-grad": Method("forward-grad", SGD, "forward gradient (∇L·v)·v with SGD"),
-    "forward-grad-mmt": Method("forward-grad", Momentum,
-                               "forward gradient with heavy-ball momentum β"),
-    "forward-grad-adam": Method("forward-grad", Adam, "forward gradient with Adam"),
-    "fo-sgd": Method("fo", SGD, "backpropagation + SGD (baseline)"),
-    "fo-adam": Method("fo", Adam, "backpropagation + Adam (baseline)"),
-}
+# The update rules by name: a Method (edgezo.zo.methods) names its rule.
+RULES: dict[str, type[Rule]] = {r.__name__: r for r in (SGD, Sign, Momentum, Adam, ExactMove,
+                                                         HessianSGD, RowHessianSGD)}
 
 
 @dataclass
@@ -376,15 +326,11 @@ def make_optimizer(name: str, *, weight_decay: float = 0.0, momentum: float | No
                    hessian_smoothing: float | None = None) -> Optimizer:
     """Build a named optimizer. An option the method does not use is an error, never
     silently ignored."""
-    if name not in OPTIMIZERS:
-        raise unknown_choice("optimizer", name, list(OPTIMIZERS))
-    from edgezo.config.rules import optimizer_problems
-
-    problems = optimizer_problems(name, weight_decay=weight_decay, momentum=momentum,
-                                  betas=betas, adam_eps=adam_eps)
+    method = OPTIMIZERS[name]
+    problems = method.option_problems(weight_decay=weight_decay, momentum=momentum,
+                                      betas=betas, adam_eps=adam_eps)
     if problems:
         raise ConfigError(problems[0])
-    method = OPTIMIZERS[name]
     kwargs: dict = {"weight_decay": weight_decay}
     if momentum is not None:
         kwargs["momentum"] = momentum
@@ -394,4 +340,4 @@ def make_optimizer(name: str, *, weight_decay: float = 0.0, momentum: float | No
         kwargs["eps"] = adam_eps
     if method.curvature and hessian_smoothing is not None:
         kwargs["smoothing"] = hessian_smoothing
-    return Optimizer(name, method, method.rule(**kwargs))
+    return Optimizer(name, method, RULES[method.rule](**kwargs))

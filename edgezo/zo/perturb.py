@@ -40,7 +40,7 @@ from torch.func import functional_call
 from edgezo.zo import fused, noise
 from edgezo.zo.batch import LOGIT_CHUNK_VALUES, join_pair, split_pair
 from edgezo.zo.blocks import BlockMap, Unit
-from edgezo.zo.direction import STRUCTURED, Direction
+from edgezo.zo.direction import Direction
 from edgezo.zo.head import LogSumExp
 from edgezo.zo.intercept import (
     PerturbedLinears,
@@ -49,6 +49,7 @@ from edgezo.zo.intercept import (
     linear_slots,
     perturbed_into,
 )
+from edgezo.zo.methods import STRUCTURED
 from edgezo.zo.optimizers import SGD, Rule, work_dtype
 
 # Where a unit's linear maps compute from z span by span (intercept.PerturbedLinears)
