@@ -11,7 +11,7 @@ edgezo's code paths:
     cuda_path  what runs on a GPU, forced on the CPU: perturbed scratch copies through
                functional_call, a unit's parameters fused (fused.py), z in spans of 1M
                values elsewhere (perturb.CHUNKED_LINEAR_DEVICES emptied,
-               fused.FUSED_DEVICES and noise.SPAN_ELEMENTS["cpu"] set as CUDA's)
+               fused.FUSED_DEVICES and chunking.SPAN_ELEMENTS["cpu"] set as CUDA's)
 
 Each row is one step after two warm-up steps (so one-time set-up is not counted), ops per
 step, per trainable tensor beyond the two forwards' own, and relative to two forwards.

@@ -41,8 +41,7 @@ from edgezo.device.hardware import cpu_capability, preferred_dtype
 from edgezo.models.loading import compute_dtype, load_model
 from edgezo.models.tiny import tiny_model
 from edgezo.tasks.loss import example_losses
-from edgezo.zo import fused, perturb
-from edgezo.zo import noise as noise_module
+from edgezo.zo import chunking, fused, perturb
 from edgezo.zo.engine import ZOEngine
 from edgezo.zo.optimizers import make_optimizer
 
@@ -110,18 +109,18 @@ class MezoReference:
 def cuda_path():
     """The GPU's code path, on whatever device: perturbed scratch copies (no linear maps
     computed from z), a unit's parameters fused (zo/fused.py), spans of CUDA's size."""
-    linear, span = perturb.CHUNKED_LINEAR_DEVICES, dict(noise_module.SPAN_ELEMENTS)
+    linear, span = perturb.CHUNKED_LINEAR_DEVICES, dict(chunking.SPAN_ELEMENTS)
     fuses = fused.FUSED_DEVICES
     perturb.CHUNKED_LINEAR_DEVICES = ()
     fused.FUSED_DEVICES = (*fuses, "cpu")
-    noise_module.SPAN_ELEMENTS["cpu"] = noise_module.SPAN_ELEMENTS["cuda"]
+    chunking.SPAN_ELEMENTS["cpu"] = chunking.SPAN_ELEMENTS["cuda"]
     try:
         yield
     finally:
         perturb.CHUNKED_LINEAR_DEVICES = linear
         fused.FUSED_DEVICES = fuses
-        noise_module.SPAN_ELEMENTS.clear()
-        noise_module.SPAN_ELEMENTS.update(span)
+        chunking.SPAN_ELEMENTS.clear()
+        chunking.SPAN_ELEMENTS.update(span)
 
 
 def engine_for(model, noise: str, pair: bool = True) -> ZOEngine:
@@ -219,7 +218,7 @@ def report(args, dtype: str, device: torch.device, t_fwd: float, steps: dict,
         **{f"edgezo_{'pair' if pair else 'two_pass'}_{noise}_ratio": r
            for (noise, pair), r in ratio.items()},
         "mezo_ratio": mezo_ratio, "speedup_vs_mezo": mezo_ratio / ratio[first],
-        "cuda_span_values": noise_module.SPAN_ELEMENTS.get("cuda", 0),
+        "cuda_span_values": chunking.SPAN_ELEMENTS.get("cuda", 0),
     }
     if args.json:
         print(json.dumps(result))

@@ -8,7 +8,7 @@ from conftest import lm_batch, zo_engine
 
 from edgezo.models.tiny import FAMILIES, VOCAB, tiny_model
 from edgezo.tasks.loss import example_losses
-from edgezo.zo import noise, perturb
+from edgezo.zo import chunking, noise, noise_table, perturb, workers
 from edgezo.zo.blocks import build_block_map
 from edgezo.zo.optimizers import make_optimizer
 
@@ -59,7 +59,7 @@ def test_a_language_modelling_loss_streams_the_perturbed_head_span_by_span(famil
     a time (here 3)."""
     from edgezo.tasks import loss
 
-    monkeypatch.setattr(noise, "CHUNK_ELEMENTS", 512)  # several spans of the head
+    monkeypatch.setattr(chunking, "CHUNK_ELEMENTS", 512)  # several spans of the head
     model = tiny_model(family)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, VOCAB, (4, 12), generator=g)
@@ -99,7 +99,7 @@ def test_a_bf16_heads_streamed_loss_keeps_the_targets_logits_exact(family, monke
     from edgezo.tasks import loss
     from edgezo.zo.head import LogSumExp
 
-    monkeypatch.setattr(noise, "CHUNK_ELEMENTS", 512)  # several spans of the head
+    monkeypatch.setattr(chunking, "CHUNK_ELEMENTS", 512)  # several spans of the head
     monkeypatch.setattr(perturb, "LOGIT_CHUNK_VALUES", 3 * 4 * (512 // 32))  # and blocks
     model = tiny_model(family, dtype=torch.bfloat16)
     with torch.no_grad():  # logits of a few units, where bf16's ulp is 1/64-1/128
@@ -136,7 +136,7 @@ def perturbed_copy(model, seed: int, scale: float):
     blocks = build_block_map(ref)
     with torch.no_grad():
         for i, p in enumerate(blocks.params):
-            p.add_(noise.full(p.shape, noise.param_seed(seed, i)).to(p.dtype), alpha=scale)
+            p.add_(noise.full(p.shape, chunking.param_seed(seed, i)).to(p.dtype), alpha=scale)
     return ref, blocks
 
 
@@ -171,7 +171,7 @@ def test_projected_gradient_is_the_directional_derivative():
     blocks = build_block_map(model)
     loss = example_losses(model, batch).mean()
     grads = torch.autograd.grad(loss, blocks.params)
-    exact = sum((gr * noise.full(p.shape, noise.param_seed(seed, i)).double()).sum()
+    exact = sum((gr * noise.full(p.shape, chunking.param_seed(seed, i)).double()).sum()
                 for i, (p, gr) in enumerate(zip(blocks.params, grads, strict=True)))
     assert g == pytest.approx(exact.item(), rel=1e-4)
 
@@ -184,7 +184,7 @@ def test_update_is_theta_minus_lr_g_z_and_is_deferred(pair):
     division by ε instead of 2ε, is off by the whole of g."""
     model = tiny_model("llama", dtype=torch.float64)
     batch, eps, lr = lm_batch(VOCAB), 1e-3, 0.1
-    seed = noise.step_seed(3, 0, 0)  # the first query of step 0 of a run with seed 3
+    seed = chunking.step_seed(3, 0, 0)  # the first query of step 0 of a run with seed 3
     with torch.no_grad():  # before the engine wraps the model: the copies compute alone
         plus = example_losses(perturbed_copy(model, seed, eps)[0], batch).mean().item()
         minus = example_losses(perturbed_copy(model, seed, -eps)[0], batch).mean().item()
@@ -200,7 +200,7 @@ def test_update_is_theta_minus_lr_g_z_and_is_deferred(pair):
     engine.flush()
     for i, p in enumerate(engine.blocks.params):
         name = engine.blocks.names[i]
-        z = noise.full(p.shape, noise.param_seed(seed, i)).double()
+        z = noise.full(p.shape, chunking.param_seed(seed, i)).double()
         torch.testing.assert_close(p.detach(), before[name] - lr * g * z, rtol=0, atol=1e-6)
     engine.close()
 
@@ -226,7 +226,7 @@ def test_bf16_updates_round_stochastically_in_the_engine():
     engine.flush()
     probs, changed = [], []
     for i, p in enumerate(params):
-        z = noise.full(p.shape, noise.param_seed(r.seed, i))
+        z = noise.full(p.shape, chunking.param_seed(r.seed, i))
         target = before[i].float().sub_(z, alpha=lr).view(-1).view(torch.int32)
         lo = target & ~0xFFFF  # the bf16 value below |t| (toward zero), as fp32 bits
         hi = lo + 0x10000  # the next one up in magnitude
@@ -251,13 +251,13 @@ def test_bf16_updates_round_stochastically_in_the_engine():
 @pytest.mark.parametrize(("source", "pooled"), [("table", False), ("generator", True)])
 def test_only_generator_noise_goes_to_the_noise_threads(monkeypatch, source, pooled):
     calls = []
-    real = noise.parallel_map
+    real = workers.parallel_map
 
     def spy(fn, items, device, draws=True):
         calls.append(draws)
         real(fn, items, device, draws)
 
-    monkeypatch.setattr(noise, "parallel_map", spy)
+    monkeypatch.setattr(workers, "parallel_map", spy)
     engine = zo_engine(tiny_model("llama"), make_optimizer("zo-sgd"), eps=1e-3, noise=source)
     engine.step(lm_batch(VOCAB), lr=0.1)
     engine.flush()
@@ -268,7 +268,7 @@ def test_only_generator_noise_goes_to_the_noise_threads(monkeypatch, source, poo
 def test_an_update_from_the_table_leaves_the_table_as_it_was():
     """ZO-SGD's update reads z as a view of the shared table (d = g·z never written): a
     write through it would change every later direction in the process."""
-    table = noise.table(torch.device("cpu"))
+    table = noise_table.table(torch.device("cpu"))
     before = table.clone()
     engine = zo_engine(tiny_model("llama"), make_optimizer("zo-sgd"), eps=1e-3, noise="table")
     for step in range(2):
@@ -400,7 +400,7 @@ def test_language_modelling_batches_with_labels():
     labels[:, :4] = -100
     batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
              "labels": labels}
-    eps, seed = 1e-3, noise.step_seed(0, 0, 0)
+    eps, seed = 1e-3, chunking.step_seed(0, 0, 0)
     with torch.no_grad():
         plus = label_nll(perturbed_copy(model, seed, eps)[0], batch)
         minus = label_nll(perturbed_copy(model, seed, -eps)[0], batch)
@@ -439,7 +439,7 @@ def test_on_the_cpu_a_bf16_layer_is_perturbed_by_one_bf16_add_of_the_tables_twin
         ref = copy.deepcopy(model)
         with torch.no_grad():
             for i, p in enumerate(build_block_map(ref).params):
-                z16 = noise.full(p.shape, noise.param_seed(seed, i)).to(torch.bfloat16)
+                z16 = noise.full(p.shape, chunking.param_seed(seed, i)).to(torch.bfloat16)
                 p.copy_(torch.add(p, z16, alpha=scale))
             want = example_losses(ref, batch).mean().item()
         assert got == pytest.approx(want, rel=1e-6, abs=1e-6)

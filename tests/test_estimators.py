@@ -11,7 +11,7 @@ from toy_problems import ONE_ROW_X, Quadratic, toy_engine
 
 from edgezo.errors import ConfigError
 from edgezo.models.tiny import VOCAB, tiny_model
-from edgezo.zo import noise
+from edgezo.zo import bases, chunking, noise
 from edgezo.zo.direction import Direction
 from edgezo.zo.optimizers import make_optimizer
 
@@ -120,13 +120,13 @@ def test_lowrank_directions_are_u_times_v_with_v_kept_between_steps():
     assert torch.linalg.matrix_rank(torch.cat([z, z3])).item() == 6  # a new basis
     assert torch.equal(Direction((5,), (1.0,), "lowrank", rank=3, basis=11).full(shape, 0), z)
     vector = Direction((5,), (1.0,), "lowrank", rank=3, basis=11).full(torch.Size((40,)), 0)
-    assert torch.equal(vector, noise.full((40,), noise.param_seed(5, 0)))  # not a matrix
+    assert torch.equal(vector, noise.full((40,), chunking.param_seed(5, 0)))  # not a matrix
 
 
 def test_subspace_directions_live_in_the_bases_and_keep_the_gaussian_scale():
     shape = torch.Size((48, 30))
     zs = [Direction((s,), (1.0,), "subspace", rank=4, basis=3).full(shape, 0) for s in range(200)]
-    left, right = noise.basis("subspace", 3, 0, 48, 30, 4, torch.device("cpu"))
+    left, right = bases.basis("subspace", 3, 0, 48, 30, 4, torch.device("cpu"))
     for z in zs[:3]:
         torch.testing.assert_close(left @ (left.T @ z @ right) @ right.T, z)  # P·S·Qᵀ
     mean_sq = sum(float(z.pow(2).sum()) for z in zs) / len(zs)
@@ -139,11 +139,11 @@ def test_bases_built_together_equal_those_built_one_by_one(kind):
     keeps two basis seeds, as basis() does."""
     cpu = torch.device("cpu")
     matrices = [(0, 48, 30), (3, 7, 64), (5, 64, 7)]
-    noise._BASES.clear()
-    alone = {i: noise.basis(kind, 11, i, r, c, 4, cpu) for i, r, c in matrices}
-    noise._BASES.clear()
-    noise.prepare_bases(kind, 11, matrices, 4, cpu)
-    together = {i: noise.basis(kind, 11, i, r, c, 4, cpu) for i, r, c in matrices}
+    bases._BASES.clear()
+    alone = {i: bases.basis(kind, 11, i, r, c, 4, cpu) for i, r, c in matrices}
+    bases._BASES.clear()
+    bases.prepare_bases(kind, 11, matrices, 4, cpu)
+    together = {i: bases.basis(kind, 11, i, r, c, 4, cpu) for i, r, c in matrices}
     storages = set()
     for i, _, _ in matrices:
         for a, b in zip(alone[i], together[i], strict=True):
@@ -152,9 +152,9 @@ def test_bases_built_together_equal_those_built_one_by_one(kind):
                 assert torch.equal(a, b)
                 storages.add(b.untyped_storage().data_ptr())
     assert len(storages) == 1
-    noise.prepare_bases(kind, 12, matrices, 4, cpu)
-    noise.prepare_bases(kind, 13, matrices, 4, cpu)
-    assert {k[1] for k in noise._BASES} == {12, 13}
+    bases.prepare_bases(kind, 12, matrices, 4, cpu)
+    bases.prepare_bases(kind, 13, matrices, 4, cpu)
+    assert {k[1] for k in bases._BASES} == {12, 13}
 
 
 def test_a_lowrank_step_builds_every_basis_before_its_forward():
@@ -164,10 +164,10 @@ def test_a_lowrank_step_builds_every_basis_before_its_forward():
     torch.manual_seed(0)
     model = tiny_model("llama")
     engine = zo_engine(model, make_optimizer("zo-sgd"), directions="lowrank", rank=2)
-    noise._BASES.clear()
+    bases._BASES.clear()
     engine.step(lm_batch(VOCAB), lr=1e-3)
-    basis = noise.mix(0, 0, 0xBA515)
-    found = [v for k, v in noise._BASES.items() if k[1] == basis]
+    basis = chunking.mix(0, 0, 0xBA515)
+    found = [v for k, v in bases._BASES.items() if k[1] == basis]
     matrices = [p for p in engine.blocks.params if p.dim() >= 2]
     assert len(found) == len(matrices) > 1
     assert len({right.untyped_storage().data_ptr() for _, right in found}) == 1
@@ -187,8 +187,8 @@ def test_structured_estimates_point_along_the_gradient(kind, rank):
     engine.step(ONE_ROW_X, lr=1.0)
     engine.flush()
     mean = theta - problem.theta.detach()
-    basis = noise.mix(2, 0, 0xBA515)  # the engine's basis seed of step 0
-    p, q = noise.basis(kind, basis, 0, 5, 4, rank, torch.device("cpu"))
+    basis = chunking.mix(2, 0, 0xBA515)  # the engine's basis seed of step 0
+    p, q = bases.basis(kind, basis, 0, 5, 4, rank, torch.device("cpu"))
     if kind == "lowrank":
         expected = grad @ q.double() @ q.double().T
     else:
@@ -201,7 +201,7 @@ def test_structured_estimates_point_along_the_gradient(kind, rank):
 # -- the table noise source ------------------------------------------------------------------
 def test_table_noise_is_standard_normal_and_independent_across_chunks_steps_params():
     shape = torch.Size((16, 1 << 16))  # 4 chunks of 4 rows (2^18 values each)
-    zs = [noise.chunk(shape, noise.param_seed(noise.step_seed(0, t, 0), i), k,
+    zs = [noise.chunk(shape, chunking.param_seed(chunking.step_seed(0, t, 0), i), k,
                       torch.device("cpu"), "gaussian", "table").flatten().clone()
           for t in range(3) for i in range(2) for k in range(4)]
     n = zs[0].numel()
@@ -211,7 +211,7 @@ def test_table_noise_is_standard_normal_and_independent_across_chunks_steps_para
         for b in range(a + 1, len(zs)):
             corr = float((zs[a] * zs[b]).mean())
             assert abs(corr) < 5 / n**0.5, (a, b, corr)
-    again = noise.chunk(shape, noise.param_seed(noise.step_seed(0, 0, 0), 0), 0,
+    again = noise.chunk(shape, chunking.param_seed(chunking.step_seed(0, 0, 0), 0), 0,
                         torch.device("cpu"), "gaussian", "table").flatten()
     assert torch.equal(again, zs[0])  # regenerated exactly from (seed, param, chunk)
 
@@ -279,7 +279,7 @@ def test_linear_maps_perturbed_span_by_span_equal_a_scratch_copy(family, spans, 
     from edgezo.zo import intercept
 
     if spans != "one chunk":  # chunks of 64 values
-        monkeypatch.setattr(noise, "CHUNK_ELEMENTS", 64)
+        monkeypatch.setattr(chunking, "CHUNK_ELEMENTS", 64)
     if spans == "several spans":  # of two chunks each
         monkeypatch.setitem(intercept.LINEAR_SPAN, "cpu", 128)
     results = []
@@ -295,11 +295,11 @@ def test_linear_maps_perturbed_span_by_span_equal_a_scratch_copy(family, spans, 
     matrices = [p.shape for p in model.parameters() if p.dim() == 2]
     if spans == "several spans":
         assert results[0] == pytest.approx(results[1], abs=1e-4)
-        assert any(len(noise.spans(m, "cpu", limit)) > 1 for m in matrices)
+        assert any(len(chunking.spans(m, "cpu", limit)) > 1 for m in matrices)
     else:
         assert results[0] == results[1]
         if spans == "one span of chunks":
-            assert any(noise.spans(m, "cpu", limit)[0][1] > 1 for m in matrices)
+            assert any(chunking.spans(m, "cpu", limit)[0][1] > 1 for m in matrices)
 
 
 def test_estimates_that_round_to_nothing_are_counted(tiny_folder, data_dir):

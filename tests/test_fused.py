@@ -9,7 +9,7 @@ import torch
 from conftest import lm_batch, zo_engine
 
 from edgezo.models.tiny import VOCAB, tiny_model
-from edgezo.zo import fused, noise, perturb
+from edgezo.zo import chunking, fused, perturb
 from edgezo.zo.optimizers import make_optimizer
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
@@ -21,7 +21,7 @@ def gpu_path(monkeypatch):
     """The CUDA path on the CPU (scratch copies, spans of CUDA's size), with the fused
     pieces on or off: `fuse(True)`."""
     monkeypatch.setattr(perturb, "CHUNKED_LINEAR_DEVICES", ())
-    monkeypatch.setitem(noise.SPAN_ELEMENTS, "cpu", noise.SPAN_ELEMENTS["cuda"])
+    monkeypatch.setitem(chunking.SPAN_ELEMENTS, "cpu", chunking.SPAN_ELEMENTS["cuda"])
 
     def fuse(on: bool) -> None:
         monkeypatch.setattr(fused, "FUSED_DEVICES", ("cuda", "cpu") if on else ("cuda",))
@@ -56,7 +56,7 @@ def fused_calls(monkeypatch) -> dict[str, int]:
 def small_pieces(monkeypatch):
     """Small pieces and chunks: a unit splits into several pieces, a parameter into
     several chunks, and some parameters go span by span (larger than a piece)."""
-    monkeypatch.setattr(noise, "CHUNK_ELEMENTS", 512)
+    monkeypatch.setattr(chunking, "CHUNK_ELEMENTS", 512)
     monkeypatch.setattr(fused, "FUSED_VALUES", 3000)
 
 
@@ -267,7 +267,7 @@ def test_edgezo_fused_0_keeps_the_span_path_everywhere():
 
 
 def test_a_parameter_larger_than_a_piece_is_cut_at_chunk_boundaries(monkeypatch):
-    monkeypatch.setattr(noise, "CHUNK_ELEMENTS", 512)
+    monkeypatch.setattr(chunking, "CHUNK_ELEMENTS", 512)
     monkeypatch.setattr(fused, "FUSED_VALUES", 3000)
     params = [torch.zeros(256, 32), torch.zeros(100), torch.zeros(40, 32)]
     pieces, rest = fused.Fused(params).pieces([0, 1, 2])

@@ -85,9 +85,9 @@ def ctrl_c_between_block_updates(s, act):
 def ctrl_c_inside_a_block_update(s, act, monkeypatch):
     """`act()` halfway through the first deferred update of step STOP_AT: half of a
     block's tensors updated, half not (where a KeyboardInterrupt tore bf16 runs)."""
-    from edgezo.zo import noise
+    from edgezo.zo import workers
 
-    original = noise.parallel_map
+    original = workers.parallel_map
     fired: list[int] = []
 
     def parallel_map(fn, items, device, draws=True):
@@ -101,7 +101,7 @@ def ctrl_c_inside_a_block_update(s, act, monkeypatch):
         act()
         original(fn, items[half:], device, draws)
 
-    monkeypatch.setattr(noise, "parallel_map", parallel_map)
+    monkeypatch.setattr(workers, "parallel_map", parallel_map)
 
 
 def sigint():

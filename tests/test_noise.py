@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from edgezo.zo import noise
+from edgezo.zo import chunking, noise, noise_table, workers
 from edgezo.zo.direction import Direction
 
 
@@ -13,12 +13,12 @@ def test_mix_is_splitmix64_with_pinned_values_and_order_sensitive():
     """Seeds are hashes a seed log stores: the same integers must name the same
     directions in every version and on every machine."""
     # SplitMix64's reference outputs from state 0 (Vigna's splitmix64.c): its first two
-    assert noise._splitmix64(0) == 0xE220A8397B1DCDAF
-    assert noise._splitmix64(0x9E3779B97F4A7C15) == 0x6E789E6AA1B965F4
-    assert noise.mix(1, 2, 3) == 7405809139744024400
-    assert noise.step_seed(0, 0, 0) == 8435702009653986085
-    assert noise.mix(1, 2, 3) != noise.mix(3, 2, 1)
-    assert 0 <= noise.mix(2**70, -5) < 2**63
+    assert chunking._splitmix64(0) == 0xE220A8397B1DCDAF
+    assert chunking._splitmix64(0x9E3779B97F4A7C15) == 0x6E789E6AA1B965F4
+    assert chunking.mix(1, 2, 3) == 7405809139744024400
+    assert chunking.step_seed(0, 0, 0) == 8435702009653986085
+    assert chunking.mix(1, 2, 3) != chunking.mix(3, 2, 1)
+    assert 0 <= chunking.mix(2**70, -5) < 2**63
 
 
 _TABLE_SALT = 0x7AB1E  # the table offset's salt: part of what a seed means, never changed
@@ -27,8 +27,8 @@ _TABLE_SALT = 0x7AB1E  # the table offset's salt: part of what a seed means, nev
 def _table_slice(seed: int, chunk: int, numel: int) -> torch.Tensor:
     """The table's values where a chunk of `numel` values with this seed starts reading:
     the offset mix(seed, chunk, salt) mod (T − numel + 1), computed here."""
-    offset = noise.mix(seed, chunk, _TABLE_SALT) % (noise.TABLE_VALUES - numel + 1)
-    return noise.table(torch.device("cpu"))[offset:offset + numel]
+    offset = chunking.mix(seed, chunk, _TABLE_SALT) % (noise_table.TABLE_VALUES - numel + 1)
+    return noise_table.table(torch.device("cpu"))[offset:offset + numel]
 
 
 def test_each_chunk_of_a_tensor_reads_the_table_at_its_own_offset():
@@ -39,14 +39,14 @@ def test_each_chunk_of_a_tensor_reads_the_table_at_its_own_offset():
     shape = torch.Size([3000, 200])  # 1310 rows a chunk: two full chunks, one partial
     seed, cpu = 11, torch.device("cpu")
     z = noise.full(shape, seed)
-    for k, (lo, hi) in enumerate(noise.chunk_bounds(shape)):
+    for k, (lo, hi) in enumerate(chunking.chunk_bounds(shape)):
         want = _table_slice(seed, k, (hi - lo) * 200).view(hi - lo, 200)
         assert torch.equal(noise.chunk(shape, seed, k, cpu), want), k
         assert torch.equal(z[lo:hi], want), k
     assert not torch.equal(z[:1310], z[1310:2620])
     assert torch.equal(noise.chunk(shape, seed, 0, cpu, end=3), z)
     rows = torch.tensor([0, 1309, 1310, 2619, 2620, 2999])
-    assert torch.equal(noise.table_rows(shape, seed, rows), z[rows])
+    assert torch.equal(noise_table.table_rows(shape, seed, rows), z[rows])
 
 
 SOURCES = pytest.mark.parametrize("source", ["table", "generator"])
@@ -60,7 +60,7 @@ def _rows(shape, seed, rows, source):
 @SOURCES
 def test_chunks_tile_the_parameter(source):
     shape = torch.Size([1000, 700])  # 374 rows per chunk -> 3 chunks, the last partial
-    bounds = noise.chunk_bounds(shape)
+    bounds = chunking.chunk_bounds(shape)
     assert bounds[0][0] == 0 and bounds[-1][1] == 1000 and len(bounds) == 3
     z = noise.full(shape, seed=7, source=source)
     for k, (lo, hi) in enumerate(bounds):
@@ -115,7 +115,7 @@ def test_work_that_draws_nothing_stays_on_the_callers_thread(monkeypatch):
             if draws:
                 barrier.wait()  # two items at once: they ran on two pool threads
 
-        noise.parallel_map(record, range(2), torch.device("cpu"), draws=draws)
+        workers.parallel_map(record, range(2), torch.device("cpu"), draws=draws)
         return seen
 
     assert names(False) == {threading.current_thread().name}

@@ -16,7 +16,7 @@ from toy_problems import (
 
 from edgezo.models.tiny import VOCAB, tiny_model
 from edgezo.tasks.loss import example_losses
-from edgezo.zo import noise
+from edgezo.zo import chunking, noise, noise_table
 from edgezo.zo.blocks import build_block_map, estimation_groups
 from edgezo.zo.direction import Direction
 from edgezo.zo.optimizers import OPTIMIZERS, make_optimizer
@@ -84,7 +84,7 @@ def test_zo_estimate_is_unbiased(directions):
 def test_q_queries_equal_the_mean_of_single_query_estimates():
     problem = quadratic(4)
     single = toy_engine(copy.deepcopy(problem), "zo-sgd", eps=1e-3, seed=3)
-    seeds = [noise.step_seed(3, 0, i) for i in range(4)]
+    seeds = [chunking.step_seed(3, 0, i) for i in range(4)]
     singles = []
     for s in seeds:
         plus, minus = single.losses(ONE_ROW, s)
@@ -94,7 +94,7 @@ def test_q_queries_equal_the_mean_of_single_query_estimates():
     r = engine.step(ONE_ROW, lr=0.1)
     assert r.seeds == seeds and r.projected_grads == singles
     engine.flush()
-    expected = theta - 0.1 * sum(g * noise.full((4,), noise.param_seed(s, 0)).double()
+    expected = theta - 0.1 * sum(g * noise.full((4,), chunking.param_seed(s, 0)).double()
                                  for s, g in zip(r.seeds, singles, strict=True)) / 4
     torch.testing.assert_close(problem.theta.detach(), expected, rtol=1e-8, atol=0)
     assert len(set(r.seeds)) == 4
@@ -105,7 +105,7 @@ def test_one_sided_estimate_uses_the_unperturbed_loss():
     engine = toy_engine(problem, "zo-sgd", eps=1e-3, seed=2, estimate="one-sided")
     base = engine.loss(ONE_ROW)
     r = engine.step(ONE_ROW, lr=0.0)
-    z = noise.full((3,), noise.param_seed(r.seed, 0)).double()
+    z = noise.full((3,), chunking.param_seed(r.seed, 0)).double()
     with torch.no_grad():
         plus = problem(torch.zeros(1, 1))[0]
         problem.theta.add_(1e-3 * z)
@@ -130,7 +130,7 @@ def hand_setup(name: str, **opt_kwargs):
 
 def grad_estimate(problem, seed: int, eps: float = 1e-3) -> torch.Tensor:
     """The two-point estimate g·z along seed's z, computed by hand."""
-    z = noise.full((3,), noise.param_seed(seed, 0)).double()
+    z = noise.full((3,), chunking.param_seed(seed, 0)).double()
     theta = problem.theta.detach()
     a, t = problem.curvature, problem.target
 
@@ -189,7 +189,7 @@ def test_zo_sgd_with_weight_decay_is_exact_and_leaves_the_noise_table_alone():
     decay ZO-SGD's update reads z as a view of the shared table and folds g into the
     rate; with it, the rule adds λθ to d in place, so that shortcut would scale λθ by g
     and write θ into the table (every later direction of the process would change)."""
-    table = noise.table(torch.device("cpu"))
+    table = noise_table.table(torch.device("cpu"))
     saved = table.clone()
     model = tiny_model("llama")
     wd, lr = 0.1, 0.05
@@ -197,7 +197,7 @@ def test_zo_sgd_with_weight_decay_is_exact_and_leaves_the_noise_table_alone():
     params = engine.blocks.params
     for step in range(2):
         before = [p.detach().clone() for p in params]
-        zs = [noise.full(p.shape, noise.param_seed(noise.step_seed(1, step, 0), i))
+        zs = [noise.full(p.shape, chunking.param_seed(chunking.step_seed(1, step, 0), i))
               for i, p in enumerate(params)]  # drawn before the step reads the table
         r = engine.step(lm_batch(VOCAB, seed=step), lr=lr)
         engine.flush()
@@ -280,7 +280,7 @@ def test_forward_gradient_is_the_exact_directional_derivative():
     r = engine.step(batch, lr=0.0)
     engine.close()
     for s, g in zip(r.seeds, r.projected_grads, strict=True):
-        exact = sum((gr * noise.full(p.shape, noise.param_seed(s, i)).double()).sum()
+        exact = sum((gr * noise.full(p.shape, chunking.param_seed(s, i)).double()).sum()
                     for i, (p, gr) in enumerate(zip(blocks.params, grads, strict=True)))
         assert g == pytest.approx(exact.item(), rel=1e-9)
     assert r.loss == pytest.approx(loss.item(), rel=1e-12)
@@ -323,8 +323,8 @@ def test_block_wise_directions_differ_between_layers():
     q1 = names.index("model.layers.1.self_attn.q_proj.weight")
     group_of = {i: k for k, g in enumerate(engine.groups) for i in g}
     shape = engine.blocks.params[q0].shape
-    z0 = noise.full(shape, noise.param_seed(r.seeds[group_of[q0]], q0))
-    z1 = noise.full(shape, noise.param_seed(r.seeds[group_of[q1]], q1))
+    z0 = noise.full(shape, chunking.param_seed(r.seeds[group_of[q0]], q0))
+    z1 = noise.full(shape, chunking.param_seed(r.seeds[group_of[q1]], q1))
     assert not torch.equal(z0, z1)
 
 
@@ -464,7 +464,7 @@ def test_stochastic_rounding_keeps_the_mean_of_many_tiny_updates(name):
     rule.init_state([p])
     fo = OPTIMIZERS[name].estimator == "fo"
     for t in range(1, steps + 1):
-        direction = Direction((noise.step_seed(3, t),), (1.0,))
+        direction = Direction((chunking.step_seed(3, t),), (1.0,))
         direction.chunk(p.shape, 0, 0, p.device)  # draws z: its low bits are the dither
         bits = (noise.random_bits(p.numel(), t, 0, p.device) if fo
                 else direction.dither_bits(p.numel(), 0, 0, p.device))

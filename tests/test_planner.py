@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from edgezo.device.profiles import load_profile
 from edgezo.models.tiny import tiny_config
+from edgezo.zo import chunking, noise_table
 
 LLAMA_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
@@ -72,7 +73,6 @@ def test_noise_buffers_follow_the_largest_chunk_and_fo_has_no_scratch(config_fil
     2^18 values for a 7B Llama's matrices, one embedding row-block for a tiny model, a
     LoRA matrix for LoRA. A pure FO run perturbs nothing: no scratch."""
     from edgezo.memory.peak import THREAD_BUFFERS
-    from edgezo.zo import noise
 
     def buffers(path, **kw):
         plan = plan_of(model=path, profile="cpu-16gb", dtype="fp32", batch_size=2,
@@ -84,11 +84,11 @@ def test_noise_buffers_follow_the_largest_chunk_and_fo_has_no_scratch(config_fil
     monkeypatch.setenv("EDGEZO_NOISE_THREADS", "2")
     per_thread = 1
     _, big = buffers(config_file(LLAMA_7B))
-    assert big == noise.CHUNK_ELEMENTS * per_thread
+    assert big == chunking.CHUNK_ELEMENTS * per_thread
     _, drawn = buffers(config_file(LLAMA_7B), noise="generator")
-    assert drawn == noise.CHUNK_ELEMENTS * 3  # the caller and two pool threads
+    assert drawn == chunking.CHUNK_ELEMENTS * 3  # the caller and two pool threads
     monkeypatch.setenv("EDGEZO_NOISE_THREADS", "1")  # no pool: the caller's set alone
-    assert buffers(config_file(LLAMA_7B), noise="generator")[1] == noise.CHUNK_ELEMENTS
+    assert buffers(config_file(LLAMA_7B), noise="generator")[1] == chunking.CHUNK_ELEMENTS
     tiny = tiny_llama_file(config_file)
     _, full = buffers(tiny)
     assert full == 256 * 32 * per_thread  # the 256 x 32 embedding is one chunk
@@ -101,20 +101,19 @@ def test_noise_buffers_follow_the_largest_chunk_and_fo_has_no_scratch(config_fil
 def test_the_noise_table_and_its_bf16_twin_are_priced_where_a_step_reads_them(config_file):
     """fp32 table values: 4 bytes each; bf16 weights on the CPU also read the bf16 twin
     (2 bytes a value); the generator, FO and LoRA's fp32 adapters read neither twin."""
-    from edgezo.zo import noise
 
     def table(**kw):
         plan = plan_of(model=tiny_llama_file(config_file), profile="cpu-16gb", batch_size=2,
                        seq_len=8, pair=True, **kw)
         return plan.components.get("noise_table", 0)
 
-    assert table(dtype="fp32") == noise.TABLE_VALUES * 4
-    assert table(dtype="bf16") == noise.TABLE_VALUES * 6
-    assert table(dtype="bf16", directions="lowrank") == noise.TABLE_VALUES * 4  # fp32 norms
-    assert table(dtype="bf16", directions="rademacher") == noise.TABLE_VALUES * 4
-    assert table(dtype="bf16", sparsity=0.5) == noise.TABLE_VALUES * 4  # d = mask ⊙ z
-    assert table(dtype="bf16", optimizer="hizoo") == noise.TABLE_VALUES * 4  # d = Σ^½ z
-    assert table(dtype="bf16", scheme="lora") == noise.TABLE_VALUES * 4
+    assert table(dtype="fp32") == noise_table.TABLE_VALUES * 4
+    assert table(dtype="bf16") == noise_table.TABLE_VALUES * 6
+    assert table(dtype="bf16", directions="lowrank") == noise_table.TABLE_VALUES * 4  # fp32 norms
+    assert table(dtype="bf16", directions="rademacher") == noise_table.TABLE_VALUES * 4
+    assert table(dtype="bf16", sparsity=0.5) == noise_table.TABLE_VALUES * 4  # d = mask ⊙ z
+    assert table(dtype="bf16", optimizer="hizoo") == noise_table.TABLE_VALUES * 4  # d = Σ^½ z
+    assert table(dtype="bf16", scheme="lora") == noise_table.TABLE_VALUES * 4
     assert table(dtype="bf16", noise="generator") == 0
     assert table(dtype="bf16", optimizer="fo-adam") == 0
 
@@ -125,7 +124,6 @@ def test_on_cuda_noise_buffers_hold_a_span_and_layers_are_copied(config_file, mo
     even with the table (perturb.CHUNKED_LINEAR_DEVICES); emulated on the CPU, the same
     profile's layers keep their linear maps out of the copy."""
     from edgezo.memory.peak import THREAD_BUFFERS
-    from edgezo.zo import noise
 
     req = dict(model=config_file(LLAMA_7B), profile="8gb-gpu", dtype="bf16", batch_size=2,
                seq_len=8)
@@ -133,7 +131,7 @@ def test_on_cuda_noise_buffers_hold_a_span_and_layers_are_copied(config_file, mo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     gpu = plan_of(**req, pair=True)
     assert (emulated.device, gpu.device) == ("cpu", "cuda")
-    assert noise.SPAN_ELEMENTS["cuda"] == 1 << 20
+    assert chunking.SPAN_ELEMENTS["cuda"] == 1 << 20
     H, inter = 4096, 11008
     # plus the fused pieces' z, fp32 copy and dither (zo/fused.py), 4M values at most, and
     # their row layouts (two int64 a row, twice, and the table offsets once): 32 layers'

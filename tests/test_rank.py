@@ -7,7 +7,7 @@ from toy_problems import ONE_ROW_X, quadratic, toy_engine
 
 from edgezo import Session
 from edgezo.errors import ConfigError
-from edgezo.zo import noise
+from edgezo.zo import chunking
 from edgezo.zo.direction import Direction
 from edgezo.zo.rank import coefficients
 
@@ -47,7 +47,7 @@ def test_step_moves_towards_the_preferred_candidate_exactly():
     r = engine.step_along([-c for c in coefficients([1, 0], 2)], lr=0.1)  # 1 preferred
     engine.flush()
     z = [Direction((s,), (1.0,)).full(theta.shape, 0, dtype=torch.float64) for s in r.seeds]
-    assert r.seeds == [noise.step_seed(5, 0, k) for k in range(2)]
+    assert r.seeds == [chunking.step_seed(5, 0, k) for k in range(2)]
     torch.testing.assert_close(problem.theta.detach(), theta + 0.1 * (z[1] - z[0]))
 
 

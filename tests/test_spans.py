@@ -1,4 +1,4 @@
-"""Spans (noise.spans, used on CUDA) carry exactly the values of their chunks: a step that
+"""Spans (chunking.spans, used on CUDA) carry exactly the values of their chunks: a step that
 walks spans gives the same losses, estimates and weights as one that walks chunks.
 
 CUDA's span size is forced onto the CPU here, and the chunk made small, so that tiny
@@ -12,7 +12,7 @@ import torch
 from conftest import lm_batch, zo_engine
 
 from edgezo.models.tiny import VOCAB, tiny_model
-from edgezo.zo import noise
+from edgezo.zo import chunking, noise, noise_table
 from edgezo.zo.direction import Direction
 from edgezo.zo.optimizers import make_optimizer
 from edgezo.zo.sparsity import SparseMasks
@@ -24,13 +24,13 @@ CPU = torch.device("cpu")
 def small_chunks(monkeypatch):
     """Chunks of 64 values (or one row, when a row is longer); with spans on, spans of up
     to 256 values: 4 chunks of (40, 16), 2 rows of (7, 100)."""
-    monkeypatch.setattr(noise, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(chunking, "CHUNK_ELEMENTS", 64)
 
     def spans_on(on: bool) -> None:
         if on:
-            monkeypatch.setitem(noise.SPAN_ELEMENTS, "cpu", 256)
+            monkeypatch.setitem(chunking.SPAN_ELEMENTS, "cpu", 256)
         else:
-            monkeypatch.delitem(noise.SPAN_ELEMENTS, "cpu", raising=False)
+            monkeypatch.delitem(chunking.SPAN_ELEMENTS, "cpu", raising=False)
     return spans_on
 
 
@@ -42,9 +42,9 @@ SHAPES = [torch.Size(s) for s in [(40, 16), (41, 16), (7, 100), (300,), (5, 3, 4
 @pytest.mark.parametrize("source", ["table", "generator"])
 def test_a_span_is_its_chunks_end_to_end(small_chunks, shape, kind, source):
     small_chunks(True)
-    z = noise.full(shape, 9, kind=kind, source=source).reshape(noise.num_rows(shape), -1)
-    spans = noise.spans(shape, CPU)
-    assert spans[0][2] == 0 and spans[-1][3] == noise.num_rows(shape)
+    z = noise.full(shape, 9, kind=kind, source=source).reshape(chunking.num_rows(shape), -1)
+    spans = chunking.spans(shape, CPU)
+    assert spans[0][2] == 0 and spans[-1][3] == chunking.num_rows(shape)
     if shape == (41, 16):  # 4 rows a chunk, 11 chunks: spans of 4 chunks, the last of 3
         assert [(k, end) for k, end, _, _ in spans] == [(0, 4), (4, 8), (8, 11)]
     if shape == (7, 100):  # rows longer than a chunk: a chunk a row, two rows a span
@@ -63,10 +63,10 @@ def test_the_tables_bf16_twin_is_z_rounded_to_bf16_wherever_it_is_read(small_chu
     nearest bf16, chunk by chunk and span by span, and reading it leaves the update's
     dither (the last fp32 z) alone."""
     small_chunks(spans_on)
-    assert torch.equal(noise.table_bf16(CPU), noise.table(CPU).to(torch.bfloat16))
+    assert torch.equal(noise_table.table_bf16(CPU), noise_table.table(CPU).to(torch.bfloat16))
     for shape in SHAPES:
-        z = noise.full(shape, noise.param_seed(9, 0)).reshape(noise.num_rows(shape), -1)
-        for k, end, lo, hi in noise.spans(shape, CPU):
+        z = noise.full(shape, chunking.param_seed(9, 0)).reshape(chunking.num_rows(shape), -1)
+        for k, end, lo, hi in chunking.spans(shape, CPU):
             marker = noise.chunk(shape, 1, 0, CPU)
             got = Direction((9,), (1.0,)).perturbation_chunk(shape, 0, k, CPU,
                                                              torch.bfloat16, end)
@@ -85,7 +85,7 @@ def test_the_tables_bf16_twin_is_z_rounded_to_bf16_wherever_it_is_read(small_chu
 def test_table_rows_are_the_full_direction_at_those_rows(small_chunks):
     shape = torch.Size([41, 16])
     rows = torch.tensor([0, 3, 4, 17, 40])
-    assert torch.equal(noise.table_rows(shape, 5, rows), noise.full(shape, 5)[rows])
+    assert torch.equal(noise_table.table_rows(shape, 5, rows), noise.full(shape, 5)[rows])
 
 
 @pytest.mark.cuda
@@ -96,19 +96,19 @@ def test_on_cuda_spans_are_their_chunks_and_the_table_is_the_cpus(monkeypatch, k
     bit for bit, embedding rows come from the same gather, and the table gives the CPU's
     values, so a run replays across devices."""
     cuda = torch.device("cuda")
-    monkeypatch.setattr(noise, "CHUNK_ELEMENTS", 64)
-    monkeypatch.setitem(noise.SPAN_ELEMENTS, "cuda", 256)
+    monkeypatch.setattr(chunking, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setitem(chunking.SPAN_ELEMENTS, "cuda", 256)
     for shape in SHAPES:
-        z = noise.full(shape, 9, cuda, kind, source).reshape(noise.num_rows(shape), -1)
-        for k, end, lo, hi in noise.spans(shape, cuda):
+        z = noise.full(shape, 9, cuda, kind, source).reshape(chunking.num_rows(shape), -1)
+        for k, end, lo, hi in chunking.spans(shape, cuda):
             got = noise.chunk(shape, 9, k, cuda, kind, source, end=end)
             assert torch.equal(got.reshape(hi - lo, -1), z[lo:hi])
         if source == "table":
             cpu = noise.full(shape, 9, CPU, kind, source).reshape(z.shape)
             assert torch.equal(z.cpu(), cpu)
             if len(shape) and kind == "gaussian":
-                rows = torch.tensor([0, noise.num_rows(shape) - 1], device=cuda).unique()
-                assert torch.equal(noise.table_rows(shape, 9, rows).reshape(len(rows), -1),
+                rows = torch.tensor([0, chunking.num_rows(shape) - 1], device=cuda).unique()
+                assert torch.equal(noise_table.table_rows(shape, 9, rows).reshape(len(rows), -1),
                                    z[rows])
 
 
@@ -134,12 +134,12 @@ def test_direction_spans_equal_their_chunks(small_chunks, name, direction):
     small_chunks(False)
     chunks = [(direction.chunk(shape, 0, k, CPU, writable=True).clone(),
                direction.dither_bits((hi - lo) * 16, 0, k, CPU).clone())
-              for k, (lo, hi) in enumerate(noise.chunk_bounds(shape))]
+              for k, (lo, hi) in enumerate(chunking.chunk_bounds(shape))]
     want_d = torch.cat([d.reshape(-1) for d, _ in chunks])
     want_bits = torch.cat([b.reshape(-1) for _, b in chunks])
     small_chunks(True)
     got_d, got_bits = [], []
-    for k, end, lo, hi in noise.spans(shape, CPU):
+    for k, end, lo, hi in chunking.spans(shape, CPU):
         got_d.append(direction.chunk(shape, 0, k, CPU, writable=True, end=end).flatten().clone())
         got_bits.append(direction.dither_bits((hi - lo) * 16, 0, k, CPU, shape, end).clone())
     assert torch.equal(torch.cat(got_d), want_d)
@@ -192,4 +192,4 @@ def test_a_run_over_spans_is_the_run_over_chunks(small_chunks, optimizer, dtype,
     assert not all(torch.equal(v, base.state_dict()[k]) for k, v in model.state_dict().items())
     # the steps did walk spans of several chunks
     assert any(end - k > 1 for p in base.parameters() for k, end, _, _ in
-               noise.spans(p.shape, CPU))
+               chunking.spans(p.shape, CPU))

@@ -38,7 +38,7 @@ from edgezo.device.profiles import Profile
 from edgezo.memory import terms
 from edgezo.memory.streaming import streaming_terms
 from edgezo.models.quantized import tensor_bytes
-from edgezo.zo import fused, noise
+from edgezo.zo import chunking, fused, noise_table
 from edgezo.zo.batch import Shape
 from edgezo.zo.blocks import BlockMap
 from edgezo.zo.intercept import LINEAR_SPAN, linear_slots
@@ -158,9 +158,9 @@ class StepSpec:
     forward_grad: bool = False
     perturbs: bool = True  # False: a pure FO step builds no perturbed copy
     stream: StreamPart | None = None
-    noise_table: bool = False  # z comes from the shared table (noise.table), resident
+    noise_table: bool = False  # z comes from the shared table (noise_table.table), resident
     noise_table_bf16: bool = False  # bf16 weights' perturbed copies read its twin (CPU)
-    direction_bases: int = 0  # bytes of the lowrank/subspace bases kept (noise.basis)
+    direction_bases: int = 0  # bytes of the lowrank/subspace bases kept (bases.basis)
     cheap_noise: bool = False  # z re-read per pair half: one scratch copy (perturb._cheap_z)
     fuses: bool = False  # z has values (not coordinates): the fused path may run (fused.py)
     qat_bytes: int = 0  # QAT's fp32 masters (full) or quantized merged weights (lora)
@@ -178,12 +178,12 @@ def _scratch_bytes(blocks: BlockMap, spec: StepSpec, rows: int) -> int:
         params = [blocks.params[i] for _, i in unit.slots]
         if unit.kind == "embedding":
             p = params[0]
-            used = min(noise.num_rows(p.shape), rows * seq_len)
-            need = used * (p.numel() // max(1, noise.num_rows(p.shape))) * p.element_size()
+            used = min(chunking.num_rows(p.shape), rows * seq_len)
+            need = used * (p.numel() // max(1, chunking.num_rows(p.shape))) * p.element_size()
             need = need * (copies + 1)
         elif unit.kind == "linear":
             p = params[0]
-            chunk = noise.largest_chunk([p.shape], _device(spec)) * p.element_size()
+            chunk = chunking.largest_chunk([p.shape], _device(spec)) * p.element_size()
             need = chunk * (copies + 1) * max(1, spec.noise_threads)
         else:
             # with cheap z, a unit's linear maps compute span by span (no copy of them),
@@ -206,8 +206,8 @@ def _linear_span_bytes(p: torch.Tensor, device: str, limit: int | None) -> int:
     chunk is rounded from (intercept.perturbed_into)."""
     elem = p.element_size()
     per_chunk = 4 + 4 + (4 if elem < 4 else 0)
-    return (noise.largest_chunk([p.shape], device, limit) * elem
-            + noise.largest_chunk([p.shape], device) * per_chunk)
+    return (chunking.largest_chunk([p.shape], device, limit) * elem
+            + chunking.largest_chunk([p.shape], device) * per_chunk)
 
 
 def _fused_bytes(blocks: BlockMap, spec: StepSpec) -> int:
@@ -219,7 +219,7 @@ def _fused_bytes(blocks: BlockMap, spec: StepSpec) -> int:
     if not (spec.perturbs and spec.fuses and _device(spec) in fused.FUSED_DEVICES):
         return 0
     values = sum(p.numel() for p in blocks.params)
-    rows = sum(noise.num_rows(p.shape) for p in blocks.params)
+    rows = sum(chunking.num_rows(p.shape) for p in blocks.params)
     return (3 * 4 * min(fused.FUSED_VALUES, values) + 2 * 2 * 8 * rows
             + 8 * min(rows, fused.FUSED_VALUES))
 
@@ -285,7 +285,7 @@ def plan_step(model: torch.nn.Module, blocks: BlockMap, profile: Profile, spec: 
         + sum(_bytes(b) for b in model.buffers()),
         "perturbation_scratch": _scratch_bytes(blocks, spec, rows),
         "noise_buffers": THREAD_BUFFERS * 4 * (spec.noise_threads + 1)
-        * noise.largest_chunk((p.shape for p in blocks.params), _device(spec))
+        * chunking.largest_chunk((p.shape for p in blocks.params), _device(spec))
         + _fused_bytes(blocks, spec),
         "activations": terms.activation_bytes(model.config, rows, train.seq_len + virtual,
                                               elem, train.logit_positions,
@@ -321,7 +321,7 @@ def _step_terms(model, blocks: BlockMap, spec: StepSpec, components: dict[str, i
     if spec.sparsity:
         out["sparsity_masks"] = blocks.numel()
     if spec.noise_table:
-        out["noise_table"] = noise.TABLE_VALUES * (4 + (2 if spec.noise_table_bf16 else 0))
+        out["noise_table"] = noise_table.TABLE_VALUES * (4 + (2 if spec.noise_table_bf16 else 0))
     if spec.direction_bases:
         out["direction_bases"] = spec.direction_bases
     if spec.qat_bytes:

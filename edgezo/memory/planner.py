@@ -27,7 +27,7 @@ from edgezo.memory.streaming import layer_bytes, stream_tier, streamed_layers
 from edgezo.models.loading import load_config, parse_dtype
 from edgezo.models.quantized import stored_bytes
 from edgezo.models.schemes import apply_scheme
-from edgezo.zo import noise, qat
+from edgezo.zo import qat, workers
 from edgezo.zo.batch import Shape
 from edgezo.zo.blocks import (
     BlockMap,
@@ -126,11 +126,11 @@ def live_model(model: nn.Module, blocks: BlockMap) -> Priced:
 
 def pool_threads(est: EstimatorOptions, blocks: BlockMap, fo: set[int]) -> int:
     """The noise pool's threads a CPU step uses: only work that draws from torch's
-    generator goes there (noise.parallel_map), and each thread keeps its buffers."""
+    generator goes there (workers.parallel_map), and each thread keeps its buffers."""
     bf16 = any(p.dtype == torch.bfloat16 for p in blocks.params)
     draws = (bool(fo) and bf16) or Direction((0,), (1.0,), kind=est.directions,
                                        source=est.noise).draws(bf16)
-    return noise.pool_threads(draws)
+    return workers.pool_threads(draws)
 
 
 def step_spec(config: RunConfig, priced: Priced, profile: Profile, shapes: Shapes, *,
@@ -171,7 +171,7 @@ def step_spec(config: RunConfig, priced: Priced, profile: Profile, shapes: Shape
 
 
 def basis_bytes(blocks: BlockMap, directions: str | None, rank: int | None) -> int:
-    """The lowrank V / subspace (P, Q) factors noise.basis keeps: r values per column (and
+    """The lowrank V / subspace (P, Q) factors bases.basis keeps: r values per column (and
     per row, subspace) of every matrix, for two basis seeds while one replaces the other."""
     if directions not in STRUCTURED:
         return 0

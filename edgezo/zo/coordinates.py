@@ -18,7 +18,7 @@ import itertools
 
 import torch
 
-from edgezo.zo import noise
+from edgezo.zo import chunking
 
 _SALT = 0xC0_0D  # the coordinate sample's seed: mix(run seed, step, salt)
 
@@ -55,7 +55,7 @@ class Sampler:
         if q >= self.total:
             picks = torch.arange(self.total)
         else:
-            gen = torch.Generator().manual_seed(noise.mix(self.seed, t, _SALT))
+            gen = torch.Generator().manual_seed(chunking.mix(self.seed, t, _SALT))
             if q * 4 >= self.total:
                 picks = torch.randperm(self.total, generator=gen)[:q]
             else:  # a few distinct values out of many: no permutation of all of them
@@ -75,7 +75,7 @@ class Sampler:
         """The coordinates of the given seeds of step t (query i's seed is step_seed(t, i))."""
         if self._step != t:
             self._step, self._coords = t, self._draw(t, q)
-            self._by_seed = {noise.step_seed(self.seed, t, i): c
+            self._by_seed = {chunking.step_seed(self.seed, t, i): c
                              for i, c in enumerate(self._coords)}
         return tuple(self._by_seed[s] for s in seeds)
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from edgezo.zo import noise
+from edgezo.zo import bases, chunking, noise, noise_table, workers
 from edgezo.zo.methods import STRUCTURED
 from edgezo.zo.optimizers import work_dtype
 from edgezo.zo.sparsity import SparseMasks
@@ -76,7 +76,7 @@ class Direction:
     def draws(self, bf16_update: bool = False) -> bool:
         """Whether regenerating d (with `bf16_update`, also the update's rounding dither)
         draws values from torch's generator, serial on the CPU: only such work goes to the
-        noise threads (noise.parallel_map); the table is read, not drawn. Structured
+        noise threads (workers.parallel_map); the table is read, not drawn. Structured
         directions draw their factors chunk by chunk, and gain from the pool: with it a
         SmolLM2 bf16 step measured 1.93x and 2.14x two forwards (lowrank, subspace),
         on the caller's thread 2.08x and 2.56x."""
@@ -99,16 +99,16 @@ class Direction:
         """z of query `seed` on noise chunk k of parameter `index` (with `end`: on chunks
         [k, end), a span) (read-only; the thread remembers it as its last z, whose low
         bits dither the update's rounding)."""
-        pseed = noise.param_seed(seed, index)
+        pseed = chunking.param_seed(seed, index)
         if self.kind not in STRUCTURED or not is_matrix(shape):
             kind = "rademacher" if self.kind == "rademacher" else "gaussian"
             return noise.chunk(shape, pseed, k, device, kind, self.source, end)
-        lo, hi = noise.span_bounds(shape, k, end)
-        out = noise.thread_buffer("z", (hi - lo) * shape[1:].numel(), torch.float32, device)
+        lo, hi = chunking.span_bounds(shape, k, end)
+        out = workers.thread_buffer("z", (hi - lo) * shape[1:].numel(), torch.float32, device)
         out = out.view(hi - lo, -1)
         factors = self.factors(shape, seed, index, device)
         # chunk by chunk even in a span: a product's rounding depends on its shape
-        for c, a, b in noise.chunks_of_span(shape, k, end):
+        for c, a, b in chunking.chunks_of_span(shape, k, end):
             self.chunk_into(out[a:b], shape, seed, index, c, factors)
         noise.remember(out)
         return out.view(hi - lo, *shape[1:])
@@ -120,11 +120,11 @@ class Direction:
         None where z is i.i.d. (other kinds, and tensors that are not matrices)."""
         if self.kind not in STRUCTURED or not is_matrix(shape):
             return None
-        rows, cols = noise.num_rows(shape), shape[1:].numel()
-        left, right = noise.basis(self.kind, self.basis, index, rows, cols, self.rank, device)
+        rows, cols = chunking.num_rows(shape), shape[1:].numel()
+        left, right = bases.basis(self.kind, self.basis, index, rows, cols, self.rank, device)
         if self.kind == "lowrank":
             return None, right.T
-        core = noise.gaussian(self.rank * self.rank, noise.param_seed(seed, index), 0, device,
+        core = noise.gaussian(self.rank * self.rank, chunking.param_seed(seed, index), 0, device,
                               "core")
         return left, (core.view(self.rank, self.rank) @ right.T).mul_(
             math.sqrt(rows * cols) / self.rank)
@@ -135,7 +135,7 @@ class Direction:
         chunk's rows, viewed as (rows, cols)); `factors`: self.factors(...) for it. Every
         consumer that writes a chunk's z into a buffer of its own goes through here, so
         they all hold the same values."""
-        pseed = noise.param_seed(seed, index)
+        pseed = chunking.param_seed(seed, index)
         if factors is None:
             kind = "rademacher" if self.kind == "rademacher" else "gaussian"
             if self.source != "table":
@@ -148,7 +148,7 @@ class Direction:
                 out.copy_(z)
             return
         left, right = factors
-        lo, hi = noise.chunk_bounds_of(shape, c)
+        lo, hi = chunking.chunk_bounds_of(shape, c)
         if self.kind == "lowrank":
             u = noise.gaussian((hi - lo) * self.rank, pseed, c, out.device)
             torch.matmul(u.view(hi - lo, self.rank), right, out=out)
@@ -168,9 +168,9 @@ class Direction:
         it in place without touching those bits.
         """
         if self.kind == "coordinate":
-            lo, hi = noise.span_bounds(shape, k, end)
+            lo, hi = chunking.span_bounds(shape, k, end)
             cols = shape[1:].numel()
-            out = noise.thread_buffer("dir", (hi - lo) * cols, dtype, device).zero_()
+            out = workers.thread_buffer("dir", (hi - lo) * cols, dtype, device).zero_()
             for coef, offset in self._coordinates(index):
                 if lo * cols <= offset < hi * cols:
                     out[offset - lo * cols] += coef
@@ -181,14 +181,14 @@ class Direction:
         for seed, coef in reversed(list(zip(self.seeds, self.coefs, strict=True))):
             z = self.z(shape, seed, index, k, device, end)
             if out is None:
-                out = noise.thread_buffer("dir", z.numel(), dtype, device).view(z.shape)
+                out = workers.thread_buffer("dir", z.numel(), dtype, device).view(z.shape)
                 if dtype == z.dtype:
                     torch.mul(z, coef, out=out)
                 else:  # fp64 weights: the product in fp64, not fp32 then widened
                     out.copy_(z).mul_(coef)
             else:
                 out.add_(z, alpha=coef)
-        lo = k * noise.rows_per_chunk(shape)
+        lo = k * chunking.rows_per_chunk(shape)
         if self.masks is not None:
             out.mul_(self.masks.chunk(index, lo, lo + out.shape[0]).view(out.shape))
         if self.scale is not None:  # (rows, cols) or (rows, 1): broadcast along each row
@@ -201,13 +201,13 @@ class Direction:
         """d on chunk k of parameter `index` (with `end`: chunks [k, end)) for a perturbed
         copy of a `param_dtype` weight: for a bf16 weight on the CPU, where d is one
         query's plain Gaussian z from the table, z rounded to bf16 from the table's twin
-        (noise.table_bf16; the copy is then one bf16 add, intercept.perturbed_into); else
+        (noise_table.table_bf16; the copy is then one bf16 add, intercept.perturbed_into); else
         `chunk` in the weight's work dtype. (A structured direction's vectors, norms and
         biases, are too small for the twin to matter: they take fp32 z as its matrices
         do, so one unit's z has one dtype, as the fused path needs.)"""
         if (param_dtype == torch.bfloat16 and device.type == "cpu"
                 and self.source == "table" and self._plain() and self.kind == "gaussian"):
-            return noise.chunk_bf16(shape, noise.param_seed(self.seeds[0], index), k,
+            return noise_table.chunk_bf16(shape, chunking.param_seed(self.seeds[0], index), k,
                                     device, end)
         return self.chunk(shape, index, k, device, dtype=work_dtype(param_dtype), end=end)
 
@@ -218,13 +218,13 @@ class Direction:
         call right after `chunk` for the same chunks."""
         if self.kind not in ("rademacher", "coordinate"):
             return noise.last_z(numel).view(torch.int32)
-        pseed = noise.param_seed(self.seeds[0], index)
+        pseed = chunking.param_seed(self.seeds[0], index)
         if end is None or end == k + 1:
             return noise.random_bits(numel, pseed, k, device)
-        out = noise.thread_buffer("bitspan", numel, torch.int32, device)
-        lo, hi = noise.span_bounds(shape, k, end)
+        out = workers.thread_buffer("bitspan", numel, torch.int32, device)
+        lo, hi = chunking.span_bounds(shape, k, end)
         cols = numel // (hi - lo)
-        for c, a, b in noise.chunks_of_span(shape, k, end):
+        for c, a, b in chunking.chunks_of_span(shape, k, end):
             out[a * cols:b * cols] = noise.random_bits((b - a) * cols, pseed, c, device)
         return out
 
@@ -254,7 +254,7 @@ class Direction:
         """z of query `seed` at the given rows: from the table in one gather, else drawing
         the chunks that hold them."""
         if self.source == "table" and self.kind in ("gaussian", "rademacher"):
-            z = noise.table_rows(shape, noise.param_seed(seed, index), row_ids)
+            z = noise_table.table_rows(shape, chunking.param_seed(seed, index), row_ids)
             return noise.to_signs(z) if self.kind == "rademacher" else z
         return noise.rows(shape, row_ids, lambda k: self.z(shape, seed, index, k,
                                                            row_ids.device), self.draws())
@@ -264,7 +264,7 @@ class Direction:
         """The whole d of one parameter: forward-gradient tangents and tests."""
         device = torch.device(device)
         out = torch.empty(shape, dtype=dtype, device=device)
-        flat = out.view(noise.num_rows(shape), -1)
-        for k, (lo, hi) in enumerate(noise.chunk_bounds(shape)):
+        flat = out.view(chunking.num_rows(shape), -1)
+        for k, (lo, hi) in enumerate(chunking.chunk_bounds(shape)):
             flat[lo:hi] = self.chunk(shape, index, k, device, dtype=dtype).reshape(hi - lo, -1)
         return out

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from edgezo.errors import ConfigError
-from edgezo.zo import coordinates, gradients, noise, state
+from edgezo.zo import bases, chunking, coordinates, gradients, state
 from edgezo.zo.batch import batch_rows, double, global_means
 from edgezo.zo.blocks import BlockMap, build_block_map, estimation_groups, resolve_fo_blocks
 from edgezo.zo.direction import Direction, is_matrix
@@ -116,7 +116,7 @@ class ZOEngine:
         masks; `perturb`: a perturbation, scaled by the rule's preconditioner (HiZOO)."""
         scale = (self.optimizer.rule.preconditioner
                  if perturb and self.optimizer.method.curvature else None)
-        basis = noise.mix(self.seed, t // self.basis_every, _BASIS_SALT) if self.rank else 0
+        basis = chunking.mix(self.seed, t // self.basis_every, _BASIS_SALT) if self.rank else 0
         if self.rank and self.streamer is None and basis != self._bases_built:
             self._prepare_bases(basis)
             self._bases_built = basis
@@ -130,16 +130,16 @@ class ZOEngine:
 
     def _prepare_bases(self, basis: int) -> None:
         """Every ZO matrix's factors for this basis seed, built together before a forward
-        asks for them one by one (noise.prepare_bases says why). A streamed run draws
+        asks for them one by one (bases.prepare_bases says why). A streamed run draws
         them on the device a layer computes on, so it keeps building them as asked."""
         by_device: dict[torch.device, list[tuple[int, int, int]]] = {}
         for i in sorted(self.zo_indices):
             shape = self.blocks.params[i].shape
             if is_matrix(shape):
                 by_device.setdefault(self.blocks.params[i].device, []).append(
-                    (i, noise.num_rows(shape), shape[1:].numel()))
+                    (i, chunking.num_rows(shape), shape[1:].numel()))
         for device, matrices in by_device.items():
-            noise.prepare_bases(self.directions, basis, matrices, self.rank, device)
+            bases.prepare_bases(self.directions, basis, matrices, self.rank, device)
 
     @property
     def zo_only(self) -> bool:
@@ -294,7 +294,7 @@ class ZOEngine:
         opt = self.optimizer
         if base is None and (self.one_sided or opt.conservative or opt.method.curvature):
             base = self.loss(batch)
-        seeds = [noise.step_seed(self.seed, t, gi * self.q + i) for i in range(self.q)]
+        seeds = [chunking.step_seed(self.seed, t, gi * self.q + i) for i in range(self.q)]
         grads = []
         for i, s in enumerate(seeds):
             plus, minus, g = self._query(batch, self._direction((s,), (1.0,), group, t,
@@ -408,7 +408,7 @@ class ZOEngine:
             if not group["applied"]:
                 continue
             n = len(group["coefs"]) if "coefs" in group else self.q
-            seeds = [noise.step_seed(self.seed, t, gi * self.q + i) for i in range(n)]
+            seeds = [chunking.step_seed(self.seed, t, gi * self.q + i) for i in range(n)]
             if entry.get("seeds") and entry["seeds"][gi * self.q:gi * self.q + n] != seeds:
                 raise ConfigError(f"seed log step {t} was drawn with other seeds than this "
                                   "run's (a different --seed or --q?)")
@@ -477,7 +477,7 @@ class ZOEngine:
         (any forward: generation too)."""
         self._check_feedback()
         t = self.step_index
-        d = self._direction((noise.step_seed(self.seed, t, query),), (1.0,), None, t,
+        d = self._direction((chunking.step_seed(self.seed, t, query),), (1.0,), None, t,
                             perturb=True)
         with self.perturbation.perturbed(d, scale, 1):
             yield
@@ -496,7 +496,7 @@ class ZOEngine:
         an ordering, not from loss differences)."""
         self._check_feedback()
         t = self.step_index
-        seeds = [noise.step_seed(self.seed, t, i) for i in range(len(coefs))]
+        seeds = [chunking.step_seed(self.seed, t, i) for i in range(len(coefs))]
         self.perturbation.flush()
         record = {"grads": [], "coefs": list(coefs), "move": None, "applied": False}
         result = StepResult(t, math.nan, lr, 0.0, seeds=seeds, groups=[record])

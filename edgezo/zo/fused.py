@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from edgezo.zo import noise
+from edgezo.zo import chunking, noise, noise_table, workers
 from edgezo.zo.direction import Direction
 
 # Where units take the fused path. The CPU keeps its own (perturb.CHUNKED_LINEAR_DEVICES:
@@ -74,9 +74,9 @@ def _layout(params: Sequence[torch.Tensor], segments: tuple[tuple[int, int, int]
     row = value = 0
     for i, first, end in segments:
         shape = params[i].shape
-        cols, per = noise._cols(shape), noise.rows_per_chunk(shape)
+        cols, per = chunking.row_width(shape), chunking.rows_per_chunk(shape)
         for c in range(first // per, -(-end // per)):
-            lo, hi = noise.chunk_bounds_of(shape, c)
+            lo, hi = chunking.chunk_bounds_of(shape, c)
             row_chunk += [len(chunks)] * (hi - lo)
             row_local += [(r - lo) * cols for r in range(lo, hi)]
             chunks.append((i, c, (hi - lo) * cols))
@@ -97,7 +97,8 @@ def _layout(params: Sequence[torch.Tensor], segments: tuple[tuple[int, int, int]
 
 def _segments(shape: torch.Size, index: int) -> list[tuple[int, int, int]]:
     """A parameter's rows cut into runs of whole chunks of at most FUSED_VALUES values."""
-    rows, cols, per = noise.num_rows(shape), noise._cols(shape), noise.rows_per_chunk(shape)
+    rows, cols = chunking.num_rows(shape), chunking.row_width(shape)
+    per = chunking.rows_per_chunk(shape)
     step = max(per, FUSED_VALUES // cols // per * per)  # whole chunks (one at least)
     return [(index, lo, min(lo + step, rows)) for lo in range(0, rows, step)]
 
@@ -136,7 +137,7 @@ class Fused:
                 rest.append(i)
                 continue
             for segment in _segments(p.shape, i):
-                values = (segment[2] - segment[1]) * noise._cols(p.shape)
+                values = (segment[2] - segment[1]) * chunking.row_width(p.shape)
                 if current and (size + values > FUSED_VALUES or p.device != device
                                 or p.dtype != dtype):
                     close()
@@ -182,7 +183,7 @@ class Fused:
         writes through them in place)."""
         params = [self.params[i] for i, _, _ in piece.segments]
         return self._kept("weights", piece, tuple(p.data_ptr() for p in params),
-                          lambda: [p.detach().reshape(noise.num_rows(p.shape), -1)[a:b]
+                          lambda: [p.detach().reshape(chunking.num_rows(p.shape), -1)[a:b]
                                    .view(-1)
                                    for p, (_, a, b) in zip(params, piece.segments,
                                                            strict=True)])
@@ -198,7 +199,8 @@ class Fused:
         def make() -> list[torch.Tensor]:
             views, offset = [], 0
             for i, _, n in piece.chunks:
-                views.append(out[offset:offset + n].view(-1, noise._cols(self.params[i].shape)))
+                width = chunking.row_width(self.params[i].shape)
+                views.append(out[offset:offset + n].view(-1, width))
                 offset += n
             return views
         return self._kept(f"chunks-{out.dtype}", piece, (out.data_ptr(),), make)
@@ -213,7 +215,7 @@ class Fused:
         return found[1]
 
     def z(self, piece: Piece, direction: Direction, seed: int, out: torch.Tensor,
-          values: Callable[[torch.device], torch.Tensor] = noise.table) -> torch.Tensor:
+          values: Callable[[torch.device], torch.Tensor] = noise_table.table) -> torch.Tensor:
         """The piece's z for query `seed` of `direction` (each parameter's chunks as the
         direction defines them) into `out` (`values`: the table, or its bf16 twin).
 
@@ -234,8 +236,9 @@ class Fused:
     def _gather(self, piece: Piece, seed: int, out: torch.Tensor,
                 values: Callable[[torch.device], torch.Tensor]) -> None:
         device = out.device
-        offsets = noise._to_device(
-            [noise._offset(n, noise.param_seed(seed, i), c) for i, c, n in piece.chunks],
+        offsets = noise_table.to_device(
+            [noise_table.table_offset(n, chunking.param_seed(seed, i), c)
+             for i, c, n in piece.chunks],
             device)
         starts = self._starts(len(piece.row_chunk), device)
         torch.index_select(offsets, 0, piece.row_chunk, out=starts).add_(piece.row_local)
@@ -264,7 +267,7 @@ class Fused:
         """The update's rounding dither where z has no random low bits (Rademacher):
         each chunk's noise.random_bits, written in place into `out` (int32)."""
         for (i, c, _), view in zip(piece.chunks, self._chunks_of(out, piece), strict=True):
-            noise.fill_bits(view, noise.param_seed(seed, i), c)
+            noise.fill_bits(view, chunking.param_seed(seed, i), c)
         return out
 
     def perturb(self, piece: Piece, outs: list[torch.Tensor], z: torch.Tensor,
@@ -288,7 +291,7 @@ class Fused:
         if weights[0].dtype == torch.bfloat16:
             word = new.view(torch.int32)
             if bits is None:
-                bits = noise.thread_buffer("fused_dither", z.numel(), torch.int32, z.device)
+                bits = workers.thread_buffer("fused_dither", z.numel(), torch.int32, z.device)
                 torch.bitwise_and(z.view(torch.int32), _LOW16, out=bits)
             word.add_(bits).bitwise_and_(~_LOW16)  # rademacher's bits are below 2^16
         torch._foreach_copy_(weights, self.views(new, piece))

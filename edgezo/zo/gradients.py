@@ -14,7 +14,7 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from edgezo.memory.heap import release_freed_memory
-from edgezo.zo import noise
+from edgezo.zo import chunking, noise, workers
 from edgezo.zo.blocks import BlockMap
 from edgezo.zo.direction import Direction
 from edgezo.zo.intercept import flat
@@ -89,7 +89,7 @@ def apply_gradients(params: list[nn.Parameter], fo_indices: set[int], rule: Rule
                     t: int, seed: int) -> None:
     """The rule on the FO parameters with d = their gradient, chunk by chunk; bf16
     weights round stochastically with seeded bits (so a resume rounds the same way)."""
-    step_seed = noise.step_seed(seed, t - 1, FO_SALT)
+    step_seed = chunking.step_seed(seed, t - 1, FO_SALT)
     work = []
     for index in sorted(fo_indices):
         p = params[index]
@@ -98,17 +98,17 @@ def apply_gradients(params: list[nn.Parameter], fo_indices: set[int], rule: Rule
         if grad is None:
             grad = torch.zeros_like(p)
         work += [(index, p.detach(), grad, k, lo, hi)
-                 for k, (lo, hi) in enumerate(noise.chunk_bounds(p.shape))]
+                 for k, (lo, hi) in enumerate(chunking.chunk_bounds(p.shape))]
 
     def update(i: int) -> None:
         index, p, grad, k, lo, hi = work[i]
         g = flat(grad)[lo:hi]
-        d = noise.thread_buffer("dir", g.numel(), work_dtype(g.dtype), g.device).view(g.shape)
+        d = workers.thread_buffer("dir", g.numel(), work_dtype(g.dtype), g.device).view(g.shape)
         d.copy_(g)
-        bits = (noise.random_bits(d.numel(), noise.param_seed(step_seed, index), k, p.device)
+        bits = (noise.random_bits(d.numel(), chunking.param_seed(step_seed, index), k, p.device)
                 if p.dtype == torch.bfloat16 else None)
         rule.update(flat(p)[lo:hi], d, lr, t, index, lo, bits)
 
     if work:  # bf16 weights draw their rounding bits from the generator
-        noise.parallel_map(update, range(len(work)), work[0][1].device,
+        workers.parallel_map(update, range(len(work)), work[0][1].device,
                            draws=any(p.dtype == torch.bfloat16 for _, p, *_ in work))

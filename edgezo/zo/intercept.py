@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from edgezo.zo import noise
+from edgezo.zo import chunking, workers
 from edgezo.zo.batch import join_pair
 from edgezo.zo.blocks import Unit
 from edgezo.zo.optimizers import work_dtype
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 
 def flat(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(noise.num_rows(t.shape), -1)
+    return t.reshape(chunking.num_rows(t.shape), -1)
 
 
 def perturbed_into(out: torch.Tensor, theta: torch.Tensor, z: torch.Tensor, scale: float
@@ -55,7 +55,7 @@ def perturbed_into(out: torch.Tensor, theta: torch.Tensor, z: torch.Tensor, scal
         return
     # On the CPU, torch.add(theta, z, out=acc) would first widen θ into a temporary of its
     # own; copying θ into acc and adding in place gives the same sum, in acc alone.
-    acc = noise.thread_buffer("acc", z.numel(), torch.float32, z.device).view(z.shape)
+    acc = workers.thread_buffer("acc", z.numel(), torch.float32, z.device).view(z.shape)
     acc.copy_(theta).add_(z, alpha=scale)
     out.copy_(acc)
 
@@ -142,20 +142,20 @@ class PerturbedLinears(TorchFunctionMode):
             if b_index is not None and owner.direction.covers(b_index):
                 z = owner.direction.perturbation_chunk(  # every chunk: a span
                     bias.shape, b_index, 0, bias.device, bias.dtype,
-                    len(noise.chunk_bounds(bias.shape)))
+                    len(chunking.chunk_bounds(bias.shape)))
                 bias = torch.add(bias, z.view(bias.shape), alpha=scale).to(bias.dtype)
         bias_of = (lambda lo, hi: None) if bias is None else (lambda lo, hi: bias[lo:hi])
         device = weight.device
-        spans = noise.spans(weight.shape, device, LINEAR_SPAN.get(device.type))
+        spans = chunking.spans(weight.shape, device, LINEAR_SPAN.get(device.type))
         out = (None if len(spans) == 1 else
                torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device))
         for k, end, lo, hi in spans:
-            w = noise.thread_buffer("w", weight[lo:hi].numel(), weight.dtype,
+            w = workers.thread_buffer("w", weight[lo:hi].numel(), weight.dtype,
                                     device).view(hi - lo, *weight.shape[1:])
             # The span's weight is built chunk by chunk, each from its own z: the table's
             # chunks are read in place, where gathering the span's z into a buffer first
             # cost an extra pass over it (index_select: ~4% of a SmolLM2 step).
-            for c, a, b in noise.chunks_of_span(weight.shape, k, end):
+            for c, a, b in chunking.chunks_of_span(weight.shape, k, end):
                 z = owner.direction.perturbation_chunk(weight.shape, w_index, c, device,
                                                        weight.dtype)
                 perturbed_into(w[a:b], weight[lo + a:lo + b], z, scale)

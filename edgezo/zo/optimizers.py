@@ -31,7 +31,7 @@ import torch
 
 from edgezo.errors import ConfigError
 from edgezo.registry import OPTIMIZERS
-from edgezo.zo import noise
+from edgezo.zo import chunking, workers
 from edgezo.zo.methods import Method
 
 _LOW16 = 0xFFFF
@@ -49,7 +49,7 @@ def fp32_copy(param: torch.Tensor) -> torch.Tensor:
     in worker threads' malloc arenas would otherwise stay resident)."""
     if param.dtype in (torch.float32, torch.float64):
         return param
-    out = noise.thread_buffer("fp32", param.numel(), work_dtype(param.dtype), param.device)
+    out = workers.thread_buffer("fp32", param.numel(), work_dtype(param.dtype), param.device)
     return out.view(param.shape).copy_(param)
 
 
@@ -69,7 +69,7 @@ def store(param: torch.Tensor, new: torch.Tensor, bits: torch.Tensor | None) -> 
         param.copy_(new)
         return
     word = new.view(torch.int32)
-    dither = noise.thread_buffer("dither", new.numel(), torch.int32, new.device).view(new.shape)
+    dither = workers.thread_buffer("dither", new.numel(), torch.int32, new.device).view(new.shape)
     torch.bitwise_and(bits.reshape(new.shape), _LOW16, out=dither)
     # Adding a uniform 16-bit dither to the magnitude, then truncating the low 16 bits,
     # rounds the magnitude up with probability equal to the dropped fraction.
@@ -103,7 +103,7 @@ class Rule(ABC):
         rules keep none)."""
 
     def _zeros(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [torch.zeros(noise.num_rows(p.shape), p[0].numel() if p.dim() else 1,
+        return [torch.zeros(chunking.num_rows(p.shape), p[0].numel() if p.dim() else 1,
                             dtype=work_dtype(p.dtype), device=p.device) for p in params]
 
     def _grad(self, theta: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -197,7 +197,7 @@ class Adam(Rule):
         m.lerp_(g, 1 - b1)
         v.mul_(b2).addcmul_(g, g, value=1 - b2)
         step_size = lr / (1 - b1 ** t)
-        denom = noise.thread_buffer("denom", p.numel(), m.dtype, p.device).view(p.shape)
+        denom = workers.thread_buffer("denom", p.numel(), m.dtype, p.device).view(p.shape)
         torch.sqrt(v, out=denom).div_(math.sqrt(1 - b2 ** t)).add_(self.eps)
         new.addcdiv_(m, denom, value=-step_size)
         store(p, new, bits)
@@ -214,7 +214,7 @@ class ExactMove(Rule):
         if p.dtype in (torch.float32, torch.float64):
             p.add_(d, alpha=-lr)
             return
-        acc = noise.thread_buffer("acc", d.numel(), torch.float32, d.device).view(d.shape)
+        acc = workers.thread_buffer("acc", d.numel(), torch.float32, d.device).view(d.shape)
         torch.add(p, d, alpha=-lr, out=acc)
         p.copy_(acc)
 
@@ -239,7 +239,7 @@ class HessianSGD(Rule):
         self.smoothing = smoothing
 
     def _shape(self, p: torch.Tensor) -> tuple[int, int]:
-        return noise.num_rows(p.shape), p[0].numel() if p.dim() else 1
+        return chunking.num_rows(p.shape), p[0].numel() if p.dim() else 1
 
     def init_state(self, params):
         self.state = {"hessian": [torch.ones(self._shape(p), dtype=work_dtype(p.dtype),
@@ -257,7 +257,7 @@ class HessianSGD(Rule):
         new = fp32_copy(p)
         z = d.view(p.shape[0], -1)  # the engine sends the raw z (coefficient 1)
         h = self.state["hessian"][index][lo:lo + p.shape[0]]
-        stat = noise.thread_buffer("stat", z.numel(), z.dtype, z.device).view(z.shape)
+        stat = workers.thread_buffer("stat", z.numel(), z.dtype, z.device).view(z.shape)
         torch.mul(z, z, out=stat).mul_(self.smoothing * info["curvature"])
         self._smooth(h, stat)
         z.mul_(info["g"]).div_(self._h(p, index, lo).sqrt())
@@ -278,11 +278,11 @@ class RowHessianSGD(HessianSGD):
     name = "row-hessian"
 
     def _shape(self, p: torch.Tensor) -> tuple[int, int]:
-        return noise.num_rows(p.shape), 1
+        return chunking.num_rows(p.shape), 1
 
     @classmethod
     def state_bytes(cls, shapes):
-        return 4 * sum(noise.num_rows(torch.Size(s)) for s in shapes)
+        return 4 * sum(chunking.num_rows(torch.Size(s)) for s in shapes)
 
     def preconditioner(self, index, rows):
         return super().preconditioner(index, rows)  # (rows, 1): broadcast along the row

@@ -6,7 +6,7 @@ wrapper computes its output with perturbed copies of its parameters:
 
 - layers and small modules: a scratch copy θ_b ± εz_b filled chunk by chunk (on CUDA:
   a piece of parameters at a time, fused.py; span by span otherwise,
-  noise.spans), passed to the module through `torch.func.functional_call`
+  chunking.spans), passed to the module through `torch.func.functional_call`
   (transient: one block, or two in pair mode, plus one noise chunk); on the CPU, with z
   cheap to read, the unit's linear maps compute from z instead (intercept.PerturbedLinears)
   and only its other parameters are copied;
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from edgezo.zo import fused, noise
+from edgezo.zo import chunking, fused, noise_table, workers
 from edgezo.zo.batch import LOGIT_CHUNK_VALUES, join_pair, split_pair
 from edgezo.zo.blocks import BlockMap, Unit
 from edgezo.zo.direction import Direction
@@ -176,7 +176,7 @@ class Perturbation:
             p = self.params[index].detach()
             flats = [flat(o) for o in outs]
             work += [(p, index, k, end, lo, hi, flats)
-                     for k, end, lo, hi in noise.spans(p.shape, p.device)]
+                     for k, end, lo, hi in chunking.spans(p.shape, p.device)]
 
         def fill(i: int) -> None:
             p, index, k, end, lo, hi, flats = work[i]
@@ -187,7 +187,7 @@ class Perturbation:
                 perturbed_into(out[lo:hi], flat_p[lo:hi], z, s * self.eps)
 
         if work:
-            noise.parallel_map(fill, range(len(work)), work[0][0].device,
+            workers.parallel_map(fill, range(len(work)), work[0][0].device,
                                self.direction.draws())
 
     def _fuses(self, device: torch.device, direction: Direction) -> bool:
@@ -225,12 +225,12 @@ class Perturbation:
             if p.dtype != buffers[0].dtype:  # a copy in another dtype: rounded once, by _fill
                 left.update(piece.indices)
                 continue
-            z = noise.thread_buffer("fused_z16" if twin else "fused_z", piece.numel,
+            z = workers.thread_buffer("fused_z16" if twin else "fused_z", piece.numel,
                                     torch.bfloat16 if twin else work_dtype(p.dtype), p.device)
             self.fused.z(piece, direction, direction.seeds[0], z,
-                         noise.table_bf16 if twin else noise.table)
+                         noise_table.table_bf16 if twin else noise_table.table)
             first, row, _ = piece.segments[0]  # where the piece starts in the copies
-            lo = where[first] + row * noise._cols(self.params[first].shape)
+            lo = where[first] + row * chunking.row_width(self.params[first].shape)
             outs = [self.fused.window(b, lo, piece.numel, s) if keep
                     else b[lo:lo + piece.numel] for s, b in enumerate(buffers)]
             self.fused.perturb(piece, outs, z, [s * self.eps for s in self.signs])
@@ -368,18 +368,18 @@ class Perturbation:
         inputs = [xi.float() if half else xi for xi in inputs]
         outs = [torch.empty(*xi.shape[:-1], weight.shape[0], dtype=dtype, device=x.device)
                 for xi in inputs]
-        bounds = noise.spans(weight.shape, weight.device)
+        bounds = chunking.spans(weight.shape, weight.device)
 
         def block(i: int) -> None:
             k, end, lo, hi = bounds[i]
             z = self.direction.chunk(weight.shape, w_index, k, weight.device,
                                      dtype=work_dtype(weight.dtype), end=end)
-            w = noise.thread_buffer("w", z.numel(), dtype, weight.device).view(z.shape)
+            w = workers.thread_buffer("w", z.numel(), dtype, weight.device).view(z.shape)
             for xi, out, s, b in zip(inputs, outs, self.signs, biases, strict=True):
                 torch.add(weight[lo:hi], z, alpha=s * self.eps, out=w)
                 out[..., lo:hi] = F.linear(xi, w, None if b is None else b[lo:hi].to(dtype))
 
-        noise.parallel_map(block, range(len(bounds)), weight.device, self.direction.draws())
+        workers.parallel_map(block, range(len(bounds)), weight.device, self.direction.draws())
         return outs[0] if len(outs) == 1 else join_pair(outs[0], outs[1], self.pair_rows // 2)
 
     def label_logprob_sums(self, head: torch.nn.Module, hidden: torch.Tensor,
@@ -411,12 +411,12 @@ class Perturbation:
                  else weight.dtype)
         rounded = dtype in (torch.float16, torch.bfloat16)
         states = [LogSumExp(x.to(dtype), t) for x, t in parts]
-        spans = noise.spans(weight.shape, weight.device)
+        spans = chunking.spans(weight.shape, weight.device)
         starts = [lo for _, _, lo, _ in spans]
         for span, (k, end, lo, hi) in enumerate(spans):
             z = self.direction.chunk(weight.shape, w_index, k, weight.device,
                                      dtype=work_dtype(weight.dtype), end=end)
-            w = noise.thread_buffer("w", z.numel(), dtype, weight.device).view(z.shape)
+            w = workers.thread_buffer("w", z.numel(), dtype, weight.device).view(z.shape)
             for state, s, b in zip(states, self.signs, biases, strict=True):
                 torch.add(weight[lo:hi], z, alpha=s * self.eps, out=w)
                 bias = None if b is None else b[lo:hi].to(dtype)
@@ -467,13 +467,13 @@ class Perturbation:
         for piece in pieces:
             p = self.params[piece.indices[0]]
             seed, device = d_of.seeds[0], p.device
-            z = self.fused.z(piece, d_of, seed, noise.thread_buffer(
+            z = self.fused.z(piece, d_of, seed, workers.thread_buffer(
                 "fused_z", piece.numel, torch.float32, device))
             bits = None
             if d_of.kind == "rademacher" and p.dtype == torch.bfloat16:  # z's bits are ±1's
-                bits = self.fused.bits(piece, d_of, seed, noise.thread_buffer(
+                bits = self.fused.bits(piece, d_of, seed, workers.thread_buffer(
                     "fused_dither", piece.numel, torch.int32, device))
-            self.fused.sgd_update(piece, z, pending.lr * coef, noise.thread_buffer(
+            self.fused.sgd_update(piece, z, pending.lr * coef, workers.thread_buffer(
                 "fused_new", piece.numel, torch.float32, device), bits)
         return rest
 
@@ -502,7 +502,7 @@ class Perturbation:
         for index in todo:
             p = self._update_target(index)
             work += [(index, p, k, end, lo, hi)
-                     for k, end, lo, hi in noise.spans(p.shape, p.device)]
+                     for k, end, lo, hi in chunking.spans(p.shape, p.device)]
         d_of, rule = pending.direction, self.rule
         coef = d_of.single_coef() if rule.linear_in_d() else None
 
@@ -520,7 +520,7 @@ class Perturbation:
             rule.update(flat(p)[lo:hi], d, lr, pending.t, index, lo, bits, pending.info)
 
         bf16 = any(p.dtype == torch.bfloat16 for _, p, *_ in work)
-        noise.parallel_map(update, range(len(work)), work[0][1].device, d_of.draws(bf16))
+        workers.parallel_map(update, range(len(work)), work[0][1].device, d_of.draws(bf16))
         if self.after_update is not None:
             self.after_update(todo)
         if self.streamer is not None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from edgezo.zo import noise
+from edgezo.zo import chunking
 
 _MASK_SALT = 0x5A
 
@@ -66,14 +66,14 @@ class SparseMasks:
                 self._magnitude(p, mask, k)
 
     def _random(self, index: int, p: torch.Tensor, mask: torch.Tensor, k: int) -> None:
-        flat = mask.view(noise.num_rows(p.shape), -1)
-        bounds = noise.chunk_bounds(p.shape)
+        flat = mask.view(chunking.num_rows(p.shape), -1)
+        bounds = chunking.chunk_bounds(p.shape)
         sizes = [(hi - lo) * flat.shape[1] for lo, hi in bounds]
-        seed = noise.mix(self.seed, self.epoch, index, _MASK_SALT)
+        seed = chunking.mix(self.seed, self.epoch, index, _MASK_SALT)
         for c, ((lo, hi), share) in enumerate(zip(bounds, _shares(k, sizes), strict=True)):
             part = flat[lo:hi].view(-1)
             part.zero_()
-            gen = torch.Generator(device=p.device).manual_seed(noise.mix(seed, c))
+            gen = torch.Generator(device=p.device).manual_seed(chunking.mix(seed, c))
             part[torch.randperm(part.numel(), generator=gen, device=p.device)[:share]] = True
 
     @staticmethod
@@ -93,7 +93,7 @@ class SparseMasks:
     def chunk(self, index: int, lo: int, hi: int) -> torch.Tensor:
         """The mask rows [lo, hi) of a parameter, shaped like its noise chunk."""
         m = self.masks[index]
-        return m.view(noise.num_rows(m.shape), *m.shape[1:])[lo:hi]
+        return m.view(chunking.num_rows(m.shape), *m.shape[1:])[lo:hi]
 
     def rows(self, index: int, row_ids: torch.Tensor) -> torch.Tensor:
         return self.masks[index][row_ids]
