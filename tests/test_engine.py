@@ -8,7 +8,8 @@ from conftest import lm_batch, zo_engine
 
 from edgezo.models.tiny import FAMILIES, VOCAB, tiny_model
 from edgezo.tasks.loss import example_losses
-from edgezo.zo import chunking, noise, noise_table, perturb, workers
+from edgezo.zo import chunking, noise, noise_table, workers
+from edgezo.zo import head as zo_head
 from edgezo.zo.blocks import build_block_map
 from edgezo.zo.optimizers import make_optimizer
 
@@ -70,7 +71,7 @@ def test_a_language_modelling_loss_streams_the_perturbed_head_span_by_span(famil
         lambda m, a, out: logits.append(out.shape[1]) if out.shape[-1] == VOCAB else None)
     monkeypatch.setattr(loss, "LOGIT_CHUNK_VALUES", 3 * 4 * VOCAB)
     # and inside a span too, at most 3 positions' logits of 4 rows at once
-    monkeypatch.setattr(perturb, "LOGIT_CHUNK_VALUES", 3 * 4 * (512 // 32))
+    monkeypatch.setattr(zo_head, "LOGIT_CHUNK_VALUES", 3 * 4 * (512 // 32))
     results = {}
     for streamed in (True, False):
         if not streamed:
@@ -100,7 +101,7 @@ def test_a_bf16_heads_streamed_loss_keeps_the_targets_logits_exact(family, monke
     from edgezo.zo.head import LogSumExp
 
     monkeypatch.setattr(chunking, "CHUNK_ELEMENTS", 512)  # several spans of the head
-    monkeypatch.setattr(perturb, "LOGIT_CHUNK_VALUES", 3 * 4 * (512 // 32))  # and blocks
+    monkeypatch.setattr(zo_head, "LOGIT_CHUNK_VALUES", 3 * 4 * (512 // 32))  # and blocks
     model = tiny_model(family, dtype=torch.bfloat16)
     with torch.no_grad():  # logits of a few units, where bf16's ulp is 1/64-1/128
         model.get_output_embeddings().weight.mul_(20)

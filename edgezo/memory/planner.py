@@ -38,7 +38,8 @@ from edgezo.zo.blocks import (
     resolve_fo_blocks,
     weight_grad_layers,
 )
-from edgezo.zo.direction import Direction, is_matrix
+from edgezo.zo.chunking import is_matrix
+from edgezo.zo.direction import Direction
 from edgezo.zo.methods import STRUCTURED
 from edgezo.zo.optimizers import OPTIMIZERS, RULES
 from edgezo.zo.perturb import CHUNKED_LINEAR_DEVICES

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 import torch
 
-from edgezo.zo.chunking import generator, mix
+from edgezo.zo.chunking import generator, is_matrix, mix, num_rows
 
 _BASES: dict[tuple, tuple[torch.Tensor | None, torch.Tensor]] = {}
 _BASIS_LOCK = threading.Lock()
@@ -87,3 +87,19 @@ def _make_basis(kind: str, seed: int, index: int, rows: int, cols: int, rank: in
     if out is None:
         return left.contiguous(), right.contiguous()
     return left_buf.copy_(left), right_buf.copy_(right)
+
+
+def prepare_matrices(kind: str, seed: int, params: list[torch.Tensor], indices: Iterable[int],
+                     rank: int) -> None:
+    """The factors of every matrix among `params[indices]` for a basis seed, built per
+    device before a forward asks for them one by one (prepare_bases says why). A streamed
+    run draws them on the device a layer computes on, so it keeps building them as
+    asked."""
+    by_device: dict[torch.device, list[tuple[int, int, int]]] = {}
+    for i in sorted(indices):
+        shape = params[i].shape
+        if is_matrix(shape):
+            by_device.setdefault(params[i].device, []).append(
+                (i, num_rows(shape), shape[1:].numel()))
+    for device, matrices in by_device.items():
+        prepare_bases(kind, seed, matrices, rank, device)

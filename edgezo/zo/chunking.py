@@ -56,6 +56,12 @@ def row_width(shape: torch.Size) -> int:
     return 1 if len(shape) < 2 else shape[1:].numel()
 
 
+def is_matrix(shape: torch.Size) -> bool:
+    """A parameter structured directions apply to: 2-D (or more, viewed as rows x rest)
+    with more than one row and column."""
+    return len(shape) >= 2 and shape[0] > 1 and shape[1:].numel() > 1
+
+
 def rows_per_chunk(shape: torch.Size) -> int:
     """Rows of a parameter (viewed as 2-D) that one noise chunk covers."""
     return max(1, CHUNK_ELEMENTS // max(1, row_width(shape)))

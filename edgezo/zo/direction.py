@@ -35,15 +35,10 @@ from dataclasses import dataclass
 import torch
 
 from edgezo.zo import bases, chunking, noise, noise_table, workers
+from edgezo.zo.chunking import is_matrix
 from edgezo.zo.methods import STRUCTURED
 from edgezo.zo.optimizers import work_dtype
 from edgezo.zo.sparsity import SparseMasks
-
-
-def is_matrix(shape: torch.Size) -> bool:
-    """A parameter structured directions apply to: 2-D (or more, viewed as rows x rest)
-    with more than one row and column."""
-    return len(shape) >= 2 and shape[0] > 1 and shape[1:].numel() > 1
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,17 @@
-"""A running log-softmax over a linear head's output spans: how a token-level loss
-reads a perturbed head (Perturbation.label_logprob_sums) with each span of W ± εz built
-once and no position's full logits held at once."""
+"""A linear head under a perturbed forward: its output computed one span of W ± εz at a
+time (no full scratch copy), and for a token-level loss a running log-softmax over those
+spans (`label_logprob_sums`), with each span built once and no position's full logits
+held at once. `PerturbedHead` is a mixin of `Perturbation` (edgezo.zo.perturb)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from edgezo.zo import chunking, workers
+from edgezo.zo.batch import LOGIT_CHUNK_VALUES, join_pair, split_pair
+from edgezo.zo.blocks import Unit
+from edgezo.zo.optimizers import work_dtype
 
 
 class LogSumExp:
@@ -75,3 +82,97 @@ class LogSumExp:
 
     def logprobs(self) -> torch.Tensor:
         return self.picked - self.top - torch.log(self.total)
+
+
+class PerturbedHead:
+    """The linear head's perturbed forward and its label log-probabilities."""
+
+    def _head_biases(self, head: torch.nn.Linear, slots: dict[str, int]
+                     ) -> list[torch.Tensor | None]:
+        """The head's bias for each sign: b ± εz_b where the direction covers it."""
+        if "bias" in slots and self.direction.covers(slots["bias"]):
+            biases = [torch.empty_like(head.bias) for _ in self.signs]
+            self._fill([(slots["bias"], biases)])
+            return biases
+        return [None if head.bias is None else head.bias.detach()] * len(self.signs)
+
+    def _linear(self, unit: Unit, args, kwargs):
+        """y = x (W ± εz)ᵀ + (b ± εz_b), one row-chunk (span, on CUDA) of W at a time (no
+        full scratch)."""
+        module: torch.nn.Linear = unit.module  # type: ignore[assignment]
+        x = args[0] if args else kwargs["input"]
+        slots = dict(unit.slots)
+        weight = module.weight.detach()
+        w_index = slots["weight"]
+        biases = self._head_biases(module, slots)
+        if len(self.signs) == 1:
+            inputs = [x]
+        elif x.dim() >= 2 and x.shape[0] == self.pair_rows:
+            inputs = list(split_pair(x, self.pair_rows))
+        else:
+            inputs = [x, x]
+        # A half-precision head computes in fp32 with θ ± εz unrounded: the loss difference
+        # a ZO estimate reads must not drown in the logits' rounding (schemes._fp32_logits).
+        half = weight.dtype in (torch.float16, torch.bfloat16)
+        dtype = torch.float32 if half else x.dtype
+        inputs = [xi.float() if half else xi for xi in inputs]
+        outs = [torch.empty(*xi.shape[:-1], weight.shape[0], dtype=dtype, device=x.device)
+                for xi in inputs]
+        bounds = chunking.spans(weight.shape, weight.device)
+
+        def block(i: int) -> None:
+            k, end, lo, hi = bounds[i]
+            z = self.direction.chunk(weight.shape, w_index, k, weight.device,
+                                     dtype=work_dtype(weight.dtype), end=end)
+            w = workers.thread_buffer("w", z.numel(), dtype, weight.device).view(z.shape)
+            for xi, out, s, b in zip(inputs, outs, self.signs, biases, strict=True):
+                torch.add(weight[lo:hi], z, alpha=s * self.eps, out=w)
+                out[..., lo:hi] = F.linear(xi, w, None if b is None else b[lo:hi].to(dtype))
+
+        workers.parallel_map(block, range(len(bounds)), weight.device, self.direction.draws())
+        return outs[0] if len(outs) == 1 else join_pair(outs[0], outs[1], self.pair_rows // 2)
+
+    def label_logprob_sums(self, head: torch.nn.Module, hidden: torch.Tensor,
+                           targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """Σ over each row's labelled positions of log p(target), for a linear head under
+        the perturbed forward (None when it is not perturbed now: the loss applies it).
+
+        A token-level loss reads the head at every position; applied a chunk of positions
+        at a time, it would rebuild every span of W ± εz once per chunk. Here each span
+        is built once, its logits computed for every position, and the log-softmax kept
+        as a running log-sum-exp over the spans: no full logits, no repeated span."""
+        unit = self._installed.get(id(head), (None,))[0]
+        if (not self.active or unit is None or unit.kind != "linear"
+                or not self.direction.covers(dict(unit.slots)["weight"])):
+            return None
+        self._apply_pending([i for _, i in unit.slots])
+        slots = dict(unit.slots)
+        weight, w_index = head.weight.detach(), slots["weight"]
+        biases = self._head_biases(head, slots)
+        parts = ([(hidden, targets)] if len(self.signs) == 1 else
+                 list(zip(split_pair(hidden, self.pair_rows),
+                          split_pair(targets, self.pair_rows), strict=True)))
+        # fp16 products are slow on most CPUs: there the head computes in fp32, unrounded
+        dtype = (torch.float32 if weight.dtype == torch.float16 and weight.device.type == "cpu"
+                 else weight.dtype)
+        rounded = dtype in (torch.float16, torch.bfloat16)
+        states = [LogSumExp(x.to(dtype), t) for x, t in parts]
+        spans = chunking.spans(weight.shape, weight.device)
+        starts = [lo for _, _, lo, _ in spans]
+        for span, (k, end, lo, hi) in enumerate(spans):
+            z = self.direction.chunk(weight.shape, w_index, k, weight.device,
+                                     dtype=work_dtype(weight.dtype), end=end)
+            w = workers.thread_buffer("w", z.numel(), dtype, weight.device).view(z.shape)
+            for state, s, b in zip(states, self.signs, biases, strict=True):
+                torch.add(weight[lo:hi], z, alpha=s * self.eps, out=w)
+                bias = None if b is None else b[lo:hi].to(dtype)
+                if rounded:  # the targets' own logits in fp32, θ ± εz unrounded
+                    state.exact_targets(starts, span, weight, z, s * self.eps, bias)
+                # at most LOGIT_CHUNK_VALUES logits at once, as the unperturbed loss
+                per = max(1, LOGIT_CHUNK_VALUES // (state.x.shape[0] * (hi - lo)))
+                for p0 in range(0, state.x.shape[1], per):
+                    block = slice(p0, p0 + per)
+                    logits = F.linear(state.x[:, block], w, bias).to(state.top.dtype)
+                    state.add(logits, lo, hi, block)
+        logp = torch.cat([state.logprobs() for state in states])
+        return (logp * mask).sum(1)

@@ -20,9 +20,8 @@ after any forward (MeZO's in-place θ+εz−2εz+εz does not, in fp16/bf16).
 Pair mode: the batch is [x; x]; each wrapper applies +εz to the first half and −εz to the
 second, so every block is visited once per step for both evaluations.
 
-Deferred update: the update of step t (θ ← θ − η·u(g, z_t)) is applied to a parameter the
-next time a wrapper touches it, right before it is perturbed with z_{t+1}; each
-parameter's weights are then read and written once per step.
+The update of a step is deferred to the next forward that touches each parameter
+(edgezo.zo.deferred).
 """
 
 from __future__ import annotations
@@ -30,18 +29,17 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from edgezo.zo import chunking, fused, noise_table, workers
-from edgezo.zo.batch import LOGIT_CHUNK_VALUES, join_pair, split_pair
+from edgezo.zo.batch import join_pair, split_pair
 from edgezo.zo.blocks import BlockMap, Unit
+from edgezo.zo.deferred import DeferredUpdate, PendingUpdate
 from edgezo.zo.direction import Direction
-from edgezo.zo.head import LogSumExp
+from edgezo.zo.head import PerturbedHead
 from edgezo.zo.intercept import (
     PerturbedLinears,
     RowPerturbedEmbedding,
@@ -50,7 +48,7 @@ from edgezo.zo.intercept import (
     perturbed_into,
 )
 from edgezo.zo.methods import STRUCTURED
-from edgezo.zo.optimizers import SGD, Rule, work_dtype
+from edgezo.zo.optimizers import Rule, work_dtype
 
 # Where a unit's linear maps compute from z span by span (intercept.PerturbedLinears)
 # instead of from a perturbed scratch copy of the unit. On the CPU that saves the copy's
@@ -60,18 +58,7 @@ from edgezo.zo.optimizers import SGD, Rule, work_dtype
 CHUNKED_LINEAR_DEVICES = ("cpu",)
 
 
-@dataclass
-class PendingUpdate:
-    """The not-yet-applied update θ ← rule(θ, η, d) of step `t` (1-based, for Adam's bias
-    correction); d is regenerated from its seeds, on the parameters it covers."""
-
-    direction: Direction
-    lr: float
-    t: int
-    info: dict | None = None  # the step's scalars the rule needs beyond d (HiZOO)
-
-
-class Perturbation:
+class Perturbation(DeferredUpdate, PerturbedHead):
     """Owns the wrappers and the state of the current perturbed forward."""
 
     def __init__(self, block_map: BlockMap, rule: Rule):
@@ -341,189 +328,3 @@ class Perturbation:
             return functional_call(module, tensors, args, kwargs)
         finally:
             module.forward = wrapper
-
-    def _linear(self, unit: Unit, args, kwargs):
-        """y = x (W ± εz)ᵀ + (b ± εz_b), one row-chunk (span, on CUDA) of W at a time (no
-        full scratch)."""
-        module: torch.nn.Linear = unit.module  # type: ignore[assignment]
-        x = args[0] if args else kwargs["input"]
-        slots = dict(unit.slots)
-        weight = module.weight.detach()
-        w_index = slots["weight"]
-        if "bias" in slots and self.direction.covers(slots["bias"]):
-            biases = [torch.empty_like(module.bias) for _ in self.signs]
-            self._fill([(slots["bias"], biases)])
-        else:
-            biases = [None if module.bias is None else module.bias.detach()] * len(self.signs)
-        if len(self.signs) == 1:
-            inputs = [x]
-        elif x.dim() >= 2 and x.shape[0] == self.pair_rows:
-            inputs = list(split_pair(x, self.pair_rows))
-        else:
-            inputs = [x, x]
-        # A half-precision head computes in fp32 with θ ± εz unrounded: the loss difference
-        # a ZO estimate reads must not drown in the logits' rounding (schemes._fp32_logits).
-        half = weight.dtype in (torch.float16, torch.bfloat16)
-        dtype = torch.float32 if half else x.dtype
-        inputs = [xi.float() if half else xi for xi in inputs]
-        outs = [torch.empty(*xi.shape[:-1], weight.shape[0], dtype=dtype, device=x.device)
-                for xi in inputs]
-        bounds = chunking.spans(weight.shape, weight.device)
-
-        def block(i: int) -> None:
-            k, end, lo, hi = bounds[i]
-            z = self.direction.chunk(weight.shape, w_index, k, weight.device,
-                                     dtype=work_dtype(weight.dtype), end=end)
-            w = workers.thread_buffer("w", z.numel(), dtype, weight.device).view(z.shape)
-            for xi, out, s, b in zip(inputs, outs, self.signs, biases, strict=True):
-                torch.add(weight[lo:hi], z, alpha=s * self.eps, out=w)
-                out[..., lo:hi] = F.linear(xi, w, None if b is None else b[lo:hi].to(dtype))
-
-        workers.parallel_map(block, range(len(bounds)), weight.device, self.direction.draws())
-        return outs[0] if len(outs) == 1 else join_pair(outs[0], outs[1], self.pair_rows // 2)
-
-    def label_logprob_sums(self, head: torch.nn.Module, hidden: torch.Tensor,
-                           targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
-        """Σ over each row's labelled positions of log p(target), for a linear head under
-        the perturbed forward (None when it is not perturbed now: the loss applies it).
-
-        A token-level loss reads the head at every position; applied a chunk of positions
-        at a time, it would rebuild every span of W ± εz once per chunk. Here each span
-        is built once, its logits computed for every position, and the log-softmax kept
-        as a running log-sum-exp over the spans: no full logits, no repeated span."""
-        unit = self._installed.get(id(head), (None,))[0]
-        if (not self.active or unit is None or unit.kind != "linear"
-                or not self.direction.covers(dict(unit.slots)["weight"])):
-            return None
-        self._apply_pending([i for _, i in unit.slots])
-        slots = dict(unit.slots)
-        weight, w_index = head.weight.detach(), slots["weight"]
-        if "bias" in slots and self.direction.covers(slots["bias"]):
-            biases = [torch.empty_like(head.bias) for _ in self.signs]
-            self._fill([(slots["bias"], biases)])
-        else:
-            biases = [None if head.bias is None else head.bias.detach()] * len(self.signs)
-        parts = ([(hidden, targets)] if len(self.signs) == 1 else
-                 list(zip(split_pair(hidden, self.pair_rows),
-                          split_pair(targets, self.pair_rows), strict=True)))
-        # fp16 products are slow on most CPUs: there the head computes in fp32, unrounded
-        dtype = (torch.float32 if weight.dtype == torch.float16 and weight.device.type == "cpu"
-                 else weight.dtype)
-        rounded = dtype in (torch.float16, torch.bfloat16)
-        states = [LogSumExp(x.to(dtype), t) for x, t in parts]
-        spans = chunking.spans(weight.shape, weight.device)
-        starts = [lo for _, _, lo, _ in spans]
-        for span, (k, end, lo, hi) in enumerate(spans):
-            z = self.direction.chunk(weight.shape, w_index, k, weight.device,
-                                     dtype=work_dtype(weight.dtype), end=end)
-            w = workers.thread_buffer("w", z.numel(), dtype, weight.device).view(z.shape)
-            for state, s, b in zip(states, self.signs, biases, strict=True):
-                torch.add(weight[lo:hi], z, alpha=s * self.eps, out=w)
-                bias = None if b is None else b[lo:hi].to(dtype)
-                if rounded:  # the targets' own logits in fp32, θ ± εz unrounded
-                    state.exact_targets(starts, span, weight, z, s * self.eps, bias)
-                # at most LOGIT_CHUNK_VALUES logits at once, as the unperturbed loss
-                per = max(1, LOGIT_CHUNK_VALUES // (state.x.shape[0] * (hi - lo)))
-                for p0 in range(0, state.x.shape[1], per):
-                    block = slice(p0, p0 + per)
-                    logits = F.linear(state.x[:, block], w, bias).to(state.top.dtype)
-                    state.add(logits, lo, hi, block)
-        logp = torch.cat([state.logprobs() for state in states])
-        return (logp * mask).sum(1)
-
-    # -- deferred update ------------------------------------------------------------------
-    def set_pending(self, update: PendingUpdate | None) -> None:
-        """Queue a step's update; call flush() first so the previous one is applied."""
-        if self.pending is not None:
-            raise RuntimeError("set_pending() before the previous update was flushed")
-        self.pending = update
-        self._updated = set()
-        if update is not None and update.lr == 0.0 and not self.rule.stateful:
-            # Skipped, not applied as θ − 0·z, which can flip the sign of a −0.0 weight.
-            self.pending = None
-
-    def flush(self) -> None:
-        """Apply the pending update to every parameter not yet visited."""
-        if self.streamer is not None and self.pending is not None:
-            for layer in self.streamer.layers:  # a streamed layer's update needs its weights
-                slots = [i for _, i in layer.unit.slots if i not in self._updated]
-                if any(self.pending.direction.covers(i) for i in slots):
-                    with self.streamer.hold(layer.unit.module):
-                        self._apply_pending(slots)
-        self._apply_pending(range(len(self.params)))
-        self.pending = None
-        self._updated = set()
-
-    def _update_fused(self, todo: list[int]) -> list[int]:
-        """Apply the pending ZO-SGD update to the fused pieces among `todo` (fused.py);
-        returns the indices left to the span path."""
-        pending, d_of = self.pending, self.pending.direction
-        coef = d_of.single_coef()
-        if (coef is None or type(self.rule) is not SGD or not self.rule.linear_in_d()
-                or self.after_update is not None
-                or not self._fuses(self.params[todo[0]].device, d_of)):
-            return todo
-        pieces, rest = self.fused.pieces(todo)
-        for piece in pieces:
-            p = self.params[piece.indices[0]]
-            seed, device = d_of.seeds[0], p.device
-            z = self.fused.z(piece, d_of, seed, workers.thread_buffer(
-                "fused_z", piece.numel, torch.float32, device))
-            bits = None
-            if d_of.kind == "rademacher" and p.dtype == torch.bfloat16:  # z's bits are ±1's
-                bits = self.fused.bits(piece, d_of, seed, workers.thread_buffer(
-                    "fused_dither", piece.numel, torch.int32, device))
-            self.fused.sgd_update(piece, z, pending.lr * coef, workers.thread_buffer(
-                "fused_new", piece.numel, torch.float32, device), bits)
-        return rest
-
-    def _update_target(self, index: int) -> torch.Tensor:
-        """The tensor an update writes: a streamed parameter's fp32 master when it has one
-        (the compute copy is re-rounded from it in mark_updated), else the parameter."""
-        if self.streamer is not None:
-            return self.streamer.master_view(self.params[index])
-        return self.params[index].detach()
-
-    @torch.no_grad()
-    def _apply_pending(self, indices) -> None:
-        """Apply the pending update to the given parameters not yet updated this step."""
-        if self.pending is None:
-            return
-        pending = self.pending
-        todo = [i for i in indices if i not in self._updated]
-        self._updated.update(todo)
-        todo = [i for i in todo if pending.direction.covers(i)]
-        if not todo:
-            return
-        todo = self._update_fused(todo)
-        if not todo:
-            return
-        work = []
-        for index in todo:
-            p = self._update_target(index)
-            work += [(index, p, k, end, lo, hi)
-                     for k, end, lo, hi in chunking.spans(p.shape, p.device)]
-        d_of, rule = pending.direction, self.rule
-        coef = d_of.single_coef() if rule.linear_in_d() else None
-
-        def update(i: int) -> None:
-            index, p, k, end, lo, hi = work[i]
-            if coef is None:
-                d = flat(d_of.chunk(p.shape, index, k, p.device, writable=True,
-                                     dtype=work_dtype(p.dtype), end=end))
-                lr = pending.lr
-            else:  # d = c·z: the rule reads z, and c goes into the rate
-                d = flat(d_of.z(p.shape, d_of.seeds[0], index, k, p.device, end))
-                lr = pending.lr * coef
-            bits = (d_of.dither_bits(d.numel(), index, k, p.device, p.shape, end)
-                    if p.dtype == torch.bfloat16 else None)
-            rule.update(flat(p)[lo:hi], d, lr, pending.t, index, lo, bits, pending.info)
-
-        bf16 = any(p.dtype == torch.bfloat16 for _, p, *_ in work)
-        workers.parallel_map(update, range(len(work)), work[0][1].device, d_of.draws(bf16))
-        if self.after_update is not None:
-            self.after_update(todo)
-        if self.streamer is not None:
-            for index in todo:
-                self.streamer.mark_updated(self.params[index])
-
