@@ -150,7 +150,7 @@ def test_a_full_disk_fails_the_snapshot_and_keeps_the_previous(tiny_folder, data
     from rich.console import Console
 
     import edgezo.run.snapshots as ck
-    from edgezo.run.train import _snapshot
+    from edgezo.run.selection import snapshot_or_warn as _snapshot
 
     run = tmp_path / "run"
     s = session(tiny_folder, data_dir)
@@ -341,7 +341,8 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run(tiny_folder, data
     from rich.console import Console
 
     from edgezo.errors import TrainingError
-    from edgezo.run.train import MAX_NONFINITE_IN_A_ROW, finetune
+    from edgezo.run.train import finetune
+    from edgezo.run.watch import MAX_NONFINITE_IN_A_ROW
 
     s = session(tiny_folder, data_dir)
     nan_at(s, {1, 2})

@@ -6,13 +6,7 @@ import copy
 import pytest
 import torch
 from conftest import lm_batch, zo_engine
-from toy_problems import (
-    Logistic,
-    logistic_data,
-    logistic_optimum,
-    quadratic,
-    toy_engine,
-)
+from toy_problems import Logistic, logistic_data, logistic_optimum, quadratic, toy_engine
 
 from edgezo.models.tiny import VOCAB, tiny_model
 from edgezo.tasks.loss import example_losses

@@ -12,15 +12,7 @@ import sys
 
 import pytest
 from safetensors.torch import load_file
-from test_checkpoint import (
-    KILLER,
-    cli_run,
-    final_weights,
-    finetune_args,
-    same,
-    session,
-    trainable,
-)
+from test_checkpoint import KILLER, cli_run, final_weights, finetune_args, same, session, trainable
 
 from edgezo.errors import CheckpointError
 from edgezo.run.session import Session

@@ -48,13 +48,7 @@ from edgezo.config.values import (
 from edgezo.errors import ConfigError
 from edgezo.models.catalog import QUANTIZATIONS, SCHEMES
 from edgezo.tasks.catalog import TEMPLATES
-from edgezo.zo.methods import (
-    DIRECTIONS,
-    ESTIMATES,
-    GRANULARITIES,
-    NOISE_SOURCES,
-    OPTIMIZERS,
-)
+from edgezo.zo.methods import DIRECTIONS, ESTIMATES, GRANULARITIES, NOISE_SOURCES, OPTIMIZERS
 
 # -- the choices of the options no implementing module owns (the registries hold the
 # others: optimizers, schemes, quantizations, templates) ----
