@@ -47,7 +47,7 @@ from edgezo.models.loading import (
     resolve_model,
 )
 from edgezo.models.quantized import load_quantized
-from edgezo.run.folder import check_log_is_whole
+from edgezo.run.resume import check_log_is_whole
 from edgezo.run.snapshots import RUN_FILE, SEED_LOG, read_run_file, read_seed_log
 
 if TYPE_CHECKING:

@@ -14,6 +14,7 @@ from edgezo.config.options import DEFAULT_KEEP
 from edgezo.errors import CheckpointError, ConfigError
 from edgezo.run import folder as runs
 from edgezo.run.display import metric_name
+from edgezo.run.resume import rewind
 from edgezo.run.session import Session
 
 
@@ -86,7 +87,7 @@ def end_with_best(session: Session, output: Path | None, stopped, console: Conso
         try:
             runs.restore_best(session)
         except (CheckpointError, OSError) as err:
-            runs.rewind(session, last)  # whatever restore_best had put in
+            rewind(session, last)  # whatever restore_best had put in
             console.print(f"[yellow]warning:[/] keeping the last step's weights: the best "
                           f"snapshot could not be read ({err})")
             return None

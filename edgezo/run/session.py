@@ -33,6 +33,9 @@ from edgezo.models.quantized import save_quantized
 from edgezo.run import folder as runs
 from edgezo.run import guard
 from edgezo.run.build import build, join_process_group
+from edgezo.run.resume import replay as replay_folder
+from edgezo.run.resume import resume as resume_folder
+from edgezo.run.resume import rewind
 from edgezo.run.snapshots import read_seed_log
 from edgezo.tasks import chat_format, scoring
 from edgezo.tasks.base import Example, batches
@@ -199,7 +202,7 @@ class Session:
         snapshot or save uses them. True when the session is back at a completed step."""
         step = self.engine.step_index
         try:
-            back = runs.rewind(self, step)
+            back = rewind(self, step)
         except (CheckpointError, OSError):
             back = False
         self.torn_step = None if back else step
@@ -401,14 +404,15 @@ class Session:
     @classmethod
     def resume(cls, run_dir: str | os.PathLike, warn: Callable[[str], None] = print,
                **overrides) -> Session:
-        """The session of a recorded run at its last logged step (see runs.resume);
+        """The session of a recorded run at its last logged step (see edgezo.run.resume);
         `overrides` may change the settings that do not alter the run's updates."""
-        return runs.resume(cls, run_dir, warn, **overrides)
+        return resume_folder(cls, run_dir, warn, **overrides)
 
     @classmethod
     def replay_run(cls, run_dir: str | os.PathLike, **overrides) -> Session:
-        """The base model with every step of a run's seed log re-applied (runs.replay)."""
-        return runs.replay(cls, run_dir, **overrides)
+        """The base model with every step of a run's seed log re-applied
+        (edgezo.run.resume.replay)."""
+        return replay_folder(cls, run_dir, **overrides)
 
     # -- results ----------------------------------------------------------------------------
     def report(self) -> dict:

@@ -20,6 +20,7 @@ from edgezo.errors import ConfigError, OutOfBudgetError, RunInterrupted, Trainin
 from edgezo.run import folder as runs
 from edgezo.run.display import gib, metric_name, print_plan, progress_bar, summary_table
 from edgezo.run.interrupt import CtrlC, after_ctrl_c, interrupted_before_training, stopped_line
+from edgezo.run.resume import rewind
 from edgezo.run.selection import (
     check_selection,
     end_with_average,
@@ -159,7 +160,7 @@ def finetune(session: Session, steps: int | None = None, *, console: Console | N
     # step() continues the run, as --resume would); the kept weights are its model.
     # Without one, an averaged session keeps the mean and refuses further steps.
     if moved:
-        runs.rewind(session, selected["last_step"])
+        rewind(session, selected["last_step"])
     if isinstance(stopped, KeyboardInterrupt):
         console.print(stopped_line(session, output))
         return report
@@ -233,7 +234,7 @@ def _run_steps(session: Session, console: Console, output: Path | None, first: i
 
 def _after_divergence(session: Session, stop: Diverged, console: Console) -> TrainingError:
     """Go back to the last sound weights (snapshot + seed log) and say so."""
-    if runs.rewind(session, stop.good_step):
+    if rewind(session, stop.good_step):
         snapshot_or_warn(session, console)
         return TrainingError(f"{stop}. The run stopped and went back to step "
                              f"{stop.good_step}, before it diverged: the snapshot and the "
