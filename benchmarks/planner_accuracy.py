@@ -61,7 +61,7 @@ def measure(model: str, scheme: str, optimizer: str, batch: int, pair: bool | No
     s.engine.flush()
     s.engine.release_scratch()  # as Session.evaluate does
     with s.monitor.phase("eval"), torch.no_grad():
-        candidate_scores(s._model, s.encoder.encode([worst] * s.eval_batch_size))
+        candidate_scores(s.module, s.encoder.encode([worst] * s.eval_batch_size))
     s.evaluate("validation", max_examples=64)
     plan = s.plan
     out = {"model": model, "scheme": scheme, "optimizer": optimizer, "batch": batch,

@@ -227,7 +227,7 @@ def test_a_template_that_writes_its_own_bos_gets_no_second_one(chat_folder, monk
         seen.append(kwargs.get("rendered"))
         return real(model, tok, prompts, *args, **kwargs)
 
-    monkeypatch.setattr("edgezo.run.session.generate", spy)
+    monkeypatch.setattr("edgezo.tasks.generate.generate", spy)
     sess = Session(chat_folder, task=None, batch_size=2, max_length=64)
     try:
         sess.generate([{"role": "user", "content": "hi"}], 2)

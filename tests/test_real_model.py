@@ -36,8 +36,8 @@ def test_verbalizer_words_are_single_tokens_and_the_fast_path_agrees(session):
 
     session.engine.flush()
     with torch.no_grad():
-        a = candidate_scores(session._model, fast)
-        b = candidate_scores(session._model, general)
+        a = candidate_scores(session.module, fast)
+        b = candidate_scores(session.module, general)
     # bf16 logits of magnitude 16-32 are 0.125 apart, and the two paths run different
     # shapes (6 prompt rows vs 12 prompt+answer rows): two rounding steps of slack
     torch.testing.assert_close(a, b, atol=0.25, rtol=0)

@@ -490,10 +490,10 @@ def test_a_streamed_model_in_another_dtype_loads_without_holding_its_weights(
     assert seen["layers"] > 0 and seen["mapped"] == seen["layers"]
     s.engine.flush()
     with s.streamer.materialized():
-        streamed = {k: v.clone() for k, v in s._model.state_dict().items()}
+        streamed = {k: v.clone() for k, v in s.module.state_dict().items()}
     s.close()
     ref = Session(wide_folder, offload="off", **kw)
-    resident = ref._model.state_dict()
+    resident = ref.module.state_dict()
     assert streamed.keys() == resident.keys()
     assert all(torch.equal(streamed[k], v) for k, v in resident.items())
     ref.close()

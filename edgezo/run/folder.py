@@ -58,22 +58,22 @@ def record(session: Session, run_dir: str | os.PathLike) -> None:
                           "resume (run.json cannot hold a function)")
     run_dir = Path(run_dir)
     same = session.run_dir is not None and session.run_dir.resolve() == run_dir.resolve()
-    lock = session._lock if same and session._lock is not None else RunLock(run_dir)
+    lock = session.run_lock if same and session.run_lock is not None else RunLock(run_dir)
     try:
         if not same:
             _refuse_another_run(session, run_dir)
         if not (run_dir / RUN_FILE).is_file():
             write_run_file(run_dir, session.config.to_dict())
-        log = session._log if same and session._log is not None else SeedLog(run_dir)
+        log = session.seed_log if same and session.seed_log is not None else SeedLog(run_dir)
     except BaseException:
-        if lock is not session._lock:
+        if lock is not session.run_lock:
             lock.release()
         raise
-    if session._log is not None and log is not session._log:
-        session._log.close()
-    if session._lock is not None and lock is not session._lock:
-        session._lock.release()
-    session.run_dir, session._lock, session._log = run_dir, lock, log
+    if session.seed_log is not None and log is not session.seed_log:
+        session.seed_log.close()
+    if session.run_lock is not None and lock is not session.run_lock:
+        session.run_lock.release()
+    session.run_dir, session.run_lock, session.seed_log = run_dir, lock, log
 
 
 def _updates_of(config: RunConfig) -> dict:
@@ -210,7 +210,7 @@ def restore(session: Session, weights: dict, state: dict, meta: dict) -> None:
         _trainable_tensors(session, put)
     session.engine.load_state_tensors(state, meta["step"], meta.get("mask_epoch"))
     torch.set_rng_state(state["torch_rng"])
-    session._batches = None  # the next batch is the restored step's (a function of it)
+    session.train_batches = None  # the next batch is the restored step's (a function of it)
     session.selected = None  # the snapshot's own step, neither a best nor an average
 
 

@@ -44,7 +44,7 @@ def _admit_shape(session: Session, shape: Shape, phase: str) -> None:
                                 and shape.new_tokens <= planned.new_tokens):
         return
     asked = replace(shapes, train=shape) if phase == "train" else replace(shapes, eval=shape)
-    plan = planner.price(session.config, planner.live_model(session._model, session._block_map),
+    plan = planner.price(session.config, planner.live_model(session.module, session.block_map),
                          session.profile, asked, pair=session.pair,
                          streamed=len(session.streamer.layers) if session.streamer else 0)
     need = plan.phases[phase] + plan.runtime_overhead_bytes

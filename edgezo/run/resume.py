@@ -82,7 +82,7 @@ def resume(cls: type[Session], run_dir: str | os.PathLike,
     session.dtype_reason = f"as the run started ({RUN_FILE})"
     try:
         if session.rank == 0:  # before anything is read: another run may be writing it
-            session._lock = RunLock(run_dir)
+            session.run_lock = RunLock(run_dir)
         found = latest_valid(run_dir, warn)
         log = read_seed_log(run_dir)
         if found is not None:
@@ -104,7 +104,7 @@ def resume(cls: type[Session], run_dir: str | os.PathLike,
         if session.rank == 0:
             session.record(run_dir)  # cuts a torn last line (SeedLog)
             for entry in recovered:
-                session._log.append(entry)
+                session.seed_log.append(entry)
     except BaseException:
         session.close()
         raise
@@ -166,7 +166,7 @@ def _recompute(session: Session, run_dir: Path, log: list[dict], found: tuple[Pa
     try:
         restore(session, *load_snapshot(base[0]), base[1])
         _replay_log(session, log, upto=missing[0])
-        session._batches = None  # the data from this step on
+        session.train_batches = None  # the data from this step on
         for t in missing:
             entries.append(session.engine.step(session.next_batch(),
                                                session.schedule(t)).log_entry())
@@ -175,7 +175,7 @@ def _recompute(session: Session, run_dir: Path, log: list[dict], found: tuple[Pa
         return None, f"recomputing failed ({err})"
     finally:
         restore(session, *load_snapshot(found[0]), found[1])
-        session._batches = None
+        session.train_batches = None
     want_weights, want_state = load_snapshot(found[0])
     state.pop("torch_rng", None)
     want_state.pop("torch_rng", None)

@@ -13,9 +13,7 @@ memory budget's guard in `edgezo.run.guard`. This module only wires them to the 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable
@@ -24,25 +22,23 @@ from pathlib import Path
 import torch
 
 from edgezo.config.options import RunConfig
-from edgezo.device.hardware import cpu_capability
 from edgezo.device.profiles import human_bytes
 from edgezo.errors import CheckpointError, ConfigError, OutOfBudgetError
-from edgezo.export.run import base_gguf, export_model
 from edgezo.memory.heap import release_freed_memory
-from edgezo.models.quantized import save_quantized
 from edgezo.run import folder as runs
 from edgezo.run import guard
 from edgezo.run.build import build, join_process_group
+from edgezo.run.feedback import ranked_step
+from edgezo.run.report import session_report
 from edgezo.run.resume import replay as replay_folder
 from edgezo.run.resume import resume as resume_folder
 from edgezo.run.resume import rewind
+from edgezo.run.save import save_session
 from edgezo.run.snapshots import read_seed_log
-from edgezo.tasks import chat_format, scoring
+from edgezo.tasks import scoring
 from edgezo.tasks.base import Example, batches
-from edgezo.tasks.generate import generate
-from edgezo.tasks.loss import candidate_scores, shard_batch
-from edgezo.version import __version__
-from edgezo.zo import rank as ranking
+from edgezo.tasks.generate import reply
+from edgezo.tasks.loss import candidate_scores, check_batch, shard_batch
 from edgezo.zo.rank import RankFn, RankResult
 from edgezo.zo.result import StepResult
 from edgezo.zo.schedule import Schedule
@@ -80,7 +76,9 @@ class Session:
         self.tokenizer = parts.resolved.tokenizer
         self.shapes, self.monitor, self.plan = parts.shapes, parts.monitor, parts.plan
         self.monitor.limits = dict(self.plan.phases)
-        self._model, self._block_map = parts.model, parts.blocks
+        # The model object itself (`model` also applies the deferred update first) and its
+        # trainable blocks, for the run's own modules (guard, folder, save).
+        self.module, self.block_map = parts.model, parts.blocks
         self.engine, self.streamer = parts.engine, parts.streamer
         self.dtype_reason = parts.dtype_reason
         self.lr_reason = parts.lr_reason
@@ -93,9 +91,9 @@ class Session:
             self.rank, self.world = join_process_group(self.engine, self.on_cuda,
                                                        self.batch_size)
         self.run_dir: Path | None = None
-        self._log = None
-        self._lock = None  # the run folder's RunLock while recording (runs.record)
-        self._batches = None
+        self.seed_log = None  # the run folder's SeedLog while recording (folder.record)
+        self.run_lock = None  # the run folder's RunLock while recording
+        self.train_batches = None  # the training data's iterator, made on first use
         self.history: list[StepResult] = []
         self.evaluations: dict[str, dict] = {}
         self.eval_seconds = 0.0  # every evaluation's time: part of time to accuracy
@@ -150,17 +148,17 @@ class Session:
     def model(self) -> torch.nn.Module:
         """The model, with every completed step applied (flushes the deferred update)."""
         self.engine.flush()
-        return self._model
+        return self.module
 
     # -- training -------------------------------------------------------------------------
     def next_batch(self) -> dict:
         """The next training batch; data-parallel, this rank's share of it (the whole
         batch is encoded first, so every row is padded exactly as on one process)."""
         self._require_task()
-        if self._batches is None:
-            self._batches = batches(self.task.split("train"), self.batch_size,
+        if self.train_batches is None:
+            self.train_batches = batches(self.task.split("train"), self.batch_size,
                                     self.config.runtime.seed, start_step=self.engine.step_index)
-        batch = self.encoder.encode(next(self._batches))
+        batch = self.encoder.encode(next(self.train_batches))
         if self.world > 1:
             batch = shard_batch(batch, self.rank, self.world)
         return self._to_device(batch)
@@ -169,12 +167,12 @@ class Session:
         """One ZO step on the next training batch, or on the given dict of tensors. A
         KeyboardInterrupt during it leaves the session at the last completed step (see
         recover_torn_step)."""
-        self._check_not_averaged("step")
-        self._check_not_torn("step")
+        self.check_not_averaged("step")
+        self.check_not_torn("step")
         if batch is None:
             batch = self.next_batch()
         else:
-            _check_batch(batch)
+            check_batch(batch)
             guard.admit(self, batch, "train")
             batch = self._to_device(batch)
         try:
@@ -190,8 +188,8 @@ class Session:
                 f"{self.profile.name} ({human_bytes(self.profile.budget_bytes)}); the model "
                 "holds every completed step. Lower --batch-size or use --two-pass") from None
         self.history.append(result)
-        if self._log is not None:
-            self._log.append(result.log_entry())
+        if self.seed_log is not None:
+            self.seed_log.append(result.log_entry())
         guard.after_step(self)
         return result
 
@@ -208,7 +206,7 @@ class Session:
         self.torn_step = None if back else step
         return back
 
-    def _check_not_torn(self, what: str) -> None:
+    def check_not_torn(self, what: str) -> None:
         if self.torn_step is not None:
             raise CheckpointError(
                 f"step {self.torn_step + 1} was interrupted half-way, so the weights are "
@@ -216,7 +214,7 @@ class Session:
                 "folder to go back to, start a new Session (record() a run folder to make "
                 "interrupted steps recoverable)")
 
-    def _check_not_averaged(self, what: str) -> None:
+    def check_not_averaged(self, what: str) -> None:
         if self.selected is not None and self.selected["by"] == "average":
             raise ConfigError(f"the weights are the mean of the last steps' (average_last), "
                               f"which the seed log does not hold, so a {what} from them "
@@ -260,21 +258,10 @@ class Session:
         string, or a conversation ({"role", "content"} messages) that the model's chat
         template renders, the answer then ending at the end of the assistant's turn.
         `streamer`: a transformers streamer that hears each token (one prompt)."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
-            prompts = [prompts]
-        rendered = [not isinstance(p, str) for p in prompts]
-        if len(set(rendered)) > 1:
-            raise ConfigError("generate() takes strings or conversations, not both at once")
-        texts = [p if isinstance(p, str) else chat_format.cue(self.tokenizer, p)
-                 for p in prompts]
         self.engine.flush()
         self.engine.release_scratch()
-        # the model's context, less the answer: a long conversation keeps its latest turns
-        context = getattr(self._model.config.get_text_config(), "max_position_embeddings",
-                          None)
-        return generate(self._model, self.tokenizer, texts, max_new_tokens, self.device,
-                        streamer=streamer, rendered=bool(rendered and rendered[0]),
-                        max_length=max(8, context - max_new_tokens) if context else None)
+        return reply(self.module, self.tokenizer, prompts, max_new_tokens, self.device,
+                     streamer)
 
     def rank_step(self, prompts: str | list[str], rank: RankFn, candidates: int = 2,
                   max_new_tokens: int = 16, mu: float | None = None) -> RankResult:
@@ -283,29 +270,7 @@ class Session:
         returns the candidates' indices best first (a group of tied indices may take one
         place; unlisted ones rank last; empty or None: no preference), and θ moves
         towards the preferred ones at the run's learning rate."""
-        self._check_not_averaged("step")
-        self._check_not_torn("step")
-        if candidates < 2:
-            raise ConfigError("rank_step compares candidates: candidates must be >= 2")
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        outputs = []
-        for k in range(candidates):
-            with self.engine.perturbed_query(k, mu if mu is not None else self.engine.eps):
-                outputs.append(generate(self._model, self.tokenizer, prompts,
-                                        max_new_tokens, self.device))
-        order = rank(outputs)
-        coefs = ranking.coefficients(order, candidates)
-        # the engine's rule steps against its direction: −ĝ moves towards the preferred
-        try:
-            result = self.engine.step_along([-c for c in coefs],
-                                            self.schedule(self.engine.step_index))
-        except KeyboardInterrupt as stop:
-            stop.recovered = self.recover_torn_step()
-            raise
-        self.history.append(result)
-        if self._log is not None:
-            self._log.append(result.log_entry())
-        return ranking.RankResult(outputs, order, coefs, result)
+        return ranked_step(self, prompts, rank, candidates, max_new_tokens, mu)
 
     @torch.no_grad()
     def predict(self, examples: Example | list[Example]) -> list[int]:
@@ -317,7 +282,7 @@ class Session:
         for i in range(0, len(examples), self.eval_batch_size):
             batch = self.encoder.encode(examples[i:i + self.eval_batch_size])
             guard.admit(self, batch, "eval")
-            out += candidate_scores(self._model, self._to_device(batch)).argmax(-1).tolist()
+            out += candidate_scores(self.module, self._to_device(batch)).argmax(-1).tolist()
         return out
 
     # -- evaluation -----------------------------------------------------------------------
@@ -334,37 +299,13 @@ class Session:
         release_freed_memory()  # the training phase's freed heap, before evaluation peaks
         start = time.perf_counter()
         examples = self.task.split(split)[:max_examples]
-        if self.task.generative or self.task.metric == "log_likelihood":
-            with self.monitor.phase("eval"):
-                result = self._scorer().score(examples, progress)
-            return self._evaluated(split, result, start)
-        hits: list[bool] = []
-        groups: dict[str, list[bool]] = {}
         with self.monitor.phase("eval"):
-            for i in range(0, len(examples), self.eval_batch_size):
-                part = examples[i:i + self.eval_batch_size]
-                batch = self.encoder.encode(part)
-                guard.admit(self, batch, "eval")
-                batch = self._to_device(batch)
-                right = (candidate_scores(self._model, batch).argmax(-1)
-                         == batch["gold"]).tolist()
-                hits += right
-                for ex, ok in zip(part, right, strict=True):
-                    if ex.group is not None:
-                        groups.setdefault(ex.group, []).append(ok)
-                if progress is not None:
-                    progress(len(hits), len(examples))
-        accuracy = sum(hits) / max(1, len(hits))
-        result = {"metric": "accuracy", "score": accuracy, "accuracy": accuracy,
-                  "examples": len(hits)}
-        if groups:  # MultiRC: a question counts when every answer option is right
-            result["exact_match"] = sum(all(v) for v in groups.values()) / len(groups)
-            result["groups"] = len(groups)
+            result = self._scorer().score(examples, progress)
         return self._evaluated(split, result, start)
 
     def _scorer(self) -> scoring.Scorer:
         return scoring.Scorer(
-            self._model, self.encoder, self.task, self.device, self.eval_batch_size,
+            self.module, self.encoder, self.task, self.device, self.eval_batch_size,
             admit=lambda batch: guard.admit(self, batch, "eval"),
             admit_prompts=lambda prompts: guard.admit_generation(
                 self, prompts, self.task.max_new_tokens))
@@ -386,19 +327,19 @@ class Session:
     def stop_recording(self) -> None:
         """Stop logging to the run folder (before it is removed: a run stopped before its
         first step); the session itself goes on."""
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        if self._lock is not None:  # the folder is no longer this session's to write
-            self._lock.release()
-            self._lock = None
+        if self.seed_log is not None:
+            self.seed_log.close()
+            self.seed_log = None
+        if self.run_lock is not None:  # the folder is no longer this session's to write
+            self.run_lock.release()
+            self.run_lock = None
         self.run_dir = None
 
     def checkpoint(self, keep: int = 3) -> Path:
         """Snapshot weights, optimizer state, masks and RNG into the run folder
         (atomically), keeping the newest `keep` snapshots."""
-        self._check_not_averaged("snapshot")
-        self._check_not_torn("snapshot")
+        self.check_not_averaged("snapshot")
+        self.check_not_torn("snapshot")
         return runs.checkpoint(self, keep)
 
     @classmethod
@@ -417,55 +358,7 @@ class Session:
     # -- results ----------------------------------------------------------------------------
     def report(self) -> dict:
         """Everything a run knows about itself; `edgezo finetune` writes it as report.json."""
-        times = [r.time_s for r in self.history[1:]] or [r.time_s for r in self.history]
-        cfg = self.config
-        flat = cfg.flat()
-        named = ("model", "task", "optimizer", "scheme", "profile", "seed")
-        return {
-            "edgezo_version": __version__,
-            "model": cfg.model.model or "smollm2",
-            "model_source": self.model_source.source,
-            **{k: flat[k] for k in named[1:]},
-            # the run's steps, a resumed run's earlier ones included, whichever step's
-            # weights were kept (--keep-best, --average-last)
-            "steps": self.selected["last_step"] if self.selected else self.engine.step_index,
-            "selected": self.selected,
-            "hyperparameters": {k: v for k, v in flat.items() if k not in named}
-            | {"pair": self.pair, "objective": "custom" if self.custom_objective
-               else cfg.estimator.objective},
-            "device": str(self.device),
-            "emulated_profile": self.emulated,
-            "compute": {"dtype": cfg.model.dtype, "why": self.dtype_reason,
-                        "cpu": cpu_capability(), "threads": self.threads.to_dict()},
-            "learning_rate": {"lr": cfg.optimizer.lr,
-                              "why": self.lr_reason or "given (--lr, or the resumed run's)"},
-            "forward_passes_per_step": self.engine.forward_passes_per_step,
-            "backward_passes_per_step": 1 if self.engine.fo_indices else 0,
-            "optimizer_state_bytes_per_param": self.optimizer.state_bytes_per_param,
-            "step_time_s": sum(times) / len(times) if times else None,
-            "skipped_steps": sum(r.skipped for r in self.history),
-            "zero_estimate_steps": sum(r.all_zero for r in self.history),
-            "zero_estimates": sum(r.zero_estimates for r in self.history),
-            "clipped_estimates": sum(r.clipped for r in self.history),
-            "queries": sum(len(r.projected_grads) for r in self.history),
-            "eval_time_s": self.eval_seconds,
-            "peak_memory_bytes": self.monitor.run_peak_bytes,
-            "peak_memory_by_phase": dict(self.monitor.peaks),
-            "reserved_peak_memory_by_phase": dict(self.monitor.reserved_peaks) or None,
-            "predicted_peak_memory_bytes": self.plan.peak_bytes,
-            "heap_trims": self.monitor.trims,  # CPU: the heap handed back above the plan
-            "streaming": self.streamer.stats() if self.streamer else None,
-            "plan": self.plan.to_dict(),
-            "trainable_parameters": self.engine.blocks.numel(),
-            "data_parallel": {"ranks": self.world,
-                              "bytes_communicated": self.engine.bytes_communicated}
-            if self.world > 1 else None,
-            "evaluations": self.evaluations,
-            # what the evaluations' scores (and a finetune's *_accuracy keys) measure
-            "metric": self.task.metric if self.task is not None else None,
-            "memory_samples": list(self.monitor.samples),
-            "splits": self.task.split_info if self.task is not None else None,
-        }
+        return session_report(self)
 
     def save(self, directory: str | os.PathLike, format: str | None = None, *,
              gguf_type: str | None = None) -> Path:
@@ -477,39 +370,7 @@ class Session:
         format only (edgezo.export.run.export_model), e.g. `save("out", "gguf")` for
         llama.cpp, in the base GGUF's own types unless `gguf_type` names one. Returns the
         folder, or the file written for gguf and onnx."""
-        self._check_not_torn("save")
-        out = Path(directory)
-        self.engine.flush()
-        self.engine.perturbation.remove()  # write the plain HF module
-        try:
-            with self.streamer.materialized() if self.streamer else contextlib.nullcontext():
-                if format is not None:
-                    return self._export(out, format, gguf_type)
-                if gguf_type is not None:
-                    raise ConfigError("gguf_type applies to format='gguf'")
-                out.mkdir(parents=True, exist_ok=True)
-                if self.config.scheme.scheme == "scales":  # the quantized model itself
-                    save_quantized(self._model, out)
-                else:
-                    self._model.save_pretrained(out)
-        finally:
-            self.engine.perturbation.install()
-        self.tokenizer.save_pretrained(out)
-        (out / "report.json").write_text(json.dumps(self.report(), indent=2))
-        return out
-
-    def _export(self, out: Path, fmt: str, gguf_type: str | None) -> Path:
-        if self.config.scheme.scheme == "scales":
-            if fmt != "merged":
-                raise ConfigError(f"a scales run is its quantized base with trained scales; "
-                                  f"{fmt} export reads dense weights: save it with "
-                                  "format='merged' (the quantized model)")
-            return save_quantized(self._model, out, self.tokenizer)
-        base = base_gguf(self.config.model.model) if fmt == "gguf" else None
-        meta = {"task": self.config.data.task, "model": self.config.model.model,
-                "template": self.task.template if self.task is not None else None}
-        return export_model(self._model, self.tokenizer, fmt, out, gguf_type=gguf_type,
-                            base_gguf=base, meta=meta)
+        return save_session(self, Path(directory), format, gguf_type)
 
     def close(self) -> None:
         """Release what the session holds; its run folder's lock last (after the log's
@@ -518,12 +379,12 @@ class Session:
             self.engine.close()
             self.monitor.close()
         finally:
-            if self._log is not None:
-                self._log.close()
-                self._log = None
-            if self._lock is not None:
-                self._lock.release()
-                self._lock = None
+            if self.seed_log is not None:
+                self.seed_log.close()
+                self.seed_log = None
+            if self.run_lock is not None:
+                self.run_lock.release()
+                self.run_lock = None
 
     # -- helpers ----------------------------------------------------------------------------
     def _to_device(self, batch: dict) -> dict:
@@ -534,12 +395,3 @@ class Session:
         if self.task is None:
             raise ConfigError("this Session has no task (task=None): pass batches to step(), "
                               "or create it with a task to use its data")
-
-
-def _check_batch(batch: dict) -> None:
-    if "input_ids" not in batch:
-        raise ConfigError("a batch needs 'input_ids' (and 'attention_mask', plus 'labels' "
-                          "for a language-modelling loss)")
-    if "labels" not in batch and "candidate_ids" not in batch:
-        raise ConfigError("a batch needs 'labels' (token ids, -100 where no loss applies) "
-                          "or 'candidate_ids' and 'gold'")

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from edgezo.errors import ConfigError
+from edgezo.tasks import chat_format
 from edgezo.tasks.answers import first_line as first_line_of
 
 
@@ -89,3 +91,20 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int,
                          generation_config=settings, streamer=streamer)
     texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
     return [first_line_of(t) for t in texts] if first_line else texts
+
+
+def reply(model, tokenizer, prompts: str | list[str] | list[dict] | list[list[dict]],
+          max_new_tokens: int, device: torch.device, streamer=None) -> list[str]:
+    """Greedy answers to strings, or to conversations ({"role", "content"} messages) that
+    the model's chat template renders (an answer then ends with the assistant's turn).
+    A long conversation keeps its latest turns: the model's context, less the answer."""
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)):
+        prompts = [prompts]
+    rendered = [not isinstance(p, str) for p in prompts]
+    if len(set(rendered)) > 1:
+        raise ConfigError("generate() takes strings or conversations, not both at once")
+    texts = [p if isinstance(p, str) else chat_format.cue(tokenizer, p) for p in prompts]
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    return generate(model, tokenizer, texts, max_new_tokens, device, streamer=streamer,
+                    rendered=bool(rendered and rendered[0]),
+                    max_length=max(8, context - max_new_tokens) if context else None)

@@ -24,6 +24,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from edgezo.errors import ConfigError
 from edgezo.tasks.answers import f1
 from edgezo.tasks.generate import generate
 from edgezo.zo.batch import LOGIT_CHUNK_VALUES, batch_rows
@@ -151,6 +152,16 @@ def example_losses(model, batch: dict) -> torch.Tensor:
         # Verbalizer classification loss: cross-entropy across the candidates' scores.
         return F.cross_entropy(scores, batch["gold"], reduction="none")
     return -token_logprob_means(model, batch)
+
+
+def check_batch(batch: dict) -> None:
+    """A batch given to Session.step() has what the loss reads."""
+    if "input_ids" not in batch:
+        raise ConfigError("a batch needs 'input_ids' (and 'attention_mask', plus 'labels' "
+                          "for a language-modelling loss)")
+    if "labels" not in batch and "candidate_ids" not in batch:
+        raise ConfigError("a batch needs 'labels' (token ids, -100 where no loss applies) "
+                          "or 'candidate_ids' and 'gold'")
 
 
 def shard_batch(batch: dict, rank: int, world: int) -> dict:
