@@ -18,7 +18,8 @@ import edgezo.export.run
 import edgezo.models.loading
 import edgezo.run.build
 import edgezo.run.session
-from edgezo.models.loading import default_gguf, resolve_model
+from edgezo.models.gguf_cache import default_gguf
+from edgezo.models.loading import resolve_model
 
 runner = CliRunner()
 

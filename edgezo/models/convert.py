@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from edgezo.errors import ModelLoadError
-from edgezo.models.loading import ResolvedModel, _file_key, cache_root, check_cache_writable
+from edgezo.models.gguf_cache import cache_root, check_cache_writable, file_key
+from edgezo.models.loading import ResolvedModel
 from edgezo.models.tensorfile import read_header
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -52,7 +53,7 @@ def stream_ready_folder(folder: Path, dtype: torch.dtype, keep_fp32: list[str] |
     headers = {f: read_header(f)[0] for f in files}
     if not any(target(n, h["dtype"]) for hs in headers.values() for n, h in hs.items()):
         return folder
-    key = hashlib.sha256("".join(_file_key(f) for f in files).encode()).hexdigest()[:16]
+    key = hashlib.sha256("".join(file_key(f) for f in files).encode()).hexdigest()[:16]
     name = str(dtype).removeprefix("torch.")
     out = cache_root() / "converted" / f"{folder.name}-{key}-{name}"
     if (out / "config.json").is_file():
