@@ -255,7 +255,7 @@ def _trained_template(report: dict, given: dict) -> str | None:
     """The prompt template a model saved by edgezo was trained with on the evaluated task
     (from its run's report.json): scored with another prompt, a fine-tuned model can read
     as untrained. None for other models, or another task."""
-    from edgezo.config.options import RunConfig
+    from edgezo.config.runconfig import RunConfig
     from edgezo.export.run import trained_template
 
     return trained_template(report, given.get("task") or RunConfig().get("task"))

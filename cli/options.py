@@ -16,7 +16,8 @@ from typing import Any
 
 import typer
 
-from edgezo.config.options import FIELDS, SECTION_OF, RunConfig, coerce
+from edgezo.config.options import FIELDS, SECTION_OF
+from edgezo.config.runconfig import RunConfig, coerce
 
 _KW = inspect.Parameter.KEYWORD_ONLY
 

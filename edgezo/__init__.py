@@ -17,7 +17,7 @@ def __getattr__(name: str):
 
         return Session
     if name == "RunConfig":
-        from edgezo.config.options import RunConfig
+        from edgezo.config.runconfig import RunConfig
 
         return RunConfig
     raise AttributeError(f"module 'edgezo' has no attribute {name!r}")

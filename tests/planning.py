@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edgezo.config.options import RunConfig
+from edgezo.config.runconfig import RunConfig
 from edgezo.memory.peak import Plan
 from edgezo.memory.planner import PlanResult, Shapes, plan_run, price_config
 from edgezo.zo.batch import Shape

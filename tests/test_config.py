@@ -10,7 +10,8 @@ import yaml
 from edgezo.cli.main import app
 from typer.testing import CliRunner
 
-from edgezo.config.options import FIELDS, RESUMABLE, SECTION_OF, RunConfig
+from edgezo.config.options import FIELDS, RESUMABLE, SECTION_OF
+from edgezo.config.runconfig import RunConfig
 from edgezo.errors import CheckpointError, ConfigError, EdgezoError, ProfileError, TaskError
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))

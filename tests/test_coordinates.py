@@ -6,7 +6,7 @@ from conftest import lm_batch, zo_engine
 from toy_problems import Logistic, logistic_data, quadratic, toy_engine
 
 from edgezo import Session
-from edgezo.config.options import RunConfig
+from edgezo.config.runconfig import RunConfig
 from edgezo.errors import ConfigError
 from edgezo.models.tiny import VOCAB, tiny_model
 from edgezo.zo.optimizers import make_optimizer

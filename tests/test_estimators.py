@@ -246,7 +246,7 @@ def test_table_estimates_are_unbiased():
     ({"optimizer": "fzoo", "pair": True}, "one-sided estimate has no L"),
 ])
 def test_estimator_options_that_would_do_nothing_are_refused(kwargs, needle):
-    from edgezo.config.options import RunConfig
+    from edgezo.config.runconfig import RunConfig
 
     with pytest.raises(ConfigError, match=needle):
         RunConfig.from_flat(**kwargs).validate()

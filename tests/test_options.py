@@ -114,7 +114,8 @@ def test_the_schedule_sets_each_steps_lr(tiny_folder, data_dir):
 def _other_value(name: str):
     """A value of option `name`'s type that differs from its default, as typed on the
     command line."""
-    from edgezo.config.options import FIELDS, RunConfig
+    from edgezo.config.options import FIELDS
+    from edgezo.config.runconfig import RunConfig
 
     meta, default = FIELDS[name].metadata, RunConfig().get(name)
     if meta["choices"]:
@@ -139,7 +140,8 @@ def test_the_cli_and_the_run_config_cannot_drift_apart(monkeypatch):
     import typer.main
     from edgezo.cli.options import flag_of
 
-    from edgezo.config.options import FIELDS, RunConfig, coerce
+    from edgezo.config.options import FIELDS
+    from edgezo.config.runconfig import RunConfig, coerce
 
     command = typer.main.get_command(cli.app).commands["finetune"]
     names = {p.name for p in command.params}

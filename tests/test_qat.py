@@ -8,7 +8,7 @@ import torch
 from conftest import lm_batch, on_device_of, zo_engine
 
 from edgezo import Session
-from edgezo.config.options import RunConfig
+from edgezo.config.runconfig import RunConfig
 from edgezo.errors import ConfigError
 from edgezo.models.tiny import VOCAB, tiny_model
 from edgezo.zo.optimizers import make_optimizer

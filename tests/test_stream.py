@@ -218,7 +218,7 @@ def test_streamed_weights_are_nan_placeholders_between_forwards():
 def test_streaming_refuses_first_order_and_magnitude_masks():
     """The configuration refuses them (one rule, with the fix); an engine built around it
     keeps the invariant."""
-    from edgezo.config.options import RunConfig
+    from edgezo.config.runconfig import RunConfig
 
     for kw in ({"optimizer": "fo-sgd"}, {"optimizer": "forward-grad"},
                {"fo_blocks": ["head"]}):

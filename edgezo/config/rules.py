@@ -16,7 +16,8 @@ from edgezo.tasks.catalog import CUSTOM_OBJECTIVE, OBJECTIVES
 from edgezo.zo.methods import OPTIMIZERS, STRUCTURED, Estimate
 
 if TYPE_CHECKING:
-    from edgezo.config.options import EstimatorOptions, RunConfig
+    from edgezo.config.options import EstimatorOptions
+    from edgezo.config.runconfig import RunConfig
 
 
 def _flag(name: str) -> str:

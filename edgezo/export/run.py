@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edgezo.config.options import RunConfig
+from edgezo.config.runconfig import RunConfig
 from edgezo.errors import ConfigError, EdgezoError, PathError, check_writable_folder, unknown_choice
 from edgezo.export.gguf import write_gguf
 from edgezo.export.onnx import ONNX_FILE, require_exporter, write_onnx

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from edgezo.config.defaults import resolve_estimator
-from edgezo.config.options import EstimatorOptions, RunConfig
+from edgezo.config.options import EstimatorOptions
+from edgezo.config.runconfig import RunConfig
 from edgezo.device.profiles import Profile, list_profiles, load_profile
 from edgezo.errors import ConfigError
 from edgezo.memory.peak import FOPart, Plan, StepSpec, StreamPart, plan_step

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from edgezo.config.defaults import default_max_length, lr_reason
-from edgezo.config.options import RunConfig
 from edgezo.config.rules import estimate_of
+from edgezo.config.runconfig import RunConfig
 from edgezo.device.hardware import preferred_dtype
 from edgezo.device.profiles import Profile, human_bytes, load_profile
 from edgezo.device.threads import ThreadChoice, set_compute_threads

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from edgezo.config.options import RESUMABLE, RunConfig
+from edgezo.config.options import RESUMABLE
+from edgezo.config.runconfig import RunConfig
 from edgezo.errors import CheckpointError, ConfigError
 from edgezo.run.snapshots import (
     RUN_FILE,

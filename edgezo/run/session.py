@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from edgezo.config.options import RunConfig
+from edgezo.config.runconfig import RunConfig
 from edgezo.device.profiles import human_bytes
 from edgezo.errors import CheckpointError, ConfigError, OutOfBudgetError
 from edgezo.memory.heap import release_freed_memory
