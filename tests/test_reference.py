@@ -1,0 +1,40 @@
+"""The generated references match the code, and the README stays a front door."""
+
+from pathlib import Path
+
+import pytest
+
+from edgezo import reference
+from edgezo.config.options import FIELDS, RESUMABLE
+from edgezo.tasks.make import TASKS
+from edgezo.zo.methods import OPTIMIZERS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", list(reference.REFERENCES))
+def test_the_generated_references_are_current(name):
+    written = (reference.DOCS / name).read_text(encoding="utf-8")
+    assert written == reference.REFERENCES[name](), (
+        f"docs/{name} is stale: run `python -m edgezo.reference`")
+
+
+def test_the_references_name_every_option_method_and_resumable_option():
+    options, methods = reference.options_reference(), reference.methods_reference()
+    assert all(f"`{name}`" in options for name in FIELDS)
+    assert all(f"`{name}`" in methods for name in OPTIMIZERS)
+    resumable = options.split("What `--resume` may change")[1]
+    assert all(reference._flag(name) in resumable for name in RESUMABLE)
+
+
+def test_the_option_helps_name_every_registered_choice():
+    # --task and --optimizer list names in their help; a new entry must show there
+    assert all(task in FIELDS["task"].metadata["help"] for task in TASKS)
+    assert all(name in FIELDS["optimizer"].metadata["help"] for name in OPTIMIZERS)
+
+
+def test_the_readme_is_a_front_door():
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 200
+    assert lines[3].startswith("bash scripts/run.sh")
+    assert lines[4].startswith("bash scripts/test.sh")
