@@ -93,7 +93,7 @@ def test_eval_takes_a_lora_runs_model_folder_or_the_run_folder(lora_run, data_di
 def test_the_eval_session_holds_the_saved_adapter(lora_run, data_dir):
     """The adapter eval loads is the one the run saved (not a fresh, untrained one), and
     the model computes what export's load_run (peft's own loader) computes."""
-    from edgezo.cli.main import open_eval_session
+    from edgezo.cli.talk import open_eval_session
 
     from edgezo.export.run import load_run
 
