@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from edgezo.config.options import FIELDS, RESUMABLE, SECTION_OF
+from edgezo.config.options import FIELDS, SECTION_OF
+from edgezo.config.rules import resume_problem
 from edgezo.errors import EdgezoError, RunInterrupted, check_writable_folder
 
 # cli/ installs as edgezo.cli (pyproject.toml's package-dir), so its own modules are named
@@ -46,10 +47,9 @@ def finetune(ctx: typer.Context, given: dict, config: str | None, print_config: 
     from edgezo.run.train import finetune as run
 
     if resume is not None:
-        refused = sorted(set(given) - RESUMABLE) + (["config"] if config else [])
-        if refused:
-            raise EdgezoError(f"--resume keeps the run's own settings; drop "
-                              f"{', '.join('--' + g.replace('_', '-') for g in refused)}")
+        problem = resume_problem([*given, *(["config"] if config else [])])
+        if problem:
+            raise EdgezoError(problem)
         check_writable_folder(resume, "--resume")
         train = {k: v for k, v in given.items() if SECTION_OF[k] == "train"}
         session = Session.resume(resume, **{k: v for k, v in given.items() if k not in train})

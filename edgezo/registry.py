@@ -39,6 +39,9 @@ class Registry(Mapping[str, T], Generic[T]):
         except KeyError:
             raise self.unknown(name) from None
 
+    def get(self, name: str, default: T | None = None) -> T | None:
+        return self._entries.get(name, default)
+
     def unknown(self, name: str) -> Exception:
         """The error for a name this registry does not hold."""
         return unknown_choice(self.kind, name, list(self._entries))

@@ -364,3 +364,33 @@ def test_a_run_says_why_it_takes_its_learning_rate(tiny_folder):
                 assert f"{s.config.optimizer.lr:g}" in s.lr_reason
         finally:
             s.close()
+
+
+def test_run_json_records_what_the_run_decided(tiny_folder, data_dir, tmp_path):
+    """The defaults a run fills in (dtype, lr, ε, max length, snapshot cadence and count,
+    whether the model is saved, pair mode) are in its run.json, not null, so a resume is
+    the same run whatever the defaults become."""
+    from edgezo.run.snapshots import read_run_file
+    from edgezo.run.train import finetune
+
+    s = _session(tiny_folder, data_dir)
+    out = tmp_path / "run"
+    finetune(s, 1, output=str(out), console=_quiet())
+    s.close()
+    recorded = read_run_file(out)
+    assert recorded["train"]["checkpoint_every"] == 100 and recorded["train"]["keep"] == 3
+    assert recorded["train"]["save_model"] is True
+    assert recorded["estimator"]["pair"] in (True, False)
+    for section, name in (("model", "dtype"), ("optimizer", "lr"), ("estimator", "eps"),
+                          ("estimator", "q"), ("estimator", "directions"),
+                          ("data", "max_length")):
+        assert recorded[section][name] is not None, name
+
+
+def test_resume_refuses_what_would_change_the_run_and_names_what_may_change():
+    from edgezo.config.rules import resume_problem
+
+    assert resume_problem(["steps", "eval_every", "threads"]) is None
+    problem = resume_problem(["steps", "lr", "config"])
+    assert problem.startswith("--resume keeps the run's own settings; drop --config, --lr (")
+    assert "--steps" in problem.split("(only ")[1]

@@ -7,9 +7,11 @@ for objects built without a RunConfig (`estimator_problems`, `streaming_problems
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from edgezo.config.defaults import DEFAULT_EPS, resolve_estimator
+from edgezo.config.options import RESUMABLE
 from edgezo.errors import ConfigError
 from edgezo.models.catalog import SCHEMES, scale_backends
 from edgezo.tasks.catalog import CUSTOM_OBJECTIVE, OBJECTIVES
@@ -66,12 +68,6 @@ def _scheme_problems(cfg: RunConfig) -> list[str]:
             out.append(f"--qat applies ZO updates to its master; {cfg.optimizer.optimizer}"
                        f"{' with --fo-blocks' if cfg.estimator.fo_blocks else ''} "
                        "differentiates the loss: pick a ZO optimizer")
-        if cfg.streams:
-            out.append("--qat keeps every master on the host and does not stream layers "
-                       "yet: use --offload off, or a larger profile")
-    if cfg.streams and (scheme == "scales" or (quantize or "").startswith("quanto-")):
-        out.append("layers of a quanto base, or trained scales, do not stream yet: use "
-                   "--offload off, or a larger profile")
     if cfg.estimator.g_clip is not None and cfg.estimator_kind != "zo":
         out.append(f"--g-clip clips ZO estimates; {cfg.optimizer.optimizer} makes none: "
                    "drop it")
@@ -187,6 +183,39 @@ def _schedule_problems(cfg: RunConfig) -> list[str]:
     return []
 
 
+def resume_problem(changed: Iterable[str]) -> str | None:
+    """A resumed run is the same run: only the options that do not alter its updates
+    (RESUMABLE) may change. The message names the others given."""
+    refused = sorted(set(changed) - RESUMABLE)
+    if not refused:
+        return None
+    return (f"--resume keeps the run's own settings; drop "
+            f"{', '.join(_flag(name) for name in refused)} (only "
+            f"{', '.join(_flag(name) for name in sorted(RESUMABLE))} may change)")
+
+
+def why_not_stream(cfg: RunConfig) -> list[str]:
+    """Why this run's layers cannot stream (empty: they can). The planner streams only
+    runs without reasons; a run that asks to stream and has one is refused with it."""
+    out = []
+    if cfg.scheme.qat is not None:
+        out.append("--qat keeps every master on the host and does not stream layers "
+                   "yet: use --offload off, or a larger profile")
+    quanto = (cfg.model.quantize or "").startswith("quanto-")
+    if cfg.scheme.scheme == "scales" or quanto:
+        out.append("layers of a quanto base, or trained scales, do not stream yet: use "
+                   "--offload off, or a larger profile")
+    if not cfg.zo_only:
+        hybrid = " with --fo-blocks" if cfg.estimator.fo_blocks else ""
+        out.append(f"streaming runs ZO estimates only; {cfg.optimizer.optimizer}{hybrid} "
+                   "differentiates the loss and needs every weight on the device: pick a ZO "
+                   "optimizer, or a bigger profile")
+    if cfg.estimator.sparsity and cfg.estimator.sparsity_mask == "magnitude":
+        out.append("magnitude sparsity masks read every weight when drawn; with streaming "
+                   "use --sparsity-mask random")
+    return out
+
+
 def streaming_problems(cfg: RunConfig) -> list[str]:
     """Streaming options that would be ignored, and runs that cannot stream."""
     s, out = cfg.streaming, []
@@ -196,14 +225,8 @@ def streaming_problems(cfg: RunConfig) -> list[str]:
     if s.offload == "host" and s.offload_dir:
         out.append("--offload-dir holds the disk tier's files; --offload host keeps layers in "
                    "memory: drop one of them")
-    if cfg.streams and not cfg.zo_only:
-        hybrid = " with --fo-blocks" if cfg.estimator.fo_blocks else ""
-        out.append(f"streaming runs ZO estimates only; {cfg.optimizer.optimizer}{hybrid} "
-                   "differentiates the loss and needs every weight on the device: pick a ZO "
-                   "optimizer, or a bigger profile")
-    if cfg.streams and cfg.estimator.sparsity and cfg.estimator.sparsity_mask == "magnitude":
-        out.append("magnitude sparsity masks read every weight when drawn; with streaming "
-                   "use --sparsity-mask random")
+    if cfg.streams:
+        out += why_not_stream(cfg)
     if cfg.runtime.distributed and not cfg.zo_only:
         out.append(f"data-parallel training runs ZO estimates only; "
                    f"{cfg.optimizer.optimizer} differentiates the loss: run it on one process")

@@ -22,6 +22,8 @@ from typing import Any
 
 from edgezo.config import rules
 from edgezo.config.defaults import (
+    DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_KEEP,
     DEFAULT_SCALES_G_CLIP,
     default_lr,
     default_max_length,
@@ -167,6 +169,12 @@ class RunConfig:
             out.estimator.g_clip = DEFAULT_SCALES_G_CLIP
         if self.optimizer.schedule != "constant" and self.optimizer.total_steps is None:
             out.optimizer.total_steps = self.train.steps
+        if self.train.output is not None:  # what goes into the run folder
+            t = out.train
+            t.checkpoint_every = (DEFAULT_CHECKPOINT_EVERY if t.checkpoint_every is None
+                                  else t.checkpoint_every)
+            t.keep = t.keep or DEFAULT_KEEP
+            t.save_model = True if t.save_model is None else t.save_model
         return out
 
     def validate(self) -> RunConfig:

@@ -20,6 +20,7 @@ from torch import nn
 
 from edgezo.config.defaults import resolve_estimator
 from edgezo.config.options import EstimatorOptions
+from edgezo.config.rules import why_not_stream
 from edgezo.config.runconfig import RunConfig
 from edgezo.device.profiles import Profile, list_profiles, load_profile
 from edgezo.errors import ConfigError
@@ -28,6 +29,7 @@ from edgezo.memory.streaming import layer_bytes, stream_tier, streamed_layers
 from edgezo.models.loading import load_config, parse_dtype
 from edgezo.models.quantized import stored_bytes
 from edgezo.models.schemes import apply_scheme
+from edgezo.tasks.catalog import OBJECTIVES
 from edgezo.zo import qat, workers
 from edgezo.zo.batch import Shape
 from edgezo.zo.blocks import (
@@ -230,13 +232,8 @@ def streamed_count(config: RunConfig, priced: Priced, profile: Profile, shapes: 
 
 
 def can_stream(config: RunConfig) -> bool:
-    """Only ZO estimates stream (RunConfig's streaming rules), without magnitude masks,
-    and not the quantized-training paths: QAT's masters and the scales scheme's shared
-    scale storage live outside the streamer, and quanto's weights are not plain tensors."""
-    est = config.estimator
-    quanto = (config.model.quantize or "").startswith("quanto-")
-    return config.zo_only and not (est.sparsity and est.sparsity_mask == "magnitude") \
-        and config.scheme.qat is None and config.scheme.scheme != "scales" and not quanto
+    """Whether the run's layers may stream (the config's rules say why not, once)."""
+    return not why_not_stream(config)
 
 
 def decide(config: RunConfig, priced: Priced, profile: Profile, shapes: Shapes,
@@ -244,8 +241,10 @@ def decide(config: RunConfig, priced: Priced, profile: Profile, shapes: Shapes,
     """Pair mode or two passes, and what streams: the first mode that fits, streaming as
     few layers as it needs. Without a budget: pair mode, and only forced streaming."""
     estimate = resolve_estimator(config.estimator, config.optimizer.optimizer).estimate
-    zo_pair = (config.estimator_kind == "zo" and estimate == "two-sided"
-               and config.estimator.objective != "f1")  # f1 writes: one sign at a time
+    method = OPTIMIZERS[config.optimizer.optimizer]
+    objective = OBJECTIVES.get(config.estimator.objective)
+    writes = objective is not None and objective.writes  # one sign at a time
+    zo_pair = method.pairs(one_sided=estimate == "one-sided") and not writes
     modes = ([config.estimator.pair] if config.estimator.pair is not None
              else [True, False] if zo_pair else [False])
     for pair in modes:

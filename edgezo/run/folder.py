@@ -138,7 +138,7 @@ def weights_finite(session: Session) -> bool:
     return not bad
 
 
-def checkpoint(session: Session, keep: int = 3) -> Path:
+def checkpoint(session: Session, keep: int) -> Path:
     if session.run_dir is None:
         raise ConfigError("call record(run_dir) before checkpoint()")
     step = session.engine.step_index

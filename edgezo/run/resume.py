@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from edgezo.config.options import RESUMABLE
+from edgezo.config.rules import resume_problem
 from edgezo.errors import CheckpointError, ConfigError, EdgezoError
 from edgezo.run.folder import best_of, config_of, restore, snapshot_of
 from edgezo.run.snapshots import (
@@ -73,10 +73,9 @@ def resume(cls: type[Session], run_dir: str | os.PathLike,
     log's missing steps are not recomputed."""
     run_dir = Path(run_dir)
     config = config_of(run_dir)
-    refused = sorted(set(overrides) - RESUMABLE)
-    if refused:
-        raise ConfigError(f"resume keeps the run's settings; only {sorted(RESUMABLE)} may "
-                          f"change, not {refused}")
+    problem = resume_problem(overrides)
+    if problem:
+        raise ConfigError(problem)
     session = cls(config.override(**overrides))
     # run.json holds the dtype the run resolved, which the build reads as asked for
     session.dtype_reason = f"as the run started ({RUN_FILE})"

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from rich.console import Console
 
-from edgezo.config.options import DEFAULT_KEEP
 from edgezo.errors import CheckpointError, ConfigError
 from edgezo.run import folder as runs
 from edgezo.run.display import metric_name
@@ -23,7 +22,7 @@ def snapshot_or_warn(session: Session, console: Console) -> bool:
     the run goes on: the previous snapshots are untouched (they are replaced only by a
     rename once the new one is complete)."""
     try:
-        session.checkpoint(session.config.train.keep or DEFAULT_KEEP)
+        session.checkpoint()
         return True
     except OSError as err:
         console.print(f"[yellow]warning:[/] snapshot at step {session.engine.step_index} "

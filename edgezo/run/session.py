@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from edgezo.config.defaults import DEFAULT_KEEP
 from edgezo.config.runconfig import RunConfig
 from edgezo.device.profiles import human_bytes
 from edgezo.errors import CheckpointError, ConfigError, OutOfBudgetError
@@ -335,12 +336,12 @@ class Session:
             self.run_lock = None
         self.run_dir = None
 
-    def checkpoint(self, keep: int = 3) -> Path:
+    def checkpoint(self, keep: int | None = None) -> Path:
         """Snapshot weights, optimizer state, masks and RNG into the run folder
-        (atomically), keeping the newest `keep` snapshots."""
+        (atomically), keeping the newest `keep` snapshots (default: the run's --keep)."""
         self.check_not_averaged("snapshot")
         self.check_not_torn("snapshot")
-        return runs.checkpoint(self, keep)
+        return runs.checkpoint(self, keep or self.config.train.keep or DEFAULT_KEEP)
 
     @classmethod
     def resume(cls, run_dir: str | os.PathLike, warn: Callable[[str], None] = print,

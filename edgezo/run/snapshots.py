@@ -263,7 +263,7 @@ def _in_use(run_dir: Path, holder: str) -> str:
 
 
 def save_snapshot(run_dir: Path, step: int, weights: dict[str, torch.Tensor],
-                  state: dict[str, torch.Tensor], meta: dict, keep: int = 3) -> Path:
+                  state: dict[str, torch.Tensor], meta: dict, keep: int) -> Path:
     """Write one snapshot atomically and drop all but the newest `keep`."""
     root = Path(run_dir) / SNAPSHOTS
     root.mkdir(parents=True, exist_ok=True)

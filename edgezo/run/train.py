@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-from edgezo.config.options import DEFAULT_CHECKPOINT_EVERY, SECTION_OF
+from edgezo.config.options import SECTION_OF
 from edgezo.errors import ConfigError, OutOfBudgetError, RunInterrupted, TrainingError
 from edgezo.run import folder as runs
 from edgezo.run.display import gib, metric_name, print_plan, progress_bar, summary_table
@@ -41,7 +41,7 @@ def _train_loop(session: Session, console: Console, metrics, watch: DivergenceWa
     row's wall_s counts from it, evaluations included: time to accuracy)."""
     t = session.config.train
     steps, output = t.steps, t.output
-    every = t.checkpoint_every if t.checkpoint_every is not None else DEFAULT_CHECKPOINT_EVERY
+    every = t.checkpoint_every  # resolved: the default where there is a run folder
     start, log_every = time.perf_counter(), max(1, steps // 20)
     keeps_best = t.keep_best and session.run_dir is not None
     best = runs.best_of(session.run_dir) if keeps_best else None
@@ -196,7 +196,8 @@ def _set_train_options(session: Session, train: dict) -> None:
     if other:
         raise ConfigError(f"finetune() takes the train section's options; not {other}")
     if train:
-        session.config = session.config.override(**train).validate()
+        session.config = session.config.override(**train).resolved(
+            session.config.model.dtype).validate()
 
 
 def _run_steps(session: Session, console: Console, output: Path | None, first: int,

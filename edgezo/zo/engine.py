@@ -62,7 +62,7 @@ class ZOEngine(SeedLogSteps):
         self.eps, self.q, self.one_sided = est.eps, est.q, est.one_sided
         self.directions, self.noise, self.g_clip = est.directions, est.noise, est.g_clip
         self.rank, self.basis_every = est.rank, est.basis_every
-        self.pair = pair and optimizer.method.perturbs and not self.one_sided
+        self.pair = pair and optimizer.method.pairs(self.one_sided)
         self.blocks: BlockMap = blocks if blocks is not None else build_block_map(model)
         params = self.blocks.params
         self._split_groups(est)

@@ -49,6 +49,11 @@ class Method:
         run data-parallel; the others differentiate the loss."""
         return self.estimator == "zo"
 
+    def pairs(self, one_sided: bool) -> bool:
+        """Whether L(θ + εz) and L(θ − εz) can run as one doubled forward: a two-sided
+        ZO estimate only."""
+        return self.perturbs and not one_sided
+
     @property
     def needs_base_loss(self) -> bool:
         """L(θ) itself is evaluated every step (besides the perturbed losses)."""
