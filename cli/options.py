@@ -17,7 +17,7 @@ from typing import Any
 import typer
 
 from edgezo.config.options import FIELDS, SECTION_OF
-from edgezo.config.runconfig import RunConfig, coerce
+from edgezo.config.runconfig import RunConfig
 
 _KW = inspect.Parameter.KEYWORD_ONLY
 
@@ -97,4 +97,4 @@ def config_command(fields: list[str], extra: dict[str, tuple[Any, Any]]):
 def build_config(given: dict, config_file: str | None) -> RunConfig:
     """The recipe file (if any) with the given options on top."""
     base = RunConfig.from_file(config_file) if config_file else RunConfig()
-    return base.override(**{n: coerce(n, v) for n, v in given.items()})
+    return base.override(**given)  # override coerces each value to its field's type
