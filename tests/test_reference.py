@@ -38,3 +38,23 @@ def test_the_readme_is_a_front_door():
     assert len(lines) <= 200
     assert lines[3].startswith("bash scripts/run.sh")
     assert lines[4].startswith("bash scripts/test.sh")
+
+
+def test_every_measured_default_names_a_source_that_exists():
+    import re
+
+    from edgezo.config.defaults import MEASURED
+    from edgezo.models.catalog import SCHEMES
+
+    rows = [*MEASURED["learning_rates"], *MEASURED["eps"].values(), MEASURED["scales_g_clip"]]
+    headings = "\n".join(line for line in (ROOT / "BENCHMARKS.md").read_text().splitlines()
+                         if line.startswith("#"))
+    for row in MEASURED["learning_rates"]:
+        assert row["optimizer"] in OPTIMIZERS and row["scheme"] in SCHEMES
+    for row in rows:
+        source = row["source"]
+        cited = re.match(r'BENCHMARKS\.md, "([^"]+)"', source)
+        if cited:
+            assert cited.group(1) in headings, source
+        else:
+            assert (ROOT / source.split(":")[0]).is_file(), source
