@@ -2,10 +2,10 @@
 half-precision matmuls are native or emulated.
 
 On a CPU without AVX-512 BF16 or AMX (most laptops and desktops: AVX2 only), torch
-emulates bf16 matmuls: measured on the project's AVX2 machine, a 1024x1024 bf16 matmul
-ran at 0.7 GFLOPS against 37.6 in fp32, and a SmolLM2 ZO step took about 4x longer in
-bf16. So when the user did not choose a dtype and the CPU computes, a run computes in
-fp32 where the profile's half precision is not native, as long as the plan still fits.
+emulates bf16 matmuls in software, far slower than the same matmuls in fp32, and a ZO
+step is mostly matmuls (BENCHMARKS.md, "Step time"). So when the user did not choose a
+dtype and the CPU computes, a run computes in fp32 where the profile's half precision is
+not native, as long as the plan still fits.
 """
 
 from __future__ import annotations

@@ -21,11 +21,11 @@ state, not from its core count:
 Idle OpenMP threads spin before they sleep, on a core another process may need: 3 ms
 after every operation in GNU OpenMP (torch's), which makes threads that share their cores
 wait for each other far longer. Sleeping at once (OMP_WAIT_POLICY=PASSIVE) fixes that but
-costs a wake-up on every operation, which on an idle machine made a 2-thread step slower
-than a 1-thread one (BENCHMARKS.md, "A shared CPU"). So edgezo's import (before torch's)
-shortens the spin instead (`limit_openmp_spin`): long enough to bridge the gap between
-one operation and the next within a step, short enough that a thread leaves its core
-soon after.
+costs a wake-up on every operation, and a step is many short operations, so on an idle
+machine the wake-ups can cost more than a second thread saves (BENCHMARKS.md, "A shared
+CPU"). So edgezo's import (before torch's) shortens the spin instead
+(`limit_openmp_spin`): long enough to bridge the gap between one operation and the next
+within a step, short enough that a thread leaves its core soon after.
 
 torch.set_num_threads is process-wide: a Session sets it for the whole process, and the
 noise pool (edgezo.zo.noise) takes its size from it when it starts.

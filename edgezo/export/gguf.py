@@ -92,8 +92,9 @@ def tensor_type(name: str, shape: tuple[int, ...], asked: gguf.GGMLQuantizationT
     """One tensor's type: F32 for vectors, else the asked type, the base's (made writable)
     or F16; F16 where the rows do not fill whole blocks; and at least Q8_0 for the
     embedding and the head in a 4- or 5-bit export, which llama.cpp's own quantizer also
-    keeps wider (measured on SmolLM2, whose head is its embedding: a Q4_0 embedding
-    raises llama.cpp's perplexity 1.5x, against 1.0x for the Q4_1 layers)."""
+    keeps wider: every token reads the embedding and, where the head is the embedding (as
+    in SmolLM2), every logit does too, so 4-bit rounding there costs the model far more
+    than in a layer (BENCHMARKS.md, "Export: GGUF and ONNX")."""
     if len(shape) == 1:
         return Q.F32
     qtype = asked if asked is not None else writable_type(base) if base is not None else Q.F16

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import psutil
 import torch
 
-from edgezo.memory.heap import release_freed_memory
+from edgezo.device.heap import release_freed_memory
 
 TRIM_EVERY_S = 0.25
 TRIM_MAX_WAIT_S = 8.0  # the longest wait between trims that free little

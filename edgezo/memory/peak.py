@@ -18,7 +18,7 @@ built on the meta device (no weights loaded). Components:
   parameters and the activations autograd keeps for the layers the backward crosses;
 - forward gradient: the tangent v (one model-sized copy) and the dual activations;
 - CPU runtime: when the compute device is the CPU, the kernel libraries' code paged in
-  by the first steps and their per-shape caches (oneDNN keeps about 1-2 MiB per distinct
+  by the first steps and their per-shape caches (oneDNN keeps a cache for each distinct
   input shape; batches are padded to a multiple of 8 tokens, which bounds the shapes);
 - runtime overhead: the CUDA context on GPU profiles (absent when a GPU profile is
   emulated on the CPU, so it is reported but not compared with the CPU measurement).
@@ -45,11 +45,12 @@ from edgezo.zo.intercept import LINEAR_SPAN, linear_slots
 
 CUDA_CONTEXT_BYTES = 450 * 1024**2
 # Resident memory a CPU process gains on its first steps beyond the tensors it allocates:
-# kernel code paged in from libtorch/oneDNN and their per-shape caches, measured by
-# `benchmarks/planner_accuracy.py --calibrate` (33.8 MiB on x86-64, torch 2.13, bf16).
+# kernel code paged in from libtorch/oneDNN and their per-shape caches. No tensor count
+# predicts it, so it is a constant, set from `benchmarks/planner_accuracy.py --calibrate`
+# (BENCHMARKS.md, "Planner accuracy").
 CPU_RUNTIME_BYTES = 34 * 1024**2
-# What a backward adds to that (autograd's and oneDNN's backward kernels and caches), by
-# the same calibration on FO-SGD and FO-Adam: 63.5-64.7 MiB in all against 34.3 for ZO.
+# What a backward adds to that (autograd's and oneDNN's backward kernels and caches), set
+# by the same calibration on FO-SGD and FO-Adam.
 CPU_BACKWARD_RUNTIME_BYTES = 30 * 1024**2
 THREAD_BUFFERS = 5
 

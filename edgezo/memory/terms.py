@@ -22,8 +22,8 @@ def activation_bytes(config, rows: int, seq_len: int, elem: int, positions: int 
 
     `split`: a pair-mode batch whose layers compute their two halves one after the other;
     the layer's transient is a half's, plus the doubled input and the first half's output
-    kept while the second computes (rows x H). Counted live at dispatch on SmolLM2, batch
-    16 x 64: 17.5 MiB in a pair step against 13.8 two-pass."""
+    kept while the second computes (rows x H). So a split pair step holds well under twice
+    a two-pass step's transient (BENCHMARKS.md, "Planner accuracy")."""
     text = config.get_text_config()
     hidden = text.hidden_size
     inter = _inter(text)
@@ -104,14 +104,15 @@ def saved_activation_bytes(config, rows: int, seq_len: int, elem: int, layers: i
     hidden = text.hidden_size
     inter = _inter(text)
     tokens = rows * seq_len
-    # Counted with saved_tensors_hooks on Llama layers with a padding mask (H 576-1024,
-    # I 1536-2816), within 1% of 8H + 3I values a token in a layer whose weights are
-    # frozen (LoRA's base, prompt tuning): the norms' fp32 inputs, q/k/v after rotation,
-    # the attention output and its log-sum-exp, and the MLP's gate, activation and up.
+    # A layer whose weights are frozen (LoRA's base, prompt tuning) saves 8H + 3I values
+    # a token for the backward: the norms' fp32 inputs, q/k/v after rotation, the
+    # attention output and its log-sum-exp, and the MLP's gate, activation and up. A test
+    # checks this against saved_tensors_hooks' count (BENCHMARKS.md, "Planner accuracy").
     # Fused attention keeps no T x T probabilities. A layer whose weights train also
     # keeps each linear's input for its weight's gradient: 4H + I more (12H + 4I).
     # With padded rows, SDPA also saves each layer's own copy of the additive mask
-    # (rows x T x T in the compute dtype): 4.4% of a SmolLM2 layer at 8 x 512 tokens.
+    # (rows x T x T in the compute dtype), which grows with T squared (BENCHMARKS.md,
+    # "Generative tasks").
     # Counted always: a batch of rows of one length saves none, but a plan is a bound.
     frozen = tokens * (8 * hidden + 3 * inter) * elem + rows * seq_len * seq_len * elem
     weights = tokens * (4 * hidden + inter) * elem

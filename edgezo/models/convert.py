@@ -17,7 +17,7 @@ import torch
 from edgezo.errors import ModelLoadError
 from edgezo.models.gguf_cache import cache_root, check_cache_writable, file_key
 from edgezo.models.loading import ResolvedModel
-from edgezo.models.tensorfile import read_header
+from edgezo.zo.stream.tensorfile import read_header
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 SHARD_BYTES = 1 << 30  # the most a dtype conversion holds in memory at once

@@ -286,8 +286,9 @@ def load_weights(resolved: ResolvedModel, dtype: torch.dtype,
 def _own_memory(model: torch.nn.Module) -> torch.nn.Module:
     """Give the tensors that were not quantized their own memory. Loaded tensors can be
     views of the memory-mapped checkpoint, which stays mapped while any of them lives,
-    and with it every page quantization read: the dense weights of all the layers (424 MiB
-    on SmolLM2 in fp32, measured as a step peak 2.3x its plan)."""
+    and with it every page quantization read: the dense weights of all the layers, resident
+    beside their quantized copies and not in the plan (BENCHMARKS.md, "Quantized
+    fine-tuning")."""
     for t in [*model.parameters(), *model.buffers()]:
         if t.device.type == "cpu" and not hasattr(t, "__tensor_flatten__") \
                 and t.dtype.is_floating_point:

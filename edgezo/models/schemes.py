@@ -28,9 +28,9 @@ from edgezo.errors import ConfigError
 from edgezo.models import quantized
 
 # Values of a half-precision head cast to fp32 at a time (4 MiB): SmolLM2's head is 27
-# chunks of 1820 rows, a 7B Llama's 125 of 256. At 8192 rows, the chunk was 18 MiB for
-# SmolLM2 (and 128 MiB for a 7B model), unpriced: an evaluation's measured peak
-# exceeded the plan by about that much.
+# chunks of 1820 rows, a 7B Llama's 125 of 256. The plan prices one chunk for a
+# half-precision head; a count of values, not rows, keeps that chunk small whatever the
+# model's width (BENCHMARKS.md, "Planned against measured, bf16: the head's fp32 chunk").
 HEAD_CHUNK_VALUES = 1 << 20
 
 
@@ -44,9 +44,9 @@ def _fp32_logits(head: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     vocabulary rows at a time (no fp32 copy of the whole matrix).
 
     Why: in bf16 a logit of magnitude 10-20 has an ulp of 0.06-0.125, so the loss
-    difference L(θ+εz) − L(θ−εz) that a ZO estimate reads is lost in the logits' rounding
-    (measured: g = 0.0 exactly on a LoRA step in bf16, 0.34 in fp32). The loss reads
-    logits at a few positions only, so fp32 there costs little.
+    difference L(θ+εz) − L(θ−εz) that a ZO estimate reads is lost in the logits' rounding,
+    and the projected gradient can come out exactly zero. The loss reads logits at a few
+    positions only, so fp32 there costs little (BENCHMARKS.md, "Generative tasks").
     """
     return _HalfHeadLogits.apply(x, head.weight, head.bias)
 
@@ -67,7 +67,7 @@ class _HalfHeadLogits(torch.autograd.Function):
     """fp32 logits of a half-precision head whose backward keeps no fp32 weight.
 
     Plain autograd would save every chunk's fp32 cast for the backward: the whole head
-    in fp32 (113 MiB for SmolLM2) once per call, and a token-level loss calls the head
+    in fp32 (108 MiB for SmolLM2) once per call, and a token-level loss calls the head
     once per chunk of positions. Here the backward casts each chunk again."""
 
     @staticmethod
@@ -115,9 +115,9 @@ def _prepare_head(model: nn.Module) -> None:
 
     Contiguous: with `logits_to_keep`, transformers hands the head a strided slice (rows,
     k, hidden) of the hidden states, and torch's matmul then runs a batched product over a
-    copy of the weight expanded to every row: 864 MiB for SmolLM2's 49152 x 576 head at
-    16 rows, measured, against 1.7 MiB of logits. A contiguous copy of the slice (a few
-    KiB) makes it one plain matrix product.
+    copy of the weight expanded to every row: the whole head once per row, for a few rows
+    of logits. A contiguous copy of the slice (a few KiB) makes it one plain matrix
+    product (BENCHMARKS.md, "Generative tasks").
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear) or getattr(head, "_edgezo_head", False):

@@ -23,11 +23,11 @@ from edgezo.config.defaults import default_max_length, lr_reason
 from edgezo.config.rules import estimate_of
 from edgezo.config.runconfig import RunConfig
 from edgezo.device.hardware import preferred_dtype
+from edgezo.device.heap import release_freed_memory, strict_heap
 from edgezo.device.profiles import Profile, human_bytes, load_profile
 from edgezo.device.threads import ThreadChoice, set_compute_threads
 from edgezo.errors import ConfigError, OutOfBudgetError
 from edgezo.memory import planner
-from edgezo.memory.heap import release_freed_memory, strict_heap
 from edgezo.memory.measure import MemoryMonitor
 from edgezo.memory.peak import Plan
 from edgezo.memory.planner import Decision, Shapes
@@ -249,9 +249,10 @@ def load(config: RunConfig, resolved: ResolvedModel, decision: Decision,
     if decision.streamed and config.model.quantize is None:
         # streamed layers must load memory-mapped: weights stored in the run's dtype
         resolved.folder = streamable_folder(resolved, dtype)
-    # Modules the load would import (peft and, through it, bitsandbytes: ~150 MiB of
-    # Python) are the interpreter's memory, not the run's: import them before the
-    # baseline is taken, as the tokenizer and the data already are.
+    # Modules the load would import (peft and, through it, bitsandbytes, large beside a
+    # small model) are the interpreter's memory, not the run's: import them before the
+    # baseline is taken, as the tokenizer and the data already are (BENCHMARKS.md,
+    # "Planner accuracy").
     if config.scheme.scheme in PEFT_SCHEMES or config.model.quantize:
         import peft  # noqa: F401
     release_freed_memory()  # what conversion or imports freed is not the run's memory

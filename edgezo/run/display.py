@@ -40,8 +40,8 @@ def progress_bar(console: Console) -> Progress:
 
 def describe_task(session: Session) -> str | None:
     """The task line of a run's header: which prompt it trains with matters as much as
-    the optimizer (SST-2 on SmolLM2 starts at 0.79 test with one prompt, 0.52 with
-    another), so a run says which it took."""
+    the optimizer, as the prompt sets the zero-shot accuracy the run starts from
+    (BENCHMARKS.md, "SST-2's prompt, chosen on validation"), so a run says which it took."""
     task = session.task
     if task is None:
         return None

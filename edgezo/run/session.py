@@ -23,9 +23,9 @@ import torch
 
 from edgezo.config.defaults import DEFAULT_KEEP
 from edgezo.config.runconfig import RunConfig
+from edgezo.device.heap import release_freed_memory
 from edgezo.device.profiles import human_bytes
 from edgezo.errors import CheckpointError, ConfigError, OutOfBudgetError
-from edgezo.memory.heap import release_freed_memory
 from edgezo.run import folder as runs
 from edgezo.run import guard
 from edgezo.run.build import build, join_process_group
@@ -226,7 +226,8 @@ class Session:
         """Move the weights to the mean of those after each of the last `steps` steps (all
         of them in a shorter run), rebuilt from the seed log (ZOEngine.average_tail), and
         return how many were averaged: Polyak averaging, for weights that jitter around
-        where a run has got to (on SmolLM2 SST-2 it measured no gain; BENCHMARKS.md). The
+        where a run has got to; off by default, as a mean over a window also trails a run
+        still improving (BENCHMARKS.md, "Tail averaging from the seed log"). The
         session takes no step after this; a run folder's snapshot of the last step is
         what training goes on from."""
         if steps < 1:

@@ -55,9 +55,9 @@ class Task(ABC):
     loss) or "lm" (the gold answer's token log-likelihood, for multiple choice).
     `template` is "aligned" (ZO-Bench's prompt) or "empty" (the bare inputs with the
     same candidates), for the task-alignment study; a task may define more (`templates`).
-    "auto" takes `default_template`: the prompt that measured best for the task here,
-    which decides where a ZO run starts (SST-2 on SmolLM2: 0.84 validation zero-shot
-    with "movie", 0.79 with "natural").
+    "auto" takes `default_template`: the prompt that scored best zero-shot on the task's
+    validation rows, since the prompt decides where a ZO run starts (BENCHMARKS.md,
+    "SST-2's prompt, chosen on validation").
     """
 
     name = ""
@@ -247,8 +247,9 @@ class Encoder:
         self.max_length = max_length
         self.loss = loss  # "lm": the batch's loss is the gold answer's log-likelihood
         # Widths rounded up to a multiple of 8 tokens: a CPU's kernel libraries cache
-        # per input shape (oneDNN keeps 1-2 MiB for each), so free widths grow the
-        # process by ~100 MiB over a run; 8 also suits GPU tensor cores.
+        # per input shape (oneDNN keeps a cache for each), so free widths would grow the
+        # process with every new width over a run; 8 also suits GPU tensor cores
+        # (BENCHMARKS.md, "Planner accuracy").
         self.multiple = pad_to_multiple_of
         self._single: dict[tuple[str, ...], list[int] | None] = {}
         self.train_on = train_on  # what a conversation's loss covers (chat_format.TRAIN_ON)

@@ -3,8 +3,7 @@
 Per-example values (not a batch mean) let the engine split a pair-mode batch [x; x] into
 its + and − halves. Logits are computed only at the positions a loss reads
 (`logits_to_keep`), which with left padding are the last few: for SST-2 that is one
-position instead of the whole sequence, the difference between a 2 MB and a 200 MB
-logits tensor at batch 32 × 64 tokens.
+position instead of the whole sequence, a 64th of the logits at 64 tokens.
 
 Batch formats (all tensors have the example or row count as dim 0):
 - single-token candidates: input_ids, attention_mask (left-padded prompts),

@@ -3,11 +3,10 @@ this review is {negative|positive}"; natural "Review: <sentence>\nSentiment:
 {negative|positive}"; aligned, ZO-Bench's (MeZO's) "<sentence> It was {terrible|great}";
 empty "<sentence> {terrible|great}".
 
-Why movie is the default: of 14 prompts scored zero-shot on the 500 validation rows with
-SmolLM2-135M-Instruct it scored best (0.840, against 0.792 for natural and 0.65 for
-ZO-Bench's on 200 rows), and a ZO run starts from there: 83.7% test zero-shot, and
-after the default 1000 steps 82.1% to 86.0% over three seeds, where natural ended at
-81.9-83.3% (BENCHMARKS.md, "Time to accuracy")."""
+Why movie is the default: of the prompts scored zero-shot on the validation rows with
+SmolLM2-135M-Instruct it scored best, and a ZO run climbs from where its prompt starts
+it. The choice reads validation only; test is reported, never used to choose
+(BENCHMARKS.md, "SST-2's prompt, chosen on validation")."""
 
 from __future__ import annotations
 

@@ -37,10 +37,11 @@ def prepare_bases(kind: str, seed: int, matrices: Iterable[tuple[int, int, int]]
     """Build the factors of every (index, rows, cols) matrix for a basis seed at once, in
     one block, before a forward needs them: the same values `basis` would make.
 
-    Made one by one as the layers ask, each small factor that outlives the step landed
-    between a layer's freed activations and kept glibc from reusing their space: a LOZO
-    step on SmolLM2 grew the heap by 3-7 MiB a layer, 137-218 MiB in all, most of it free
-    but resident (the measured peak 490-555 MiB against 371 planned)."""
+    Made one by one as the layers ask, each small factor that outlives the step lands
+    between a layer's freed activations and keeps glibc from reusing their space for the
+    next layer's larger blocks: the heap grows layer by layer, free but resident, and the
+    step's peak exceeds its plan (BENCHMARKS.md, "The new methods at a quarter of
+    ZO-SGD's forwards, on 500 validation rows")."""
     device = torch.device(device)
     todo = [(i, r, c) for i, r, c in matrices
             if (kind, seed, i, r, c, rank, device) not in _BASES]

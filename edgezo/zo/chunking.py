@@ -91,10 +91,11 @@ def chunk_bounds(shape: torch.Size) -> list[tuple[int, int]]:
 
 
 # Spans. On CUDA a 256K-value chunk is too little work for the kernels and the Python calls
-# it costs: a SmolLM2 step touches about 2000 chunks, and on an H200 the GPU sat idle most
-# of the step while the host issued their calls and launches. There, consumers walk spans of
-# consecutive chunks of one parameter: a span's z is its chunks' values laid end to end
-# (from the table, one gather), so values, replay and resume are those of the chunks. On
+# it costs: a step walks every trainable chunk more than once, and the GPU waits while the
+# host issues their calls and launches (BENCHMARKS.md, "Second loan, later the same day:
+# noise spans on CUDA"). There, consumers walk spans of consecutive chunks of one
+# parameter: a span's z is its chunks' values laid end to end (from the table, one
+# gather), so values, replay and resume are those of the chunks. On
 # the CPU a span is one chunk (chunks fit the caches and the worker threads share them),
 # unless a caller asks for more: intercept.LINEAR_SPAN, one matrix product per map.
 # EDGEZO_CUDA_SPAN sets a span's size in values (0: chunk by chunk), for benchmarks.

@@ -72,9 +72,9 @@ class Direction:
         """Whether regenerating d (with `bf16_update`, also the update's rounding dither)
         draws values from torch's generator, serial on the CPU: only such work goes to the
         noise threads (workers.parallel_map); the table is read, not drawn. Structured
-        directions draw their factors chunk by chunk, and gain from the pool: with it a
-        SmolLM2 bf16 step measured 1.93x and 2.14x two forwards (lowrank, subspace),
-        on the caller's thread 2.08x and 2.56x."""
+        directions draw their factors chunk by chunk from the generator, so the pool runs
+        their draws in parallel (BENCHMARKS.md, "Table noise off the noise pool, on a CPU
+        with native bf16")."""
         if self.kind in STRUCTURED:
             return True
         if bf16_update and self.kind in ("rademacher", "coordinate"):

@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from edgezo.memory.heap import release_freed_memory
+from edgezo.device.heap import release_freed_memory
 from edgezo.zo import chunking, noise, workers
 from edgezo.zo.blocks import BlockMap
 from edgezo.zo.direction import Direction

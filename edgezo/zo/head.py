@@ -46,10 +46,10 @@ class LogSumExp:
         span k (rows from starts[k], z its noise): add() then uses them in place of the
         half-precision products' own values.
 
-        Why: the head at every position in fp32 is what made a token-level loss's step
-        slow; the normaliser averages the products' rounding over the vocabulary, while
-        the target's own logit carries L(θ+εz) − L(θ−εz) at full precision (the projected
-        gradients' difference from an fp32 head: BENCHMARKS.md, "A token-level loss").
+        Why: the head at every position in fp32 makes a token-level loss's step slow; the
+        normaliser averages the products' rounding over the vocabulary, while the target's
+        own logit carries L(θ+εz) − L(θ−εz) at full precision (the projected gradients'
+        difference from an fp32 head: BENCHMARKS.md, "Generative tasks").
         Each position's target lies in one span, so the whole head costs one row a
         position."""
         positions, lo = self.targets_in(starts, k), starts[k]

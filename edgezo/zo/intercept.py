@@ -105,10 +105,10 @@ def linear_slots(unit: Unit) -> dict[int, tuple[int, int | None]]:
 
 # Values a span of a linear map's weight holds at most, where the map computes from z
 # (perturb.CHUNKED_LINEAR_DEVICES): on the CPU, 1M values, so SmolLM2's matrices are one
-# span each. One matrix product per map instead of one per 256K-value chunk took 14-21%
-# off a SmolLM2 step in every round of an interleaved A/B (fp32, AVX2: 6.44 s to 5.58 s,
-# 1.41x to 1.22x two forwards), for one span-sized buffer: the perturbed weight, built
-# chunk by chunk (each chunk's z, from the table, is read in place).
+# span each. One matrix product per map instead of one per 256K-value chunk gives the
+# kernels larger products and the host fewer calls (BENCHMARKS.md, "Step time"), for one
+# span-sized buffer: the perturbed weight, built chunk by chunk (each chunk's z, from the
+# table, is read in place).
 LINEAR_SPAN: dict[str, int] = {"cpu": 1 << 20}
 
 
@@ -154,7 +154,8 @@ class PerturbedLinears(TorchFunctionMode):
                                     device).view(hi - lo, *weight.shape[1:])
             # The span's weight is built chunk by chunk, each from its own z: the table's
             # chunks are read in place, where gathering the span's z into a buffer first
-            # cost an extra pass over it (index_select: ~4% of a SmolLM2 step).
+            # costs an extra pass over it and a span-sized buffer (BENCHMARKS.md, "Step
+            # time").
             for c, a, b in chunking.chunks_of_span(weight.shape, k, end):
                 z = owner.direction.perturbation_chunk(weight.shape, w_index, c, device,
                                                        weight.dtype)

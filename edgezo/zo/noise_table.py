@@ -1,12 +1,12 @@
-"""The table source of z. torch's CPU generator is serial, 5-7 ns a value on the
-project's machines, and a SmolLM2 step draws about 300M values: more time than the
-forwards. A table of N(0,1) values drawn once (OpenAI's evolution strategies shared theirs
-between workers the same way) gives any chunk as a slice at a seeded offset: a view, read
-at memory speed. Slices at different offsets are uncorrelated (shifted i.i.d. values), so
-E[z zᵀ] = I up to the table's sampling error (1/sqrt(T) = 7e-4); a slice repeats only
-when two offsets coincide (probability 1/T per pair). The table is drawn on the CPU from a
-fixed seed, then copied to each device: the same values everywhere, so replay is exact
-across machines and devices.
+"""The table source of z. torch's CPU generator is serial, and a step draws z for every
+trainable value more than once, so drawing can take longer than the forwards
+(BENCHMARKS.md, "Step time"). A table of N(0,1) values drawn once (OpenAI's evolution
+strategies shared theirs between workers the same way) gives any chunk as a slice at a
+seeded offset: a view, read at memory speed. Slices at different offsets are
+uncorrelated (shifted i.i.d. values), so E[z zᵀ] = I up to the table's sampling error
+(1/sqrt(T) = 7e-4); a slice repeats only when two offsets coincide (probability 1/T per
+pair). The table is drawn on the CPU from a fixed seed, then copied to each device: the
+same values everywhere, so replay is exact across machines and devices.
 """
 
 from __future__ import annotations

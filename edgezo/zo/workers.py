@@ -59,8 +59,9 @@ def parallel_map(fn: Callable[[int], None], items: Iterable[int], device: torch.
     `draws`: fn draws from torch's generator, which is serial, so the chunks go to worker
     threads. Work that only reads and combines tensors (the table's slices) runs on the
     caller's thread, where each operation already uses torch's intra-op
-    threads: in the pool as well, it ran two threads per worker and four on two cores
-    (a SmolLM2 bf16 step on a 2-core CPU: 1.62x two forwards in the pool, 1.31x without).
+    threads: in the pool, each worker's operations would start those threads as well, more
+    threads than cores, which wait for each other (BENCHMARKS.md, "Table noise off the
+    noise pool, on a CPU with native bf16").
     """
     global _POOL
     items = list(items)

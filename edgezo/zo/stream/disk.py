@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from edgezo.models.tensorfile import read_header
 from edgezo.zo.stream.base import BlockStreamer, StreamedLayer
+from edgezo.zo.stream.tensorfile import read_header
 
 
 def _bytes_view(t: torch.Tensor):

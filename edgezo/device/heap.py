@@ -37,24 +37,20 @@ def strict_heap() -> bool:
 
     By default glibc raises its mmap threshold to the largest block freed so far (up to
     32 MiB), after which activation-sized tensors come from the heap, and the memory they
-    leave when freed stays resident until a trim. A CPU run then measures above its plan:
-    a width-1024 Llama's evaluation after training read 1.2-1.9x its plan.
+    leave when freed stays resident until a trim. A CPU run then measures above its plan,
+    which counts tensors, not the heap's free space.
 
     Why 256 KiB and not more: a request of any size is served from a free heap chunk that
     fits before glibc considers mmap, and the small tensors a backward saves (SmolLM2's
     keys and values at batch 16 are 384 KiB each) coalesce into such chunks when the graph
-    is freed. With a 1 MiB threshold, one LoRA backward left 71 MiB of them below a live
-    allocation at the top of the heap; the next evaluation's tensors were carved from
-    those chunks, page-faulting them back in, and read 56 MiB above the evaluation's
-    start against 30 MiB without the backward. With 256 KiB: 20-29 MiB.
+    is freed. Below a live allocation at the top of the heap those chunks cannot be
+    returned; the next evaluation's tensors are carved from them, page-faulting them back
+    in, and the evaluation reads above its plan. A threshold under those tensors' size
+    maps them instead, so their memory goes back to the OS on free. A ZO forward's own
+    tensors under a higher threshold do the same on a smaller scale.
 
-    A ZO forward's own sub-1 MiB tensors do the same on a smaller scale: at 1 MiB three
-    LoRA evaluations of a width-1024 Llama read 1.10-1.11x their plan, at 256 KiB
-    1.05-1.06x.
-
-    The cost is page faults on every large allocation: on SmolLM2 (one thread) a ZO step
-    took 2.68-2.73 s against 1.92-1.95 s with glibc's default (2.17 s at 1 MiB), and
-    evaluating 128 examples 5.2-5.6 s against 3.2 s (BENCHMARKS.md). Returns False where
-    the C library is not glibc.
+    The cost is a page fault on every large allocation, so steps and evaluations run
+    slower than with glibc's default (BENCHMARKS.md, "Planner accuracy"). Returns False
+    where the C library is not glibc.
     """
     return _mallopt(M_MMAP_THRESHOLD, STRICT_MMAP_BYTES)
