@@ -38,7 +38,8 @@ def tiny_folder(tmp_path_factory) -> str:
     return str(folder)
 
 
-FIXTURE_DATA = Path(__file__).parent / "fixtures" / "data"
+REPO = Path(__file__).resolve().parents[1]  # the repository
+FIXTURE_DATA = REPO / "tests" / "fixtures" / "data"
 # The full staged data, where the environment points at it (CI does). Taken out of the
 # environment, so every other test reads the same files on every machine: the fixtures,
 # or the SST-2 sample shipped with edgezo.

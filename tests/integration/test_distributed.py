@@ -50,6 +50,7 @@ def _env():
     return {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["sst2", "copa"])
 def test_two_gloo_ranks_keep_identical_replicas_that_replay_exactly(tiny_folder, data_dir,
                                                                      tmp_path, task):

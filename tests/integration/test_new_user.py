@@ -14,13 +14,14 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from conftest import REPO
 from edgezo.cli.main import app
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from edgezo.tasks.make import make_task
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 runner = CliRunner()
 
 
@@ -212,6 +213,7 @@ def test_onnx_export_without_the_extra_names_the_extra(monkeypatch, lora_run, tm
     assert "loading" not in result.output  # refused before the model is loaded
 
 
+@pytest.mark.slow
 def test_onnx_export_says_what_it_does_and_how_long_it_took(onnx_export):
     folder, output = onnx_export
     out = flat(output)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import REPO
 
 from edgezo.run.session import Session
 from edgezo.tasks.base import Encoder
@@ -56,6 +57,7 @@ def test_steps_with_zero_lr_restore_the_weights_exactly(session):
     assert all(torch.equal(p, q) for p, q in zip(session.model.parameters(), before, strict=True))
 
 
+@pytest.mark.slow
 def test_a_few_real_steps_update_the_model(session):
     before = session.model.model.layers[0].mlp.down_proj.weight.detach().clone()
     results = [session.step() for _ in range(3)]
@@ -67,6 +69,7 @@ def test_a_few_real_steps_update_the_model(session):
     assert acc["accuracy"] == sum(hits) / 32  # evaluation scores as predict() chooses
 
 
+@pytest.mark.slow
 def test_hybrid_last_layer_fo_on_smollm2():
     """Backprop through the last layer only: planned as one layer of kept activations."""
     sess = Session(profile="8gb-gpu", batch_size=4, lr=1e-5, seed=0,
@@ -83,13 +86,13 @@ def test_hybrid_last_layer_fo_on_smollm2():
         sess.close()
 
 
+@pytest.mark.slow
 def test_personalization_example_learns_and_resumes(tmp_path):
     """examples/personalize.py: notes learned one at a time; the run folder resumes."""
     import subprocess
     import sys
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "examples" / "personalize.py"
+    script = REPO / "examples" / "personalize.py"
     run = tmp_path / "personal"
     proc = subprocess.run([sys.executable, str(script), "--epochs", "1", "--run-dir",
                            str(run)], capture_output=True, text=True, timeout=600)
@@ -100,14 +103,14 @@ def test_personalization_example_learns_and_resumes(tmp_path):
     resumed.close()
 
 
+@pytest.mark.slow
 def test_assistant_example_runs_and_reports_before_and_after():
     """examples/assistant.py: conversations learned through the chat template, held-out
     questions scored before and after."""
     import subprocess
     import sys
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "examples" / "assistant.py"
+    script = REPO / "examples" / "assistant.py"
     proc = subprocess.run([sys.executable, str(script), "--steps", "2"], capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -4,13 +4,13 @@
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from edgezo import Session
 
-FIXTURE = Path(__file__).parent / "fixtures" / "weights_after_3_steps.json"
+FIXTURE = REPO / "tests" / "fixtures" / "weights_after_3_steps.json"
 CASES = {
     "zo-sgd-full": dict(optimizer="zo-sgd", lr=1e-3),
     "zo-adam-lora": dict(optimizer="zo-adam", scheme="lora", lr=1e-2),

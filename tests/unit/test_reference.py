@@ -1,15 +1,15 @@
 """The generated references match the code, and the README stays a front door."""
 
-from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from edgezo import reference
 from edgezo.config.options import FIELDS, RESUMABLE
 from edgezo.tasks.make import TASKS
 from edgezo.zo.methods import OPTIMIZERS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 
 
 @pytest.mark.parametrize("name", list(reference.REFERENCES))

@@ -125,6 +125,7 @@ def test_shards_partition_the_runs_and_merge(mini, tmp_path, data_dir):
     merged.close()
 
 
+@pytest.mark.slow
 def test_smoke_suite_from_the_command_line(tmp_path, data_dir, monkeypatch):
     """What CI runs: the whole smoke suite, its tables and plots."""
     from edgezo.cli.main import app

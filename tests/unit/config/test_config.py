@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import REPO
 from edgezo.cli.main import app
 from typer.testing import CliRunner
 
@@ -14,7 +15,7 @@ from edgezo.config.options import FIELDS, RESUMABLE, SECTION_OF
 from edgezo.config.runconfig import RunConfig
 from edgezo.errors import CheckpointError, ConfigError, EdgezoError, ProfileError, TaskError
 
-RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
 
 def invoke(*args):

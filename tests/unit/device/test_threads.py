@@ -206,6 +206,7 @@ sys.meta_path.insert(0, Spy())
 """
 
 
+@pytest.mark.slow
 def test_idle_openmp_threads_leave_their_cores():
     """What the spin limit is for: between operations, as between a step's operations
     and another process's turn, torch's idle OpenMP threads do not keep burning a core

@@ -13,7 +13,7 @@ import numpy as np
 import peft
 import pytest
 import torch
-from conftest import on_device_of
+from conftest import REPO, on_device_of
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from edgezo.errors import ConfigError
@@ -24,7 +24,7 @@ from edgezo.tasks.base import Encoder
 from edgezo.tasks.loss import candidate_scores
 from edgezo.tasks.make import make_task
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 
 
 def batch(vocab: int = 256) -> dict:
@@ -267,6 +267,7 @@ def onnx_export(runs, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_onnxruntime_logits_equal_torch(onnx_export, runs, tiny_folder):
     from edgezo.export.onnx import OnnxLogits
 
@@ -362,6 +363,7 @@ def test_cli_gguf_export_and_a_bad_type(runs, tmp_path):
 
 # -- the real model ----------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_smollm2_export_is_the_base_file_except_where_trained(tmp_path):
     """SmolLM2 came as Q4_1 (a Q8_0 embedding): exported in the base's own types, every

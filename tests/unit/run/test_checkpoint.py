@@ -216,6 +216,7 @@ def final_weights(run):
     return load_file(str(snapshots(run)[-1] / "weights.safetensors"))
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_equals_the_uninterrupted_run(tiny_folder, data_dir,
                                                                   tmp_path):
     ref = tmp_path / "ref"
@@ -236,6 +237,7 @@ def test_sigkill_mid_run_then_resume_equals_the_uninterrupted_run(tiny_folder, d
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_snapshot_and_says_how_to_resume(tiny_folder, data_dir, tmp_path):
     out = tmp_path / "run"
     proc = cli_run(finetune_args(tiny_folder, data_dir, out, steps=8),
@@ -249,6 +251,7 @@ def test_ctrl_c_saves_a_snapshot_and_says_how_to_resume(tiny_folder, data_dir, t
     assert json.loads((out / "report.json").read_text())["interrupted"] is True
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_settings(tiny_folder, data_dir, tmp_path):
     out = tmp_path / "run"
     cli_run(finetune_args(tiny_folder, data_dir, out, steps=2))
@@ -258,6 +261,7 @@ def test_resume_refuses_changed_settings(tiny_folder, data_dir, tmp_path):
     assert proc.returncode == 2 and "not a run folder" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_new_run_into_another_runs_folder_is_refused(tiny_folder, data_dir, tmp_path):
     """A new run recording into a used folder would keep the other's run.json and go on
     with its seed log, so neither could be resumed or replayed: refused, naming --resume,
@@ -295,6 +299,7 @@ def test_a_new_run_into_another_runs_folder_is_refused(tiny_folder, data_dir, tm
     assert [e["step"] for e in read_seed_log(started)] == [0]
 
 
+@pytest.mark.slow
 def test_replay_and_seedlog_export_rebuild_the_final_weights(tiny_folder, data_dir, tmp_path):
     run = tmp_path / "run"
     cli_run(finetune_args(tiny_folder, data_dir, run, steps=5))
@@ -312,6 +317,7 @@ def test_replay_and_seedlog_export_rebuild_the_final_weights(tiny_folder, data_d
             assert torch.equal(rebuilt[name], value), name
 
 
+@pytest.mark.slow
 def test_fo_runs_cannot_be_replayed_or_shipped_as_seed_logs(tiny_folder, data_dir, tmp_path):
     run = tmp_path / "run"
     args = finetune_args(tiny_folder, data_dir, run, steps=2)
@@ -438,6 +444,7 @@ def test_keep_best_ends_with_the_best_validated_weights_and_keeps_the_last(
     assert json.loads((run / "best" / "meta.json").read_text())["step"] == 4
 
 
+@pytest.mark.slow
 def test_keep_best_needs_periodic_validation_and_a_run_folder(tiny_folder):
     proc = cli_run(["finetune", "--model", tiny_folder, "--keep-best"], check=False)
     assert proc.returncode == 2 and "add --eval-every N" in proc.stderr

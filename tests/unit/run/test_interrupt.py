@@ -178,6 +178,7 @@ def args(tiny_folder, data_dir, out, *extra):
             "--checkpoint-every", "2", "--output", str(out), "--no-save-model", *extra]
 
 
+@pytest.mark.slow
 def test_cli_ctrl_c_mid_run_exits_130_with_one_line(tiny_folder, data_dir, tmp_path):
     out = tmp_path / "run"
     proc = cli(args(tiny_folder, data_dir, out, "--no-eval-before"), "step", at=3)
@@ -190,6 +191,7 @@ def test_cli_ctrl_c_mid_run_exits_130_with_one_line(tiny_folder, data_dir, tmp_p
     assert report["interrupted"] is True and report["steps"] == 4
 
 
+@pytest.mark.slow
 def test_cli_ctrl_c_in_the_first_evaluation_leaves_no_folder(tiny_folder, data_dir,
                                                              tmp_path):
     out = tmp_path / "run"

@@ -212,6 +212,7 @@ def test_resume_leaves_out_a_torn_step_it_cannot_recompute(tiny_folder, data_dir
         Session.replay_run(run)
 
 
+@pytest.mark.slow
 def test_a_torn_log_from_the_cli_is_refused_by_replay_and_repaired_by_resume(
         tiny_folder, data_dir, tmp_path):
     """The issue's case: a 6-step run, its log's last line torn. `edgezo replay` said
@@ -311,6 +312,7 @@ def test_a_live_lock_is_refused_a_dead_one_taken_over_and_exit_releases(
     assert done.stdout.strip() == "held" and not (run / LOCK).exists()
 
 
+@pytest.mark.slow
 def test_two_runs_started_on_one_output_folder_cannot_both_write_it(tiny_folder, data_dir,
                                                                      tmp_path):
     """The issue's case: two identical runs on the same --output. The first is stopped

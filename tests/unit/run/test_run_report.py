@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from edgezo.models.tiny import save_tiny
 
 
@@ -17,6 +19,7 @@ def cli(*args):
     return proc
 
 
+@pytest.mark.slow
 def test_a_resumed_run_reports_the_runs_steps_and_its_own_reasons(tmp_path, data_dir):
     model = tmp_path / "tiny"
     save_tiny(model, "llama")

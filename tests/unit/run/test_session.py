@@ -325,7 +325,7 @@ def test_an_empty_split_plans_no_evaluation_width(tiny_folder, data_dir):
 
 def test_strict_memory_sets_the_heap_once_and_is_refused_where_it_cannot_work(
         tiny_folder, monkeypatch):
-    from edgezo.memory import heap
+    from edgezo.device import heap
 
     calls = []
     monkeypatch.setattr(heap, "_mallopt", lambda p, v: calls.append((p, v)) or True)
@@ -349,7 +349,7 @@ def test_strict_memory_hands_freed_activations_back_at_once():
 
     code = """
 import ctypes, sys, psutil, torch
-from edgezo.memory.heap import strict_heap
+from edgezo.device.heap import strict_heap
 if sys.argv[1] == "strict":
     assert strict_heap()
 rss = lambda: psutil.Process().memory_info().rss
@@ -372,6 +372,7 @@ print((rss() - base - sum(k.numel() for k in keep[1:])) >> 20)  # pins aside
     assert held["strict"] <= 2 < held["default"]
 
 
+@pytest.mark.slow
 def test_strict_memory_keeps_a_backwards_small_tensors_out_of_later_large_ones():
     """Real glibc: freed blocks under the mmap threshold coalesce into heap chunks that
     serve later large requests before mmap is considered; with a live block pinning the
@@ -383,7 +384,7 @@ def test_strict_memory_keeps_a_backwards_small_tensors_out_of_later_large_ones()
 
     code = """
 import ctypes, sys, psutil, torch
-from edgezo.memory.heap import M_MMAP_THRESHOLD, strict_heap
+from edgezo.device.heap import M_MMAP_THRESHOLD, strict_heap
 libc = ctypes.CDLL("libc.so.6")
 if sys.argv[1] == "strict":
     assert strict_heap()

@@ -2,17 +2,16 @@
 span path's bit for bit, and its host cost is a few operations a parameter."""
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import lm_batch, zo_engine
+from conftest import REPO, lm_batch, zo_engine
 
 from edgezo.models.tiny import VOCAB, tiny_model
 from edgezo.zo import chunking, fused, perturb
 from edgezo.zo.optimizers import make_optimizer
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 from step_ops import measure  # noqa: E402
 
 
@@ -255,6 +254,7 @@ def test_a_gpu_runs_log_replays_on_the_cpu(monkeypatch):
     print(f"GPU vs CPU replay: {differ} weights differ in the last bit")
 
 
+@pytest.mark.slow
 def test_edgezo_fused_0_keeps_the_span_path_everywhere():
     import os
     import subprocess
