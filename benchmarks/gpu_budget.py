@@ -11,7 +11,7 @@ reserved peaks per phase, and checks that the reserved peak stayed under the bud
 
 It needs CUDA. `--cpu` runs the same code with the profile emulated on the CPU (small
 sizes: a check of the plumbing, not of the cap). The guard's clean stop of a step that
-crosses the budget, with its checkpoint, is tested in tests/test_session.py.
+crosses the budget, with its checkpoint, is tested in tests/unit/run/test_session.py.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Command-line options generated from RunConfig's fields: one declaration per option (in
-edgezo/config.py), so the CLI and the config cannot drift apart.
+edgezo/config/options.py), so the CLI and the config cannot drift apart.
 
 Every generated option defaults to None, meaning "not given": the command line then
 overrides only what the user typed, on top of `--config FILE` or the defaults. The help

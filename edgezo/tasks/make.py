@@ -1,6 +1,7 @@
 """Tasks by name, or a user task from a .jsonl / .yaml file.
 
-Adding a task: a module with a Task subclass, plus a line in TASKS.
+Adding a task: a module with a Task subclass, and its class in the tuple below that fills
+the registry's TASKS.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ import json
 from pathlib import Path
 
 from edgezo.errors import unknown_choice
-from edgezo.tasks.base import TEMPLATES, Encoder, Example, Task
+from edgezo.registry import TASKS
+from edgezo.tasks.base import Encoder, Example, Task
 from edgezo.tasks.chat import ChatTask
 from edgezo.tasks.chat_format import row_format
 from edgezo.tasks.squad import SQuAD
@@ -17,9 +19,8 @@ from edgezo.tasks.sst2 import SST2
 from edgezo.tasks.superglue import COPA, WSC, BoolQ, MultiRC, WiC, WinoGrande
 from edgezo.tasks.user import UserTask
 
-TASKS: dict[str, type[Task]] = {"sst2": SST2, "copa": COPA, "winogrande": WinoGrande,
-                                "multirc": MultiRC, "boolq": BoolQ, "wic": WiC, "wsc": WSC,
-                                "squad": SQuAD}
+for _task in (SST2, COPA, WinoGrande, MultiRC, BoolQ, WiC, WSC, SQuAD):
+    TASKS.add(_task.name, _task)
 USER_SUFFIXES = (".jsonl", ".yaml", ".yml")
 
 
@@ -61,4 +62,4 @@ def _first_row_format(path: Path) -> str | None:
     return row_format(row) if isinstance(row, dict) else None
 
 
-__all__ = ["TASKS", "TEMPLATES", "Encoder", "Example", "Task", "make_task"]
+__all__ = ["TASKS", "Encoder", "Example", "Task", "make_task"]

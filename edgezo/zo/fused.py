@@ -19,7 +19,7 @@ at most FUSED_VALUES values in all) is handled as one flat run of values:
 
 The values are the chunks' own (Direction.chunk_into writes them for both paths), and
 every elementwise operation is the one the span path applies. fp32 steps and every
-update equal the span path's bit for bit (tests/test_fused.py, on the CPU); a bf16
+update equal the span path's bit for bit (tests/unit/zo/test_fused.py, on the CPU); a bf16
 perturbed copy does on a GPU, where each element takes the same arithmetic, but not
 always on the CPU, whose add rounds a tensor's vectorized body and its tail apart (the
 CPU keeps its own path, so that only matters to the tests that force this one there).
