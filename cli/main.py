@@ -225,8 +225,8 @@ def optimizers_list() -> None:
         state = ("4 per matrix row" if m.rule.state_bytes([(2, 2)]) == 8
                  else str(m.rule.state_bytes_per_param))
         n = m.forwards_per_step(q=m.q, one_sided=m.estimate == "one-sided", pair=True)
-        forwards = (f"{n} + backward" if m.estimator == "fo" else f"{n} (jvp)"
-                    if m.estimator == "forward-grad" else f"{n}")
+        forwards = (f"{n} + backward" if m.backprops else f"{n} (jvp)"
+                    if m.forward_gradient else f"{n}")
         table.add_row(name, m.estimator, state, forwards, m.description)
     Console().print(table)
 

@@ -65,8 +65,8 @@ def methods_reference() -> str:
     for name, m in OPTIMIZERS.items():
         source = {"zo": "ZO estimate", "forward-grad": "forward gradient (jvp)",
                   "fo": "backpropagation"}[m.estimator]
-        queries = "-" if m.estimator == "fo" else f"{m.q} ({m.estimate})"
-        directions = "-" if m.estimator == "fo" else m.directions
+        queries = f"{m.q} ({m.estimate})" if m.draws_directions else "-"
+        directions = m.directions if m.draws_directions else "-"
         lines.append(f"| `{name}` | {source} | {m.rule} | {queries} | {directions} | "
                      f"{m.description} |")
     lines += ["\n## Schemes (`--scheme`)\n", "| name | trains | options | exports |",

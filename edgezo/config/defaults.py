@@ -74,9 +74,9 @@ def resolve_estimator(est: EstimatorOptions, optimizer: str, dtype: str | None =
     the half-precision ε would be a large part of a scale."""
     method = OPTIMIZERS[optimizer]
     out = dataclasses.replace(est)
-    if method.estimator == "fo":
+    if method.backprops:
         return out
-    if out.eps is None and method.estimator == "zo":
+    if out.eps is None and method.perturbs:
         half = dtype in ("bf16", "fp16") and scheme != "scales"
         out.eps = HALF_EPS if half else DEFAULT_EPS
     out.directions = out.directions or method.directions

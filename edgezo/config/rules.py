@@ -53,7 +53,7 @@ def _scheme_problems(cfg: RunConfig) -> list[str]:
             out.append("--scheme scales trains the per-group scales of a quantized base: add "
                        f"--quantize {' or '.join(scale_backends())}"
                        + (" (LLM.int8 keeps no group scales)" if quantize == "int8" else ""))
-        if cfg.estimator_kind != "zo":
+        if not cfg.method.perturbs:
             out.append(f"--scheme scales trains by ZO estimates; {cfg.optimizer.optimizer} "
                        "would backpropagate through the quantized weights: pick a ZO "
                        "optimizer")
@@ -68,7 +68,7 @@ def _scheme_problems(cfg: RunConfig) -> list[str]:
             out.append(f"--qat applies ZO updates to its master; {cfg.optimizer.optimizer}"
                        f"{' with --fo-blocks' if cfg.estimator.fo_blocks else ''} "
                        "differentiates the loss: pick a ZO optimizer")
-    if cfg.estimator.g_clip is not None and cfg.estimator_kind != "zo":
+    if cfg.estimator.g_clip is not None and not cfg.method.perturbs:
         out.append(f"--g-clip clips ZO estimates; {cfg.optimizer.optimizer} makes none: "
                    "drop it")
     return out
@@ -83,7 +83,7 @@ def _optimizer_problems(cfg: RunConfig) -> list[str]:
 def estimator_problems(est: EstimatorOptions, optimizer: str) -> list[str]:
     """Estimator options the optimizer would not use, and contradictions among them."""
     out = _unused_estimator_options(est, optimizer)
-    if OPTIMIZERS[optimizer].estimator == "fo":
+    if OPTIMIZERS[optimizer].backprops:
         return out
     return out + _zo_estimator_problems(est, optimizer)
 
@@ -91,21 +91,21 @@ def estimator_problems(est: EstimatorOptions, optimizer: str) -> list[str]:
 def _unused_estimator_options(est: EstimatorOptions, optimizer: str) -> list[str]:
     """Options an FO or forward-gradient method has no use for."""
     method = OPTIMIZERS[optimizer]
-    kind, default = method.estimator, type(est)()
+    default = type(est)()
     unused = []
-    if kind == "fo":
+    if method.backprops:
         unused = [o for o in ("q", "estimate", "directions", "noise", "block_wise",
                               "sparsity", "fo_blocks") if getattr(est, o) != getattr(default, o)]
-    elif kind == "forward-grad" and est.estimate not in (None, "two-sided"):
+    elif method.forward_gradient and est.estimate not in (None, "two-sided"):
         unused = ["estimate"]
-    if kind != "zo" and est.eps is not None:
+    if not method.perturbs and est.eps is not None:
         unused.append("eps")
     out = []
     if unused:
         verb = "does not apply" if len(unused) == 1 else "do not apply"
         out.append(f"{' and '.join(unused)} {verb} to {optimizer} ({method.description}); "
                    f"drop {'it' if len(unused) == 1 else 'them'} or pick a ZO optimizer")
-    if est.pair is not None and kind != "zo":
+    if est.pair is not None and not method.perturbs:
         out.append(f"--pair/--two-pass choose how ZO evaluates L(θ ± εz); {optimizer} makes "
                    "no such pair: drop the option")
     return out
@@ -114,7 +114,7 @@ def _unused_estimator_options(est: EstimatorOptions, optimizer: str) -> list[str
 def _zo_estimator_problems(est: EstimatorOptions, optimizer: str) -> list[str]:
     """Contradictions among the options of a ZO or forward-gradient estimate."""
     method = OPTIMIZERS[optimizer]
-    kind, default = method.estimator, type(est)()
+    default = type(est)()
     r = resolve_estimator(est, optimizer)
     out = []
     if est.pair and r.estimate == "one-sided":
@@ -139,7 +139,7 @@ def _zo_estimator_problems(est: EstimatorOptions, optimizer: str) -> list[str]:
                    "coordinate or drop it")
     if r.directions == "coordinate":
         bad = [why for why, present in (
-            (f"{optimizer} ({method.description})", kind != "zo" or method.curvature
+            (f"{optimizer} ({method.description})", not method.perturbs or method.curvature
              or method.normalized),
             ("--block-wise", est.block_wise), ("--sparsity", est.sparsity > 0)) if present]
         if bad:
@@ -162,7 +162,7 @@ def _objective_problems(cfg: RunConfig) -> list[str]:
     if name not in OBJECTIVES:
         return [str(OBJECTIVES.unknown(name))]
     objective = OBJECTIVES[name]
-    if not objective.differentiable and cfg.estimator_kind != "zo":
+    if not objective.differentiable and not cfg.method.perturbs:
         return [f"{cfg.optimizer.optimizer} differentiates the loss; the {name} "
                 "objective needs a ZO optimizer (it is not differentiable)"]
     if objective.writes and cfg.estimator.pair:

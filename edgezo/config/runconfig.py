@@ -44,7 +44,7 @@ from edgezo.config.options import (
 )
 from edgezo.config.values import coerce_value, field_problems, read_config_file, yaml_value
 from edgezo.errors import ConfigError
-from edgezo.zo.methods import OPTIMIZERS
+from edgezo.zo.methods import OPTIMIZERS, Method
 
 
 @dataclass
@@ -135,15 +135,15 @@ class RunConfig:
 
     # -- derived facts --------------------------------------------------------------------
     @property
-    def estimator_kind(self) -> str:
-        """zo, forward-grad or fo: where the optimizer's gradient comes from."""
-        return OPTIMIZERS[self.optimizer.optimizer].estimator
+    def method(self) -> Method:
+        """The optimizer's Method: where its gradient comes from, and its traits."""
+        return OPTIMIZERS[self.optimizer.optimizer]
 
     @property
     def zo_only(self) -> bool:
         """Every update is a ZO estimate: the run streams, replays from its seed log and
         runs data-parallel."""
-        return self.estimator_kind == "zo" and not self.estimator.fo_blocks
+        return self.method.perturbs and not self.estimator.fo_blocks
 
     @property
     def streams(self) -> bool | None:

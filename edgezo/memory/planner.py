@@ -140,11 +140,10 @@ def pool_threads(est: EstimatorOptions, blocks: BlockMap, fo: set[int]) -> int:
 def step_spec(config: RunConfig, priced: Priced, profile: Profile, shapes: Shapes, *,
               pair: bool, streamed: int) -> StepSpec:
     """The planner's inputs for one decision: THE builder every plan goes through."""
-    method = OPTIMIZERS[config.optimizer.optimizer]
-    kind, blocks = method.estimator, priced.blocks
+    method, blocks = config.method, priced.blocks
     est = resolve_estimator(config.estimator, config.optimizer.optimizer, config.model.dtype,
                             config.scheme.scheme)
-    fo = (set(range(len(blocks.params))) if kind == "fo"
+    fo = (set(range(len(blocks.params))) if method.backprops
           else resolve_fo_blocks(blocks, est.fo_blocks))
     on_cuda = profile.device == "cuda" and torch.cuda.is_available()
     sizes = layer_bytes(blocks)
@@ -155,21 +154,22 @@ def step_spec(config: RunConfig, priced: Priced, profile: Profile, shapes: Shape
                            sum(sizes[i].total for i in layers))
         stream = StreamPart(tuple(layers), tier, config.streaming.stream_masters)
     return StepSpec(
-        train=shapes.train, eval=shapes.eval, pair=pair and kind == "zo", on_cuda=on_cuda,
+        train=shapes.train, eval=shapes.eval, pair=pair and method.perturbs, on_cuda=on_cuda,
         optimizer_state_bytes=RULES[method.rule].state_bytes([p.shape for p in blocks.params]),
         noise_threads=1 if on_cuda else pool_threads(est, blocks, fo), sparsity=est.sparsity > 0,
         fo=FOPart(sum(blocks.params[i].numel() for i in fo), backward_depth(blocks, fo),
                   weight_grad_layers(blocks, fo)) if fo else None,
         split_layers=pair_splits_layers(blocks, fo, est.block_wise),
-        forward_grad=kind == "forward-grad", perturbs=kind != "fo", stream=stream,
-        noise_table=est.noise == "table" and kind != "fo",
-        fuses=kind != "fo" and est.directions != "coordinate",
+        forward_grad=method.forward_gradient, perturbs=method.draws_directions, stream=stream,
+        noise_table=est.noise == "table" and method.draws_directions,
+        fuses=method.draws_directions and est.directions != "coordinate",
         noise_table_bf16=not on_cuda and any(p.dtype == torch.bfloat16 for p in blocks.params)
         and (est.directions or "gaussian") == "gaussian"
         and not est.sparsity and not method.curvature,  # Direction.perturbation_chunk
         cheap_noise=(est.noise == "table" or est.directions in STRUCTURED)
         and ("cuda" if on_cuda else "cpu") in CHUNKED_LINEAR_DEVICES,
-        direction_bases=basis_bytes(blocks, est.directions, est.rank) if kind != "fo" else 0,
+        direction_bases=basis_bytes(blocks, est.directions, est.rank)
+        if method.draws_directions else 0,
         qat_bytes=qat.extra_bytes(priced.model, config.scheme.scheme)
         if config.scheme.qat else 0)
 

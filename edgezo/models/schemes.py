@@ -26,6 +26,7 @@ from torch import nn
 from edgezo.config.options import SchemeOptions
 from edgezo.errors import ConfigError
 from edgezo.models import quantized
+from edgezo.models.catalog import SCHEMES
 
 # Values of a half-precision head cast to fp32 at a time (4 MiB): SmolLM2's head is 27
 # chunks of 1820 rows, a 7B Llama's 125 of 256. The plan prices one chunk for a
@@ -139,53 +140,81 @@ def apply_scheme(model: nn.Module, options: SchemeOptions | str, seed: int = 0,
     the planner prices (a loaded model carries its own)."""
     if isinstance(options, str):
         options = SchemeOptions(scheme=options)
-    scheme = options.scheme
     _prepare_head(model)
-    if scheme == "full":
-        return model
-    if scheme == "scales":
-        if _on_meta(model) and quantize is not None:
-            return quantized.add_scale_placeholders(model, quantize)
-        return quantized.train_scales(model)
-    if scheme == "head":
-        for p in model.parameters():
-            p.requires_grad_(False)
-        head = model.get_output_embeddings()
-        if head is None:
-            raise ConfigError(f"{type(model).__name__} has no output embedding to train")
-        head.weight.requires_grad_(True)
-        return model
+    return APPLY[SCHEMES[options.scheme].name](model, options, seed, quantize)
+
+
+def _full(model: nn.Module, options: SchemeOptions, seed: int, quantize: str | None
+          ) -> nn.Module:
+    return model
+
+
+def _scales(model: nn.Module, options: SchemeOptions, seed: int, quantize: str | None
+            ) -> nn.Module:
+    if _on_meta(model) and quantize is not None:
+        return quantized.add_scale_placeholders(model, quantize)
+    return quantized.train_scales(model)
+
+
+def _head(model: nn.Module, options: SchemeOptions, seed: int, quantize: str | None
+          ) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ConfigError(f"{type(model).__name__} has no output embedding to train")
+    head.weight.requires_grad_(True)
+    return model
+
+
+def _lora(model: nn.Module, options: SchemeOptions, seed: int, quantize: str | None
+          ) -> nn.Module:
     import peft
 
-    generator = torch.Generator().manual_seed(seed)
-    if scheme == "lora":
-        config = peft.LoraConfig(task_type="CAUSAL_LM", r=options.lora_r,
-                                 lora_alpha=options.lora_alpha, lora_dropout=0.0,
-                                 target_modules=options.lora_targets or None)
-        try:
-            # peft draws the adapters' initial values from torch's global generator: seed
-            # it with the run's seed, so the adapters are a function of the run alone
-            # (and a resume or replay in another process builds the same ones)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                return peft.get_peft_model(model, config)
-        except ValueError as err:
-            raise ConfigError(f"LoRA cannot target {options.lora_targets or 'the defaults'} "
-                              f"in {type(model).__name__}: {err}") from None
-    if scheme == "prompt":
-        config = peft.PromptTuningConfig(task_type="CAUSAL_LM",
-                                         num_virtual_tokens=options.prompt_tokens)
-        wrapped = peft.get_peft_model(model, config)
-        if not _on_meta(model):  # a plan from a config has no values to start from
-            _init_prompt_from_vocab(wrapped, generator)
-        _prompt_per_row(wrapped)
-        return wrapped
+    config = peft.LoraConfig(task_type="CAUSAL_LM", r=options.lora_r,
+                             lora_alpha=options.lora_alpha, lora_dropout=0.0,
+                             target_modules=options.lora_targets or None)
+    try:
+        # peft draws the adapters' initial values from torch's global generator: seed it
+        # with the run's seed, so the adapters are a function of the run alone (and a
+        # resume or replay in another process builds the same ones)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return peft.get_peft_model(model, config)
+    except ValueError as err:
+        raise ConfigError(f"LoRA cannot target {options.lora_targets or 'the defaults'} "
+                          f"in {type(model).__name__}: {err}") from None
+
+
+def _prompt(model: nn.Module, options: SchemeOptions, seed: int, quantize: str | None
+            ) -> nn.Module:
+    import peft
+
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                     num_virtual_tokens=options.prompt_tokens)
+    wrapped = peft.get_peft_model(model, config)
+    if not _on_meta(model):  # a plan from a config has no values to start from
+        _init_prompt_from_vocab(wrapped, torch.Generator().manual_seed(seed))
+    _prompt_per_row(wrapped)
+    return wrapped
+
+
+def _prefix(model: nn.Module, options: SchemeOptions, seed: int, quantize: str | None
+            ) -> nn.Module:
+    import peft
+
     config = peft.PrefixTuningConfig(task_type="CAUSAL_LM",
                                      num_virtual_tokens=options.prefix_tokens)
     wrapped = peft.get_peft_model(model, config)
     if not _on_meta(model):
-        _init_prefix_from_activations(wrapped, generator)
+        _init_prefix_from_activations(wrapped, torch.Generator().manual_seed(seed))
     return wrapped
+
+
+# How each registered scheme (edgezo.models.catalog) is applied; a test checks that every
+# registered scheme has its function here.
+APPLY = {"full": _full, "scales": _scales, "head": _head, "lora": _lora, "prompt": _prompt,
+         "prefix": _prefix}
 
 
 def _on_meta(model: nn.Module) -> bool:

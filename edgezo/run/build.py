@@ -107,7 +107,7 @@ def build(config: RunConfig, objective: Callable | None = None) -> Parts:
                       if task is not None and task.generative else None)
     shapes = measure_shapes(task, encoder, config)
     config, decision, why = plan_before_loading(config, resolved, profile, shapes, dtype, why)
-    if config.estimator_kind == "zo":  # recorded, so that a resume pairs alike
+    if config.method.perturbs:  # recorded, so that a resume pairs alike
         config = config.override(pair=decision.pair)
     # the plan fits: a GGUF is converted now, once, in the dtype the plan settled on (the
     # profile's where fp32 did not fit)

@@ -96,7 +96,7 @@ class ZOEngine(SeedLogSteps):
         are estimated in: one, or one per block with --block-wise."""
         params = self.blocks.params
         everything = set(range(len(params)))
-        fo_only = self.optimizer.estimator == "fo"
+        fo_only = self.optimizer.method.backprops
         self.fo_indices = (everything if fo_only
                            else resolve_fo_blocks(self.blocks, list(est.fo_blocks)))
         self.zo_indices = everything - self.fo_indices
@@ -133,7 +133,7 @@ class ZOEngine(SeedLogSteps):
     def zo_only(self) -> bool:
         """Every update comes from forward values alone: the run can stream its layers,
         shard its batch over ranks (one scalar per query to reduce) and replay its log."""
-        return self.optimizer.estimator == "zo" and not self.fo_indices
+        return self.optimizer.method.perturbs and not self.fo_indices
 
     def data_parallel(self) -> int:
         """Join the initialised torch.distributed group: every rank keeps a full replica,
@@ -175,7 +175,7 @@ class ZOEngine(SeedLogSteps):
     @property
     def forward_passes_per_step(self) -> int:
         """Forward passes one step makes (each over the batch, or the doubled batch)."""
-        if self.optimizer.estimator == "fo":
+        if self.optimizer.method.backprops:
             return 1 if self.fo_indices else 0
         return self.optimizer.method.forwards_per_step(
             q=self.q, one_sided=self.one_sided, pair=self.pair, groups=len(self.groups),
@@ -314,7 +314,7 @@ class ZOEngine(SeedLogSteps):
     def _query(self, batch: dict, z: Direction, base: float | None
                ) -> tuple[float, float, float]:
         """(L₊, L₋ (or L(θ)), g) of one query along z."""
-        if self.optimizer.estimator == "forward-grad":
+        if self.optimizer.method.forward_gradient:
             value, g = self._forward_gradient(batch, z)
             return value, value, g
         if self.one_sided:

@@ -49,6 +49,22 @@ class Method:
         run data-parallel; the others differentiate the loss."""
         return self.estimator == "zo"
 
+    @property
+    def backprops(self) -> bool:
+        """Its gradient comes from backpropagation (the first-order baselines)."""
+        return self.estimator == "fo"
+
+    @property
+    def forward_gradient(self) -> bool:
+        """Its estimate is ∇L·v by forward-mode AD (a jvp), not a difference of losses."""
+        return self.estimator == "forward-grad"
+
+    @property
+    def draws_directions(self) -> bool:
+        """It queries along seeded directions (ZO and forward gradients), so the noise
+        source, directions, bases and sparsity apply to it."""
+        return not self.backprops
+
     def pairs(self, one_sided: bool) -> bool:
         """Whether L(θ + εz) and L(θ − εz) can run as one doubled forward: a two-sided
         ZO estimate only."""
@@ -63,9 +79,9 @@ class Method:
                           fo: bool = False) -> int:
         """Forward passes one step makes (each over the batch, or the doubled batch in pair
         mode): the engine reports it and `edgezo optimizers` lists it."""
-        if self.estimator == "fo":
+        if self.backprops:
             return 1
-        per_query = 1 if (pair or one_sided or self.estimator == "forward-grad") else 2
+        per_query = 1 if (pair or one_sided or self.forward_gradient) else 2
         per_group = q * per_query
         needs_base = one_sided or self.needs_base_loss
         if self.perturbs and needs_base:

@@ -36,7 +36,7 @@ class SeedLogSteps:
         from their seeds, scaled by the logged scalars, through the same update rule, so
         the weights come out bit-identical on the same kind of device."""
         if not self.replayable:
-            hybrid = " with --fo-blocks" if self.optimizer.estimator != "fo" else ""
+            hybrid = "" if self.optimizer.method.backprops else " with --fo-blocks"
             raise ConfigError(f"{self.optimizer.name}{hybrid} updates with backpropagated "
                               "gradients, which a seed log does not hold; resume from a "
                               "snapshot instead")

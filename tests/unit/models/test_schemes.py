@@ -267,3 +267,10 @@ def test_a_half_precision_head_computes_fp32_logits_a_4_mib_chunk_at_a_time(monk
     monkeypatch.setattr(schemes, "HEAD_CHUNK_VALUES", 1 << 20)  # all 256 rows at once
     assert terms.activation_bytes(config, 4, 8, 2) - small == (256 - 40) * 32 * 4
     assert terms.activation_bytes(config, 4, 8, 4) == fp32  # an fp32 head casts nothing
+
+
+def test_every_registered_scheme_is_applied_by_its_own_function():
+    from edgezo.models.catalog import SCHEMES
+    from edgezo.models.schemes import APPLY
+
+    assert set(APPLY) == set(SCHEMES)
