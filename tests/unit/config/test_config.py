@@ -395,3 +395,13 @@ def test_resume_refuses_what_would_change_the_run_and_names_what_may_change():
     problem = resume_problem(["steps", "lr", "config"])
     assert problem.startswith("--resume keeps the run's own settings; drop --config, --lr (")
     assert "--steps" in problem.split("(only ")[1]
+
+
+def test_a_resolved_config_is_frozen():
+    """A run's parts read one resolved config; a change makes a new one."""
+    import dataclasses
+
+    resolved = RunConfig.from_flat(lr=1e-3).resolved("bf16")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        resolved.optimizer.lr = 1.0
+    assert resolved.override(lr=1.0).optimizer.lr == 1.0 and resolved.optimizer.lr == 1e-3
