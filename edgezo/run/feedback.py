@@ -1,5 +1,5 @@
 """Steps from feedback other than a loss: a ranking of the answers that perturbed models
-write (ZO-RankSGD, edgezo.zo.rank)."""
+write (ZO-RankSGD, edgezo.zo.ranking)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 from edgezo.errors import ConfigError
 from edgezo.tasks.generate import generate
-from edgezo.zo import rank as ranking
-from edgezo.zo.rank import RankFn, RankResult
+from edgezo.zo import ranking
+from edgezo.zo.ranking import RankFn, RankResult
 
 if TYPE_CHECKING:
     from edgezo.run.session import Session

@@ -80,7 +80,7 @@ def resume(cls: type[Session], run_dir: str | os.PathLike,
     # run.json holds the dtype the run resolved, which the build reads as asked for
     session.dtype_reason = f"as the run started ({RUN_FILE})"
     try:
-        if session.rank == 0:  # before anything is read: another run may be writing it
+        if session.process_rank == 0:  # before anything is read: another run may be writing it
             session.run_lock = RunLock(run_dir)
         found = latest_valid(run_dir, warn)
         log = read_seed_log(run_dir)
@@ -94,13 +94,13 @@ def resume(cls: type[Session], run_dir: str | os.PathLike,
         recovered: list[dict] = []
         if session.engine.replayable:
             _replay_log(session, log)
-            if session.rank == 0:
+            if session.process_rank == 0:
                 recovered = _mend_log(session, run_dir, log, found, warn)
         elif any(e["step"] >= session.engine.step_index for e in log):
             warn("the steps after the last snapshot use backpropagated gradients and cannot "
                  "be replayed; continuing from the snapshot")
         session.run_dir = run_dir  # its own folder: record() goes on with it
-        if session.rank == 0:
+        if session.process_rank == 0:
             session.record(run_dir)  # cuts a torn last line (SeedLog)
             for entry in recovered:
                 session.seed_log.append(entry)

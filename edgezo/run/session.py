@@ -40,7 +40,7 @@ from edgezo.tasks import scoring
 from edgezo.tasks.base import Example, batches
 from edgezo.tasks.generate import reply
 from edgezo.tasks.loss import candidate_scores, check_batch, shard_batch
-from edgezo.zo.rank import RankFn, RankResult
+from edgezo.zo.ranking import RankFn, RankResult
 from edgezo.zo.result import StepResult
 from edgezo.zo.schedule import Schedule
 
@@ -87,9 +87,9 @@ class Session:
         self.optimizer = self.engine.optimizer
         o = self.config.optimizer
         self.schedule = Schedule(o.lr, o.schedule, o.total_steps, o.warmup_steps)
-        self.rank, self.world = 0, 1
+        self.process_rank, self.world = 0, 1  # data-parallel ranks
         if self.config.runtime.distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            self.rank, self.world = join_process_group(self.engine, self.on_cuda,
+            self.process_rank, self.world = join_process_group(self.engine, self.on_cuda,
                                                        self.batch_size)
         self.run_dir: Path | None = None
         self.seed_log = None  # the run folder's SeedLog while recording (folder.record)
@@ -161,7 +161,7 @@ class Session:
                                     self.config.runtime.seed, start_step=self.engine.step_index)
         batch = self.encoder.encode(next(self.train_batches))
         if self.world > 1:
-            batch = shard_batch(batch, self.rank, self.world)
+            batch = shard_batch(batch, self.process_rank, self.world)
         return self._to_device(batch)
 
     def step(self, batch: dict | None = None) -> StepResult:
@@ -267,7 +267,7 @@ class Session:
 
     def rank_step(self, prompts: str | list[str], rank: RankFn, candidates: int = 2,
                   max_new_tokens: int = 16, mu: float | None = None) -> RankResult:
-        """One step from an ordering, not a loss (ZO-RankSGD; see edgezo.zo.rank): each of
+        """One step from an ordering, not a loss (ZO-RankSGD; see edgezo.zo.ranking): each of
         `candidates` perturbed models θ + μ·z_k answers the prompts; `rank(outputs)`
         returns the candidates' indices best first (a group of tied indices may take one
         place; unlisted ones rank last; empty or None: no preference), and θ moves

@@ -141,7 +141,7 @@ def finetune(session: Session, steps: int | None = None, *, console: Console | N
     _set_train_options(session, train if steps is None else {**train, "steps": steps})
     t = session.config.train
     output = Path(t.output) if t.output is not None else None
-    if session.rank != 0:  # data-parallel: rank 0 alone writes the run folder and talks
+    if session.process_rank != 0:  # data-parallel: rank 0 alone writes the run folder and talks
         output, console = None, Console(quiet=True)
     console = console or Console()
     check_selection(session)

@@ -1,6 +1,6 @@
 """The steps an engine takes from its seed log or from feedback, not from a loss of its
 own: replaying a logged step, averaging the last steps' weights (Polyak-Ruppert), and a
-step along directions weighted by a ranking (ZO-RankSGD, `edgezo.zo.rank`).
+step along directions weighted by a ranking (ZO-RankSGD, `edgezo.zo.ranking`).
 
 A mixin of `ZOEngine` (as transformers' GenerationMixin is of its models): these read
 the engine's groups, masks and perturbation, and keep its one step counter.

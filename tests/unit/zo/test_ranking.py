@@ -9,7 +9,7 @@ from edgezo import Session
 from edgezo.errors import ConfigError
 from edgezo.zo import chunking
 from edgezo.zo.direction import Direction
-from edgezo.zo.rank import coefficients
+from edgezo.zo.ranking import coefficients
 
 
 @pytest.mark.parametrize("order, m, expected", [
