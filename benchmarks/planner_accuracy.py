@@ -84,7 +84,7 @@ def calibrate() -> None:
     after training, when both phases' kernels have run; the noise threads' buffers are left
     out because a tiny model touches only a sliver of each. ZO-SGD gives the runtime of
     forwards alone; FO-SGD and FO-Adam what a backward adds to it."""
-    from edgezo.memory import plan as plan_mod
+    from edgezo.memory import peak as plan_mod
     from edgezo.models.tiny import save_tiny
 
     folder = Path(tempfile.mkdtemp(prefix="edgezo-calibrate-")) / "tiny"

@@ -218,12 +218,14 @@ def replay(
 def optimizers_list() -> None:
     """The optimizers, their gradient source and their state memory."""
     from edgezo.zo.methods import OPTIMIZERS
+    from edgezo.zo.optimizers import RULES
 
     table = Table("name", "gradient", "state bytes/param", "forwards/step (pair)",
                   "update")
     for name, m in OPTIMIZERS.items():
-        state = ("4 per matrix row" if m.rule.state_bytes([(2, 2)]) == 8
-                 else str(m.rule.state_bytes_per_param))
+        rule = RULES[m.rule]
+        state = ("4 per matrix row" if rule.state_bytes([(2, 2)]) == 8
+                 else str(rule.state_bytes_per_param))
         n = m.forwards_per_step(q=m.q, one_sided=m.estimate == "one-sided", pair=True)
         forwards = (f"{n} + backward" if m.backprops else f"{n} (jvp)"
                     if m.forward_gradient else f"{n}")

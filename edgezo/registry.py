@@ -2,9 +2,9 @@
 
 The modules that implement a kind fill its registry with entries that carry their traits
 (`edgezo.zo.methods` the optimizers, `edgezo.models.catalog` the schemes and
-quantizations, `edgezo.tasks.catalog` the tasks, templates and objectives). The config
-validates names against these registries, the CLI's help and the README's method table
-are generated from them, and no list of names is written anywhere else.
+quantizations, `edgezo.tasks.catalog` the templates and objectives, `edgezo.tasks.make`
+the tasks). The config validates names against these registries, the CLI's help and
+docs/methods.md are generated from them, and no list of names is written anywhere else.
 
 Adding an optimizer, scheme or task is one entry in its module; nothing here changes.
 """

@@ -123,8 +123,9 @@ class SchemeOptions:
 class OptimizerOptions:
     optimizer: str = option("zo-sgd", f"{', '.join(OPTIMIZERS)} (`edgezo optimizers` "
                             "describes them)", choices=OPTIMIZERS)
-    lr: float | None = option(None, "Peak learning rate (default: the one measured best for the "
-                              f"optimizer and scheme, else {DEFAULT_LR:g}; see README)", min=0)
+    lr: float | None = option(None, "Peak learning rate (default: the one measured best for "
+                              f"the optimizer and scheme, else {DEFAULT_LR:g}; "
+                              "edgezo/config/measured.yaml)", min=0)
     weight_decay: float = option(0.0, "Weight decay (L2)", min=0)
     momentum: float | None = option(None, "Momentum beta (zo-sgd-mmt, forward-grad-mmt; "
                                     "default 0.9)", min=0, below=1)

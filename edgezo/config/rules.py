@@ -1,8 +1,9 @@
 """The rules between options, each stated once: an option that would be accepted and then
 do nothing, or two options that contradict each other, is refused with its fix.
 
-`RunConfig.validate()` runs them all; the engine and the planner call the few they need
-for objects built without a RunConfig (`estimator_problems`, `streaming_problems`).
+`RunConfig.validate()` runs them all. `estimate_of` checks and decides the estimator
+options of an engine built directly; the planner reads `why_not_stream`, the CLI and
+`Session.resume` read `resume_problem`.
 """
 
 from __future__ import annotations
@@ -157,8 +158,10 @@ def _zo_estimator_problems(est: EstimatorOptions, optimizer: str) -> list[str]:
 
 def _objective_problems(cfg: RunConfig) -> list[str]:
     name = cfg.estimator.objective
-    if name == CUSTOM_OBJECTIVE:
-        return []
+    if name == CUSTOM_OBJECTIVE:  # the caller's function: not known to be differentiable
+        return [] if cfg.method.perturbs else [
+            f"{cfg.optimizer.optimizer} differentiates the loss; an objective function of "
+            "your own needs a ZO optimizer (it may not be differentiable)"]
     if name not in OBJECTIVES:
         return [str(OBJECTIVES.unknown(name))]
     objective = OBJECTIVES[name]

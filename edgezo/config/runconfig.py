@@ -183,6 +183,8 @@ class RunConfig:
                                      else t.checkpoint_every),
                 "keep": t.keep or DEFAULT_KEEP,
                 "save_model": True if t.save_model is None else t.save_model}
+        else:  # no run folder (validate() refused these given without one before)
+            decided |= {"checkpoint_every": None, "keep": None, "save_model": None}
         return self.override(**decided)
 
     def validate(self) -> RunConfig:
@@ -203,7 +205,7 @@ _HINTS: dict[str, Any] = {}
 
 
 def coerce(name: str, value: Any) -> Any:
-    """`value` as option `name`'s type (see config_values.coerce_value)."""
+    """`value` as option `name`'s type (see config.values.coerce_value)."""
     if not _HINTS:
         for cls in SECTIONS.values():
             _HINTS.update(typing.get_type_hints(cls))

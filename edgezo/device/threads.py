@@ -28,7 +28,7 @@ CPU"). So edgezo's import (before torch's) shortens the spin instead
 within a step, short enough that a thread leaves its core soon after.
 
 torch.set_num_threads is process-wide: a Session sets it for the whole process, and the
-noise pool (edgezo.zo.noise) takes its size from it when it starts.
+noise pool (edgezo.zo.workers) takes its size from it when it starts.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The one plan path: a RunConfig and a model (built on the meta device from its config,
-or the live one) become a StepSpec, which `plan.plan_step` prices.
+or the live one) become a StepSpec, which `peak.plan_step` prices.
 
     priced = meta_model(config, model_config)         # shapes and dtypes, no storage
     decision = decide(config, priced, profile, shapes) # pair or two passes, what streams

@@ -2,7 +2,8 @@
 with the traits the config's rules, the planner and the exports read. Pure data, without
 torch; `edgezo.models.schemes` and `edgezo.models.quantized` implement them.
 
-Adding a scheme: an `add_scheme(...)` line here and its branch in `apply_scheme`.
+Adding a scheme: an `add_scheme(...)` line here and its function in
+`edgezo.models.schemes.APPLY`.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ seed-log line per step, and periodic snapshots. Resume loads the newest intact s
 and replays the log after it; replay rebuilds the weights from the base model and the log
 alone. Both are bit-identical to the uninterrupted run on the same kind of device.
 
-One run at a time writes a folder: record() locks it (checkpoint.RunLock) until the
+One run at a time writes a folder: record() locks it (snapshots.RunLock) until the
 Session closes. A log whose end was torn or lost never gives a silently shorter model:
 replay refuses it, saying why, and resume repairs it (see `resume`).
 """

@@ -7,8 +7,9 @@
     sess.save("my-model")
 
 A Session is built by `edgezo.run.build` (profile → data → plan → load → engine) from a
-`RunConfig`; run folders (record, checkpoint, resume, replay) live in `edgezo.run.folder`, the
-memory budget's guard in `edgezo.run.guard`. This module only wires them to the API.
+`RunConfig`; run folders live in `edgezo.run.folder` (record, checkpoint) and
+`edgezo.run.resume` (resume, replay), the memory budget's guard in `edgezo.run.guard`.
+This module only wires them to the API.
 """
 
 from __future__ import annotations

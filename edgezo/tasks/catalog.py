@@ -1,6 +1,6 @@
 """The prompt templates and training objectives a run may choose, with their traits. Pure
 data, without torch; `edgezo.tasks` implements them (the tasks themselves register with
-their classes in `edgezo.tasks`, because a task name is also checked against files).
+their classes in `edgezo.tasks.make`, because a task name is also checked against files).
 """
 
 from __future__ import annotations

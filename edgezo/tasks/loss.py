@@ -86,7 +86,7 @@ def token_logprob_means(model, batch: dict) -> torch.Tensor:
     else:
         with _head_as_identity(head):
             hidden = _forward(model, batch, keep).logits[:, :-1]  # the head's inputs
-        perturbed = getattr(head, "label_logprob_sums", None)  # a ZO step's (perturb.py)
+        perturbed = getattr(head, "label_logprob_sums", None)  # a ZO step's (zo/head.py)
         total = None if perturbed is None else perturbed(hidden, targets, mask)
         if total is None:
             per = max(1, LOGIT_CHUNK_VALUES // (hidden.shape[0] * head.weight.shape[0]))

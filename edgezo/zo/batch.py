@@ -10,7 +10,7 @@ import torch
 
 # Logit values computed at once when a loss reads many positions: the head and the
 # log-softmax run a chunk of positions at a time (32 MiB of fp32 logits; tasks/loss.py, and
-# a perturbed head's spans, perturb.label_logprob_sums), so a batch whose labels cover
+# a perturbed head's spans, head.PerturbedHead.label_logprob_sums), so a batch whose labels cover
 # every token (an app's language-modelling batch) never holds its rows x positions x
 # vocabulary logits, nor their doubled pair-mode copy.
 LOGIT_CHUNK_VALUES = 1 << 23

@@ -284,7 +284,7 @@ def backward_depth(blocks: BlockMap, indices: set[int]) -> int:
 def weight_grad_layers(blocks: BlockMap, indices: set[int]) -> int:
     """Decoder layers holding one of `indices` that is the layer's own weight (not a
     LoRA adapter). Autograd saves a linear's input only for its weight's gradient, so a
-    backward keeps more in such a layer than in one it merely crosses (see plan.py)."""
+    backward keeps more in such a layer than in one it merely crosses (see memory/peak.py)."""
     return sum(1 for b in blocks.blocks if b.name not in ("pre", "post")
                and any(i in indices and "lora_" not in blocks.names[i]
                        for u in b.units for _, i in u.slots))

@@ -405,3 +405,27 @@ def test_a_resolved_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         resolved.optimizer.lr = 1.0
     assert resolved.override(lr=1.0).optimizer.lr == 1.0 and resolved.optimizer.lr == 1e-3
+
+
+@pytest.mark.parametrize("optimizer", ["fo-sgd", "forward-grad"])
+def test_an_objective_function_of_ones_own_needs_a_zo_optimizer(optimizer):
+    with pytest.raises(ConfigError, match="needs a ZO optimizer"):
+        RunConfig.from_flat(objective="custom", optimizer=optimizer).validate()
+    RunConfig.from_flat(objective="custom", optimizer="zo-sgd").validate()
+
+
+def test_a_resolved_run_without_its_folder_keeps_no_folder_settings():
+    """finetune(session, output=None) on a session made with an output: the snapshot
+    settings the run folder had decided go with it."""
+    resolved = RunConfig.from_flat(output="runs/x").resolved("fp32")
+    assert resolved.train.keep == 3
+    again = resolved.override(output=None).resolved("fp32").validate()
+    assert again.train.keep is None and again.train.checkpoint_every is None
+
+
+def test_the_optimizers_command_lists_every_optimizer():
+    from edgezo.zo.methods import OPTIMIZERS
+
+    result = CliRunner().invoke(app, ["optimizers"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert all(name in result.output for name in OPTIMIZERS)
