@@ -23,7 +23,14 @@ from edgezo.config.defaults import (
 )
 from edgezo.models.catalog import QUANTIZATIONS, SCHEMES
 from edgezo.tasks.catalog import TEMPLATES
-from edgezo.zo.methods import DIRECTIONS, ESTIMATES, GRANULARITIES, NOISE_SOURCES, OPTIMIZERS
+from edgezo.zo.methods import (
+    DIRECTIONS,
+    ESTIMATES,
+    GRANULARITIES,
+    NOISE_SOURCES,
+    OPTIMIZERS,
+    RULE_DEFAULTS,
+)
 
 # -- the choices of the options no implementing module owns (the registries hold the
 # others: optimizers, schemes, quantizations, templates) ----
@@ -33,6 +40,7 @@ SCHEDULES = ("constant", "linear", "cosine")
 MASK_MODES = ("random", "magnitude")
 OFFLOAD = ("auto", "off", "host", "disk")
 MASTERS = ("auto", "fp32", "model")
+_MOMENTUM, _ADAM = RULE_DEFAULTS["Momentum"], RULE_DEFAULTS["Adam"]
 
 
 
@@ -128,10 +136,12 @@ class OptimizerOptions:
                               "edgezo/config/measured.yaml)", min=0)
     weight_decay: float = option(0.0, "Weight decay (L2)", min=0)
     momentum: float | None = option(None, "Momentum beta (zo-sgd-mmt, forward-grad-mmt; "
-                                    "default 0.9)", min=0, below=1)
+                                    f"default {_MOMENTUM['momentum']:g})", min=0, below=1)
     betas: tuple[float, float] | None = option(None, "Adam betas 'b1,b2' (default "
-                                               "0.9,0.999)", min=0, below=1)
-    adam_eps: float | None = option(None, "Adam epsilon (default 1e-8)", above=0)
+                                               f"{','.join(map(str, _ADAM['betas']))})",
+                                               min=0, below=1)
+    adam_eps: float | None = option(None, f"Adam epsilon (default {_ADAM['adam_eps']:g})",
+                                    above=0)
     schedule: str = option("constant", "lr schedule: constant, linear or cosine (decaying to "
                            "0 at --total-steps)", choices=SCHEDULES,
                            kind="lr schedule")

@@ -174,6 +174,8 @@ class RunConfig:
         decided |= {f.name: getattr(estimator, f.name) for f in fields(estimator)}
         if self.scheme.scheme == "scales" and estimator.g_clip is None:
             decided["g_clip"] = DEFAULT_SCALES_G_CLIP
+        decided |= {name: value for name, value in self.method.option_defaults().items()
+                    if self.get(name) is None}  # the update rule's own options
         if self.optimizer.schedule != "constant" and self.optimizer.total_steps is None:
             decided["total_steps"] = self.train.steps
         t = self.train

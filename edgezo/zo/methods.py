@@ -23,8 +23,11 @@ DIRECTIONS = ("gaussian", "rademacher", "lowrank", "subspace", "coordinate")
 STRUCTURED = ("lowrank", "subspace")  # directions built from per-matrix bases
 NOISE_SOURCES = ("generator", "table")
 GRANULARITIES = ("layer", "half")  # the groups of block-wise ZO
-# Options of the update rules that have them; every other rule takes none of these.
-RULE_OPTIONS = {"Momentum": ("momentum",), "Adam": ("betas", "adam_eps")}
+# Options of the update rules that have them, with their defaults; every other rule takes
+# none of these. A run records the defaults it takes (RunConfig.resolved).
+RULE_DEFAULTS: dict[str, dict] = {"Momentum": {"momentum": 0.9},
+                                  "Adam": {"betas": (0.9, 0.999), "adam_eps": 1e-8}}
+RULE_OPTIONS = {rule: tuple(options) for rule, options in RULE_DEFAULTS.items()}
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,10 @@ class Method:
             per_group += 1 if pair else 2  # L(θ ± η·d)
         shared = 1 if fo and needs_base else 0  # the FO pass's forward is that L(θ)
         return groups * per_group + (1 if fo else 0) - shared
+
+    def option_defaults(self) -> dict:
+        """The options its update rule takes, at their defaults."""
+        return dict(RULE_DEFAULTS.get(self.rule, {}))
 
     def option_problems(self, **options) -> list[str]:
         """Options of an update rule given to a method whose rule has none of them, and

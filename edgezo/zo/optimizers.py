@@ -32,7 +32,7 @@ import torch
 from edgezo.errors import ConfigError
 from edgezo.registry import OPTIMIZERS
 from edgezo.zo import chunking, workers
-from edgezo.zo.methods import Method
+from edgezo.zo.methods import RULE_DEFAULTS, Method
 
 _LOW16 = 0xFFFF
 
@@ -156,7 +156,8 @@ class Momentum(Rule):
     state_bytes_per_param = 4
     stateful = True
 
-    def __init__(self, weight_decay: float = 0.0, momentum: float = 0.9):
+    def __init__(self, weight_decay: float = 0.0,
+                 momentum: float = RULE_DEFAULTS["Momentum"]["momentum"]):
         super().__init__(weight_decay)
         self.momentum = momentum
 
@@ -179,8 +180,9 @@ class Adam(Rule):
     state_bytes_per_param = 8
     stateful = True
 
-    def __init__(self, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8):
+    def __init__(self, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = RULE_DEFAULTS["Adam"]["betas"],
+                 eps: float = RULE_DEFAULTS["Adam"]["adam_eps"]):
         super().__init__(weight_decay)
         self.betas, self.eps = tuple(betas), eps
 

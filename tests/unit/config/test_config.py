@@ -429,3 +429,13 @@ def test_the_optimizers_command_lists_every_optimizer():
     result = CliRunner().invoke(app, ["optimizers"], env={"COLUMNS": "250"})
     assert result.exit_code == 0, result.output
     assert all(name in result.output for name in OPTIMIZERS)
+
+
+def test_a_run_records_its_update_rules_defaults():
+    """Adam's betas and ε, momentum's β: the values the rule used are in run.json, so a
+    resume keeps them whatever the defaults become; rules without them record none."""
+    adam = RunConfig.from_flat(optimizer="zo-adam").resolved("bf16").validate()
+    assert adam.optimizer.betas == (0.9, 0.999) and adam.optimizer.adam_eps == 1e-8
+    mmt = RunConfig.from_flat(optimizer="zo-sgd-mmt", momentum=0.5).resolved("bf16")
+    assert mmt.optimizer.momentum == 0.5 and mmt.optimizer.betas is None
+    assert RunConfig.from_flat().resolved("bf16").optimizer.momentum is None
