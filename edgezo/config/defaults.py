@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from edgezo.models.catalog import SCHEMES
 from edgezo.zo.methods import OPTIMIZERS, STRUCTURED
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ def resolve_estimator(est: EstimatorOptions, optimizer: str, dtype: str | None =
         return est
     decided = {}
     if est.eps is None and method.perturbs:
-        half = dtype in ("bf16", "fp16") and scheme != "scales"
+        half = dtype in ("bf16", "fp16") and not (scheme and SCHEMES[scheme].quantized_scales)
         decided["eps"] = HALF_EPS if half else DEFAULT_EPS
     directions = decided["directions"] = est.directions or method.directions
     if est.q is None and directions != "coordinate":  # coordinate: all, as the engine counts

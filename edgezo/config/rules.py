@@ -49,7 +49,7 @@ def _scheme_problems(cfg: RunConfig) -> list[str]:
         out.append(f"{quantize} weights cannot take ZO updates; train adapters on the "
                    "quantized base with --scheme lora (or prefix, prompt, head), or its "
                    "scales with --scheme scales")
-    if scheme == "scales":
+    if SCHEMES[scheme].quantized_scales:
         if quantize not in scale_backends():
             out.append("--scheme scales trains the per-group scales of a quantized base: add "
                        f"--quantize {' or '.join(scale_backends())}"
@@ -205,7 +205,7 @@ def why_not_stream(cfg: RunConfig) -> list[str]:
         out.append("--qat keeps every master on the host and does not stream layers "
                    "yet: use --offload off, or a larger profile")
     quanto = (cfg.model.quantize or "").startswith("quanto-")
-    if cfg.scheme.scheme == "scales" or quanto:
+    if SCHEMES[cfg.scheme.scheme].quantized_scales or quanto:
         out.append("layers of a quanto base, or trained scales, do not stream yet: use "
                    "--offload off, or a larger profile")
     if not cfg.zo_only:

@@ -44,6 +44,7 @@ from edgezo.config.options import (
 )
 from edgezo.config.values import coerce_value, field_problems, read_config_file, yaml_value
 from edgezo.errors import ConfigError
+from edgezo.models.catalog import SCHEMES
 from edgezo.zo.methods import OPTIMIZERS, Method
 
 
@@ -172,7 +173,7 @@ class RunConfig:
         estimator = resolve_estimator(self.estimator, self.optimizer.optimizer, dtype,
                                       self.scheme.scheme)
         decided |= {f.name: getattr(estimator, f.name) for f in fields(estimator)}
-        if self.scheme.scheme == "scales" and estimator.g_clip is None:
+        if SCHEMES[self.scheme.scheme].quantized_scales and estimator.g_clip is None:
             decided["g_clip"] = DEFAULT_SCALES_G_CLIP
         decided |= {name: value for name, value in self.method.option_defaults().items()
                     if self.get(name) is None}  # the update rule's own options

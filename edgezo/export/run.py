@@ -277,7 +277,7 @@ def _export_runtime(run_dir: Path, report: dict, fmt: str, out: Path,
     LoRA: merged as it is written) and, for GGUF, the base's own file when it was one."""
     _refuse_prompt_learning(report.get("scheme", "full"),
                             "--format peft (or train with --scheme lora)")
-    if report.get("scheme") == "scales":
+    if SCHEMES[report.get("scheme", "full")].quantized_scales:
         raise ConfigError(f"a scales run is its quantized base with trained scales, kept in "
                           f"{report.get('hyperparameters', {}).get('quantize')}'s own format; "
                           f"{fmt} export reads dense weights: use --format merged (the "
@@ -306,7 +306,7 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, PreTrainedTokenizerBase, d
 
     model_dir, report = _locate(Path(run_dir))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if report.get("scheme") == "scales":
+    if SCHEMES[report.get("scheme", "full")].quantized_scales:
         return load_quantized(model_dir), tokenizer, report
     if report.get("scheme", "full") not in PEFT_SCHEMES:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")

@@ -19,7 +19,9 @@ class Scheme:
     are a peft adapter (exported as one, evaluated through peft); `merges`: a plain
     transformers folder can hold the result (prefix and prompt adapters have no merged
     form); `qat`: quantization-aware training applies to it; `on_quantized`: it trains on
-    a quantized base."""
+    a quantized base; `quantized_scales`: it trains a quantized base's own group scales
+    (small values: ε of fp32's size in any precision, each estimate clipped; the run's
+    model is the quantized model itself)."""
 
     name: str
     description: str
@@ -28,6 +30,7 @@ class Scheme:
     merges: bool = True
     qat: bool = False
     on_quantized: bool = True
+    quantized_scales: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ add_scheme("prefix", "prefix tuning (peft): key/value vectors per layer",
 add_scheme("prompt", "prompt tuning (peft): virtual tokens before the input",
            options=("prompt_tokens",), peft=True, merges=False)
 add_scheme("head", "the LM head only (with tied embeddings, the shared matrix)")
-add_scheme("scales", "QZO: the per-group scales of a quantized base")
+add_scheme("scales", "QZO: the per-group scales of a quantized base", quantized_scales=True)
 
 for _name, _backend, _scales, _what in (
         ("nf4", "bitsandbytes", True, "4-bit NormalFloat, blocks of 64"),

@@ -32,7 +32,7 @@ from edgezo.memory.measure import MemoryMonitor
 from edgezo.memory.peak import Plan
 from edgezo.memory.planner import Decision, Shapes
 from edgezo.memory.streaming import layer_bytes, streamed_layers
-from edgezo.models.catalog import PEFT_SCHEMES
+from edgezo.models.catalog import PEFT_SCHEMES, SCHEMES
 from edgezo.models.convert import streamable_folder
 from edgezo.models.loading import (
     ResolvedModel,
@@ -260,7 +260,7 @@ def load(config: RunConfig, resolved: ResolvedModel, decision: Decision,
     load_device = torch.device("cpu") if decision.streamed else device
     with monitor.phase("load"):
         model = apply_scheme(load_weights(resolved, dtype, load_device, config.model.quantize,
-                                          train_scales=config.scheme.scheme == "scales"),
+                                          train_scales=SCHEMES[config.scheme.scheme].quantized_scales),
                              config.scheme, seed=config.runtime.seed)
         release_freed_memory()
     return monitor, model

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from edgezo.errors import ConfigError
 from edgezo.export.run import base_gguf, export_model
+from edgezo.models.catalog import SCHEMES
 from edgezo.models.quantized import save_quantized
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ def save_session(session: Session, out: Path, format: str | None, gguf_type: str
             if gguf_type is not None:
                 raise ConfigError("gguf_type applies to format='gguf'")
             out.mkdir(parents=True, exist_ok=True)
-            if session.config.scheme.scheme == "scales":  # the quantized model itself
+            if SCHEMES[session.config.scheme.scheme].quantized_scales:  # the quantized model
                 save_quantized(session.module, out)
             else:
                 session.module.save_pretrained(out)
@@ -41,7 +42,7 @@ def save_session(session: Session, out: Path, format: str | None, gguf_type: str
 
 
 def _export(session: Session, out: Path, fmt: str, gguf_type: str | None) -> Path:
-    if session.config.scheme.scheme == "scales":
+    if SCHEMES[session.config.scheme.scheme].quantized_scales:
         if fmt != "merged":
             raise ConfigError(f"a scales run is its quantized base with trained scales; "
                               f"{fmt} export reads dense weights: save it with "
