@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 
 class EdgezoError(Exception):
@@ -106,3 +107,26 @@ def unknown_choice(kind: str, value: str, valid: list[str] | tuple[str, ...]) ->
     plural = kind if kind.endswith("s") else kind[:-1] + "ies" if kind.endswith("y") \
         else kind + "s"
     return ConfigError(f"unknown {kind} {value!r}; valid {plural}: {', '.join(sorted(valid))}")
+
+
+def read_user_text(path: Path, error: type[EdgezoError]) -> str:
+    """The text of a file the user named, or `error` naming the file and the fix: a file
+    that is missing or not UTF-8 is the user's to correct, not a traceback."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path} does not exist") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text; save it as UTF-8") from None
+
+
+def read_yaml(path: Path, error: type[EdgezoError]) -> Any:
+    """What a user's YAML file holds (None when it is empty), or `error` with the file
+    and the parser's own words on where it broke."""
+    import yaml
+
+    text = read_user_text(path, error)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise error(f"{path}: not valid YAML ({err})") from None

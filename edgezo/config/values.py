@@ -10,7 +10,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from edgezo.errors import ConfigError, unknown_choice
+from edgezo.errors import ConfigError, read_user_text, read_yaml, unknown_choice
 
 DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16",
                  "half": "fp16"}
@@ -115,20 +115,9 @@ def field_problems(name: str, value: Any, meta: dict) -> list[str]:
 
 def read_config_file(path: Path) -> dict:
     """The mapping a recipe file holds: YAML (.yaml/.yml) or JSON (run.json)."""
+    if path.suffix != ".json":
+        return read_yaml(path, ConfigError) or {}
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path} is not UTF-8 text; save it as UTF-8") from None
-    if path.suffix == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from None
-    import yaml
-
-    try:
-        return yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        return json.loads(read_user_text(path, ConfigError))
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None

@@ -13,9 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from edgezo.errors import ProfileError
+from edgezo.errors import ProfileError, read_yaml
 
 GiB = 1024**3
 DTYPES = ("fp32", "bf16", "fp16")
@@ -126,12 +124,7 @@ def _validate(data: Any, where: str) -> list[str]:
 def load_profile(name_or_path: str) -> Profile:
     """Load and validate a profile by shipped name or by path to a YAML file."""
     path = profile_path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ProfileError(f"{path}: not UTF-8 text; save it as UTF-8") from None
-    except yaml.YAMLError as err:
-        raise ProfileError(f"{path}: not valid YAML ({err})") from None
+    data = read_yaml(path, ProfileError)
     problems = _validate(data, str(path))
     if problems:
         raise ProfileError("invalid profile:\n  " + "\n  ".join(problems))

@@ -27,9 +27,7 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
-import yaml
-
-from edgezo.errors import TaskError
+from edgezo.errors import TaskError, read_yaml
 from edgezo.tasks.base import Example, Task
 from edgezo.tasks.superglue import read_jsonl
 
@@ -74,12 +72,7 @@ class UserTask(Task):
     @staticmethod
     def spec(path: Path) -> dict:
         """The YAML spec, checked field by field."""
-        try:
-            spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise TaskError(f"{path}: not UTF-8 text; save it as UTF-8") from None
-        except yaml.YAMLError as err:
-            raise TaskError(f"{path}: not valid YAML ({err})") from None
+        spec = read_yaml(path, TaskError)
         if not isinstance(spec, dict) or "train" not in spec:
             raise TaskError(f"{path}: a task spec needs at least 'train: <file.jsonl>'")
         unknown = set(spec) - {"name", "train", "test", "template", "candidates",

@@ -127,6 +127,27 @@ def test_files_that_are_not_utf8_are_named(tmp_path):
         UserTask(spec)
 
 
+def test_every_yaml_the_user_names_reports_a_parse_error_with_its_file(tmp_path):
+    """Profiles, task specs and recipes are read by one reader: a broken file is the
+    reader's message with the path, in the error class of what was being loaded."""
+    from edgezo.config.values import read_config_file
+    from edgezo.device.profiles import load_profile
+    from edgezo.tasks.user import UserTask
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed\n")
+    for load, error in ((lambda: load_profile(str(broken)), ProfileError),
+                        (lambda: UserTask(broken), TaskError),
+                        (lambda: read_config_file(broken), ConfigError)):
+        with pytest.raises(error, match=r"(?s)broken.yaml: not valid YAML \(.*line"):
+            load()
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        read_config_file(tmp_path / "missing.yaml")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert read_config_file(empty) == {}
+
+
 def test_a_task_spec_with_a_list_of_train_files_is_a_message(tmp_path):
     from edgezo.tasks.user import UserTask
 
