@@ -26,6 +26,7 @@ from edgezo.device.profiles import Profile, list_profiles, load_profile
 from edgezo.errors import ConfigError
 from edgezo.memory.peak import FOPart, Plan, StepSpec, StreamPart, plan_step
 from edgezo.memory.streaming import layer_bytes, stream_tier, streamed_layers
+from edgezo.models.catalog import SCHEMES
 from edgezo.models.loading import load_config, parse_dtype
 from edgezo.models.quantized import stored_bytes
 from edgezo.models.schemes import apply_scheme
@@ -170,7 +171,7 @@ def step_spec(config: RunConfig, priced: Priced, profile: Profile, shapes: Shape
         and ("cuda" if on_cuda else "cpu") in CHUNKED_LINEAR_DEVICES,
         direction_bases=basis_bytes(blocks, est.directions, est.rank)
         if method.draws_directions else 0,
-        qat_bytes=qat.extra_bytes(priced.model, config.scheme.scheme)
+        qat_bytes=qat.extra_bytes(priced.model, SCHEMES[config.scheme.scheme].adapts_linears)
         if config.scheme.qat else 0)
 
 
@@ -344,7 +345,7 @@ def _alternatives(config: RunConfig, model_config, profile: Profile, shapes: Sha
         if current.phases["eval"] > current.phases["train"]:  # evaluation sets the peak
             smaller = replace(ev, batch_size=max(1, ev.batch_size // 4))
             add(f"--eval-batch-size {smaller.batch_size}", shp=replace(shapes, eval=smaller))
-    if config.scheme.scheme == "full":
+    if not SCHEMES[config.scheme.scheme].on_quantized:  # cannot train on a quantized base
         add("--scheme lora", config.override(scheme="lora"))
         add("--scheme lora --quantize nf4", config.override(scheme="lora", quantize="nf4"))
     elif config.model.quantize != "nf4":

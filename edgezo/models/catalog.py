@@ -21,7 +21,9 @@ class Scheme:
     form); `qat`: quantization-aware training applies to it; `on_quantized`: it trains on
     a quantized base; `quantized_scales`: it trains a quantized base's own group scales
     (small values: ε of fp32's size in any precision, each estimate clipped; the run's
-    model is the quantized model itself)."""
+    model is the quantized model itself); `adapts_linears`: its adapters sit on linear
+    maps and merge into their weights (QAT quantizes the merged weight, and keeps an fp32
+    copy of it per adapted linear instead of a master per trained matrix)."""
 
     name: str
     description: str
@@ -31,6 +33,7 @@ class Scheme:
     qat: bool = False
     on_quantized: bool = True
     quantized_scales: bool = False
+    adapts_linears: bool = False
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,8 @@ def add_scheme(name: str, description: str, **traits) -> Scheme:
 
 add_scheme("full", "every parameter", qat=True, on_quantized=False)
 add_scheme("lora", "LoRA adapters (peft) on a frozen base",
-           options=("lora_r", "lora_alpha", "lora_targets"), peft=True, qat=True)
+           options=("lora_r", "lora_alpha", "lora_targets"), peft=True, qat=True,
+           adapts_linears=True)
 add_scheme("prefix", "prefix tuning (peft): key/value vectors per layer",
            options=("prefix_tokens",), peft=True, merges=False)
 add_scheme("prompt", "prompt tuning (peft): virtual tokens before the input",

@@ -126,7 +126,7 @@ def build(config: RunConfig, objective: Callable | None = None) -> Parts:
         estimate, loss_fn=loss_fn, seed=config.runtime.seed, pair=decision.pair,
         blocks=blocks)
     if config.scheme.qat is not None:
-        engine.enable_qat(config.scheme.qat, config.scheme.scheme)
+        engine.enable_qat(config.scheme.qat, SCHEMES[config.scheme.scheme].adapts_linears)
     streamer = start_streaming(config, engine, plan, decision, device)
     return Parts(config, profile, device, task, resolved, encoder, shapes, monitor, model,
                  blocks, plan, engine, streamer, why, lr_why, threads)

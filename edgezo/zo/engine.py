@@ -357,11 +357,11 @@ class ZOEngine(SeedLogSteps):
             self.perturbation.set_pending(PendingUpdate(d, step_lr, t + 1, info))
             record["applied"] = True
 
-    def enable_qat(self, fmt: str, scheme: str) -> None:
+    def enable_qat(self, fmt: str, through_adapters: bool) -> None:
         """Quantization-aware ZO: forwards see the weights quantized to `fmt` (see
-        edgezo.zo.qat); each update goes to the higher-precision master."""
+        edgezo.zo.qat); each update goes to the higher-precision master (LoRA's D)."""
         self.flush()
-        self.qat = QAT(self.model, self.blocks, fmt, scheme)
+        self.qat = QAT(self.model, self.blocks, fmt, through_adapters)
         self.perturbation.after_update = self.qat.after_update
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -91,15 +91,15 @@ def _lora_linears(model: nn.Module) -> list[nn.Module]:
             and quantizable(m.base_layer)]
 
 
-def quantized_tensors(model: nn.Module, fmt: str, scheme: str
+def quantized_tensors(model: nn.Module, fmt: str, through_adapters: bool
                       ) -> list[tuple[torch.Tensor, str]]:
     """(tensor, format) of every matrix the GGUF export quantizes, as it will: the layers'
     linear maps in `fmt`, the embedding and the LM head at Q8_0 (the export keeps them at
-    8 bits at least). In lora, the adapted linears' weights are left to the adapters'
-    forward (they are quantized merged with the adapter)."""
+    8 bits at least). `through_adapters` (LoRA): the adapted linears' weights are left to
+    the adapters' forward (they are quantized merged with the adapter)."""
     _, layers = find_layers(model)
-    adapted = {id(m.base_layer.weight) for m in _lora_linears(model)} if scheme == "lora" \
-        else set()
+    adapted = ({id(m.base_layer.weight) for m in _lora_linears(model)} if through_adapters
+               else set())
     out, seen = [], set()
     for name, m in layers.named_modules():
         if "lora_" in name:  # the adapters' own matrices ship unquantized, inside the merge
@@ -115,12 +115,12 @@ def quantized_tensors(model: nn.Module, fmt: str, scheme: str
     return out
 
 
-def extra_bytes(model: nn.Module, scheme: str) -> int:
-    """What QAT keeps besides the model: an fp32 master per trainable quantized matrix
-    (full), or an fp32 D per adapted linear (lora)."""
-    if scheme == "lora":
+def extra_bytes(model: nn.Module, through_adapters: bool) -> int:
+    """What QAT keeps besides the model: an fp32 master per trainable quantized matrix,
+    or (`through_adapters`) an fp32 D per adapted linear."""
+    if through_adapters:
         return 4 * sum(m.base_layer.weight.numel() for m in _lora_linears(model))
-    return 4 * sum(t.numel() for t, _ in quantized_tensors(model, "int4", scheme)
+    return 4 * sum(t.numel() for t, _ in quantized_tensors(model, "int4", False)
                    if t.requires_grad)
 
 
@@ -143,17 +143,17 @@ class QAT:
     """Installs quantization-aware forwards and keeps what they need in step with the
     updates; the engine calls after_update() with the parameters it just updated."""
 
-    def __init__(self, model: nn.Module, blocks: BlockMap, fmt: str, scheme: str):
+    def __init__(self, model: nn.Module, blocks: BlockMap, fmt: str, through_adapters: bool):
         if fmt not in GGUF_TYPE:
             raise ValueError(f"unknown QAT format {fmt!r}")
-        self.fmt, self.scheme = fmt, scheme
+        self.fmt = fmt
         index_of = {id(p): i for i, p in enumerate(blocks.params)}
         self.params = blocks.params
         self.adapted: dict[int, _Adapted] = {}
         self.masters: dict[int, tuple[torch.Tensor, str]] = {}  # index -> (master, format)
         host = torch.device("cpu")
         with torch.no_grad():
-            for tensor, tfmt in quantized_tensors(model, fmt, scheme):
+            for tensor, tfmt in quantized_tensors(model, fmt, through_adapters):
                 i = index_of.get(id(tensor))
                 if i is None:  # frozen: quantized once, in place
                     requantize(tensor, tensor, tfmt)
@@ -161,7 +161,7 @@ class QAT:
                 master = tensor.detach().to(host, torch.float32, copy=True)
                 self.masters[i] = (master, tfmt)
                 requantize(tensor, master, tfmt)
-            if scheme == "lora":
+            if through_adapters:
                 for module in _lora_linears(model):
                     name = module.active_adapters[0]
                     idx = tuple(index_of[id(p)] for p in (module.lora_A[name].weight,

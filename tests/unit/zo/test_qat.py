@@ -10,6 +10,7 @@ from conftest import lm_batch, on_device_of, zo_engine
 from edgezo import Session
 from edgezo.config.runconfig import RunConfig
 from edgezo.errors import ConfigError
+from edgezo.models.catalog import SCHEMES
 from edgezo.models.tiny import VOCAB, tiny_model
 from edgezo.zo.optimizers import make_optimizer
 from edgezo.zo.qat import extra_bytes, fake_quant, quantized_tensors
@@ -38,7 +39,7 @@ def test_fake_quant_is_gguf_quantize_then_dequantize_bit_for_bit(fmt):
 
 def qat_engine(model, fmt="int4", scheme="full", **kw):
     engine = zo_engine(model, make_optimizer("zo-sgd"), seed=4, eps=1e-2, **kw)
-    engine.enable_qat(fmt, scheme)
+    engine.enable_qat(fmt, SCHEMES[scheme].adapts_linears)
     return engine
 
 
@@ -51,13 +52,13 @@ def test_full_qat_forward_sees_quantized_weights_and_the_master_takes_the_update
     model = tiny_model(family, width=64)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     engine = qat_engine(model, fmt)
-    tensors = dict(quantized_tensors(model, fmt, "full"))
+    tensors = dict(quantized_tensors(model, fmt, False))
     # 7 linear maps a layer, the embedding and (untied) the head
     assert len(tensors) == 2 * 7 + 1 + (not model.config.tie_word_embeddings)
     names = {id(p): n for n, p in model.named_parameters()}
     quantized_start = {n: p.detach().clone() for n, p in model.named_parameters()}
     quantized_state = {k: v.clone() for k, v in model.state_dict().items()}
-    for t, tfmt in quantized_tensors(model, fmt, "full"):
+    for t, tfmt in quantized_tensors(model, fmt, False):
         assert torch.equal(t, fake_quant(start[names[id(t)]], tfmt))
     r = engine.step(lm_batch(VOCAB), lr=1e-2)
     engine.flush()
@@ -74,7 +75,7 @@ def test_full_qat_forward_sees_quantized_weights_and_the_master_takes_the_update
     for name, master in masters.items():
         step = moved[name].detach() - quantized_start[name]
         torch.testing.assert_close(master - start[name], step, rtol=0, atol=1e-6)
-    for t, tfmt in quantized_tensors(model, fmt, "full"):
+    for t, tfmt in quantized_tensors(model, fmt, False):
         assert torch.equal(t, fake_quant(masters[names[id(t)]], tfmt))
     engine.close()
 
@@ -164,7 +165,7 @@ def test_lora_qat_computes_the_merged_weight_quantized():
         ours = model(**b).logits
         engine.close()  # the adapters' own forward back
         merged = model.merge_and_unload()
-        for t, fmt in quantized_tensors(merged, "int4", "full"):
+        for t, fmt in quantized_tensors(merged, "int4", False):
             t.copy_(fake_quant(t, fmt))
         expected = merged(**b).logits
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
@@ -176,7 +177,7 @@ def test_plan_prices_the_masters():
     model = tiny_model("llama", width=64)
     layer_linears = sum(m.weight.numel() for m in model.model.layers.modules()
                         if isinstance(m, torch.nn.Linear))
-    assert extra_bytes(model, "full") == 4 * (layer_linears + VOCAB * 64)
+    assert extra_bytes(model, False) == 4 * (layer_linears + VOCAB * 64)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -200,7 +201,7 @@ def test_lora_qat_leaves_the_adapters_unquantized_at_any_rank():
     engine = qat_engine(model, scheme="lora")
     names = {id(p): n for n, p in model.named_parameters()}
     assert not engine.qat.masters  # no trainable tensor is quantized in LoRA QAT
-    quantized = [names[id(t)] for t, _ in quantized_tensors(model, "int4", "lora")]
+    quantized = [names[id(t)] for t, _ in quantized_tensors(model, "int4", True)]
     assert quantized and not any("lora_" in n for n in quantized)
     assert len(engine.qat.adapted) == 2 * 2 * 2  # A and B of q and v in two layers
     engine.close()
