@@ -44,7 +44,7 @@ from edgezo.config.options import (
 )
 from edgezo.config.values import coerce_value, field_problems, read_config_file, yaml_value
 from edgezo.errors import ConfigError
-from edgezo.models.catalog import SCHEMES
+from edgezo.models.catalog import DEFAULT_MODEL, SCHEMES
 from edgezo.zo.methods import OPTIMIZERS, Method
 
 
@@ -120,10 +120,17 @@ class RunConfig:
         """Every option by name (what report.json's hyperparameters hold)."""
         return {f: self.get(f) for f in SECTION_OF}
 
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        """Nested sections of JSON values (tuples as lists): run.json's content."""
-        return json.loads(json.dumps({s: dataclasses.asdict(getattr(self, s))
-                                      for s in SECTIONS}))
+    def to_dict(self, used_only: bool = False) -> dict[str, dict[str, Any]]:
+        """Nested sections of JSON values (tuples as lists). `used_only` (run.json, of a
+        resolved config): without the options left None, which after resolved() are the
+        ones the run did not use (momentum in zo-sgd), turned off (quantize, qat) or left
+        to the machine (threads, streamed layers); reading the file back restores them."""
+        out = json.loads(json.dumps({s: dataclasses.asdict(getattr(self, s))
+                                     for s in SECTIONS}))
+        if used_only:
+            out = {s: {k: v for k, v in opts.items() if v is not None}
+                   for s, opts in out.items()}
+        return out
 
     def to_yaml(self, comments: bool = True) -> str:
         """The whole configuration as a recipe file, each option with its help."""
@@ -166,6 +173,7 @@ class RunConfig:
         config leaves it open): what it records, so a resume is the same run."""
         dtype = self.model.dtype or dtype
         decided: dict[str, Any] = {
+            "model": self.model.model or DEFAULT_MODEL,
             "dtype": dtype,
             "max_length": self.data.max_length or default_max_length(self.data.task),
             "lr": (default_lr(self.optimizer.optimizer, self.scheme.scheme)

@@ -38,9 +38,8 @@ from edgezo.errors import ConfigError, EdgezoError, PathError, check_writable_fo
 from edgezo.export.gguf import write_gguf
 from edgezo.export.onnx import ONNX_FILE, require_exporter, write_onnx
 from edgezo.export.weights import plain_model, trained_state
-from edgezo.models.catalog import PEFT_SCHEMES, SCHEMES
+from edgezo.models.catalog import DEFAULT_MODEL, PEFT_SCHEMES, SCHEMES
 from edgezo.models.loading import (
-    DEFAULT_MODEL,
     load_weights,
     locate_model,
     parse_dtype,

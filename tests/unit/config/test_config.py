@@ -391,7 +391,8 @@ def test_a_run_says_why_it_takes_its_learning_rate(tiny_folder):
 def test_run_json_records_what_the_run_decided(tiny_folder, data_dir, tmp_path):
     """The defaults a run fills in (dtype, lr, ε, max length, snapshot cadence and count,
     whether the model is saved, pair mode) are in its run.json, not null, so a resume is
-    the same run whatever the defaults become."""
+    the same run whatever the defaults become. What it did not use is left out, and
+    reading the file back gives the run's own configuration."""
     from edgezo.run.snapshots import read_run_file
     from edgezo.run.train import finetune
 
@@ -407,6 +408,10 @@ def test_run_json_records_what_the_run_decided(tiny_folder, data_dir, tmp_path):
                           ("estimator", "q"), ("estimator", "directions"),
                           ("data", "max_length")):
         assert recorded[section][name] is not None, name
+    assert not [(sec, k) for sec, opts in recorded.items() for k, v in opts.items()
+                if v is None]
+    assert "momentum" not in recorded["optimizer"]  # zo-sgd has none
+    assert RunConfig.from_file(out / "run.json") == s.config
 
 
 def test_resume_refuses_what_would_change_the_run_and_names_what_may_change():
@@ -460,3 +465,10 @@ def test_a_run_records_its_update_rules_defaults():
     mmt = RunConfig.from_flat(optimizer="zo-sgd-mmt", momentum=0.5).resolved("bf16")
     assert mmt.optimizer.momentum == 0.5 and mmt.optimizer.betas is None
     assert RunConfig.from_flat().resolved("bf16").optimizer.momentum is None
+
+
+def test_the_default_model_is_recorded_by_name():
+    """A run on the embedded model records which one, so its run.json says what it
+    trained (and a later default cannot change a resumed run's model)."""
+    assert RunConfig.from_flat().resolved("bf16").model.model == "smollm2"
+    assert RunConfig.from_flat(model="some/model").resolved("bf16").model.model == "some/model"
