@@ -12,7 +12,8 @@ Training time is the sum of the step times up to the step whose weights the run 
 (report.json's `selected.step`; evaluations excluded): a run taken past its best is
 charged only for the steps that made the weights it ships, and the table gives the whole
 run's time beside it. Memory is the highest resident memory a step read (metrics.jsonl),
-and the run's peak in any phase, evaluation included (report.json). Step times are
+and the run's peak in any phase, evaluation included (report.json, which for a resumed
+run covers its last part). Step times are
 whatever the machine gave each run: runs made beside other work compare only roughly.
 """
 
@@ -51,14 +52,15 @@ def scored_run(run: Path, score: dict) -> Scored:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     kept = (report.get("selected") or {}).get("step") or rows[-1]["step"]
     times = [r["time_s"] for r in rows]
+    train_peak = max(r["memory_bytes"] for r in rows)  # report.json: the last resume's only
     opt, scheme = config["optimizer"], config["scheme"]
     return Scored(
         name=f"{opt['optimizer']} {scheme['scheme']} {opt['lr']:g}",
         f1=score["f1"], exact_match=score.get("exact_match"), kept_step=kept,
         steps=rows[-1]["step"], minutes_to_kept=sum(t for r, t in zip(rows, times, strict=True)
                                                     if r["step"] <= kept) / 60,
-        minutes=sum(times) / 60, train_peak_gb=max(r["memory_bytes"] for r in rows) / 1e9,
-        peak_gb=report["peak_memory_bytes"] / 1e9)
+        minutes=sum(times) / 60, train_peak_gb=train_peak / 1e9,
+        peak_gb=max(train_peak, report["peak_memory_bytes"]) / 1e9)
 
 
 def table(zero: Scored, runs: list[Scored]) -> str:
@@ -90,7 +92,7 @@ def plot(zero: Scored, runs: list[Scored], out: Path, title: str) -> None:
             ax.annotate(f"{r.name}\n{r.f1:.3f}", (getattr(r, x), r.f1), fontsize=7,
                         xytext=(5, -12), textcoords="offset points")
         ax.set_xlabel(xlabel)
-        ax.set_xlim(left=0)
+        ax.set_xlim(0, 1.4 * max(getattr(r, x) for r in runs))  # room for the labels
         ax.grid(alpha=0.3)
     by_time.set_ylabel("test F1")
     by_time.legend(fontsize=7, loc="lower right")

@@ -104,15 +104,17 @@ def test_personalization_example_learns_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_assistant_example_runs_and_reports_before_and_after():
+@pytest.mark.parametrize("lesson", ["facts", "style"])
+def test_assistant_example_runs_and_reports_before_and_after(lesson):
     """examples/assistant.py: conversations learned through the chat template, held-out
-    questions scored before and after."""
+    questions scored before and after, each answer shown."""
     import subprocess
     import sys
 
     script = REPO / "examples" / "assistant.py"
-    proc = subprocess.run([sys.executable, str(script), "--steps", "2"], capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(script), "--lesson", lesson, "--steps", "2"],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "before: answer log-likelihood" in proc.stdout
-    assert "after 2 steps: answer log-likelihood" in proc.stdout
+    before, after = proc.stdout.split("after 2 steps (")
+    for part in (before, after):
+        assert "held-out answers right" in part and part.count(" -> ") == 6
