@@ -122,14 +122,16 @@ class RunConfig:
 
     def to_dict(self, used_only: bool = False) -> dict[str, dict[str, Any]]:
         """Nested sections of JSON values (tuples as lists). `used_only` (run.json, of a
-        resolved config): without the options left None, which after resolved() are the
-        ones the run did not use (momentum in zo-sgd), turned off (quantize, qat) or left
-        to the machine (threads, streamed layers); reading the file back restores them."""
+        resolved config): without the options left at a default of None, which after
+        resolved() are the ones the run did not use (momentum in zo-sgd), turned off
+        (quantize, qat) or left to the machine (threads, streamed layers); reading the
+        file back restores them."""
         out = json.loads(json.dumps({s: dataclasses.asdict(getattr(self, s))
                                      for s in SECTIONS}))
-        if used_only:
-            out = {s: {k: v for k, v in opts.items() if v is not None}
-                   for s, opts in out.items()}
+        if used_only:  # None stays where it is not the default (task None: no task)
+            out = {s: {f.name: out[s][f.name] for f in fields(SECTIONS[s])
+                       if out[s][f.name] is not None or f.default is not None}
+                   for s in SECTIONS}
         return out
 
     def to_yaml(self, comments: bool = True) -> str:

@@ -68,7 +68,7 @@ def print_plan(session: Session, console: Console) -> None:
                   f"per step, {session.engine.blocks.numel() / 1e6:.1f}M trainable parameters.")
     if "fo_gradients" in plan.components:
         console.print(f"First-order part ({session.optimizer.name}"
-                      f"{'' if session.optimizer.backprops else ', hybrid'}): "
+                      f"{'' if session.optimizer.method.backprops else ', hybrid'}): "
                       f"gradients {gib(plan.components['fo_gradients'])}, activations kept "
                       f"for the backward {gib(plan.components['fo_activations'])}.")
 

@@ -472,3 +472,12 @@ def test_the_default_model_is_recorded_by_name():
     trained (and a later default cannot change a resumed run's model)."""
     assert RunConfig.from_flat().resolved("bf16").model.model == "smollm2"
     assert RunConfig.from_flat(model="some/model").resolved("bf16").model.model == "some/model"
+
+
+def test_run_json_keeps_a_none_that_is_not_the_default():
+    """`task: None` (batches given to step(), an app's Session) is a choice, not an unused
+    option: run.json keeps it, or a resumed app would load SST-2."""
+    cfg = RunConfig.from_flat(task=None, output="x").resolved("fp32")
+    recorded = cfg.to_dict(used_only=True)
+    assert recorded["data"]["task"] is None and "momentum" not in recorded["optimizer"]
+    assert RunConfig.from_dict(recorded) == cfg
