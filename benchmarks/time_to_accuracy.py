@@ -146,11 +146,13 @@ def post_training_quantized(s, fmt: str, test_examples: int | None) -> float:
     would store them: the (a) of "full ZO then PTQ" against (b) ZO-QAT."""
     import torch
 
+    from edgezo.models.catalog import SCHEMES
     from edgezo.zo.qat import fake_quant, quantized_tensors
 
     model = s.model  # flushed
+    adapters = SCHEMES[s.config.scheme.scheme].adapts_linears
     with torch.no_grad():
-        for tensor, tfmt in quantized_tensors(model, fmt, s.config.scheme.scheme):
+        for tensor, tfmt in quantized_tensors(model, fmt, adapters):
             tensor.copy_(fake_quant(tensor, tfmt).to(tensor.dtype))
     return s.evaluate("test", test_examples)["score"]
 

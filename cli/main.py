@@ -16,6 +16,7 @@ from rich.table import Table
 from edgezo.config.options import FIELDS, SECTION_OF
 from edgezo.config.rules import resume_problem
 from edgezo.errors import EdgezoError, RunInterrupted, check_writable_folder
+from edgezo.models.catalog import DEFAULT_MODEL
 
 # cli/ installs as edgezo.cli (pyproject.toml's package-dir), so its own modules are named
 # relatively: the import reads the same in the source tree and in site-packages.
@@ -111,7 +112,7 @@ def _plan_table(result, seq_len_given: bool = True) -> Table:
 
     gib = 1024**3
     p = result.plan
-    name = result.config.model.model or "smollm2"
+    name = result.config.model.model or DEFAULT_MODEL
     # finetune prints the peak of the tensors alone (what it measures); the total adds
     # the CUDA context, which an emulating CPU counts but has not got
     table = Table("component", "GiB", title=f"edgezo plan: {escape(name)} on {p.profile}",

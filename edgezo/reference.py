@@ -40,7 +40,9 @@ def options_reference() -> str:
     lines = [HEADER.format(source="edgezo/config/options.py"), "# Options\n",
              "Every `edgezo finetune` flag is also a `Session(...)` keyword and a key of a "
              "recipe file or run.json (`edgezo finetune --print-config` writes one). "
-             "`decided by the run`: the run fills it in and records it in run.json.\n"]
+             "`decided by the run`: the run fills it in and records it in run.json "
+             "(an option it did not use, turned off or left to the machine stays out of "
+             "the file).\n"]
     for section, cls in SECTIONS.items():
         lines += [f"\n## {section}\n", "| flag | keyword | default | what it does |",
                   "| --- | --- | --- | --- |"]

@@ -12,7 +12,7 @@ assistant's turns only). Before and after, it asks the held-out questions and sc
 answers two ways: the log-likelihood of the right answer (a smooth score that moves
 before the greedy answer does), and whether the greedy answer is right.
 
-    python examples/assistant.py [--lesson facts|style] [--steps 800] [--lr 5e-5]
+    python examples/assistant.py [--lesson facts|style] [--steps 800] [--scheme full|lora]
 
 Runs on a CPU with the embedded SmolLM2-135M-Instruct in minutes; the measured results
 are in BENCHMARKS.md, "Generative tasks".
@@ -110,16 +110,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lesson", default="facts", choices=sorted(LESSONS))
     ap.add_argument("--steps", type=int, default=800)
-    ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--scheme", default="full", choices=["full", "lora"],
                     help="LoRA learns these lessons more slowly (see BENCHMARKS.md)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="default: 5e-5 for full, 1e-3 for LoRA (its rate on SST-2)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--schedule", default="cosine", choices=["constant", "linear", "cosine"])
     args = ap.parse_args()
     lesson = LESSONS[args.lesson]()
     train = [conversation(lesson.system, q, a) for q, a in lesson.train]
-    session = Session(task=None, scheme=args.scheme, lr=args.lr, batch_size=args.batch,
+    lr = args.lr or {"full": 5e-5, "lora": 1e-3}[args.scheme]
+    session = Session(task=None, scheme=args.scheme, lr=lr, batch_size=args.batch,
                       max_length=128, seed=args.seed, schedule=args.schedule,
                       total_steps=args.steps if args.schedule != "constant" else None)
     n = len(lesson.held_out)

@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import yaml
-
-from edgezo.errors import ConfigError
+from edgezo.errors import ConfigError, read_yaml
 
 BENCH_KEYS = ("steps", "eval_examples")  # settings of the benchmark, not of the Session
 SUITE_KEYS = ("name", "description", "defaults", "search", "cells", "studies")
@@ -110,10 +108,7 @@ def load_suite(name_or_path: str) -> Suite:
                               f"{', '.join(list_suites())} (or pass your own .yaml file)")
     elif not path.is_file():
         raise ConfigError(f"suite file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    data = read_yaml(path, ConfigError)
     problems = []
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a suite is a mapping with keys {', '.join(SUITE_KEYS)}")

@@ -324,7 +324,7 @@ def base_gguf(spec: str | None) -> Path | None:
     try:
         path, kind = locate_model(spec)
     except EdgezoError as err:
-        if spec.endswith(".gguf") or spec == "smollm2":
+        if spec.endswith(".gguf") or spec == DEFAULT_MODEL:
             print(f"note: the base GGUF is gone or damaged ({err}); the export rebuilds its "
                   "metadata from the run's tokenizer and defaults to f16", file=sys.stderr)
         return None

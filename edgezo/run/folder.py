@@ -24,6 +24,7 @@ import torch
 from edgezo.config.options import RESUMABLE
 from edgezo.config.runconfig import RunConfig
 from edgezo.errors import CheckpointError, ConfigError
+from edgezo.models.catalog import DEFAULT_MODEL
 from edgezo.run.snapshots import (
     RUN_FILE,
     RunLock,
@@ -45,7 +46,9 @@ if TYPE_CHECKING:
 
 
 def config_of(run_dir: Path) -> RunConfig:
-    return RunConfig.from_dict(read_run_file(run_dir), str(Path(run_dir) / RUN_FILE))
+    config = RunConfig.from_dict(read_run_file(run_dir), str(Path(run_dir) / RUN_FILE))
+    # run.json from before the default model was recorded by name holds null for it
+    return config if config.model.model else config.override(model=DEFAULT_MODEL)
 
 
 def record(session: Session, run_dir: str | os.PathLike) -> None:

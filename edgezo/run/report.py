@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from edgezo.device.hardware import cpu_capability
+from edgezo.models.catalog import DEFAULT_MODEL
 from edgezo.version import __version__
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ def session_report(session: Session) -> dict:
     named = ("model", "task", "optimizer", "scheme", "profile", "seed")
     return {
         "edgezo_version": __version__,
-        "model": cfg.model.model or "smollm2",
+        "model": cfg.model.model or DEFAULT_MODEL,
         "model_source": session.model_source.source,
         **{k: flat[k] for k in named[1:]},
         # the run's steps, a resumed run's earlier ones included, whichever step's

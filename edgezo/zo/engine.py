@@ -359,7 +359,7 @@ class ZOEngine(SeedLogSteps):
 
     def enable_qat(self, fmt: str, through_adapters: bool) -> None:
         """Quantization-aware ZO: forwards see the weights quantized to `fmt` (see
-        edgezo.zo.qat); each update goes to the higher-precision master (LoRA's D)."""
+        edgezo.zo.qat); an update goes to the fp32 master (with adapters: D, recomputed)."""
         self.flush()
         self.qat = QAT(self.model, self.blocks, fmt, through_adapters)
         self.perturbation.after_update = self.qat.after_update

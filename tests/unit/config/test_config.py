@@ -474,6 +474,18 @@ def test_the_default_model_is_recorded_by_name():
     assert RunConfig.from_flat(model="some/model").resolved("bf16").model.model == "some/model"
 
 
+def test_a_run_json_from_before_names_the_default_model(tmp_path):
+    """Older run.json files hold null for the embedded model; read back, they name it,
+    so such a run compares equal to the same settings today (a run stopped before its
+    first step may start again)."""
+    from edgezo.run.folder import config_of
+    from edgezo.run.snapshots import write_run_file
+
+    old = RunConfig.from_flat(lr=1e-3).resolved("fp32").override(model=None)
+    write_run_file(tmp_path, old.to_dict())
+    assert config_of(tmp_path) == RunConfig.from_flat(lr=1e-3).resolved("fp32")
+
+
 def test_run_json_keeps_a_none_that_is_not_the_default():
     """`task: None` (batches given to step(), an app's Session) is a choice, not an unused
     option: run.json keeps it, or a resumed app would load SST-2."""
