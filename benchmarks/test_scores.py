@@ -1,9 +1,9 @@
 """Finished runs' test scores beside what each cost to train: a markdown table and a plot
 of the test score against training time and against training memory.
 
-    edgezo eval --task squad --split test --json > zero.json              # zero-shot
-    edgezo eval --model RUN --task squad --split test --json > run.json    # each run
-    python benchmarks/test_scores.py --zero-shot zero.json RUN=run.json ... --out scores.png
+    edgezo eval --task squad --split test --json > zero.json                # zero-shot
+    edgezo eval --model RUN --task squad --split test --json > score.json   # each run
+    python benchmarks/test_scores.py --zero-shot zero.json RUN=score.json ... --out scores.png
 
 The last run listed is the bar (say, FO-Adam): each row says how much of the way from
 zero-shot to it that run's gain goes.
@@ -11,9 +11,10 @@ zero-shot to it that run's gain goes.
 Training time is the sum of the step times up to the step whose weights the run kept
 (report.json's `selected.step`; evaluations excluded): a run taken past its best is
 charged only for the steps that made the weights it ships, and the table gives the whole
-run's time beside it. Memory is the highest resident memory a step read (metrics.jsonl),
-and the run's peak in any phase, evaluation included (report.json, which for a resumed
-run covers its last part). Step times are
+run's time beside it (a step logged twice, after a rewind, counts once). Memory is the
+highest resident memory read after a step (metrics.jsonl: heap the evaluations between
+steps left behind included), not a phase's peak; report.json's peaks cover only the
+last part of a resumed run. Step times are
 whatever the machine gave each run: runs made beside other work compare only roughly.
 """
 
@@ -34,8 +35,7 @@ class Scored:
     steps: int = 0
     minutes_to_kept: float = 0.0
     minutes: float = 0.0
-    train_peak_gb: float = 0.0
-    peak_gb: float = 0.0
+    resident_gb: float = 0.0
 
 
 def read_eval(path: Path) -> dict:
@@ -49,31 +49,32 @@ def read_eval(path: Path) -> dict:
 def scored_run(run: Path, score: dict) -> Scored:
     config = json.loads((run / "run.json").read_text())
     report = json.loads((run / "report.json").read_text())
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    kept = (report.get("selected") or {}).get("step") or rows[-1]["step"]
-    times = [r["time_s"] for r in rows]
-    train_peak = max(r["memory_bytes"] for r in rows)  # report.json: the last resume's only
+    rows = list({r["step"]: r for r in map(json.loads,
+                                            (run / "metrics.jsonl").read_text().splitlines())
+                 }.values())  # a step redone after a rewind: its last record
+    selected = (report.get("selected") or {}).get("step")
+    kept = rows[-1]["step"] if selected is None else selected
     opt, scheme = config["optimizer"], config["scheme"]
     return Scored(
         name=f"{opt['optimizer']} {scheme['scheme']} {opt['lr']:g}",
         f1=score["f1"], exact_match=score.get("exact_match"), kept_step=kept,
-        steps=rows[-1]["step"], minutes_to_kept=sum(t for r, t in zip(rows, times, strict=True)
-                                                    if r["step"] <= kept) / 60,
-        minutes=sum(times) / 60, train_peak_gb=train_peak / 1e9,
-        peak_gb=max(train_peak, report["peak_memory_bytes"]) / 1e9)
+        steps=rows[-1]["step"],
+        minutes_to_kept=sum(r["time_s"] for r in rows if r["step"] <= kept) / 60,
+        minutes=sum(r["time_s"] for r in rows) / 60,
+        resident_gb=max(r["memory_bytes"] for r in rows) / 1e9)
 
 
 def table(zero: Scored, runs: list[Scored]) -> str:
     span = runs[-1].f1 - zero.f1  # the bar: the last run listed
     lines = ["| | F1 | EM | of the way to the last row | kept step / steps | training minutes "
-             "to kept (all) | peak GB training / any phase |",
+             "to kept (all) | highest resident GB after a step |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
              f"| zero-shot | {zero.f1:.3f} | {zero.exact_match:.3f} | 0% | | | |"]
     for r in runs:
         share = (r.f1 - zero.f1) / span if span > 0 else 0.0
         lines.append(f"| {r.name} | {r.f1:.3f} | {r.exact_match:.3f} | {share:.0%} | "
                      f"{r.kept_step} / {r.steps} | {r.minutes_to_kept:.0f} ({r.minutes:.0f}) "
-                     f"| {r.train_peak_gb:.2f} / {r.peak_gb:.2f} |")
+                     f"| {r.resident_gb:.2f} |")
     return "\n".join(lines)
 
 
@@ -85,7 +86,7 @@ def plot(zero: Scored, runs: list[Scored], out: Path, title: str) -> None:
 
     fig, (by_time, by_memory) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, x, xlabel in ((by_time, "minutes_to_kept", "training minutes to the kept weights"),
-                          (by_memory, "train_peak_gb", "peak resident GB while training")):
+                          (by_memory, "resident_gb", "highest resident GB after a step")):
         ax.axhline(zero.f1, color="grey", linestyle="--", label=f"zero-shot {zero.f1:.3f}")
         for r in runs:
             ax.scatter(getattr(r, x), r.f1, s=40)
