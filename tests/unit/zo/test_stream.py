@@ -40,6 +40,31 @@ def test_streamed_from_disk_equals_resident(family, dtype, pair, tmp_path):
     assert stats["bytes_out"] > 0
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_streamed_from_pinned_host_memory_equals_resident_on_a_gpu(dtype):
+    """The host tier (CUDA only): layers in pinned host memory, up and down on their own
+    streams while the GPU computes, give the resident GPU run's losses and weights."""
+    def run_on_gpu(streamed: bool):
+        model = tiny_model("llama", dtype=dtype).cuda()
+        engine = zo_engine(model, make_optimizer("zo-sgd"), eps=1e-2, seed=3)
+        streamer = engine.stream([0, 1], "cuda", tier="host") if streamed else None
+        batches = [{k: v.cuda() for k, v in lm_batch(VOCAB, seed=s).items()}
+                   for s in (0, 1, 2, 99)]
+        losses = [engine.step(b, lr=1e-2).loss for b in batches[:3]]
+        losses.append(engine.loss(batches[3]))  # flushes the last update
+        if streamer is not None:  # two buffers on a GPU: one computing, one arriving
+            stats = streamer.stats()
+            assert stats["buffers"] == 2 and stats["bytes_out"] > 0
+        engine.close()
+        return losses, {k: v.cpu() for k, v in model.state_dict().items()}
+
+    want_losses, want = run_on_gpu(False)
+    losses, got = run_on_gpu(True)
+    assert losses == want_losses  # bit-exact, not close
+    assert all(torch.equal(got[n], t) for n, t in want.items())
+
+
 @pytest.mark.parametrize("optimizer, kw", [
     ("fzoo", {"q": 2}), ("hizoo", {}), ("hizoo-l", {}), ("zo-sgd", {"directions": "lowrank"}),
     ("zo-adam", {"directions": "subspace", "rank": 2}), ("zo-sgd", {"noise": "generator"}),
