@@ -120,7 +120,7 @@ def main() -> None:
     args = ap.parse_args()
     lesson = LESSONS[args.lesson]()
     train = [conversation(lesson.system, q, a) for q, a in lesson.train]
-    lr = args.lr or {"full": 5e-5, "lora": 1e-3}[args.scheme]
+    lr = {"full": 5e-5, "lora": 1e-3}[args.scheme] if args.lr is None else args.lr
     session = Session(task=None, scheme=args.scheme, lr=lr, batch_size=args.batch,
                       max_length=128, seed=args.seed, schedule=args.schedule,
                       total_steps=args.steps if args.schedule != "constant" else None)

@@ -70,7 +70,8 @@ def test_the_shipped_sample_refuses_what_it_does_not_hold(monkeypatch):
 
 def test_lookup_order_is_data_dir_then_environment_then_shipped(tmp_path, monkeypatch,
                                                                  data_dir):
-    """No walk up the folders: a shared/data beside the working directory is not read."""
+    """No walk up the folders: a data folder beside the working directory (where the
+    project's own machines keep theirs) is not read."""
     from edgezo.tasks.data import ENV_VAR
 
     decoy = tmp_path / "shared" / "data" / "sst2"
