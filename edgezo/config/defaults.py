@@ -87,6 +87,7 @@ def resolve_estimator(est: EstimatorOptions, optimizer: str, dtype: str | None =
     if directions in STRUCTURED:
         decided["rank"] = est.rank or DEFAULT_RANK[directions]
         decided["basis_every"] = est.basis_every or DEFAULT_BASIS_EVERY[directions]
+        decided["structured_z"] = est.structured_z or "exact"
     if method.curvature and est.hessian_smoothing is None:
         decided["hessian_smoothing"] = DEFAULT_HESSIAN_SMOOTHING
     return dataclasses.replace(est, **decided)

@@ -30,6 +30,7 @@ from edgezo.zo.methods import (
     NOISE_SOURCES,
     OPTIMIZERS,
     RULE_DEFAULTS,
+    STRUCTURED_Z,
 )
 
 # -- the choices of the options no implementing module owns (the registries hold the
@@ -174,6 +175,14 @@ class EstimatorOptions:
                               "lowrank, 8 for subspace)", min=1)
     basis_every: int | None = option(None, "Steps a lowrank V or subspace basis is kept "
                                      "(default 50 for lowrank, 1000 for subspace)", min=1)
+    structured_z: str | None = option(None, "How a lowrank/subspace z is computed: exact "
+                                      "(factors on a fixed-point grid: one exact product "
+                                      "a matrix, the same values however its rows are cut "
+                                      "and whichever kernel computes it) or chunked (a "
+                                      "product, and a lowrank U, per 256K-value chunk: how "
+                                      "runs recorded before 2026-12-08 computed it; they "
+                                      "resume and replay with it)", choices=STRUCTURED_Z,
+                                      cli=False, kind="structured z computation")
     hessian_smoothing: float | None = option(None, "hizoo, hizoo-l: weight α of each step's "
                                              "curvature in the Hessian's moving average "
                                              "(default 1e-6)", min=0, max=1)

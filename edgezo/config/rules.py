@@ -122,7 +122,7 @@ def _zo_estimator_problems(est: EstimatorOptions, optimizer: str) -> list[str]:
         out.append("--pair evaluates L(θ + εz) and L(θ − εz) in one doubled forward; a "
                    "one-sided estimate has no L(θ − εz): drop --pair or use --estimate "
                    "two-sided")
-    for option in ("rank", "basis_every"):
+    for option in ("rank", "basis_every", "structured_z"):
         if getattr(est, option) is not None and r.directions not in STRUCTURED:
             out.append(f"{option} shapes lowrank and subspace directions; add --directions "
                        "lowrank (or subspace) or drop it")
@@ -268,6 +268,7 @@ def estimate_of(est: EstimatorOptions, optimizer: str, dtype: str,
         eps=DEFAULT_EPS if r.eps is None else r.eps, q=r.q,
         one_sided=r.estimate == "one-sided", directions=r.directions, noise=r.noise,
         rank=r.rank if structured else 0, basis_every=r.basis_every or 1, g_clip=r.g_clip,
+        chunked_z=r.structured_z == "chunked",
         block_wise=r.block_wise, granularity=r.granularity, sparsity=r.sparsity,
         sparsity_mask=r.sparsity_mask, sparsity_every=r.sparsity_every,
         fo_blocks=tuple(r.fo_blocks), max_forwards=r.max_forwards)

@@ -169,23 +169,29 @@ def step_spec(config: RunConfig, priced: Priced, profile: Profile, shapes: Shape
         and not est.sparsity and not method.curvature,  # Direction.perturbation_chunk
         cheap_noise=(est.noise == "table" or est.directions in STRUCTURED)
         and ("cuda" if on_cuda else "cpu") in CHUNKED_LINEAR_DEVICES,
-        direction_bases=basis_bytes(blocks, est.directions, est.rank)
+        direction_bases=basis_bytes(blocks, est.directions, est.rank,
+                                    1 if on_cuda else pool_threads(est, blocks, fo))
         if method.draws_directions else 0,
         qat_bytes=qat.extra_bytes(priced.model, SCHEMES[config.scheme.scheme].adapts_linears)
         if config.scheme.qat else 0)
 
 
-def basis_bytes(blocks: BlockMap, directions: str | None, rank: int | None) -> int:
+def basis_bytes(blocks: BlockMap, directions: str | None, rank: int | None,
+                threads: int = 1) -> int:
     """The lowrank V / subspace (P, Q) factors bases.basis keeps: r values per column (and
-    per row, subspace) of every matrix, for two basis seeds while one replaces the other."""
+    per row, subspace) of every matrix, for two basis seeds while one replaces the other;
+    and each drawing thread's per-query factor of the largest matrix (Direction.factors:
+    a lowrank U, r values a row; a subspace core product, r a column), with the fused
+    path's copy of it and its places in the table (int64; fused_grid.py)."""
     if directions not in STRUCTURED:
         return 0
-    total = 0
+    total = largest = 0
     for p in blocks.params:
         if is_matrix(p.shape):
             rows, cols = p.shape[0], p.shape[1:].numel()
             total += (cols + (rows if directions == "subspace" else 0)) * rank
-    return 2 * 4 * total
+            largest = max(largest, rank * (rows if directions == "lowrank" else cols + rank))
+    return 2 * 4 * total + 4 * largest * (threads + 1) + 12 * largest
 
 
 def price(config: RunConfig, priced: Priced, profile: Profile, shapes: Shapes, *,

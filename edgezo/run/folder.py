@@ -40,6 +40,7 @@ from edgezo.run.snapshots import (
     write_run_file,
 )
 from edgezo.version import __version__
+from edgezo.zo.methods import STRUCTURED
 
 if TYPE_CHECKING:
     from edgezo.run.session import Session
@@ -48,7 +49,13 @@ if TYPE_CHECKING:
 def config_of(run_dir: Path) -> RunConfig:
     config = RunConfig.from_dict(read_run_file(run_dir), str(Path(run_dir) / RUN_FILE))
     # run.json from before the default model was recorded by name holds null for it
-    return config if config.model.model else config.override(model=DEFAULT_MODEL)
+    if not config.model.model:
+        config = config.override(model=DEFAULT_MODEL)
+    # and one from before structured products were exact has no structured_z: its z was
+    # chunked, and a resume or replay must compute the same
+    if config.get("directions") in STRUCTURED and config.get("structured_z") is None:
+        config = config.override(structured_z="chunked")
+    return config
 
 
 def record(session: Session, run_dir: str | os.PathLike) -> None:

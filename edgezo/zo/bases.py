@@ -1,14 +1,21 @@
 """The bases of structured directions (lowrank, subspace): small factors per matrix,
 drawn from a basis seed and kept while that seed is in use.
+
+`exact` bases are the ones an exact structured z multiplies with (edgezo.zo.grid): the
+lowrank B = V's grid values times two grid steps, as (rank x cols); the subspace
+√rows·P and √cols·Qᵀ on the grid, scaled, as (rows x rank) and (rank x cols). The others
+are the raw (P, Q) and V of runs recorded with chunked products.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterable
 
 import torch
 
+from edgezo.zo import grid
 from edgezo.zo.chunking import generator, is_matrix, mix, num_rows
 
 _BASES: dict[tuple, tuple[torch.Tensor | None, torch.Tensor]] = {}
@@ -16,24 +23,26 @@ _BASIS_LOCK = threading.Lock()
 
 
 def basis(kind: str, seed: int, index: int, rows: int, cols: int, rank: int,
-          device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+          device: torch.device, exact: bool = False
+          ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(left, right) factors of a structured direction's basis for one matrix: lowrank,
     (None, V) with V (cols x rank) N(0,1); subspace, orthonormal (P, Q), P (rows x rank)
     and Q (cols x rank) from QR of Gaussians. Cached for the two newest basis seeds:
-    r(m+n) values a matrix (the planner's "direction_bases")."""
-    key = (kind, seed, index, rows, cols, rank, device)
+    r(m+n) values a matrix (the planner's "direction_bases"). `exact`: their grid forms
+    (the module's docstring)."""
+    key = (kind, seed, index, rows, cols, rank, device, exact)
     found = _BASES.get(key)
     if found is not None:
         return found
     with _BASIS_LOCK:
         if key not in _BASES:
             _keep_two(seed)
-            _BASES[key] = _make_basis(kind, seed, index, rows, cols, rank, device)
+            _BASES[key] = _make_basis(kind, seed, index, rows, cols, rank, device, exact)
         return _BASES[key]
 
 
 def prepare_bases(kind: str, seed: int, matrices: Iterable[tuple[int, int, int]], rank: int,
-                  device: torch.device) -> None:
+                  device: torch.device, exact: bool = False) -> None:
     """Build the factors of every (index, rows, cols) matrix for a basis seed at once, in
     one block, before a forward needs them: the same values `basis` would make.
 
@@ -44,7 +53,7 @@ def prepare_bases(kind: str, seed: int, matrices: Iterable[tuple[int, int, int]]
     ZO-SGD's forwards, on 500 validation rows")."""
     device = torch.device(device)
     todo = [(i, r, c) for i, r, c in matrices
-            if (kind, seed, i, r, c, rank, device) not in _BASES]
+            if (kind, seed, i, r, c, rank, device, exact) not in _BASES]
     if not todo:
         return
     left = kind != "lowrank"
@@ -56,10 +65,11 @@ def prepare_bases(kind: str, seed: int, matrices: Iterable[tuple[int, int, int]]
         for (i, r, c), size in zip(todo, sizes, strict=True):
             block = flat[offset:offset + size]
             offset += size
+            right = block[size - c * rank:]
             out = ((block[:r * rank].view(r, rank) if left else None),
-                   block[size - c * rank:].view(c, rank))
-            _BASES[(kind, seed, i, r, c, rank, device)] = _make_basis(
-                kind, seed, i, r, c, rank, device, out)
+                   right.view(rank, c) if exact else right.view(c, rank))
+            _BASES[(kind, seed, i, r, c, rank, device, exact)] = _make_basis(
+                kind, seed, i, r, c, rank, device, exact, out)
 
 
 def _keep_two(seed: int) -> None:
@@ -71,10 +81,13 @@ def _keep_two(seed: int) -> None:
 
 
 def _make_basis(kind: str, seed: int, index: int, rows: int, cols: int, rank: int,
-                device: torch.device,
+                device: torch.device, exact: bool = False,
                 out: tuple[torch.Tensor | None, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """`out`: (left, right) buffers to fill (left None for lowrank), else new tensors."""
+    if exact:
+        left, right = _make_basis(kind, seed, index, rows, cols, rank, device)
+        return _on_grid(kind, left, right, rows, cols, rank, out)
     def draw(n: int, salt: int, buf: torch.Tensor | None) -> torch.Tensor:
         gen = generator(device, mix(seed, index, salt))
         buf = torch.empty(n, rank, device=device) if buf is None else buf
@@ -91,7 +104,7 @@ def _make_basis(kind: str, seed: int, index: int, rows: int, cols: int, rank: in
 
 
 def prepare_matrices(kind: str, seed: int, params: list[torch.Tensor], indices: Iterable[int],
-                     rank: int) -> None:
+                     rank: int, exact: bool = False) -> None:
     """The factors of every matrix among `params[indices]` for a basis seed, built per
     device before a forward asks for them one by one (prepare_bases says why). A streamed
     run draws them on the device a layer computes on, so it keeps building them as
@@ -103,4 +116,29 @@ def prepare_matrices(kind: str, seed: int, params: list[torch.Tensor], indices: 
             by_device.setdefault(params[i].device, []).append(
                 (i, num_rows(shape), shape[1:].numel()))
     for device, matrices in by_device.items():
-        prepare_bases(kind, seed, matrices, rank, device)
+        prepare_bases(kind, seed, matrices, rank, device, exact)
+
+
+def _on_grid(kind: str, left: torch.Tensor | None, right: torch.Tensor, rows: int, cols: int,
+             rank: int, out: tuple[torch.Tensor | None, torch.Tensor] | None
+             ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The exact forms of raw bases (left (rows x rank) or None, right (cols x rank)): see
+    the module's docstring and Direction.factors, which multiplies with them."""
+    if kind == "lowrank":  # V's grid integers times U's step and V's own
+        b = grid.to_ints(right.T.contiguous(), rank).mul_(grid.step(rank) ** 2)
+        return None, b if out is None else out[1].copy_(b)
+    # √rows·P, whose entries have unit variance, times its step and the step of the core
+    # product S·(√cols·Q)ᵀ/r, whose entries have variance 1/r (Direction.factors); and
+    # √cols·Qᵀ on the grid, times its step
+    a = grid.to_ints(left * math.sqrt(rows), rank).mul_(
+        grid.step(rank) * grid.step(rank, core_log2_sigma(rank)))
+    q = grid.to_ints(right.T * math.sqrt(cols), rank).mul_(grid.step(rank))
+    if out is None:
+        return a, q.contiguous()
+    return out[0].copy_(a), out[1].copy_(q)
+
+
+def core_log2_sigma(rank: int) -> int:
+    """log2 of the grid's σ for a subspace core product S·(√cols·Q)ᵀ/r (σ = 1/√r): a
+    power of two at or above it, so that the grid's clip stays at 8σ or beyond."""
+    return -math.floor(math.log2(rank) / 2)

@@ -68,7 +68,7 @@ class DeferredUpdate:
             z = self.fused.z(piece, d_of, seed, workers.thread_buffer(
                 "fused_z", piece.numel, torch.float32, device))
             bits = None
-            if d_of.kind == "rademacher" and p.dtype == torch.bfloat16:  # z's bits are ±1's
+            if d_of.own_dither() and p.dtype == torch.bfloat16:
                 bits = self.fused.bits(piece, d_of, seed, workers.thread_buffer(
                     "fused_dither", piece.numel, torch.int32, device))
             self.fused.sgd_update(piece, z, pending.lr * coef, workers.thread_buffer(

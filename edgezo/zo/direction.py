@@ -11,12 +11,17 @@ What z is (`kind`):
 - gaussian, rademacher: i.i.d. values (noise.chunk, from torch's generator or the table);
 - lowrank (LOZO): for a matrix W (m x n), z = U·Vᵀ with U (m x r) fresh from the seed and
   V (n x r) drawn from the `basis` seed, which the engine changes every few steps; U and
-  V have N(0,1) entries. A chunk of rows is U[rows]·Vᵀ: r(m+n) values drawn instead of
-  mn, and one small matrix product;
+  V have N(0,1) entries: r(m+n) values drawn instead of mn. U comes from the noise
+  source, m·r values at a seeded place of the table (wrapping around), or one generator
+  call;
 - subspace (SubZero): z = √(mn)/r · P·S·Qᵀ with orthonormal P (m x r), Q (n x r) from the
   basis seed (QR of Gaussians) and a fresh r x r core S from the seed, so E‖z‖² = mn as
   for a Gaussian z.
-Tensors that are not matrices (norms, biases) take Gaussian z in both structured kinds.
+Both are a product A·B of factors on a fixed-point grid (edgezo.zo.grid), exact: the same
+values for any rows it is computed on, so a matrix's z is one product however many chunks
+it has. Runs recorded before (`chunked`) drew a lowrank U per chunk and multiplied chunk by
+chunk with unrounded factors; they keep that. Tensors that are not matrices (norms,
+biases) take Gaussian z in both structured kinds.
 - coordinate (DeepZero's CGE): z_i = e_{c_i}, the unit vector of one trainable value;
   `coords` holds each seed's coordinate as a flat index over the parameters' values in
   order (`starts`: where each parameter begins). No values are drawn.
@@ -29,16 +34,22 @@ elementwise on those rows (HiZOO's Σ^½, a preconditioner the rule keeps).
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from edgezo.zo import bases, chunking, noise, noise_table, workers
+from edgezo.zo import bases, chunking, grid, noise, noise_table, workers
 from edgezo.zo.chunking import is_matrix
 from edgezo.zo.methods import STRUCTURED
 from edgezo.zo.optimizers import work_dtype
 from edgezo.zo.sparsity import SparseMasks
+
+_U_SALT = 0x55  # where an exact lowrank U lies in the table
+_S_SALT = 0x5C  # and an exact subspace core S
+DITHER_SALT = 0xD17  # the table values whose low bits dither an exact structured update
+_FACTORS = threading.local()  # this thread's last factors: (key, factors)
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,7 @@ class Direction:
     scale: Callable[[int, slice | torch.Tensor], torch.Tensor] | None = None
     coords: tuple[int, ...] = ()  # coordinate: each seed's value, a flat index
     starts: tuple[int, ...] = ()  # coordinate: each parameter's first flat index
+    chunked: bool = False  # structured z as runs recorded before 2026-12-08 computed it
 
     def _coordinates(self, index: int) -> list[tuple[float, int]]:
         """(coef, offset within parameter `index`) of the seeds whose coordinate is there."""
@@ -72,11 +84,11 @@ class Direction:
         """Whether regenerating d (with `bf16_update`, also the update's rounding dither)
         draws values from torch's generator, serial on the CPU: only such work goes to the
         noise threads (workers.parallel_map); the table is read, not drawn. Structured
-        directions draw their factors chunk by chunk from the generator, so the pool runs
-        their draws in parallel (BENCHMARKS.md, "Table noise off the noise pool, on a CPU
-        with native bf16")."""
-        if self.kind in STRUCTURED:
-            return True
+        directions draw their small factors from the generator (exact ones only with the
+        generator source), so the pool runs their draws in parallel (BENCHMARKS.md, "Table
+        noise off the noise pool, on a CPU with native bf16")."""
+        if self.kind in STRUCTURED:  # exact: the small factors and the dither from the table
+            return self.chunked or self.source != "table"
         if bf16_update and self.kind in ("rademacher", "coordinate"):
             return True  # dither_bits: noise.random_bits
         return self.kind != "coordinate" and self.source != "table"
@@ -102,27 +114,68 @@ class Direction:
         out = workers.thread_buffer("z", (hi - lo) * shape[1:].numel(), torch.float32, device)
         out = out.view(hi - lo, -1)
         factors = self.factors(shape, seed, index, device)
-        # chunk by chunk even in a span: a product's rounding depends on its shape
-        for c, a, b in chunking.chunks_of_span(shape, k, end):
-            self.chunk_into(out[a:b], shape, seed, index, c, factors)
+        if not self.chunked:  # exact: any rows in one product
+            torch.matmul(factors[0][lo:hi], factors[1], out=out)
+        else:  # chunk by chunk even in a span: this product's rounding depends on its shape
+            for c, a, b in chunking.chunks_of_span(shape, k, end):
+                self.chunk_into(out[a:b], shape, seed, index, c, factors)
         noise.remember(out)
         return out.view(hi - lo, *shape[1:])
 
     def factors(self, shape: torch.Size, seed: int, index: int, device: torch.device
                 ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
-        """What every chunk of a matrix's structured z is a product with, worked out once
-        per query and parameter: lowrank, (None, Vᵀ); subspace, (P, √(mn)/r · S·Qᵀ).
-        None where z is i.i.d. (other kinds, and tensors that are not matrices)."""
+        """The factors of a matrix's structured z for query `seed`, worked out once per
+        query and parameter (the thread keeps its last): exact, (A, B) with z = A·B;
+        chunked, what each chunk's rows multiply with: lowrank (None, Vᵀ), subspace
+        (P, √(mn)/r · S·Qᵀ). None where z is i.i.d. (other kinds, and tensors that are not
+        matrices)."""
         if self.kind not in STRUCTURED or not is_matrix(shape):
             return None
-        rows, cols = chunking.num_rows(shape), shape[1:].numel()
-        left, right = bases.basis(self.kind, self.basis, index, rows, cols, self.rank, device)
-        if self.kind == "lowrank":
-            return None, right.T
-        core = noise.gaussian(self.rank * self.rank, chunking.param_seed(seed, index), 0, device,
-                              "core")
-        return left, (core.view(self.rank, self.rank) @ right.T).mul_(
-            math.sqrt(rows * cols) / self.rank)
+        key = (self.kind, self.source, self.rank, self.basis, self.chunked, seed, index,
+               tuple(shape), device)
+        last = getattr(_FACTORS, "last", None)
+        if last is not None and last[0] == key:
+            return last[1]
+        rows, cols, r = chunking.num_rows(shape), shape[1:].numel(), self.rank
+        left, right = bases.basis(self.kind, self.basis, index, rows, cols, r, device,
+                                  exact=not self.chunked)
+        pseed = chunking.param_seed(seed, index)
+        if self.kind == "lowrank" and self.chunked:
+            found = None, right.T
+        elif self.kind == "lowrank":  # U (rows x r) on the grid; right is B already
+            u = grid.to_ints(self.small_draw("lowrank_u", rows * r, pseed, device), r)
+            found = u.view(rows, r), right
+        elif self.chunked:
+            core = noise.gaussian(r * r, pseed, 0, device, "core").view(r, r)
+            found = left, (core @ right.T).mul_(math.sqrt(rows * cols) / r)
+        else:  # S on the grid times √n·Qᵀ's grid values (exact), /r on the grid
+            core = grid.to_ints(self.small_draw("core", r * r, pseed, device), r)
+            product = workers.thread_buffer("core_q", r * cols, torch.float32, device)
+            torch.mm(core.view(r, r), right, out=product.view(r, cols))
+            found = left, self.core_on_grid(product).view(r, cols)
+        _FACTORS.last = (key, found)
+        return found
+
+    def small_draw(self, name: str, numel: int, pseed: int, device: torch.device
+                   ) -> torch.Tensor:
+        """The N(0,1) values of an exact structured z's per-query factor (lowrank U,
+        rows x r; subspace S, r x r) of parameter seed `pseed`, in this thread's `name`
+        buffer: from the table, at a seeded place (wrapping around: fused.py reads each
+        matrix's part of it), or one generator call."""
+        out = workers.thread_buffer(name, numel, torch.float32, device)
+        if self.source != "table":
+            return noise.gaussian(numel, pseed, 0, device, name)
+        return noise_table.wrapped_into(out, self.small_seed(pseed))
+
+    def small_seed(self, pseed: int) -> int:
+        """Where small_draw's values start in the table (any integer; modulo its size)."""
+        return chunking.mix(pseed, _U_SALT if self.kind == "lowrank" else _S_SALT)
+
+    def core_on_grid(self, product: torch.Tensor) -> torch.Tensor:
+        """An exact subspace core product S_int·Q̂ (r x cols) as the grid's integers of
+        S·(√cols·Q)ᵀ/r, in place (bases._on_grid has the steps)."""
+        r = self.rank
+        return grid.to_ints(product, r, bases.core_log2_sigma(r), grid.step(r) / r)
 
     def chunk_into(self, out: torch.Tensor, shape: torch.Size, seed: int, index: int,
                    c: int, factors: tuple | None) -> None:
@@ -144,7 +197,7 @@ class Direction:
             return
         left, right = factors
         lo, hi = chunking.chunk_bounds_of(shape, c)
-        if self.kind == "lowrank":
+        if self.kind == "lowrank" and self.chunked:
             u = noise.gaussian((hi - lo) * self.rank, pseed, c, out.device)
             torch.matmul(u.view(hi - lo, self.rank), right, out=out)
         else:
@@ -206,11 +259,18 @@ class Direction:
                                     device, end)
         return self.chunk(shape, index, k, device, dtype=work_dtype(param_dtype), end=end)
 
+    def own_dither(self) -> bool:
+        """Whether a bf16 update's dither is drawn for it rather than read from z's low
+        bits: a Rademacher z's are ±1's, an exact structured z's a grid's (mostly 0)."""
+        return self.kind == "rademacher" or (self.kind in STRUCTURED and not self.chunked)
+
     def dither_bits(self, numel: int, index: int, k: int, device: torch.device,
                     shape: torch.Size | None = None, end: int | None = None) -> torch.Tensor:
         """int32 values whose low 16 bits are uniform, for stochastic rounding of the
         update of chunk k (with `end` and the parameter's `shape`: of chunks [k, end));
         call right after `chunk` for the same chunks."""
+        if self.kind in STRUCTURED and not self.chunked:  # z's low bits are a grid's
+            return self.table_bits(numel, index, k, device, shape, end)
         if self.kind not in ("rademacher", "coordinate"):
             return noise.last_z(numel).view(torch.int32)
         pseed = chunking.param_seed(self.seeds[0], index)
@@ -221,6 +281,18 @@ class Direction:
         cols = numel // (hi - lo)
         for c, a, b in chunking.chunks_of_span(shape, k, end):
             out[a * cols:b * cols] = noise.random_bits((b - a) * cols, pseed, c, device)
+        return out
+
+    def table_bits(self, numel: int, index: int, k: int, device: torch.device,
+                   shape: torch.Size | None = None, end: int | None = None) -> torch.Tensor:
+        """An exact structured update's dither (its z is on a grid: most of its low bits
+        are 0): the low bits of the table's values where the Gaussian z of a salted seed
+        lies, on chunk k (or chunks [k, end)); int32, read-only."""
+        pseed = chunking.param_seed(chunking.mix(self.seeds[0], DITHER_SALT), index)
+        if end is None or end == k + 1:
+            return noise_table.table_slice(numel, pseed, k, device).view(torch.int32)
+        out = workers.thread_buffer("bitspan", numel, torch.int32, device)
+        noise_table.table_span(shape, pseed, k, end, device, out.view(torch.float32))
         return out
 
     def rows(self, shape: torch.Size, index: int, row_ids: torch.Tensor,
@@ -251,6 +323,9 @@ class Direction:
         if self.source == "table" and self.kind in ("gaussian", "rademacher"):
             z = noise_table.table_rows(shape, chunking.param_seed(seed, index), row_ids)
             return noise.to_signs(z) if self.kind == "rademacher" else z
+        if self.kind in STRUCTURED and is_matrix(shape) and not self.chunked:
+            left, right = self.factors(shape, seed, index, row_ids.device)
+            return (left.index_select(0, row_ids) @ right).view(len(row_ids), *shape[1:])
         return noise.rows(shape, row_ids, lambda k: self.z(shape, seed, index, k,
                                                            row_ids.device), self.draws())
 

@@ -61,7 +61,7 @@ class ZOEngine(SeedLogSteps):
         self.optimizer, self.seed, self.loss_fn = optimizer, seed, loss_fn
         self.eps, self.q, self.one_sided = est.eps, est.q, est.one_sided
         self.directions, self.noise, self.g_clip = est.directions, est.noise, est.g_clip
-        self.rank, self.basis_every = est.rank, est.basis_every
+        self.rank, self.basis_every, self.chunked = est.rank, est.basis_every, est.chunked_z
         self.pair = pair and optimizer.method.pairs(self.one_sided)
         self.blocks: BlockMap = blocks if blocks is not None else build_block_map(model)
         params = self.blocks.params
@@ -119,7 +119,7 @@ class ZOEngine(SeedLogSteps):
         basis = chunking.mix(self.seed, t // self.basis_every, _BASIS_SALT) if self.rank else 0
         if self.rank and self.streamer is None and basis != self._bases_built:
             bases.prepare_matrices(self.directions, basis, self.blocks.params,
-                                   self.zo_indices, self.rank)
+                                   self.zo_indices, self.rank, not self.chunked)
             self._bases_built = basis
         if self._coords is not None:  # CGE: each seed's unit vector, on its parameter only
             coords = self._coords.of(seeds, t, self.q)
@@ -127,7 +127,7 @@ class ZOEngine(SeedLogSteps):
                              self._coords.owners(coords), coords=coords,
                              starts=self._coords.starts)
         return Direction(seeds, coefs, self.directions, self.masks, active, self.noise,
-                         self.rank, basis, scale)
+                         self.rank, basis, scale, chunked=self.chunked)
 
     @property
     def zo_only(self) -> bool:

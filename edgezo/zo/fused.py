@@ -9,15 +9,17 @@ at most FUSED_VALUES values in all) is handled as one flat run of values:
 
 - z: from the table (Gaussian or Rademacher), one gather per run of parameters with the
   same row width, every chunk's table offset computed on the host and sent in one copy;
-  otherwise each chunk's values written in place (one generator call a chunk, as the
-  generator source defines z; a structured direction's small product a chunk);
+  a structured direction's, one exact product a matrix (fused_grid.py); otherwise each
+  chunk's values written in place (one generator call a chunk, as the generator source
+  defines z);
 - the perturbed copies: the piece's weights concatenated into the scratch copy, then one
   add per sign;
 - the deferred update (ZO-SGD): the weights concatenated into an fp32 buffer, one
   subtraction, the stochastic rounding's integer operations, and one multi-tensor copy
   back.
 
-The values are the chunks' own (Direction.chunk_into writes them for both paths), and
+The values are the chunks' own (Direction.chunk_into or Direction.factors makes them for
+both paths), and
 every elementwise operation is the one the span path applies. fp32 steps and every
 update equal the span path's bit for bit (tests/unit/zo/test_fused.py, on the CPU); a bf16
 perturbed copy does on a GPU, where each element takes the same arithmetic, but not
@@ -36,7 +38,9 @@ from dataclasses import dataclass
 import torch
 
 from edgezo.zo import chunking, noise, noise_table, workers
-from edgezo.zo.direction import Direction
+from edgezo.zo.direction import DITHER_SALT, Direction
+from edgezo.zo.fused_grid import StructuredPieces
+from edgezo.zo.methods import STRUCTURED
 
 # Where units take the fused path. The CPU keeps its own (perturb.CHUNKED_LINEAR_DEVICES:
 # linear maps computed from z, no scratch copy), where a chunk's work is large next to
@@ -103,7 +107,7 @@ def _segments(shape: torch.Size, index: int) -> list[tuple[int, int, int]]:
     return [(index, lo, min(lo + step, rows)) for lo in range(0, rows, step)]
 
 
-class Fused:
+class Fused(StructuredPieces):
     """The pieces of a model's trainable parameters, built once per set of indices."""
 
     def __init__(self, params: Sequence[torch.Tensor]):
@@ -225,13 +229,32 @@ class Fused:
         if direction.source == "table" and direction.kind in ("gaussian", "rademacher"):
             self._gather(piece, seed, out, values)
             return noise.to_signs(out) if direction.kind == "rademacher" else out
+        exact = direction.kind in STRUCTURED and not direction.chunked
+        if exact:  # a matrix's rows in one product (the other tensors' z chunk by chunk)
+            self._structured(piece, direction, seed, out)
         last, factors = None, None
-        for (i, c, _), view in zip(piece.chunks, self._chunks_of(out, piece), strict=True):
+        flats = self._kept(f"flat-chunks-{out.dtype}", piece, (out.data_ptr(),),
+                           lambda: list(out.split([n for _, _, n in piece.chunks])))
+        for (i, c, n), view, flat in zip(piece.chunks, self._chunks_of(out, piece), flats,
+                                         strict=True):
             shape = self.params[i].shape
+            if exact and chunking.is_matrix(shape):
+                continue
+            if exact and direction.source == "table":  # Gaussian: the chunk's table slice
+                flat.copy_(noise_table.table_slice(n, chunking.param_seed(seed, i), c,
+                                                   out.device))
+                continue
             if i != last:
                 last, factors = i, direction.factors(shape, seed, i, out.device)
             direction.chunk_into(view, shape, seed, i, c, factors)
         return out
+
+    def _segments_of(self, out: torch.Tensor, piece: Piece) -> list[torch.Tensor]:
+        """`out` cut into each segment's (rows, cols) block."""
+        return self._kept(f"segments-{out.dtype}", piece, (out.data_ptr(),),
+                          lambda: [flat.view(end - first, -1) for flat, (_, first, end)
+                                   in zip(out.split(piece.sizes), piece.segments,
+                                          strict=True)])
 
     def _gather(self, piece: Piece, seed: int, out: torch.Tensor,
                 values: Callable[[torch.device], torch.Tensor]) -> None:
@@ -264,8 +287,14 @@ class Fused:
 
     def bits(self, piece: Piece, direction: Direction, seed: int, out: torch.Tensor
              ) -> torch.Tensor:
-        """The update's rounding dither where z has no random low bits (Rademacher):
-        each chunk's noise.random_bits, written in place into `out` (int32)."""
+        """The update's rounding dither where z has no random low bits, as the span path
+        draws it (Direction.dither_bits) into `out` (int32, below 2^16): an exact
+        structured z's, the table's bits in one gather; Rademacher's, each chunk's
+        noise.random_bits."""
+        if direction.kind in STRUCTURED:
+            self._gather(piece, chunking.mix(seed, DITHER_SALT), out.view(torch.float32),
+                         noise_table.table)
+            return out.bitwise_and_(_LOW16)
         for (i, c, _), view in zip(piece.chunks, self._chunks_of(out, piece), strict=True):
             noise.fill_bits(view, chunking.param_seed(seed, i), c)
         return out

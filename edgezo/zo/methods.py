@@ -22,6 +22,7 @@ ESTIMATES = ("two-sided", "one-sided")
 DIRECTIONS = ("gaussian", "rademacher", "lowrank", "subspace", "coordinate")
 STRUCTURED = ("lowrank", "subspace")  # directions built from per-matrix bases
 NOISE_SOURCES = ("generator", "table")
+STRUCTURED_Z = ("exact", "chunked")  # how a structured z is computed (Direction.chunked)
 GRANULARITIES = ("layer", "half")  # the groups of block-wise ZO
 # Options of the update rules that have them, with their defaults; every other rule takes
 # none of these. A run records the defaults it takes (RunConfig.resolved).
@@ -122,8 +123,9 @@ class Estimate:
     (`edgezo.config.rules.estimate_of`); nothing here has a default of its own.
 
     `q`: queries a step, or for coordinate directions the coordinates a step (None: all);
-    `rank` and `basis_every`: of structured directions (0 and 1 otherwise); `fo_blocks`:
-    the blocks a hybrid step trains by backpropagation."""
+    `rank` and `basis_every`: of structured directions (0 and 1 otherwise); `chunked_z`:
+    a structured z of a run recorded before products were exact (Direction.chunked);
+    `fo_blocks`: the blocks a hybrid step trains by backpropagation."""
 
     eps: float
     q: int | None
@@ -132,6 +134,7 @@ class Estimate:
     noise: str
     rank: int
     basis_every: int
+    chunked_z: bool
     g_clip: float | None
     block_wise: bool
     granularity: str

@@ -90,6 +90,20 @@ def table_slice(numel: int, seed: int, chunk: int, device: torch.device) -> torc
     return table(device)[offset:offset + numel]
 
 
+def wrapped_into(out: torch.Tensor, seed: int) -> torch.Tensor:
+    """out[t] = the table's value at (seed + t) mod TABLE_VALUES: any number of values
+    (an exact lowrank U of a wide vocabulary may hold more than the table), in one copy
+    while they lie before the table's end."""
+    values, start, done = table(out.device), seed % TABLE_VALUES, 0
+    if start + out.numel() <= TABLE_VALUES:
+        return out.copy_(values[start:start + out.numel()])
+    while done < out.numel():
+        n = min(out.numel() - done, TABLE_VALUES - start)
+        out[done:done + n].copy_(values[start:start + n])
+        done, start = done + n, 0
+    return out
+
+
 def to_device(values: list[int], device: torch.device) -> torch.Tensor:
     """A small int64 tensor on `device`; to CUDA from pinned memory, without waiting for
     the kernels already queued."""

@@ -1,6 +1,8 @@
 """The weights several methods reach stay those recorded before the package was reorganised
 (tests/fixtures/weights_after_3_steps.json, written by this file's `record()` at commit
-2bff3c6): a refactor that changes an update, a default or a seed's use fails here."""
+2bff3c6; the exact lowrank and subspace cases added when structured products became
+exact, `record(data_dir, case)`): a refactor that changes an update, a default or a seed's
+use fails here."""
 
 import json
 import sys
@@ -17,7 +19,10 @@ CASES = {
     "zo-sgd-mmt-prefix-blockwise": dict(optimizer="zo-sgd-mmt", scheme="prefix", lr=1e-2,
                                         block_wise=True),
     "zo-sgd-lowrank-sparse": dict(optimizer="zo-sgd", directions="lowrank", sparsity=0.5,
-                                  lr=1e-3, noise="generator"),
+                                  lr=1e-3, noise="generator", structured_z="chunked"),
+    "zo-sgd-lowrank-exact-sparse": dict(optimizer="zo-sgd", directions="lowrank",
+                                        sparsity=0.5, lr=1e-3),
+    "zo-adam-subspace-exact": dict(optimizer="zo-adam", directions="subspace", lr=1e-3),
     "forward-grad-full": dict(optimizer="forward-grad", lr=1e-3),
     "fo-adam-lora": dict(optimizer="fo-adam", scheme="lora", lr=1e-2),
     "hizoo-full": dict(optimizer="hizoo", lr=1e-3),
@@ -49,18 +54,19 @@ def test_weights_match_the_record(case, tiny_folder, data_dir):
         assert abs(got[name][0] - total) <= 1e-4 * norm + 1e-12, name
 
 
-def record(data_dir: str) -> None:
-    """Rewrite the fixture: only when an update is meant to change, and say so in the
-    commit."""
+def record(data_dir: str, *cases: str) -> None:
+    """Rewrite the fixture's `cases` (default: all): only when an update is meant to
+    change, or for a new case, and say so in the commit."""
     import tempfile
 
     from edgezo.models.tiny import save_tiny
 
     folder = tempfile.mkdtemp()
     save_tiny(folder, "llama")
-    FIXTURE.write_text(json.dumps({k: fingerprint(folder, data_dir, v)
-                                   for k, v in CASES.items()}, indent=0))
+    found = json.loads(FIXTURE.read_text()) if FIXTURE.is_file() else {}
+    found |= {k: fingerprint(folder, data_dir, CASES[k]) for k in cases or CASES}
+    FIXTURE.write_text(json.dumps({k: found[k] for k in CASES}, indent=0))
 
 
 if __name__ == "__main__":
-    record(sys.argv[1])
+    record(sys.argv[1], *sys.argv[2:])

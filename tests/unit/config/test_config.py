@@ -474,6 +474,23 @@ def test_the_default_model_is_recorded_by_name():
     assert RunConfig.from_flat(model="some/model").resolved("bf16").model.model == "some/model"
 
 
+def test_structured_runs_record_how_their_z_is_computed():
+    """A lowrank or subspace run records structured_z ("exact" unless set), so that a
+    later change of its definition cannot silently alter a resumed or replayed run; the
+    other directions do not use it and their run.json leaves it out."""
+    for kind in ("lowrank", "subspace"):
+        config = RunConfig.from_flat(directions=kind).resolved("fp32")
+        assert config.to_dict(used_only=True)["estimator"]["structured_z"] == "exact"
+        chunked = RunConfig.from_flat(directions=kind, structured_z="chunked").resolved("fp32")
+        assert chunked.get("structured_z") == "chunked"
+    plain = RunConfig.from_flat().resolved("fp32").to_dict(used_only=True)
+    assert "structured_z" not in plain["estimator"]
+    with pytest.raises(ConfigError, match="unknown structured z computation .approximate."):
+        RunConfig.from_flat(directions="lowrank", structured_z="approximate").validate()
+    with pytest.raises(ConfigError, match="structured_z shapes lowrank and subspace"):
+        RunConfig.from_flat(structured_z="exact").validate()  # accepted and ignored: no
+
+
 def test_a_run_json_from_before_names_the_default_model(tmp_path):
     """Older run.json files hold null for the embedded model; read back, they name it,
     so such a run compares equal to the same settings today (a run stopped before its

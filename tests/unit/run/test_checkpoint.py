@@ -33,6 +33,9 @@ def trained(optimizer, steps=4, dtype=torch.float32, **kw):
     ("fzoo", {"q": 3}), ("hizoo", {}), ("hizoo-l", {}),
     ("zo-sgd", {"directions": "lowrank", "rank": 2, "basis_every": 2}),
     ("zo-adam", {"directions": "subspace", "rank": 2, "basis_every": 3}),
+    ("zo-sgd", {"directions": "lowrank", "rank": 2, "basis_every": 2,
+                "structured_z": "chunked"}),
+    ("zo-adam", {"directions": "subspace", "rank": 3, "structured_z": "chunked"}),
     ("zo-sgd-mmt", {"noise": "table"}),
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -553,3 +556,39 @@ def test_an_averaged_session_takes_no_step_and_average_last_refuses_what_it_cann
     proc = cli_run(["finetune", "--model", tiny_folder, "--keep-best", "--eval-every", "2",
                     "--average-last", "2", "--output", "x"], check=False)
     assert proc.returncode == 2 and "keep one" in proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "subspace"])
+def test_a_structured_run_recorded_before_exact_products_still_replays(tiny_folder, data_dir,
+                                                                       tmp_path, kind):
+    """A lowrank or subspace run.json written before structured_z existed holds none: its
+    z was chunked, and replay must compute the same one to rebuild its weights (a new
+    run records "exact", so it replays with that)."""
+    from rich.console import Console
+
+    from edgezo.run import train
+
+    runs = {}
+    for structured_z in ("chunked", "exact"):
+        run = runs[structured_z] = tmp_path / structured_z
+        s = session(tiny_folder, data_dir, eval_before=False, directions=kind, rank=2,
+                    structured_z=structured_z)
+        try:
+            train.finetune(s, 2, output=str(run), save_model=False, checkpoint_every=2,
+                           console=Console(quiet=True))
+            runs[structured_z] = (run, trainable(s))
+        finally:
+            s.close()
+    run, want = runs["chunked"]
+    settings = json.loads((run / "run.json").read_text())
+    assert settings["estimator"].pop("structured_z") == "chunked"
+    (run / "run.json").write_text(json.dumps(settings))  # as an older edgezo wrote it
+    run, exact = runs["exact"]
+    assert json.loads((run / "run.json").read_text())["estimator"]["structured_z"] == "exact"
+    assert not same(want, exact)  # the two definitions of z differ
+    for run, weights in runs.values():
+        replayed = Session.replay_run(run)
+        try:
+            assert same(trainable(replayed), weights)
+        finally:
+            replayed.close()

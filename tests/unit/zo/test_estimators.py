@@ -123,27 +123,103 @@ def test_lowrank_directions_are_u_times_v_with_v_kept_between_steps():
     assert torch.equal(vector, noise.full((40,), chunking.param_seed(5, 0)))  # not a matrix
 
 
-def test_subspace_directions_live_in_the_bases_and_keep_the_gaussian_scale():
+@pytest.mark.parametrize("chunked", [False, True], ids=["exact", "chunked"])
+def test_subspace_directions_live_in_the_bases_and_keep_the_gaussian_scale(chunked):
+    """P·S·Qᵀ: in the span of P's columns and Q's, up to the grid's steps (σ/128) when
+    the factors are on the grid (exact)."""
     shape = torch.Size((48, 30))
-    zs = [Direction((s,), (1.0,), "subspace", rank=4, basis=3).full(shape, 0) for s in range(200)]
+    zs = [Direction((s,), (1.0,), "subspace", rank=4, basis=3, chunked=chunked).full(shape, 0)
+          for s in range(200)]
     left, right = bases.basis("subspace", 3, 0, 48, 30, 4, torch.device("cpu"))
+    tol = {} if chunked else {"rtol": 0, "atol": 0.03}
     for z in zs[:3]:
-        torch.testing.assert_close(left @ (left.T @ z @ right) @ right.T, z)  # P·S·Qᵀ
+        torch.testing.assert_close(left @ (left.T @ z @ right) @ right.T, z, **tol)
     mean_sq = sum(float(z.pow(2).sum()) for z in zs) / len(zs)
     assert mean_sq == pytest.approx(48 * 30, rel=0.1)  # E‖z‖² = mn, as for Gaussian z
 
 
+STRUCTURED_CASES = [(kind, source, rank) for kind in ("lowrank", "subspace")
+                    for source in ("table", "generator") for rank in (2, 5)]
+
+
+@pytest.mark.parametrize("kind, source, rank", STRUCTURED_CASES)
+def test_an_exact_structured_z_is_the_same_however_its_rows_are_cut(monkeypatch, kind,
+                                                                    source, rank):
+    """One product of grid factors: chunks of 64 values or one chunk, a span, a single
+    chunk or an embedding's rows give the same values, bit for bit (the fused path
+    computes a matrix in one product and the CPU's path chunk by chunk)."""
+    shape, index = torch.Size((96, 40)), 3
+    d = Direction((7,), (1.0,), kind, source=source, rank=rank, basis=11)
+    whole = d.full(shape, index)
+    monkeypatch.setattr(chunking, "CHUNK_ELEMENTS", 64)  # 1 row... 2 rows a chunk
+    assert len(chunking.chunk_bounds(shape)) == 96
+    assert torch.equal(d.full(shape, index), whole)
+    span = d.z(shape, 7, index, 5, torch.device("cpu"), end=40)
+    assert torch.equal(span, whole[5:40])
+    rows = torch.tensor([0, 17, 95])
+    assert torch.equal(d.rows(shape, index, rows), whole[rows])
+
+
+def test_a_chunked_structured_z_is_the_one_runs_recorded_before_computed(monkeypatch):
+    """structured_z "chunked" (runs recorded before products were exact) keeps their z: a
+    lowrank U drawn per chunk from that chunk's generator, times the raw Vᵀ, chunk by
+    chunk; so their seed logs still replay."""
+    monkeypatch.setattr(chunking, "CHUNK_ELEMENTS", 400)  # 10 rows of 40 a chunk
+    shape, cpu, seed, index = torch.Size((35, 40)), torch.device("cpu"), 7, 2
+    z = Direction((seed,), (1.0,), "lowrank", rank=3, basis=11, chunked=True).full(shape, index)
+    _, v = bases.basis("lowrank", 11, index, 35, 40, 3, cpu)
+    pseed = chunking.param_seed(seed, index)
+    for c, (lo, hi) in enumerate(chunking.chunk_bounds(shape)):
+        u = torch.empty((hi - lo) * 3).normal_(generator=chunking.generator(
+            cpu, chunking.mix(pseed, c)))
+        assert torch.equal(z[lo:hi], u.view(hi - lo, 3) @ v.T), c
+    exact = Direction((seed,), (1.0,), "lowrank", rank=3, basis=11).full(shape, index)
+    assert not torch.equal(exact, z)
+
+
+@pytest.mark.parametrize("kind, source, rank", STRUCTURED_CASES)
+def test_exact_structured_factors_are_grid_integers_whose_product_never_rounds(
+        kind, source, rank):
+    """A's entries and B's are integers (times powers of two) small enough that A·B in
+    fp32 equals the product in fp64: no rounding, so no kernel or device can differ."""
+    from edgezo.zo import grid
+
+    shape, cpu = torch.Size((300, 200)), torch.device("cpu")
+    d = Direction((7,), (1.0,), kind, source=source, rank=rank, basis=11)
+    a, b = d.factors(shape, 7, 1, cpu)
+    for factor in (a, b):
+        unit = factor[factor != 0].abs().min()
+        ints = factor / unit
+        assert torch.equal(ints, ints.round()) and ints.abs().max() <= 2 ** 24 / rank
+        assert unit == 2.0 ** torch.log2(unit).round()  # a power of two
+    assert rank * 2.0 ** (2 * grid.bits(rank)) <= 2 ** 24
+    assert torch.equal(d.full(shape, 1), (a.double() @ b.double()).float())
+
+
+def test_an_exact_structured_updates_dither_is_uniform():
+    """z's own low bits dither a Gaussian z's bf16 update; an exact structured z's are a
+    grid's, mostly 0, so its dither is the table's bits at a salted place: uniform."""
+    shape, cpu = torch.Size((256, 64)), torch.device("cpu")
+    d = Direction((7,), (1.0,), "lowrank", rank=2, basis=11)
+    z = d.z(shape, 7, 0, 0, cpu)
+    assert ((z.view(torch.int32) & 0xFF) == 0).float().mean() > 0.9  # the grid's bits
+    bits = d.dither_bits(z.numel(), 0, 0, cpu)
+    assert ((bits & 0xFF) == 0).float().mean() < 0.01  # uniform: 1/256
+    assert abs((bits & 0xFFFF).double().mean().item() / 0xFFFF - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["raw", "exact"])
 @pytest.mark.parametrize("kind", ["lowrank", "subspace"])
-def test_bases_built_together_equal_those_built_one_by_one(kind):
-    """prepare_bases fills one block with exactly the factors basis() makes alone, and
-    keeps two basis seeds, as basis() does."""
+def test_bases_built_together_equal_those_built_one_by_one(kind, exact):
+    """prepare_bases fills one block with exactly the factors basis() makes alone (raw,
+    or their grid forms), and keeps two basis seeds, as basis() does."""
     cpu = torch.device("cpu")
     matrices = [(0, 48, 30), (3, 7, 64), (5, 64, 7)]
     bases._BASES.clear()
-    alone = {i: bases.basis(kind, 11, i, r, c, 4, cpu) for i, r, c in matrices}
+    alone = {i: bases.basis(kind, 11, i, r, c, 4, cpu, exact) for i, r, c in matrices}
     bases._BASES.clear()
-    bases.prepare_bases(kind, 11, matrices, 4, cpu)
-    together = {i: bases.basis(kind, 11, i, r, c, 4, cpu) for i, r, c in matrices}
+    bases.prepare_bases(kind, 11, matrices, 4, cpu, exact)
+    together = {i: bases.basis(kind, 11, i, r, c, 4, cpu, exact) for i, r, c in matrices}
     storages = set()
     for i, _, _ in matrices:
         for a, b in zip(alone[i], together[i], strict=True):

@@ -79,7 +79,10 @@ KINDS = {"table-rademacher": {"directions": "rademacher"},
          "generator": {"noise": "generator"},
          "generator-rademacher": {"noise": "generator", "directions": "rademacher"},
          "lowrank": {"directions": "lowrank"}, "subspace": {"directions": "subspace"},
-         "subspace-generator": {"directions": "subspace", "noise": "generator"}}
+         "lowrank-generator": {"directions": "lowrank", "noise": "generator"},
+         "subspace-generator": {"directions": "subspace", "noise": "generator"},
+         "lowrank-chunked": {"directions": "lowrank", "structured_z": "chunked"},
+         "subspace-chunked": {"directions": "subspace", "structured_z": "chunked"}}
 
 
 @pytest.mark.parametrize("kw", KINDS.values(), ids=KINDS)
@@ -175,15 +178,19 @@ def test_the_cuda_paths_host_cost_is_a_few_ops_a_parameter(monkeypatch):
     """Counted, not timed: one ZO-SGD step on the CUDA path dispatches at most 8
     operations a trainable tensor beyond its two forwards' own, with the table's z and
     with the generator's (beside the one generator call a chunk its definition needs),
-    and fewer in all than a MeZO-style step (benchmarks/step_ops.py)."""
+    at most 10 and 12 with lowrank and subspace z, and fewer in all than a MeZO-style
+    step (benchmarks/step_ops.py)."""
     monkeypatch.setenv("EDGEZO_NOISE_THREADS", "1")  # every op on the counting thread
     torch.manual_seed(0)
     model = tiny_model("llama", dtype=torch.bfloat16)
     batch = lm_batch(VOCAB, rows=4, seq=32)
-    result = measure(model, batch, rows=("table", "generator"))
-    for row in ("table", "generator"):
+    result = measure(model, batch, rows=("table", "generator", "lowrank", "subspace"))
+    # the structured kinds: one product a matrix, their factors a few operations a piece
+    # (27-30 a tensor on SmolLM2 when each chunk drew and multiplied its own)
+    bound = {"table": 8, "generator": 8, "lowrank": 10, "subspace": 12}
+    for row, per_tensor in bound.items():
         ops = result["cuda_path"][row] - result["top"][row].get("normal_", 0)
-        assert ops - result["two_forwards"] <= 8 * result["tensors"], (row, result)
+        assert ops - result["two_forwards"] <= per_tensor * result["tensors"], (row, result)
         assert result["cuda_path"][row] < result["mezo"], result
 
 
@@ -209,15 +216,18 @@ def test_the_plan_prices_the_fused_buffers_where_they_run():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("kw", [{}, {"directions": "lowrank"}, {"directions": "subspace"}],
+                         ids=["table", "lowrank", "subspace"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_on_a_gpu_fused_steps_equal_the_span_path_bit_for_bit(monkeypatch, dtype):
+def test_on_a_gpu_fused_steps_equal_the_span_path_bit_for_bit(monkeypatch, dtype, kw):
     """On CUDA every element of an add takes the same arithmetic wherever it lies in its
     tensor, so the fused path equals the span path bit for bit in bf16 too (on the CPU
-    only the update does: see the bf16 tests above)."""
+    only the update does: see the bf16 tests above); and a structured z is one exact
+    product however cuBLAS cuts it (a matrix at once, or span by span)."""
     def run_on_gpu(fuse: bool):
         monkeypatch.setattr(fused, "FUSED_DEVICES", ("cuda",) if fuse else ())
         model = tiny_model("qwen2", dtype=dtype).cuda()
-        engine = zo_engine(model, make_optimizer("zo-sgd"), seed=7, eps=1e-2)
+        engine = zo_engine(model, make_optimizer("zo-sgd"), seed=7, eps=1e-2, **kw)
         gs = [engine.step({k: v.cuda() for k, v in lm_batch(VOCAB, seed=s).items()},
                           lr=2e-2).projected_grads for s in range(4)]
         engine.close()
@@ -227,6 +237,26 @@ def test_on_a_gpu_fused_steps_equal_the_span_path_bit_for_bit(monkeypatch, dtype
     got, got_g = run_on_gpu(True)
     assert got_g == want_g
     assert all(torch.equal(got[n], t) for n, t in want.items())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["lowrank", "subspace"])
+def test_a_structured_z_is_the_same_product_on_a_gpu_and_a_cpu(kind):
+    """The same grid factors give the same z on cuBLAS (TF32 allowed) as on the CPU's
+    BLAS, bit for bit: the product never rounds. (The bases themselves come from each
+    device's generator, so a run's z differs between devices.)"""
+    from edgezo.zo.direction import Direction
+
+    shape = torch.Size((3000, 576))
+    d = Direction((7,), (1.0,), kind, rank=8, basis=11)
+    a, b = d.factors(shape, 7, 1, torch.device("cuda"))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        on_gpu = d.full(shape, 1, "cuda").cpu()
+        assert torch.equal((a @ b).cpu(), on_gpu)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    assert torch.equal(a.cpu() @ b.cpu(), on_gpu)
 
 
 @pytest.mark.cuda

@@ -128,7 +128,12 @@ def test_work_that_draws_nothing_stays_on_the_callers_thread(monkeypatch):
     (Direction((1,), (1.0,), source="generator"), False, True),
     (Direction((1,), (1.0,), kind="rademacher", source="table"), False, False),
     (Direction((1,), (1.0,), kind="rademacher", source="table"), True, True),  # random_bits
-    (Direction((1,), (1.0,), kind="lowrank", rank=2), False, True),  # U, chunk by chunk
+    (Direction((1,), (1.0,), kind="lowrank", rank=2), False, False),  # U from the table
+    (Direction((1,), (1.0,), kind="lowrank", rank=2), True, False),  # the table's bits
+    (Direction((1,), (1.0,), kind="lowrank", rank=2, source="generator"), False, True),
+    (Direction((1,), (1.0,), kind="subspace", rank=2), False, False),  # S from the table
+    (Direction((1,), (1.0,), kind="subspace", rank=2, source="generator"), False, True),
+    (Direction((1,), (1.0,), kind="lowrank", rank=2, chunked=True), False, True),  # U a chunk
 ])
 def test_which_directions_draw_from_the_generator(direction, bf16, draws):
     assert direction.draws(bf16) is draws
