@@ -96,7 +96,8 @@ def _unused_estimator_options(est: EstimatorOptions, optimizer: str) -> list[str
     unused = []
     if method.backprops:
         unused = [o for o in ("q", "estimate", "directions", "noise", "block_wise",
-                              "sparsity", "fo_blocks") if getattr(est, o) != getattr(default, o)]
+                              "sparsity", "fo_blocks", "rank", "basis_every", "structured_z")
+                  if getattr(est, o) != getattr(default, o)]
     elif method.forward_gradient and est.estimate not in (None, "two-sided"):
         unused = ["estimate"]
     if not method.perturbs and est.eps is not None:

@@ -43,7 +43,7 @@ from edgezo.zo.blocks import (
     weight_grad_layers,
 )
 from edgezo.zo.chunking import is_matrix
-from edgezo.zo.direction import Direction
+from edgezo.zo.direction import FACTOR_SLOTS, Direction
 from edgezo.zo.methods import STRUCTURED
 from edgezo.zo.optimizers import OPTIMIZERS, RULES
 from edgezo.zo.perturb import CHUNKED_LINEAR_DEVICES
@@ -133,8 +133,9 @@ def pool_threads(est: EstimatorOptions, blocks: BlockMap, fo: set[int]) -> int:
     """The noise pool's threads a CPU step uses: only work that draws from torch's
     generator goes there (workers.parallel_map), and each thread keeps its buffers."""
     bf16 = any(p.dtype == torch.bfloat16 for p in blocks.params)
-    draws = (bool(fo) and bf16) or Direction((0,), (1.0,), kind=est.directions,
-                                       source=est.noise).draws(bf16)
+    draws = (bool(fo) and bf16) or Direction(
+        (0,), (1.0,), kind=est.directions, source=est.noise,
+        chunked=est.structured_z == "chunked").draws(bf16)
     return workers.pool_threads(draws)
 
 
@@ -162,36 +163,45 @@ def step_spec(config: RunConfig, priced: Priced, profile: Profile, shapes: Shape
                   weight_grad_layers(blocks, fo)) if fo else None,
         split_layers=pair_splits_layers(blocks, fo, est.block_wise),
         forward_grad=method.forward_gradient, perturbs=method.draws_directions, stream=stream,
-        noise_table=est.noise == "table" and method.draws_directions,
+        noise_table=method.draws_directions and (est.noise == "table" or (  # an exact
+            est.structured_z == "exact" and any(p.dtype == torch.bfloat16  # z's bf16 dither
+                                                for p in blocks.params))),
         fuses=method.draws_directions and est.directions != "coordinate",
         noise_table_bf16=not on_cuda and any(p.dtype == torch.bfloat16 for p in blocks.params)
         and (est.directions or "gaussian") == "gaussian"
         and not est.sparsity and not method.curvature,  # Direction.perturbation_chunk
         cheap_noise=(est.noise == "table" or est.directions in STRUCTURED)
         and ("cuda" if on_cuda else "cpu") in CHUNKED_LINEAR_DEVICES,
-        direction_bases=basis_bytes(blocks, est.directions, est.rank,
-                                    1 if on_cuda else pool_threads(est, blocks, fo))
+        direction_bases=basis_bytes(blocks, est, 1 if on_cuda else pool_threads(est, blocks, fo),
+                                    on_cuda)
         if method.draws_directions else 0,
         qat_bytes=qat.extra_bytes(priced.model, SCHEMES[config.scheme.scheme].adapts_linears)
         if config.scheme.qat else 0)
 
 
-def basis_bytes(blocks: BlockMap, directions: str | None, rank: int | None,
-                threads: int = 1) -> int:
+def basis_bytes(blocks: BlockMap, est: EstimatorOptions, threads: int = 1,
+                on_cuda: bool = False) -> int:
     """The lowrank V / subspace (P, Q) factors bases.basis keeps: r values per column (and
-    per row, subspace) of every matrix, for two basis seeds while one replaces the other;
-    and each drawing thread's per-query factor of the largest matrix (Direction.factors:
-    a lowrank U, r values a row; a subspace core product, r a column), with the fused
-    path's copy of it and its places in the table (int64; fused_grid.py)."""
-    if directions not in STRUCTURED:
+    per row, subspace) of every matrix, for two basis seeds while one replaces the other.
+    An exact z adds each drawing thread's per-query factors of the largest matrix
+    (Direction.factors keeps up to FACTOR_SLOTS queries': a lowrank U, r values a row; a
+    subspace core product, r a column) and on a GPU the fused path's copy of one
+    query's, its places in the table (int64) and each piece's kept layout of them (two
+    int32 a value; fused_grid.py)."""
+    kind, rank = est.directions, est.rank
+    if kind not in STRUCTURED:
         return 0
-    total = largest = 0
+    total = largest = factors = 0
     for p in blocks.params:
         if is_matrix(p.shape):
             rows, cols = p.shape[0], p.shape[1:].numel()
-            total += (cols + (rows if directions == "subspace" else 0)) * rank
-            largest = max(largest, rank * (rows if directions == "lowrank" else cols + rank))
-    return 2 * 4 * total + 4 * largest * (threads + 1) + 12 * largest
+            total += (cols + (rows if kind == "subspace" else 0)) * rank
+            largest = max(largest, rank * (rows if kind == "lowrank" else cols + rank))
+            factors += rank * (rows if kind == "lowrank" else rank)
+    if est.structured_z == "chunked":
+        return 2 * 4 * total
+    fused = 12 * largest + 8 * factors if on_cuda else 0
+    return 2 * 4 * total + 4 * largest * FACTOR_SLOTS * (threads + 1) + fused
 
 
 def price(config: RunConfig, priced: Priced, profile: Profile, shapes: Shapes, *,

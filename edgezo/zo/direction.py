@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,7 +50,21 @@ from edgezo.zo.sparsity import SparseMasks
 _U_SALT = 0x55  # where an exact lowrank U lies in the table
 _S_SALT = 0x5C  # and an exact subspace core S
 DITHER_SALT = 0xD17  # the table values whose low bits dither an exact structured update
-_FACTORS = threading.local()  # this thread's last factors: (key, factors)
+# Each thread keeps the factors of its last FACTOR_SLOTS queries and parameters, each set
+# in buffers of its own (a slot's), so that d of q <= FACTOR_SLOTS queries, regenerated
+# chunk by chunk and query by query, makes each query's factors once.
+FACTOR_SLOTS = 8
+_FACTORS = threading.local()
+
+
+def _slot(name: str, slot: int, numel: int, device: torch.device) -> torch.Tensor:
+    """This thread's fp32 buffer `name` of factor slot `slot`, `numel` values (grown as
+    needed, never shrunk: the largest matrix's)."""
+    buffers = _FACTORS.__dict__.setdefault("buffers", {})
+    found = buffers.get((name, slot, device))
+    if found is None or found.numel() < numel:
+        found = buffers[(name, slot, device)] = torch.empty(numel, device=device)
+    return found[:numel]
 
 
 @dataclass(frozen=True)
@@ -105,7 +120,7 @@ class Direction:
           end: int | None = None) -> torch.Tensor:
         """z of query `seed` on noise chunk k of parameter `index` (with `end`: on chunks
         [k, end), a span) (read-only; the thread remembers it as its last z, whose low
-        bits dither the update's rounding)."""
+        bits dither the update's rounding, except an exact structured z's: dither_bits)."""
         pseed = chunking.param_seed(seed, index)
         if self.kind not in STRUCTURED or not is_matrix(shape):
             kind = "rademacher" if self.kind == "rademacher" else "gaussian"
@@ -125,17 +140,22 @@ class Direction:
     def factors(self, shape: torch.Size, seed: int, index: int, device: torch.device
                 ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
         """The factors of a matrix's structured z for query `seed`, worked out once per
-        query and parameter (the thread keeps its last): exact, (A, B) with z = A·B;
-        chunked, what each chunk's rows multiply with: lowrank (None, Vᵀ), subspace
-        (P, √(mn)/r · S·Qᵀ). None where z is i.i.d. (other kinds, and tensors that are not
-        matrices)."""
+        query and parameter (the thread keeps its last FACTOR_SLOTS): exact, (A, B) with
+        z = A·B; chunked, what each chunk's rows multiply with: lowrank (None, Vᵀ),
+        subspace (P, √(mn)/r · S·Qᵀ). None where z is i.i.d. (other kinds, and tensors
+        that are not matrices). Valid until this thread has asked for FACTOR_SLOTS
+        others."""
         if self.kind not in STRUCTURED or not is_matrix(shape):
             return None
         key = (self.kind, self.source, self.rank, self.basis, self.chunked, seed, index,
                tuple(shape), device)
-        last = getattr(_FACTORS, "last", None)
-        if last is not None and last[0] == key:
-            return last[1]
+        kept: OrderedDict = _FACTORS.__dict__.setdefault("kept", OrderedDict())
+        found = kept.get(key)
+        if found is not None:
+            kept.move_to_end(key)
+            return found[1]
+        # a free slot, or the least recently used one's (its factors are dropped)
+        slot = len(kept) if len(kept) < FACTOR_SLOTS else kept.popitem(last=False)[1][0]
         rows, cols, r = chunking.num_rows(shape), shape[1:].numel(), self.rank
         left, right = bases.basis(self.kind, self.basis, index, rows, cols, r, device,
                                   exact=not self.chunked)
@@ -143,28 +163,26 @@ class Direction:
         if self.kind == "lowrank" and self.chunked:
             found = None, right.T
         elif self.kind == "lowrank":  # U (rows x r) on the grid; right is B already
-            u = grid.to_ints(self.small_draw("lowrank_u", rows * r, pseed, device), r)
+            u = grid.to_ints(self.small_draw(_slot("u", slot, rows * r, device), pseed), r)
             found = u.view(rows, r), right
         elif self.chunked:
             core = noise.gaussian(r * r, pseed, 0, device, "core").view(r, r)
             found = left, (core @ right.T).mul_(math.sqrt(rows * cols) / r)
         else:  # S on the grid times √n·Qᵀ's grid values (exact), /r on the grid
-            core = grid.to_ints(self.small_draw("core", r * r, pseed, device), r)
-            product = workers.thread_buffer("core_q", r * cols, torch.float32, device)
+            core = grid.to_ints(self.small_draw(_slot("s", slot, r * r, device), pseed), r)
+            product = _slot("sq", slot, r * cols, device)
             torch.mm(core.view(r, r), right, out=product.view(r, cols))
             found = left, self.core_on_grid(product).view(r, cols)
-        _FACTORS.last = (key, found)
+        kept[key] = (slot, found)
         return found
 
-    def small_draw(self, name: str, numel: int, pseed: int, device: torch.device
-                   ) -> torch.Tensor:
-        """The N(0,1) values of an exact structured z's per-query factor (lowrank U,
-        rows x r; subspace S, r x r) of parameter seed `pseed`, in this thread's `name`
-        buffer: from the table, at a seeded place (wrapping around: fused.py reads each
-        matrix's part of it), or one generator call."""
-        out = workers.thread_buffer(name, numel, torch.float32, device)
+    def small_draw(self, out: torch.Tensor, pseed: int) -> torch.Tensor:
+        """`out` filled with the N(0,1) values of an exact structured z's per-query factor
+        (lowrank U, rows x r; subspace S, r x r) of parameter seed `pseed`: from the
+        table, at a seeded place (wrapping around; fused_grid.py reads each matrix's part
+        of it), or one generator call."""
         if self.source != "table":
-            return noise.gaussian(numel, pseed, 0, device, name)
+            return out.normal_(generator=chunking.generator(out.device, chunking.mix(pseed, 0)))
         return noise_table.wrapped_into(out, self.small_seed(pseed))
 
     def small_seed(self, pseed: int) -> int:
@@ -181,8 +199,9 @@ class Direction:
                    c: int, factors: tuple | None) -> None:
         """Write z of query `seed` on noise chunk c of parameter `index` into `out` (that
         chunk's rows, viewed as (rows, cols)); `factors`: self.factors(...) for it. Every
-        consumer that writes a chunk's z into a buffer of its own goes through here, so
-        they all hold the same values."""
+        consumer that writes a chunk's z into a buffer of its own goes through here, or
+        for an exact structured z multiplies the same factors (z, _rows_z, fused_grid.py),
+        so they all hold the same values."""
         pseed = chunking.param_seed(seed, index)
         if factors is None:
             kind = "rademacher" if self.kind == "rademacher" else "gaussian"
@@ -211,7 +230,8 @@ class Direction:
         fp64 for fp64 parameters).
 
         Seed 0's z is drawn last, so after the call the thread's last z (noise.last_z) is
-        it, unscaled: `dither_bits` reads its low mantissa bits as free rounding noise.
+        it, unscaled: `dither_bits` reads its low mantissa bits as free rounding noise
+        (where they are random: not an exact structured z's, see own_dither).
         `writable`: d is returned in its own buffer, never z's, so the caller may change
         it in place without touching those bits.
         """

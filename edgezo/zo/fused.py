@@ -223,9 +223,10 @@ class Fused(StructuredPieces):
         """The piece's z for query `seed` of `direction` (each parameter's chunks as the
         direction defines them) into `out` (`values`: the table, or its bf16 twin).
 
-        From the table, i.i.d. z is one gather per run of rows of one width; otherwise
-        each chunk is written in place (one generator call, or one small product, a
-        chunk), with a structured direction's factors worked out once a parameter."""
+        From the table, i.i.d. z is one gather per run of rows of one width; an exact
+        structured z is one product a matrix (fused_grid.py) and its vectors' chunks are
+        table slices; otherwise each chunk is written in place (one generator call, or a
+        chunked structured z's small product, a chunk)."""
         if direction.source == "table" and direction.kind in ("gaussian", "rademacher"):
             self._gather(piece, seed, out, values)
             return noise.to_signs(out) if direction.kind == "rademacher" else out
@@ -291,7 +292,7 @@ class Fused(StructuredPieces):
         draws it (Direction.dither_bits) into `out` (int32, below 2^16): an exact
         structured z's, the table's bits in one gather; Rademacher's, each chunk's
         noise.random_bits."""
-        if direction.kind in STRUCTURED:
+        if direction.kind in STRUCTURED and not direction.chunked:
             self._gather(piece, chunking.mix(seed, DITHER_SALT), out.view(torch.float32),
                          noise_table.table)
             return out.bitwise_and_(_LOW16)

@@ -89,8 +89,9 @@ class StructuredPieces:
                 count, start = ((end - first) * r, first * r) if lowrank else (r * r, 0)
                 which += [n] * count
                 local += range(start, start + count)
-            layout = self._windows[key] = (torch.tensor(which).to(device),
-                                           torch.tensor(local).to(device))
+            as_int = dict(dtype=torch.int32)  # kept while the run lasts (the planner's)
+            layout = self._windows[key] = (torch.tensor(which, **as_int).to(device),
+                                           torch.tensor(local, **as_int).to(device))
         which, local = layout
         starts = noise_table.to_device(
             [direction.small_seed(chunking.param_seed(seed, i)) % noise_table.TABLE_VALUES

@@ -17,7 +17,8 @@ torch.set_float32_matmul_precision("medium"), which lets a CPU multiply fp32 in 
 significant bits); edgezo leaves the default.
 
 A factor of N(0, σ²) values goes on the grid as round(x·2^(p-3)/σ) clipped to ±2^p:
-steps of σ/2^(p-3) (σ/128 at p = 10), clipped at 8σ (never, in practice).
+steps of σ/2^(p-3) (σ/128 at p = 10), clipped at 8σ. A subspace core product's values
+are only roughly N(0, σ²), so a rare one may be clipped; every path clips it alike.
 """
 
 from __future__ import annotations

@@ -60,7 +60,9 @@ def store(param: torch.Tensor, new: torch.Tensor, bits: torch.Tensor | None) -> 
     round-to-nearest would drop most of it, every step, in the same direction. Stochastic
     rounding keeps the update unbiased. The dither is the low 16 bits of `bits`: for
     Gaussian directions the fp32 z already drawn (free, and a pure function of the seed,
-    so replay gives the same weights), otherwise seeded random integers.
+    so replay gives the same weights); for an exact structured z, whose grid values have
+    mostly zero low bits, the table's values at a salted place; otherwise seeded random
+    integers.
     fp32 parameters are stored exactly; fp16 ones round to nearest.
     """
     if new is param:  # fp32/fp64: updated in place already

@@ -116,6 +116,11 @@ def test_the_noise_table_and_its_bf16_twin_are_priced_where_a_step_reads_them(co
     assert table(dtype="bf16", scheme="lora") == noise_table.TABLE_VALUES * 4
     assert table(dtype="bf16", noise="generator") == 0
     assert table(dtype="bf16", optimizer="fo-adam") == 0
+    # an exact structured z's bf16 update reads its dither from the table, whatever the
+    # source of its values (Direction.table_bits)
+    assert table(dtype="bf16", directions="lowrank", noise="generator") \
+        == noise_table.TABLE_VALUES * 4
+    assert table(dtype="fp32", directions="lowrank", noise="generator") == 0
 
 
 def test_on_cuda_noise_buffers_hold_a_span_and_layers_are_copied(config_file, monkeypatch):

@@ -160,6 +160,28 @@ def test_an_exact_structured_z_is_the_same_however_its_rows_are_cut(monkeypatch,
     assert torch.equal(d.rows(shape, index, rows), whole[rows])
 
 
+@pytest.mark.parametrize("kind", ["lowrank", "subspace"])
+def test_d_of_several_queries_makes_each_querys_factors_once(monkeypatch, kind):
+    """d = Σ c_i·z_i regenerated chunk by chunk asks for the q queries' factors in turn on
+    every chunk: each thread keeps the last FACTOR_SLOTS queries' in buffers of their own,
+    so each is made once, and none overwrites another's."""
+    import threading
+
+    from edgezo.zo import direction
+
+    monkeypatch.setattr(direction, "_FACTORS", threading.local())  # none kept yet
+    monkeypatch.setattr(chunking, "CHUNK_ELEMENTS", 80)  # 2 rows of 40 a chunk
+    shape, seeds, coefs = torch.Size((64, 40)), (3, 4, 5), (0.5, -1.25, 2.0)
+    made = []
+    original = Direction.small_draw
+    monkeypatch.setattr(Direction, "small_draw",
+                        lambda self, out, pseed: made.append(pseed) or original(self, out, pseed))
+    d = Direction(seeds, coefs, kind, rank=2, basis=11).full(shape, 1)
+    assert len(made) == len(seeds)
+    singles = [Direction((s,), (1.0,), kind, rank=2, basis=11).full(shape, 1) for s in seeds]
+    torch.testing.assert_close(d, sum(c * z for c, z in zip(coefs, singles, strict=True)))
+
+
 def test_a_chunked_structured_z_is_the_one_runs_recorded_before_computed(monkeypatch):
     """structured_z "chunked" (runs recorded before products were exact) keeps their z: a
     lowrank U drawn per chunk from that chunk's generator, times the raw Vᵀ, chunk by
@@ -319,6 +341,9 @@ def test_table_estimates_are_unbiased():
     ({"optimizer": "hizoo", "q": 2}, "takes --q 1 and the two-sided estimate"),
     ({"optimizer": "hizoo", "estimate": "one-sided"}, "takes --q 1 and the two-sided"),
     ({"optimizer": "fo-adam", "noise": "generator"}, "noise does not apply to fo-adam"),
+    ({"optimizer": "fo-sgd", "rank": 4}, "rank does not apply to fo-sgd"),
+    ({"optimizer": "fo-adam", "structured_z": "chunked"}, "structured_z does not apply"),
+    ({"structured_z": "exact"}, "structured_z shapes lowrank and subspace"),
     ({"optimizer": "fzoo", "pair": True}, "one-sided estimate has no L"),
 ])
 def test_estimator_options_that_would_do_nothing_are_refused(kwargs, needle):
