@@ -180,8 +180,9 @@ class EstimatorOptions:
                                       "a matrix, the same values however its rows are cut "
                                       "and whichever kernel computes it) or chunked (a "
                                       "product, and a lowrank U, per 256K-value chunk: how "
-                                      "runs recorded before 2026-12-08 computed it; they "
-                                      "resume and replay with it)", choices=STRUCTURED_Z,
+                                      "runs recorded before this option computed it; "
+                                      "their run.json lacks it, and they resume and "
+                                      "replay with chunked)", choices=STRUCTURED_Z,
                                       cli=False, kind="structured z computation")
     hessian_smoothing: float | None = option(None, "hizoo, hizoo-l: weight α of each step's "
                                              "curvature in the Hessian's moving average "

@@ -80,7 +80,7 @@ class Direction:
     scale: Callable[[int, slice | torch.Tensor], torch.Tensor] | None = None
     coords: tuple[int, ...] = ()  # coordinate: each seed's value, a flat index
     starts: tuple[int, ...] = ()  # coordinate: each parameter's first flat index
-    chunked: bool = False  # structured z as runs recorded before 2026-12-08 computed it
+    chunked: bool = False  # structured z as runs recorded before structured_z computed it
 
     def _coordinates(self, index: int) -> list[tuple[float, int]]:
         """(coef, offset within parameter `index`) of the seeds whose coordinate is there."""
