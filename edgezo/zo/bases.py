@@ -84,10 +84,16 @@ def _make_basis(kind: str, seed: int, index: int, rows: int, cols: int, rank: in
                 device: torch.device, exact: bool = False,
                 out: tuple[torch.Tensor | None, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """`out`: (left, right) buffers to fill (left None for lowrank), else new tensors."""
+    """`out`: (left, right) buffers to fill (left None for lowrank), else new tensors.
+    Exact bases are drawn (and QR-factored) on the CPU whatever `device` is, then copied
+    there: the same values on every device, so with the table's small factors a run's z,
+    and its seed log, are the same on a GPU and a CPU. Chunked runs drew on the device."""
     if exact:
-        left, right = _make_basis(kind, seed, index, rows, cols, rank, device)
-        return _on_grid(kind, left, right, rows, cols, rank, out)
+        left, right = _on_grid(kind, *_make_basis(kind, seed, index, rows, cols, rank,
+                                                  torch.device("cpu")), rows, cols, rank)
+        if out is None:
+            return (None if left is None else left.to(device)), right.to(device)
+        return (None if left is None else out[0].copy_(left)), out[1].copy_(right)
     def draw(n: int, salt: int, buf: torch.Tensor | None) -> torch.Tensor:
         gen = generator(device, mix(seed, index, salt))
         buf = torch.empty(n, rank, device=device) if buf is None else buf
@@ -120,22 +126,17 @@ def prepare_matrices(kind: str, seed: int, params: list[torch.Tensor], indices: 
 
 
 def _on_grid(kind: str, left: torch.Tensor | None, right: torch.Tensor, rows: int, cols: int,
-             rank: int, out: tuple[torch.Tensor | None, torch.Tensor] | None
-             ) -> tuple[torch.Tensor | None, torch.Tensor]:
+             rank: int) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The exact forms of raw bases (left (rows x rank) or None, right (cols x rank)): see
     the module's docstring and Direction.factors, which multiplies with them."""
     if kind == "lowrank":  # V's grid integers times U's step and V's own
-        b = grid.to_ints(right.T.contiguous(), rank).mul_(grid.step(rank) ** 2)
-        return None, b if out is None else out[1].copy_(b)
+        return None, grid.to_ints(right.T.contiguous(), rank).mul_(grid.step(rank) ** 2)
     # √rows·P, whose entries have unit variance, times its step and the step of the core
     # product S·(√cols·Q)ᵀ/r, whose entries have variance 1/r (Direction.factors); and
     # √cols·Qᵀ on the grid, times its step
     a = grid.to_ints(left * math.sqrt(rows), rank).mul_(
         grid.step(rank) * grid.step(rank, core_log2_sigma(rank)))
-    q = grid.to_ints(right.T * math.sqrt(cols), rank).mul_(grid.step(rank))
-    if out is None:
-        return a, q.contiguous()
-    return out[0].copy_(a), out[1].copy_(q)
+    return a, grid.to_ints(right.T * math.sqrt(cols), rank).mul_(grid.step(rank)).contiguous()
 
 
 def core_log2_sigma(rank: int) -> int:

@@ -255,6 +255,23 @@ def test_bases_built_together_equal_those_built_one_by_one(kind, exact):
     assert {k[1] for k in bases._BASES} == {12, 13}
 
 
+def test_exact_bases_are_drawn_on_the_cpu_whatever_the_device(monkeypatch):
+    """An exact run's bases are drawn and factored on the CPU, then copied to the device
+    ("meta" here, where nothing can be drawn): the same bases on a GPU as on a CPU, so
+    with the table's small factors a run's z and its seed log replay on either."""
+    seen = []
+    original = bases.generator
+    monkeypatch.setattr(bases, "generator",
+                        lambda device, seed: seen.append(torch.device(device).type)
+                        or original(device, seed))
+    meta = torch.device("meta")
+    for kind in ("lowrank", "subspace"):
+        left, right = bases.basis(kind, 11, 0, 48, 30, 4, meta, exact=True)
+        assert right.device == meta and (left is None or left.device == meta)
+        bases.prepare_bases(kind, 12, [(1, 48, 30), (2, 7, 64)], 4, meta, exact=True)
+    assert seen and set(seen) == {"cpu"}
+
+
 def test_a_lowrank_step_builds_every_basis_before_its_forward():
     """Built one by one as layers asked, the factors (which outlive the step) sat between
     freed activations and fragmented the C heap: a LOZO step on SmolLM2 grew it by

@@ -243,8 +243,8 @@ def test_on_a_gpu_fused_steps_equal_the_span_path_bit_for_bit(monkeypatch, dtype
 @pytest.mark.parametrize("kind", ["lowrank", "subspace"])
 def test_a_structured_z_is_the_same_product_on_a_gpu_and_a_cpu(kind):
     """The same grid factors give the same z on cuBLAS (TF32 allowed) as on the CPU's
-    BLAS, bit for bit: the product never rounds. (The bases themselves come from each
-    device's generator, so a run's z differs between devices.)"""
+    BLAS, bit for bit: the product never rounds; and the factors a GPU makes are the
+    CPU's (bases drawn on the CPU, small factors from the table)."""
     from edgezo.zo.direction import Direction
 
     shape = torch.Size((3000, 576))
@@ -257,21 +257,28 @@ def test_a_structured_z_is_the_same_product_on_a_gpu_and_a_cpu(kind):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = False
     assert torch.equal(a.cpu() @ b.cpu(), on_gpu)
+    a_cpu, b_cpu = d.factors(shape, 7, 1, torch.device("cpu"))
+    assert torch.equal(a_cpu, a.cpu()) and torch.equal(b_cpu, b.cpu())
+    assert torch.equal(d.full(shape, 1, "cpu"), on_gpu)
 
 
 @pytest.mark.cuda
-def test_a_gpu_runs_log_replays_on_the_cpu(monkeypatch):
+@pytest.mark.parametrize("kw", [{}, {"directions": "lowrank"}, {"directions": "subspace"}],
+                         ids=["table", "lowrank", "subspace"])
+def test_a_gpu_runs_log_replays_on_the_cpu(monkeypatch, kw):
     """A seed log written on a GPU (fused updates) replayed on the CPU (span path): the
     updates are fp32 θ − η·g·z and integer rounding, so the weights agree to the last bit
     unless a kernel contracts θ − η·z into one fused multiply-add on one device and not
-    the other; this test says which (the bound: one bf16 ulp)."""
+    the other; this test says which (the bound: one bf16 ulp). A structured z is the same
+    on both: its bases are drawn on the CPU, its small factors read from the table, and
+    its product is exact."""
     model = tiny_model("llama", dtype=torch.bfloat16).cuda()
-    engine = zo_engine(model, make_optimizer("zo-sgd"), seed=7, eps=1e-2)
+    engine = zo_engine(model, make_optimizer("zo-sgd"), seed=7, eps=1e-2, **kw)
     log = [engine.step({k: v.cuda() for k, v in lm_batch(VOCAB, seed=s).items()},
                        lr=2e-2).log_entry() for s in range(4)]
     engine.close()
     cpu = tiny_model("llama", dtype=torch.bfloat16)
-    engine = zo_engine(cpu, make_optimizer("zo-sgd"), seed=7, eps=1e-2)
+    engine = zo_engine(cpu, make_optimizer("zo-sgd"), seed=7, eps=1e-2, **kw)
     for entry in log:
         engine.replay(entry)
     engine.close()
