@@ -57,17 +57,18 @@ def prepare_bases(kind: str, seed: int, matrices: Iterable[tuple[int, int, int]]
     if not todo:
         return
     left = kind != "lowrank"
-    sizes = [((r if left else 0) + c) * rank for _, r, c in todo]
+    ranks = [rank_of(kind, rank, r, c) for _, r, c in todo]
+    sizes = [((r if left else 0) + c) * k for (_, r, c), k in zip(todo, ranks, strict=True)]
     with _BASIS_LOCK:
         _keep_two(seed)
         flat = torch.empty(sum(sizes), device=device)
         offset = 0
-        for (i, r, c), size in zip(todo, sizes, strict=True):
+        for (i, r, c), size, k in zip(todo, sizes, ranks, strict=True):
             block = flat[offset:offset + size]
             offset += size
-            right = block[size - c * rank:]
-            out = ((block[:r * rank].view(r, rank) if left else None),
-                   right.view(rank, c) if exact else right.view(c, rank))
+            right = block[size - c * k:]
+            out = ((block[:r * k].view(r, k) if left else None),
+                   right.view(k, c) if exact else right.view(c, k))
             _BASES[(kind, seed, i, r, c, rank, device, exact)] = _make_basis(
                 kind, seed, i, r, c, rank, device, exact, out)
 
@@ -96,7 +97,8 @@ def _make_basis(kind: str, seed: int, index: int, rows: int, cols: int, rank: in
         return (None if left is None else out[0].copy_(left)), out[1].copy_(right)
     def draw(n: int, salt: int, buf: torch.Tensor | None) -> torch.Tensor:
         gen = generator(device, mix(seed, index, salt))
-        buf = torch.empty(n, rank, device=device) if buf is None else buf
+        k = rank_of(kind, rank, rows, cols)
+        buf = torch.empty(n, k, device=device) if buf is None else buf
         return buf.normal_(generator=gen)
 
     left_buf, right_buf = (None, None) if out is None else out
@@ -135,8 +137,14 @@ def _on_grid(kind: str, left: torch.Tensor | None, right: torch.Tensor, rows: in
     # product S·(√cols·Q)ᵀ/r, whose entries have variance 1/r (Direction.factors); and
     # √cols·Qᵀ on the grid, times its step
     a = grid.to_ints(left * math.sqrt(rows), rank).mul_(
-        grid.step(rank) * grid.step(rank, core_log2_sigma(rank)))
+        grid.step(rank) * grid.step(rank, core_log2_sigma(left.shape[1])))
     return a, grid.to_ints(right.T * math.sqrt(cols), rank).mul_(grid.step(rank)).contiguous()
+
+
+def rank_of(kind: str, rank: int, rows: int, cols: int) -> int:
+    """Columns of a matrix's basis: a subspace's orthonormal P and Q have at most
+    min(rows, cols) (a LoRA factor of rank 4 under --rank 8); a lowrank V has `rank`."""
+    return min(rank, rows, cols) if kind == "subspace" else rank
 
 
 def core_log2_sigma(rank: int) -> int:

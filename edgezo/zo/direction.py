@@ -156,23 +156,25 @@ class Direction:
             return found[1]
         # a free slot, or the least recently used one's (its factors are dropped)
         slot = len(kept) if len(kept) < FACTOR_SLOTS else kept.popitem(last=False)[1][0]
-        rows, cols, r = chunking.num_rows(shape), shape[1:].numel(), self.rank
-        left, right = bases.basis(self.kind, self.basis, index, rows, cols, r, device,
+        rows, cols = chunking.num_rows(shape), shape[1:].numel()
+        r = self.rank_of(rows, cols)
+        left, right = bases.basis(self.kind, self.basis, index, rows, cols, self.rank, device,
                                   exact=not self.chunked)
         pseed = chunking.param_seed(seed, index)
         if self.kind == "lowrank" and self.chunked:
             found = None, right.T
         elif self.kind == "lowrank":  # U (rows x r) on the grid; right is B already
-            u = grid.to_ints(self.small_draw(_slot("u", slot, rows * r, device), pseed), r)
-            found = u.view(rows, r), right
+            u = self.small_draw(_slot("u", slot, rows * r, device), pseed)
+            found = grid.to_ints(u, self.rank).view(rows, r), right
         elif self.chunked:
             core = noise.gaussian(r * r, pseed, 0, device, "core").view(r, r)
             found = left, (core @ right.T).mul_(math.sqrt(rows * cols) / r)
         else:  # S on the grid times √n·Qᵀ's grid values (exact), /r on the grid
-            core = grid.to_ints(self.small_draw(_slot("s", slot, r * r, device), pseed), r)
+            core = self.small_draw(_slot("s", slot, r * r, device), pseed)
             product = _slot("sq", slot, r * cols, device)
-            torch.mm(core.view(r, r), right, out=product.view(r, cols))
-            found = left, self.core_on_grid(product).view(r, cols)
+            torch.mm(grid.to_ints(core, self.rank).view(r, r), right,
+                     out=product.view(r, cols))
+            found = left, self.core_on_grid(product, r).view(r, cols)
         kept[key] = (slot, found)
         return found
 
@@ -189,11 +191,16 @@ class Direction:
         """Where small_draw's values start in the table (any integer; modulo its size)."""
         return chunking.mix(pseed, _U_SALT if self.kind == "lowrank" else _S_SALT)
 
-    def core_on_grid(self, product: torch.Tensor) -> torch.Tensor:
-        """An exact subspace core product S_int·Q̂ (r x cols) as the grid's integers of
-        S·(√cols·Q)ᵀ/r, in place (bases._on_grid has the steps)."""
-        r = self.rank
-        return grid.to_ints(product, r, bases.core_log2_sigma(r), grid.step(r) / r)
+    def core_on_grid(self, product: torch.Tensor, r: int) -> torch.Tensor:
+        """An exact subspace core product S_int·Q̂ (r x cols, r: rank_of the matrix) as the
+        grid's integers of S·(√cols·Q)ᵀ/r, in place (bases._on_grid has the steps)."""
+        return grid.to_ints(product, self.rank, bases.core_log2_sigma(r),
+                            grid.step(self.rank) / r)
+
+    def rank_of(self, rows: int, cols: int) -> int:
+        """The rank of a matrix's z (bases.rank_of); the grid's bits follow the run's
+        rank for every matrix."""
+        return bases.rank_of(self.kind, self.rank, rows, cols)
 
     def chunk_into(self, out: torch.Tensor, shape: torch.Size, seed: int, index: int,
                    c: int, factors: tuple | None) -> None:

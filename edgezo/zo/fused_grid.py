@@ -47,28 +47,33 @@ class StructuredPieces:
                              out=segments[k])
             return
         lowrank = direction.kind == "lowrank"
-        small = workers.thread_buffer("fused_small", sum(
-            (end - first) * r if lowrank else r * r for _, _, first, end in mats),
-            torch.float32, device)
+        sizes = self._small_sizes(direction, mats)
+        small = workers.thread_buffer("fused_small", sum(sizes), torch.float32, device)
         factors = [self._basis(direction, i) for _, i, _, _ in mats]
-        smalls = self._kept("small", piece, (small.data_ptr(),), lambda: list(small.split(
-            [(end - first) * r if lowrank else r * r for _, _, first, end in mats])))
+        kind = f"{direction.kind}-{r}"  # the views' shapes follow the kind and rank
+        smalls = self._kept(f"small-{kind}", piece, (small.data_ptr(),),
+                            lambda: list(small.split(sizes)))
         torch.index_select(noise_table.table(device), 0,
                            self._small_places(piece, direction, mats, seed, device), out=small)
         grid.to_ints(small, r)
         if lowrank:
-            us = self._kept("small-2d", piece, (small.data_ptr(),),
+            us = self._kept(f"small-2d-{kind}", piece, (small.data_ptr(),),
                             lambda: [f.view(-1, r) for f in smalls])
             for (k, *_), u, (_, b) in zip(mats, us, factors, strict=True):
                 torch.matmul(u, b, out=segments[k])
             return
-        products = workers.thread_buffer("fused_core_q", sum(q.shape[1] for _, q in factors) * r,
+        products = workers.thread_buffer("fused_core_q", sum(q.numel() for _, q in factors),
                                          torch.float32, device)
-        rows_of = self._kept("core-q", piece, (products.data_ptr(), small.data_ptr()),
-                             lambda: self._core_views(products, smalls, factors, r))
+        rows_of = self._kept(f"core-q-{kind}", piece, (products.data_ptr(), small.data_ptr()),
+                             lambda: self._core_views(products, smalls, factors))
         for (s, product), (_, q) in zip(rows_of, factors, strict=True):
             torch.mm(s, q, out=product)
-        direction.core_on_grid(products)
+        ranks = [q.shape[0] for _, q in factors]
+        if all(k == r for k in ranks):
+            direction.core_on_grid(products, r)
+        else:  # a matrix narrower than the rank (a LoRA factor): its own normalization
+            for (_, product), k in zip(rows_of, ranks, strict=True):
+                direction.core_on_grid(product, k)
         for (k, _, first, end), (_, product), (a, _) in zip(mats, rows_of, factors,
                                                             strict=True):
             torch.matmul(a if end - first == len(a) else a[first:end], product,
@@ -85,8 +90,9 @@ class StructuredPieces:
         if layout is None:
             which: list[int] = []
             local: list[int] = []
-            for n, (_, _, first, end) in enumerate(mats):
-                count, start = ((end - first) * r, first * r) if lowrank else (r * r, 0)
+            for n, ((_, _, first, _), count) in enumerate(
+                    zip(mats, self._small_sizes(direction, mats), strict=True)):
+                start = first * r if lowrank else 0
                 which += [n] * count
                 local += range(start, start + count)
             as_int = dict(dtype=torch.int32)  # kept while the run lasts (the planner's)
@@ -100,6 +106,14 @@ class StructuredPieces:
         torch.index_select(starts, 0, which, out=places)
         return places.add_(local).remainder_(noise_table.TABLE_VALUES)
 
+    def _small_sizes(self, direction: Direction, mats: list) -> list[int]:
+        """Values of each matrix's small factor: a lowrank U's rows of the segment, or a
+        subspace core (rank_of the matrix, squared)."""
+        if direction.kind == "lowrank":
+            return [(end - first) * direction.rank for _, _, first, end in mats]
+        return [direction.rank_of(chunking.num_rows(shape), chunking.row_width(shape)) ** 2
+                for shape in (self.params[i].shape for _, i, _, _ in mats)]
+
     def _basis(self, direction: Direction, i: int) -> tuple[torch.Tensor | None, torch.Tensor]:
         shape = self.params[i].shape
         return bases.basis(direction.kind, direction.basis, i, chunking.num_rows(shape),
@@ -107,11 +121,13 @@ class StructuredPieces:
                            exact=True)
 
     @staticmethod
-    def _core_views(products: torch.Tensor, smalls: list[torch.Tensor], factors: list,
-                    r: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(S as r x r, S·Q̂'s place in `products` as r x cols) for each matrix."""
+    def _core_views(products: torch.Tensor, smalls: list[torch.Tensor], factors: list
+                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(S as k x k, S·Q̂'s place in `products` as k x cols) for each matrix, k its
+        rank (Q̂'s rows)."""
         views, offset = [], 0
         for s, (_, q) in zip(smalls, factors, strict=True):
-            views.append((s.view(r, r), products[offset:offset + q.numel()].view(r, -1)))
+            k = q.shape[0]
+            views.append((s.view(k, k), products[offset:offset + q.numel()].view(k, -1)))
             offset += q.numel()
         return views

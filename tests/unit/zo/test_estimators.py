@@ -182,6 +182,18 @@ def test_d_of_several_queries_makes_each_querys_factors_once(monkeypatch, kind):
     torch.testing.assert_close(d, sum(c * z for c, z in zip(coefs, singles, strict=True)))
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["exact", "chunked"])
+def test_a_subspace_rank_above_a_matrixs_size_takes_the_matrixs(chunked):
+    """--rank 8 on a 6-row matrix (a LoRA factor of rank 6): its bases have 6 orthonormal
+    columns, and z keeps E‖z‖² = mn (it raised a shape error before)."""
+    shape = torch.Size((6, 40))
+    zs = [Direction((s,), (1.0,), "subspace", rank=8, basis=3, chunked=chunked).full(shape, 0)
+          for s in range(300)]
+    assert torch.linalg.matrix_rank(zs[0]).item() == 6
+    mean_sq = sum(float(z.pow(2).sum()) for z in zs) / len(zs)
+    assert mean_sq == pytest.approx(6 * 40, rel=0.1)
+
+
 def test_a_chunked_structured_z_is_the_one_runs_recorded_before_computed(monkeypatch):
     """structured_z "chunked" (runs recorded before products were exact) keeps their z: a
     lowrank U drawn per chunk from that chunk's generator, times the raw Vᵀ, chunk by

@@ -82,7 +82,9 @@ KINDS = {"table-rademacher": {"directions": "rademacher"},
          "lowrank-generator": {"directions": "lowrank", "noise": "generator"},
          "subspace-generator": {"directions": "subspace", "noise": "generator"},
          "lowrank-chunked": {"directions": "lowrank", "structured_z": "chunked"},
-         "subspace-chunked": {"directions": "subspace", "structured_z": "chunked"}}
+         "subspace-chunked": {"directions": "subspace", "structured_z": "chunked"},
+         # rank 24 is above the 16-row matrices' size: theirs is 16
+         "subspace-rank-24": {"directions": "subspace", "rank": 24}}
 
 
 @pytest.mark.parametrize("kw", KINDS.values(), ids=KINDS)
