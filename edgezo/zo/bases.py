@@ -3,8 +3,8 @@ drawn from a basis seed and kept while that seed is in use.
 
 `exact` bases are the ones an exact structured z multiplies with (edgezo.zo.grid): the
 lowrank B = V's grid values times two grid steps, as (rank x cols); the subspace
-√rows·P and √cols·Qᵀ on the grid, scaled, as (rows x rank) and (rank x cols). The others
-are the raw (P, Q) and V of runs recorded with chunked products.
+√rows·P and √cols·Qᵀ on the grid, scaled, as (rows x k) and (k x cols), k = rank_of.
+The others are the raw (P, Q) and V of runs recorded with chunked products.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ def basis(kind: str, seed: int, index: int, rows: int, cols: int, rank: int,
           device: torch.device, exact: bool = False
           ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(left, right) factors of a structured direction's basis for one matrix: lowrank,
-    (None, V) with V (cols x rank) N(0,1); subspace, orthonormal (P, Q), P (rows x rank)
-    and Q (cols x rank) from QR of Gaussians. Cached for the two newest basis seeds:
-    r(m+n) values a matrix (the planner's "direction_bases"). `exact`: their grid forms
-    (the module's docstring)."""
+    (None, V) with V (cols x rank) N(0,1); subspace, orthonormal (P, Q), P (rows x k) and
+    Q (cols x k) from QR of Gaussians, k = rank_of (at most min(rows, cols)). Cached for
+    the two newest basis seeds: r(m+n) values a matrix (the planner's
+    "direction_bases"). `exact`: their grid forms (the module's docstring)."""
     key = (kind, seed, index, rows, cols, rank, device, exact)
     found = _BASES.get(key)
     if found is not None:
@@ -86,12 +86,10 @@ def _make_basis(kind: str, seed: int, index: int, rows: int, cols: int, rank: in
                 out: tuple[torch.Tensor | None, torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """`out`: (left, right) buffers to fill (left None for lowrank), else new tensors.
-    Exact bases are drawn (and QR-factored) on the CPU whatever `device` is, then copied
-    there: the same values on every device, so with the table's small factors a run's z,
-    and its seed log, are the same on a GPU and a CPU. Chunked runs drew on the device."""
+    Exact bases are made on the CPU whatever `device` is (_exact_basis), then copied
+    there. Chunked runs drew on the device."""
     if exact:
-        left, right = _on_grid(kind, *_make_basis(kind, seed, index, rows, cols, rank,
-                                                  torch.device("cpu")), rows, cols, rank)
+        left, right = _exact_basis(kind, seed, index, rows, cols, rank)
         if out is None:
             return (None if left is None else left.to(device)), right.to(device)
         return (None if left is None else out[0].copy_(left)), out[1].copy_(right)
@@ -109,6 +107,27 @@ def _make_basis(kind: str, seed: int, index: int, rows: int, cols: int, rank: in
     if out is None:
         return left.contiguous(), right.contiguous()
     return left_buf.copy_(left), right_buf.copy_(right)
+
+
+def _exact_basis(kind: str, seed: int, index: int, rows: int, cols: int, rank: int
+                 ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """An exact run's bases, made on the CPU: the Gaussians as a chunked run on a CPU
+    draws them, a subspace's QR in fp64 (fp32's last bits change with the number of
+    threads, and the grid would carry a change to the next step), then on the grid. So a
+    run, its resume and its replay get the same bases on any device and thread count (of
+    one kind of CPU: torch's CPU generator draws other values on another architecture)."""
+    k, cpu = rank_of(kind, rank, rows, cols), torch.device("cpu")
+
+    def draw(n: int, salt: int) -> torch.Tensor:
+        gen = generator(cpu, mix(seed, index, salt))
+        return torch.empty(n, k).normal_(generator=gen).double()
+
+    if kind == "lowrank":
+        left, right = None, draw(cols, 2)
+    else:
+        left, right = torch.linalg.qr(draw(rows, 1)).Q, torch.linalg.qr(draw(cols, 2)).Q
+    left, right = _on_grid(kind, left, right, rows, cols, rank)  # exact in fp32 as well
+    return (None if left is None else left.float()), right.float()
 
 
 def prepare_matrices(kind: str, seed: int, params: list[torch.Tensor], indices: Iterable[int],
@@ -129,12 +148,13 @@ def prepare_matrices(kind: str, seed: int, params: list[torch.Tensor], indices: 
 
 def _on_grid(kind: str, left: torch.Tensor | None, right: torch.Tensor, rows: int, cols: int,
              rank: int) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """The exact forms of raw bases (left (rows x rank) or None, right (cols x rank)): see
-    the module's docstring and Direction.factors, which multiplies with them."""
+    """The exact forms of raw bases (left (rows x k) or None, right (cols x k), k =
+    rank_of; the grid's bits from `rank`): see the module's docstring and
+    Direction.factors, which multiplies with them."""
     if kind == "lowrank":  # V's grid integers times U's step and V's own
         return None, grid.to_ints(right.T.contiguous(), rank).mul_(grid.step(rank) ** 2)
     # √rows·P, whose entries have unit variance, times its step and the step of the core
-    # product S·(√cols·Q)ᵀ/r, whose entries have variance 1/r (Direction.factors); and
+    # product S·(√cols·Q)ᵀ/k, whose entries have variance 1/k (Direction.factors); and
     # √cols·Qᵀ on the grid, times its step
     a = grid.to_ints(left * math.sqrt(rows), rank).mul_(
         grid.step(rank) * grid.step(rank, core_log2_sigma(left.shape[1])))

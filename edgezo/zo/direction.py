@@ -16,7 +16,7 @@ What z is (`kind`):
   call;
 - subspace (SubZero): z = √(mn)/r · P·S·Qᵀ with orthonormal P (m x r), Q (n x r) from the
   basis seed (QR of Gaussians) and a fresh r x r core S from the seed, so E‖z‖² = mn as
-  for a Gaussian z.
+  for a Gaussian z; r is min(rank, m, n) (a matrix has no more orthonormal columns).
 Both are a product A·B of factors on a fixed-point grid (edgezo.zo.grid), exact: the same
 values for any rows it is computed on, so a matrix's z is one product however many chunks
 it has. Runs recorded before (`chunked`) drew a lowrank U per chunk and multiplied chunk by

@@ -6,7 +6,9 @@ seeded offset: a view, read at memory speed. Slices at different offsets are
 uncorrelated (shifted i.i.d. values), so E[z zᵀ] = I up to the table's sampling error
 (1/sqrt(T) = 7e-4); a slice repeats only when two offsets coincide (probability 1/T per
 pair). The table is drawn on the CPU from a fixed seed, then copied to each device: the
-same values everywhere, so replay is exact across machines and devices.
+same values on every device, so replay is exact across machines and devices. (torch's
+CPU generator draws the same values on AVX2 and AVX-512 CPUs, but a CPU of another
+kind, where get_cpu_capability() says DEFAULT, rounds some in their last bit.)
 """
 
 from __future__ import annotations

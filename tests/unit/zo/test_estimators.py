@@ -284,6 +284,24 @@ def test_exact_bases_are_drawn_on_the_cpu_whatever_the_device(monkeypatch):
     assert seen and set(seen) == {"cpu"}
 
 
+def test_exact_bases_are_the_same_at_any_thread_count():
+    """A subspace basis's QR in fp32 changes in its last bits with torch's thread count
+    (here at 49152 rows), and the grid carries a few of those changes into z: a resume or
+    a replay with other threads would take other steps. Exact bases factor in fp64."""
+    threads = torch.get_num_threads()
+    made = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            bases._BASES.clear()
+            made.append(bases.basis("subspace", 11, 0, 49152, 576, 8, torch.device("cpu"),
+                                    exact=True))
+    finally:
+        torch.set_num_threads(threads)
+        bases._BASES.clear()
+    assert all(torch.equal(a, b) for a, b in zip(*made, strict=True))
+
+
 def test_a_lowrank_step_builds_every_basis_before_its_forward():
     """Built one by one as layers asked, the factors (which outlive the step) sat between
     freed activations and fragmented the C heap: a LOZO step on SmolLM2 grew it by
