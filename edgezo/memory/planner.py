@@ -31,7 +31,7 @@ from edgezo.models.loading import load_config, parse_dtype
 from edgezo.models.quantized import stored_bytes
 from edgezo.models.schemes import apply_scheme
 from edgezo.tasks.catalog import OBJECTIVES
-from edgezo.zo import qat, workers
+from edgezo.zo import bases, qat, workers
 from edgezo.zo.batch import Shape
 from edgezo.zo.blocks import (
     BlockMap,
@@ -182,7 +182,8 @@ def step_spec(config: RunConfig, priced: Priced, profile: Profile, shapes: Shape
 def basis_bytes(blocks: BlockMap, est: EstimatorOptions, threads: int = 1,
                 on_cuda: bool = False) -> int:
     """The lowrank V / subspace (P, Q) factors bases.basis keeps: r values per column (and
-    per row, subspace) of every matrix, for two basis seeds while one replaces the other.
+    per row, subspace; r = bases.rank_of, a narrow matrix's own) of every matrix, for two
+    basis seeds while one replaces the other.
     An exact z adds each drawing thread's per-query factors of the largest matrix
     (Direction.factors keeps up to FACTOR_SLOTS queries': a lowrank U, r values a row; a
     subspace core product, r a column) and on a GPU the fused path's copy of one
@@ -195,9 +196,10 @@ def basis_bytes(blocks: BlockMap, est: EstimatorOptions, threads: int = 1,
     for p in blocks.params:
         if is_matrix(p.shape):
             rows, cols = p.shape[0], p.shape[1:].numel()
-            total += (cols + (rows if kind == "subspace" else 0)) * rank
-            largest = max(largest, rank * (rows if kind == "lowrank" else cols + rank))
-            factors += rank * (rows if kind == "lowrank" else rank)
+            r = bases.rank_of(kind, rank, rows, cols)
+            total += (cols + (rows if kind == "subspace" else 0)) * r
+            largest = max(largest, r * (rows if kind == "lowrank" else cols + r))
+            factors += r * (rows if kind == "lowrank" else r)
     if est.structured_z == "chunked":
         return 2 * 4 * total
     fused = 12 * largest + 8 * factors if on_cuda else 0

@@ -446,3 +446,16 @@ def test_saved_activations_match_what_autograd_saves(scheme, T):
     if scheme == "lora":
         planned += lora_saved_bytes_per_token(model, 2) * rows * T // 2  # per layer
     assert 0.95 <= planned / (two - one) <= 1.02
+
+
+def test_subspace_bases_are_priced_at_each_matrixs_own_rank():
+    """A matrix narrower than --rank (a LoRA factor) keeps min(rank, rows, cols) basis
+    columns (bases.rank_of): P and Q of that many, for two basis seeds, 4 bytes each."""
+    from types import SimpleNamespace
+
+    from edgezo.config.options import EstimatorOptions
+    from edgezo.memory.planner import basis_bytes
+
+    blocks = SimpleNamespace(params=[torch.zeros(4, 100), torch.zeros(100)])
+    est = EstimatorOptions(directions="subspace", rank=8, structured_z="chunked")
+    assert basis_bytes(blocks, est) == 2 * 4 * (4 + 100) * 4
