@@ -49,7 +49,7 @@ from edgezo.zo.sparsity import SparseMasks
 
 _U_SALT = 0x55  # where an exact lowrank U lies in the table
 _S_SALT = 0x5C  # and an exact subspace core S
-DITHER_SALT = 0xD17  # the table values whose low bits dither an exact structured update
+_DITHER_SALT = 0xD17  # the table values whose low bits dither an exact structured update
 # Each thread keeps the factors of its last FACTOR_SLOTS queries and parameters, each set
 # in buffers of its own (a slot's), so that d of q <= FACTOR_SLOTS queries, regenerated
 # chunk by chunk and query by query, makes each query's factors once.
@@ -184,7 +184,7 @@ class Direction:
         table, at a seeded place (wrapping around; fused_grid.py reads each matrix's part
         of it), or one generator call."""
         if self.source != "table":
-            return out.normal_(generator=chunking.generator(out.device, chunking.mix(pseed, 0)))
+            return noise.fill_chunk(out, pseed, 0)
         return noise_table.wrapped_into(out, self.small_seed(pseed))
 
     def small_seed(self, pseed: int) -> int:
@@ -310,12 +310,17 @@ class Direction:
             out[a * cols:b * cols] = noise.random_bits((b - a) * cols, pseed, c, device)
         return out
 
+    def dither_seed(self, seed: int) -> int:
+        """The seed whose table z's low bits dither an exact structured update of query
+        `seed` (table_bits; fused.Fused.bits gathers the same)."""
+        return chunking.mix(seed, _DITHER_SALT)
+
     def table_bits(self, numel: int, index: int, k: int, device: torch.device,
                    shape: torch.Size | None = None, end: int | None = None) -> torch.Tensor:
         """An exact structured update's dither (its z is on a grid: most of its low bits
         are 0): the low bits of the table's values where the Gaussian z of a salted seed
         lies, on chunk k (or chunks [k, end)); int32, read-only."""
-        pseed = chunking.param_seed(chunking.mix(self.seeds[0], DITHER_SALT), index)
+        pseed = chunking.param_seed(self.dither_seed(self.seeds[0]), index)
         if end is None or end == k + 1:
             return noise_table.table_slice(numel, pseed, k, device).view(torch.int32)
         out = workers.thread_buffer("bitspan", numel, torch.int32, device)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from edgezo.zo import chunking, noise, noise_table, workers
-from edgezo.zo.direction import DITHER_SALT, Direction
+from edgezo.zo.direction import Direction
 from edgezo.zo.fused_grid import StructuredPieces
 from edgezo.zo.methods import STRUCTURED
 
@@ -293,7 +293,7 @@ class Fused(StructuredPieces):
         structured z's, the table's bits in one gather; Rademacher's, each chunk's
         noise.random_bits."""
         if direction.kind in STRUCTURED and not direction.chunked:
-            self._gather(piece, chunking.mix(seed, DITHER_SALT), out.view(torch.float32),
+            self._gather(piece, direction.dither_seed(seed), out.view(torch.float32),
                          noise_table.table)
             return out.bitwise_and_(_LOW16)
         for (i, c, _), view in zip(piece.chunks, self._chunks_of(out, piece), strict=True):

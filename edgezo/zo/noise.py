@@ -129,8 +129,8 @@ def rows(shape: torch.Size, row_ids: torch.Tensor, chunk_z: Callable[[int], torc
 
 def gaussian(numel: int, seed: int, chunk: int, device: torch.device, name: str = "u"
              ) -> torch.Tensor:
-    """N(0,1) values from torch's generator in this thread's `name` buffer (the small
-    factors of structured directions)."""
+    """N(0,1) values from torch's generator in this thread's `name` buffer (a chunked
+    structured direction's small factors)."""
     out = workers.thread_buffer(name, numel, torch.float32, device)
     return out.normal_(generator=generator(device, mix(seed, chunk)))
 
