@@ -246,6 +246,10 @@ class RuntimeOptions:
                                  "so --resume may change it; torch does not promise that "
                                  "for every kernel",
                                  min=1, resume=True)
+    cuda_graphs: str = option("auto", "On a GPU, run each query's pair forward as one "
+                              "CUDA graph launch where the run allows it (auto: the header "
+                              "says whether, and why not) or never (off)",
+                              choices=("auto", "off"), kind="CUDA graphs setting")
     distributed: bool = option(False, "Data-parallel ZO over torch.distributed (under "
                                "torchrun; also implied by its WORLD_SIZE)")
 

@@ -76,6 +76,7 @@ class Parts:
     dtype_reason: str  # why the run computes in its dtype (printed and reported)
     lr_reason: str | None  # why the run takes its learning rate, where --lr was left open
     threads: ThreadChoice  # the CPU threads it computes with, and why
+    graphs: str | None  # on a GPU: whether the forwards are CUDA graphs, and why not
 
     @property
     def on_cuda(self) -> bool:
@@ -129,7 +130,18 @@ def build(config: RunConfig, objective: Callable | None = None) -> Parts:
         engine.enable_qat(config.scheme.qat, SCHEMES[config.scheme.scheme].adapts_linears)
     streamer = start_streaming(config, engine, plan, decision, device)
     return Parts(config, profile, device, task, resolved, encoder, shapes, monitor, model,
-                 blocks, plan, engine, streamer, why, lr_why, threads)
+                 blocks, plan, engine, streamer, why, lr_why, threads,
+                 use_cuda_graphs(config, engine, device))
+
+
+def use_cuda_graphs(config: RunConfig, engine: ZOEngine, device: torch.device) -> str | None:
+    """What the run's header says of CUDA graphs (edgezo.zo.graphs): None on a CPU."""
+    if device.type != "cuda":
+        return None
+    if config.runtime.cuda_graphs == "off":
+        return "off (--cuda-graphs off)"
+    why = engine.use_graphs()
+    return "on (each query's pair forward is one launch)" if why is None else f"off: {why}"
 
 
 def compute_device(profile: Profile, strict_memory: bool) -> torch.device:

@@ -26,7 +26,8 @@ def describe_device(session: Session) -> str:
                 f"{cpu_capability()} (same plan and budget, "
                 f"{gib(session.profile.budget_bytes)}). {dtype}")
     where = cpu_capability() if session.device.type == "cpu" else str(session.device)
-    return f"Running on {where} under profile {session.profile.name}. {dtype}"
+    graphs = f" CUDA graphs {session.graphs}." if session.graphs else ""
+    return f"Running on {where} under profile {session.profile.name}. {dtype}{graphs}"
 
 
 def progress_bar(console: Console) -> Progress:

@@ -35,7 +35,10 @@ def session_report(session: Session) -> dict:
         "device": str(session.device),
         "emulated_profile": session.emulated,
         "compute": {"dtype": cfg.model.dtype, "why": session.dtype_reason,
-                    "cpu": cpu_capability(), "threads": session.threads.to_dict()},
+                    "cpu": cpu_capability(), "threads": session.threads.to_dict(),
+                    "cuda_graphs": session.graphs,
+                    "graph_replays": (session.engine.graphs.replays
+                                      if session.engine.graphs is not None else 0)},
         "learning_rate": {"lr": cfg.optimizer.lr,
                           "why": session.lr_reason or "given (--lr, or the resumed run's)"},
         "forward_passes_per_step": session.engine.forward_passes_per_step,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 CHUNK_ELEMENTS = 1 << 18
@@ -41,6 +42,22 @@ def mix(*values: int) -> int:
     for v in values:
         h = _splitmix64(h ^ (v & _MASK64))
     return h >> 1
+
+
+def mix_many(*values) -> np.ndarray:
+    """`mix` of each position of equal-length uint64 arrays (or ints, the same at every
+    position): the same numbers, for a CUDA graph's step, whose host works out every
+    table offset of a step at once (edgezo.zo.graphs.Stage)."""
+    n = max(np.size(v) for v in values)
+    with np.errstate(over="ignore"):
+        h = np.full(n, 0x243F6A8885A308D3, dtype=np.uint64)
+        for v in values:
+            x = h ^ np.asarray(v, dtype=np.uint64)
+            x = x + np.uint64(0x9E3779B97F4A7C15)
+            x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            h = x ^ (x >> np.uint64(31))
+    return h >> np.uint64(1)
 
 
 def step_seed(run_seed: int, step: int, query: int = 0) -> int:

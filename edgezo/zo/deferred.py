@@ -60,8 +60,11 @@ class DeferredUpdate:
         if (coef is None or type(self.rule) is not SGD or not self.rule.linear_in_d()
                 or self.after_update is not None
                 or not self._fuses(self.params[todo[0]].device, d_of)):
-            return todo
+            return self._left_to_spans(todo)
         pieces, rest = self.fused.pieces(todo)
+        # a CUDA graph's step: the rate is a device scalar the runner sets before each
+        # replay (edgezo.zo.graphs), never a number the capture would keep
+        rate = pending.lr * coef if self.rate is None else self.rate
         for piece in pieces:
             p = self.params[piece.indices[0]]
             seed, device = d_of.seeds[0], p.device
@@ -69,11 +72,23 @@ class DeferredUpdate:
                 "fused_z", piece.numel, torch.float32, device))
             bits = None
             if d_of.own_dither() and p.dtype == torch.bfloat16:
+                if self.rate is not None:  # its dither is drawn from a seeded generator
+                    self._left_to_spans(piece.indices)
                 bits = self.fused.bits(piece, d_of, seed, workers.thread_buffer(
                     "fused_dither", piece.numel, torch.int32, device))
-            self.fused.sgd_update(piece, z, pending.lr * coef, workers.thread_buffer(
+            self.fused.sgd_update(piece, z, rate, workers.thread_buffer(
                 "fused_new", piece.numel, torch.float32, device), bits)
-        return rest
+        return self._left_to_spans(rest)
+
+    def _left_to_spans(self, todo: list[int]) -> list[int]:
+        """`todo`, the parameters the span path updates: refused while a CUDA graph's step
+        is captured, whose rate the span path would keep as a number."""
+        if todo and self.rate is not None:
+            from edgezo.zo.graphs import GraphUnsafe
+
+            raise GraphUnsafe("an update goes span by span (not plain ZO-SGD on fp32, "
+                              "fp16 or bf16 weights)")
+        return todo
 
     def _update_target(self, index: int) -> torch.Tensor:
         """The tensor an update writes: a streamed parameter's fp32 master when it has one

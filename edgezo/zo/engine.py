@@ -24,19 +24,20 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from edgezo.errors import ConfigError
-from edgezo.zo import bases, chunking, coordinates, gradients, state
+from edgezo.zo import bases, chunking, coordinates, gradients, graphs, state
 from edgezo.zo.batch import batch_rows, double, global_means
 from edgezo.zo.blocks import BlockMap, build_block_map, estimation_groups, resolve_fo_blocks
 from edgezo.zo.deferred import PendingUpdate
 from edgezo.zo.direction import Direction
 from edgezo.zo.gradients import LossFn
 from edgezo.zo.methods import Estimate
-from edgezo.zo.optimizers import Optimizer
+from edgezo.zo.optimizers import SGD, Optimizer
 from edgezo.zo.perturb import Perturbation
 from edgezo.zo.qat import QAT
 from edgezo.zo.result import StepResult
@@ -82,6 +83,7 @@ class ZOEngine(SeedLogSteps):
         self.streamer: BlockStreamer | None = None
         self.world = 1  # data-parallel ranks (set by data_parallel())
         self.qat = None  # edgezo.zo.qat.QAT when forwards see quantized weights
+        self.graphs: graphs.StepGraphs | None = None  # use_graphs()
         if self._coords is not None and self.forward_passes_per_step > est.max_forwards:
             self.perturbation.remove()
             raise ConfigError(coordinates.too_many(self.forward_passes_per_step,
@@ -211,10 +213,11 @@ class ZOEngine(SeedLogSteps):
         scale = self.eps if scale is None else scale
         p = self.perturbation
         if self.pair:
-            doubled = double(batch)
-            with p.perturbed(direction, scale, None, pair_rows=batch_rows(doubled)):
-                per_example = self.loss_fn(self.model, doubled)
-                self._count_forward(doubled=True)
+            if self.graphs is not None and scale == self.eps:
+                per_example = self.graphs.pair_losses(batch, direction)
+            else:
+                per_example = self._pair_forward(batch, direction, scale)
+            self._count_forward(doubled=True)
             # One host sync per query, here: g is needed as a Python scalar.
             plus, minus = self._global_means(per_example, 2)
         else:
@@ -224,6 +227,48 @@ class ZOEngine(SeedLogSteps):
                 minus = self._mean(batch)
         p.flush()  # parameters no wrapper touched still owe the previous update
         return plus, minus
+
+    def _pair_forward(self, batch: dict, direction: Direction, scale: float | None = None
+                      ) -> torch.Tensor:
+        """Per-example losses of [x; x] at θ + a·d (first half) and θ − a·d (a: ε)."""
+        doubled = double(batch)
+        scale = self.eps if scale is None else scale
+        with self.perturbation.perturbed(direction, scale, None, pair_rows=batch_rows(doubled)):
+            return self.loss_fn(self.model, doubled)
+
+    # -- CUDA graphs ----------------------------------------------------------------------
+    def use_graphs(self, backend: Callable[[], object] | None = None,
+                   notify: Callable[[str], None] = graphs.tell) -> str | None:
+        """Run the pair forwards as CUDA graphs where they can be (edgezo.zo.graphs);
+        returns why this run cannot (None: it does). `backend`: the graph to capture in
+        (default: a CUDA graph; tests pass graphs.TraceGraph)."""
+        reason = self._graphs_refused()
+        if reason is None and backend is None and self.blocks.params[0].device.type != "cuda":
+            reason = "the model is not on a GPU"
+        if reason is None:
+            self.graphs = graphs.StepGraphs(self.perturbation, self._pair_forward, backend,
+                                            notify)
+        return reason
+
+    def _graphs_refused(self) -> str | None:
+        """Why no forward of this run can be a graph (see graphs' docstring)."""
+        rule, method = self.optimizer.rule, self.optimizer.method
+        if not self.pair:
+            return "the run evaluates L(θ + εz) and L(θ − εz) apart (one-sided or unpaired)"
+        if type(rule) is not SGD or not rule.linear_in_d() or not method.perturbs:
+            return f"{method.name} updates with more than z and a rate"
+        if self.noise != "table" or self.directions not in ("gaussian", "rademacher"):
+            return f"{self.directions} directions from the {self.noise} are drawn, not read"
+        if self.masks is not None or self._active != [None] or self.fo_indices:
+            return "sparsity, block-wise groups or FO blocks"
+        if self.qat is not None:
+            return "QAT's forwards"
+        if self.streamer is not None:
+            return "streamed layers move between host and GPU"
+        if self.directions == "rademacher" and any(p.dtype == torch.bfloat16
+                                                   for p in self.blocks.params):
+            return "a bf16 update along Rademacher z draws its rounding dither"
+        return None
 
     def _loss_plus(self, batch: dict, direction: Direction) -> float:
         with self.perturbation.perturbed(direction, self.eps, +1):
@@ -386,11 +431,14 @@ class ZOEngine(SeedLogSteps):
         the next step allocates again. Evaluation calls this: it perturbs nothing, and the
         workspace can be the size of its activations (the planner prices eval without it)."""
         self.perturbation.release_workspace()
+        if self.graphs is not None:  # their kernels write the workspace that just went
+            self.graphs.reset()
 
     def close(self) -> None:
         """Flush and remove the wrappers; the model is an ordinary HF model again (its
         streamed layers, if any, come back as CPU tensors)."""
         self.flush()
+        self.graphs = None
         self.perturbation.remove()
         if self.qat is not None:
             self.qat.remove()

@@ -260,10 +260,8 @@ class Fused(StructuredPieces):
     def _gather(self, piece: Piece, seed: int, out: torch.Tensor,
                 values: Callable[[torch.device], torch.Tensor]) -> None:
         device = out.device
-        offsets = noise_table.to_device(
-            [noise_table.table_offset(n, chunking.param_seed(seed, i), c)
-             for i, c, n in piece.chunks],
-            device)
+        offsets = noise_table.offsets(
+            [(chunking.param_seed(seed, i), c, n) for i, c, n in piece.chunks], device)
         starts = self._starts(len(piece.row_chunk), device)
         torch.index_select(offsets, 0, piece.row_chunk, out=starts).add_(piece.row_local)
         table = values(device)
@@ -310,14 +308,21 @@ class Fused(StructuredPieces):
         for out, scale in reversed(list(zip(outs, scales, strict=True))):
             torch.add(first, z, alpha=scale, out=out)  # the first last: it is θ until then
 
-    def sgd_update(self, piece: Piece, z: torch.Tensor, lr: float, new: torch.Tensor,
-                   bits: torch.Tensor | None = None) -> None:
+    def sgd_update(self, piece: Piece, z: torch.Tensor, lr: float | torch.Tensor,
+                   new: torch.Tensor, bits: torch.Tensor | None = None) -> None:
         """θ ← θ − lr·z (optimizers.SGD with d = z), through the fp32 buffer `new`, bf16
         weights rounded stochastically with the low bits of `bits` (int32), by default
-        z's own (optimizers.store, Direction.dither_bits)."""
+        z's own (optimizers.store, Direction.dither_bits).
+
+        `lr` may be a 0-d fp32 tensor on the device (a CUDA graph's step, whose rate
+        changes every replay): θ − z·lr in one rounding, the value sub_'s θ − lr·z has
+        (tests/unit/zo/test_graphs.py checks both)."""
         weights = self.weights(piece)
         torch.cat(weights, out=new)
-        new.sub_(z, alpha=lr)
+        if isinstance(lr, torch.Tensor):
+            new.addcmul_(z, lr, value=-1)
+        else:
+            new.sub_(z, alpha=lr)
         if weights[0].dtype == torch.bfloat16:
             word = new.view(torch.int32)
             if bits is None:

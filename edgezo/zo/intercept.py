@@ -73,7 +73,11 @@ class RowPerturbedEmbedding(TorchFunctionMode):
             return func(*args, **kwargs)
         ids = args[0]
         owner = self.owner
-        uniq, inverse = torch.unique(ids, return_inverse=True)  # sorted
+        if owner.static_rows:  # each token's row, the same values as the unique rows'
+            uniq = ids.reshape(-1)
+            inverse = torch.arange(uniq.numel(), device=ids.device).view(ids.shape)
+        else:
+            uniq, inverse = torch.unique(ids, return_inverse=True)  # sorted
         z = owner.direction.rows(self.weight.shape, self.index, uniq,
                                  work_dtype(self.weight.dtype))
         base = self.weight.detach()[uniq]

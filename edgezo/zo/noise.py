@@ -20,7 +20,7 @@ from edgezo.zo.chunking import (
     rows_per_chunk,
     span_bounds,
 )
-from edgezo.zo.noise_table import table_slice, table_span
+from edgezo.zo.noise_table import staged, table_slice, table_span
 
 
 def to_signs(z: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,10 +74,10 @@ def chunk(shape: torch.Size, seed: int, index: int, device: torch.device,
     numel = (hi - lo) * inner.numel() if inner else hi - lo
     single = end is None or end == index + 1
     if source == "table":
-        if single:
+        if single and not staged():
             z = table_slice(numel, seed, index, device)
         else:
-            z = table_span(shape, seed, index, end, device,
+            z = table_span(shape, seed, index, index + 1 if end is None else end, device,
                            workers.thread_buffer("z", numel, torch.float32, device)).view(-1)
         if kind != "gaussian":
             z = to_signs(z, out=workers.thread_buffer("z", numel, torch.float32, device))

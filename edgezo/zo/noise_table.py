@@ -16,9 +16,18 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 
-from edgezo.zo.chunking import generator, mix, num_rows, row_width, rows_per_chunk, span_bounds
+from edgezo.zo.chunking import (
+    generator,
+    mix,
+    mix_many,
+    num_rows,
+    row_width,
+    rows_per_chunk,
+    span_bounds,
+)
 from edgezo.zo.workers import thread_buffer
 
 TABLE_VALUES = 1 << 21  # 8 MiB of fp32, 8x the largest chunk
@@ -74,17 +83,22 @@ def chunk_bf16(shape: torch.Size, seed: int, index: int, device: torch.device,
     lo, hi = span_bounds(shape, index, end)
     inner = shape[1:] if len(shape) >= 1 else ()
     numel = (hi - lo) * inner.numel() if inner else hi - lo
-    if end is None or end == index + 1:
+    if (end is None or end == index + 1) and not staged():
         offset = table_offset(numel, seed, index)
         z = table_bf16(device)[offset:offset + numel]
     else:
-        z = table_span(shape, seed, index, end, device,
+        z = table_span(shape, seed, index, index + 1 if end is None else end, device,
                        thread_buffer("z16", numel, torch.bfloat16, device), table_bf16)
     return z.view(hi - lo, *inner)
 
 
 def table_offset(numel: int, seed: int, chunk: int) -> int:
     return mix(seed, chunk, _TABLE_SEED) % (TABLE_VALUES - numel + 1)
+
+
+def table_offsets(seeds: np.ndarray, chunks: np.ndarray, numels: np.ndarray) -> np.ndarray:
+    """table_offset at each position of uint64 arrays, in a few vectorized operations."""
+    return mix_many(seeds, chunks, _TABLE_SEED) % (np.uint64(TABLE_VALUES + 1) - numels)
 
 
 def table_slice(numel: int, seed: int, chunk: int, device: torch.device) -> torch.Tensor:
@@ -106,6 +120,26 @@ def wrapped_into(out: torch.Tensor, seed: int) -> torch.Tensor:
     return out
 
 
+# Where a captured step reads the table's offsets from (edgezo.zo.graphs.Stage): set while
+# a step is recorded or captured, None otherwise.
+_STAGE = None
+
+
+def staged() -> bool:
+    """Whether offsets are staged now (a CUDA graph's step is recorded or captured): then
+    every read of the table is a gather at offsets held on the device, never a slice at
+    an offset the host worked out, which a graph would keep for every later step."""
+    return _STAGE is not None
+
+
+def offsets(entries: list[tuple[int, int, int]], device: torch.device) -> torch.Tensor:
+    """Where in the table each (parameter seed, chunk, values) starts, int64 on `device`
+    (a graph's step reads them from its staging buffer instead)."""
+    if _STAGE is not None:
+        return _STAGE.offsets(entries, device)
+    return to_device([table_offset(n, seed, c) for seed, c, n in entries], device)
+
+
 def to_device(values: list[int], device: torch.device) -> torch.Tensor:
     """A small int64 tensor on `device`; to CUDA from pinned memory, without waiting for
     the kernels already queued."""
@@ -119,8 +153,8 @@ def _chunk_offsets(shape: torch.Size, seed: int, chunks: Iterable[int],
                    device: torch.device) -> torch.Tensor:
     """Where in the table each of these chunks of a parameter starts, on `device`."""
     per, rows, cols = rows_per_chunk(shape), num_rows(shape), row_width(shape)
-    return to_device([table_offset((min((c + 1) * per, rows) - c * per) * cols, seed, c)
-                       for c in chunks], device)
+    return offsets([(seed, c, (min((c + 1) * per, rows) - c * per) * cols) for c in chunks],
+                   device)
 
 
 _LAYOUTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

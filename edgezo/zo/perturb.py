@@ -80,6 +80,11 @@ class Perturbation(DeferredUpdate, PerturbedHead):
         self.streamer = None  # a BlockStreamer when some layers live off the device
         # called with the indices of the parameters an update just wrote (QAT)
         self.after_update = None
+        # While a CUDA graph's step is recorded or captured (edgezo.zo.graphs): the
+        # update's rate as a device scalar, and embeddings perturbing every token's row
+        # (no torch.unique, whose size the data decides).
+        self.rate: torch.Tensor | None = None
+        self.static_rows = False
         self.fused = fused.Fused(self.params)
         for p, name in zip(self.params, block_map.names, strict=True):
             if not p.is_contiguous():

@@ -37,6 +37,11 @@ def thread_buffer(name: str, numel: int, dtype: torch.dtype, device: torch.devic
     return view
 
 
+def held_buffers() -> list[torch.Tensor]:
+    """This thread's buffers (a CUDA graph keeps the memory its kernels use alive)."""
+    return [buf for buf, _ in _BUFFERS.__dict__.get("buffers", {}).values()]
+
+
 _POOL: ThreadPoolExecutor | None = None
 
 

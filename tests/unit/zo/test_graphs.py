@@ -1,0 +1,156 @@
+"""CUDA graphs of the pair forward (edgezo.zo.graphs), on the CPU: graphs.TraceGraph
+records a captured forward's operations and replays them as a CUDA graph would (the host
+code between them does not run again), so a value the capture kept where it should have
+been staged (a table offset, a rate, a branch) makes the replayed steps differ from
+eager ones. Every test here compares weights bit for bit."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import lm_batch, zo_engine
+
+from edgezo.models.tiny import VOCAB, tiny_model
+from edgezo.zo import chunking, fused, graphs, noise_table, perturb
+from edgezo.zo.optimizers import make_optimizer
+
+
+@pytest.fixture
+def gpu_path(monkeypatch):
+    """The CUDA path on the CPU: scratch copies, fused pieces, spans of CUDA's size."""
+    monkeypatch.setattr(perturb, "CHUNKED_LINEAR_DEVICES", ())
+    monkeypatch.setattr(fused, "FUSED_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setitem(chunking.SPAN_ELEMENTS, "cpu", chunking.SPAN_ELEMENTS["cuda"])
+
+
+@pytest.fixture(params=["small", "default"])
+def small_chunks(request, monkeypatch):
+    """Several chunks a parameter and several pieces a unit, so that a step reads the
+    table at many offsets; or the default sizes, where a tiny model's tensors are one
+    chunk each (read as one slice outside a graph)."""
+    if request.param == "small":
+        monkeypatch.setattr(chunking, "CHUNK_ELEMENTS", 512)
+        monkeypatch.setattr(fused, "FUSED_VALUES", 3000)
+
+
+def batches(n: int, rows: int = 4, seq: int = 7) -> list[dict]:
+    return [lm_batch(VOCAB, rows=rows, seq=seq, seed=s) for s in range(n)]
+
+
+RATES = [2e-2, 1e-2, 3e-2, 0.0, 2e-2, 5e-3, 1e-2, 2e-2]
+
+
+def train(family, dtype, data, graphed: bool, optimizer="zo-sgd", **kw):
+    """Weights, projected gradients, the reasons told and the engine's replays after a
+    step on each batch."""
+    model = tiny_model(family, dtype=dtype)
+    engine = zo_engine(model, make_optimizer(optimizer), seed=7, eps=1e-2, **kw)
+    told = []
+    if graphed:
+        params = list(engine.blocks.params)
+        assert engine.use_graphs(lambda: graphs.TraceGraph(params), told.append) is None
+    grads = [engine.step(b, lr=RATES[i % len(RATES)]).projected_grads
+             for i, b in enumerate(data)]
+    replays = engine.graphs.replays if graphed else 0
+    engine.close()
+    return model.state_dict(), grads, told, replays
+
+
+def assert_same(got, want):
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+
+
+@pytest.mark.parametrize("family,dtype", [
+    ("llama", torch.float32), ("llama", torch.bfloat16), ("gpt2", torch.float32),
+    ("gpt2", torch.bfloat16), ("qwen2", torch.float32), ("opt", torch.float32),
+    ("gemma3", torch.bfloat16)], ids=lambda v: str(v).replace("torch.", ""))
+def test_replayed_steps_equal_eager_steps(gpu_path, small_chunks, family, dtype):
+    """Tied (llama) and untied heads, learned positions (gpt2, opt), soft-capped logits
+    (gemma3), fp32 and bf16 with its stochastic rounding."""
+    data = batches(8)
+    want, want_g, _, _ = train(family, dtype, data, graphed=False)
+    got, got_g, told, replays = train(family, dtype, data, graphed=True)
+    assert not told
+    # step 0 applies no update, step 1 records, step 2 captures, step 3 (lr 0: no update
+    # to apply at step 4) ..., the others replay
+    assert replays >= 3
+    assert got_g == want_g
+    assert_same(got, want)
+
+
+def test_rademacher_and_q2_replay(gpu_path, small_chunks):
+    data = batches(6)
+    for kw in ({"directions": "rademacher"}, {"q": 2}):
+        want, want_g, _, _ = train("llama", torch.float32, data, graphed=False, **kw)
+        got, got_g, told, replays = train("llama", torch.float32, data, graphed=True, **kw)
+        assert got_g == want_g
+        assert_same(got, want)
+        if "q" in kw:  # the second query's forward applies no update: it replays
+            assert told == ["the update combines several queries (q > 1) or masks"]
+        assert replays >= 2
+
+
+def test_batch_shapes_each_take_a_graph(gpu_path, small_chunks):
+    data = [lm_batch(VOCAB, rows=4, seq=7 + s % 2, seed=s) for s in range(8)]
+    want, want_g, _, _ = train("llama", torch.float32, data, graphed=False)
+    got, got_g, told, replays = train("llama", torch.float32, data, graphed=True)
+    assert got_g == want_g and not told and replays >= 2
+    assert_same(got, want)
+
+
+def test_a_forward_that_reads_the_host_runs_eagerly(gpu_path, small_chunks):
+    """A loss with a host read inside (here: .item()) cannot be captured: told once, and
+    every step still equals the eager one (a failed capture applied nothing)."""
+    from edgezo.tasks.loss import example_losses
+
+    def reads_host(model, batch):
+        losses = example_losses(model, batch)
+        return losses * (1.0 if losses.sum().item() == losses.sum().item() else 0.0)
+
+    data = batches(5)
+    want, want_g, _, _ = train("llama", torch.float32, data, graphed=False,
+                               loss_fn=reads_host)
+    got, got_g, told, replays = train("llama", torch.float32, data, graphed=True,
+                                      loss_fn=reads_host)
+    assert got_g == want_g and replays == 0
+    assert told == ["the forward reads a value on the host (aten._local_scalar_dense)"]
+    assert_same(got, want)
+
+
+@pytest.mark.parametrize("optimizer,kw,why", [
+    ("zo-adam", {}, "zo-adam updates with more than z and a rate"),
+    ("zo-sgd", {"noise": "generator"}, "gaussian directions from the generator are drawn"),
+    ("zo-sgd", {"block_wise": True}, "sparsity, block-wise groups or FO blocks"),
+    ("zo-sgd", {"estimate": "one-sided"}, "one-sided or unpaired"),
+])
+def test_runs_graphs_cannot_serve_say_why(optimizer, kw, why):
+    model = tiny_model("llama", dtype=torch.float32)
+    engine = zo_engine(model, make_optimizer(optimizer), **kw)
+    assert why in engine.use_graphs(lambda: graphs.TraceGraph())
+    assert engine.graphs is None
+    model = tiny_model("llama", dtype=torch.float32)
+    assert zo_engine(model, make_optimizer("zo-sgd")).use_graphs() == \
+        "the model is not on a GPU"
+
+
+def test_staged_offsets_equal_the_hosts():
+    """Stage.fill's vectorized offsets are table_offset's, for any seeds."""
+    rng = np.random.default_rng(0)
+    seeds = [int(s) for s in rng.integers(0, 2 ** 63, 50, dtype=np.uint64)]
+    chunks = rng.integers(0, 4000, 50, dtype=np.uint64)
+    numels = rng.integers(1, 1 << 20, 50, dtype=np.uint64)
+    got = noise_table.table_offsets(np.array(seeds, dtype=np.uint64), chunks, numels)
+    want = [noise_table.table_offset(int(n), s, int(c))
+            for s, c, n in zip(seeds, chunks, numels, strict=True)]
+    assert [int(v) for v in got] == want
+
+
+def test_a_device_rate_updates_as_a_number_does():
+    """The fused update's θ − z·rate with the rate a 0-d tensor (a graph's) equals
+    θ − rate·z with the rate a number, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    theta, z = torch.randn(1 << 16, generator=g), torch.randn(1 << 16, generator=g)
+    for rate in (1e-3, 3.7e-5, 0.123456789, -2e-2):
+        want = theta.clone().sub_(z, alpha=rate)
+        got = theta.clone().addcmul_(z, torch.tensor(rate, dtype=torch.float32), value=-1)
+        assert torch.equal(got, want)
