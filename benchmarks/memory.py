@@ -7,6 +7,8 @@ other's; both load the same model the same way and run the same batch:
     zo-pair:         edgezo ZO-SGD steps in pair mode (one forward over [x; x])
     zo-two:          edgezo ZO-SGD steps in two-pass mode
     zo-pair-table:   pair mode with --noise table (its 8 MiB table counted)
+    zo-pair-graph:   the same with each pair forward a CUDA graph (on a GPU only; the
+                     graph's memory pool counted)
 
 On CUDA the figure is torch.cuda.max_memory_allocated; on the CPU it is the process's
 peak resident set (the kernel's high-water mark, ru_maxrss) above its resident set before
@@ -75,18 +77,18 @@ def live_peak(prof) -> int:
 
 def measure(mode: str, model_name: str, dtype: str, batch: int, seq: int,
             loss: str = "classification", tensors: bool = False) -> dict:
-    from step_overhead import make_batch
+    from step_overhead import build_model, make_batch
 
     from edgezo.config.options import EstimatorOptions
     from edgezo.config.rules import estimate_of
-    from edgezo.models.loading import compute_dtype, load_model, parse_dtype
+    from edgezo.models.loading import compute_dtype, parse_dtype
     from edgezo.tasks.loss import example_losses
     from edgezo.zo.engine import ZOEngine
     from edgezo.zo.optimizers import make_optimizer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     baseline = psutil.Process().memory_info().rss
-    model = load_model(model_name, parse_dtype(dtype), device).model
+    model = build_model(model_name, parse_dtype(dtype), device)
     if device.type == "cpu":
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # the loader's freed temporaries
     data = {k: v.to(device) for k, v in
@@ -110,12 +112,15 @@ def measure(mode: str, model_name: str, dtype: str, batch: int, seq: int,
                 for _ in range(3):
                     example_losses(model, data).mean().item()
         else:
-            noise = "table" if mode.endswith("table") else "generator"
+            noise = "table" if mode.endswith(("table", "graph")) else "generator"
             estimate = estimate_of(EstimatorOptions(eps=1e-3, noise=noise), "zo-sgd",
                                    compute_dtype(model))
             engine = ZOEngine(model, make_optimizer("zo-sgd"), estimate,
                               loss_fn=example_losses, seed=0, pair=mode.startswith("zo-pair"))
-            for _ in range(3):
+            graphed = mode.endswith("graph")
+            if graphed and engine.use_graphs() is not None:
+                raise SystemExit(f"{mode}: {engine.use_graphs()}")
+            for _ in range(5 if graphed else 3):  # a graph: recorded, captured, replayed
                 engine.step(data, lr=1e-6)
             engine.close()
     if device.type == "cuda":
@@ -164,7 +169,8 @@ def main() -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    modes = ("inference", "zo-pair", "zo-two", "zo-pair-table", "zo-two-table")
+    modes = ("inference", "zo-pair", "zo-two", "zo-pair-table", "zo-two-table") + (
+        ("zo-pair-graph",) if torch.cuda.is_available() else ())
     # Round-robin, so a drift of the machine reaches every mode alike.
     peaks: dict[str, list[int]] = {m: [] for m in modes}
     for _ in range(args.repeat):

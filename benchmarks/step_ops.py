@@ -38,20 +38,43 @@ from edgezo.device.hardware import cpu_capability  # noqa: E402
 from edgezo.models.loading import load_model  # noqa: E402
 from edgezo.models.tiny import tiny_model  # noqa: E402
 from edgezo.tasks.loss import example_losses  # noqa: E402
+from edgezo.zo import graphs  # noqa: E402
 
 ROWS = ("generator", "table", "lowrank", "subspace")
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts every aten operation dispatched inside it, by name."""
+    """Counts every aten operation dispatched inside it, by name (not while `paused`:
+    a graph's replay, whose operations the GPU runs without the host)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops: collections.Counter[str] = collections.Counter()
+        self.paused = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket.__name__)] += 1
+        if not self.paused:
+            self.ops[str(func.overloadpacket.__name__)] += 1
         return func(*args, **(kwargs or {}))
+
+
+class Launch(graphs.TraceGraph):
+    """A CUDA graph emulated on the CPU (graphs.TraceGraph) whose replay counts as one
+    operation of the host: a graph launch."""
+
+    counter: OpCounter | None = None
+
+    def replay(self) -> None:
+        counter = Launch.counter
+        if counter is None:
+            return super().replay()
+        counter.paused = True
+        try:
+            super().replay()
+        finally:
+            counter.paused = False
+            counter.ops["graph launch"] += 1
+        return None
 
 
 def count(fn) -> collections.Counter[str]:
@@ -59,7 +82,11 @@ def count(fn) -> collections.Counter[str]:
     thread): keep the noise pool off (EDGEZO_NOISE_THREADS=1, as main does), as on a GPU,
     where chunks run in order on the caller's thread."""
     with OpCounter() as counter:
-        fn()
+        Launch.counter = counter
+        try:
+            fn()
+        finally:
+            Launch.counter = None
     return counter.ops
 
 
@@ -69,18 +96,25 @@ def load(name: str, dtype: torch.dtype) -> torch.nn.Module:
     return load_model(name, dtype, torch.device("cpu")).model
 
 
-def engine_ops(model, batch: dict, row: str) -> collections.Counter[str]:
-    """One engine step's ops, after two warm-up steps (the first applies no update)."""
+def engine_ops(model, batch: dict, row: str, graphed: bool = False
+               ) -> collections.Counter[str]:
+    """One engine step's ops, after the warm-up steps (the first applies no update; with
+    `graphed`, the second records the forward and the third captures it)."""
     engine = engine_for(model, row)
+    if graphed:
+        params = list(engine.blocks.params)
+        why = engine.use_graphs(lambda: Launch(params))
+        if why is not None:
+            raise SystemExit(f"no graph for {row}: {why}")
     try:
-        engine.step(batch, lr=1e-6)
-        engine.step(batch, lr=1e-6)
+        for _ in range(3 if graphed else 2):
+            engine.step(batch, lr=1e-6)
         return count(lambda: engine.step(batch, lr=1e-6))
     finally:
         engine.close()
 
 
-def measure(model, batch: dict, rows=ROWS) -> dict:
+def measure(model, batch: dict, rows=ROWS, graphed: bool = True) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
         example_losses(model, batch)
@@ -96,6 +130,11 @@ def measure(model, batch: dict, rows=ROWS) -> dict:
             ops = engine_ops(model, batch, row)
         out["cuda_path"][row] = sum(ops.values())
         out["top"][row] = dict(ops.most_common(8))
+    if graphed and "table" in rows:  # the host's part of a replayed step
+        with cuda_path():
+            ops = engine_ops(model, batch, "table", graphed=True)
+        out["cuda_graph"] = sum(ops.values())
+        out["top"]["cuda graph"] = dict(ops.most_common(8))
     return out
 
 
@@ -108,19 +147,22 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS),
                     type=lambda v: [r for r in v.split(",") if r])
     ap.add_argument("--json", action="store_true", help="one JSON object: ops per step")
+    ap.add_argument("--no-graph", action="store_true",
+                    help="skip the row of a step whose forward replays a CUDA graph")
     args = ap.parse_args()
     os.environ["EDGEZO_NOISE_THREADS"] = "1"  # every op on the counting thread (see count)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     torch.manual_seed(0)
     model = load(args.model, dtype).eval()
     batch = make_batch(model.config.vocab_size, args.batch, args.seq)
-    result = measure(model, batch, args.rows)
+    result = measure(model, batch, args.rows, graphed=not args.no_graph)
     if args.json:  # the table (the default source) at the top; every row under "rows"
         main_row = "table" if "table" in args.rows else args.rows[0]
         print(json.dumps({"two_forwards": result["two_forwards"],
                           "cuda_path": result["cuda_path"][main_row],
                           "cpu_path": result["cpu_path"][main_row], "mezo": result["mezo"],
                           "tensors": result["tensors"], "source": main_row,
+                          "cuda_graph": result.get("cuda_graph"),
                           "rows": {r: {"cuda_path": result["cuda_path"][r],
                                        "cpu_path": result["cpu_path"][r]}
                                    for r in args.rows}}))
@@ -130,15 +172,19 @@ def main() -> None:
           f"batch {args.batch} x {args.seq}, {n} trainable tensors")
     print(f"{'':44} {'ops/step':>9} {'/ two fwd':>9} {'extra/tensor':>12}")
 
-    def line(name: str, ops: int) -> None:
-        print(f"{name:44} {ops:9,d} {ops / two:9.2f} {(ops - two) / n:12.1f}")
+    def line(name: str, ops: int, extra: bool = True) -> None:
+        per = f"{(ops - two) / n:12.1f}" if extra else f"{'-':>12}"
+        print(f"{name:44} {ops:9,d} {ops / two:9.2f} {per}")
 
     line("two plain forwards", two)
     for row in args.rows:
         line(f"edgezo, CPU path ({row})", result["cpu_path"][row])
         line(f"edgezo, CUDA path ({row})", result["cuda_path"][row])
+    if "cuda_graph" in result:
+        # the forwards themselves are in the graph: the host's ops are the whole step's
+        line("edgezo, CUDA path, graph replay (table)", result["cuda_graph"], extra=False)
     line("MeZO-style step", result["mezo"])
-    for row in args.rows:
+    for row in result["top"]:
         top = ", ".join(f"{k} {v:,}" for k, v in result["top"][row].items())
         print(f"top ops, CUDA path ({row}): {top}")
 

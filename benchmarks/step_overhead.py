@@ -45,6 +45,35 @@ from edgezo.zo import chunking, fused, perturb
 from edgezo.zo.engine import ZOEngine
 from edgezo.zo.optimizers import make_optimizer
 
+# Shapes of larger models, built with random weights right on the device (no download,
+# no disk): the step's time and memory depend only on the shapes.
+RANDOM_SHAPES = {
+    # TinyLlama-1.1B's: 22 layers, hidden 2048, grouped-query attention
+    "llama-1.1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                       num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
+                       tie_word_embeddings=False),
+}
+
+
+def build_model(spec: str, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """`spec`: smollm2 (or a path: loaded), tiny:<family>, or random:<shape> (RANDOM_SHAPES,
+    built in `dtype` on `device`)."""
+    if spec.startswith("tiny:"):
+        return tiny_model(spec.split(":", 1)[1], dtype=dtype).to(device)
+    if spec.startswith("random:"):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(**RANDOM_SHAPES[spec.split(":", 1)[1]])
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(default)
+        return model.eval()
+    return load_model(spec, dtype, device).model
+
 
 def make_batch(vocab: int, batch: int, seq: int, seed: int = 0, labels: str = "last"
                ) -> dict:
@@ -124,7 +153,15 @@ def cuda_path():
 
 
 def engine_for(model, noise: str, pair: bool = True) -> ZOEngine:
-    """`noise`: generator, table, or a structured direction (lowrank, subspace)."""
+    """`noise`: generator, table, or a structured direction (lowrank, subspace); graph:
+    the table with each pair forward a CUDA graph (edgezo.zo.graphs)."""
+    if noise == "graph":
+        engine = engine_for(model, "table", pair)
+        why = engine.use_graphs()
+        if why is not None:
+            engine.close()
+            raise SystemExit(f"the graph row cannot run: {why}")
+        return engine
     est = (EstimatorOptions(eps=1e-3, directions=noise) if noise in ("lowrank", "subspace")
            else EstimatorOptions(eps=1e-3, noise=noise))
     return ZOEngine(model, make_optimizer("zo-sgd"),
@@ -141,30 +178,31 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                     help="auto: cuda when a GPU is visible, else cpu")
-    ap.add_argument("--rows", default="generator,table,two-pass,lowrank,subspace",
+    ap.add_argument("--rows", default=None,
                     type=lambda v: [r for r in v.split(",") if r],
                     help="the edgezo steps to time (comma-separated, from generator, table, "
-                         "two-pass, lowrank, subspace, fused; two-pass uses the table; "
-                         "fused is the table through the GPU's path (cuda_path) on this "
-                         "device)")
+                         "two-pass, lowrank, subspace, fused, graph; two-pass uses the "
+                         "table; fused is the table through the GPU's path (cuda_path) on "
+                         "this device; graph, on a GPU, the table with each pair forward "
+                         "a CUDA graph; default: all but fused, graph only on a GPU)")
     ap.add_argument("--labels", default="last", choices=["last", "all"],
                     help="last: a classification loss at the last position; all: a "
                          "language-modelling loss on every token (the head at every "
                          "position)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    known = ("generator", "table", "two-pass", "lowrank", "subspace", "fused")
-    if not args.rows or set(args.rows) - set(known):
-        ap.error(f"--rows takes one or more of {', '.join(known)}")
+    known = ("generator", "table", "two-pass", "lowrank", "subspace", "fused", "graph")
     device = torch.device(args.device if args.device != "auto"
                           else "cuda" if torch.cuda.is_available() else "cpu")
+    if args.rows is None:
+        args.rows = ["generator", "table", "two-pass", "lowrank", "subspace"] + (
+            ["graph"] if device.type == "cuda" else [])
+    if not args.rows or set(args.rows) - set(known):
+        ap.error(f"--rows takes one or more of {', '.join(known)}")
     name = (preferred_dtype(None, "bf16", device)[0] if args.dtype == "auto"
             else args.dtype)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[name]
-    if args.model.startswith("tiny:"):
-        model = tiny_model(args.model.split(":", 1)[1], dtype=dtype).to(device)
-    else:
-        model = load_model(args.model, dtype, device).model
+    model = build_model(args.model, dtype, device)
     batch = {k: v.to(device) for k, v in
              make_batch(model.config.get_text_config().vocab_size, args.batch,
                         args.seq, labels=args.labels).items()}
@@ -185,11 +223,15 @@ def main() -> None:
     steps = {}
     rows = {"generator": ("generator", True), "table": ("table", True),
             "two-pass": ("table", False), "lowrank": ("lowrank", True),
-            "subspace": ("subspace", True), "fused": ("fused", True)}
+            "subspace": ("subspace", True), "fused": ("fused", True),
+            "graph": ("graph", True)}
     for noise, pair in (rows[r] for r in args.rows):
         with cuda_path() if noise == "fused" else contextlib.nullcontext():
             engine = engine_for(model, "table" if noise == "fused" else noise, pair)
-            for _ in range(2):  # warm-up: page in the weights, first copy-on-write, caches
+            # warm-up: page in the weights, first copy-on-write, caches; a graph's forward
+            # is recorded at the second step (the first applies no update), captured at
+            # the third
+            for _ in range(4 if noise == "graph" else 2):
                 engine.step(batch, lr=1e-7)
             steps[(noise, pair)] = paired(lambda e=engine: e.step(batch, lr=1e-7))
             engine.close()

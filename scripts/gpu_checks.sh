@@ -14,7 +14,7 @@
 set -u
 out=${1:-gpu-results}
 model=${2:-smollm2}
-parts=" ${PARTS:-step_overhead step_overhead_span token_loss memory squad_eval gpu_budget quantized streaming tests} "
+parts=" ${PARTS:-step_overhead step_overhead_span token_loss memory llama_1b_step llama_1b_memory squad_eval gpu_budget quantized streaming tests} "
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 started=$(date +%s)
@@ -55,6 +55,12 @@ part step_overhead_span 60 env EDGEZO_FUSED=0 python3 benchmarks/step_overhead.p
 part token_loss 60 python3 benchmarks/step_overhead.py --model "$model" --dtype bf16 \
     --rows table --labels all --repeats 3
 part memory 90 python3 benchmarks/memory.py --model "$model" --dtype bf16
+# a ~1.1B Llama shape (TinyLlama's), random weights built on the GPU: the step with and
+# without CUDA graphs beside two forwards, and its peak beside inference's
+part llama_1b_step 150 python3 benchmarks/step_overhead.py --model random:llama-1.1b \
+    --dtype bf16 --rows table,graph --repeats 3
+part llama_1b_memory 150 python3 benchmarks/memory.py --model random:llama-1.1b \
+    --dtype bf16 --repeat 1
 # written answers on the GPU (batched greedy with a KV cache), on the fixture's questions
 part squad_eval 60 python3 -m edgezo.cli eval --model "$model" --task squad \
     --data-dir tests/fixtures/data --profile 8gb-gpu --json

@@ -181,7 +181,7 @@ def test_the_cuda_paths_host_cost_is_a_few_ops_a_parameter(monkeypatch):
     operations a trainable tensor beyond its two forwards' own, with the table's z and
     with the generator's (beside the one generator call a chunk its definition needs),
     at most 10 and 12 with lowrank and subspace z, and fewer in all than a MeZO-style
-    step (benchmarks/step_ops.py)."""
+    step (benchmarks/step_ops.py); a step whose forward replays a graph, a few."""
     monkeypatch.setenv("EDGEZO_NOISE_THREADS", "1")  # every op on the counting thread
     torch.manual_seed(0)
     model = tiny_model("llama", dtype=torch.bfloat16)
@@ -194,6 +194,9 @@ def test_the_cuda_paths_host_cost_is_a_few_ops_a_parameter(monkeypatch):
         ops = result["cuda_path"][row] - result["top"][row].get("normal_", 0)
         assert ops - result["two_forwards"] <= per_tensor * result["tensors"], (row, result)
         assert result["cuda_path"][row] < result["mezo"], result
+    # with the pair forward a CUDA graph (emulated), the host's part of a step is a few
+    # copies, the graph's launch and the losses' read, whatever the model's size
+    assert result["cuda_graph"] <= 16, result["top"]["cuda graph"]
 
 
 def test_the_plan_prices_the_fused_buffers_where_they_run():
