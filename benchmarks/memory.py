@@ -83,6 +83,7 @@ def measure(mode: str, model_name: str, dtype: str, batch: int, seq: int,
     from edgezo.config.rules import estimate_of
     from edgezo.models.loading import compute_dtype, parse_dtype
     from edgezo.tasks.loss import example_losses
+    from edgezo.zo import graphs
     from edgezo.zo.engine import ZOEngine
     from edgezo.zo.optimizers import make_optimizer
 
@@ -118,8 +119,9 @@ def measure(mode: str, model_name: str, dtype: str, batch: int, seq: int,
             engine = ZOEngine(model, make_optimizer("zo-sgd"), estimate,
                               loss_fn=example_losses, seed=0, pair=mode.startswith("zo-pair"))
             graphed = mode.endswith("graph")
-            if graphed and engine.use_graphs() is not None:
-                raise SystemExit(f"{mode}: {engine.use_graphs()}")
+            why = graphs.attach(engine) if graphed else None
+            if why is not None:
+                raise SystemExit(f"{mode}: {why}")
             for _ in range(5 if graphed else 3):  # a graph: recorded, captured, replayed
                 engine.step(data, lr=1e-6)
             engine.close()

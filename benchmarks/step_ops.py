@@ -39,6 +39,7 @@ from edgezo.models.loading import load_model  # noqa: E402
 from edgezo.models.tiny import tiny_model  # noqa: E402
 from edgezo.tasks.loss import example_losses  # noqa: E402
 from edgezo.zo import graphs  # noqa: E402
+from edgezo.zo.trace_graph import TraceGraph  # noqa: E402
 
 ROWS = ("generator", "table", "lowrank", "subspace")
 
@@ -58,8 +59,8 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-class Launch(graphs.TraceGraph):
-    """A CUDA graph emulated on the CPU (graphs.TraceGraph) whose replay counts as one
+class Launch(TraceGraph):
+    """A CUDA graph emulated on the CPU (trace_graph.TraceGraph) whose replay counts as one
     operation of the host: a graph launch."""
 
     counter: OpCounter | None = None
@@ -103,7 +104,7 @@ def engine_ops(model, batch: dict, row: str, graphed: bool = False
     engine = engine_for(model, row)
     if graphed:
         params = list(engine.blocks.params)
-        why = engine.use_graphs(lambda: Launch(params))
+        why = graphs.attach(engine, lambda: Launch(params))
         if why is not None:
             raise SystemExit(f"no graph for {row}: {why}")
     try:

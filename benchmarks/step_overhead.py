@@ -41,7 +41,7 @@ from edgezo.device.hardware import cpu_capability, preferred_dtype
 from edgezo.models.loading import compute_dtype, load_model
 from edgezo.models.tiny import tiny_model
 from edgezo.tasks.loss import example_losses
-from edgezo.zo import chunking, fused, perturb
+from edgezo.zo import chunking, fused, graphs, perturb
 from edgezo.zo.engine import ZOEngine
 from edgezo.zo.optimizers import make_optimizer
 
@@ -157,7 +157,7 @@ def engine_for(model, noise: str, pair: bool = True) -> ZOEngine:
     the table with each pair forward a CUDA graph (edgezo.zo.graphs)."""
     if noise == "graph":
         engine = engine_for(model, "table", pair)
-        why = engine.use_graphs()
+        why = graphs.attach(engine)
         if why is not None:
             engine.close()
             raise SystemExit(f"the graph row cannot run: {why}")

@@ -49,6 +49,7 @@ from edgezo.tasks.catalog import OBJECTIVES
 from edgezo.tasks.loss import LOSSES
 from edgezo.tasks.make import make_task
 from edgezo.tasks.shape import generation_shape, measure_shape
+from edgezo.zo import graphs
 from edgezo.zo.batch import Shape
 from edgezo.zo.blocks import BlockMap, build_block_map
 from edgezo.zo.engine import ZOEngine
@@ -140,7 +141,7 @@ def use_cuda_graphs(config: RunConfig, engine: ZOEngine, device: torch.device) -
         return None
     if config.runtime.cuda_graphs == "off":
         return "off (--cuda-graphs off)"
-    why = engine.use_graphs()
+    why = graphs.attach(engine)
     return "on (each query's pair forward is one launch)" if why is None else f"off: {why}"
 
 

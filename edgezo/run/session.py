@@ -84,8 +84,7 @@ class Session:
         self.engine, self.streamer = parts.engine, parts.streamer
         self.dtype_reason = parts.dtype_reason
         self.lr_reason = parts.lr_reason
-        self.threads = parts.threads
-        self.graphs = parts.graphs
+        self.threads, self.graphs = parts.threads, parts.graphs
         self.optimizer = self.engine.optimizer
         o = self.config.optimizer
         self.schedule = Schedule(o.lr, o.schedule, o.total_steps, o.warmup_steps)

@@ -14,6 +14,7 @@ from edgezo.zo import chunking, workers
 from edgezo.zo.direction import Direction
 from edgezo.zo.intercept import flat
 from edgezo.zo.optimizers import SGD, work_dtype
+from edgezo.zo.staging import GraphUnsafe
 
 
 @dataclass
@@ -84,8 +85,6 @@ class DeferredUpdate:
         """`todo`, the parameters the span path updates: refused while a CUDA graph's step
         is captured, whose rate the span path would keep as a number."""
         if todo and self.rate is not None:
-            from edgezo.zo.graphs import GraphUnsafe
-
             raise GraphUnsafe("an update goes span by span (not plain ZO-SGD on fp32, "
                               "fp16 or bf16 weights)")
         return todo

@@ -24,31 +24,34 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from edgezo.errors import ConfigError
-from edgezo.zo import bases, chunking, coordinates, gradients, graphs, state
+from edgezo.zo import bases, chunking, coordinates, gradients, state
+from edgezo.zo.attachments import Attachments
 from edgezo.zo.batch import batch_rows, double, global_means
 from edgezo.zo.blocks import BlockMap, build_block_map, estimation_groups, resolve_fo_blocks
 from edgezo.zo.deferred import PendingUpdate
 from edgezo.zo.direction import Direction
 from edgezo.zo.gradients import LossFn
 from edgezo.zo.methods import Estimate
-from edgezo.zo.optimizers import SGD, Optimizer
+from edgezo.zo.optimizers import Optimizer
 from edgezo.zo.perturb import Perturbation
-from edgezo.zo.qat import QAT
 from edgezo.zo.result import StepResult
 from edgezo.zo.seedlog import SeedLogSteps
 from edgezo.zo.sparsity import SparseMasks
-from edgezo.zo.stream import BlockStreamer, make_streamer
+from edgezo.zo.stream import BlockStreamer
+
+if TYPE_CHECKING:
+    from edgezo.zo.graphs import StepGraphs
 
 _BASIS_SALT = 0xBA515  # the seed of structured directions' bases: mix(seed, epoch, salt)
 
 
-class ZOEngine(SeedLogSteps):
+class ZOEngine(SeedLogSteps, Attachments):
     """Runs optimisation steps on a model in place."""
 
     def __init__(self, model: nn.Module, optimizer: Optimizer, estimate: Estimate, *,
@@ -83,7 +86,7 @@ class ZOEngine(SeedLogSteps):
         self.streamer: BlockStreamer | None = None
         self.world = 1  # data-parallel ranks (set by data_parallel())
         self.qat = None  # edgezo.zo.qat.QAT when forwards see quantized weights
-        self.graphs: graphs.StepGraphs | None = None  # use_graphs()
+        self.graphs: StepGraphs | None = None  # graphs.attach()
         if self._coords is not None and self.forward_passes_per_step > est.max_forwards:
             self.perturbation.remove()
             raise ConfigError(coordinates.too_many(self.forward_passes_per_step,
@@ -136,42 +139,6 @@ class ZOEngine(SeedLogSteps):
         """Every update comes from forward values alone: the run can stream its layers,
         shard its batch over ranks (one scalar per query to reduce) and replay its log."""
         return self.optimizer.method.perturbs and not self.fo_indices
-
-    def data_parallel(self) -> int:
-        """Join the initialised torch.distributed group: every rank keeps a full replica,
-        draws the same directions (same seed) and evaluates its shard of each batch; the
-        per-example losses are gathered per query, so every rank computes the same g and
-        applies the same update. (RunConfig refuses it for non-ZO runs: a backward or a jvp
-        would need its gradients reduced, which is DDP's job, not this.)"""
-        import torch.distributed as dist
-
-        if not self.zo_only:
-            raise RuntimeError("data-parallel ZO needs a ZO-only engine")
-        self.world = dist.get_world_size()
-        return self.world
-
-    def stream(self, layers: list[int], device: torch.device | str, tier: str = "disk",
-               folder: str | None = None, buffers: int | None = None,
-               master_dtype: torch.dtype | None = None) -> BlockStreamer:
-        """Move the given decoder layers (indices into the layer list) off the device;
-        `master_dtype=torch.float32` keeps their trainable half-precision tensors' master
-        copies in fp32 (see BlockStreamer). A ZO-only engine only (RunConfig's streaming
-        rules): a backward or a jvp needs every weight it differentiates at once, and
-        magnitude masks read every weight when drawn."""
-        if not self.zo_only or (self.masks is not None and self.masks.mode == "magnitude"):
-            raise RuntimeError("streaming needs a ZO-only engine without magnitude masks")
-        if self.streamer is not None:
-            raise RuntimeError("the engine already streams")
-        units = [u for u in self.blocks.units if u.kind == "layer"]
-        bad = [i for i in layers if not 0 <= i < len(units)]
-        if bad:
-            raise ConfigError(f"layers {bad} do not exist; the model has {len(units)} layers")
-        self.perturbation.flush()
-        trainable = {id(p) for p in self.blocks.params}
-        self.streamer = make_streamer([units[i] for i in sorted(set(layers))], trainable,
-                                      device, tier, folder, buffers, master_dtype)
-        self.perturbation.streamer = self.streamer
-        return self.streamer
 
     # -- counting what a step costs -----------------------------------------------------
     @property
@@ -235,40 +202,6 @@ class ZOEngine(SeedLogSteps):
         scale = self.eps if scale is None else scale
         with self.perturbation.perturbed(direction, scale, None, pair_rows=batch_rows(doubled)):
             return self.loss_fn(self.model, doubled)
-
-    # -- CUDA graphs ----------------------------------------------------------------------
-    def use_graphs(self, backend: Callable[[], object] | None = None,
-                   notify: Callable[[str], None] = graphs.tell) -> str | None:
-        """Run the pair forwards as CUDA graphs where they can be (edgezo.zo.graphs);
-        returns why this run cannot (None: it does). `backend`: the graph to capture in
-        (default: a CUDA graph; tests pass graphs.TraceGraph)."""
-        reason = self._graphs_refused()
-        if reason is None and backend is None and self.blocks.params[0].device.type != "cuda":
-            reason = "the model is not on a GPU"
-        if reason is None:
-            self.graphs = graphs.StepGraphs(self.perturbation, self._pair_forward, backend,
-                                            notify)
-        return reason
-
-    def _graphs_refused(self) -> str | None:
-        """Why no forward of this run can be a graph (see graphs' docstring)."""
-        rule, method = self.optimizer.rule, self.optimizer.method
-        if not self.pair:
-            return "the run evaluates L(θ + εz) and L(θ − εz) apart (one-sided or unpaired)"
-        if type(rule) is not SGD or not rule.linear_in_d() or not method.perturbs:
-            return f"{method.name} updates with more than z and a rate"
-        if self.noise != "table" or self.directions not in ("gaussian", "rademacher"):
-            return f"{self.directions} directions from the {self.noise} are drawn, not read"
-        if self.masks is not None or self._active != [None] or self.fo_indices:
-            return "sparsity, block-wise groups or FO blocks"
-        if self.qat is not None:
-            return "QAT's forwards"
-        if self.streamer is not None:
-            return "streamed layers move between host and GPU"
-        if self.directions == "rademacher" and any(p.dtype == torch.bfloat16
-                                                   for p in self.blocks.params):
-            return "a bf16 update along Rademacher z draws its rounding dither"
-        return None
 
     def _loss_plus(self, batch: dict, direction: Direction) -> float:
         with self.perturbation.perturbed(direction, self.eps, +1):
@@ -401,13 +334,6 @@ class ZOEngine(SeedLogSteps):
         if step_lr != 0 or opt.rule.stateful:
             self.perturbation.set_pending(PendingUpdate(d, step_lr, t + 1, info))
             record["applied"] = True
-
-    def enable_qat(self, fmt: str, through_adapters: bool) -> None:
-        """Quantization-aware ZO: forwards see the weights quantized to `fmt` (see
-        edgezo.zo.qat); an update goes to the fp32 master (with adapters: D, recomputed)."""
-        self.flush()
-        self.qat = QAT(self.model, self.blocks, fmt, through_adapters)
-        self.perturbation.after_update = self.qat.after_update
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The optimizer state, sparsity masks and QAT masters, by name (for a snapshot)."""

@@ -36,105 +36,16 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
-from edgezo.zo import chunking, noise_table, workers
+from edgezo.zo import noise_table, workers
 from edgezo.zo.direction import Direction
+from edgezo.zo.optimizers import SGD
+from edgezo.zo.staging import QUERY, UPDATE, GraphUnsafe, Stage, staging
 
 MAX_GRAPHS = 8  # batch signatures captured at most (each keeps its inputs and offsets)
-QUERY, UPDATE = 0, 1  # the two seeds a step's forward reads z of
 
 
-class GraphUnsafe(RuntimeError):
-    """Why a step's forward cannot be captured as a CUDA graph."""
-
-
-class Stage:
-    """The table offsets of a captured forward. An eager run of the forward records every
-    offsets() call (which seed, parameter, chunk and size each entry is); after that,
-    one host buffer and one device buffer hold them all, and each call of the captured
-    forward gets its slice of the device buffer. `fill` works out the offsets for a new
-    step's seeds and sends them."""
-
-    def __init__(self, params: int):
-        self.params = params
-        self.calls: list[tuple[tuple[int, int, int, int], ...]] = []
-        self.recording = True
-        self.served = 0
-        self._roles: dict[int, tuple[int, int]] = {}
-        self.device: torch.device | None = None
-
-    def bind(self, seeds: dict[int, int]) -> None:
-        """The step's seeds (QUERY, and UPDATE when the forward applies an update)."""
-        self._roles = {chunking.param_seed(s, i): (role, i) for role, s in seeds.items()
-                       for i in range(self.params)}
-
-    def offsets(self, entries: list[tuple[int, int, int]], device: torch.device
-                ) -> torch.Tensor:
-        keys = []
-        for seed, c, n in entries:
-            found = self._roles.get(seed)
-            if found is None:
-                raise GraphUnsafe("z is read at a seed that is not the step's")
-            keys.append((*found, c, n))
-        if self.recording:
-            self.calls.append(tuple(keys))
-            self.device = device
-            return noise_table.to_device([noise_table.table_offset(n, s, c)
-                                          for s, c, n in entries], device)
-        k = self.served
-        if k >= len(self.calls) or self.calls[k] != tuple(keys):
-            raise GraphUnsafe("the captured forward reads the table otherwise than the "
-                              "recorded one")
-        self.served += 1
-        return self._device[self._starts[k]:self._starts[k + 1]]
-
-    def freeze(self) -> None:
-        """End the recording: lay the offsets out in one buffer."""
-        flat = [key for call in self.calls for key in call]
-        table = np.array(flat, dtype=np.uint64).reshape(-1, 4)
-        self._role, self._param, self._chunk, self._numel = table.T
-        self._starts = np.cumsum([0] + [len(c) for c in self.calls]).tolist()
-        device = self.device or torch.device("cpu")
-        self._host = torch.empty(len(flat), dtype=torch.int64,
-                                 pin_memory=device.type == "cuda")
-        self._device = torch.empty(len(flat), dtype=torch.int64, device=device)
-        self.recording = False
-
-    def fill(self, seeds: dict[int, int]) -> None:
-        """Work out every offset for these seeds and send them to the device buffer."""
-        if not len(self._host):
-            return
-        seed = np.where(self._role == QUERY, np.uint64(seeds[QUERY]),
-                        np.uint64(seeds.get(UPDATE, 0)))
-        values = noise_table.table_offsets(chunking.mix_many(seed, self._param), self._chunk,
-                                           self._numel)
-        self._host.numpy()[:] = values.astype(np.int64)
-        self._device.copy_(self._host, non_blocking=True)
-
-    @contextlib.contextmanager
-    def serving(self) -> Iterator[None]:
-        """The captured forward's calls read the device buffer, in the recorded order."""
-        self.served = 0
-        with _staging(self):
-            yield
-        if self.served != len(self.calls):
-            raise GraphUnsafe("the captured forward reads the table less than the recorded one")
-
-
-@contextlib.contextmanager
-def _staging(stage: Stage) -> Iterator[None]:
-    noise_table._STAGE = stage
-    try:
-        yield
-    finally:
-        noise_table._STAGE = None
-
-
-# -- backends: a real CUDA graph, and its emulation on the CPU -------------------------------
 class CudaGraph:
     """torch.cuda.CUDAGraph: capture records the kernels without running them, so the
     captured step runs by its first replay. Every graph of a run captures on one side
@@ -170,84 +81,6 @@ class CudaGraph:
 
     def replay(self) -> None:
         self.graph.replay()
-
-
-# Operations a graph cannot hold: their results' sizes, or the host's next move, depend
-# on values on the device (a CUDA capture fails on them).
-_HOST_READS = {"_local_scalar_dense", "item", "nonzero", "unique", "_unique", "_unique2",
-               "unique_consecutive", "unique_dim", "masked_select", "equal"}
-
-
-class TraceGraph:
-    """What a CUDA graph does, on the CPU, for tests: capture records every aten
-    operation with the arguments it was called with; a replay calls them again in order,
-    and copies each new result into the tensor the capture got, where later operations
-    read it (a graph's kernels write the same memory at every replay). Host code between
-    the operations does not run again: a value the host worked out at capture (an
-    offset, a rate, a branch taken) stays what it was, as in a graph. A capture that
-    fails leaves the parameters as they were, as a CUDA capture runs nothing."""
-
-    def __init__(self, params: list[torch.Tensor] | None = None) -> None:
-        self.params = params or []
-        self.ops: list[tuple] = []
-        self.replaying = False
-
-    def warm(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        return fn()
-
-    def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        from transformers.utils import import_utils
-
-        saved = [p.detach().clone() for p in self.params]
-        recorder = _Recorder()
-        try:
-            # transformers asks whether a stream is capturing (then it reads no mask on
-            # the host); under this emulation, one is
-            asks, import_utils.is_cuda_stream_capturing = (
-                import_utils.is_cuda_stream_capturing, lambda: True)
-            try:
-                with recorder:
-                    out = fn()
-            finally:
-                import_utils.is_cuda_stream_capturing = asks
-        except BaseException:
-            with torch.no_grad():
-                for p, s in zip(self.params, saved, strict=True):
-                    p.copy_(s)
-            raise
-        self.ops = recorder.ops
-        return out  # the capture ran the step itself
-
-    def replay(self) -> None:
-        self.replaying = True
-        try:
-            for func, args, kwargs, fresh in self.ops:
-                result = func(*args, **kwargs)
-                for new, old in fresh:
-                    old.copy_(tree_leaves(result)[new])
-        finally:
-            self.replaying = False
-
-
-class _Recorder(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[tuple] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func.overloadpacket.__name__
-        if name in _HOST_READS:
-            raise GraphUnsafe(f"the forward reads a value on the host (aten.{name})")
-        out = func(*args, **kwargs)
-        if name.startswith("empty"):
-            return out  # its values are whatever the memory held: nothing to replay
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor)}
-        fresh = [(k, t) for k, t in enumerate(tree_leaves(out))
-                 if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
-        self.ops.append((func, args, kwargs, fresh))
-        return out
 
 
 # -- the runner -----------------------------------------------------------------------------
@@ -389,7 +222,7 @@ class StepGraphs:
         graph = _Graph(Stage(len(self.p.params)))
         graph.stage.bind(seeds)
         graph.graph = self.backend()
-        with self._static(self._device(batch)), _staging(graph.stage):
+        with self._static(self._device(batch)), staging(graph.stage):
             out = graph.graph.warm(lambda: self.forward(batch))
         pending = self.p.pending
         if pending is not None and any(pending.direction.covers(i) and i not in self.p._updated
@@ -433,3 +266,38 @@ class StepGraphs:
         p = self.p
         return (workers.held_buffers() + list(p._buffers.values())
                 + list(p.fused._windows.values()) + [noise_table.table(device)])
+
+
+def attach(engine, backend: Callable[[], object] | None = None,
+           notify: Callable[[str], None] = tell) -> str | None:
+    """Run a ZOEngine's pair forwards as CUDA graphs where they can be; returns why this
+    run cannot (None: it does). `backend`: makes the graph to capture in (default: a
+    CUDA graph; tests pass trace_graph.TraceGraph)."""
+    reason = refusal(engine)
+    if reason is None and backend is None and engine.blocks.params[0].device.type != "cuda":
+        reason = "the model is not on a GPU"
+    if reason is None:
+        engine.graphs = StepGraphs(engine.perturbation, engine._pair_forward, backend, notify)
+    return reason
+
+
+def refusal(engine) -> str | None:
+    """Why no forward of this engine's run can be a graph (see the module's docstring)."""
+    rule, method = engine.optimizer.rule, engine.optimizer.method
+    if not engine.pair:
+        return "the run evaluates L(θ + εz) and L(θ − εz) apart (one-sided or unpaired)"
+    if type(rule) is not SGD or not rule.linear_in_d() or not method.perturbs:
+        return f"{method.name} updates with more than z and a rate"
+    if engine.noise != "table" or engine.directions not in ("gaussian", "rademacher"):
+        return f"{engine.directions} directions from the {engine.noise} are drawn, not read"
+    if engine.masks is not None or engine._active != [None] or engine.fo_indices:
+        return "sparsity, block-wise groups or FO blocks"
+    if engine.qat is not None:
+        return "QAT's forwards"
+    if engine.streamer is not None:
+        return "streamed layers move between host and GPU"
+    if engine.directions == "rademacher" and any(p.dtype == torch.bfloat16
+                                                 for p in engine.blocks.params):
+        return "a bf16 update along Rademacher z draws its rounding dither"
+    return None
+

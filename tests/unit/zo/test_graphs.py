@@ -1,4 +1,4 @@
-"""CUDA graphs of the pair forward (edgezo.zo.graphs), on the CPU: graphs.TraceGraph
+"""CUDA graphs of the pair forward (edgezo.zo.graphs), on the CPU: trace_graph.TraceGraph
 records a captured forward's operations and replays them as a CUDA graph would (the host
 code between them does not run again), so a value the capture kept where it should have
 been staged (a table offset, a rate, a branch) makes the replayed steps differ from
@@ -12,6 +12,7 @@ from conftest import lm_batch, zo_engine
 from edgezo.models.tiny import VOCAB, tiny_model
 from edgezo.zo import chunking, fused, graphs, noise_table, perturb
 from edgezo.zo.optimizers import make_optimizer
+from edgezo.zo.trace_graph import TraceGraph
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ def train(family, dtype, data, graphed: bool, optimizer="zo-sgd", **kw):
     told = []
     if graphed:
         params = list(engine.blocks.params)
-        assert engine.use_graphs(lambda: graphs.TraceGraph(params), told.append) is None
+        assert graphs.attach(engine, lambda: TraceGraph(params), told.append) is None
     grads = [engine.step(b, lr=RATES[i % len(RATES)]).projected_grads
              for i, b in enumerate(data)]
     replays = engine.graphs.replays if graphed else 0
@@ -126,10 +127,10 @@ def test_a_forward_that_reads_the_host_runs_eagerly(gpu_path, small_chunks):
 def test_runs_graphs_cannot_serve_say_why(optimizer, kw, why):
     model = tiny_model("llama", dtype=torch.float32)
     engine = zo_engine(model, make_optimizer(optimizer), **kw)
-    assert why in engine.use_graphs(lambda: graphs.TraceGraph())
+    assert why in graphs.attach(engine, lambda: TraceGraph())
     assert engine.graphs is None
     model = tiny_model("llama", dtype=torch.float32)
-    assert zo_engine(model, make_optimizer("zo-sgd")).use_graphs() == \
+    assert graphs.attach(zo_engine(model, make_optimizer("zo-sgd"))) == \
         "the model is not on a GPU"
 
 
@@ -168,7 +169,7 @@ def test_a_session_with_graphs_trains_as_one_without(gpu_path, tiny_folder, data
         if graphed:
             def on(config, engine, device):
                 params = list(engine.blocks.params)
-                assert engine.use_graphs(lambda: graphs.TraceGraph(params), told.append) \
+                assert graphs.attach(engine, lambda: TraceGraph(params), told.append) \
                     is None
                 return "on (emulated)"
             monkeypatch.setattr(build, "use_cuda_graphs", on)
@@ -205,7 +206,7 @@ def test_cuda_graph_replays_equal_eager_steps_on_the_gpu(family, dtype):
         engine = zo_engine(model, make_optimizer("zo-sgd"), seed=7, eps=1e-2)
         told = []
         if graphed:
-            assert engine.use_graphs(notify=told.append) is None
+            assert graphs.attach(engine, notify=told.append) is None
         data = [{k: v.cuda() for k, v in lm_batch(VOCAB, rows=4, seq=7 + s % 2,
                                                   seed=s).items()} for s in range(12)]
         grads = [engine.step(b, lr=RATES[i % len(RATES)]).projected_grads

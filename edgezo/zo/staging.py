@@ -1,0 +1,106 @@
+"""The table offsets of a CUDA graph's forward, on the device (edgezo.zo.graphs).
+
+A graph replays its kernels with the arguments they had at capture, so the places in the
+noise table a step's gathers read cannot be numbers the host worked out: every
+noise_table.offsets() call of a captured forward reads its slice of one device buffer,
+which the host fills for each step's seeds before the replay (chunking.mix_many works out
+all of a step's offsets in a few vectorized operations) and sends in one copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from edgezo.zo import chunking, noise_table
+
+QUERY, UPDATE = 0, 1  # the two seeds a step's forward reads z of
+
+
+class GraphUnsafe(RuntimeError):
+    """Why a step's forward cannot be captured as a CUDA graph."""
+
+
+class Stage:
+    """The table offsets of a captured forward. An eager run of the forward records every
+    offsets() call (which seed, parameter, chunk and size each entry is); after that,
+    one host buffer and one device buffer hold them all, and each call of the captured
+    forward gets its slice of the device buffer. `fill` works out the offsets for a new
+    step's seeds and sends them."""
+
+    def __init__(self, params: int):
+        self.params = params
+        self.calls: list[tuple[tuple[int, int, int, int], ...]] = []
+        self.recording = True
+        self.served = 0
+        self._roles: dict[int, tuple[int, int]] = {}
+        self.device: torch.device | None = None
+
+    def bind(self, seeds: dict[int, int]) -> None:
+        """The step's seeds (QUERY, and UPDATE when the forward applies an update)."""
+        self._roles = {chunking.param_seed(s, i): (role, i) for role, s in seeds.items()
+                       for i in range(self.params)}
+
+    def offsets(self, entries: list[tuple[int, int, int]], device: torch.device
+                ) -> torch.Tensor:
+        keys = []
+        for seed, c, n in entries:
+            found = self._roles.get(seed)
+            if found is None:
+                raise GraphUnsafe("z is read at a seed that is not the step's")
+            keys.append((*found, c, n))
+        if self.recording:
+            self.calls.append(tuple(keys))
+            self.device = device
+            return noise_table.to_device([noise_table.table_offset(n, s, c)
+                                          for s, c, n in entries], device)
+        k = self.served
+        if k >= len(self.calls) or self.calls[k] != tuple(keys):
+            raise GraphUnsafe("the captured forward reads the table otherwise than the "
+                              "recorded one")
+        self.served += 1
+        return self._device[self._starts[k]:self._starts[k + 1]]
+
+    def freeze(self) -> None:
+        """End the recording: lay the offsets out in one buffer."""
+        flat = [key for call in self.calls for key in call]
+        table = np.array(flat, dtype=np.uint64).reshape(-1, 4)
+        self._role, self._param, self._chunk, self._numel = table.T
+        self._starts = np.cumsum([0] + [len(c) for c in self.calls]).tolist()
+        device = self.device or torch.device("cpu")
+        self._host = torch.empty(len(flat), dtype=torch.int64,
+                                 pin_memory=device.type == "cuda")
+        self._device = torch.empty(len(flat), dtype=torch.int64, device=device)
+        self.recording = False
+
+    def fill(self, seeds: dict[int, int]) -> None:
+        """Work out every offset for these seeds and send them to the device buffer."""
+        if not len(self._host):
+            return
+        seed = np.where(self._role == QUERY, np.uint64(seeds[QUERY]),
+                        np.uint64(seeds.get(UPDATE, 0)))
+        values = noise_table.table_offsets(chunking.mix_many(seed, self._param), self._chunk,
+                                           self._numel)
+        self._host.numpy()[:] = values.astype(np.int64)
+        self._device.copy_(self._host, non_blocking=True)
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[None]:
+        """The captured forward's calls read the device buffer, in the recorded order."""
+        self.served = 0
+        with staging(self):
+            yield
+        if self.served != len(self.calls):
+            raise GraphUnsafe("the captured forward reads the table less than the recorded one")
+
+
+@contextlib.contextmanager
+def staging(stage: Stage) -> Iterator[None]:
+    noise_table._STAGE = stage
+    try:
+        yield
+    finally:
+        noise_table._STAGE = None
