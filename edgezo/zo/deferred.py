@@ -63,9 +63,15 @@ class DeferredUpdate:
                 or not self._fuses(self.params[todo[0]].device, d_of)):
             return self._left_to_spans(todo)
         pieces, rest = self.fused.pieces(todo)
-        # a CUDA graph's step: the rate is a device scalar the runner sets before each
-        # replay (edgezo.zo.graphs), never a number the capture would keep
+        # A CUDA graph's step (edgezo.zo.graphs): the rate is a device scalar, −η·c, the
+        # runner sets before each replay, never a number the capture would keep; and
+        # what a graph cannot hold is refused before anything is written.
         rate = pending.lr * coef if self.rate is None else self.rate
+        if self.rate is not None:
+            self._left_to_spans(rest)
+            if d_of.own_dither() and any(self.params[piece.indices[0]].dtype == torch.bfloat16
+                                         for piece in pieces):
+                raise GraphUnsafe("a bf16 update along Rademacher z draws its dither")
         for piece in pieces:
             p = self.params[piece.indices[0]]
             seed, device = d_of.seeds[0], p.device
@@ -73,8 +79,6 @@ class DeferredUpdate:
                 "fused_z", piece.numel, torch.float32, device))
             bits = None
             if d_of.own_dither() and p.dtype == torch.bfloat16:
-                if self.rate is not None:  # its dither is drawn from a seeded generator
-                    self._left_to_spans(piece.indices)
                 bits = self.fused.bits(piece, d_of, seed, workers.thread_buffer(
                     "fused_dither", piece.numel, torch.int32, device))
             self.fused.sgd_update(piece, z, rate, workers.thread_buffer(
@@ -107,7 +111,11 @@ class DeferredUpdate:
         todo = [i for i in todo if pending.direction.covers(i)]
         if not todo:
             return
-        todo = self._update_fused(todo)
+        try:
+            todo = self._update_fused(todo)
+        except GraphUnsafe:  # refused before it wrote anything: these still owe it
+            self._updated.difference_update(todo)
+            raise
         if not todo:
             return
         work = []

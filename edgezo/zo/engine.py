@@ -181,7 +181,7 @@ class ZOEngine(SeedLogSteps, Attachments):
         p = self.perturbation
         if self.pair:
             if self.graphs is not None and scale == self.eps:
-                per_example = self.graphs.pair_losses(batch, direction)
+                per_example = self.graphs.pair_losses(batch, direction, scale)
             else:
                 per_example = self._pair_forward(batch, direction, scale)
             self._count_forward(doubled=True)

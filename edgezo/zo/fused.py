@@ -314,13 +314,14 @@ class Fused(StructuredPieces):
         weights rounded stochastically with the low bits of `bits` (int32), by default
         z's own (optimizers.store, Direction.dither_bits).
 
-        `lr` may be a 0-d fp32 tensor on the device (a CUDA graph's step, whose rate
-        changes every replay): θ − z·lr in one rounding, the value sub_'s θ − lr·z has
-        (tests/unit/zo/test_graphs.py checks both)."""
+        `lr` may instead be a 0-d fp32 tensor on the device holding −lr (a CUDA graph's
+        step, whose rate changes every replay): θ + z·(−lr) is then addcmul's with value
+        1, one fused multiply-add as sub_'s θ − lr·z is (a value other than 1 would round
+        the product first on CUDA; tests/unit/zo/test_graphs.py checks both)."""
         weights = self.weights(piece)
         torch.cat(weights, out=new)
         if isinstance(lr, torch.Tensor):
-            new.addcmul_(z, lr, value=-1)
+            new.addcmul_(z, lr)
         else:
             new.sub_(z, alpha=lr)
         if weights[0].dtype == torch.bfloat16:

@@ -19,9 +19,11 @@ The losses are read on the host after the replay, as an eager step reads them, s
 seed log and its replay are what they are without graphs. A replayed step computes what
 the eager step computes, operation for operation (tests/unit/zo/test_graphs.py replays
 captured steps on the CPU with TraceGraph, an emulation of a CUDA graph, and compares the
-weights with eager steps bit for bit). One difference is transformers' own: under a
-capture it builds the attention mask of a batch without padding too (it cannot ask the
-GPU whether there is any), where an eager forward lets the kernel apply causality.
+weights with eager steps bit for bit). One difference is transformers' own: a forward
+a graph serves builds the attention mask of a batch without padding too (a capture
+cannot ask the GPU whether there is any; the eager forward that records the graph's
+table reads is told it is captured as well), where an eager forward lets the attention
+kernel apply causality, so such a batch's losses may differ in their last bits.
 
 What takes graphs: ZO-SGD without weight decay, two-sided in pair mode, the table's
 Gaussian z (or Rademacher, without bf16 weights, whose update dither is drawn), on
@@ -38,7 +40,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from edgezo.zo import noise_table, workers
+from edgezo.zo import fused, noise_table, workers
 from edgezo.zo.direction import Direction
 from edgezo.zo.optimizers import SGD
 from edgezo.zo.staging import QUERY, UPDATE, GraphUnsafe, Stage, staging
@@ -63,24 +65,57 @@ class CudaGraph:
         self.graph = torch.cuda.CUDAGraph()
 
     def warm(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        stream = self.shared["stream"]
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            out = fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        return out
+        stream, current = self.shared["stream"], torch.cuda.current_stream()
+        stream.wait_stream(current)
+        try:
+            with torch.cuda.stream(stream):
+                return fn()
+        finally:  # what the side stream ran (some updates, if fn failed) comes first
+            current.wait_stream(stream)
 
     def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         torch.cuda.synchronize()
-        # thread_local: a CUDA call of another thread (a checkpoint writer) is not ours
-        with torch.cuda.graph(self.graph, pool=self.shared["pool"],
-                              stream=self.shared["stream"], capture_error_mode="thread_local"):
-            out = fn()
+        stream = self.shared["stream"]
+        # The outer stream context puts this thread back on its stream even where ending
+        # the capture fails (torch.cuda.graph restores it only after capture_end).
+        # thread_local: a CUDA call of another thread (a checkpoint writer) is not ours.
+        with torch.cuda.stream(stream), torch.cuda.graph(
+                self.graph, pool=self.shared["pool"], stream=stream,
+                capture_error_mode="thread_local"):
+            out = _no_syncs(fn)
         self.graph.replay()
         return out
 
     def replay(self) -> None:
         self.graph.replay()
+
+
+@contextlib.contextmanager
+def _as_captured() -> Iterator[None]:
+    """transformers asks whether a stream is capturing, and then reads nothing on the
+    host (a batch without padding still gets its mask built): the eager forward that
+    records a graph's table reads, and an emulated capture, take the path a capture
+    takes."""
+    from transformers.utils import import_utils
+
+    asks = import_utils.is_cuda_stream_capturing
+    import_utils.is_cuda_stream_capturing = lambda: True
+    try:
+        yield
+    finally:
+        import_utils.is_cuda_stream_capturing = asks
+
+
+def _no_syncs(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """fn() with torch's sync checks raising: an operation that waits for the GPU is
+    refused before it reaches CUDA, which would otherwise invalidate the capture and say
+    less about why."""
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
 
 
 # -- the runner -----------------------------------------------------------------------------
@@ -150,12 +185,13 @@ class StepGraphs:
             return "streamed layers move between host and GPU"
         if pending is not None and pending.direction.single_coef() is None:
             return "the update combines several queries (q > 1) or masks"
-        if pending is not None and (pending.info is not None or p.after_update is not None):
+        if p.after_update is not None or (pending is not None and pending.info is not None):
             return "the update reads more than z and a rate (HiZOO, QAT)"
         return None
 
-    def pair_losses(self, batch: dict, direction: Direction) -> torch.Tensor:
-        """The pair forward's per-example losses, from a graph where one serves."""
+    def pair_losses(self, batch: dict, direction: Direction, eps: float) -> torch.Tensor:
+        """The pair forward's per-example losses at θ ± eps·z, from a graph where one
+        serves (each graph keeps the eps it was captured with)."""
         self.forward = lambda b: self.eager(b, direction)
         reason = self.why_not(direction)
         if reason is not None:
@@ -164,7 +200,7 @@ class StepGraphs:
         if tuple(p.data_ptr() for p in self.p.params) != self._params:
             self.reset()  # the weights were replaced (a restore): the graphs read the old
             self._params = tuple(p.data_ptr() for p in self.p.params)
-        key = (_signature(batch), self.p.pending is not None)
+        key = (_signature(batch), self.p.pending is not None, eps)
         if key in self.failed:
             return self.forward(batch)
         seeds = {QUERY: direction.seeds[0]}
@@ -201,7 +237,7 @@ class StepGraphs:
             self._rate = torch.zeros((), dtype=torch.float32, device=device)
         pending = self.p.pending
         if pending is not None:
-            self._rate.fill_(pending.lr * pending.direction.single_coef())
+            self._rate.fill_(-(pending.lr * pending.direction.single_coef()))  # −η·c
         return self._rate
 
     @contextlib.contextmanager
@@ -215,14 +251,14 @@ class StepGraphs:
         finally:
             p.rate, p.static_rows = None, False
 
-    def _device(self, batch: dict) -> torch.device:
-        return next(v.device for v in batch.values() if isinstance(v, torch.Tensor))
+    def _device(self) -> torch.device:
+        return self.p.params[0].device  # refusal(): every parameter is on it
 
     def _record(self, key: tuple, batch: dict, seeds: dict[int, int]) -> torch.Tensor:
         graph = _Graph(Stage(len(self.p.params)))
         graph.stage.bind(seeds)
         graph.graph = self.backend()
-        with self._static(self._device(batch)), staging(graph.stage):
+        with self._static(self._device()), staging(graph.stage), _as_captured():
             out = graph.graph.warm(lambda: self.forward(batch))
         pending = self.p.pending
         if pending is not None and any(pending.direction.covers(i) and i not in self.p._updated
@@ -234,14 +270,19 @@ class StepGraphs:
         return out
 
     def _capture(self, graph: _Graph, batch: dict, seeds: dict[int, int]) -> torch.Tensor:
-        device = self._device(batch)
+        device = self._device()
         graph.inputs = {k: v.clone() for k, v in batch.items() if isinstance(v, torch.Tensor)}
         static = batch | graph.inputs
         graph.stage.bind(seeds)
         graph.stage.fill(seeds)
         graph.held = self._held(device)
-        with self._static(device), graph.stage.serving():
-            graph.output = graph.graph.capture(lambda: self.forward(static))
+        def forward() -> torch.Tensor:
+            out = self.forward(static)
+            graph.stage.check_served()  # inside: a refusal ends the capture unreplayed
+            return out
+
+        with self._static(device), graph.stage.serving(), _as_captured():
+            graph.output = graph.graph.capture(forward)
         graph.captured = True
         self._consumed()
         return graph.output
@@ -250,7 +291,7 @@ class StepGraphs:
         for k, v in graph.inputs.items():
             v.copy_(batch[k], non_blocking=True)
         graph.stage.fill(seeds)
-        self._rate_of(graph.output.device)
+        self._rate_of(self._device())
         graph.graph.replay()
         self.replays += 1
         self._consumed()
@@ -273,9 +314,9 @@ def attach(engine, backend: Callable[[], object] | None = None,
     """Run a ZOEngine's pair forwards as CUDA graphs where they can be; returns why this
     run cannot (None: it does). `backend`: makes the graph to capture in (default: a
     CUDA graph; tests pass trace_graph.TraceGraph)."""
+    if backend is None and engine.blocks.params[0].device.type != "cuda":
+        return "the model is not on a GPU"
     reason = refusal(engine)
-    if reason is None and backend is None and engine.blocks.params[0].device.type != "cuda":
-        reason = "the model is not on a GPU"
     if reason is None:
         engine.graphs = StepGraphs(engine.perturbation, engine._pair_forward, backend, notify)
     return reason
@@ -296,8 +337,14 @@ def refusal(engine) -> str | None:
         return "QAT's forwards"
     if engine.streamer is not None:
         return "streamed layers move between host and GPU"
-    if engine.directions == "rademacher" and any(p.dtype == torch.bfloat16
-                                                 for p in engine.blocks.params):
+    params = engine.blocks.params
+    if engine.directions == "rademacher" and any(p.dtype == torch.bfloat16 for p in params):
         return "a bf16 update along Rademacher z draws its rounding dither"
+    if len({p.device for p in params}) > 1:
+        return "the trainable parameters are on several devices"
+    if params[0].device.type not in fused.FUSED_DEVICES:
+        return f"the fused path is off on {params[0].device.type} (EDGEZO_FUSED=0)"
+    if any(p.dtype not in (torch.float32, torch.bfloat16, torch.float16) for p in params):
+        return "some trainable parameters are neither fp32, bf16 nor fp16"
     return None
 

@@ -38,6 +38,7 @@ class Stage:
         self.served = 0
         self._roles: dict[int, tuple[int, int]] = {}
         self.device: torch.device | None = None
+        self._sent = None  # a CUDA event after the last copy from the host buffer
 
     def bind(self, seeds: dict[int, int]) -> None:
         """The step's seeds (QUERY, and UPDATE when the forward applies an update)."""
@@ -80,12 +81,18 @@ class Stage:
         """Work out every offset for these seeds and send them to the device buffer."""
         if not len(self._host):
             return
-        seed = np.where(self._role == QUERY, np.uint64(seeds[QUERY]),
-                        np.uint64(seeds.get(UPDATE, 0)))
+        mask = (1 << 64) - 1  # as mix() reads a seed
+        seed = np.where(self._role == QUERY, np.uint64(seeds[QUERY] & mask),
+                        np.uint64(seeds.get(UPDATE, 0) & mask))
         values = noise_table.table_offsets(chunking.mix_many(seed, self._param), self._chunk,
                                            self._numel)
+        if self._sent is not None:  # the last copy from the host buffer has been read
+            self._sent.synchronize()
         self._host.numpy()[:] = values.astype(np.int64)
         self._device.copy_(self._host, non_blocking=True)
+        if self._device.is_cuda:
+            self._sent = torch.cuda.Event()
+            self._sent.record()
 
     @contextlib.contextmanager
     def serving(self) -> Iterator[None]:
@@ -93,6 +100,9 @@ class Stage:
         self.served = 0
         with staging(self):
             yield
+
+    def check_served(self) -> None:
+        """Every recorded call was served (call it inside the capture)."""
         if self.served != len(self.calls):
             raise GraphUnsafe("the captured forward reads the table less than the recorded one")
 

@@ -17,7 +17,8 @@ from edgezo.zo.staging import GraphUnsafe
 # Operations a graph cannot hold: their results' sizes, or the host's next move, depend
 # on values on the device (a CUDA capture fails on them).
 _HOST_READS = {"_local_scalar_dense", "item", "nonzero", "unique", "_unique", "_unique2",
-               "unique_consecutive", "unique_dim", "masked_select", "equal"}
+               "unique_consecutive", "unique_dim", "masked_select", "equal", "bincount",
+               "repeat_interleave"}
 
 
 class TraceGraph:
@@ -38,20 +39,11 @@ class TraceGraph:
         return fn()
 
     def capture(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        from transformers.utils import import_utils
-
         saved = [p.detach().clone() for p in self.params]
         recorder = _Recorder()
         try:
-            # transformers asks whether a stream is capturing (then it reads no mask on
-            # the host); under this emulation, one is
-            asks, import_utils.is_cuda_stream_capturing = (
-                import_utils.is_cuda_stream_capturing, lambda: True)
-            try:
-                with recorder:
-                    out = fn()
-            finally:
-                import_utils.is_cuda_stream_capturing = asks
+            with recorder:
+                out = fn()
         except BaseException:
             with torch.no_grad():
                 for p, s in zip(self.params, saved, strict=True):

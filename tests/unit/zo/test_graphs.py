@@ -118,6 +118,29 @@ def test_a_forward_that_reads_the_host_runs_eagerly(gpu_path, small_chunks):
     assert_same(got, want)
 
 
+def test_a_record_that_fails_midway_loses_no_update(gpu_path, small_chunks, monkeypatch):
+    """A unit whose update would go span by span is refused while its forward is
+    recorded, after earlier units applied theirs: the eager forward that follows applies
+    the rest, each parameter's once (the same weights as eager steps)."""
+    pieces = fused.Fused.pieces
+    last = len(list(tiny_model("llama").parameters())) - 1
+
+    def spans_for_the_last(self, indices):  # the final norm's update goes span by span
+        found, rest = pieces(self, indices)
+        if last in indices:
+            return [], sorted(set(rest) | set(indices))
+        return found, rest
+
+    monkeypatch.setattr(fused.Fused, "pieces", spans_for_the_last)
+    data = batches(5)
+    want, want_g, _, _ = train("llama", torch.float32, data, graphed=False)
+    got, got_g, told, replays = train("llama", torch.float32, data, graphed=True)
+    assert told == ["an update goes span by span (not plain ZO-SGD on fp32, fp16 or "
+                    "bf16 weights)"] and replays == 0
+    assert got_g == want_g
+    assert_same(got, want)
+
+
 @pytest.mark.parametrize("optimizer,kw,why", [
     ("zo-adam", {}, "zo-adam updates with more than z and a rate"),
     ("zo-sgd", {"noise": "generator"}, "gaussian directions from the generator are drawn"),
@@ -132,6 +155,8 @@ def test_runs_graphs_cannot_serve_say_why(optimizer, kw, why):
     model = tiny_model("llama", dtype=torch.float32)
     assert graphs.attach(zo_engine(model, make_optimizer("zo-sgd"))) == \
         "the model is not on a GPU"
+    assert graphs.attach(zo_engine(model, make_optimizer("zo-sgd")), lambda: TraceGraph()) \
+        == "the fused path is off on cpu (EDGEZO_FUSED=0)"
 
 
 def test_staged_offsets_equal_the_hosts():
@@ -146,14 +171,18 @@ def test_staged_offsets_equal_the_hosts():
     assert [int(v) for v in got] == want
 
 
-def test_a_device_rate_updates_as_a_number_does():
-    """The fused update's θ − z·rate with the rate a 0-d tensor (a graph's) equals
-    θ − rate·z with the rate a number, bit for bit."""
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_a_device_rate_updates_as_a_number_does(device):
+    """The fused update's θ + z·(−rate) with −rate a 0-d tensor (a graph's) equals
+    θ − rate·z with the rate a number, bit for bit (on CUDA both are one fused
+    multiply-add)."""
     g = torch.Generator().manual_seed(0)
-    theta, z = torch.randn(1 << 16, generator=g), torch.randn(1 << 16, generator=g)
+    theta, z = (torch.randn(1 << 16, generator=g).to(device) for _ in range(2))
     for rate in (1e-3, 3.7e-5, 0.123456789, -2e-2):
         want = theta.clone().sub_(z, alpha=rate)
-        got = theta.clone().addcmul_(z, torch.tensor(rate, dtype=torch.float32), value=-1)
+        got = theta.clone().addcmul_(z, torch.tensor(-rate, dtype=torch.float32,
+                                                     device=device))
         assert torch.equal(got, want)
 
 
