@@ -14,7 +14,7 @@
 set -u
 out=${1:-gpu-results}
 model=${2:-smollm2}
-parts=" ${PARTS:-step_overhead step_overhead_span token_loss memory llama_1b_step llama_1b_memory squad_eval gpu_budget quantized streaming tests} "
+parts=" ${PARTS:-step_overhead step_overhead_span token_loss memory llama_1b_step llama_1b_memory finetune_graphs finetune_eager squad_eval gpu_budget quantized streaming tests} "
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 started=$(date +%s)
@@ -53,7 +53,7 @@ part step_overhead_span 60 env EDGEZO_FUSED=0 python3 benchmarks/step_overhead.p
     --model "$model" --dtype bf16 --rows table
 # a token-level loss's step (the perturbed head streamed span by span), beside two forwards
 part token_loss 60 python3 benchmarks/step_overhead.py --model "$model" --dtype bf16 \
-    --rows table --labels all --repeats 3
+    --rows table,graph --labels all --repeats 3
 part memory 90 python3 benchmarks/memory.py --model "$model" --dtype bf16
 # a ~1.1B Llama shape (TinyLlama's), random weights built on the GPU: the step with and
 # without CUDA graphs beside two forwards, and its peak beside inference's
@@ -61,6 +61,12 @@ part llama_1b_step 150 python3 benchmarks/step_overhead.py --model random:llama-
     --dtype bf16 --rows table,graph --repeats 3
 part llama_1b_memory 150 python3 benchmarks/memory.py --model random:llama-1.1b \
     --dtype bf16 --repeat 1
+# the README's main job on the GPU, 200 steps, with CUDA graphs (the default) and without:
+# the report's step_time_s and graph_replays, and the test accuracy reached
+part finetune_graphs 150 python3 -m edgezo.cli finetune --profile 8gb-gpu --steps 200 \
+    --output "$out/finetune_graphs"
+part finetune_eager 150 python3 -m edgezo.cli finetune --profile 8gb-gpu --steps 200 \
+    --cuda-graphs off --output "$out/finetune_eager"
 # written answers on the GPU (batched greedy with a KV cache), on the fixture's questions
 part squad_eval 60 python3 -m edgezo.cli eval --model "$model" --task squad \
     --data-dir tests/fixtures/data --profile 8gb-gpu --json

@@ -27,6 +27,7 @@ from edgezo.errors import ConfigError
 from edgezo.tasks.answers import f1
 from edgezo.tasks.generate import generate
 from edgezo.zo.batch import LOGIT_CHUNK_VALUES, batch_rows
+from edgezo.zo.noise_table import staged
 
 
 def _position_ids(model, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -74,8 +75,11 @@ def token_logprob_means(model, batch: dict) -> torch.Tensor:
     """Mean log-probability of the label tokens of each row, shape (rows,)."""
     labels = batch["labels"]
     T = labels.shape[1]
-    has = (labels != -100).any(0).nonzero()
-    first = max(1, int(has[0])) if has.numel() else T - 1  # a host sync, once per batch
+    if staged():  # a CUDA graph's forward (zo/graphs.py): every position, no host read
+        first = 1
+    else:
+        has = (labels != -100).any(0).nonzero()
+        first = max(1, int(has[0])) if has.numel() else T - 1  # a host sync, once a batch
     keep = T - first + 1  # logits at positions first-1 .. T-1
     targets = labels[:, T - keep + 1:]
     mask = targets != -100

@@ -28,8 +28,11 @@ kernel apply causality, so such a batch's losses may differ in their last bits.
 What takes graphs: ZO-SGD without weight decay, two-sided in pair mode, the table's
 Gaussian z (or Rademacher, without bf16 weights, whose update dither is drawn), on
 resident parameters the fused path holds, without sparsity masks, block-wise groups or
-QAT. Anything else, or a capture that fails (a forward that reads a value on the host,
-as a token-level loss does), runs eagerly, and the reason is told once.
+QAT; a classification or a token-level loss (under a graph the latter reads logits at
+every position, where an eager step asks the GPU where the labels start, and a bf16
+head's target logits all at once). Anything else, or a capture that fails (a forward
+that reads a value on the host: a custom objective's, say), runs eagerly, and the
+reason is told once.
 """
 
 from __future__ import annotations
@@ -208,7 +211,7 @@ class StepGraphs:
             seeds[UPDATE] = self.p.pending.direction.seeds[0]
         graph = self.graphs.get(key)
         if graph is None and len(self.graphs) >= MAX_GRAPHS:
-            self._say(f"more than {MAX_GRAPHS} batch shapes (--max-length fixes a width)")
+            self._say(f"more than {MAX_GRAPHS} batch shapes")
             return self.forward(batch)
         if graph is None:  # an eager forward that records its table reads
             try:
@@ -245,11 +248,11 @@ class StepGraphs:
         """The perturbation as a graph needs it: the rate on the device, every token's
         embedding row, no update left to the span path."""
         p = self.p
-        p.rate, p.static_rows = self._rate_of(device), True
+        p.rate, p.static_shapes = self._rate_of(device), True
         try:
             yield
         finally:
-            p.rate, p.static_rows = None, False
+            p.rate, p.static_shapes = None, False
 
     def _device(self) -> torch.device:
         return self.p.params[0].device  # refusal(): every parameter is on it

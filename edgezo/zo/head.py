@@ -63,6 +63,18 @@ class LogSumExp:
                                      device=self.top.device)
         self.exact.view(-1)[positions] = values.to(self.exact.dtype)
 
+    def exact_everywhere(self, weight: torch.Tensor, z: torch.Tensor, scale: float,
+                         bias: torch.Tensor | None) -> None:
+        """exact_targets for every position at once, `z` the noise at each position's
+        target row (Direction.rows): the same values, with no host read and shapes the
+        data does not decide (a CUDA graph's forward)."""
+        flat = self.targets.reshape(-1)
+        w = weight[flat].float().add_(z.float(), alpha=scale)
+        values = (self.x.reshape(-1, self.x.shape[-1]).float() * w).sum(-1)
+        if bias is not None:
+            values += bias[flat].float()
+        self.exact = values.view(self.targets.shape).to(self.top.dtype)
+
     def add(self, logits: torch.Tensor, lo: int, hi: int, block: slice) -> None:
         """Fold in the logits of output rows [lo, hi) at the positions `block`."""
         targets = self.targets[:, block]
@@ -157,6 +169,12 @@ class PerturbedHead:
                  else weight.dtype)
         rounded = dtype in (torch.float16, torch.bfloat16)
         states = [LogSumExp(x.to(dtype), t) for x, t in parts]
+        if rounded and self.static_shapes:  # a CUDA graph's: every target's logit at once
+            for state, s, b in zip(states, self.signs, biases, strict=True):
+                z = self.direction.rows(weight.shape, w_index, state.targets.reshape(-1),
+                                        work_dtype(weight.dtype))
+                state.exact_everywhere(weight, z, s * self.eps,
+                                       None if b is None else b.to(dtype))
         spans = chunking.spans(weight.shape, weight.device)
         starts = [lo for _, _, lo, _ in spans]
         for span, (k, end, lo, hi) in enumerate(spans):
@@ -166,7 +184,7 @@ class PerturbedHead:
             for state, s, b in zip(states, self.signs, biases, strict=True):
                 torch.add(weight[lo:hi], z, alpha=s * self.eps, out=w)
                 bias = None if b is None else b[lo:hi].to(dtype)
-                if rounded:  # the targets' own logits in fp32, θ ± εz unrounded
+                if rounded and not self.static_shapes:  # targets' logits in fp32, unrounded
                     state.exact_targets(starts, span, weight, z, s * self.eps, bias)
                 # at most LOGIT_CHUNK_VALUES logits at once, as the unperturbed loss
                 per = max(1, LOGIT_CHUNK_VALUES // (state.x.shape[0] * (hi - lo)))

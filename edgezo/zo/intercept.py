@@ -73,7 +73,7 @@ class RowPerturbedEmbedding(TorchFunctionMode):
             return func(*args, **kwargs)
         ids = args[0]
         owner = self.owner
-        if owner.static_rows:  # each token's row, the same values as the unique rows'
+        if owner.static_shapes:  # each token's row, the same values as the unique rows'
             uniq = ids.reshape(-1)
             inverse = torch.arange(uniq.numel(), device=ids.device).view(ids.shape)
         else:

@@ -81,10 +81,11 @@ class Perturbation(DeferredUpdate, PerturbedHead):
         # called with the indices of the parameters an update just wrote (QAT)
         self.after_update = None
         # While a CUDA graph's step is recorded or captured (edgezo.zo.graphs): the
-        # update's rate as a device scalar, and embeddings perturbing every token's row
-        # (no torch.unique, whose size the data decides).
+        # update's rate as a device scalar, and no shape the data decides nor host read
+        # (embeddings perturb every token's row, not torch.unique's; a bf16 head's
+        # target logits are computed at every position at once).
         self.rate: torch.Tensor | None = None
-        self.static_rows = False
+        self.static_shapes = False
         self.fused = fused.Fused(self.params)
         for p, name in zip(self.params, block_map.names, strict=True):
             if not p.is_contiguous():

@@ -64,7 +64,8 @@ def assert_same(got, want):
 @pytest.mark.parametrize("family,dtype", [
     ("llama", torch.float32), ("llama", torch.bfloat16), ("gpt2", torch.float32),
     ("gpt2", torch.bfloat16), ("qwen2", torch.float32), ("opt", torch.float32),
-    ("gemma3", torch.bfloat16)], ids=lambda v: str(v).replace("torch.", ""))
+    ("gemma3", torch.bfloat16), ("llama", torch.float16)],
+    ids=lambda v: str(v).replace("torch.", ""))
 def test_replayed_steps_equal_eager_steps(gpu_path, small_chunks, family, dtype):
     """Tied (llama) and untied heads, learned positions (gpt2, opt), soft-capped logits
     (gemma3), fp32 and bf16 with its stochastic rounding."""
@@ -247,5 +248,41 @@ def test_cuda_graph_replays_equal_eager_steps_on_the_gpu(family, dtype):
     want, want_g, _, _ = train_cuda(False)
     got, got_g, told, replays = train_cuda(True)
     assert not told and replays >= 4
+    assert got_g == want_g
+    assert_same(got, want)
+
+
+def lm_batches(n: int) -> list[dict]:
+    """Left-padded rows with labels on their last tokens (a token-level loss)."""
+    out = []
+    for s in range(n):
+        batch = lm_batch(VOCAB, rows=4, seq=9, seed=s)
+        labels = torch.full_like(batch["input_ids"], -100)
+        labels[:, -3 - s % 2:] = batch["input_ids"][:, -3 - s % 2:]
+        out.append({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                    "labels": labels})
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_token_level_loss_replays(gpu_path, small_chunks, monkeypatch, dtype):
+    """A language-modelling loss under a graph reads logits at every position (no host
+    read of where the labels start) and a bf16 head's target logits all at once: replayed
+    steps equal eager steps that read every position too, bit for bit; and reading every
+    position moves the losses by rounding only."""
+    from edgezo.tasks import loss
+
+    data = lm_batches(8)
+    model = tiny_model("llama", dtype=dtype)
+    engine = zo_engine(model, make_optimizer("zo-sgd"), seed=7, eps=1e-2)
+    some = engine.losses(data[0], 123)
+    with monkeypatch.context() as m:
+        m.setattr(loss, "staged", lambda: True)  # eager, at every position
+        every = engine.losses(data[0], 123)
+        engine.close()
+        want, want_g, _, _ = train("llama", dtype, data, graphed=False)
+    assert every == pytest.approx(some, rel=1e-5, abs=1e-6)
+    got, got_g, told, replays = train("llama", dtype, data, graphed=True)
+    assert not told and replays >= 3
     assert got_g == want_g
     assert_same(got, want)
