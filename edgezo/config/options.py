@@ -246,7 +246,7 @@ class RuntimeOptions:
                                  "so --resume may change it; torch does not promise that "
                                  "for every kernel",
                                  min=1, resume=True)
-    cuda_graphs: str = option("auto", "On a GPU, run each query's pair forward as one "
+    cuda_graphs: str = option("auto", "On a GPU, run each forward of a step as one "
                               "CUDA graph launch where the run allows it (auto: the header "
                               "says whether, and why not) or never (off)",
                               choices=("auto", "off"), kind="CUDA graphs setting")

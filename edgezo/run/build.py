@@ -142,7 +142,7 @@ def use_cuda_graphs(config: RunConfig, engine: ZOEngine, device: torch.device) -
     if config.runtime.cuda_graphs == "off":
         return "off (--cuda-graphs off)"
     why = graphs.attach(engine)
-    return "on (each query's pair forward is one launch)" if why is None else f"off: {why}"
+    return "on (each forward of a step is one launch)" if why is None else f"off: {why}"
 
 
 def compute_device(profile: Profile, strict_memory: bool) -> torch.device:

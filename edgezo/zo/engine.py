@@ -155,9 +155,35 @@ class ZOEngine(SeedLogSteps, Attachments):
         self._passes[2] += 2 if doubled else 1
 
     # -- the loss at one point ------------------------------------------------------------
-    def _mean(self, batch: dict) -> float:
+    def _mean(self, batch: dict, direction: Direction | None = None, sign: int = 1,
+              scale: float | None = None) -> float:
+        """The mean loss at θ, or with `direction` at θ + sign·a·d (a: `scale`, or ε)."""
         self._count_forward()
-        return self._global_means(self.loss_fn(self.model, batch), 1)[0]
+        return self._global_means(self._losses_at(batch, direction, scale, sign), 1)[0]
+
+    def _losses_at(self, batch: dict, direction: Direction | None, scale: float | None,
+                   sign: int | None) -> torch.Tensor:
+        """Per-example losses of one forward (`_forward_at`), from a CUDA graph where one
+        serves (zo/graphs.py: at ε only, the value each graph keeps)."""
+        if self.graphs is not None and scale in (None, self.eps):
+            return self.graphs.losses(batch, direction, self.eps, sign)
+        return self._forward_at(batch, direction, scale, sign)
+
+    def _forward_at(self, batch: dict, direction: Direction | None, scale: float | None,
+                    sign: int | None) -> torch.Tensor:
+        """Per-example losses at θ (no direction), at θ + sign·a·d, or in pair mode (sign
+        None) of [x; x] at θ + a·d (first half) and θ − a·d (a: `scale`, or ε)."""
+        if direction is None:
+            with torch.no_grad():
+                return self.loss_fn(self.model, batch)
+        scale = self.eps if scale is None else scale
+        p = self.perturbation
+        if sign is not None:
+            with p.perturbed(direction, scale, sign):
+                return self.loss_fn(self.model, batch)
+        doubled = double(batch)
+        with p.perturbed(direction, scale, None, pair_rows=batch_rows(doubled)):
+            return self.loss_fn(self.model, doubled)
 
     def _global_means(self, per_example: torch.Tensor, parts: int) -> list[float]:
         """Means of the `parts` equal slices of the per-example losses, over every rank."""
@@ -168,8 +194,7 @@ class ZOEngine(SeedLogSteps, Attachments):
     def loss(self, batch: dict) -> float:
         """L(θ) at the current weights (applies any pending update first)."""
         self.perturbation.flush()
-        with torch.no_grad():
-            return self._mean(batch)
+        return self._mean(batch)
 
     def losses(self, batch: dict, direction: Direction | int, scale: float | None = None
                ) -> tuple[float, float]:
@@ -180,32 +205,18 @@ class ZOEngine(SeedLogSteps, Attachments):
         scale = self.eps if scale is None else scale
         p = self.perturbation
         if self.pair:
-            if self.graphs is not None and scale == self.eps:
-                per_example = self.graphs.pair_losses(batch, direction, scale)
-            else:
-                per_example = self._pair_forward(batch, direction, scale)
+            per_example = self._losses_at(batch, direction, scale, None)
             self._count_forward(doubled=True)
             # One host sync per query, here: g is needed as a Python scalar.
             plus, minus = self._global_means(per_example, 2)
         else:
-            with p.perturbed(direction, scale, +1):
-                plus = self._mean(batch)
-            with p.perturbed(direction, scale, -1):
-                minus = self._mean(batch)
+            plus = self._mean(batch, direction, +1, scale)
+            minus = self._mean(batch, direction, -1, scale)
         p.flush()  # parameters no wrapper touched still owe the previous update
         return plus, minus
 
-    def _pair_forward(self, batch: dict, direction: Direction, scale: float | None = None
-                      ) -> torch.Tensor:
-        """Per-example losses of [x; x] at θ + a·d (first half) and θ − a·d (a: ε)."""
-        doubled = double(batch)
-        scale = self.eps if scale is None else scale
-        with self.perturbation.perturbed(direction, scale, None, pair_rows=batch_rows(doubled)):
-            return self.loss_fn(self.model, doubled)
-
     def _loss_plus(self, batch: dict, direction: Direction) -> float:
-        with self.perturbation.perturbed(direction, self.eps, +1):
-            plus = self._mean(batch)
+        plus = self._mean(batch, direction, +1)
         self.perturbation.flush()
         return plus
 

@@ -1,10 +1,11 @@
-"""A ZO step's perturbed pair forward as one CUDA graph launch.
+"""A ZO step's forwards as CUDA graph launches.
 
 On a GPU a small model's step is bound by the host: every dispatched operation is a
 kernel launch (benchmarks/step_ops.py counts them). A CUDA graph replays a captured
-sequence of kernels in one launch: here the pair forward of a query, which applies the
-previous step's deferred update, draws z, fills the perturbed copies and runs the model
-and the loss. A graph replays its kernels with the arguments they had at capture, so
+sequence of kernels in one launch: here a forward of the engine (a query's pair forward,
+a one-sided or unpaired query's, or L(θ)), which applies the previous step's deferred
+update where one is due, draws z, fills the perturbed copies and runs the model and the
+loss. A graph replays its kernels with the arguments they had at capture, so
 every value that changes between steps lives in device memory the host refreshes before
 each replay:
 
@@ -25,10 +26,13 @@ cannot ask the GPU whether there is any; the eager forward that records the grap
 table reads is told it is captured as well), where an eager forward lets the attention
 kernel apply causality, so such a batch's losses may differ in their last bits.
 
-What takes graphs: ZO-SGD without weight decay, two-sided in pair mode, the table's
-Gaussian z (or Rademacher, without bf16 weights, whose update dither is drawn), on
-resident parameters the fused path holds, without sparsity masks, block-wise groups or
-QAT; a classification or a token-level loss (under a graph the latter reads logits at
+What takes graphs: the forwards of ZO methods along the table's Gaussian or Rademacher
+z, on resident parameters the fused path holds, without sparsity masks, block-wise
+groups, FO blocks or QAT. A forward that applies the previous step's update also needs
+that update to be ZO-SGD's θ − η·c·z of one query (without weight decay, and not a bf16
+one along Rademacher z, whose rounding dither is drawn): other rules (Adam, momentum,
+FZOO's q queries) update eagerly, and the forwards after the update replay. The loss
+may be a classification or a token-level one (under a graph the latter reads logits at
 every position, where an eager step asks the GPU where the labels start, and a bf16
 head's target logits all at once). Anything else, or a capture that fails (a forward
 that reads a value on the host: a custom objective's, say), runs eagerly, and the
@@ -144,16 +148,18 @@ def tell(reason: str) -> None:
 
 
 class StepGraphs:
-    """Runs an engine's pair forwards as graphs where they can be (see the module's
+    """Runs an engine's forwards as graphs where they can be (see the module's
     docstring): the first forward of a signature runs eagerly and records its table
     reads, the second is captured, the rest are replays."""
 
-    def __init__(self, perturbation, forward: Callable[[dict, Direction], torch.Tensor],
+    def __init__(self, perturbation, forward: Callable[..., torch.Tensor],
                  backend: Callable[[], object] | None = None,
                  notify: Callable[[str], None] = tell):
-        """`backend`: makes the graph a signature is captured in (default: CudaGraph)."""
+        """`forward(batch, direction, eps, sign)`: the engine's eager forward (its
+        _forward_at); `backend`: makes the graph a signature is captured in (default:
+        CudaGraph)."""
         self.p = perturbation
-        self.eager = forward  # the eager pair forward of a batch along z (the engine's)
+        self.eager = forward
         self._shared: dict = {}  # CudaGraph's stream and pool
         self.backend = backend or (lambda: CudaGraph(self._shared))
         self.notify = notify
@@ -177,25 +183,37 @@ class StepGraphs:
             self.told.add(reason)
             self.notify(reason)
 
-    def why_not(self, direction: Direction) -> str | None:
+    def why_not(self, direction: Direction | None) -> str | None:
         """Why this forward cannot be a graph (None: it can)."""
         p, pending = self.p, self.p.pending
-        if direction.source != "table" or direction.kind not in ("gaussian", "rademacher"):
-            return f"{direction.kind} directions from the {direction.source} are drawn, not read"
-        if not direction._plain() or direction.active is not None:
-            return "the directions are masked, scaled or block-wise"
         if p.streamer is not None:
             return "streamed layers move between host and GPU"
-        if pending is not None and pending.direction.single_coef() is None:
-            return "the update combines several queries (q > 1) or masks"
-        if p.after_update is not None or (pending is not None and pending.info is not None):
-            return "the update reads more than z and a rate (HiZOO, QAT)"
+        if p.after_update is not None:
+            return "QAT's forwards"
+        if direction is not None:
+            if direction.source != "table" or direction.kind not in ("gaussian", "rademacher"):
+                return (f"{direction.kind} directions from the {direction.source} are drawn, "
+                        "not read")
+            if not direction._plain() or direction.active is not None:
+                return "the direction combines queries, or is masked, scaled or block-wise"
+        if pending is None:
+            return None
+        d = pending.direction
+        if type(p.rule) is not SGD or not p.rule.linear_in_d() or pending.info is not None:
+            return f"an update by {type(p.rule).__name__} reads more than z and a rate"
+        if d.single_coef() is None or d.kind not in ("gaussian", "rademacher") or \
+                d.source != "table" or d.active is not None:
+            return "the update combines several queries (q > 1), masks or groups"
+        if d.own_dither() and any(q.dtype == torch.bfloat16 for q in p.params):
+            return "a bf16 update along Rademacher z draws its rounding dither"
         return None
 
-    def pair_losses(self, batch: dict, direction: Direction, eps: float) -> torch.Tensor:
-        """The pair forward's per-example losses at θ ± eps·z, from a graph where one
-        serves (each graph keeps the eps it was captured with)."""
-        self.forward = lambda b: self.eager(b, direction)
+    def losses(self, batch: dict, direction: Direction | None, eps: float, sign: int | None
+               ) -> torch.Tensor:
+        """One forward's per-example losses (the engine's _forward_at: at θ, at
+        θ + sign·eps·z, or the pair at θ ± eps·z with `sign` None), from a graph where
+        one serves (each keeps the eps it was captured with)."""
+        self.forward = lambda b: self.eager(b, direction, eps, sign)
         reason = self.why_not(direction)
         if reason is not None:
             self._say(reason)
@@ -203,10 +221,10 @@ class StepGraphs:
         if tuple(p.data_ptr() for p in self.p.params) != self._params:
             self.reset()  # the weights were replaced (a restore): the graphs read the old
             self._params = tuple(p.data_ptr() for p in self.p.params)
-        key = (_signature(batch), self.p.pending is not None, eps)
+        key = (_signature(batch), self.p.pending is not None, eps, sign, direction is None)
         if key in self.failed:
             return self.forward(batch)
-        seeds = {QUERY: direction.seeds[0]}
+        seeds = {} if direction is None else {QUERY: direction.seeds[0]}
         if self.p.pending is not None:
             seeds[UPDATE] = self.p.pending.direction.seeds[0]
         graph = self.graphs.get(key)
@@ -321,17 +339,14 @@ def attach(engine, backend: Callable[[], object] | None = None,
         return "the model is not on a GPU"
     reason = refusal(engine)
     if reason is None:
-        engine.graphs = StepGraphs(engine.perturbation, engine._pair_forward, backend, notify)
+        engine.graphs = StepGraphs(engine.perturbation, engine._forward_at, backend, notify)
     return reason
 
 
 def refusal(engine) -> str | None:
     """Why no forward of this engine's run can be a graph (see the module's docstring)."""
-    rule, method = engine.optimizer.rule, engine.optimizer.method
-    if not engine.pair:
-        return "the run evaluates L(θ + εz) and L(θ − εz) apart (one-sided or unpaired)"
-    if type(rule) is not SGD or not rule.linear_in_d() or not method.perturbs:
-        return f"{method.name} updates with more than z and a rate"
+    if not engine.optimizer.method.perturbs:
+        return f"{engine.optimizer.method.name} differentiates the loss"
     if engine.noise != "table" or engine.directions not in ("gaussian", "rademacher"):
         return f"{engine.directions} directions from the {engine.noise} are drawn, not read"
     if engine.masks is not None or engine._active != [None] or engine.fo_indices:
@@ -341,8 +356,6 @@ def refusal(engine) -> str | None:
     if engine.streamer is not None:
         return "streamed layers move between host and GPU"
     params = engine.blocks.params
-    if engine.directions == "rademacher" and any(p.dtype == torch.bfloat16 for p in params):
-        return "a bf16 update along Rademacher z draws its rounding dither"
     if len({p.device for p in params}) > 1:
         return "the trainable parameters are on several devices"
     if params[0].device.type not in fused.FUSED_DEVICES:

@@ -82,7 +82,7 @@ class Stage:
         if not len(self._host):
             return
         mask = (1 << 64) - 1  # as mix() reads a seed
-        seed = np.where(self._role == QUERY, np.uint64(seeds[QUERY] & mask),
+        seed = np.where(self._role == QUERY, np.uint64(seeds.get(QUERY, 0) & mask),
                         np.uint64(seeds.get(UPDATE, 0) & mask))
         values = noise_table.table_offsets(chunking.mix_many(seed, self._param), self._chunk,
                                            self._numel)

@@ -55,12 +55,16 @@ class TraceGraph:
     def replay(self) -> None:
         self.replaying = True
         try:
-            for func, args, kwargs, fresh in self.ops:
-                result = func(*args, **kwargs)
-                for new, old in fresh:
-                    old.copy_(tree_leaves(result)[new])
+            with torch.no_grad():  # a graph's kernels, not autograd's
+                self._run()
         finally:
             self.replaying = False
+
+    def _run(self) -> None:
+        for func, args, kwargs, fresh in self.ops:
+            result = func(*args, **kwargs)
+            for new, old in fresh:
+                old.copy_(tree_leaves(result)[new])
 
 
 class _Recorder(TorchDispatchMode):

@@ -88,7 +88,7 @@ def test_rademacher_and_q2_replay(gpu_path, small_chunks):
         assert got_g == want_g
         assert_same(got, want)
         if "q" in kw:  # the second query's forward applies no update: it replays
-            assert told == ["the update combines several queries (q > 1) or masks"]
+            assert told == ["the update combines several queries (q > 1), masks or groups"]
         assert replays >= 2
 
 
@@ -143,10 +143,10 @@ def test_a_record_that_fails_midway_loses_no_update(gpu_path, small_chunks, monk
 
 
 @pytest.mark.parametrize("optimizer,kw,why", [
-    ("zo-adam", {}, "zo-adam updates with more than z and a rate"),
+    ("fo-sgd", {}, "fo-sgd differentiates the loss"),
+    ("forward-grad", {}, "forward-grad differentiates the loss"),
     ("zo-sgd", {"noise": "generator"}, "gaussian directions from the generator are drawn"),
     ("zo-sgd", {"block_wise": True}, "sparsity, block-wise groups or FO blocks"),
-    ("zo-sgd", {"estimate": "one-sided"}, "one-sided or unpaired"),
 ])
 def test_runs_graphs_cannot_serve_say_why(optimizer, kw, why):
     model = tiny_model("llama", dtype=torch.float32)
@@ -158,6 +158,36 @@ def test_runs_graphs_cannot_serve_say_why(optimizer, kw, why):
         "the model is not on a GPU"
     assert graphs.attach(zo_engine(model, make_optimizer("zo-sgd")), lambda: TraceGraph()) \
         == "the fused path is off on cpu (EDGEZO_FUSED=0)"
+
+
+ADAM = "an update by Adam reads more than z and a rate"
+MOMENTUM = "an update by Momentum reads more than z and a rate"
+COMBINED = "the direction combines queries, or is masked, scaled or block-wise"
+
+
+@pytest.mark.parametrize("optimizer,kw,told_want,least", [
+    ("zo-sgd", {"estimate": "one-sided"}, set(), 6),  # L(θ) and L(θ + εz): both replay
+    ("zo-sgd", {"pair": False}, set(), 4),  # L(θ + εz) and L(θ − εz) apart
+    ("zo-adam", {}, {ADAM}, 0),  # its one forward a step applies Adam's update
+    ("zo-sgd-mmt", {"q": 2}, {MOMENTUM}, 3),  # the second query's forward replays
+    ("fzoo", {}, set(), 20),  # L(θ) applies FZOO's update eagerly; its 8 queries replay
+    # L(θ) applies its exact move eagerly; its L(θ ± η·d) along the step's estimate
+    # stays eager (told where η is ε, the graphs' own)
+    ("zo-sgd-cons", {}, {COMBINED}, 4),
+], ids=["one-sided", "unpaired", "zo-adam", "momentum-q2", "fzoo", "cons"])
+def test_other_methods_replay_what_they_can(gpu_path, small_chunks, optimizer, kw,
+                                            told_want, least):
+    """Forwards that apply no update, or a ZO-SGD one, replay; an update by another rule
+    runs eagerly (told once), and the forwards after it replay: every method's weights
+    equal its eager steps' bit for bit."""
+    data = batches(6)
+    want, want_g, _, _ = train("llama", torch.float32, data, graphed=False,
+                               optimizer=optimizer, **kw)
+    got, got_g, told, replays = train("llama", torch.float32, data, graphed=True,
+                                      optimizer=optimizer, **kw)
+    assert set(told) == told_want and len(told) == len(told_want) and replays >= least
+    assert got_g == want_g
+    assert_same(got, want)
 
 
 def test_staged_offsets_equal_the_hosts():
