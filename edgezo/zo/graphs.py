@@ -183,9 +183,16 @@ class StepGraphs:
             self.told.add(reason)
             self.notify(reason)
 
+    def _owed(self):
+        """The pending update where this forward applies it: part of it is still owed
+        (a forward after the one that applied it, an unpaired query's second, owes none)."""
+        pending = self.p.pending
+        owes = pending is not None and len(self.p._updated) < len(self.p.params)
+        return pending if owes else None
+
     def why_not(self, direction: Direction | None) -> str | None:
         """Why this forward cannot be a graph (None: it can)."""
-        p, pending = self.p, self.p.pending
+        p, pending = self.p, self._owed()
         if p.streamer is not None:
             return "streamed layers move between host and GPU"
         if p.after_update is not None:
@@ -198,6 +205,8 @@ class StepGraphs:
                 return "the direction combines queries, or is masked, scaled or block-wise"
         if pending is None:
             return None
+        if direction is None:  # an unperturbed forward applies no update: a flush owes it
+            return "L(θ) is read before the last update was applied"
         d = pending.direction
         if type(p.rule) is not SGD or not p.rule.linear_in_d() or pending.info is not None:
             return f"an update by {type(p.rule).__name__} reads more than z and a rate"
@@ -221,12 +230,13 @@ class StepGraphs:
         if tuple(p.data_ptr() for p in self.p.params) != self._params:
             self.reset()  # the weights were replaced (a restore): the graphs read the old
             self._params = tuple(p.data_ptr() for p in self.p.params)
-        key = (_signature(batch), self.p.pending is not None, eps, sign, direction is None)
+        owed = self._owed()
+        key = (_signature(batch), owed is not None, eps, sign, direction is None)
         if key in self.failed:
             return self.forward(batch)
         seeds = {} if direction is None else {QUERY: direction.seeds[0]}
-        if self.p.pending is not None:
-            seeds[UPDATE] = self.p.pending.direction.seeds[0]
+        if owed is not None:
+            seeds[UPDATE] = owed.direction.seeds[0]
         graph = self.graphs.get(key)
         if graph is None and len(self.graphs) >= MAX_GRAPHS:
             self._say(f"more than {MAX_GRAPHS} batch shapes")
@@ -256,7 +266,7 @@ class StepGraphs:
     def _rate_of(self, device: torch.device) -> torch.Tensor:
         if self._rate is None or self._rate.device != device:
             self._rate = torch.zeros((), dtype=torch.float32, device=device)
-        pending = self.p.pending
+        pending = self._owed()
         if pending is not None:
             self._rate.fill_(-(pending.lr * pending.direction.single_coef()))  # −η·c
         return self._rate
@@ -282,8 +292,8 @@ class StepGraphs:
         with self._static(self._device()), staging(graph.stage), _as_captured():
             out = graph.graph.warm(lambda: self.forward(batch))
         pending = self.p.pending
-        if pending is not None and any(pending.direction.covers(i) and i not in self.p._updated
-                                       for i in range(len(self.p.params))):
+        if key[1] and any(pending.direction.covers(i) and i not in self.p._updated
+                          for i in range(len(self.p.params))):
             self._give_up(key, "the forward leaves some parameters' update to the flush")
             return out
         graph.stage.freeze()
@@ -332,7 +342,7 @@ class StepGraphs:
 
 def attach(engine, backend: Callable[[], object] | None = None,
            notify: Callable[[str], None] = tell) -> str | None:
-    """Run a ZOEngine's pair forwards as CUDA graphs where they can be; returns why this
+    """Run a ZOEngine's forwards as CUDA graphs where they can be; returns why this
     run cannot (None: it does). `backend`: makes the graph to capture in (default: a
     CUDA graph; tests pass trace_graph.TraceGraph)."""
     if backend is None and engine.blocks.params[0].device.type != "cuda":

@@ -169,12 +169,15 @@ COMBINED = "the direction combines queries, or is masked, scaled or block-wise"
     ("zo-sgd", {"estimate": "one-sided"}, set(), 6),  # L(θ) and L(θ + εz): both replay
     ("zo-sgd", {"pair": False}, set(), 4),  # L(θ + εz) and L(θ − εz) apart
     ("zo-adam", {}, {ADAM}, 0),  # its one forward a step applies Adam's update
+    # unpaired, L(θ − εz) comes after L(θ + εz) applied the update: it owes none, replays
+    ("zo-adam", {"pair": False}, {ADAM}, 3),
     ("zo-sgd-mmt", {"q": 2}, {MOMENTUM}, 3),  # the second query's forward replays
     ("fzoo", {}, set(), 20),  # L(θ) applies FZOO's update eagerly; its 8 queries replay
     # L(θ) applies its exact move eagerly; its L(θ ± η·d) along the step's estimate
     # stays eager (told where η is ε, the graphs' own)
     ("zo-sgd-cons", {}, {COMBINED}, 4),
-], ids=["one-sided", "unpaired", "zo-adam", "momentum-q2", "fzoo", "cons"])
+], ids=["one-sided", "unpaired", "zo-adam", "zo-adam-unpaired", "momentum-q2", "fzoo",
+        "cons"])
 def test_other_methods_replay_what_they_can(gpu_path, small_chunks, optimizer, kw,
                                             told_want, least):
     """Forwards that apply no update, or a ZO-SGD one, replay; an update by another rule
