@@ -142,7 +142,8 @@ def use_cuda_graphs(config: RunConfig, engine: ZOEngine, device: torch.device) -
     if config.runtime.cuda_graphs == "off":
         return "off (--cuda-graphs off)"
     why = graphs.attach(engine)
-    return "on (each forward of a step is one launch)" if why is None else f"off: {why}"
+    return ("on (each forward the run allows is one launch; a reason is printed for the "
+            "others)" if why is None else f"off: {why}")
 
 
 def compute_device(profile: Profile, strict_memory: bool) -> torch.device:

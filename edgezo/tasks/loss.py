@@ -27,7 +27,7 @@ from edgezo.errors import ConfigError
 from edgezo.tasks.answers import f1
 from edgezo.tasks.generate import generate
 from edgezo.zo.batch import LOGIT_CHUNK_VALUES, batch_rows
-from edgezo.zo.noise_table import staged
+from edgezo.zo.staging import static
 
 
 def _position_ids(model, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -75,7 +75,7 @@ def token_logprob_means(model, batch: dict) -> torch.Tensor:
     """Mean log-probability of the label tokens of each row, shape (rows,)."""
     labels = batch["labels"]
     T = labels.shape[1]
-    if staged():  # a CUDA graph's forward (zo/graphs.py): every position, no host read
+    if static():  # as a CUDA graph's forward (zo/graphs.py): every position, no host read
         first = 1
     else:
         has = (labels != -100).any(0).nonzero()

@@ -163,10 +163,11 @@ class ZOEngine(SeedLogSteps, Attachments):
 
     def _losses_at(self, batch: dict, direction: Direction | None, scale: float | None,
                    sign: int | None) -> torch.Tensor:
-        """Per-example losses of one forward (`_forward_at`), from a CUDA graph where one
-        serves (zo/graphs.py: at ε only, the value each graph keeps)."""
-        if self.graphs is not None and scale in (None, self.eps):
-            return self.graphs.losses(batch, direction, self.eps, sign)
+        """Per-example losses of one forward (`_forward_at`), through the CUDA graphs where
+        the engine has them (zo/graphs.py)."""
+        if self.graphs is not None:  # (an eager one computes as a graph's would)
+            return self.graphs.losses(batch, direction, self.eps if scale is None else scale,
+                                      sign)
         return self._forward_at(batch, direction, scale, sign)
 
     def _forward_at(self, batch: dict, direction: Direction | None, scale: float | None,

@@ -10,15 +10,16 @@ every value that changes between steps lives in device memory the host refreshes
 each replay:
 
 - the batch: copied into the graph's own input tensors (one graph per batch signature and
-  whether the forward applies an update; at most MAX_GRAPHS);
+  kind of forward: its sign, L(θ) or not, whether it applies an update; at most
+  MAX_GRAPHS signatures);
 - where z lies in the table: every gather of the step reads its offsets from one staging
   buffer (Stage), which the host fills for the new seeds (edgezo.zo.chunking.mix_many,
   a few vectorized operations) and sends in one copy;
 - the update's rate η·c: a device scalar (fused.Fused.sgd_update).
 
-The losses are read on the host after the replay, as an eager step reads them, so g, the
-seed log and its replay are what they are without graphs. A replayed step computes what
-the eager step computes, operation for operation (tests/unit/zo/test_graphs.py replays
+The losses are read on the host after the replay, as an eager step reads them, and the
+seed log and its replay keep their definitions. A replayed step computes what the eager
+step computes, operation for operation (tests/unit/zo/test_graphs.py replays
 captured steps on the CPU with TraceGraph, an emulation of a CUDA graph, and compares the
 weights with eager steps bit for bit). One difference is transformers' own: a forward
 a graph serves builds the attention mask of a batch without padding too (a capture
@@ -50,7 +51,7 @@ import torch
 from edgezo.zo import fused, noise_table, workers
 from edgezo.zo.direction import Direction
 from edgezo.zo.optimizers import SGD
-from edgezo.zo.staging import QUERY, UPDATE, GraphUnsafe, Stage, staging
+from edgezo.zo.staging import QUERY, UPDATE, GraphUnsafe, Stage, staging, static_forward
 
 MAX_GRAPHS = 8  # batch signatures captured at most (each keeps its inputs and offsets)
 
@@ -207,6 +208,8 @@ class StepGraphs:
             return None
         if direction is None:  # an unperturbed forward applies no update: a flush owes it
             return "L(θ) is read before the last update was applied"
+        if p._updated:  # a graph applies a whole update or none
+            return "an update was partly applied before this forward"
         d = pending.direction
         if type(p.rule) is not SGD or not p.rule.linear_in_d() or pending.info is not None:
             return f"an update by {type(p.rule).__name__} reads more than z and a rate"
@@ -226,27 +229,28 @@ class StepGraphs:
         reason = self.why_not(direction)
         if reason is not None:
             self._say(reason)
-            return self.forward(batch)
+            return self._eager(batch)
         if tuple(p.data_ptr() for p in self.p.params) != self._params:
             self.reset()  # the weights were replaced (a restore): the graphs read the old
             self._params = tuple(p.data_ptr() for p in self.p.params)
         owed = self._owed()
         key = (_signature(batch), owed is not None, eps, sign, direction is None)
         if key in self.failed:
-            return self.forward(batch)
+            return self._eager(batch)
         seeds = {} if direction is None else {QUERY: direction.seeds[0]}
         if owed is not None:
             seeds[UPDATE] = owed.direction.seeds[0]
         graph = self.graphs.get(key)
-        if graph is None and len(self.graphs) >= MAX_GRAPHS:
+        if graph is None and key[0] not in {k[0] for k in self.graphs} and \
+                len({k[0] for k in self.graphs}) >= MAX_GRAPHS:
             self._say(f"more than {MAX_GRAPHS} batch shapes")
-            return self.forward(batch)
+            return self._eager(batch)
         if graph is None:  # an eager forward that records its table reads
             try:
                 return self._record(key, batch, seeds)
             except GraphUnsafe as e:  # what it ran, it ran: the parameters it updated stay
                 self._give_up(key, str(e))
-                return self.forward(batch)
+                return self._eager(batch)
         if not graph.captured:
             updated = set(self.p._updated)
             try:
@@ -255,7 +259,7 @@ class StepGraphs:
                 self._give_up(key, str(e) if isinstance(e, GraphUnsafe) else
                               f"the capture failed ({type(e).__name__}: {e})")
                 self.p._updated = updated  # a capture that failed applied nothing
-                return self.forward(batch)
+                return self._eager(batch)
         return self._replay(graph, batch, seeds)
 
     def _give_up(self, key: tuple, reason: str) -> None:
@@ -272,15 +276,36 @@ class StepGraphs:
         return self._rate
 
     @contextlib.contextmanager
-    def _static(self, device: torch.device) -> Iterator[None]:
-        """The perturbation as a graph needs it: the rate on the device, every token's
-        embedding row, no update left to the span path."""
-        p = self.p
-        p.rate, p.static_shapes = self._rate_of(device), True
+    def _like_graph(self) -> Iterator[None]:
+        """Forwards compute as a graph's: every token's embedding row, a bf16 head's
+        target logits at once, a token-level loss at every position, transformers'
+        captured path."""
+        p, before = self.p, self.p.static_shapes
+        p.static_shapes = True
         try:
-            yield
+            with static_forward(), _as_captured():
+                yield
         finally:
-            p.rate, p.static_shapes = None, False
+            p.static_shapes = before
+
+    def _eager(self, batch: dict) -> torch.Tensor:
+        """The forward run eagerly, computing as a replay would: one estimate never mixes
+        a replayed forward with one computed otherwise (its g would carry the difference
+        over 2ε)."""
+        with self._like_graph():
+            return self.forward(batch)
+
+    @contextlib.contextmanager
+    def _static(self, device: torch.device) -> Iterator[None]:
+        """The perturbation as a graph needs it: computing as a graph (_like_graph), the
+        rate on the device, no update left to the span path."""
+        p = self.p
+        p.rate = self._rate_of(device)
+        try:
+            with self._like_graph():
+                yield
+        finally:
+            p.rate = None
 
     def _device(self) -> torch.device:
         return self.p.params[0].device  # refusal(): every parameter is on it
@@ -289,7 +314,7 @@ class StepGraphs:
         graph = _Graph(Stage(len(self.p.params)))
         graph.stage.bind(seeds)
         graph.graph = self.backend()
-        with self._static(self._device()), staging(graph.stage), _as_captured():
+        with self._static(self._device()), staging(graph.stage):
             out = graph.graph.warm(lambda: self.forward(batch))
         pending = self.p.pending
         if key[1] and any(pending.direction.covers(i) and i not in self.p._updated
@@ -312,7 +337,7 @@ class StepGraphs:
             graph.stage.check_served()  # inside: a refusal ends the capture unreplayed
             return out
 
-        with self._static(device), graph.stage.serving(), _as_captured():
+        with self._static(device), graph.stage.serving():
             graph.output = graph.graph.capture(forward)
         graph.captured = True
         self._consumed()

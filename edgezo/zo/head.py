@@ -65,15 +65,23 @@ class LogSumExp:
 
     def exact_everywhere(self, weight: torch.Tensor, z: torch.Tensor, scale: float,
                          bias: torch.Tensor | None) -> None:
-        """exact_targets for every position at once, `z` the noise at each position's
-        target row (Direction.rows): the same values, with no host read and shapes the
-        data does not decide (a CUDA graph's forward)."""
-        flat = self.targets.reshape(-1)
-        w = weight[flat].float().add_(z.float(), alpha=scale)
-        values = (self.x.reshape(-1, self.x.shape[-1]).float() * w).sum(-1)
-        if bias is not None:
-            values += bias[flat].float()
-        self.exact = values.view(self.targets.shape).to(self.top.dtype)
+        """exact_targets for every position, `z` the noise at each position's target row
+        (Direction.rows), a fixed block of positions at a time (fp32 rows of at most
+        LOGIT_CHUNK_VALUES values): no host read and no shape the data decides (a CUDA
+        graph's forward). The same arithmetic for each position as exact_targets (equal
+        on the CPU; a GPU's reduction may round a block's sums otherwise)."""
+        flat, hidden = self.targets.reshape(-1), self.x.shape[-1]
+        x = self.x.reshape(-1, hidden)
+        exact = torch.empty(flat.numel(), dtype=self.top.dtype, device=self.top.device)
+        per = max(1, LOGIT_CHUNK_VALUES // hidden)
+        for lo in range(0, flat.numel(), per):
+            rows = flat[lo:lo + per]
+            w = weight[rows].float().add_(z[lo:lo + per].float(), alpha=scale)
+            values = (x[lo:lo + per].float() * w).sum(-1)
+            if bias is not None:
+                values += bias[rows].float()
+            exact[lo:lo + per] = values
+        self.exact = exact.view(self.targets.shape)
 
     def add(self, logits: torch.Tensor, lo: int, hi: int, block: slice) -> None:
         """Fold in the logits of output rows [lo, hi) at the positions `block`."""

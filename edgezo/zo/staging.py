@@ -18,6 +18,25 @@ import torch
 from edgezo.zo import chunking, noise_table
 
 QUERY, UPDATE = 0, 1  # the two seeds a step's forward reads z of
+_STATIC = [False]  # a forward of an engine with graphs: see static_forward
+
+
+def static() -> bool:
+    """Whether this forward computes as a CUDA graph's does (tasks/loss.py: a token-level
+    loss then reads every position)."""
+    return _STATIC[0]
+
+
+@contextlib.contextmanager
+def static_forward() -> Iterator[None]:
+    """Inside, forwards compute as a graph's: with shapes the data does not decide and no
+    host read. An engine with graphs runs its eager forwards this way too, so that one
+    estimate never mixes a replayed forward with one computed otherwise."""
+    before, _STATIC[0] = _STATIC[0], True
+    try:
+        yield
+    finally:
+        _STATIC[0] = before
 
 
 class GraphUnsafe(RuntimeError):

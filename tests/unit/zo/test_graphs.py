@@ -310,12 +310,42 @@ def test_a_token_level_loss_replays(gpu_path, small_chunks, monkeypatch, dtype):
     engine = zo_engine(model, make_optimizer("zo-sgd"), seed=7, eps=1e-2)
     some = engine.losses(data[0], 123)
     with monkeypatch.context() as m:
-        m.setattr(loss, "staged", lambda: True)  # eager, at every position
+        m.setattr(loss, "static", lambda: True)  # eager, at every position
         every = engine.losses(data[0], 123)
         engine.close()
         want, want_g, _, _ = train("llama", dtype, data, graphed=False)
     assert every == pytest.approx(some, rel=1e-5, abs=1e-6)
     got, got_g, told, replays = train("llama", dtype, data, graphed=True)
     assert not told and replays >= 3
+    assert got_g == want_g
+    assert_same(got, want)
+
+
+@pytest.mark.parametrize("optimizer,kw", [("zo-adam", {"pair": False}), ("hizoo", {})],
+                         ids=["zo-adam-unpaired", "hizoo"])
+def test_eager_forwards_beside_replays_compute_as_they_do(gpu_path, small_chunks,
+                                                          monkeypatch, optimizer, kw):
+    """Where one estimate mixes a replayed forward with an eager one (an unpaired query
+    after an Adam update; HiZOO's L(θ) beside its scaled queries), the eager one computes
+    as a graph's would (a token-level loss at every position), so g carries no difference
+    between them: the weights equal eager steps' that read every position too."""
+    from edgezo.tasks import loss
+    from edgezo.zo import staging
+
+    seen = []
+
+    def watched(model, batch):  # how each forward of the graphed run computes
+        seen.append(staging.static())
+        return loss.example_losses(model, batch)
+
+    data = lm_batches(6)
+    with monkeypatch.context() as m:
+        m.setattr(loss, "static", lambda: True)
+        want, want_g, _, _ = train("llama", torch.bfloat16, data, graphed=False,
+                                   optimizer=optimizer, **kw)
+    got, got_g, told, replays = train("llama", torch.bfloat16, data, graphed=True,
+                                      optimizer=optimizer, loss_fn=watched, **kw)
+    assert told and replays >= 3
+    assert seen and all(seen)  # eager forwards too (replays call no Python)
     assert got_g == want_g
     assert_same(got, want)
