@@ -51,7 +51,15 @@ import torch
 from edgezo.zo import fused, noise_table, workers
 from edgezo.zo.direction import Direction
 from edgezo.zo.optimizers import SGD
-from edgezo.zo.staging import QUERY, UPDATE, GraphUnsafe, Stage, staging, static_forward
+from edgezo.zo.staging import (
+    QUERY,
+    UPDATE,
+    GraphUnsafe,
+    Stage,
+    as_captured,
+    staging,
+    static_forward,
+)
 
 MAX_GRAPHS = 8  # batch signatures captured at most (each keeps its inputs and offsets)
 
@@ -96,22 +104,6 @@ class CudaGraph:
 
     def replay(self) -> None:
         self.graph.replay()
-
-
-@contextlib.contextmanager
-def _as_captured() -> Iterator[None]:
-    """transformers asks whether a stream is capturing, and then reads nothing on the
-    host (a batch without padding still gets its mask built): the eager forward that
-    records a graph's table reads, and an emulated capture, take the path a capture
-    takes."""
-    from transformers.utils import import_utils
-
-    asks = import_utils.is_cuda_stream_capturing
-    import_utils.is_cuda_stream_capturing = lambda: True
-    try:
-        yield
-    finally:
-        import_utils.is_cuda_stream_capturing = asks
 
 
 def _no_syncs(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -283,7 +275,7 @@ class StepGraphs:
         p, before = self.p, self.p.static_shapes
         p.static_shapes = True
         try:
-            with static_forward(), _as_captured():
+            with static_forward(), as_captured():
                 yield
         finally:
             p.static_shapes = before

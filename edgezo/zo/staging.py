@@ -4,7 +4,8 @@ A graph replays its kernels with the arguments they had at capture, so the place
 noise table a step's gathers read cannot be numbers the host worked out: every
 noise_table.offsets() call of a captured forward reads its slice of one device buffer,
 which the host fills for each step's seeds before the replay (chunking.mix_many works out
-all of a step's offsets in a few vectorized operations) and sends in one copy.
+all of a step's offsets in a few vectorized operations) and sends in one copy. Also here:
+what makes a forward compute as a graph's does (static_forward, as_captured).
 """
 
 from __future__ import annotations
@@ -133,3 +134,19 @@ def staging(stage: Stage) -> Iterator[None]:
         yield
     finally:
         noise_table._STAGE = None
+
+
+@contextlib.contextmanager
+def as_captured() -> Iterator[None]:
+    """transformers asks whether a stream is capturing, and then reads nothing on the
+    host (a batch without padding still gets its mask built): the eager forward that
+    records a graph's table reads, and an emulated capture, take the path a capture
+    takes."""
+    from transformers.utils import import_utils
+
+    asks = import_utils.is_cuda_stream_capturing
+    import_utils.is_cuda_stream_capturing = lambda: True
+    try:
+        yield
+    finally:
+        import_utils.is_cuda_stream_capturing = asks
