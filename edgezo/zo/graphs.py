@@ -272,13 +272,8 @@ class StepGraphs:
         """Forwards compute as a graph's: every token's embedding row, a bf16 head's
         target logits at once, a token-level loss at every position, transformers'
         captured path."""
-        p, before = self.p, self.p.static_shapes
-        p.static_shapes = True
-        try:
-            with static_forward(), as_captured():
-                yield
-        finally:
-            p.static_shapes = before
+        with static_forward(), as_captured():
+            yield
 
     def _eager(self, batch: dict) -> torch.Tensor:
         """The forward run eagerly, computing as a replay would: one estimate never mixes

@@ -12,6 +12,7 @@ from edgezo.zo import chunking, workers
 from edgezo.zo.batch import LOGIT_CHUNK_VALUES, join_pair, split_pair
 from edgezo.zo.blocks import Unit
 from edgezo.zo.optimizers import work_dtype
+from edgezo.zo.staging import static
 
 
 class LogSumExp:
@@ -177,7 +178,7 @@ class PerturbedHead:
                  else weight.dtype)
         rounded = dtype in (torch.float16, torch.bfloat16)
         states = [LogSumExp(x.to(dtype), t) for x, t in parts]
-        if rounded and self.static_shapes:  # a CUDA graph's: every target's logit at once
+        if rounded and static():  # a CUDA graph's: every target's logit at once
             for state, s, b in zip(states, self.signs, biases, strict=True):
                 z = self.direction.rows(weight.shape, w_index, state.targets.reshape(-1),
                                         work_dtype(weight.dtype))
@@ -192,7 +193,7 @@ class PerturbedHead:
             for state, s, b in zip(states, self.signs, biases, strict=True):
                 torch.add(weight[lo:hi], z, alpha=s * self.eps, out=w)
                 bias = None if b is None else b[lo:hi].to(dtype)
-                if rounded and not self.static_shapes:  # targets' logits in fp32, unrounded
+                if rounded and not static():  # targets' logits in fp32, unrounded
                     state.exact_targets(starts, span, weight, z, s * self.eps, bias)
                 # at most LOGIT_CHUNK_VALUES logits at once, as the unperturbed loss
                 per = max(1, LOGIT_CHUNK_VALUES // (state.x.shape[0] * (hi - lo)))

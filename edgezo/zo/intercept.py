@@ -24,6 +24,7 @@ from edgezo.zo import chunking, workers
 from edgezo.zo.batch import join_pair
 from edgezo.zo.blocks import Unit
 from edgezo.zo.optimizers import work_dtype
+from edgezo.zo.staging import static
 
 if TYPE_CHECKING:
     from edgezo.zo.perturb import Perturbation
@@ -73,7 +74,7 @@ class RowPerturbedEmbedding(TorchFunctionMode):
             return func(*args, **kwargs)
         ids = args[0]
         owner = self.owner
-        if owner.static_shapes:  # each token's row, the same values as the unique rows'
+        if static():  # as a CUDA graph's: each token's row (the unique rows' values)
             uniq = ids.reshape(-1)
             inverse = torch.arange(uniq.numel(), device=ids.device).view(ids.shape)
         else:

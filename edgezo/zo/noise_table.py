@@ -137,6 +137,11 @@ def offsets(entries: list[tuple[int, int, int]], device: torch.device) -> torch.
     (a graph's step reads them from its staging buffer instead)."""
     if _STAGE is not None:
         return _STAGE.offsets(entries, device)
+    return host_offsets(entries, device)
+
+
+def host_offsets(entries: list[tuple[int, int, int]], device: torch.device) -> torch.Tensor:
+    """`offsets` worked out on the host, one hash an entry, sent in one copy."""
     return to_device([table_offset(n, seed, c) for seed, c, n in entries], device)
 
 

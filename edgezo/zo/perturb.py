@@ -81,11 +81,9 @@ class Perturbation(DeferredUpdate, PerturbedHead):
         # called with the indices of the parameters an update just wrote (QAT)
         self.after_update = None
         # While a CUDA graph's step is recorded or captured (edgezo.zo.graphs): the
-        # update's rate as a device scalar, and no shape the data decides nor host read
-        # (embeddings perturb every token's row, not torch.unique's; a bf16 head's
-        # target logits are computed at every position at once).
+        # update's rate as a device scalar (staging.static() says when a forward takes
+        # no shape the data decides).
         self.rate: torch.Tensor | None = None
-        self.static_shapes = False
         self.fused = fused.Fused(self.params)
         for p, name in zip(self.params, block_map.names, strict=True):
             if not p.is_contiguous():

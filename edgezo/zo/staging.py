@@ -76,8 +76,7 @@ class Stage:
         if self.recording:
             self.calls.append(tuple(keys))
             self.device = device
-            return noise_table.to_device([noise_table.table_offset(n, s, c)
-                                          for s, c, n in entries], device)
+            return noise_table.host_offsets(entries, device)
         k = self.served
         if k >= len(self.calls) or self.calls[k] != tuple(keys):
             raise GraphUnsafe("the captured forward reads the table otherwise than the "
